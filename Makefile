@@ -1,0 +1,49 @@
+# Converge: every target bootstraps the virtualenv it needs; only python3 and make are assumed.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON3 ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+STAMP := $(VENV)/.installed
+BENCH_OUT ?= bench-results.json
+PYTEST_ARGS ?=
+
+.PHONY: help venv demo test protos lint bench lock clean
+
+help: ## Show the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(PY) || $(PYTHON3) -m venv $(VENV)
+	@test -x $(UV) || $(VENV)/bin/pip install --quiet --disable-pip-version-check 'uv>=0.5,<1'
+	$(UV) pip sync --quiet --python $(PY) requirements.lock
+	$(UV) pip install --quiet --python $(PY) --no-deps -e .
+	@touch $(STAMP)
+
+venv: $(STAMP) ## Create or update the virtualenv (.venv) from the lock file
+
+demo: $(STAMP) ## Start PostgreSQL and every service; Ctrl-C stops them all
+	$(PY) -m converge.demo
+
+test: $(STAMP) ## Run the whole test suite
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+protos: $(STAMP) ## Regenerate Python code from protos/ (never edit the output)
+	$(PY) protos/generate.py
+
+lint: $(STAMP) ## ruff and mypy on the project's own code
+	$(VENV)/bin/ruff check services models tests protos/generate.py
+	$(VENV)/bin/ruff format --check services models tests protos/generate.py
+	$(VENV)/bin/mypy services models protos/generate.py
+
+bench: $(STAMP) ## Run the benchmarks; prints a table and writes $(BENCH_OUT)
+	BENCH_OUT=$(BENCH_OUT) $(PY) -m benchmarks
+
+lock: ## Re-resolve requirements.lock from pyproject.toml
+	@test -x $(UV) || { $(PYTHON3) -m venv $(VENV) && $(VENV)/bin/pip install --quiet 'uv>=0.5,<1'; }
+	$(UV) pip compile --quiet --python $(PY) --extra dev --universal --python-version 3.11 pyproject.toml -o requirements.lock
+
+clean: ## Remove the virtualenv and local state (embedded PostgreSQL, MLflow store)
+	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,126 @@
+"""Plain types of the identity service, free of gRPC and SQL.
+
+Profile values travel as tagged JSON so one column can hold any typed value:
+{"s": text} | {"n": number} | {"b": flag} | {"t": ISO time} |
+{"m": {"c": currency, "u": units, "n": nanos}}. Profile field names are the
+field-mask paths of `converge.v1.Profile`: "segment", "attributes.nps_last".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from converge.identity.identifiers import NormalizedIdentifier
+
+TaggedValue = dict[str, Any]
+ProfileFields = dict[str, TaggedValue]
+
+# Profile fields other than free-form attributes, with the tag each must carry.
+BUILTIN_PROFILE_FIELDS: dict[str, str] = {
+    "display_name": "s",
+    "segment": "s",
+    "plan": "s",
+    "region": "s",
+    "signup_date": "t",
+    "lifetime_value": "m",
+    "owner_team": "s",
+}
+
+
+@dataclass(frozen=True)
+class AttachedIdentifier:
+    identifier: NormalizedIdentifier
+    customer_id: str
+    attached_at: datetime
+
+
+@dataclass(frozen=True)
+class ChannelConsent:
+    channel: int
+    status: int
+    updated_at: datetime
+    source: str
+
+
+@dataclass(frozen=True)
+class Preferences:
+    consents: tuple[ChannelConsent, ...] = ()
+    do_not_contact: bool = False
+    preferred_channel: int = 0
+    wants_human: bool = False
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Customer:
+    customer_id: str
+    created_at: datetime
+    updated_at: datetime
+    profile: ProfileFields
+    identifiers: tuple[AttachedIdentifier, ...]
+    merged_customer_ids: tuple[str, ...]
+    preferences: Preferences
+    as_of: datetime
+
+
+@dataclass(frozen=True)
+class ProfileChange:
+    field: str
+    value: TaggedValue | None
+    effective_at: datetime
+    recorded_at: datetime
+    actor: str
+
+
+@dataclass(frozen=True)
+class Merge:
+    merge_id: str
+    surviving_customer_id: str
+    merged_customer_id: str
+    joining_identifiers: tuple[NormalizedIdentifier, ...]
+    actor: str
+    reason: str
+    policy: str
+    merged_at: datetime
+    unmerged_at: datetime | None
+
+
+@dataclass(frozen=True)
+class ResolveResult:
+    customer: Customer
+    created: bool
+    merges: tuple[Merge, ...]
+    attached: tuple[NormalizedIdentifier, ...]
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """A caller's idempotency key and a fingerprint of the request it came with."""
+
+    key: str
+    fingerprint: bytes
+
+
+@dataclass(frozen=True)
+class Actor:
+    name: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class PreferenceUpdate:
+    consents: tuple[tuple[int, int, datetime | None, str], ...] = ()  # channel, status, at, source
+    do_not_contact: bool | None = None
+    preferred_channel: int | None = None
+    wants_human: bool | None = None
+
+
+@dataclass
+class BulkSummary:
+    received: int = 0
+    created: int = 0
+    matched: int = 0
+    merged: int = 0
+    rejections: list[tuple[str, str, str]] = field(default_factory=list)  # row, field, reason

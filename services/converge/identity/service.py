@@ -1,0 +1,566 @@
+"""The identity service's rules: resolve, merge and its protection, unmerge,
+profiles with history, contact preferences, erasure and export.
+
+No gRPC here: plain types in and out; domain errors from `converge.runtime.errors`.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from converge.identity.domain import (
+    Actor,
+    Customer,
+    Idempotency,
+    Merge,
+    PreferenceUpdate,
+    ProfileChange,
+    ProfileFields,
+    ResolveResult,
+    TaggedValue,
+)
+from converge.identity.identifiers import IdentifierKind, NormalizedIdentifier
+from converge.identity.settings import IdentitySettings, SurvivorPolicy
+from converge.identity.store import IdentityStore, IdentityTransaction, RetryableConflict
+from converge.runtime.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 8
+
+
+def _fingerprint_mismatch(field: str = "idempotency_key") -> InvalidArgument:
+    return InvalidArgument([FieldViolation(field, "already used for a different request")])
+
+
+@dataclass(frozen=True)
+class PeerErasure:
+    service: str
+    done: bool
+    erased_counts: dict[str, int]
+    error: str
+
+
+# Asks one other service to erase or export; given by the servicer (it owns gRPC).
+EraseAtPeer = Callable[[str, Sequence[str], str], Awaitable[PeerErasure]]
+ExportAtPeer = Callable[[str, Sequence[str]], Awaitable[Any]]
+
+
+class IdentityService:
+    def __init__(self, store: IdentityStore, settings: IdentitySettings) -> None:
+        self.store = store
+        self.settings = settings
+        self.unique_kinds = {IdentifierKind[name] for name in settings.unique_identifier_types}
+
+    # --- reads ---------------------------------------------------------------
+    async def root_of_customer(self, tx: IdentityTransaction, customer_id: str) -> str:
+        roots = await tx.roots_of([customer_id])
+        if customer_id not in roots:
+            raise NotFound("customer", customer_id)
+        return roots[customer_id]
+
+    async def root_of_identifier(
+        self, tx: IdentityTransaction, identifier: NormalizedIdentifier
+    ) -> str:
+        roots = await tx.find_roots([identifier])
+        if identifier not in roots:
+            raise NotFound("customer with identifier", identifier.kind.name)
+        return roots[identifier]
+
+    async def get_customer(
+        self,
+        customer_id: str | None,
+        identifier: NormalizedIdentifier | None,
+        as_of: datetime | None = None,
+    ) -> Customer:
+        async with self.store.reading() as tx:
+            root = await self._root(tx, customer_id, identifier)
+            customer = await tx.load_customer(root, as_of)
+        if customer is None:
+            raise NotFound("customer", root)
+        return customer
+
+    async def _root(
+        self,
+        tx: IdentityTransaction,
+        customer_id: str | None,
+        identifier: NormalizedIdentifier | None,
+    ) -> str:
+        if customer_id is not None:
+            return await self.root_of_customer(tx, customer_id)
+        assert identifier is not None
+        return await self.root_of_identifier(tx, identifier)
+
+    async def batch_get(
+        self, customer_ids: Sequence[str], as_of: datetime | None
+    ) -> list[Customer | None]:
+        async with self.store.reading() as tx:
+            roots = await tx.roots_of(customer_ids)
+            loaded: dict[str, Customer | None] = {}
+            for root in set(roots.values()):
+                loaded[root] = await tx.load_customer(root, as_of)
+        return [loaded.get(roots.get(c, "")) for c in customer_ids]
+
+    async def list_customers(
+        self,
+        after: str,
+        limit: int,
+        *,
+        segment: str,
+        plan: str,
+        region: str,
+        owner_team: str,
+        name_prefix: str,
+    ) -> tuple[list[Customer], str]:
+        async with self.store.reading() as tx:
+            ids = await tx.list_customer_ids(
+                after, segment, plan, region, owner_team, name_prefix, limit + 1
+            )
+            more = len(ids) > limit
+            ids = ids[:limit]
+            customers = [c for c in [await tx.load_customer(i) for i in ids] if c is not None]
+        return customers, (ids[-1] if more and ids else "")
+
+    async def list_profile_changes(
+        self, customer_id: str, start: datetime, end: datetime, after_change: int, limit: int
+    ) -> tuple[list[ProfileChange], int]:
+        async with self.store.reading() as tx:
+            root = await self.root_of_customer(tx, customer_id)
+            rows = await tx.list_profile_changes(root, start, end, after_change, limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return [change for _, change in rows], (rows[-1][0] if more and rows else 0)
+
+    async def list_merges(self, customer_id: str, include_undone: bool) -> list[Merge]:
+        async with self.store.reading() as tx:
+            root = await self.root_of_customer(tx, customer_id)
+            members = await tx.cluster_members(root)
+            return await tx.list_merges(members, include_undone)
+
+    # --- writes --------------------------------------------------------------
+    async def _run(
+        self,
+        method: str,
+        idempotency: Idempotency | None,
+        work: Callable[[IdentityTransaction], Awaitable[dict[str, Any]]],
+    ) -> dict[str, Any]:
+        """Runs `work` in a transaction, retrying on races, at most once per idempotency key.
+
+        Returns `work`'s result: small JSON (ids and flags) that is also what a
+        repeated request with the same key gets back.
+        """
+        for _ in range(MAX_ATTEMPTS):
+            try:
+                async with self.store.transaction() as tx:
+                    if idempotency is not None:
+                        claimed, prior = await tx.claim_idempotency_key(
+                            method, idempotency.key, idempotency.fingerprint
+                        )
+                        if not claimed:
+                            if prior is not None and prior.get("fingerprint_mismatch"):
+                                raise _fingerprint_mismatch()
+                            assert prior is not None
+                            return {**prior, "replayed": True}
+                    result = await work(tx)
+                    if idempotency is not None:
+                        await tx.save_idempotency_result(method, idempotency.key, result)
+                    return result
+            except RetryableConflict:
+                continue
+        raise Aborted("too many concurrent changes to the same customers; retry")
+
+    async def create_customer(
+        self,
+        profile: ProfileFields,
+        identifiers: Sequence[NormalizedIdentifier],
+        actor: Actor,
+        idempotency: Idempotency | None,
+    ) -> Customer:
+        async def work(tx: IdentityTransaction) -> dict[str, Any]:
+            taken = await tx.find_roots(identifiers)
+            if taken:
+                raise _already_attached(identifiers, taken)
+            customer_id = str(uuid.uuid4())
+            await tx.insert_customer(customer_id)
+            await tx.record_profile_changes(
+                customer_id, dict(profile), None, actor.name
+            )
+            try:
+                await tx.attach_identifiers(customer_id, identifiers)
+            except RetryableConflict:
+                raise _already_attached(identifiers, {}) from None
+            return {"customer_id": customer_id}
+
+        result = await self._run("CreateCustomer", idempotency, work)
+        return await self.get_customer(result["customer_id"], None)
+
+    async def resolve(
+        self,
+        identifiers: Sequence[NormalizedIdentifier],
+        profile: ProfileFields,
+        *,
+        lookup_only: bool,
+        actor: Actor,
+        idempotency: Idempotency | None,
+        upsert: ProfileFields | None = None,
+    ) -> ResolveResult:
+        identifiers = sorted(set(identifiers))
+
+        async def work(tx: IdentityTransaction) -> dict[str, Any]:
+            return await self._resolve_in(tx, identifiers, profile, lookup_only, actor, upsert)
+
+        result = await self._run("Resolve", idempotency, work)
+        async with self.store.reading() as tx:
+            root = await self.root_of_customer(tx, result["customer_id"])
+            customer = await tx.load_customer(root)
+            merges = [m for m in [await tx.get_merge(i) for i in result["merge_ids"]] if m]
+        assert customer is not None
+        return ResolveResult(
+            customer=customer,
+            created=bool(result["created"]) and not result.get("replayed", False),
+            merges=tuple(merges),
+            attached=tuple(
+                NormalizedIdentifier(IdentifierKind(k), s, v) for k, s, v in result["attached"]
+            ),
+        )
+
+    async def _resolve_in(
+        self,
+        tx: IdentityTransaction,
+        identifiers: Sequence[NormalizedIdentifier],
+        profile: ProfileFields,
+        lookup_only: bool,
+        actor: Actor,
+        upsert: ProfileFields | None,
+    ) -> dict[str, Any]:
+        owners = await tx.find_roots(identifiers)
+        new = [i for i in identifiers if i not in owners]
+        roots = sorted(set(owners.values()))
+        if not roots:
+            if lookup_only:
+                raise NotFound(
+                    "customer with identifiers", ", ".join(i.kind.name for i in identifiers)
+                )
+            self._check_unique_kinds({"new": list(identifiers)})
+            customer_id = str(uuid.uuid4())
+            await tx.insert_customer(customer_id)
+            await tx.record_profile_changes(
+                customer_id, {**profile, **(upsert or {})}, None, actor.name
+            )
+            await tx.attach_identifiers(customer_id, identifiers)
+            return _resolve_result(customer_id, True, [], identifiers)
+        if lookup_only and len(roots) > 1:
+            raise FailedPrecondition(
+                "the identifiers belong to different customers",
+                [("IDENTIFIERS_SPLIT", "identifiers", f"{len(roots)} customers match")],
+            )
+
+        locked = await tx.lock_customers(roots)
+        if len(locked) != len(roots) or any(r["merged_into"] is not None for r in locked.values()):
+            raise RetryableConflict()  # merged or erased since we looked: look again
+        clusters = {root: await tx.cluster_members(root) for root in roots}
+        cluster_identifiers = {
+            root: await tx.identifiers_of(members) for root, members in clusters.items()
+        }
+        survivor = self._pick_survivor(locked)
+        if lookup_only:
+            return _resolve_result(survivor, False, [], [])
+        self._check_unique_kinds({**cluster_identifiers, "new": new})
+        if len(roots) > 1 and not self.settings.auto_merge:
+            raise FailedPrecondition(
+                "the identifiers belong to different customers and automatic merging is off",
+                [("MERGE_DISABLED", "identifiers", f"{len(roots)} customers match")],
+            )
+        merge_ids = []
+        for other in roots:
+            if other == survivor:
+                continue
+            joining = [i for i in identifiers if owners.get(i) in (other, survivor)]
+            merge = await self._merge(
+                tx, survivor, other, joining, Actor(actor.name or "resolve", actor.reason)
+            )
+            merge_ids.append(merge.merge_id)
+        await tx.attach_identifiers(survivor, new)
+        if upsert:
+            await tx.record_profile_changes(survivor, dict(upsert), None, actor.name)
+        return _resolve_result(survivor, False, merge_ids, new)
+
+    def _pick_survivor(self, locked: dict[str, Any]) -> str:
+        ordered = sorted(locked.values(), key=lambda r: (r["created_at"], str(r["customer_id"])))
+        chosen = (
+            ordered[0] if self.settings.merge_survivor is SurvivorPolicy.OLDEST else ordered[-1]
+        )
+        return str(chosen["customer_id"])
+
+    def _check_unique_kinds(self, groups: dict[str, list[NormalizedIdentifier]]) -> None:
+        """Merge protection: no customer may end up with two values of a unique kind."""
+        values: dict[tuple[IdentifierKind, str], set[str]] = {}
+        for identifiers in groups.values():
+            for identifier in identifiers:
+                if identifier.kind in self.unique_kinds:
+                    values.setdefault((identifier.kind, identifier.source), set()).add(
+                        identifier.value
+                    )
+        conflicts = [(kind, source) for (kind, source), found in values.items() if len(found) > 1]
+        if conflicts:
+            raise FailedPrecondition(
+                "refusing to join customers with conflicting identifiers of a unique kind: "
+                + ", ".join(kind.name for kind, _ in conflicts),
+                [
+                    (
+                        "CONFLICTING_UNIQUE_IDENTIFIER",
+                        f"{kind.name}{'/' + source if source else ''}",
+                        "the customers carry different values",
+                    )
+                    for kind, source in conflicts
+                ],
+            )
+
+    async def _merge(
+        self,
+        tx: IdentityTransaction,
+        survivor: str,
+        merged: str,
+        joining: Sequence[NormalizedIdentifier],
+        actor: Actor,
+    ) -> Merge:
+        merge = await tx.insert_merge(
+            survivor, merged, joining, actor.name, actor.reason, self.settings.merge_survivor.value
+        )
+        # Policy "fill missing": the survivor keeps its own values and takes the
+        # merged customer's for fields it lacks; unmerge removes exactly those.
+        survivor_profile = await tx.current_profile(survivor)
+        merged_profile = await tx.current_profile(merged)
+        taken = {k: v for k, v in merged_profile.items() if k not in survivor_profile}
+        await tx.record_profile_changes(
+            survivor, taken, None, f"merge:{merge.merge_id}", merge.merge_id
+        )
+        return merge
+
+    async def merge_customers(
+        self, surviving_id: str, merged_id: str, actor: Actor, idempotency: Idempotency | None
+    ) -> tuple[Merge, Customer]:
+        async def work(tx: IdentityTransaction) -> dict[str, Any]:
+            survivor = await self.root_of_customer(tx, surviving_id)
+            merged = await self.root_of_customer(tx, merged_id)
+            if survivor == merged:
+                raise FailedPrecondition(
+                    "the customers are already one",
+                    [("ALREADY_MERGED", f"customers/{merged_id}", f"part of {survivor}")],
+                )
+            locked = await tx.lock_customers([survivor, merged])
+            if any(r["merged_into"] is not None for r in locked.values()):
+                raise RetryableConflict()
+            groups = {
+                c: await tx.identifiers_of(await tx.cluster_members(c)) for c in (survivor, merged)
+            }
+            self._check_unique_kinds(groups)
+            merge = await self._merge(
+                tx, survivor, merged, [], Actor(actor.name or "manual", actor.reason)
+            )
+            return {"merge_id": merge.merge_id, "customer_id": survivor}
+
+        result = await self._run("MergeCustomers", idempotency, work)
+        async with self.store.reading() as tx:
+            merge = await tx.get_merge(result["merge_id"])
+            customer = await tx.load_customer(
+                await self.root_of_customer(tx, result["customer_id"])
+            )
+        assert merge is not None and customer is not None
+        return merge, customer
+
+    async def unmerge(self, merge_id: str, actor: Actor) -> tuple[Merge, Customer, Customer]:
+        async def work(tx: IdentityTransaction) -> dict[str, Any]:
+            merge = await tx.merge_for_update(merge_id)
+            if merge is None:
+                raise NotFound("merge", merge_id)
+            if merge.unmerged_at is None:
+                await tx.lock_customers([merge.surviving_customer_id, merge.merged_customer_id])
+                await tx.undo_merge(merge, actor.name)
+            return {"merge_id": merge_id}
+
+        await self._run("UnmergeCustomers", None, work)
+        async with self.store.reading() as tx:
+            merge = await tx.get_merge(merge_id)
+            assert merge is not None
+            survivor = await tx.load_customer(
+                await self.root_of_customer(tx, merge.surviving_customer_id)
+            )
+            restored = await tx.load_customer(
+                await self.root_of_customer(tx, merge.merged_customer_id)
+            )
+        assert survivor is not None and restored is not None
+        return merge, survivor, restored
+
+    async def update_customer(
+        self,
+        customer_id: str,
+        changes: dict[str, TaggedValue | None],
+        effective_at: datetime | None,
+        actor: Actor,
+        idempotency: Idempotency | None,
+    ) -> Customer:
+        async def work(tx: IdentityTransaction) -> dict[str, Any]:
+            root = await self.root_of_customer(tx, customer_id)
+            await tx.lock_customers([root])
+            await tx.record_profile_changes(
+                root, changes, effective_at, actor.name
+            )
+            return {"customer_id": root}
+
+        result = await self._run("UpdateCustomer", idempotency, work)
+        return await self.get_customer(result["customer_id"], None)
+
+    async def remove_identifier(self, identifier: NormalizedIdentifier, actor: Actor) -> Customer:
+        async def work(tx: IdentityTransaction) -> dict[str, Any]:
+            root = await self.root_of_identifier(tx, identifier)
+            await tx.detach_identifier(identifier)
+            return {"customer_id": root}
+
+        result = await self._run("RemoveIdentifier", None, work)
+        logger.info("identifier of kind %s removed by %s", identifier.kind.name, actor.name)
+        return await self.get_customer(result["customer_id"], None)
+
+    async def update_preferences(
+        self,
+        customer_id: str | None,
+        identifier: NormalizedIdentifier | None,
+        update: PreferenceUpdate,
+        actor: Actor,
+        idempotency: Idempotency | None,
+    ) -> Customer:
+        async def work(tx: IdentityTransaction) -> dict[str, Any]:
+            root = await self._root(tx, customer_id, identifier)
+            now = datetime.now(UTC)
+            await tx.update_preferences(
+                root,
+                update.do_not_contact,
+                update.preferred_channel,
+                update.wants_human,
+                [(c, s, at or now, src) for c, s, at, src in update.consents],
+                actor.name,
+            )
+            return {"customer_id": root}
+
+        result = await self._run("UpdateContactPreferences", idempotency, work)
+        return await self.get_customer(result["customer_id"], None)
+
+    # --- privacy -------------------------------------------------------------
+    async def forget(
+        self,
+        customer_id: str | None,
+        identifier: NormalizedIdentifier | None,
+        actor: Actor,
+        idempotency: Idempotency | None,
+        erase_at_peer: EraseAtPeer,
+        peers: Sequence[str],
+    ) -> tuple[str, list[PeerErasure], bool, datetime]:
+        """Erases the customer everywhere. Identity's own data goes last, and
+        only when every other service confirmed, so a failed erasure can be
+        retried: identity still knows which ids to erase."""
+        if idempotency is not None:
+            async with self.store.transaction() as tx:
+                claimed, prior = await tx.claim_idempotency_key(
+                    "ForgetCustomer", idempotency.key, idempotency.fingerprint
+                )
+                if not claimed and prior and prior.get("complete"):
+                    return (
+                        prior["erasure_id"],
+                        [PeerErasure(**p) for p in prior["services"]],
+                        True,
+                        datetime.fromisoformat(prior["erased_at"]),
+                    )
+                # An unfinished earlier attempt is retried in full below.
+        async with self.store.reading() as tx:
+            root = await self._root(tx, customer_id, identifier)
+            members = await tx.cluster_members(root)
+        erasure_id = str(uuid.uuid4())
+        outcomes = [await erase_at_peer(peer, members, erasure_id) for peer in peers]
+        complete = all(o.done for o in outcomes)
+        erased_at = datetime.now(UTC)
+        async with self.store.transaction() as tx:
+            erased = 0
+            if complete:
+                erased = await tx.delete_customers(members)
+                for member in members:
+                    await tx.record_event(4, member)
+            identity = PeerErasure(
+                "identity",
+                complete,
+                {"customers": erased},
+                "" if complete else "waiting for the other services to confirm",
+            )
+            outcomes = [identity, *outcomes]
+            services = [o.__dict__ for o in outcomes]
+            await tx.record_erasure(
+                erasure_id, actor.name, actor.reason, len(members), services, complete
+            )
+            if idempotency is not None:
+                await tx.connection.execute(
+                    "INSERT INTO idempotency_keys (method, key, fingerprint, result) "
+                    "VALUES ('ForgetCustomer', $1, $2, $3) ON CONFLICT (method, key) "
+                    "DO UPDATE SET result = excluded.result",
+                    idempotency.key,
+                    idempotency.fingerprint,
+                    {
+                        "erasure_id": erasure_id,
+                        "services": services,
+                        "complete": complete,
+                        "erased_at": erased_at.isoformat(),
+                    },
+                )
+        logger.info("erasure %s complete=%s (%d ids)", erasure_id, complete, len(members))
+        return erasure_id, outcomes, complete, erased_at
+
+    async def export(
+        self,
+        customer_id: str | None,
+        identifier: NormalizedIdentifier | None,
+    ) -> tuple[Customer, list[ProfileChange], list[Merge], list[str]]:
+        async with self.store.reading() as tx:
+            root = await self._root(tx, customer_id, identifier)
+            customer = await tx.load_customer(root)
+            members = await tx.cluster_members(root)
+            changes: list[ProfileChange] = []
+            for member in members:
+                rows = await tx.list_profile_changes(
+                    member,
+                    datetime.min.replace(tzinfo=UTC),
+                    datetime.max.replace(tzinfo=UTC),
+                    0,
+                    1_000_000,
+                )
+                changes.extend(change for _, change in rows)
+            merges = await tx.list_merges(members, True)
+        assert customer is not None
+        return customer, changes, merges, members
+
+
+def _resolve_result(
+    customer_id: str, created: bool, merge_ids: list[str], attached: Sequence[NormalizedIdentifier]
+) -> dict[str, Any]:
+    return {
+        "customer_id": customer_id,
+        "created": created,
+        "merge_ids": merge_ids,
+        "attached": [[int(i.kind), i.source, i.value] for i in attached],
+    }
+
+
+def _already_attached(
+    identifiers: Sequence[NormalizedIdentifier], taken: dict[NormalizedIdentifier, str]
+) -> AlreadyExists:
+    kinds = ", ".join(sorted({i.kind.name for i in (taken or identifiers)}))
+    return AlreadyExists(f"identifiers already belong to another customer: {kinds}")

@@ -1,0 +1,806 @@
+"""The identity service's gRPC face: protobuf in, validation with field paths,
+`service.py` for the rules, protobuf out. Nothing else lives here."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import math
+import re
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta
+from importlib.resources import files
+from typing import Any
+
+import grpc
+from converge.identity.domain import (
+    Actor,
+    BulkSummary,
+    Customer,
+    Idempotency,
+    Merge,
+    PreferenceUpdate,
+    ProfileChange,
+    ProfileFields,
+    TaggedValue,
+)
+from converge.identity.identifiers import IdentifierError, NormalizedIdentifier, normalize
+from converge.identity.service import IdentityService, PeerErasure
+from converge.identity.settings import IdentitySettings
+from converge.identity.store import IdentityStore
+from converge.runtime.errors import ConvergeError, FieldViolation, InvalidArgument, Violations
+from converge.runtime.server import ServiceContext, ServiceSpec
+from converge.v1 import (
+    common_pb2,
+    identity_pb2,
+    identity_pb2_grpc,
+    privacy_pb2,
+    privacy_pb2_grpc,
+)
+from google.protobuf import json_format, timestamp_pb2
+
+MAX_IDENTIFIERS = 50
+MAX_ATTRIBUTES = 100
+MAX_TEXT = 256
+MAX_ATTRIBUTE_TEXT = 2048
+MAX_IDEMPOTENCY_KEY = 128
+MAX_BATCH = 1000
+DEFAULT_PAGE, MAX_PAGE = 100, 1000
+MAX_LISTED_REJECTIONS = 1000
+MAX_CLOCK_SKEW = timedelta(minutes=5)
+_ATTRIBUTE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_CURRENCY = re.compile(r"^[A-Z]{3}$")
+_STRING_FIELDS = ("display_name", "segment", "plan", "region", "owner_team")
+_PREFERENCE_FIELDS = ("do_not_contact", "preferred_channel", "wants_human")
+
+
+# --- protobuf -> plain, with every violation named by its field path ---------
+def _identifier(
+    message: common_pb2.Identifier, path: str, violations: Violations, settings: IdentitySettings
+) -> NormalizedIdentifier | None:
+    try:
+        return normalize(
+            message.type,
+            message.value,
+            message.source,
+            default_phone_region=settings.default_phone_region,
+        )
+    except IdentifierError as error:
+        violations.add(f"{path}.{error.part}", str(error))
+        return None
+
+
+def _identifiers(
+    messages: Sequence[common_pb2.Identifier],
+    path: str,
+    violations: Violations,
+    settings: IdentitySettings,
+    *,
+    required: bool,
+) -> list[NormalizedIdentifier]:
+    if required and not messages:
+        violations.add(path, "at least one identifier is required")
+    if len(messages) > MAX_IDENTIFIERS:
+        violations.add(path, f"at most {MAX_IDENTIFIERS} identifiers")
+        return []
+    found = [_identifier(m, f"{path}[{i}]", violations, settings) for i, m in enumerate(messages)]
+    return [i for i in found if i is not None]
+
+
+def _customer_id(value: str, path: str, violations: Violations) -> str | None:
+    if not value:
+        violations.add(path, "required")
+        return None
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        violations.add(path, "not a customer id (a UUID)")
+        return None
+
+
+def _customer_ref(
+    ref: common_pb2.CustomerRef, path: str, violations: Violations, settings: IdentitySettings
+) -> tuple[str | None, NormalizedIdentifier | None]:
+    which = ref.WhichOneof("ref")
+    if which == "customer_id":
+        return _customer_id(ref.customer_id, f"{path}.customer_id", violations), None
+    if which == "identifier":
+        return None, _identifier(ref.identifier, f"{path}.identifier", violations, settings)
+    violations.add(path, "set customer_id or identifier")
+    return None, None
+
+
+def _time(ts: timestamp_pb2.Timestamp) -> datetime:
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+def _tagged(
+    value: common_pb2.AttributeValue, path: str, violations: Violations
+) -> TaggedValue | None:
+    which = value.WhichOneof("value")
+    if which == "string_value":
+        if len(value.string_value) > MAX_ATTRIBUTE_TEXT:
+            violations.add(path, f"longer than {MAX_ATTRIBUTE_TEXT} characters")
+        return {"s": value.string_value}
+    if which == "number_value":
+        if not math.isfinite(value.number_value):
+            violations.add(path, "must be a finite number")
+        return {"n": value.number_value}
+    if which == "bool_value":
+        return {"b": value.bool_value}
+    if which == "timestamp_value":
+        return {"t": _time(value.timestamp_value).isoformat()}
+    violations.add(path, "set one of string_value, number_value, bool_value, timestamp_value")
+    return None
+
+
+def _money(money: common_pb2.Money, path: str, violations: Violations) -> TaggedValue:
+    if not _CURRENCY.match(money.currency_code):
+        violations.add(f"{path}.currency_code", "an ISO 4217 code such as EUR")
+    if not -999_999_999 <= money.nanos <= 999_999_999 or (money.units * money.nanos < 0):
+        violations.add(f"{path}.nanos", "within ±999,999,999 and of the same sign as units")
+    return {"m": {"c": money.currency_code, "u": money.units, "n": money.nanos}}
+
+
+def _profile_field(
+    profile: identity_pb2.Profile, name: str, path: str, violations: Violations
+) -> TaggedValue | None:
+    """One field of a Profile message as a tagged value; None when unset."""
+    if name in _STRING_FIELDS:
+        text: str = getattr(profile, name)
+        if len(text) > MAX_TEXT:
+            violations.add(f"{path}.{name}", f"longer than {MAX_TEXT} characters")
+        return {"s": text} if text else None
+    if name == "signup_date":
+        return (
+            {"t": _time(profile.signup_date).isoformat()}
+            if profile.HasField("signup_date")
+            else None
+        )
+    if name == "lifetime_value":
+        if not profile.HasField("lifetime_value"):
+            return None
+        return _money(profile.lifetime_value, f"{path}.lifetime_value", violations)
+    attribute = name.removeprefix("attributes.")
+    if attribute not in profile.attributes:
+        return None
+    return _tagged(profile.attributes[attribute], f"{path}.attributes[{attribute}]", violations)
+
+
+def _check_attribute_names(
+    profile: identity_pb2.Profile, path: str, violations: Violations
+) -> None:
+    if len(profile.attributes) > MAX_ATTRIBUTES:
+        violations.add(f"{path}.attributes", f"at most {MAX_ATTRIBUTES} attributes")
+    for name in profile.attributes:
+        if not _ATTRIBUTE_NAME.match(name):
+            violations.add(
+                f"{path}.attributes[{name[:64]}]", "name must match [a-z][a-z0-9_]{0,62}"
+            )
+
+
+def _profile_fields(
+    profile: identity_pb2.Profile, path: str, violations: Violations
+) -> ProfileFields:
+    """Every field set in the message (creation, resolve)."""
+    _check_attribute_names(profile, path, violations)
+    names = [
+        *_STRING_FIELDS,
+        "signup_date",
+        "lifetime_value",
+        *(f"attributes.{a}" for a in profile.attributes),
+    ]
+    fields = {name: _profile_field(profile, name, path, violations) for name in names}
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+def _masked_profile_fields(
+    profile: identity_pb2.Profile,
+    mask_paths: Sequence[str],
+    path: str,
+    mask_path: str,
+    violations: Violations,
+) -> dict[str, TaggedValue | None]:
+    """The fields named by a mask; a named field left unset is cleared (None)."""
+    _check_attribute_names(profile, path, violations)
+    if not mask_paths:
+        violations.add(mask_path, "name at least one field to change")
+    changes: dict[str, TaggedValue | None] = {}
+    for i, name in enumerate(mask_paths):
+        known = name in (*_STRING_FIELDS, "signup_date", "lifetime_value") or (
+            name.startswith("attributes.")
+            and _ATTRIBUTE_NAME.match(name.removeprefix("attributes."))
+        )
+        if not known:
+            violations.add(f"{mask_path}.paths[{i}]", f"unknown profile field {name[:80]!r}")
+            continue
+        changes[name] = _profile_field(profile, name, path, violations)
+    return changes
+
+
+def _actor(actor: common_pb2.Actor, path: str, violations: Violations) -> Actor:
+    violations.check(len(actor.name) <= MAX_TEXT, f"{path}.name", f"longer than {MAX_TEXT}")
+    violations.check(len(actor.reason) <= MAX_ATTRIBUTE_TEXT, f"{path}.reason", "too long")
+    return Actor(actor.name, actor.reason)
+
+
+def _idempotency(
+    key: str, request: Any, violations: Violations, path: str = "idempotency_key"
+) -> Idempotency | None:
+    if not key:
+        return None
+    if len(key) > MAX_IDEMPOTENCY_KEY:
+        violations.add(path, f"longer than {MAX_IDEMPOTENCY_KEY} characters")
+        return None
+    fingerprint = hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
+    return Idempotency(key, fingerprint)
+
+
+# --- plain -> protobuf ---------------------------------------------------------
+def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def _attribute_value(tagged: TaggedValue) -> common_pb2.AttributeValue:
+    if "s" in tagged:
+        return common_pb2.AttributeValue(string_value=tagged["s"])
+    if "n" in tagged:
+        return common_pb2.AttributeValue(number_value=tagged["n"])
+    if "b" in tagged:
+        return common_pb2.AttributeValue(bool_value=tagged["b"])
+    if "t" in tagged:
+        return common_pb2.AttributeValue(
+            timestamp_value=_timestamp(datetime.fromisoformat(tagged["t"]))
+        )
+    money = tagged["m"]
+    return common_pb2.AttributeValue(
+        string_value=f"{money['u'] + money['n'] / 1e9:.2f} {money['c']}"
+    )
+
+
+def _profile_pb(fields: ProfileFields) -> identity_pb2.Profile:
+    profile = identity_pb2.Profile()
+    for name, tagged in fields.items():
+        if name in _STRING_FIELDS:
+            setattr(profile, name, tagged["s"])
+        elif name == "signup_date":
+            profile.signup_date.CopyFrom(_timestamp(datetime.fromisoformat(tagged["t"])))
+        elif name == "lifetime_value":
+            money = tagged["m"]
+            profile.lifetime_value.CopyFrom(
+                common_pb2.Money(currency_code=money["c"], units=money["u"], nanos=money["n"])
+            )
+        else:
+            profile.attributes[name.removeprefix("attributes.")].CopyFrom(_attribute_value(tagged))
+    return profile
+
+
+def _identifier_pb(identifier: NormalizedIdentifier) -> common_pb2.Identifier:
+    return common_pb2.Identifier(
+        type=int(identifier.kind),
+        value=identifier.value,
+        source=identifier.source,  # type: ignore[arg-type]
+    )
+
+
+def customer_pb(customer: Customer) -> identity_pb2.Customer:
+    preferences = customer.preferences
+    message = identity_pb2.Customer(
+        customer_id=customer.customer_id,
+        profile=_profile_pb(customer.profile),
+        identifiers=[
+            identity_pb2.CustomerIdentifier(
+                identifier=_identifier_pb(a.identifier),
+                customer_id=a.customer_id,
+                attached_at=_timestamp(a.attached_at),
+            )
+            for a in customer.identifiers
+        ],
+        contact_preferences=identity_pb2.ContactPreferences(
+            consents=[
+                identity_pb2.ChannelConsent(
+                    channel=c.channel,
+                    status=c.status,  # type: ignore[arg-type]
+                    updated_at=_timestamp(c.updated_at),
+                    source=c.source,
+                )
+                for c in preferences.consents
+            ],
+            do_not_contact=preferences.do_not_contact,
+            preferred_channel=preferences.preferred_channel,  # type: ignore[arg-type]
+            wants_human=preferences.wants_human,
+        ),
+        merged_customer_ids=customer.merged_customer_ids,
+        created_at=_timestamp(customer.created_at),
+        updated_at=_timestamp(customer.updated_at),
+        as_of=_timestamp(customer.as_of),
+    )
+    if preferences.updated_at is not None:
+        message.contact_preferences.updated_at.CopyFrom(_timestamp(preferences.updated_at))
+    return message
+
+
+def _merge_pb(merge: Merge) -> identity_pb2.MergeRecord:
+    record = identity_pb2.MergeRecord(
+        merge_id=merge.merge_id,
+        surviving_customer_id=merge.surviving_customer_id,
+        merged_customer_id=merge.merged_customer_id,
+        joining_identifiers=[_identifier_pb(i) for i in merge.joining_identifiers],
+        actor=common_pb2.Actor(name=merge.actor, reason=merge.reason),
+        merged_at=_timestamp(merge.merged_at),
+        policy=merge.policy,
+    )
+    if merge.unmerged_at is not None:
+        record.unmerged_at.CopyFrom(_timestamp(merge.unmerged_at))
+    return record
+
+
+def _change_pb(change: ProfileChange) -> identity_pb2.ProfileChange:
+    message = identity_pb2.ProfileChange(
+        field=change.field,
+        effective_at=_timestamp(change.effective_at),
+        recorded_at=_timestamp(change.recorded_at),
+        actor=change.actor,
+    )
+    if change.value is not None:
+        message.value.CopyFrom(_attribute_value(change.value))
+    return message
+
+
+def _page_size(page: common_pb2.PageRequest, violations: Violations, path: str) -> int:
+    violations.check(page.page_size >= 0, f"{path}.page_size", "must not be negative")
+    return min(page.page_size or DEFAULT_PAGE, MAX_PAGE)
+
+
+def _decode_token(token: str, violations: Violations, path: str) -> str:
+    if not token:
+        return ""
+    try:
+        return base64.urlsafe_b64decode(token.encode()).decode()
+    except (ValueError, UnicodeDecodeError):
+        violations.add(f"{path}.page_token", "not a token this service issued")
+        return ""
+
+
+def _encode_token(value: str) -> str:
+    return base64.urlsafe_b64encode(value.encode()).decode() if value else ""
+
+
+class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
+    def __init__(self, service: IdentityService, settings: IdentitySettings) -> None:
+        self.service = service
+        self.settings = settings
+        self._peers: dict[str, privacy_pb2_grpc.DataSubjectServiceStub] = {}
+        self._channels: list[grpc.aio.Channel] = []
+        for name, target in settings.peer_services.items():
+            channel = grpc.aio.insecure_channel(target)
+            self._channels.append(channel)
+            self._peers[name] = privacy_pb2_grpc.DataSubjectServiceStub(channel)
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+
+    async def CreateCustomer(
+        self, request: identity_pb2.CreateCustomerRequest, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.CreateCustomerResponse:
+        v = Violations()
+        profile = _profile_fields(request.profile, "profile", v)
+        identifiers = _identifiers(
+            request.identifiers, "identifiers", v, self.settings, required=False
+        )
+        actor = _actor(request.actor, "actor", v)
+        idempotency = _idempotency(request.idempotency_key, request, v)
+        v.raise_if_any()
+        customer = await self.service.create_customer(profile, identifiers, actor, idempotency)
+        return identity_pb2.CreateCustomerResponse(customer=customer_pb(customer))
+
+    async def GetCustomer(
+        self, request: identity_pb2.GetCustomerRequest, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.GetCustomerResponse:
+        v = Violations()
+        customer_id, identifier = _customer_ref(request.customer, "customer", v, self.settings)
+        v.raise_if_any()
+        as_of = _time(request.as_of) if request.HasField("as_of") else None
+        customer = await self.service.get_customer(customer_id, identifier, as_of)
+        return identity_pb2.GetCustomerResponse(customer=customer_pb(customer))
+
+    async def BatchGetCustomers(
+        self, request: identity_pb2.BatchGetCustomersRequest, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.BatchGetCustomersResponse:
+        v = Violations()
+        v.check(len(request.customer_ids) <= MAX_BATCH, "customer_ids", f"at most {MAX_BATCH}")
+        ids = [_customer_id(c, f"customer_ids[{i}]", v) for i, c in enumerate(request.customer_ids)]
+        v.raise_if_any()
+        as_of = _time(request.as_of) if request.HasField("as_of") else None
+        found = await self.service.batch_get([i for i in ids if i], as_of)
+        response = identity_pb2.BatchGetCustomersResponse()
+        for requested, customer in zip(request.customer_ids, found, strict=True):
+            if customer is None:
+                response.missing_customer_ids.append(requested)
+            else:
+                response.customers.append(customer_pb(customer))
+        return response
+
+    async def UpdateCustomer(
+        self, request: identity_pb2.UpdateCustomerRequest, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.UpdateCustomerResponse:
+        v = Violations()
+        customer_id = _customer_id(request.customer_id, "customer_id", v)
+        changes = _masked_profile_fields(
+            request.profile, list(request.update_mask.paths), "profile", "update_mask", v
+        )
+        actor = _actor(request.actor, "actor", v)
+        idempotency = _idempotency(request.idempotency_key, request, v)
+        v.raise_if_any()
+        assert customer_id is not None
+        effective_at = _time(request.effective_at) if request.HasField("effective_at") else None
+        if effective_at is not None and effective_at > datetime.now(UTC) + MAX_CLOCK_SKEW:
+            raise InvalidArgument([FieldViolation("effective_at", "must not be in the future")])
+        customer = await self.service.update_customer(
+            customer_id, changes, effective_at, actor, idempotency
+        )
+        return identity_pb2.UpdateCustomerResponse(customer=customer_pb(customer))
+
+    async def ListCustomers(
+        self, request: identity_pb2.ListCustomersRequest, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.ListCustomersResponse:
+        v = Violations()
+        size = _page_size(request.page, v, "page")
+        after = _decode_token(request.page.page_token, v, "page")
+        if after:
+            _customer_id(after, "page.page_token", v)
+        v.raise_if_any()
+        customers, last = await self.service.list_customers(
+            after,
+            size,
+            segment=request.segment,
+            plan=request.plan,
+            region=request.region,
+            owner_team=request.owner_team,
+            name_prefix=request.name_prefix,
+        )
+        return identity_pb2.ListCustomersResponse(
+            customers=[customer_pb(c) for c in customers],
+            page=common_pb2.PageResponse(next_page_token=_encode_token(last)),
+        )
+
+    async def ListProfileChanges(
+        self, request: identity_pb2.ListProfileChangesRequest, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.ListProfileChangesResponse:
+        v = Violations()
+        customer_id = _customer_id(request.customer_id, "customer_id", v)
+        size = _page_size(request.page, v, "page")
+        token = _decode_token(request.page.page_token, v, "page")
+        v.check(not token or token.isdigit(), "page.page_token", "not a token this service issued")
+        v.raise_if_any()
+        assert customer_id is not None
+        start = (
+            _time(request.effective.start)
+            if request.effective.HasField("start")
+            else datetime.min.replace(tzinfo=UTC)
+        )
+        end = (
+            _time(request.effective.end)
+            if request.effective.HasField("end")
+            else datetime.max.replace(tzinfo=UTC)
+        )
+        changes, last = await self.service.list_profile_changes(
+            customer_id, start, end, int(token or 0), size
+        )
+        return identity_pb2.ListProfileChangesResponse(
+            changes=[_change_pb(c) for c in changes],
+            page=common_pb2.PageResponse(next_page_token=_encode_token(str(last) if last else "")),
+        )
+
+    def _resolve_arguments(
+        self, request: identity_pb2.ResolveRequest, path: str, v: Violations
+    ) -> tuple[list[NormalizedIdentifier], ProfileFields, Actor, Idempotency | None]:
+        prefix = f"{path}." if path else ""
+        identifiers = _identifiers(
+            request.identifiers, f"{prefix}identifiers", v, self.settings, required=True
+        )
+        profile = _profile_fields(request.profile, f"{prefix}profile", v)
+        actor = _actor(request.actor, f"{prefix}actor", v)
+        idempotency = _idempotency(request.idempotency_key, request, v, f"{prefix}idempotency_key")
+        return identifiers, profile, actor, idempotency
+
+    async def Resolve(
+        self, request: identity_pb2.ResolveRequest, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.ResolveResponse:
+        v = Violations()
+        identifiers, profile, actor, idempotency = self._resolve_arguments(request, "", v)
+        v.raise_if_any()
+        result = await self.service.resolve(
+            identifiers,
+            profile,
+            lookup_only=request.lookup_only,
+            actor=actor,
+            idempotency=idempotency,
+        )
+        return identity_pb2.ResolveResponse(
+            customer=customer_pb(result.customer),
+            created=result.created,
+            merges=[_merge_pb(m) for m in result.merges],
+            attached_identifiers=[_identifier_pb(i) for i in result.attached],
+        )
+
+    async def BulkResolve(
+        self,
+        request_iterator: AsyncIterator[identity_pb2.BulkResolveRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> identity_pb2.BulkResolveResponse:
+        summary = BulkSummary()
+        async for item in request_iterator:
+            summary.received += 1
+            row = item.row_ref or str(summary.received)
+            v = Violations()
+            identifiers, profile, actor, idempotency = self._resolve_arguments(
+                item.resolve, "resolve", v
+            )
+            upsert = None
+            if item.update_mask.paths:
+                changes = _masked_profile_fields(
+                    item.resolve.profile,
+                    list(item.update_mask.paths),
+                    "resolve.profile",
+                    "update_mask",
+                    v,
+                )
+                upsert = {k: val for k, val in changes.items() if val is not None}
+            try:
+                v.raise_if_any()
+                result = await self.service.resolve(
+                    identifiers,
+                    profile,
+                    lookup_only=item.resolve.lookup_only,
+                    actor=actor,
+                    idempotency=idempotency,
+                    upsert=upsert,
+                )
+            except ConvergeError as error:
+                field = error.violations[0].field if isinstance(error, InvalidArgument) else ""
+                summary.rejections.append((row, field, error.message))
+                continue
+            summary.created += result.created
+            summary.matched += not result.created
+            summary.merged += len(result.merges)
+        return identity_pb2.BulkResolveResponse(
+            received=summary.received,
+            created=summary.created,
+            matched=summary.matched,
+            merged=summary.merged,
+            rejected=len(summary.rejections),
+            rejections=[
+                identity_pb2.BulkRejection(row_ref=r, field=f, reason=why)
+                for r, f, why in summary.rejections[:MAX_LISTED_REJECTIONS]
+            ],
+        )
+
+    async def RemoveIdentifier(
+        self, request: identity_pb2.RemoveIdentifierRequest, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.RemoveIdentifierResponse:
+        v = Violations()
+        identifier = _identifier(request.identifier, "identifier", v, self.settings)
+        actor = _actor(request.actor, "actor", v)
+        v.raise_if_any()
+        assert identifier is not None
+        customer = await self.service.remove_identifier(identifier, actor)
+        return identity_pb2.RemoveIdentifierResponse(customer=customer_pb(customer))
+
+    async def MergeCustomers(
+        self, request: identity_pb2.MergeCustomersRequest, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.MergeCustomersResponse:
+        v = Violations()
+        surviving = _customer_id(request.surviving_customer_id, "surviving_customer_id", v)
+        merged = _customer_id(request.merged_customer_id, "merged_customer_id", v)
+        actor = _actor(request.actor, "actor", v)
+        idempotency = _idempotency(request.idempotency_key, request, v)
+        v.raise_if_any()
+        assert surviving is not None and merged is not None
+        merge, customer = await self.service.merge_customers(surviving, merged, actor, idempotency)
+        return identity_pb2.MergeCustomersResponse(
+            merge=_merge_pb(merge), customer=customer_pb(customer)
+        )
+
+    async def UnmergeCustomers(
+        self, request: identity_pb2.UnmergeCustomersRequest, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.UnmergeCustomersResponse:
+        v = Violations()
+        merge_id = _customer_id(request.merge_id, "merge_id", v)
+        actor = _actor(request.actor, "actor", v)
+        v.raise_if_any()
+        assert merge_id is not None
+        merge, survivor, restored = await self.service.unmerge(merge_id, actor)
+        return identity_pb2.UnmergeCustomersResponse(
+            merge=_merge_pb(merge),
+            surviving_customer=customer_pb(survivor),
+            restored_customer=customer_pb(restored),
+        )
+
+    async def ListMerges(
+        self, request: identity_pb2.ListMergesRequest, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.ListMergesResponse:
+        v = Violations()
+        customer_id = _customer_id(request.customer_id, "customer_id", v)
+        v.raise_if_any()
+        assert customer_id is not None
+        merges = await self.service.list_merges(customer_id, request.include_undone)
+        return identity_pb2.ListMergesResponse(merges=[_merge_pb(m) for m in merges])
+
+    async def GetContactPreferences(
+        self, request: identity_pb2.GetContactPreferencesRequest, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.GetContactPreferencesResponse:
+        v = Violations()
+        customer_id, identifier = _customer_ref(request.customer, "customer", v, self.settings)
+        v.raise_if_any()
+        customer = customer_pb(await self.service.get_customer(customer_id, identifier))
+        return identity_pb2.GetContactPreferencesResponse(
+            customer_id=customer.customer_id, contact_preferences=customer.contact_preferences
+        )
+
+    async def UpdateContactPreferences(
+        self,
+        request: identity_pb2.UpdateContactPreferencesRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> identity_pb2.UpdateContactPreferencesResponse:
+        v = Violations()
+        customer_id, identifier = _customer_ref(request.customer, "customer", v, self.settings)
+        consents = []
+        for i, consent in enumerate(request.consents):
+            path = f"consents[{i}]"
+            v.check(
+                consent.channel in common_pb2.ContactChannel.values() and consent.channel != 0,
+                f"{path}.channel",
+                "set a known contact channel",
+            )
+            v.check(
+                consent.status in identity_pb2.ConsentStatus.values(),
+                f"{path}.status",
+                "unknown status",
+            )
+            v.check(len(consent.source) <= MAX_TEXT, f"{path}.source", "too long")
+            at = _time(consent.updated_at) if consent.HasField("updated_at") else None
+            consents.append((int(consent.channel), int(consent.status), at, consent.source))
+        values: dict[str, Any] = {}
+        for i, name in enumerate(request.update_mask.paths):
+            if name not in _PREFERENCE_FIELDS:
+                v.add(f"update_mask.paths[{i}]", f"one of {', '.join(_PREFERENCE_FIELDS)}")
+                continue
+            values[name] = getattr(request.preferences, name)
+        if "preferred_channel" in values:
+            v.check(
+                values["preferred_channel"] in common_pb2.ContactChannel.values(),
+                "preferences.preferred_channel",
+                "unknown contact channel",
+            )
+        v.check(
+            bool(consents or values), "update_mask", "nothing to change: give consents or a mask"
+        )
+        actor = _actor(request.actor, "actor", v)
+        idempotency = _idempotency(request.idempotency_key, request, v)
+        v.raise_if_any()
+        update = PreferenceUpdate(
+            consents=tuple(consents),
+            do_not_contact=values.get("do_not_contact"),
+            preferred_channel=values.get("preferred_channel"),
+            wants_human=values.get("wants_human"),
+        )
+        customer = customer_pb(
+            await self.service.update_preferences(
+                customer_id, identifier, update, actor, idempotency
+            )
+        )
+        return identity_pb2.UpdateContactPreferencesResponse(
+            customer_id=customer.customer_id, contact_preferences=customer.contact_preferences
+        )
+
+    async def _erase_at_peer(
+        self, name: str, customer_ids: Sequence[str], erasure_id: str
+    ) -> PeerErasure:
+        try:
+            reply = await self._peers[name].EraseCustomerData(
+                privacy_pb2.EraseCustomerDataRequest(
+                    customer_ids=customer_ids, erasure_id=erasure_id
+                ),
+                timeout=self.settings.peer_timeout_s,
+            )
+        except grpc.aio.AioRpcError as error:
+            return PeerErasure(name, False, {}, f"{error.code().name}: {error.details()}")
+        return PeerErasure(name, True, dict(reply.erased_counts), "")
+
+    async def ForgetCustomer(
+        self, request: identity_pb2.ForgetCustomerRequest, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.ForgetCustomerResponse:
+        v = Violations()
+        customer_id, identifier = _customer_ref(request.customer, "customer", v, self.settings)
+        actor = _actor(request.actor, "actor", v)
+        v.check(bool(actor.name), "actor.name", "required: who asked for the erasure")
+        idempotency = _idempotency(request.idempotency_key, request, v)
+        v.raise_if_any()
+        erasure_id, outcomes, complete, erased_at = await self.service.forget(
+            customer_id, identifier, actor, idempotency, self._erase_at_peer, list(self._peers)
+        )
+        return identity_pb2.ForgetCustomerResponse(
+            erasure_id=erasure_id,
+            services=[
+                identity_pb2.ServiceErasure(
+                    service=o.service, done=o.done, erased_counts=o.erased_counts, error=o.error
+                )
+                for o in outcomes
+            ],
+            complete=complete,
+            erased_at=_timestamp(erased_at),
+        )
+
+    async def ExportCustomer(
+        self, request: identity_pb2.ExportCustomerRequest, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.ExportCustomerResponse:
+        v = Violations()
+        customer_id, identifier = _customer_ref(request.customer, "customer", v, self.settings)
+        v.raise_if_any()
+        customer, changes, merges, members = await self.service.export(customer_id, identifier)
+        response = identity_pb2.ExportCustomerResponse(
+            customer=customer_pb(customer),
+            profile_changes=[_change_pb(c) for c in changes],
+            merges=[_merge_pb(m) for m in merges],
+        )
+        for name, stub in self._peers.items():
+            try:
+                reply = await stub.ExportCustomerData(
+                    privacy_pb2.ExportCustomerDataRequest(customer_ids=members),
+                    timeout=self.settings.peer_timeout_s,
+                )
+                response.services.append(reply)
+            except grpc.aio.AioRpcError:
+                response.unavailable_services.append(name)
+        return response
+
+    async def StreamIdentityEvents(
+        self, request: identity_pb2.StreamIdentityEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[identity_pb2.StreamIdentityEventsResponse]:
+        v = Violations()
+        v.check(
+            not request.from_cursor or request.from_cursor.isdigit(),
+            "from_cursor",
+            "not a cursor this service issued",
+        )
+        v.raise_if_any()
+        cursor = int(request.from_cursor or 0)
+        while True:
+            rows = await self.service.store.events_after(cursor, 500)
+            for row in rows:
+                cursor = row["event_id"]
+                event = identity_pb2.StreamIdentityEventsResponse(
+                    cursor=str(cursor),
+                    type=row["event_type"],
+                    customer_id=str(row["customer_id"]),
+                    other_customer_id=str(row["other_customer_id"] or ""),
+                    merge_id=str(row["merge_id"] or ""),
+                    occurred_at=_timestamp(row["occurred_at"]),
+                )
+                yield event
+            if not rows and not request.follow:
+                return
+            if not rows:
+                await asyncio.sleep(0.2)
+
+
+async def register(server: grpc.aio.Server, context: ServiceContext) -> list[str]:
+    settings = context.settings
+    assert isinstance(settings, IdentitySettings)
+    servicer = IdentityServicer(IdentityService(IdentityStore(context.pool), settings), settings)
+    identity_pb2_grpc.add_IdentityServiceServicer_to_server(servicer, server)
+    context.on_shutdown(servicer.close)
+    return [identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name]
+
+
+SPEC = ServiceSpec(
+    name="identity", migrations=files("converge.identity") / "migrations", register=register
+)
+
+__all__ = ["SPEC", "IdentityServicer", "customer_pb", "json_format"]

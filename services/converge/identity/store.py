@@ -1,0 +1,579 @@
+"""All SQL of the identity service (schema `identity`). Rows leave as the
+frozen dataclasses of `domain.py`; database errors leave as domain errors."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from converge.identity.domain import (
+    AttachedIdentifier,
+    ChannelConsent,
+    Customer,
+    Merge,
+    Preferences,
+    ProfileChange,
+    ProfileFields,
+    TaggedValue,
+)
+from converge.identity.identifiers import IdentifierKind, NormalizedIdentifier
+
+EVENT_CREATED, EVENT_MERGED, EVENT_UNMERGED, EVENT_FORGOTTEN, EVENT_PROFILE_CHANGED = 1, 2, 3, 4, 5
+
+# Lookups follow merges: an identifier's owner, then up the merged_into chain to
+# the customer that survives. Merge chains are short; 64 bounds a corrupt loop.
+FIND_ROOTS = """
+WITH RECURSIVE found AS (
+    SELECT i.kind, i.source, i.value, i.customer_id
+    FROM identifiers i
+    JOIN unnest($1::smallint[], $2::text[], $3::text[]) AS q(kind, source, value)
+      USING (kind, source, value)
+), up AS (
+    SELECT kind, source, value, customer_id AS cur, 0 AS depth FROM found
+    UNION ALL
+    SELECT up.kind, up.source, up.value, c.merged_into, up.depth + 1
+    FROM up JOIN customers c ON c.customer_id = up.cur
+    WHERE c.merged_into IS NOT NULL AND up.depth < 64
+)
+SELECT DISTINCT ON (kind, source, value) kind, source, value, cur AS root
+FROM up ORDER BY kind, source, value, depth DESC
+"""
+
+ROOTS_OF_CUSTOMERS = """
+WITH RECURSIVE up AS (
+    SELECT customer_id AS start, customer_id AS cur, 0 AS depth
+    FROM customers WHERE customer_id = ANY($1::uuid[])
+    UNION ALL
+    SELECT up.start, c.merged_into, up.depth + 1
+    FROM up JOIN customers c ON c.customer_id = up.cur
+    WHERE c.merged_into IS NOT NULL AND up.depth < 64
+)
+SELECT DISTINCT ON (start) start, cur AS root FROM up ORDER BY start, depth DESC
+"""
+
+CLUSTER_MEMBERS = """
+WITH RECURSIVE members AS (
+    SELECT customer_id FROM customers WHERE customer_id = $1
+    UNION ALL
+    SELECT c.customer_id FROM customers c JOIN members m ON c.merged_into = m.customer_id
+)
+SELECT customer_id FROM members
+"""
+
+# One round trip for everything a Customer message shows.
+LOAD_CUSTOMER = """
+WITH RECURSIVE members AS (
+    SELECT customer_id FROM customers WHERE customer_id = $1
+    UNION ALL
+    SELECT c.customer_id FROM customers c JOIN members m ON c.merged_into = m.customer_id
+)
+SELECT c.customer_id, c.created_at, c.updated_at, c.profile, c.merged_into,
+    ARRAY(SELECT customer_id FROM members WHERE customer_id <> $1) AS merged_ids,
+    ARRAY(SELECT ROW(i.kind, i.source, i.value, i.customer_id, i.attached_at)
+          FROM identifiers i WHERE i.customer_id IN (SELECT customer_id FROM members)
+          ORDER BY i.attached_at, i.kind, i.value) AS identifiers,
+    ARRAY(SELECT ROW(p.do_not_contact, p.preferred_channel, p.wants_human, p.updated_at)
+          FROM contact_preferences p WHERE p.customer_id IN (SELECT customer_id FROM members)
+          ORDER BY p.updated_at DESC LIMIT 1) AS preferences,
+    ARRAY(SELECT ROW(k.channel, k.status, k.updated_at, k.source) FROM (
+            SELECT DISTINCT ON (channel) channel, status, updated_at, source FROM consents
+            WHERE customer_id IN (SELECT customer_id FROM members)
+            ORDER BY channel, updated_at DESC) k ORDER BY k.channel) AS consents
+FROM customers c WHERE c.customer_id = $1
+"""
+
+PROFILE_AS_OF = """
+SELECT coalesce(jsonb_object_agg(field, value) FILTER (WHERE value IS NOT NULL), '{}'::jsonb)
+FROM (
+    SELECT DISTINCT ON (field) field, value FROM profile_changes
+    WHERE customer_id = $1 AND effective_at <= $2
+    ORDER BY field, effective_at DESC, change_id DESC
+) latest
+"""
+
+REFRESH_PROFILE = """
+UPDATE customers SET updated_at = now(), profile = (
+    SELECT coalesce(jsonb_object_agg(field, value) FILTER (WHERE value IS NOT NULL), '{}'::jsonb)
+    FROM (
+        SELECT DISTINCT ON (field) field, value FROM profile_changes
+        WHERE customer_id = $1 AND effective_at <= now()
+        ORDER BY field, effective_at DESC, change_id DESC
+    ) latest)
+WHERE customer_id = $1
+"""
+
+INSERT_CUSTOMER = "INSERT INTO customers (customer_id) VALUES ($1)"
+
+INSERT_IDENTIFIERS = """
+INSERT INTO identifiers (kind, source, value, customer_id)
+SELECT kind, source, value, $4 FROM unnest($1::smallint[], $2::text[], $3::text[]) AS q(kind, source, value)
+"""
+
+INSERT_PROFILE_CHANGES = """
+INSERT INTO profile_changes (customer_id, field, value, effective_at, actor, merge_id)
+SELECT $1, field, value, coalesce($4, now()), $5, $6 FROM unnest($2::text[], $3::jsonb[]) AS q(field, value)
+"""
+
+LOCK_CUSTOMERS = """
+SELECT customer_id, created_at, merged_into FROM customers
+WHERE customer_id = ANY($1::uuid[]) ORDER BY customer_id FOR UPDATE
+"""
+
+INSERT_MERGE = """
+INSERT INTO merges (merge_id, surviving_customer_id, merged_customer_id, joining_identifiers,
+                    actor, reason, policy)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+RETURNING *
+"""
+
+SET_MERGED_INTO = "UPDATE customers SET merged_into = $2, updated_at = now() WHERE customer_id = $1"
+
+SELECT_MERGE = "SELECT * FROM merges WHERE merge_id = $1"
+SELECT_MERGE_FOR_UPDATE = "SELECT * FROM merges WHERE merge_id = $1 FOR UPDATE"
+
+MARK_UNMERGED = """
+UPDATE merges SET unmerged_at = now(), unmerged_by = $2 WHERE merge_id = $1 RETURNING *
+"""
+
+DELETE_MERGE_TAKEOVERS = "DELETE FROM profile_changes WHERE merge_id = $1"
+
+LIST_MERGES = """
+SELECT * FROM merges
+WHERE (surviving_customer_id = ANY($1::uuid[]) OR merged_customer_id = ANY($1::uuid[]))
+  AND ($2 OR unmerged_at IS NULL)
+ORDER BY merged_at DESC, merge_id
+"""
+
+INSERT_EVENT = """
+INSERT INTO identity_events (event_type, customer_id, other_customer_id, merge_id)
+VALUES ($1, $2, $3, $4)
+"""
+
+EVENTS_AFTER = """
+SELECT event_id, event_type, customer_id, other_customer_id, merge_id, occurred_at
+FROM identity_events WHERE event_id > $1 ORDER BY event_id LIMIT $2
+"""
+
+CLAIM_IDEMPOTENCY_KEY = """
+INSERT INTO idempotency_keys (method, key, fingerprint) VALUES ($1, $2, $3)
+ON CONFLICT (method, key) DO NOTHING
+"""
+
+SELECT_IDEMPOTENCY_KEY = (
+    "SELECT fingerprint, result FROM idempotency_keys WHERE method = $1 AND key = $2"
+)
+
+SAVE_IDEMPOTENCY_RESULT = "UPDATE idempotency_keys SET result = $3 WHERE method = $1 AND key = $2"
+
+UPSERT_PREFERENCES = """
+INSERT INTO contact_preferences (customer_id, do_not_contact, preferred_channel, wants_human)
+VALUES ($1, coalesce($2, false), coalesce($3, 0), coalesce($4, false))
+ON CONFLICT (customer_id) DO UPDATE SET
+    do_not_contact = coalesce($2, contact_preferences.do_not_contact),
+    preferred_channel = coalesce($3, contact_preferences.preferred_channel),
+    wants_human = coalesce($4, contact_preferences.wants_human),
+    updated_at = now()
+"""
+
+UPSERT_CONSENT = """
+INSERT INTO consents (customer_id, channel, status, updated_at, source) VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (customer_id, channel) DO UPDATE SET
+    status = excluded.status, updated_at = excluded.updated_at, source = excluded.source
+"""
+
+INSERT_PREFERENCE_CHANGE = """
+INSERT INTO preference_changes (customer_id, field, value, source, actor) VALUES ($1, $2, $3, $4, $5)
+"""
+
+LIST_PROFILE_CHANGES = """
+SELECT field, value, effective_at, recorded_at, actor, change_id FROM profile_changes
+WHERE customer_id = $1 AND effective_at >= $2 AND effective_at < $3 AND change_id > $4
+ORDER BY change_id LIMIT $5
+"""
+
+LIST_CUSTOMERS = """
+SELECT customer_id FROM customers
+WHERE merged_into IS NULL AND customer_id > $1
+  AND ($2 = '' OR profile -> 'segment' ->> 's' = $2)
+  AND ($3 = '' OR profile -> 'plan' ->> 's' = $3)
+  AND ($4 = '' OR profile -> 'region' ->> 's' = $4)
+  AND ($5 = '' OR profile -> 'owner_team' ->> 's' = $5)
+  AND ($6 = '' OR lower(profile -> 'display_name' ->> 's') LIKE lower($6) || '%')
+ORDER BY customer_id LIMIT $7
+"""
+
+DELETE_CUSTOMERS = "DELETE FROM customers WHERE customer_id = ANY($1::uuid[])"
+DELETE_IDEMPOTENCY_RESULTS = """
+DELETE FROM idempotency_keys WHERE result ->> 'customer_id' = ANY($1::text[])
+"""
+INSERT_ERASURE = """
+INSERT INTO erasures (erasure_id, actor, reason, customers, services, complete)
+VALUES ($1, $2, $3, $4, $5, $6)
+"""
+
+NIL_UUID = uuid.UUID(int=0)
+
+
+class RetryableConflict(Exception):
+    """Another transaction got there first (a unique identifier, a merge); retry."""
+
+
+def _identifier_arrays(
+    identifiers: Sequence[NormalizedIdentifier],
+) -> tuple[list[int], list[str], list[str]]:
+    return (
+        [int(i.kind) for i in identifiers],
+        [i.source for i in identifiers],
+        [i.value for i in identifiers],
+    )
+
+
+def _merge_from_row(row: asyncpg.Record) -> Merge:
+    return Merge(
+        merge_id=str(row["merge_id"]),
+        surviving_customer_id=str(row["surviving_customer_id"]),
+        merged_customer_id=str(row["merged_customer_id"]),
+        joining_identifiers=tuple(
+            NormalizedIdentifier(IdentifierKind(k), s, v) for k, s, v in row["joining_identifiers"]
+        ),
+        actor=row["actor"],
+        reason=row["reason"],
+        policy=row["policy"],
+        merged_at=row["merged_at"],
+        unmerged_at=row["unmerged_at"],
+    )
+
+
+class IdentityTransaction:
+    """The SQL of one transaction; obtained from `IdentityStore.transaction()`."""
+
+    def __init__(self, connection: asyncpg.Connection) -> None:
+        self.connection = connection
+
+    # --- idempotency -------------------------------------------------------
+    async def claim_idempotency_key(
+        self, method: str, key: str, fingerprint: bytes
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """Claims a key for this transaction. Returns (claimed, prior result).
+
+        A concurrent request with the same key waits on the key's row until the
+        first one commits, then finds its result; if the first rolled back, the
+        second claims the key itself.
+        """
+        status = await self.connection.execute(CLAIM_IDEMPOTENCY_KEY, method, key, fingerprint)
+        if status.endswith(" 1"):
+            return True, None
+        row = await self.connection.fetchrow(SELECT_IDEMPOTENCY_KEY, method, key)
+        if row is None:  # the claimant rolled back between our insert and select
+            raise RetryableConflict()
+        if bytes(row["fingerprint"]) != fingerprint:
+            return False, {"fingerprint_mismatch": True}
+        result: dict[str, Any] | None = row["result"]
+        return False, result
+
+    async def save_idempotency_result(self, method: str, key: str, result: dict[str, Any]) -> None:
+        await self.connection.execute(SAVE_IDEMPOTENCY_RESULT, method, key, result)
+
+    # --- lookups -----------------------------------------------------------
+    async def find_roots(
+        self, identifiers: Sequence[NormalizedIdentifier]
+    ) -> dict[NormalizedIdentifier, str]:
+        """The surviving customer of each identifier that is known."""
+        rows = await self.connection.fetch(FIND_ROOTS, *_identifier_arrays(identifiers))
+        return {
+            NormalizedIdentifier(IdentifierKind(r["kind"]), r["source"], r["value"]): str(r["root"])
+            for r in rows
+        }
+
+    async def roots_of(self, customer_ids: Sequence[str]) -> dict[str, str]:
+        rows = await self.connection.fetch(ROOTS_OF_CUSTOMERS, [uuid.UUID(c) for c in customer_ids])
+        return {str(r["start"]): str(r["root"]) for r in rows}
+
+    async def cluster_members(self, root_id: str) -> list[str]:
+        rows = await self.connection.fetch(CLUSTER_MEMBERS, uuid.UUID(root_id))
+        return [str(r["customer_id"]) for r in rows]
+
+    async def load_customer(
+        self, customer_id: str, as_of: datetime | None = None
+    ) -> Customer | None:
+        row = await self.connection.fetchrow(LOAD_CUSTOMER, uuid.UUID(customer_id))
+        if row is None:
+            return None
+        profile: ProfileFields = row["profile"]
+        read_at = await self.connection.fetchval("SELECT now()")
+        if as_of is not None:
+            profile = await self.connection.fetchval(PROFILE_AS_OF, uuid.UUID(customer_id), as_of)
+            read_at = as_of
+        preferences = Preferences()
+        if row["preferences"]:
+            do_not_contact, preferred, wants_human, updated_at = row["preferences"][0]
+            preferences = Preferences((), do_not_contact, preferred, wants_human, updated_at)
+        consents = tuple(ChannelConsent(c, s, at, src) for c, s, at, src in row["consents"])
+        latest = max(
+            [preferences.updated_at, *(c.updated_at for c in consents)],
+            key=lambda t: t or datetime.min.replace(tzinfo=read_at.tzinfo),
+        )
+        preferences = Preferences(
+            consents,
+            preferences.do_not_contact,
+            preferences.preferred_channel,
+            preferences.wants_human,
+            latest,
+        )
+        return Customer(
+            customer_id=str(row["customer_id"]),
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            profile=profile,
+            identifiers=tuple(
+                AttachedIdentifier(NormalizedIdentifier(IdentifierKind(k), s, v), str(cid), at)
+                for k, s, v, cid, at in row["identifiers"]
+            ),
+            merged_customer_ids=tuple(str(m) for m in row["merged_ids"]),
+            preferences=preferences,
+            as_of=read_at,
+        )
+
+    async def list_customer_ids(
+        self,
+        after: str,
+        segment: str,
+        plan: str,
+        region: str,
+        owner_team: str,
+        name_prefix: str,
+        limit: int,
+    ) -> list[str]:
+        after_id = uuid.UUID(after) if after else NIL_UUID
+        escaped = name_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        rows = await self.connection.fetch(
+            LIST_CUSTOMERS, after_id, segment, plan, region, owner_team, escaped, limit
+        )
+        return [str(r["customer_id"]) for r in rows]
+
+    # --- customers and identifiers ------------------------------------------
+    async def insert_customer(self, customer_id: str) -> None:
+        await self.connection.execute(INSERT_CUSTOMER, uuid.UUID(customer_id))
+        await self.record_event(EVENT_CREATED, customer_id)
+
+    async def attach_identifiers(
+        self, customer_id: str, identifiers: Sequence[NormalizedIdentifier]
+    ) -> None:
+        if not identifiers:
+            return
+        try:
+            await self.connection.execute(
+                INSERT_IDENTIFIERS, *_identifier_arrays(identifiers), uuid.UUID(customer_id)
+            )
+        except asyncpg.UniqueViolationError as error:
+            raise RetryableConflict() from error
+
+    async def detach_identifier(self, identifier: NormalizedIdentifier) -> str | None:
+        owner = await self.connection.fetchval(
+            "DELETE FROM identifiers WHERE kind = $1 AND source = $2 AND value = $3 "
+            "RETURNING customer_id",
+            int(identifier.kind),
+            identifier.source,
+            identifier.value,
+        )
+        return str(owner) if owner is not None else None
+
+    async def lock_customers(self, customer_ids: Iterable[str]) -> dict[str, asyncpg.Record]:
+        """Row-locks customers in id order (no deadlocks between two merges)."""
+        rows = await self.connection.fetch(
+            LOCK_CUSTOMERS, [uuid.UUID(c) for c in set(customer_ids)]
+        )
+        return {str(r["customer_id"]): r for r in rows}
+
+    async def identifiers_of(self, customer_ids: Sequence[str]) -> list[NormalizedIdentifier]:
+        rows = await self.connection.fetch(
+            "SELECT kind, source, value FROM identifiers WHERE customer_id = ANY($1::uuid[])",
+            [uuid.UUID(c) for c in customer_ids],
+        )
+        return [
+            NormalizedIdentifier(IdentifierKind(r["kind"]), r["source"], r["value"]) for r in rows
+        ]
+
+    # --- profiles ------------------------------------------------------------
+    async def record_profile_changes(
+        self,
+        customer_id: str,
+        changes: dict[str, TaggedValue | None],
+        effective_at: datetime,
+        actor: str,
+        merge_id: str | None = None,
+    ) -> None:
+        if not changes:
+            return
+        await self.connection.execute(
+            INSERT_PROFILE_CHANGES,
+            uuid.UUID(customer_id),
+            list(changes),
+            list(changes.values()),
+            effective_at,
+            actor,
+            uuid.UUID(merge_id) if merge_id else None,
+        )
+        await self.connection.execute(REFRESH_PROFILE, uuid.UUID(customer_id))
+
+    async def current_profile(self, customer_id: str) -> ProfileFields:
+        profile: ProfileFields = await self.connection.fetchval(
+            "SELECT profile FROM customers WHERE customer_id = $1", uuid.UUID(customer_id)
+        )
+        return profile
+
+    async def list_profile_changes(
+        self, customer_id: str, start: datetime, end: datetime, after_change: int, limit: int
+    ) -> list[tuple[int, ProfileChange]]:
+        rows = await self.connection.fetch(
+            LIST_PROFILE_CHANGES, uuid.UUID(customer_id), start, end, after_change, limit
+        )
+        return [
+            (
+                r["change_id"],
+                ProfileChange(
+                    r["field"], r["value"], r["effective_at"], r["recorded_at"], r["actor"]
+                ),
+            )
+            for r in rows
+        ]
+
+    # --- merges --------------------------------------------------------------
+    async def insert_merge(
+        self,
+        surviving: str,
+        merged: str,
+        joining: Sequence[NormalizedIdentifier],
+        actor: str,
+        reason: str,
+        policy: str,
+    ) -> Merge:
+        merge_id = str(uuid.uuid4())
+        row = await self.connection.fetchrow(
+            INSERT_MERGE,
+            uuid.UUID(merge_id),
+            uuid.UUID(surviving),
+            uuid.UUID(merged),
+            [[int(i.kind), i.source, i.value] for i in joining],
+            actor,
+            reason,
+            policy,
+        )
+        await self.connection.execute(SET_MERGED_INTO, uuid.UUID(merged), uuid.UUID(surviving))
+        await self.record_event(EVENT_MERGED, surviving, merged, merge_id)
+        return _merge_from_row(row)
+
+    async def merge_for_update(self, merge_id: str) -> Merge | None:
+        row = await self.connection.fetchrow(SELECT_MERGE_FOR_UPDATE, uuid.UUID(merge_id))
+        return _merge_from_row(row) if row else None
+
+    async def get_merge(self, merge_id: str) -> Merge | None:
+        row = await self.connection.fetchrow(SELECT_MERGE, uuid.UUID(merge_id))
+        return _merge_from_row(row) if row else None
+
+    async def undo_merge(self, merge: Merge, actor: str) -> Merge:
+        await self.connection.execute(SET_MERGED_INTO, uuid.UUID(merge.merged_customer_id), None)
+        await self.connection.execute(DELETE_MERGE_TAKEOVERS, uuid.UUID(merge.merge_id))
+        await self.connection.execute(REFRESH_PROFILE, uuid.UUID(merge.surviving_customer_id))
+        row = await self.connection.fetchrow(MARK_UNMERGED, uuid.UUID(merge.merge_id), actor)
+        await self.record_event(
+            EVENT_UNMERGED, merge.surviving_customer_id, merge.merged_customer_id, merge.merge_id
+        )
+        return _merge_from_row(row)
+
+    async def list_merges(self, customer_ids: Sequence[str], include_undone: bool) -> list[Merge]:
+        rows = await self.connection.fetch(
+            LIST_MERGES, [uuid.UUID(c) for c in customer_ids], include_undone
+        )
+        return [_merge_from_row(r) for r in rows]
+
+    # --- contact preferences -------------------------------------------------
+    async def update_preferences(
+        self,
+        customer_id: str,
+        do_not_contact: bool | None,
+        preferred_channel: int | None,
+        wants_human: bool | None,
+        consents: Sequence[tuple[int, int, datetime, str]],
+        actor: str,
+    ) -> None:
+        cid = uuid.UUID(customer_id)
+        if (do_not_contact, preferred_channel, wants_human) != (None, None, None):
+            await self.connection.execute(
+                UPSERT_PREFERENCES, cid, do_not_contact, preferred_channel, wants_human
+            )
+        for name, value in (
+            ("do_not_contact", do_not_contact),
+            ("preferred_channel", preferred_channel),
+            ("wants_human", wants_human),
+        ):
+            if value is not None:
+                await self.connection.execute(INSERT_PREFERENCE_CHANGE, cid, name, value, "", actor)
+        for channel, status, at, source in consents:
+            await self.connection.execute(UPSERT_CONSENT, cid, channel, status, at, source)
+            await self.connection.execute(
+                INSERT_PREFERENCE_CHANGE, cid, f"consent.{channel}", status, source, actor
+            )
+
+    # --- events and erasure --------------------------------------------------
+    async def record_event(
+        self,
+        event_type: int,
+        customer_id: str,
+        other: str | None = None,
+        merge_id: str | None = None,
+    ) -> None:
+        await self.connection.execute(
+            INSERT_EVENT,
+            event_type,
+            uuid.UUID(customer_id),
+            uuid.UUID(other) if other else None,
+            uuid.UUID(merge_id) if merge_id else None,
+        )
+
+    async def delete_customers(self, customer_ids: Sequence[str]) -> int:
+        await self.connection.execute(DELETE_IDEMPOTENCY_RESULTS, list(customer_ids))
+        status = await self.connection.execute(
+            DELETE_CUSTOMERS, [uuid.UUID(c) for c in customer_ids]
+        )
+        return int(status.split()[-1])
+
+    async def record_erasure(
+        self,
+        erasure_id: str,
+        actor: str,
+        reason: str,
+        customers: int,
+        services: list[dict[str, Any]],
+        complete: bool,
+    ) -> None:
+        await self.connection.execute(
+            INSERT_ERASURE, uuid.UUID(erasure_id), actor, reason, customers, services, complete
+        )
+
+
+class IdentityStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[IdentityTransaction]:
+        async with self.pool.acquire() as connection, connection.transaction():
+            yield IdentityTransaction(connection)
+
+    @contextlib.asynccontextmanager
+    async def reading(self) -> AsyncIterator[IdentityTransaction]:
+        """A read-only snapshot: every query of the block sees the same state."""
+        async with (
+            self.pool.acquire() as connection,
+            connection.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            yield IdentityTransaction(connection)
+
+    async def events_after(self, cursor: int, limit: int) -> list[asyncpg.Record]:
+        async with self.pool.acquire() as connection:
+            return list(await connection.fetch(EVENTS_AFTER, cursor, limit))

@@ -1,0 +1,132 @@
+"""The asyncpg pool and the versioned SQL migrations of one service.
+
+Each service owns one PostgreSQL schema, named after it, and its connections
+see only that schema on their search path; services read each other's data
+over gRPC, never through tables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from importlib.resources.abc import Traversable
+
+import asyncpg
+
+logger = logging.getLogger(__name__)
+
+_MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+_SCHEMA_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def load_migrations(folder: Traversable) -> list[Migration]:
+    """Reads `NNNN_name.sql` files in version order; other files are an error."""
+    found = []
+    for entry in folder.iterdir():
+        if entry.name.startswith(("_", ".")) or not entry.name.endswith(".sql"):
+            continue
+        match = _MIGRATION_NAME.match(entry.name)
+        if match is None:
+            raise ValueError(f"migration file {entry.name!r} is not named NNNN_name.sql")
+        found.append(Migration(int(match[1]), match[2], entry.read_text()))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise ValueError(f"duplicate migration versions in {folder}")
+    return found
+
+
+async def migrate(
+    connection: asyncpg.Connection, schema: str, migrations: list[Migration]
+) -> list[int]:
+    """Applies the migrations not yet applied, each in its own transaction.
+
+    An advisory lock serialises replicas starting together; a migration whose
+    text changed after it was applied stops the service rather than drift.
+    """
+    if not _SCHEMA_NAME.match(schema):
+        raise ValueError(f"bad schema name {schema!r}")
+    lock_key = int.from_bytes(
+        hashlib.sha256(f"converge:{schema}".encode()).digest()[:8], "big", signed=True
+    )
+    applied_now: list[int] = []
+    await connection.execute("SELECT pg_advisory_lock($1)", lock_key)
+    try:
+        await connection.execute(
+            f"""
+            CREATE SCHEMA IF NOT EXISTS {schema};
+            CREATE TABLE IF NOT EXISTS {schema}.schema_migrations (
+                version    integer PRIMARY KEY,
+                name       text NOT NULL,
+                checksum   text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            );
+            """
+        )
+        rows = await connection.fetch(f"SELECT version, checksum FROM {schema}.schema_migrations")
+        applied = {row["version"]: row["checksum"] for row in rows}
+        for migration in migrations:
+            if migration.version in applied:
+                if applied[migration.version] != migration.checksum:
+                    raise RuntimeError(
+                        f"migration {schema}/{migration.version:04d}_{migration.name} changed after "
+                        "it was applied; add a new migration instead of editing an applied one"
+                    )
+                continue
+            async with connection.transaction():
+                await connection.execute(f"SET LOCAL search_path TO {schema}")
+                await connection.execute(migration.sql)
+                await connection.execute(
+                    f"INSERT INTO {schema}.schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                    migration.version,
+                    migration.name,
+                    migration.checksum,
+                )
+            applied_now.append(migration.version)
+            logger.info("applied migration %s/%04d_%s", schema, migration.version, migration.name)
+    finally:
+        await connection.execute("SELECT pg_advisory_unlock($1)", lock_key)
+    return applied_now
+
+
+async def _init_connection(connection: asyncpg.Connection) -> None:
+    for json_type in ("json", "jsonb"):
+        await connection.set_type_codec(
+            json_type, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+        )
+
+
+async def create_pool(
+    dsn: str,
+    schema: str,
+    *,
+    application_name: str,
+    min_size: int = 1,
+    max_size: int = 10,
+    command_timeout: float = 30.0,
+) -> asyncpg.Pool:
+    """One pool per process, its connections confined to the service's schema."""
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        command_timeout=command_timeout,
+        init=_init_connection,
+        server_settings={"search_path": schema, "application_name": application_name},
+    )
+    assert pool is not None
+    return pool

@@ -1,0 +1,186 @@
+"""Bootstraps a service: database, migrations, the gRPC server with health,
+reflection and interceptors, metrics, and graceful shutdown on SIGTERM/SIGINT.
+
+Start order: settings -> logging -> PostgreSQL (external or embedded) -> pool
+-> migrations -> servicers -> bind -> SERVING. Stop order (SIGTERM): health
+NOT_SERVING -> stop accepting and let in-flight calls finish within the grace
+period -> shutdown hooks -> pool -> embedded PostgreSQL. Exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from importlib.resources.abc import Traversable
+
+import asyncpg
+import grpc
+from converge.runtime.database import create_pool, load_migrations, migrate
+from converge.runtime.embedded_postgres import EmbeddedPostgres
+from converge.runtime.interceptors import RuntimeInterceptor
+from converge.runtime.logs import configure_logging
+from converge.runtime.metrics import MetricsEndpoint
+from converge.runtime.settings import ServiceSettings, SettingsT, load_settings
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+logger = logging.getLogger(__name__)
+
+ShutdownHook = Callable[[], Awaitable[None]]
+
+
+@dataclass
+class ServiceContext:
+    """What a service's registration gets from the runtime."""
+
+    settings: ServiceSettings
+    pool: asyncpg.Pool
+    shutdown_hooks: list[ShutdownHook] = field(default_factory=list)
+
+    def on_shutdown(self, hook: ShutdownHook) -> None:
+        """Runs `hook` after in-flight calls finished, before the pool closes."""
+        self.shutdown_hooks.append(hook)
+
+
+# Adds a service's servicers to the server; returns the full names of the gRPC
+# services it added (for health and reflection).
+Register = Callable[[grpc.aio.Server, ServiceContext], Awaitable[Sequence[str]]]
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """What makes a service a service: its name (also its database schema),
+    its migrations and how it registers its servicers."""
+
+    name: str
+    migrations: Traversable
+    register: Register
+
+
+class ServiceRuntime:
+    """One running service. Tests start it in-process on port 0; `main` runs it
+    as a process until SIGTERM."""
+
+    def __init__(self, spec: ServiceSpec, settings: ServiceSettings) -> None:
+        self.spec = spec
+        self.settings = settings
+        self.port: int = 0
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._context: ServiceContext | None = None
+        self._embedded: EmbeddedPostgres | None = None
+        self._metrics: MetricsEndpoint | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.host}:{self.port}"
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        assert self._context is not None, "service not started"
+        return self._context.pool
+
+    async def start(self) -> None:
+        settings = self.settings
+        if settings.database_url is not None:
+            dsn = settings.database_url.get_secret_value()
+        else:
+            self._embedded = EmbeddedPostgres(settings.data_dir)
+            dsn = await asyncio.to_thread(self._embedded.start)
+        pool = await create_pool(
+            dsn,
+            self.spec.name,
+            application_name=f"converge-{self.spec.name}",
+            min_size=settings.db_pool_min_size,
+            max_size=settings.db_pool_max_size,
+            command_timeout=settings.db_command_timeout_s,
+        )
+        self._context = ServiceContext(settings=settings, pool=pool)
+        async with pool.acquire() as connection:
+            await migrate(connection, self.spec.name, load_migrations(self.spec.migrations))
+
+        server = grpc.aio.server(
+            interceptors=[RuntimeInterceptor()],
+            options=[("grpc.so_reuseport", 0)],
+        )
+        service_names = list(await self.spec.register(server, self._context))
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            [
+                *service_names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            server,
+        )
+        self.port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        if self.port == 0:
+            raise RuntimeError(f"cannot bind gRPC port {settings.host}:{settings.port}")
+        await server.start()
+        self._server = server
+        if settings.metrics_port is not None:
+            self._metrics = MetricsEndpoint(settings.host, settings.metrics_port)
+            self.metrics_port = self._metrics.port
+        # Only now, with the database migrated and servicers in place.
+        for name in ("", *service_names):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        logger.info(
+            "%s serving on %s (metrics port %s)", self.spec.name, self.address, self.metrics_port
+        )
+
+    async def wait_for_termination(self) -> None:
+        assert self._server is not None
+        await self._server.wait_for_termination()
+
+    async def stop(self, grace: float | None = None) -> None:
+        grace = self.settings.grace_period_s if grace is None else grace
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self._context is not None:
+            for hook in reversed(self._context.shutdown_hooks):
+                try:
+                    await hook()
+                except Exception:
+                    logger.exception("shutdown hook failed")
+            await self._context.pool.close()
+        if self._metrics is not None:
+            self._metrics.close()
+        if self._embedded is not None:
+            await asyncio.to_thread(self._embedded.stop)
+        logger.info("%s stopped", self.spec.name)
+
+
+async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
+    """Runs the service until SIGTERM or SIGINT; returns the exit code."""
+    runtime = ServiceRuntime(spec, settings)
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop_requested.set)
+    try:
+        await runtime.start()
+    except Exception:
+        logger.exception("%s failed to start", spec.name)
+        await runtime.stop(grace=0)
+        return 1
+    await stop_requested.wait()
+    logger.info("%s shutting down, grace %.1fs", spec.name, settings.grace_period_s)
+    with contextlib.suppress(asyncio.CancelledError):
+        await runtime.stop()
+    return 0
+
+
+def main(spec: ServiceSpec, settings_class: type[SettingsT]) -> None:
+    """The entry point of `python -m converge.<service>`."""
+    settings = load_settings(settings_class)
+    configure_logging(spec.name, settings.log_level)
+    sys.exit(asyncio.run(serve(spec, settings)))

@@ -1,0 +1,66 @@
+"""Typed settings read from environment variables, validated once at start."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SettingsT = TypeVar("SettingsT", bound="ServiceSettings")
+
+
+class ServiceSettings(BaseSettings):
+    """Settings every service has.
+
+    Platform-wide settings (`DATABASE_URL`, `CONVERGE_DATA_DIR`,
+    `CONVERGE_LOG_LEVEL`) carry one name for all services; the rest take the
+    service's prefix, for example `CONVERGE_IDENTITY_PORT`.
+    """
+
+    model_config = SettingsConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    database_url: SecretStr | None = Field(
+        default=None,
+        validation_alias="DATABASE_URL",
+        description="PostgreSQL URL; unset starts an embedded server under the data directory.",
+    )
+    data_dir: Path = Field(
+        default=Path("var"),
+        validation_alias="CONVERGE_DATA_DIR",
+        description="Where local state lives: the embedded PostgreSQL, the MLflow store.",
+    )
+    log_level: str = Field(default="INFO", validation_alias="CONVERGE_LOG_LEVEL")
+    host: str = Field(default="127.0.0.1", description="Address the gRPC server binds.")
+    port: int = Field(default=50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="Prometheus /metrics port; unset disables."
+    )
+    grace_period_s: float = Field(
+        default=10.0, gt=0, description="How long in-flight calls may run after SIGTERM."
+    )
+    db_pool_min_size: int = Field(default=1, ge=0)
+    db_pool_max_size: int = Field(default=10, ge=1)
+    db_command_timeout_s: float = Field(default=30.0, gt=0)
+
+    @classmethod
+    def env_name(cls, field_name: str) -> str:
+        """The environment variable that sets a field, for error messages and docs."""
+        field = cls.model_fields[field_name]
+        if isinstance(field.validation_alias, str):
+            return field.validation_alias
+        return f"{cls.model_config.get('env_prefix', '')}{field_name}".upper()
+
+
+def load_settings(settings_class: type[SettingsT]) -> SettingsT:
+    """Reads settings from the environment; a wrong one stops the process naming the variable."""
+    try:
+        return settings_class()
+    except ValidationError as error:
+        for problem in error.errors():
+            location = str(problem["loc"][0]) if problem["loc"] else "?"
+            name = location if location.isupper() else settings_class.env_name(location)
+            print(f"invalid setting {name}: {problem['msg']}", file=sys.stderr)
+        raise SystemExit(2) from error
