@@ -6,8 +6,8 @@ import asyncio
 
 import grpc
 import pytest
-
 from converge.v1 import common_pb2, identity_pb2
+
 from tests.identity.helpers import (
     CRM,
     DEVICE,
@@ -98,7 +98,9 @@ async def test_merge_protection_refuses_conflicting_unique_identifiers(identity)
             identity_pb2.ResolveRequest(identifiers=[ident(EMAIL, email_a), ident(EMAIL, email_b)])
         )
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert precondition_subjects(refused.value) == ["IDENTIFIER_TYPE_CRM_ID".removeprefix("IDENTIFIER_TYPE_")]
+    assert precondition_subjects(refused.value) == [
+        "IDENTIFIER_TYPE_CRM_ID".removeprefix("IDENTIFIER_TYPE_")
+    ]
 
     with pytest.raises(grpc.aio.AioRpcError) as by_hand:
         await identity.MergeCustomers(
@@ -209,7 +211,9 @@ async def test_repeated_idempotency_key_has_no_second_effect(identity) -> None:
 async def test_lookup_only_never_creates(identity) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await identity.Resolve(
-            identity_pb2.ResolveRequest(identifiers=[ident(EMAIL, unique_email())], lookup_only=True)
+            identity_pb2.ResolveRequest(
+                identifiers=[ident(EMAIL, unique_email())], lookup_only=True
+            )
         )
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
     listed = await identity.ListCustomers(identity_pb2.ListCustomersRequest())

@@ -165,18 +165,22 @@ class Violations:
 
 
 # Errors that mean PostgreSQL cannot be reached or is restarting, as opposed to
-# errors in a statement: the caller gets UNAVAILABLE and may retry.
-_DATABASE_OUTAGES: tuple[type[BaseException], ...] = (
-    asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.CrashShutdownError,
-    asyncpg.exceptions.TooManyConnectionsError,
-    asyncpg.exceptions.ConnectionDoesNotExistError,
+# errors in a statement: the caller gets UNAVAILABLE and may retry. Classified
+# by SQLSTATE: class 08 (connection), 57P (shutdown, not accepting), 53300 (too
+# many connections), 3D000 and 28xxx (database or login gone at reconnect).
+_OUTAGE_SQLSTATES = ("08", "57P", "53300", "3D000", "28")
+_CONNECTION_FAILURES: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InterfaceError,
     ConnectionError,
     OSError,
 )
+
+
+def _is_database_outage(exc: BaseException) -> bool:
+    if isinstance(exc, asyncpg.PostgresError):
+        sqlstate = getattr(exc, "sqlstate", None) or ""
+        return sqlstate.startswith(_OUTAGE_SQLSTATES)
+    return isinstance(exc, _CONNECTION_FAILURES)
 
 
 def translate(exc: BaseException) -> ConvergeError | None:
@@ -187,7 +191,7 @@ def translate(exc: BaseException) -> ConvergeError | None:
         exc, asyncpg.exceptions.SerializationError | asyncpg.exceptions.DeadlockDetectedError
     ):
         return Aborted("concurrent change, retry the request")
-    if isinstance(exc, _DATABASE_OUTAGES):
+    if _is_database_outage(exc):
         return Unavailable("the database is unavailable, retry later")
     if isinstance(exc, TimeoutError):
         return Unavailable("a dependency timed out, retry later")
