@@ -9,6 +9,8 @@ UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.installed
 BENCH_OUT ?= bench-results.json
 PYTEST_ARGS ?=
+LINT_PATHS := services tests protos/generate.py $(if $(wildcard models/converge),models)
+TYPED_PATHS := services protos/generate.py $(if $(wildcard models/converge),models)
 
 .PHONY: help venv demo test protos lint bench lock clean
 
@@ -25,7 +27,7 @@ $(STAMP): pyproject.toml requirements.lock
 venv: $(STAMP) ## Create or update the virtualenv (.venv) from the lock file
 
 demo: $(STAMP) ## Start PostgreSQL and every service; Ctrl-C stops them all
-	$(PY) -m converge.demo
+	$(PY) -m converge.demo $(DEMO_ARGS)
 
 test: $(STAMP) ## Run the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -34,12 +36,12 @@ protos: $(STAMP) ## Regenerate Python code from protos/ (never edit the output)
 	$(PY) protos/generate.py
 
 lint: $(STAMP) ## ruff and mypy on the project's own code
-	$(VENV)/bin/ruff check services models tests protos/generate.py
-	$(VENV)/bin/ruff format --check services models tests protos/generate.py
-	$(VENV)/bin/mypy services models protos/generate.py
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy $(TYPED_PATHS)
 
 bench: $(STAMP) ## Run the benchmarks; prints a table and writes $(BENCH_OUT)
-	BENCH_OUT=$(BENCH_OUT) $(PY) -m benchmarks
+	BENCH_OUT=$(BENCH_OUT) $(PY) -m tests.benchmarks $(BENCH_ARGS)
 
 lock: ## Re-resolve requirements.lock from pyproject.toml
 	@test -x $(UV) || { $(PYTHON3) -m venv $(VENV) && $(VENV)/bin/pip install --quiet 'uv>=0.5,<1'; }

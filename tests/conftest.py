@@ -14,6 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import grpc
 import pytest
+
 from converge.runtime.embedded_postgres import EmbeddedPostgres
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,6 +5,7 @@ from typing import Any
 
 import grpc
 import pytest
+
 from converge.identity.servicer import SPEC
 from converge.identity.settings import IdentitySettings
 from converge.runtime.server import ServiceRuntime

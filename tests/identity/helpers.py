@@ -5,9 +5,10 @@ from __future__ import annotations
 import uuid
 
 import grpc
-from converge.v1 import common_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+
+from converge.v1 import common_pb2
 
 EMAIL = common_pb2.IDENTIFIER_TYPE_EMAIL
 PHONE = common_pb2.IDENTIFIER_TYPE_PHONE

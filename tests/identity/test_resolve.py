@@ -6,8 +6,8 @@ import asyncio
 
 import grpc
 import pytest
-from converge.v1 import common_pb2, identity_pb2
 
+from converge.v1 import common_pb2, identity_pb2
 from tests.identity.helpers import (
     CRM,
     DEVICE,

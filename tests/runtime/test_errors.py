@@ -9,14 +9,15 @@ from urllib.parse import urlsplit
 import asyncpg
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
 from converge.identity.servicer import SPEC as IDENTITY
 from converge.identity.settings import IdentitySettings
 from converge.runtime import errors
 from converge.runtime.server import ServiceContext, ServiceRuntime, ServiceSpec
 from converge.runtime.settings import ServiceSettings
 from converge.v1 import common_pb2, identity_pb2, identity_pb2_grpc, privacy_pb2, privacy_pb2_grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 
 class FailingDataSubjects(privacy_pb2_grpc.DataSubjectServiceServicer):

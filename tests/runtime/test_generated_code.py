@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from google.protobuf import descriptor_pb2
+
 from converge.v1 import (
     common_pb2,
     identity_pb2,
@@ -14,8 +16,6 @@ from converge.v1 import (
     recommendation_pb2,
     scoring_pb2,
 )
-from google.protobuf import descriptor_pb2
-
 from tests.conftest import ROOT
 
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from converge.v1 import common_pb2, identity_pb2, identity_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from converge.v1 import common_pb2, identity_pb2, identity_pb2_grpc
 from tests.service_process import ServiceProcess, start_service, stop_process
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+
 from converge.identity.settings import IdentitySettings
 from converge.runtime.database import Migration, load_migrations, migrate
 
@@ -68,5 +69,5 @@ async def test_migrations_apply_once_in_order_and_refuse_edits(
 
 def test_badly_named_migration_is_refused(tmp_path: Path) -> None:
     (tmp_path / "first.sql").write_text("SELECT 1;")
-    with pytest.raises(ValueError, match="NNNN_name.sql"):
+    with pytest.raises(ValueError, match=r"NNNN_name\.sql"):
         load_migrations(tmp_path)

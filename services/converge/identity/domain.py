@@ -117,6 +117,27 @@ class PreferenceUpdate:
     wants_human: bool | None = None
 
 
+@dataclass(frozen=True)
+class BulkRow:
+    """One validated row of a bulk resolve."""
+
+    identifiers: tuple[NormalizedIdentifier, ...]
+    profile: ProfileFields
+    upsert: ProfileFields | None
+    lookup_only: bool
+    actor: Actor
+    idempotency: Idempotency | None
+
+
+@dataclass(frozen=True)
+class BulkOutcome:
+    """What one row of a bulk resolve did, or why it was refused."""
+
+    created: bool = False
+    merges: int = 0
+    error: Exception | None = None
+
+
 @dataclass
 class BulkSummary:
     received: int = 0

@@ -15,6 +15,8 @@ from typing import Any
 
 from converge.identity.domain import (
     Actor,
+    BulkOutcome,
+    BulkRow,
     Customer,
     Idempotency,
     Merge,
@@ -30,6 +32,7 @@ from converge.identity.store import IdentityStore, IdentityTransaction, Retryabl
 from converge.runtime.errors import (
     Aborted,
     AlreadyExists,
+    ConvergeError,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
@@ -194,9 +197,7 @@ class IdentityService:
                 raise _already_attached(identifiers, taken)
             customer_id = str(uuid.uuid4())
             await tx.insert_customer(customer_id)
-            await tx.record_profile_changes(
-                customer_id, dict(profile), None, actor.name
-            )
+            await tx.record_profile_changes(customer_id, dict(profile), None, actor.name)
             try:
                 await tx.attach_identifiers(customer_id, identifiers)
             except RetryableConflict:
@@ -217,11 +218,21 @@ class IdentityService:
         upsert: ProfileFields | None = None,
     ) -> ResolveResult:
         identifiers = sorted(set(identifiers))
+        if not upsert:
+            # Most calls name a customer that exists with every identifier given:
+            # two reads, no transaction, no locks, nothing to write. A merge
+            # between the two reads sends the call down the full path.
+            async with self.store.connection() as tx:
+                owners = await tx.find_roots(identifiers)
+                roots = set(owners.values())
+                if len(owners) == len(identifiers) and len(roots) == 1:
+                    known = await tx.load_customer(roots.pop(), require_root=True)
+                    if known is not None:
+                        return ResolveResult(known, False, (), ())
 
-        async def work(tx: IdentityTransaction) -> dict[str, Any]:
-            return await self._resolve_in(tx, identifiers, profile, lookup_only, actor, upsert)
-
-        result = await self._run("Resolve", idempotency, work)
+        result = await self._resolve_core(
+            identifiers, profile, lookup_only, actor, idempotency, upsert
+        )
         async with self.store.reading() as tx:
             root = await self.root_of_customer(tx, result["customer_id"])
             customer = await tx.load_customer(root)
@@ -235,6 +246,101 @@ class IdentityService:
                 NormalizedIdentifier(IdentifierKind(k), s, v) for k, s, v in result["attached"]
             ),
         )
+
+    async def _resolve_core(
+        self,
+        identifiers: Sequence[NormalizedIdentifier],
+        profile: ProfileFields,
+        lookup_only: bool,
+        actor: Actor,
+        idempotency: Idempotency | None,
+        upsert: ProfileFields | None,
+    ) -> dict[str, Any]:
+        async def work(tx: IdentityTransaction) -> dict[str, Any]:
+            return await self._resolve_in(tx, identifiers, profile, lookup_only, actor, upsert)
+
+        return await self._run("Resolve", idempotency, work)
+
+    async def resolve_batch(self, rows: Sequence[BulkRow]) -> list[BulkOutcome]:
+        """Resolves many rows: those that only bring new identifiers (the bulk of
+        an import) are created together in one transaction; the rest, and every
+        row of a batch that raced with another writer, go one by one."""
+        outcomes: dict[int, BulkOutcome] = {}
+        for index in await self._create_fresh_rows(rows):
+            outcomes[index] = BulkOutcome(created=True)
+        for index, row in enumerate(rows):
+            if index in outcomes:
+                continue
+            try:
+                result = await self._resolve_core(
+                    sorted(set(row.identifiers)),
+                    row.profile,
+                    row.lookup_only,
+                    row.actor,
+                    row.idempotency,
+                    row.upsert,
+                )
+            except ConvergeError as error:
+                outcomes[index] = BulkOutcome(error=error)
+                continue
+            outcomes[index] = BulkOutcome(
+                created=bool(result["created"]) and not result.get("replayed", False),
+                merges=len(result["merge_ids"]),
+            )
+        return [outcomes[i] for i in range(len(rows))]
+
+    async def _create_fresh_rows(self, rows: Sequence[BulkRow]) -> set[int]:
+        """Creates, in one transaction, the rows none of whose identifiers is
+        known or shared with another row of the batch; returns their indexes."""
+        owner_row: dict[NormalizedIdentifier, int] = {}
+        for index, row in enumerate(rows):
+            for identifier in row.identifiers:
+                shared = owner_row.get(identifier, index) != index
+                owner_row[identifier] = -1 if shared else index
+        candidates = [
+            i
+            for i, row in enumerate(rows)
+            if not row.lookup_only and all(owner_row[x] == i for x in row.identifiers)
+        ]
+        if len(candidates) < 2:
+            return set()
+        try:
+            async with self.store.transaction() as tx:
+                known = await tx.find_roots([x for i in candidates for x in rows[i].identifiers])
+                candidates = [
+                    i for i in candidates if not any(x in known for x in rows[i].identifiers)
+                ]
+                keys = {i: key for i in candidates if (key := rows[i].idempotency) is not None}
+                claimed = await tx.claim_idempotency_keys(
+                    "Resolve",
+                    [k.key for k in keys.values()],
+                    [k.fingerprint for k in keys.values()],
+                )
+                # A key used before means a re-run: the one-by-one path replays it.
+                candidates = [i for i in candidates if i not in keys or keys[i].key in claimed]
+                for i in candidates:
+                    self._check_unique_kinds({"new": list(rows[i].identifiers)})
+                created = [
+                    (
+                        str(uuid.uuid4()),
+                        rows[i].identifiers,
+                        {**rows[i].profile, **(rows[i].upsert or {})},
+                    )
+                    for i in candidates
+                ]
+                actors = {rows[i].actor.name for i in candidates}
+                await tx.insert_new_customers(created, actors.pop() if len(actors) == 1 else "bulk")
+                saved = [
+                    (keys[i].key, _resolve_result(customer_id, True, [], rows[i].identifiers))
+                    for i, (customer_id, _, _) in zip(candidates, created, strict=True)
+                    if i in keys
+                ]
+                await tx.save_idempotency_results(
+                    "Resolve", [key for key, _ in saved], [result for _, result in saved]
+                )
+        except (RetryableConflict, FailedPrecondition):
+            return set()  # raced with another writer, or a row is refused: one by one
+        return set(candidates)
 
     async def _resolve_in(
         self,
@@ -415,9 +521,7 @@ class IdentityService:
         async def work(tx: IdentityTransaction) -> dict[str, Any]:
             root = await self.root_of_customer(tx, customer_id)
             await tx.lock_customers([root])
-            await tx.record_profile_changes(
-                root, changes, effective_at, actor.name
-            )
+            await tx.record_profile_changes(root, changes, effective_at, actor.name)
             return {"customer_id": root}
 
         result = await self._run("UpdateCustomer", idempotency, work)

@@ -15,8 +15,11 @@ from importlib.resources import files
 from typing import Any
 
 import grpc
+from google.protobuf import json_format, timestamp_pb2
+
 from converge.identity.domain import (
     Actor,
+    BulkRow,
     BulkSummary,
     Customer,
     Idempotency,
@@ -39,7 +42,6 @@ from converge.v1 import (
     privacy_pb2,
     privacy_pb2_grpc,
 )
-from google.protobuf import json_format, timestamp_pb2
 
 MAX_IDENTIFIERS = 50
 MAX_ATTRIBUTES = 100
@@ -49,9 +51,14 @@ MAX_IDEMPOTENCY_KEY = 128
 MAX_BATCH = 1000
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
 MAX_LISTED_REJECTIONS = 1000
+# Rows of a bulk resolve handled per transaction.
+BULK_BATCH = 500
 MAX_CLOCK_SKEW = timedelta(minutes=5)
 _ATTRIBUTE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
+# Cursors and change tokens are bigint ids: ASCII digits that fit in 63 bits
+# (str.isdigit() also accepts "²", which int() then refuses).
+_SEQUENCE_NUMBER = re.compile(r"[0-9]{1,18}")
 _STRING_FIELDS = ("display_name", "segment", "plan", "region", "owner_team")
 _PREFERENCE_FIELDS = ("do_not_contact", "preferred_channel", "wants_human")
 
@@ -281,9 +288,9 @@ def _profile_pb(fields: ProfileFields) -> identity_pb2.Profile:
 
 def _identifier_pb(identifier: NormalizedIdentifier) -> common_pb2.Identifier:
     return common_pb2.Identifier(
-        type=int(identifier.kind),
+        type=common_pb2.IdentifierType.ValueType(identifier.kind),
         value=identifier.value,
-        source=identifier.source,  # type: ignore[arg-type]
+        source=identifier.source,
     )
 
 
@@ -303,8 +310,8 @@ def customer_pb(customer: Customer) -> identity_pb2.Customer:
         contact_preferences=identity_pb2.ContactPreferences(
             consents=[
                 identity_pb2.ChannelConsent(
-                    channel=c.channel,
-                    status=c.status,  # type: ignore[arg-type]
+                    channel=common_pb2.ContactChannel.ValueType(c.channel),
+                    status=identity_pb2.ConsentStatus.ValueType(c.status),
                     updated_at=_timestamp(c.updated_at),
                     source=c.source,
                 )
@@ -360,7 +367,7 @@ def _decode_token(token: str, violations: Violations, path: str) -> str:
     if not token:
         return ""
     try:
-        return base64.urlsafe_b64decode(token.encode()).decode()
+        return base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
     except (ValueError, UnicodeDecodeError):
         violations.add(f"{path}.page_token", "not a token this service issued")
         return ""
@@ -370,11 +377,15 @@ def _encode_token(value: str) -> str:
     return base64.urlsafe_b64encode(value.encode()).decode() if value else ""
 
 
+def _violated_field(error: ConvergeError) -> str:
+    return error.violations[0].field if isinstance(error, InvalidArgument) else ""
+
+
 class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
     def __init__(self, service: IdentityService, settings: IdentitySettings) -> None:
         self.service = service
         self.settings = settings
-        self._peers: dict[str, privacy_pb2_grpc.DataSubjectServiceStub] = {}
+        self._peers: dict[str, privacy_pb2_grpc.DataSubjectServiceAsyncStub] = {}
         self._channels: list[grpc.aio.Channel] = []
         for name, target in settings.peer_services.items():
             channel = grpc.aio.insecure_channel(target)
@@ -383,7 +394,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
 
     async def close(self) -> None:
         for channel in self._channels:
-            await channel.close()
+            await channel.close(None)
 
     async def CreateCustomer(
         self, request: identity_pb2.CreateCustomerRequest, context: grpc.aio.ServicerContext
@@ -476,7 +487,11 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         customer_id = _customer_id(request.customer_id, "customer_id", v)
         size = _page_size(request.page, v, "page")
         token = _decode_token(request.page.page_token, v, "page")
-        v.check(not token or token.isdigit(), "page.page_token", "not a token this service issued")
+        v.check(
+            not token or bool(_SEQUENCE_NUMBER.fullmatch(token)),
+            "page.page_token",
+            "not a token this service issued",
+        )
         v.raise_if_any()
         assert customer_id is not None
         start = (
@@ -535,9 +550,24 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> identity_pb2.BulkResolveResponse:
         summary = BulkSummary()
+        batch: list[tuple[str, BulkRow]] = []
+
+        async def flush() -> None:
+            outcomes = await self.service.resolve_batch([row for _, row in batch])
+            for (row_ref, _), outcome in zip(batch, outcomes, strict=True):
+                if isinstance(outcome.error, ConvergeError):
+                    summary.rejections.append(
+                        (row_ref, _violated_field(outcome.error), outcome.error.message)
+                    )
+                    continue
+                summary.created += outcome.created
+                summary.matched += not outcome.created
+                summary.merged += outcome.merges
+            batch.clear()
+
         async for item in request_iterator:
             summary.received += 1
-            row = item.row_ref or str(summary.received)
+            row_ref = item.row_ref or str(summary.received)
             v = Violations()
             identifiers, profile, actor, idempotency = self._resolve_arguments(
                 item.resolve, "resolve", v
@@ -552,23 +582,27 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
                     v,
                 )
                 upsert = {k: val for k, val in changes.items() if val is not None}
-            try:
-                v.raise_if_any()
-                result = await self.service.resolve(
-                    identifiers,
-                    profile,
-                    lookup_only=item.resolve.lookup_only,
-                    actor=actor,
-                    idempotency=idempotency,
-                    upsert=upsert,
-                )
-            except ConvergeError as error:
-                field = error.violations[0].field if isinstance(error, InvalidArgument) else ""
-                summary.rejections.append((row, field, error.message))
+            if v.found:
+                error = InvalidArgument(v.found)
+                summary.rejections.append((row_ref, _violated_field(error), error.message))
                 continue
-            summary.created += result.created
-            summary.matched += not result.created
-            summary.merged += len(result.merges)
+            batch.append(
+                (
+                    row_ref,
+                    BulkRow(
+                        tuple(identifiers),
+                        profile,
+                        upsert,
+                        item.resolve.lookup_only,
+                        actor,
+                        idempotency,
+                    ),
+                )
+            )
+            if len(batch) >= BULK_BATCH:
+                await flush()
+        if batch:
+            await flush()
         return identity_pb2.BulkResolveResponse(
             received=summary.received,
             created=summary.created,
@@ -665,6 +699,12 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
             )
             v.check(len(consent.source) <= MAX_TEXT, f"{path}.source", "too long")
             at = _time(consent.updated_at) if consent.HasField("updated_at") else None
+            # A later-dated consent wins, so one dated in the future would stick.
+            v.check(
+                at is None or at <= datetime.now(UTC) + MAX_CLOCK_SKEW,
+                f"{path}.updated_at",
+                "must not be in the future",
+            )
             consents.append((int(consent.channel), int(consent.status), at, consent.source))
         values: dict[str, Any] = {}
         for i, name in enumerate(request.update_mask.paths):
@@ -765,7 +805,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
     ) -> AsyncIterator[identity_pb2.StreamIdentityEventsResponse]:
         v = Violations()
         v.check(
-            not request.from_cursor or request.from_cursor.isdigit(),
+            not request.from_cursor or bool(_SEQUENCE_NUMBER.fullmatch(request.from_cursor)),
             "from_cursor",
             "not a cursor this service issued",
         )

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from converge.runtime.settings import ServiceSettings
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
+
+from converge.runtime.settings import ServiceSettings
 
 
 class SurvivorPolicy(StrEnum):

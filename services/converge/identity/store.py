@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 import asyncpg
+
 from converge.identity.domain import (
     AttachedIdentifier,
     ChannelConsent,
@@ -21,6 +22,7 @@ from converge.identity.domain import (
     TaggedValue,
 )
 from converge.identity.identifiers import IdentifierKind, NormalizedIdentifier
+from converge.runtime.database import Connection
 
 EVENT_CREATED, EVENT_MERGED, EVENT_UNMERGED, EVENT_FORGOTTEN, EVENT_PROFILE_CHANGED = 1, 2, 3, 4, 5
 
@@ -71,7 +73,7 @@ WITH RECURSIVE members AS (
     UNION ALL
     SELECT c.customer_id FROM customers c JOIN members m ON c.merged_into = m.customer_id
 )
-SELECT c.customer_id, c.created_at, c.updated_at, c.profile, c.merged_into,
+SELECT c.customer_id, c.created_at, c.updated_at, c.profile, c.merged_into, now() AS read_at,
     ARRAY(SELECT customer_id FROM members WHERE customer_id <> $1) AS merged_ids,
     ARRAY(SELECT ROW(i.kind, i.source, i.value, i.customer_id, i.attached_at)
           FROM identifiers i WHERE i.customer_id IN (SELECT customer_id FROM members)
@@ -79,6 +81,13 @@ SELECT c.customer_id, c.created_at, c.updated_at, c.profile, c.merged_into,
     ARRAY(SELECT ROW(p.do_not_contact, p.preferred_channel, p.wants_human, p.updated_at)
           FROM contact_preferences p WHERE p.customer_id IN (SELECT customer_id FROM members)
           ORDER BY p.updated_at DESC LIMIT 1) AS preferences,
+    -- Each flag's latest explicit change across the cluster: after a merge, a
+    -- later change of one flag on one customer must not reset the others'.
+    (SELECT jsonb_object_agg(f.field, f.value) FROM (
+            SELECT DISTINCT ON (field) field, value FROM preference_changes
+            WHERE customer_id IN (SELECT customer_id FROM members)
+              AND field IN ('do_not_contact', 'preferred_channel', 'wants_human')
+            ORDER BY field, recorded_at DESC, change_id DESC) f) AS preference_flags,
     ARRAY(SELECT ROW(k.channel, k.status, k.updated_at, k.source) FROM (
             SELECT DISTINCT ON (channel) channel, status, updated_at, source FROM consents
             WHERE customer_id IN (SELECT customer_id FROM members)
@@ -183,6 +192,7 @@ UPSERT_CONSENT = """
 INSERT INTO consents (customer_id, channel, status, updated_at, source) VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT (customer_id, channel) DO UPDATE SET
     status = excluded.status, updated_at = excluded.updated_at, source = excluded.source
+WHERE excluded.updated_at >= consents.updated_at  -- an older consent arriving late loses
 """
 
 INSERT_PREFERENCE_CHANGE = """
@@ -213,6 +223,42 @@ DELETE FROM idempotency_keys WHERE result ->> 'customer_id' = ANY($1::text[])
 INSERT_ERASURE = """
 INSERT INTO erasures (erasure_id, actor, reason, customers, services, complete)
 VALUES ($1, $2, $3, $4, $5, $6)
+"""
+
+# Bulk creation of customers none of whose identifiers is known yet: one
+# statement per table for a whole batch instead of one transaction per row.
+BULK_INSERT_CUSTOMERS = """
+INSERT INTO customers (customer_id, profile)
+SELECT * FROM unnest($1::uuid[], $2::jsonb[])
+"""
+
+BULK_INSERT_IDENTIFIERS = """
+INSERT INTO identifiers (kind, source, value, customer_id)
+SELECT * FROM unnest($1::smallint[], $2::text[], $3::text[], $4::uuid[])
+"""
+
+BULK_INSERT_PROFILE_CHANGES = """
+INSERT INTO profile_changes (customer_id, field, value, effective_at, actor)
+SELECT customer_id, field, value, now(), $4
+FROM unnest($1::uuid[], $2::text[], $3::jsonb[]) AS q(customer_id, field, value)
+"""
+
+BULK_INSERT_EVENTS = """
+INSERT INTO identity_events (event_type, customer_id)
+SELECT $1, customer_id FROM unnest($2::uuid[]) AS q(customer_id)
+"""
+
+BULK_CLAIM_IDEMPOTENCY_KEYS = """
+INSERT INTO idempotency_keys (method, key, fingerprint)
+SELECT $1, key, fingerprint FROM unnest($2::text[], $3::bytea[]) AS q(key, fingerprint)
+ON CONFLICT (method, key) DO NOTHING
+RETURNING key
+"""
+
+BULK_SAVE_IDEMPOTENCY_RESULTS = """
+UPDATE idempotency_keys k SET result = q.result
+FROM unnest($2::text[], $3::jsonb[]) AS q(key, result)
+WHERE k.method = $1 AND k.key = q.key
 """
 
 NIL_UUID = uuid.UUID(int=0)
@@ -251,8 +297,13 @@ def _merge_from_row(row: asyncpg.Record) -> Merge:
 class IdentityTransaction:
     """The SQL of one transaction; obtained from `IdentityStore.transaction()`."""
 
-    def __init__(self, connection: asyncpg.Connection) -> None:
+    def __init__(self, connection: Connection) -> None:
         self.connection = connection
+
+    async def _fetch_one(self, query: str, *args: Any) -> asyncpg.Record:
+        row = await self.connection.fetchrow(query, *args)
+        assert row is not None, "statement returns a row"
+        return row
 
     # --- idempotency -------------------------------------------------------
     async def claim_idempotency_key(
@@ -298,20 +349,29 @@ class IdentityTransaction:
         return [str(r["customer_id"]) for r in rows]
 
     async def load_customer(
-        self, customer_id: str, as_of: datetime | None = None
+        self, customer_id: str, as_of: datetime | None = None, *, require_root: bool = False
     ) -> Customer | None:
+        """The customer with everything a Customer message shows; None when
+        missing (or, with `require_root`, when merged into another since)."""
         row = await self.connection.fetchrow(LOAD_CUSTOMER, uuid.UUID(customer_id))
-        if row is None:
+        if row is None or (require_root and row["merged_into"] is not None):
             return None
         profile: ProfileFields = row["profile"]
-        read_at = await self.connection.fetchval("SELECT now()")
+        read_at: datetime = row["read_at"]
         if as_of is not None:
             profile = await self.connection.fetchval(PROFILE_AS_OF, uuid.UUID(customer_id), as_of)
             read_at = as_of
         preferences = Preferences()
         if row["preferences"]:
-            do_not_contact, preferred, wants_human, updated_at = row["preferences"][0]
-            preferences = Preferences((), do_not_contact, preferred, wants_human, updated_at)
+            updated_at = row["preferences"][0][3]
+            flags = row["preference_flags"] or {}
+            preferences = Preferences(
+                (),
+                bool(flags.get("do_not_contact", False)),
+                int(flags.get("preferred_channel", 0)),
+                bool(flags.get("wants_human", False)),
+                updated_at,
+            )
         consents = tuple(ChannelConsent(c, s, at, src) for c, s, at, src in row["consents"])
         latest = max(
             [preferences.updated_at, *(c.updated_at for c in consents)],
@@ -354,6 +414,53 @@ class IdentityTransaction:
             LIST_CUSTOMERS, after_id, segment, plan, region, owner_team, escaped, limit
         )
         return [str(r["customer_id"]) for r in rows]
+
+    # --- bulk ------------------------------------------------------------------
+    async def claim_idempotency_keys(
+        self, method: str, keys: Sequence[str], fingerprints: Sequence[bytes]
+    ) -> set[str]:
+        """Claims the keys not used before; returns those claimed."""
+        rows = await self.connection.fetch(BULK_CLAIM_IDEMPOTENCY_KEYS, method, keys, fingerprints)
+        return {r["key"] for r in rows}
+
+    async def save_idempotency_results(
+        self, method: str, keys: Sequence[str], results: Sequence[dict[str, Any]]
+    ) -> None:
+        await self.connection.execute(BULK_SAVE_IDEMPOTENCY_RESULTS, method, keys, results)
+
+    async def insert_new_customers(
+        self,
+        customers: Sequence[tuple[str, Sequence[NormalizedIdentifier], ProfileFields]],
+        actor: str,
+    ) -> None:
+        """Creates customers with their identifiers and profiles in four statements.
+
+        Raises RetryableConflict when a concurrent writer took an identifier.
+        """
+        ids = [uuid.UUID(customer_id) for customer_id, _, _ in customers]
+        profiles = [dict(profile) for _, _, profile in customers]
+        await self.connection.execute(BULK_INSERT_CUSTOMERS, ids, profiles)
+        owners = [cid for cid, (_, found, _) in zip(ids, customers, strict=True) for _ in found]
+        flat = [identifier for _, found, _ in customers for identifier in found]
+        try:
+            await self.connection.execute(
+                BULK_INSERT_IDENTIFIERS, *_identifier_arrays(flat), owners
+            )
+        except asyncpg.UniqueViolationError as error:
+            raise RetryableConflict() from error
+        changes = [
+            (cid, f, v)
+            for cid, profile in zip(ids, profiles, strict=True)
+            for f, v in profile.items()
+        ]
+        await self.connection.execute(
+            BULK_INSERT_PROFILE_CHANGES,
+            [c for c, _, _ in changes],
+            [f for _, f, _ in changes],
+            [v for _, _, v in changes],
+            actor,
+        )
+        await self.connection.execute(BULK_INSERT_EVENTS, EVENT_CREATED, ids)
 
     # --- customers and identifiers ------------------------------------------
     async def insert_customer(self, customer_id: str) -> None:
@@ -402,11 +509,13 @@ class IdentityTransaction:
     async def record_profile_changes(
         self,
         customer_id: str,
-        changes: dict[str, TaggedValue | None],
-        effective_at: datetime,
+        changes: Mapping[str, TaggedValue | None],
+        effective_at: datetime | None,
         actor: str,
         merge_id: str | None = None,
     ) -> None:
+        """Records changes (effective now when `effective_at` is None) and
+        refreshes the current profile from the history."""
         if not changes:
             return
         await self.connection.execute(
@@ -453,7 +562,7 @@ class IdentityTransaction:
         policy: str,
     ) -> Merge:
         merge_id = str(uuid.uuid4())
-        row = await self.connection.fetchrow(
+        row = await self._fetch_one(
             INSERT_MERGE,
             uuid.UUID(merge_id),
             uuid.UUID(surviving),
@@ -479,7 +588,7 @@ class IdentityTransaction:
         await self.connection.execute(SET_MERGED_INTO, uuid.UUID(merge.merged_customer_id), None)
         await self.connection.execute(DELETE_MERGE_TAKEOVERS, uuid.UUID(merge.merge_id))
         await self.connection.execute(REFRESH_PROFILE, uuid.UUID(merge.surviving_customer_id))
-        row = await self.connection.fetchrow(MARK_UNMERGED, uuid.UUID(merge.merge_id), actor)
+        row = await self._fetch_one(MARK_UNMERGED, uuid.UUID(merge.merge_id), actor)
         await self.record_event(
             EVENT_UNMERGED, merge.surviving_customer_id, merge.merged_customer_id, merge.merge_id
         )
@@ -563,6 +672,12 @@ class IdentityStore:
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[IdentityTransaction]:
         async with self.pool.acquire() as connection, connection.transaction():
+            yield IdentityTransaction(connection)
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[IdentityTransaction]:
+        """A connection outside any transaction: each statement sees the latest state."""
+        async with self.pool.acquire() as connection:
             yield IdentityTransaction(connection)
 
     @contextlib.asynccontextmanager

@@ -15,6 +15,10 @@ from dataclasses import dataclass
 from importlib.resources.abc import Traversable
 
 import asyncpg
+import asyncpg.pool
+
+# A connection straight from asyncpg or one borrowed from a pool.
+Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +54,7 @@ def load_migrations(folder: Traversable) -> list[Migration]:
     return found
 
 
-async def migrate(
-    connection: asyncpg.Connection, schema: str, migrations: list[Migration]
-) -> list[int]:
+async def migrate(connection: Connection, schema: str, migrations: list[Migration]) -> list[int]:
     """Applies the migrations not yet applied, each in its own transaction.
 
     An advisory lock serialises replicas starting together; a migration whose

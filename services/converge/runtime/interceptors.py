@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+
 from converge.runtime import errors
 from converge.runtime.logs import request_id_var
 from converge.runtime.metrics import GRPC_SERVER_HANDLED, GRPC_SERVER_HANDLING_SECONDS
@@ -98,6 +99,7 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
+        assert handler.stream_stream is not None
         return grpc.stream_stream_rpc_method_handler(
             self._wrap_stream_response(handler.stream_stream, handler_call_details),
             request_deserializer=handler.request_deserializer,

@@ -20,14 +20,16 @@ from importlib.resources.abc import Traversable
 
 import asyncpg
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+from grpc_reflection.v1alpha import reflection
+
 from converge.runtime.database import create_pool, load_migrations, migrate
 from converge.runtime.embedded_postgres import EmbeddedPostgres
 from converge.runtime.interceptors import RuntimeInterceptor
 from converge.runtime.logs import configure_logging
 from converge.runtime.metrics import MetricsEndpoint
 from converge.runtime.settings import ServiceSettings, SettingsT, load_settings
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ class ServiceRuntime:
         self.port: int = 0
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
-        self._health: health.aio.HealthServicer | None = None
+        self._health: health_aio.HealthServicer | None = None
         self._context: ServiceContext | None = None
         self._embedded: EmbeddedPostgres | None = None
         self._metrics: MetricsEndpoint | None = None
@@ -110,7 +112,7 @@ class ServiceRuntime:
             options=[("grpc.so_reuseport", 0)],
         )
         service_names = list(await self.spec.register(server, self._context))
-        self._health = health.aio.HealthServicer()
+        self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             [

@@ -1,0 +1,58 @@
+"""`make bench`: runs every benchmark, prints a table, writes `BENCH_OUT` as
+one JSON object of "figure.name": number."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import math
+import os
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from tests.benchmarks.harness import open_env
+
+BENCHMARKS = ["tests.benchmarks.bench_identity"]
+
+
+async def run_all(selected: list[str]) -> dict[str, float]:
+    env, server = open_env()
+    figures: dict[str, float] = {}
+    try:
+        for name in selected:
+            module = importlib.import_module(name)
+            Console(stderr=True).print(f"[bold]running {name}[/bold]")
+            figures.update(await module.run(env))
+            env.stop_all()
+    finally:
+        env.stop_all()
+        server.stop()
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Run Converge's benchmarks.")
+    parser.add_argument("--only", action="append", help="benchmark module suffix, e.g. identity")
+    args = parser.parse_args()
+    selected = [b for b in BENCHMARKS if not args.only or any(b.endswith(o) for o in args.only)]
+    figures = asyncio.run(run_all(selected))
+
+    table = Table(title="Converge benchmarks")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for name, value in figures.items():
+        table.add_row(name, "n/a" if math.isnan(value) else f"{value:,.3f}")
+    Console().print(table)
+
+    out = Path(os.environ.get("BENCH_OUT", "bench-results.json"))
+    existing = json.loads(out.read_text()) if out.exists() and args.only else {}
+    out.write_text(json.dumps({**existing, **figures}, indent=2, sort_keys=True) + "\n")
+    Console().print(f"wrote {len(figures)} figures to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""BulkResolve: client-streamed imports from CRM and service-desk exports."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+
+from google.protobuf import field_mask_pb2
+
+from converge.v1 import common_pb2, identity_pb2
+from tests.identity.helpers import CRM, DESK, EMAIL, PHONE, ident
+
+
+def row(
+    ref: str,
+    *identifiers: common_pb2.Identifier,
+    key: str = "",
+    profile: identity_pb2.Profile | None = None,
+    mask: list[str] | None = None,
+) -> identity_pb2.BulkResolveRequest:
+    return identity_pb2.BulkResolveRequest(
+        row_ref=ref,
+        resolve=identity_pb2.ResolveRequest(
+            identifiers=list(identifiers),
+            profile=profile,
+            idempotency_key=key,
+            actor=common_pb2.Actor(name="crm-import"),
+        ),
+        update_mask=field_mask_pb2.FieldMask(paths=mask or []),
+    )
+
+
+async def stream(rows: Iterable[identity_pb2.BulkResolveRequest]) -> AsyncIterator:
+    for item in rows:
+        yield item
+
+
+def crm_export(run: str) -> list[identity_pb2.BulkResolveRequest]:
+    """200 rows: 180 good customers, 10 repeating an earlier row's email, 10 broken."""
+    rows = []
+    for n in range(180):
+        rows.append(
+            row(
+                f"r{n}",
+                ident(EMAIL, f"Customer.{n}@Example.com"),
+                ident(CRM, f"CRM-{n}"),
+                key=f"{run}-r{n}",
+                profile=identity_pb2.Profile(segment="smb" if n % 2 else "enterprise"),
+            )
+        )
+    for n in range(10):
+        # The same person again, known by a new phone number too.
+        rows.append(
+            row(
+                f"dup{n}",
+                ident(EMAIL, f"  customer.{n}@example.COM"),
+                ident(PHONE, f"+44 20 7946 {n:04d}"),
+                key=f"{run}-dup{n}",
+            )
+        )
+    broken = [
+        row("bad-email", ident(EMAIL, "not-an-email"), key=f"{run}-bad-email"),
+        row("bad-phone", ident(PHONE, "12"), key=f"{run}-bad-phone"),
+        row("empty-value", ident(DESK, ""), key=f"{run}-empty-value"),
+        row("unknown-type", ident(99, "x"), key=f"{run}-unknown-type"),
+        row("no-identifiers", key=f"{run}-no-identifiers"),
+        row(
+            "long-attribute",
+            ident(EMAIL, "long.attr@example.com"),
+            key=f"{run}-long-attribute",
+            profile=identity_pb2.Profile(
+                attributes={"note": common_pb2.AttributeValue(string_value="z" * 3000)}
+            ),
+        ),
+        row(
+            "bad-mask",
+            ident(EMAIL, "bad.mask@example.com"),
+            key=f"{run}-bad-mask",
+            mask=["colour"],
+        ),
+        row("external-no-source", ident(common_pb2.IDENTIFIER_TYPE_EXTERNAL_ID, "e1")),
+        # Two CRM ids for the customers of rows r0 and r1: merge protection refuses.
+        row(
+            "conflict",
+            ident(EMAIL, "customer.0@example.com"),
+            ident(EMAIL, "customer.1@example.com"),
+            key=f"{run}-conflict",
+        ),
+        row("bad-key", ident(EMAIL, "bad.key@example.com"), key="k" * 200),
+    ]
+    return rows[:100] + broken + rows[100:]
+
+
+EXPECTED_REJECTIONS = {
+    "bad-email": "resolve.identifiers[0].value",
+    "bad-phone": "resolve.identifiers[0].value",
+    "empty-value": "resolve.identifiers[0].value",
+    "unknown-type": "resolve.identifiers[0].type",
+    "no-identifiers": "resolve.identifiers",
+    "long-attribute": "resolve.profile.attributes[note]",
+    "bad-mask": "update_mask.paths[0]",
+    "external-no-source": "resolve.identifiers[0].source",
+    "conflict": "",  # not a bad field: a refused merge
+    "bad-key": "resolve.idempotency_key",
+}
+
+
+async def customer_count(identity) -> int:
+    listed = await identity.ListCustomers(
+        identity_pb2.ListCustomersRequest(page=common_pb2.PageRequest(page_size=1000))
+    )
+    return len(listed.customers)
+
+
+async def test_bulk_resolve_counts_rows_and_names_rejected_rows_and_fields(identity) -> None:
+    summary = await identity.BulkResolve(stream(crm_export("run")))
+    assert summary.received == 200
+    assert summary.created == 180
+    assert summary.matched == 10
+    assert summary.rejected == 10
+    assert summary.merged == 0
+    assert {r.row_ref: r.field for r in summary.rejections} == EXPECTED_REJECTIONS
+    assert all(r.reason for r in summary.rejections)
+    assert await customer_count(identity) == 180
+
+    # Rows sharing an email resolved to one customer, which gained the phone.
+    found = await identity.GetCustomer(
+        identity_pb2.GetCustomerRequest(
+            customer=common_pb2.CustomerRef(identifier=ident(PHONE, "+442079460003"))
+        )
+    )
+    assert {(i.identifier.type, i.identifier.value) for i in found.customer.identifiers} == {
+        (EMAIL, "customer.3@example.com"),
+        (CRM, "CRM-3"),
+        (PHONE, "+442079460003"),
+    }
+    assert found.customer.profile.segment == "smb"
+
+
+async def test_rerunning_an_import_with_the_same_keys_creates_nothing_new(identity) -> None:
+    first = await identity.BulkResolve(stream(crm_export("run")))
+    assert first.created == 180
+    again = await identity.BulkResolve(iter(crm_export("run")))
+    assert again.received == 200
+    assert again.created == 0
+    assert again.matched == 190
+    assert again.rejected == 10
+    assert await customer_count(identity) == 180
+
+
+async def test_rows_sharing_an_email_within_one_stream_make_one_customer(identity) -> None:
+    summary = await identity.BulkResolve(
+        stream(
+            [
+                row("a", ident(EMAIL, "same@example.com")),
+                row("b", ident(EMAIL, "SAME@example.com"), ident(DESK, "u-1")),
+                row("c", ident(DESK, "u-1"), ident(PHONE, "+33 1 42 68 53 00")),
+            ]
+        )
+    )
+    assert (summary.created, summary.matched, summary.rejected) == (1, 2, 0)
+    listed = await identity.ListCustomers(identity_pb2.ListCustomersRequest())
+    [customer] = listed.customers
+    assert {i.identifier.value for i in customer.identifiers} == {
+        "same@example.com",
+        "u-1",
+        "+33142685300",
+    }
+
+
+async def test_update_mask_upserts_profile_fields_on_existing_customers(identity) -> None:
+    existing = await identity.Resolve(
+        identity_pb2.ResolveRequest(
+            identifiers=[ident(CRM, "CRM-9")],
+            profile=identity_pb2.Profile(segment="smb", plan="free", region="emea"),
+        )
+    )
+    summary = await identity.BulkResolve(
+        stream(
+            [
+                row(
+                    "upsert",
+                    ident(CRM, "CRM-9"),
+                    profile=identity_pb2.Profile(segment="enterprise", plan="premium"),
+                    mask=["plan"],
+                ),
+                row(
+                    "plain",
+                    ident(CRM, "CRM-9"),
+                    profile=identity_pb2.Profile(region="apac"),
+                ),
+                row(
+                    "new",
+                    ident(CRM, "CRM-10"),
+                    profile=identity_pb2.Profile(segment="smb", owner_team="south"),
+                    mask=["owner_team"],
+                ),
+            ]
+        )
+    )
+    assert (summary.created, summary.matched, summary.rejected) == (1, 2, 0)
+    after = await identity.GetCustomer(
+        identity_pb2.GetCustomerRequest(
+            customer=common_pb2.CustomerRef(customer_id=existing.customer.customer_id)
+        )
+    )
+    profile = after.customer.profile
+    # Only the masked field changes on a found customer; without a mask the
+    # row's profile applies to new customers only.
+    assert (profile.segment, profile.plan, profile.region) == ("smb", "premium", "emea")
+    created = await identity.GetCustomer(
+        identity_pb2.GetCustomerRequest(
+            customer=common_pb2.CustomerRef(identifier=ident(CRM, "CRM-10"))
+        )
+    )
+    assert (created.customer.profile.segment, created.customer.profile.owner_team) == (
+        "smb",
+        "south",
+    )
+
+
+async def test_empty_stream_is_an_empty_summary(identity) -> None:
+    summary = await identity.BulkResolve(stream([]))
+    assert summary == identity_pb2.BulkResolveResponse()
