@@ -218,3 +218,22 @@ async def test_lookup_only_never_creates(identity) -> None:
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
     listed = await identity.ListCustomers(identity_pb2.ListCustomersRequest())
     assert not listed.customers
+
+
+async def test_resolve_names_the_owner_of_each_identifier_after_a_merge(identity) -> None:
+    email = unique_email()
+    owner = await identity.Resolve(identity_pb2.ResolveRequest(identifiers=[ident(EMAIL, email)]))
+    device = await identity.Resolve(
+        identity_pb2.ResolveRequest(identifiers=[ident(DEVICE, "own-" + email)])
+    )
+    await identity.Resolve(
+        identity_pb2.ResolveRequest(identifiers=[ident(EMAIL, email), ident(DEVICE, "own-" + email)])
+    )
+    again = await identity.Resolve(
+        identity_pb2.ResolveRequest(identifiers=[ident(DEVICE, "OWN-" + email), ident(EMAIL, email.upper())])
+    )
+    assert again.customer.customer_id == owner.customer.customer_id
+    assert [(r.identifier.value, r.customer_id) for r in again.resolved_identifiers] == [
+        ("own-" + email, device.customer.customer_id),
+        (email, owner.customer.customer_id),
+    ]

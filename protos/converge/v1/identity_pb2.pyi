@@ -886,6 +886,7 @@ class ResolveResponse(_message.Message):
     CREATED_FIELD_NUMBER: _builtins.int
     MERGES_FIELD_NUMBER: _builtins.int
     ATTACHED_IDENTIFIERS_FIELD_NUMBER: _builtins.int
+    RESOLVED_IDENTIFIERS_FIELD_NUMBER: _builtins.int
     created: _builtins.bool
     """True when the customer was created by this call."""
     @_builtins.property
@@ -900,6 +901,14 @@ class ResolveResponse(_message.Message):
     def attached_identifiers(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Identifier]:
         """Identifiers newly attached by this call."""
 
+    @_builtins.property
+    def resolved_identifiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___CustomerIdentifier]:
+        """The request's identifiers in normalised form and request order, each with
+        the customer it belongs to (for an identifier of a customer merged into
+        `customer`, that merged customer's id), so callers can record data under
+        the customer it came from and follow merges and unmerges.
+        """
+
     def __init__(
         self,
         *,
@@ -907,10 +916,11 @@ class ResolveResponse(_message.Message):
         created: _builtins.bool = ...,
         merges: _abc.Iterable[Global___MergeRecord] | None = ...,
         attached_identifiers: _abc.Iterable[_common_pb2.Identifier] | None = ...,
+        resolved_identifiers: _abc.Iterable[Global___CustomerIdentifier] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["customer", b"customer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attached_identifiers", b"attached_identifiers", "created", b"created", "customer", b"customer", "merges", b"merges"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attached_identifiers", b"attached_identifiers", "created", b"created", "customer", b"customer", "merges", b"merges", "resolved_identifiers", b"resolved_identifiers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -15,7 +15,7 @@ from importlib.resources import files
 from typing import Any
 
 import grpc
-from google.protobuf import json_format, timestamp_pb2
+from google.protobuf import json_format
 
 from converge.identity.domain import (
     Actor,
@@ -35,6 +35,7 @@ from converge.identity.settings import IdentitySettings
 from converge.identity.store import IdentityStore
 from converge.runtime.errors import ConvergeError, FieldViolation, InvalidArgument, Violations
 from converge.runtime.server import ServiceContext, ServiceSpec
+from converge.runtime.values import from_plain, from_tagged, timestamp, to_datetime
 from converge.v1 import (
     common_pb2,
     identity_pb2,
@@ -119,10 +120,6 @@ def _customer_ref(
     return None, None
 
 
-def _time(ts: timestamp_pb2.Timestamp) -> datetime:
-    return ts.ToDatetime(tzinfo=UTC)
-
-
 def _tagged(
     value: common_pb2.AttributeValue, path: str, violations: Violations
 ) -> TaggedValue | None:
@@ -138,7 +135,7 @@ def _tagged(
     if which == "bool_value":
         return {"b": value.bool_value}
     if which == "timestamp_value":
-        return {"t": _time(value.timestamp_value).isoformat()}
+        return {"t": to_datetime(value.timestamp_value).isoformat()}
     violations.add(path, "set one of string_value, number_value, bool_value, timestamp_value")
     return None
 
@@ -162,7 +159,7 @@ def _profile_field(
         return {"s": text} if text else None
     if name == "signup_date":
         return (
-            {"t": _time(profile.signup_date).isoformat()}
+            {"t": to_datetime(profile.signup_date).isoformat()}
             if profile.HasField("signup_date")
             else None
         )
@@ -246,27 +243,13 @@ def _idempotency(
 
 
 # --- plain -> protobuf ---------------------------------------------------------
-def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
-
-
 def _attribute_value(tagged: TaggedValue) -> common_pb2.AttributeValue:
-    if "s" in tagged:
-        return common_pb2.AttributeValue(string_value=tagged["s"])
-    if "n" in tagged:
-        return common_pb2.AttributeValue(number_value=tagged["n"])
-    if "b" in tagged:
-        return common_pb2.AttributeValue(bool_value=tagged["b"])
-    if "t" in tagged:
+    if "m" in tagged:  # money has no AttributeValue of its own: shown as text
+        money = tagged["m"]
         return common_pb2.AttributeValue(
-            timestamp_value=_timestamp(datetime.fromisoformat(tagged["t"]))
+            string_value=f"{money['u'] + money['n'] / 1e9:.2f} {money['c']}"
         )
-    money = tagged["m"]
-    return common_pb2.AttributeValue(
-        string_value=f"{money['u'] + money['n'] / 1e9:.2f} {money['c']}"
-    )
+    return from_plain(from_tagged(tagged))
 
 
 def _profile_pb(fields: ProfileFields) -> identity_pb2.Profile:
@@ -275,7 +258,7 @@ def _profile_pb(fields: ProfileFields) -> identity_pb2.Profile:
         if name in _STRING_FIELDS:
             setattr(profile, name, tagged["s"])
         elif name == "signup_date":
-            profile.signup_date.CopyFrom(_timestamp(datetime.fromisoformat(tagged["t"])))
+            profile.signup_date.CopyFrom(timestamp(datetime.fromisoformat(tagged["t"])))
         elif name == "lifetime_value":
             money = tagged["m"]
             profile.lifetime_value.CopyFrom(
@@ -303,7 +286,7 @@ def customer_pb(customer: Customer) -> identity_pb2.Customer:
             identity_pb2.CustomerIdentifier(
                 identifier=_identifier_pb(a.identifier),
                 customer_id=a.customer_id,
-                attached_at=_timestamp(a.attached_at),
+                attached_at=timestamp(a.attached_at),
             )
             for a in customer.identifiers
         ],
@@ -312,7 +295,7 @@ def customer_pb(customer: Customer) -> identity_pb2.Customer:
                 identity_pb2.ChannelConsent(
                     channel=common_pb2.ContactChannel.ValueType(c.channel),
                     status=identity_pb2.ConsentStatus.ValueType(c.status),
-                    updated_at=_timestamp(c.updated_at),
+                    updated_at=timestamp(c.updated_at),
                     source=c.source,
                 )
                 for c in preferences.consents
@@ -322,12 +305,12 @@ def customer_pb(customer: Customer) -> identity_pb2.Customer:
             wants_human=preferences.wants_human,
         ),
         merged_customer_ids=customer.merged_customer_ids,
-        created_at=_timestamp(customer.created_at),
-        updated_at=_timestamp(customer.updated_at),
-        as_of=_timestamp(customer.as_of),
+        created_at=timestamp(customer.created_at),
+        updated_at=timestamp(customer.updated_at),
+        as_of=timestamp(customer.as_of),
     )
     if preferences.updated_at is not None:
-        message.contact_preferences.updated_at.CopyFrom(_timestamp(preferences.updated_at))
+        message.contact_preferences.updated_at.CopyFrom(timestamp(preferences.updated_at))
     return message
 
 
@@ -338,19 +321,19 @@ def _merge_pb(merge: Merge) -> identity_pb2.MergeRecord:
         merged_customer_id=merge.merged_customer_id,
         joining_identifiers=[_identifier_pb(i) for i in merge.joining_identifiers],
         actor=common_pb2.Actor(name=merge.actor, reason=merge.reason),
-        merged_at=_timestamp(merge.merged_at),
+        merged_at=timestamp(merge.merged_at),
         policy=merge.policy,
     )
     if merge.unmerged_at is not None:
-        record.unmerged_at.CopyFrom(_timestamp(merge.unmerged_at))
+        record.unmerged_at.CopyFrom(timestamp(merge.unmerged_at))
     return record
 
 
 def _change_pb(change: ProfileChange) -> identity_pb2.ProfileChange:
     message = identity_pb2.ProfileChange(
         field=change.field,
-        effective_at=_timestamp(change.effective_at),
-        recorded_at=_timestamp(change.recorded_at),
+        effective_at=timestamp(change.effective_at),
+        recorded_at=timestamp(change.recorded_at),
         actor=change.actor,
     )
     if change.value is not None:
@@ -416,7 +399,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         v = Violations()
         customer_id, identifier = _customer_ref(request.customer, "customer", v, self.settings)
         v.raise_if_any()
-        as_of = _time(request.as_of) if request.HasField("as_of") else None
+        as_of = to_datetime(request.as_of) if request.HasField("as_of") else None
         customer = await self.service.get_customer(customer_id, identifier, as_of)
         return identity_pb2.GetCustomerResponse(customer=customer_pb(customer))
 
@@ -427,7 +410,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         v.check(len(request.customer_ids) <= MAX_BATCH, "customer_ids", f"at most {MAX_BATCH}")
         ids = [_customer_id(c, f"customer_ids[{i}]", v) for i, c in enumerate(request.customer_ids)]
         v.raise_if_any()
-        as_of = _time(request.as_of) if request.HasField("as_of") else None
+        as_of = to_datetime(request.as_of) if request.HasField("as_of") else None
         found = await self.service.batch_get([i for i in ids if i], as_of)
         response = identity_pb2.BatchGetCustomersResponse()
         for requested, customer in zip(request.customer_ids, found, strict=True):
@@ -449,7 +432,9 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         idempotency = _idempotency(request.idempotency_key, request, v)
         v.raise_if_any()
         assert customer_id is not None
-        effective_at = _time(request.effective_at) if request.HasField("effective_at") else None
+        effective_at = (
+            to_datetime(request.effective_at) if request.HasField("effective_at") else None
+        )
         if effective_at is not None and effective_at > datetime.now(UTC) + MAX_CLOCK_SKEW:
             raise InvalidArgument([FieldViolation("effective_at", "must not be in the future")])
         customer = await self.service.update_customer(
@@ -495,12 +480,12 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         v.raise_if_any()
         assert customer_id is not None
         start = (
-            _time(request.effective.start)
+            to_datetime(request.effective.start)
             if request.effective.HasField("start")
             else datetime.min.replace(tzinfo=UTC)
         )
         end = (
-            _time(request.effective.end)
+            to_datetime(request.effective.end)
             if request.effective.HasField("end")
             else datetime.max.replace(tzinfo=UTC)
         )
@@ -537,7 +522,17 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
             actor=actor,
             idempotency=idempotency,
         )
+        owned = {a.identifier: a for a in result.customer.identifiers}
+        resolved = [owned[i] for i in identifiers if i in owned]
         return identity_pb2.ResolveResponse(
+            resolved_identifiers=[
+                identity_pb2.CustomerIdentifier(
+                    identifier=_identifier_pb(a.identifier),
+                    customer_id=a.customer_id,
+                    attached_at=timestamp(a.attached_at),
+                )
+                for a in resolved
+            ],
             customer=customer_pb(result.customer),
             created=result.created,
             merges=[_merge_pb(m) for m in result.merges],
@@ -698,7 +693,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
                 "unknown status",
             )
             v.check(len(consent.source) <= MAX_TEXT, f"{path}.source", "too long")
-            at = _time(consent.updated_at) if consent.HasField("updated_at") else None
+            at = to_datetime(consent.updated_at) if consent.HasField("updated_at") else None
             # A later-dated consent wins, so one dated in the future would stick.
             v.check(
                 at is None or at <= datetime.now(UTC) + MAX_CLOCK_SKEW,
@@ -774,7 +769,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
                 for o in outcomes
             ],
             complete=complete,
-            erased_at=_timestamp(erased_at),
+            erased_at=timestamp(erased_at),
         )
 
     async def ExportCustomer(
@@ -821,7 +816,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
                     customer_id=str(row["customer_id"]),
                     other_customer_id=str(row["other_customer_id"] or ""),
                     merge_id=str(row["merge_id"] or ""),
-                    occurred_at=_timestamp(row["occurred_at"]),
+                    occurred_at=timestamp(row["occurred_at"]),
                 )
                 yield event
             if not rows and not request.follow:

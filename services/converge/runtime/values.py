@@ -1,0 +1,82 @@
+"""Conversions between protobuf's typed values and plain Python, shared by
+every service so a value means the same everywhere.
+
+Stored form ("tagged JSON"): {"s": text} | {"n": number} | {"b": flag} |
+{"t": ISO-8601 time}; it keeps the type a bare JSON value would lose.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+
+from converge.v1 import common_pb2
+
+PlainValue = str | float | bool | datetime
+
+
+def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def to_datetime(ts: timestamp_pb2.Timestamp) -> datetime:
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+def to_plain(value: common_pb2.AttributeValue) -> PlainValue | None:
+    """The Python value of an AttributeValue; None when none of its fields is set."""
+    which = value.WhichOneof("value")
+    if which == "string_value":
+        return value.string_value
+    if which == "number_value":
+        return value.number_value
+    if which == "bool_value":
+        return value.bool_value
+    if which == "timestamp_value":
+        return to_datetime(value.timestamp_value)
+    return None
+
+
+def from_plain(value: PlainValue) -> common_pb2.AttributeValue:
+    if isinstance(value, bool):
+        return common_pb2.AttributeValue(bool_value=value)
+    if isinstance(value, int | float):
+        return common_pb2.AttributeValue(number_value=float(value))
+    if isinstance(value, datetime):
+        return common_pb2.AttributeValue(timestamp_value=timestamp(value))
+    return common_pb2.AttributeValue(string_value=value)
+
+
+def to_tagged(value: PlainValue) -> dict[str, Any]:
+    if isinstance(value, bool):
+        return {"b": value}
+    if isinstance(value, int | float):
+        return {"n": float(value)}
+    if isinstance(value, datetime):
+        return {"t": value.isoformat()}
+    return {"s": value}
+
+
+def from_tagged(tagged: dict[str, Any]) -> PlainValue:
+    if "s" in tagged:
+        return str(tagged["s"])
+    if "n" in tagged:
+        return float(tagged["n"])
+    if "b" in tagged:
+        return bool(tagged["b"])
+    return datetime.fromisoformat(tagged["t"])
+
+
+def money_to_float(money: common_pb2.Money) -> float:
+    return money.units + money.nanos / 1e9
+
+
+def money_from_float(amount: float, currency: str) -> common_pb2.Money:
+    units = math.trunc(amount)
+    nanos = round((amount - units) * 1e9)
+    return common_pb2.Money(currency_code=currency, units=units, nanos=nanos)
