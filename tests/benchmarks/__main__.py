@@ -16,7 +16,7 @@ from rich.table import Table
 
 from tests.benchmarks.harness import open_env
 
-BENCHMARKS = ["tests.benchmarks.bench_identity"]
+BENCHMARKS = ["tests.benchmarks.bench_identity", "tests.benchmarks.bench_interactions"]
 
 
 async def run_all(selected: list[str]) -> dict[str, float]:

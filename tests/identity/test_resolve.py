@@ -227,10 +227,14 @@ async def test_resolve_names_the_owner_of_each_identifier_after_a_merge(identity
         identity_pb2.ResolveRequest(identifiers=[ident(DEVICE, "own-" + email)])
     )
     await identity.Resolve(
-        identity_pb2.ResolveRequest(identifiers=[ident(EMAIL, email), ident(DEVICE, "own-" + email)])
+        identity_pb2.ResolveRequest(
+            identifiers=[ident(EMAIL, email), ident(DEVICE, "own-" + email)]
+        )
     )
     again = await identity.Resolve(
-        identity_pb2.ResolveRequest(identifiers=[ident(DEVICE, "OWN-" + email), ident(EMAIL, email.upper())])
+        identity_pb2.ResolveRequest(
+            identifiers=[ident(DEVICE, "OWN-" + email), ident(EMAIL, email.upper())]
+        )
     )
     assert again.customer.customer_id == owner.customer.customer_id
     assert [(r.identifier.value, r.customer_id) for r in again.resolved_identifiers] == [

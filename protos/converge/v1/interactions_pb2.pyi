@@ -496,7 +496,52 @@ Global___RecordInteractionResponse: _TypeAlias = RecordInteractionResponse  # no
 
 @_typing.final
 class IngestInteractionsRequest(_message.Message):
-    """One row of a bulk ingest stream."""
+    """One message of a bulk ingest stream: one row in its own fields, and/or
+    many rows in `rows`. Batching rows into messages of a few hundred is much
+    faster than one message per row; both may be mixed in one stream.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROW_REF_FIELD_NUMBER: _builtins.int
+    INTERACTION_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    LOOKUP_ONLY_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    row_ref: _builtins.str
+    """The caller's row number or key, echoed in rejections."""
+    idempotency_key: _builtins.str
+    """Required with `interaction`; as in `RecordInteractionRequest.idempotency_key`."""
+    lookup_only: _builtins.bool
+    """Only look customers up; rows with unknown identifiers are rejected."""
+    @_builtins.property
+    def interaction(self) -> Global___InteractionInput:
+        """The interaction; unset when the message carries only `rows`."""
+
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___IngestRow]:
+        """More rows, handled in order after the row above (if any); at most 5000."""
+
+    def __init__(
+        self,
+        *,
+        row_ref: _builtins.str = ...,
+        interaction: Global___InteractionInput | None = ...,
+        idempotency_key: _builtins.str = ...,
+        lookup_only: _builtins.bool = ...,
+        rows: _abc.Iterable[Global___IngestRow] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["interaction", b"interaction"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "interaction", b"interaction", "lookup_only", b"lookup_only", "row_ref", b"row_ref", "rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IngestInteractionsRequest: _TypeAlias = IngestInteractionsRequest  # noqa: Y015
+
+@_typing.final
+class IngestRow(_message.Message):
+    """One row of a batched ingest message."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -528,7 +573,7 @@ class IngestInteractionsRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___IngestInteractionsRequest: _TypeAlias = IngestInteractionsRequest  # noqa: Y015
+Global___IngestRow: _TypeAlias = IngestRow  # noqa: Y015
 
 @_typing.final
 class IngestRejection(_message.Message):

@@ -1,0 +1,384 @@
+"""Imports a file with a mapping: maps its rows and streams them to the
+services, or only maps them (`dry_run`).
+
+Order: when the mapping upserts profiles (or attaches extra identifiers),
+a first pass streams `IdentityService.BulkResolve`; then, when it records
+interactions, a second pass streams `InteractionsService.IngestInteractions`
+(each row with its line number as `row_ref` and the idempotency key from the
+mapping). The file is read once per pass, so memory stays flat however large
+it is. Streams are cut into calls of `batch_size` rows: a failure loses at
+most one call's progress, and a re-run is safe because the keys are the
+same on every run.
+
+Rows the mapping cannot map (bad date, missing required value, a reject
+rule) are counted as rejected with their reason and never sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from converge.connectors import DEFAULT_IDENTITY, DEFAULT_INTERACTIONS
+from converge.connectors.mapping import Mapping
+from converge.connectors.reader import RecordFile
+from converge.connectors.transform import MappedRow, RejectedRow, SkippedRow, map_records
+from converge.v1 import identity_pb2, identity_pb2_grpc, interactions_pb2, interactions_pb2_grpc
+
+DEFAULT_BATCH = 5000
+MAX_EXAMPLES = 20
+_PROGRESS_EVERY = 500
+
+# Called with the phase ("mapping", "profiles", "interactions") and the rows read so far.
+Progress = Callable[[str, int], None]
+T = TypeVar("T")
+
+
+class ServiceUnavailable(Exception):
+    """A service could not be reached."""
+
+    def __init__(self, service: str, address: str, detail: str) -> None:
+        super().__init__(f"the {service} service at {address} is unreachable: {detail}")
+        self.service = service
+        self.address = address
+
+
+class ServiceFailed(Exception):
+    """A service refused or failed a whole call (not single rows)."""
+
+    def __init__(self, service: str, address: str, code: str, detail: str) -> None:
+        super().__init__(f"the {service} service at {address} failed the import: {code}: {detail}")
+        self.service = service
+        self.address = address
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """One rejected row: where, which key or field, why (and with the value)."""
+
+    line: int
+    by: str  # "mapping", "identity" or "interactions"
+    field: str
+    reason: str
+    detail: str
+
+
+@dataclass
+class ImportSummary:
+    """What an import (or a dry run) did. `rejection_reasons` counts every
+    rejected row by reason (service reasons prefixed with the service);
+    `rejections` lists the first few."""
+
+    file: str
+    mapping: str
+    source: str
+    dry_run: bool
+    read: int = 0
+    skipped: int = 0
+    mapped: int = 0
+    rejected_locally: int = 0
+    profiles_sent: int = 0
+    profiles_rejected: int = 0
+    customers_matched: int = 0
+    customers_created: int = 0
+    customers_merged: int = 0
+    sent: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    interactions_rejected: int = 0
+    rejection_reasons: Counter[str] = field(default_factory=Counter)
+    rejections: list[Rejection] = field(default_factory=list)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def rejected(self) -> int:
+        """Rows rejected by the mapping or by a service (a row refused by both
+        services counts twice)."""
+        return self.rejected_locally + self.profiles_rejected + self.interactions_rejected
+
+    def reject(self, rejection: Rejection, reason_key: str) -> None:
+        self.rejection_reasons[reason_key] += 1
+        if len(self.rejections) < MAX_EXAMPLES:
+            self.rejections.append(rejection)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "mapping": self.mapping,
+            "source": self.source,
+            "dry_run": self.dry_run,
+            "read": self.read,
+            "skipped": self.skipped,
+            "mapped": self.mapped,
+            "rejected": self.rejected,
+            "rejected_locally": self.rejected_locally,
+            "profiles_sent": self.profiles_sent,
+            "profiles_rejected": self.profiles_rejected,
+            "customers_created": self.customers_created,
+            "customers_matched": self.customers_matched,
+            "customers_merged": self.customers_merged,
+            "sent": self.sent,
+            "stored": self.stored,
+            "duplicates": self.duplicates,
+            "interactions_rejected": self.interactions_rejected,
+            "rejection_reasons": dict(self.rejection_reasons.most_common()),
+            "rejections": [r.__dict__ for r in self.rejections],
+            "samples": self.samples,
+        }
+
+
+@dataclass
+class _Pass:
+    """One read of the file: its own counts (the last pass's are reported)."""
+
+    read: int = 0
+    skipped: int = 0
+    mapped: int = 0
+    rejected: list[RejectedRow] = field(default_factory=list)
+    reasons: Counter[str] = field(default_factory=Counter)
+
+
+def _mapped_rows(
+    path: Path,
+    mapping: Mapping,
+    origin: str,
+    counts: _Pass,
+    phase: str,
+    limit: int | None,
+    progress: Progress | None,
+) -> Iterator[MappedRow]:
+    with RecordFile(path, mapping.file) as source:
+        if source.columns is not None:
+            mapping.check_columns(source.columns, origin)
+        for _, result in map_records(source.records(), mapping, limit=limit):
+            counts.read += 1
+            if progress is not None and counts.read % _PROGRESS_EVERY == 0:
+                progress(phase, counts.read)
+            if isinstance(result, MappedRow):
+                counts.mapped += 1
+                yield result
+            elif isinstance(result, SkippedRow):
+                counts.skipped += 1
+            else:
+                counts.reasons[result.reason] += 1
+                if len(counts.rejected) < MAX_EXAMPLES:
+                    counts.rejected.append(result)
+    if progress is not None:
+        progress(phase, counts.read)
+
+
+def _report_pass(summary: ImportSummary, counts: _Pass) -> None:
+    summary.read = counts.read
+    summary.skipped = counts.skipped
+    summary.mapped = counts.mapped
+    summary.rejected_locally = sum(counts.reasons.values())
+    summary.rejection_reasons.update(counts.reasons)
+    for r in counts.rejected:
+        if len(summary.rejections) < MAX_EXAMPLES:
+            summary.rejections.append(Rejection(r.line, "mapping", r.field, r.reason, r.detail))
+
+
+class _Guarded(Iterator[T]):
+    """Wraps a request iterator so an error while reading the file (which
+    gRPC would turn into a cancelled call) is kept and raised after the call."""
+
+    def __init__(self, inner: Iterator[T]) -> None:
+        self.inner = inner
+        self.error: BaseException | None = None
+        self.count = 0
+
+    def __next__(self) -> T:
+        try:
+            item = next(self.inner)
+        except StopIteration:
+            raise
+        except Exception as e:
+            self.error = e
+            raise StopIteration from None
+        self.count += 1
+        return item
+
+
+async def _in_calls(
+    rows: Iterator[T], batch_size: int, call: Callable[[Iterator[T]], Awaitable[None]]
+) -> None:
+    """Feeds rows to successive streaming calls of at most `batch_size` rows."""
+    while (first := next(rows, None)) is not None:
+        await call(itertools.chain([first], itertools.islice(rows, batch_size - 1)))
+
+
+async def _connect(service: str, address: str, within_s: float) -> grpc.aio.Channel:
+    channel = grpc.aio.insecure_channel(address)
+    try:
+        await asyncio.wait_for(channel.channel_ready(), within_s)
+    except (TimeoutError, grpc.aio.AioRpcError) as e:
+        await channel.close(None)
+        raise ServiceUnavailable(service, address, f"no answer within {within_s:g} s") from e
+    return channel
+
+
+def _service_error(service: str, address: str, error: grpc.aio.AioRpcError) -> Exception:
+    if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return ServiceUnavailable(service, address, error.details() or error.code().name)
+    return ServiceFailed(service, address, error.code().name, error.details() or "")
+
+
+async def import_file(
+    path: Path,
+    mapping: Mapping,
+    *,
+    origin: str = "mapping",
+    identity_address: str = DEFAULT_IDENTITY,
+    interactions_address: str = DEFAULT_INTERACTIONS,
+    dry_run: bool = False,
+    limit: int | None = None,
+    progress: Progress | None = None,
+    batch_size: int = DEFAULT_BATCH,
+    connect_timeout: float = 5.0,
+    sample_size: int = 5,
+) -> ImportSummary:
+    """Maps `path` with `mapping` and, unless `dry_run`, sends it. Raises
+    MappingError or FileError (before anything is sent) when the mapping does
+    not fit the file, ServiceUnavailable or ServiceFailed when a service
+    cannot take the import."""
+    summary = ImportSummary(str(path), origin, mapping.source, dry_run)
+
+    def rows(phase: str, counts: _Pass) -> Iterator[MappedRow]:
+        return _mapped_rows(path, mapping, origin, counts, phase, limit, progress)
+
+    # Check the mapping against the file's header before contacting anything.
+    with RecordFile(path, mapping.file) as source:
+        if source.columns is not None:
+            mapping.check_columns(source.columns, origin)
+
+    if dry_run:
+        counts = _Pass()
+        for row in rows("mapping", counts):
+            if len(summary.samples) < sample_size:
+                summary.samples.append(row.as_dict())
+        _report_pass(summary, counts)
+        return summary
+
+    channels: list[grpc.aio.Channel] = []
+    try:
+        if mapping.needs_identity:
+            channels.append(await _connect("identity", identity_address, connect_timeout))
+        if mapping.interaction is not None:
+            channels.append(await _connect("interactions", interactions_address, connect_timeout))
+        last = _Pass()
+        if mapping.needs_identity:
+            stub = identity_pb2_grpc.IdentityServiceStub(channels[0])
+            await _resolve_pass(stub, rows("profiles", last), summary, identity_address, batch_size)
+        if mapping.interaction is not None:
+            last = _Pass()
+            ingest_stub = interactions_pb2_grpc.InteractionsServiceStub(channels[-1])
+            await _ingest_pass(
+                ingest_stub, rows("interactions", last), summary, interactions_address, batch_size
+            )
+        _report_pass(summary, last)
+    finally:
+        for channel in channels:
+            await channel.close(None)
+    return summary
+
+
+def _reason_key(service: str, field_name: str, reason: str) -> str:
+    return f"[{service}] {field_name}: {reason}" if field_name else f"[{service}] {reason}"
+
+
+def _line(row_ref: str) -> int:
+    return int(row_ref) if row_ref.isdigit() else 0
+
+
+async def _resolve_pass(
+    stub: identity_pb2_grpc.IdentityServiceAsyncStub,
+    rows: Iterator[MappedRow],
+    summary: ImportSummary,
+    address: str,
+    batch_size: int,
+) -> None:
+    seen: set[str] = set()
+
+    def requests() -> Iterator[identity_pb2.BulkResolveRequest]:
+        for row in rows:
+            assert row.resolve is not None
+            # The same customer with the same values on several rows: send once.
+            key = row.resolve.resolve.idempotency_key
+            if key in seen:
+                continue
+            seen.add(key)
+            yield row.resolve
+
+    async def call(chunk: Iterator[identity_pb2.BulkResolveRequest]) -> None:
+        guarded = _Guarded(chunk)
+        try:
+            response: identity_pb2.BulkResolveResponse = await stub.BulkResolve(guarded)
+        except grpc.aio.AioRpcError as e:
+            raise _service_error("identity", address, e) from e
+        if guarded.error is not None:
+            raise guarded.error
+        summary.profiles_sent += guarded.count
+        summary.customers_created += response.created
+        summary.customers_matched += response.matched
+        summary.customers_merged += response.merged
+        summary.profiles_rejected += response.rejected
+        for r in response.rejections:
+            summary.reject(
+                Rejection(_line(r.row_ref), "identity", r.field, r.reason, r.reason),
+                _reason_key("identity", r.field, r.reason),
+            )
+        unlisted = response.rejected - len(response.rejections)
+        if unlisted > 0:
+            summary.rejection_reasons["[identity] (more rows, not listed by the service)"] += (
+                unlisted
+            )
+
+    await _in_calls(requests(), batch_size, call)
+
+
+async def _ingest_pass(
+    stub: interactions_pb2_grpc.InteractionsServiceAsyncStub,
+    rows: Iterator[MappedRow],
+    summary: ImportSummary,
+    address: str,
+    batch_size: int,
+) -> None:
+    def requests() -> Iterator[interactions_pb2.IngestInteractionsRequest]:
+        for row in rows:
+            assert row.ingest is not None
+            yield row.ingest
+
+    async def call(chunk: Iterator[interactions_pb2.IngestInteractionsRequest]) -> None:
+        guarded = _Guarded(chunk)
+        try:
+            response: interactions_pb2.IngestInteractionsResponse = await stub.IngestInteractions(
+                guarded
+            )
+        except grpc.aio.AioRpcError as e:
+            raise _service_error("interactions", address, e) from e
+        if guarded.error is not None:
+            raise guarded.error
+        summary.sent += guarded.count
+        summary.stored += response.stored
+        summary.duplicates += response.duplicates
+        summary.interactions_rejected += response.rejected
+        summary.customers_created += response.customers_created
+        for r in response.rejections:
+            summary.reject(
+                Rejection(_line(r.row_ref), "interactions", r.field, r.reason, r.reason),
+                _reason_key("interactions", r.field, r.reason),
+            )
+        unlisted = response.rejected - len(response.rejections)
+        if unlisted > 0:
+            summary.rejection_reasons["[interactions] (more rows, not listed by the service)"] += (
+                unlisted
+            )
+
+    await _in_calls(requests(), batch_size, call)

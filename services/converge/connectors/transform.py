@@ -1,0 +1,601 @@
+"""Applies a mapping to the records of a file: each row becomes the requests to
+send (an identity upsert and/or an interaction) or a rejection with its reason.
+
+Plain Python and protobuf messages, no network: `converge import --dry-run`
+and the tests use it alone. Rows are mapped in file order; a group's state
+(its previous row, its row count) lives here between rows, which is what the
+mapping's previous-row conditions, `previous` values and `{_seq}` read.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from google.protobuf import field_mask_pb2, json_format, timestamp_pb2
+
+from converge.connectors.mapping import (
+    MAX_KEY_LENGTH,
+    AmountSpec,
+    Condition,
+    IdentifierSpec,
+    Mapping,
+    Scalar,
+    ValueSpec,
+    ValueType,
+    channel_number,
+    parse_template,
+)
+from converge.connectors.reader import Record, RecordFile
+from converge.v1 import common_pb2, identity_pb2, interactions_pb2
+
+MAX_IDENTIFIER_LENGTH = 256
+_TYPE_NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
+_TRUE = frozenset({"true", "t", "yes", "y", "1"})
+_FALSE = frozenset({"false", "f", "no", "n", "0"})
+_NANOS = Decimal(1_000_000_000)
+_MAX_UNITS = 2**63 - 1
+
+Converted = str | float | bool | datetime
+
+
+@dataclass(frozen=True)
+class MappedRow:
+    """A row ready to send: `resolve` for the identity service (when the
+    mapping upserts profiles), `ingest` for the interactions service (when it
+    records interactions)."""
+
+    line: int
+    identifier: common_pb2.Identifier
+    resolve: identity_pb2.BulkResolveRequest | None
+    ingest: interactions_pb2.IngestInteractionsRequest | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The requests as JSON-ready dicts, for people and `--json`."""
+        out: dict[str, Any] = {"line": self.line}
+        if self.resolve is not None:
+            out["bulk_resolve"] = json_format.MessageToDict(self.resolve)
+        if self.ingest is not None:
+            out["ingest"] = json_format.MessageToDict(self.ingest)
+        return out
+
+
+@dataclass(frozen=True)
+class RejectedRow:
+    """A row not sent: `reason` names the column or key and the problem (no
+    values, so equal reasons can be counted); `detail` adds the value."""
+
+    line: int
+    field: str
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class SkippedRow:
+    """A row left out on purpose by the mapping's `skip` conditions."""
+
+    line: int
+
+
+MapResult = MappedRow | RejectedRow | SkippedRow
+
+
+class RowError(Exception):
+    """Why one row cannot be mapped."""
+
+    def __init__(self, field: str, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.field = field
+        self.reason = reason
+        self.detail = detail or reason
+
+
+@dataclass
+class _Group:
+    seq: int = 0
+    previous: dict[str, str | None] | None = None
+
+
+@dataclass
+class _Row:
+    record: Record
+    values: dict[str, str | None]
+    group: _Group
+    seq: int
+
+    @property
+    def previous(self) -> dict[str, str | None] | None:
+        return self.group.previous
+
+
+@dataclass
+class RowMapper:
+    """Maps rows one by one, in file order; keeps the per-group state and the
+    idempotency keys seen (a key repeated within the file is a rejection,
+    never a silent duplicate)."""
+
+    mapping: Mapping
+    _groups: dict[tuple[str | None, ...], _Group] = field(default_factory=dict)
+    _keys: dict[str, int] = field(default_factory=dict)
+    _missing: frozenset[str] = field(init=False)
+    _occurred_at: ValueSpec = field(init=False)
+    _channel: ValueSpec = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._missing = frozenset(v.strip() for v in self.mapping.missing_values) | {""}
+        if self.mapping.interaction is not None:
+            # Both are required whatever the mapping says.
+            spec = self.mapping.interaction
+            self._occurred_at = spec.occurred_at.model_copy(update={"required": True})
+            self._channel = spec.channel.model_copy(update={"required": True})
+
+    # --- one row ------------------------------------------------------------------
+    def map(self, record: Record) -> MapResult:
+        if record.error is not None:
+            return RejectedRow(
+                record.line, "row", "malformed row", f"line {record.line}: {record.error}"
+            )
+        values = {k: self._clean(v) for k, v in record.values.items()}
+        key = tuple(values.get(c) for c in self.mapping.group_by)
+        group = self._groups.setdefault(key, _Group())
+        group.seq += 1
+        row = _Row(record, values, group, group.seq)
+        try:
+            if any(self._holds(c, row, f"skip[{i}]") for i, c in enumerate(self.mapping.skip)):
+                return SkippedRow(record.line)
+            for i, rule in enumerate(self.mapping.reject):
+                if self._holds(rule.when, row, f"reject[{i}].when"):
+                    raise RowError(f"reject[{i}]", rule.reason)
+            mapped = self._map_row(row)
+        except RowError as e:
+            return RejectedRow(record.line, e.field, e.reason, f"line {record.line}: {e.detail}")
+        if mapped.ingest is not None:
+            key_text = mapped.ingest.idempotency_key
+            first = self._keys.setdefault(key_text, record.line)
+            if first != record.line:
+                return RejectedRow(
+                    record.line,
+                    "interaction.idempotency_key",
+                    "idempotency key repeats an earlier row's",
+                    f"line {record.line}: key {key_text!r} was already used by line {first}",
+                )
+        group.previous = values
+        return mapped
+
+    def _clean(self, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip()
+        return None if value in self._missing else value
+
+    def _map_row(self, row: _Row) -> MappedRow:
+        mapping = self.mapping
+        identifier = self._identifier(mapping.customer.identifier, "customer.identifier", row, True)
+        assert identifier is not None
+        resolve = self._resolve(identifier, row) if mapping.needs_identity else None
+        ingest = self._ingest(identifier, row) if mapping.interaction is not None else None
+        return MappedRow(row.record.line, identifier, resolve, ingest)
+
+    # --- conditions -----------------------------------------------------------------
+    def _holds(self, c: Condition, row: _Row, path: str) -> bool:
+        previous = row.previous
+        if c.first_in_group is not None and (previous is None) != c.first_in_group:
+            return False
+        if c.column is not None:
+            value = row.values.get(c.column)
+            before = previous.get(c.column) if previous is not None else None
+            if c.equals is not None and value != c.equals:
+                return False
+            if c.in_ is not None and value not in c.in_:
+                return False
+            if c.not_in is not None and value in c.not_in:
+                return False
+            if c.missing is not None and (value is None) != c.missing:
+                return False
+            if c.matches is not None and (value is None or not re.search(c.matches, value)):
+                return False
+            if c.changed is not None and (previous is not None and value != before) != c.changed:
+                return False
+            for test, sign in (("increased", 1), ("decreased", -1)):
+                wanted = getattr(c, test)
+                if wanted is None:
+                    continue
+                moved = False
+                if previous is not None and value is not None and before is not None:
+                    difference = self._number(value, c.column, path) - self._number(
+                        before, c.column, path
+                    )
+                    moved = difference * sign > 0
+                if moved != wanted:
+                    return False
+            if c.previous_equals is not None and (previous is None or before != c.previous_equals):
+                return False
+            if c.previous_in is not None and (previous is None or before not in c.previous_in):
+                return False
+            if c.previous_not_in is not None and (previous is None or before in c.previous_not_in):
+                return False
+        if c.all_ is not None and not all(
+            self._holds(x, row, f"{path}.all[{i}]") for i, x in enumerate(c.all_)
+        ):
+            return False
+        if c.any_ is not None and not any(
+            self._holds(x, row, f"{path}.any[{i}]") for i, x in enumerate(c.any_)
+        ):
+            return False
+        return not (c.not_ is not None and self._holds(c.not_, row, f"{path}.not"))
+
+    @staticmethod
+    def _number(text: str, column: str, path: str) -> float:
+        try:
+            number = float(text)
+        except ValueError:
+            raise RowError(
+                path, f"{column}: not a number", f"{column} = {text!r}: not a number"
+            ) from None
+        if not math.isfinite(number):
+            raise RowError(path, f"{column}: not a finite number", f"{column} = {text!r}")
+        return number
+
+    # --- values -------------------------------------------------------------------
+    def _render(self, template: str, row: _Row, path: str, *, strict: bool) -> str | None:
+        """A template with the row's values; None (or, when strict, a RowError)
+        when a column it names is missing."""
+        parts: list[str] = []
+        for is_field, text in parse_template(template).parts:
+            if not is_field:
+                parts.append(text)
+                continue
+            if text == "_line":
+                parts.append(str(row.record.line))
+            elif text == "_row":
+                parts.append(str(row.record.row))
+            elif text == "_seq":
+                parts.append(str(row.seq))
+            elif text == "_source":
+                parts.append(self.mapping.source)
+            else:
+                value = row.values.get(text)
+                if value is None:
+                    if strict:
+                        raise RowError(path, f"{text}: missing", f"{text} is missing")
+                    return None
+                parts.append(value)
+        return "".join(parts)
+
+    def _value(self, spec: ValueSpec, path: str, row: _Row) -> Converted | None:
+        raw: Scalar | None = None
+        origin = path
+        for case in spec.cases:
+            if self._holds(case.when, row, f"{path}.cases"):
+                raw = case.value
+                break
+        else:
+            from_file = True
+            if spec.column is not None:
+                raw, origin = row.values.get(spec.column), spec.column
+            elif spec.previous is not None:
+                previous = row.previous
+                raw = previous.get(spec.previous) if previous is not None else None
+                origin = f"previous {spec.previous}"
+            elif spec.template is not None:
+                raw = self._render(spec.template, row, path, strict=False)
+            else:
+                raw, from_file = spec.value, False
+            if raw is not None and from_file and spec.map is not None:
+                text = str(raw)
+                if text in spec.map:
+                    raw = spec.map[text]
+                elif spec.unmapped == "missing":
+                    raw = None
+                elif spec.unmapped == "reject":
+                    raise RowError(
+                        path,
+                        f"{origin}: value not in the map of {path}",
+                        f"{origin} = {text!r}: not in the map of {path}",
+                    )
+        if raw is None:
+            if spec.default is not None:
+                raw = spec.default
+            elif spec.required:
+                raise RowError(
+                    path, f"{origin}: missing", f"{origin} is missing ({path} is required)"
+                )
+            else:
+                return None
+        return _convert(raw, spec, origin, path)
+
+    def _identifier(
+        self, spec: IdentifierSpec, path: str, row: _Row, required: bool
+    ) -> common_pb2.Identifier | None:
+        if spec.column is not None:
+            value, origin = row.values.get(spec.column), spec.column
+        else:
+            assert spec.template is not None
+            value, origin = self._render(spec.template, row, path, strict=False), spec.template
+        if value is None:
+            if required:
+                raise RowError(
+                    path, f"{origin}: missing (the customer identifier)", f"{origin} is missing"
+                )
+            return None
+        if len(value) > MAX_IDENTIFIER_LENGTH:
+            raise RowError(
+                path, f"{origin}: identifier longer than {MAX_IDENTIFIER_LENGTH} characters"
+            )
+        return common_pb2.Identifier(
+            type=common_pb2.IdentifierType.ValueType(spec.type_number),
+            value=value,
+            source=spec.source,
+        )
+
+    def _amount(self, spec: AmountSpec, path: str, row: _Row) -> common_pb2.Money | None:
+        text = row.values.get(spec.column)
+        if text is None:
+            if spec.required:
+                raise RowError(
+                    path,
+                    f"{spec.column}: missing",
+                    f"{spec.column} is missing ({path} is required)",
+                )
+            return None
+        if spec.currency is not None:
+            currency = spec.currency
+        else:
+            assert spec.currency_column is not None
+            found = row.values.get(spec.currency_column)
+            if found is None or not re.fullmatch(r"[A-Za-z]{3}", found):
+                raise RowError(
+                    path,
+                    f"{spec.currency_column}: not a currency code",
+                    f"{spec.currency_column} = {found!r}: not an ISO 4217 currency code",
+                )
+            currency = found.upper()
+        try:
+            amount = Decimal(text).quantize(Decimal("1e-9"))
+        except InvalidOperation:
+            raise RowError(
+                path, f"{spec.column}: not an amount", f"{spec.column} = {text!r}: not an amount"
+            ) from None
+        if not amount.is_finite() or abs(amount) > _MAX_UNITS:
+            raise RowError(path, f"{spec.column}: amount out of range", f"{spec.column} = {text!r}")
+        units = int(amount)
+        nanos = int((amount - units) * _NANOS)
+        return common_pb2.Money(currency_code=currency, units=units, nanos=nanos)
+
+    # --- requests -----------------------------------------------------------------
+    def _resolve(
+        self, identifier: common_pb2.Identifier, row: _Row
+    ) -> identity_pb2.BulkResolveRequest:
+        mapping = self.mapping
+        identifiers = [identifier]
+        for i, extra in enumerate(mapping.customer.extra_identifiers):
+            found = self._identifier(extra, f"customer.extra_identifiers[{i}]", row, False)
+            if found is not None and found not in identifiers:
+                identifiers.append(found)
+        profile = identity_pb2.Profile()
+        mask: list[str] = []
+        spec = mapping.profile
+        if spec is not None:
+            for name, value_spec in spec.text_fields().items():
+                text = self._value(value_spec, f"profile.{name}", row)
+                if text is not None:
+                    setattr(profile, name, str(text))
+                    mask.append(name)
+            if spec.signup_date is not None:
+                when = self._value(spec.signup_date, "profile.signup_date", row)
+                if isinstance(when, datetime):
+                    profile.signup_date.CopyFrom(_timestamp(when))
+                    mask.append("signup_date")
+            if spec.lifetime_value is not None:
+                money = self._amount(spec.lifetime_value, "profile.lifetime_value", row)
+                if money is not None:
+                    profile.lifetime_value.CopyFrom(money)
+                    mask.append("lifetime_value")
+            for name, attribute in spec.attributes.items():
+                value = self._value(attribute, f"profile.attributes.{name}", row)
+                if value is not None:
+                    profile.attributes[name].CopyFrom(_attribute(value))
+                    mask.append(f"attributes.{name}")
+        resolve = identity_pb2.ResolveRequest(
+            identifiers=identifiers,
+            profile=profile,
+            lookup_only=mapping.customer.lookup_only,
+            actor=common_pb2.Actor(name=f"converge-import/{mapping.source}", reason="file import"),
+        )
+        # Same identifiers and values, same key: a re-run replays the first
+        # result; a changed row gets a new key and its values are upserted.
+        content = resolve.SerializeToString(deterministic=True) + "\0".join(mask).encode()
+        digest = hashlib.sha256(content).hexdigest()
+        key = f"{mapping.source}:{identifier.value}:{digest[:16]}"
+        if len(key) > MAX_KEY_LENGTH:
+            key = f"{mapping.source}:{digest[:40]}"
+        resolve.idempotency_key = key
+        return identity_pb2.BulkResolveRequest(
+            row_ref=str(row.record.line),
+            resolve=resolve,
+            update_mask=field_mask_pb2.FieldMask(paths=mask),
+        )
+
+    def _ingest(
+        self, identifier: common_pb2.Identifier, row: _Row
+    ) -> interactions_pb2.IngestInteractionsRequest:
+        spec = self.mapping.interaction
+        assert spec is not None
+        kind = self._value(spec.type, "interaction.type", row)
+        if kind is None:
+            raise RowError(
+                "interaction.type", "no interaction type (no case matched and no default)"
+            )
+        kind = str(kind)
+        if not _TYPE_NAME.match(kind) or len(kind) > 64:
+            raise RowError(
+                "interaction.type",
+                "not an interaction type name",
+                f"{kind!r} is not an interaction type name",
+            )
+        when = self._value(self._occurred_at, "interaction.occurred_at", row)
+        assert isinstance(when, datetime)
+        channel_name = self._value(self._channel, "interaction.channel", row)
+        channel = channel_number(str(channel_name))
+        if channel is None:
+            raise RowError(
+                "interaction.channel", "unknown channel", f"{channel_name!r} is not a channel"
+            )
+        interaction = interactions_pb2.InteractionInput(
+            customer=common_pb2.CustomerRef(identifier=identifier),
+            occurred_at=_timestamp(when),
+            channel=common_pb2.Channel.ValueType(channel),
+            type=kind,
+            source=self.mapping.source,
+        )
+        for name in ("ticket_id", "product_id"):
+            value_spec = getattr(spec, name)
+            if value_spec is not None:
+                text = self._value(value_spec, f"interaction.{name}", row)
+                if text is not None:
+                    setattr(interaction, name, str(text))
+        if spec.amount is not None:
+            money = self._amount(spec.amount, "interaction.amount", row)
+            if money is not None:
+                interaction.amount.CopyFrom(money)
+        if spec.sentiment is not None:
+            sentiment = self._value(spec.sentiment, "interaction.sentiment", row)
+            if isinstance(sentiment, float):
+                if not -1.0 <= sentiment <= 1.0:
+                    raise RowError(
+                        "interaction.sentiment", "sentiment outside -1..1", f"sentiment {sentiment}"
+                    )
+                interaction.sentiment = sentiment
+        for name, attribute in spec.attributes.items():
+            if attribute.for_types is not None and kind not in attribute.for_types:
+                continue
+            value = self._value(attribute, f"interaction.attributes.{name}", row)
+            if value is not None:
+                interaction.attributes[name].CopyFrom(_attribute(value))
+        key = self._render(spec.idempotency_key, row, "interaction.idempotency_key", strict=True)
+        assert key is not None
+        if len(key) > MAX_KEY_LENGTH:
+            raise RowError(
+                "interaction.idempotency_key",
+                f"idempotency key longer than {MAX_KEY_LENGTH} characters",
+                f"key {key[:40]!r}... is {len(key)} characters",
+            )
+        return interactions_pb2.IngestInteractionsRequest(
+            row_ref=str(row.record.line),
+            interaction=interaction,
+            idempotency_key=key,
+            lookup_only=self.mapping.customer.lookup_only,
+        )
+
+
+# --- conversions ------------------------------------------------------------------
+def _convert(raw: Scalar, spec: ValueSpec, origin: str, path: str) -> Converted:
+    kind: ValueType = spec.value_type
+    if kind == "string":
+        if isinstance(raw, bool):
+            return "true" if raw else "false"
+        return str(raw)
+    if kind == "number":
+        if isinstance(raw, bool):
+            raise RowError(path, f"{origin}: not a number", f"{origin} = {raw!r}: not a number")
+        try:
+            number = float(raw)
+        except ValueError:
+            raise RowError(
+                path, f"{origin}: not a number", f"{origin} = {raw!r}: not a number"
+            ) from None
+        if not math.isfinite(number):
+            raise RowError(path, f"{origin}: not a finite number", f"{origin} = {raw!r}")
+        return number
+    if kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        word = str(raw).strip().lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+        raise RowError(
+            path,
+            f"{origin}: not a yes/no value",
+            f"{origin} = {raw!r}: not true/false, yes/no or 1/0",
+        )
+    return _parse_time(raw, spec, origin, path)
+
+
+def _parse_time(raw: Scalar, spec: ValueSpec, origin: str, path: str) -> datetime:
+    fmt = spec.format or "iso"
+    text = str(raw).strip()
+    try:
+        return _time_from_text(text, fmt, spec.timezone)
+    except (ValueError, OverflowError, OSError):
+        raise RowError(
+            path,
+            f"{origin}: not a time in format {fmt}",
+            f"{origin} = {text!r}: not a time in format {fmt}",
+        ) from None
+
+
+@functools.lru_cache(maxsize=8192)
+def _time_from_text(text: str, fmt: str, timezone: str) -> datetime:
+    """Exports repeat their times a lot (and strptime is slow): cached."""
+    if fmt == "unix":
+        when = datetime.fromtimestamp(float(text), UTC)
+    elif fmt == "iso":
+        when = datetime.fromisoformat(text)
+    else:
+        when = datetime.strptime(text, fmt)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=ZoneInfo(timezone))
+    return when.astimezone(UTC)
+
+
+def _timestamp(when: datetime) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(when)
+    return ts
+
+
+def _attribute(value: Converted) -> common_pb2.AttributeValue:
+    if isinstance(value, bool):
+        return common_pb2.AttributeValue(bool_value=value)
+    if isinstance(value, float):
+        return common_pb2.AttributeValue(number_value=value)
+    if isinstance(value, datetime):
+        return common_pb2.AttributeValue(timestamp_value=_timestamp(value))
+    return common_pb2.AttributeValue(string_value=value)
+
+
+# --- whole files --------------------------------------------------------------------
+def map_records(
+    records: Iterator[Record], mapping: Mapping, *, limit: int | None = None
+) -> Iterator[tuple[Record, MapResult]]:
+    """Maps records in order, stopping after `limit` rows when given."""
+    mapper = RowMapper(mapping)
+    for count, record in enumerate(records, start=1):
+        if limit is not None and count > limit:
+            return
+        yield record, mapper.map(record)
+
+
+def map_file(
+    path: Path, mapping: Mapping, *, origin: str = "mapping", limit: int | None = None
+) -> Iterator[MapResult]:
+    """Reads and maps a whole file. Raises MappingError before the first row
+    when the mapping names columns the file lacks, FileError when the file
+    cannot be read."""
+    with RecordFile(path, mapping.file) as source:
+        if source.columns is not None:
+            mapping.check_columns(source.columns, origin)
+        for _, result in map_records(source.records(), mapping, limit=limit):
+            yield result

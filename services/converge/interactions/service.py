@@ -1,0 +1,517 @@
+"""The interactions service's rules: validation against the type registry,
+identity resolution, ingest that keeps live features current, the timeline,
+live and point-in-time features. No gRPC here."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from functools import reduce
+from typing import Any, Literal
+
+import asyncpg
+
+from converge.interactions import features as feature_engine
+from converge.interactions.features import (
+    CustomerState,
+    Event,
+    StateVersionError,
+    build_state,
+)
+from converge.interactions.identity_link import IdentifierRef, IdentityLink
+from converge.interactions.settings import InteractionsSettings
+from converge.interactions.store import EventsOf, InteractionsStore, NewInteraction
+from converge.interactions.types import (
+    BUILT_IN_TYPES,
+    AttributeSpec,
+    InteractionTypeSpec,
+    check_compatible_change,
+    validate_custom_type_name,
+    validate_interaction,
+)
+from converge.runtime.errors import (
+    ConvergeError,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+)
+from converge.runtime.values import PlainValue, from_tagged, to_tagged
+
+RESOLVE_CONCURRENCY = 32
+
+
+@dataclass(frozen=True)
+class Draft:
+    """An interaction as a source sent it, checked for shape by the servicer."""
+
+    row_ref: str
+    customer_id: uuid.UUID | None
+    identifier: IdentifierRef | None
+    occurred_at: datetime
+    channel: int
+    type: str
+    attributes: dict[str, PlainValue]
+    ticket_id: str
+    product_id: str
+    amount: float | None
+    currency: str
+    sentiment: float | None
+    source: str
+    idempotency_key: str
+    lookup_only: bool = False
+
+
+Outcome = Literal["stored", "duplicate", "rejected"]
+
+
+@dataclass
+class IngestResult:
+    """Per draft: what happened, the stored row, or why it was refused."""
+
+    outcome: Outcome
+    row: asyncpg.Record | Mapping[str, Any] | None = None  # a duplicate's first copy
+    new: NewInteraction | None = None  # a row stored now...
+    stored: asyncpg.Record | Mapping[str, Any] | None = None  # ...its seq, recorded_at
+    field: str = ""
+    reason: str = ""
+
+    def as_row(self) -> asyncpg.Record | Mapping[str, Any]:
+        """The row as stored; built only when a caller wants it back."""
+        if self.row is not None:
+            return self.row
+        assert self.new is not None
+        return _as_record(self.new, self.stored)
+
+
+@dataclass
+class IngestSummary:
+    results: list[IngestResult] = field(default_factory=list)
+    customers_created: int = 0
+
+
+def event_of(row: asyncpg.Record | dict[str, Any]) -> Event:
+    """The feature engine's view of a stored interaction."""
+    amount = row["amount"]
+    return Event(
+        occurred_at=row["occurred_at"],
+        type=row["type"],
+        channel=row["channel"],
+        attributes={k: from_tagged(v) for k, v in row["attributes"].items()},
+        ticket_id=row["ticket_id"],
+        product_id=row["product_id"],
+        amount=float(amount) if amount is not None else None,
+        sentiment=row["sentiment"],
+    )
+
+
+def spec_to_json(spec: InteractionTypeSpec) -> dict[str, Any]:
+    data = dataclasses.asdict(spec)
+    data["required_fields"] = sorted(spec.required_fields)
+    return data
+
+
+def spec_from_json(data: dict[str, Any]) -> InteractionTypeSpec:
+    return InteractionTypeSpec(
+        name=data["name"],
+        description=data["description"],
+        attributes=tuple(
+            AttributeSpec(**{**a, "allowed_values": tuple(a["allowed_values"])})
+            for a in data["attributes"]
+        ),
+        required_fields=frozenset(data["required_fields"]),
+        built_in=False,
+    )
+
+
+class InteractionsService:
+    def __init__(
+        self, store: InteractionsStore, identity: IdentityLink, settings: InteractionsSettings
+    ) -> None:
+        self.store = store
+        self.identity = identity
+        self.settings = settings
+        self.custom_types: dict[str, tuple[InteractionTypeSpec, asyncpg.Record]] = {}
+
+    async def load_types(self) -> None:
+        self.custom_types = {
+            row["name"]: (spec_from_json(row["spec"]), row)
+            for row in await self.store.custom_types()
+        }
+
+    async def type_spec(self, name: str) -> InteractionTypeSpec | None:
+        if name in BUILT_IN_TYPES:
+            return BUILT_IN_TYPES[name]
+        if name not in self.custom_types:
+            await self.load_types()  # another replica may have registered it
+        found = self.custom_types.get(name)
+        return found[0] if found else None
+
+    # --- ingest -------------------------------------------------------------------
+    async def ingest(
+        self, drafts: Sequence[Draft], *, validate_only: bool = False
+    ) -> IngestSummary:
+        summary = IngestSummary(results=[IngestResult("rejected") for _ in drafts])
+        now = datetime.now(UTC)
+        accepted: list[int] = []
+        for index, draft in enumerate(drafts):
+            problem = await self._check(draft, now)
+            if problem is not None:
+                summary.results[index] = IngestResult(
+                    "rejected", field=problem[0], reason=problem[1]
+                )
+            else:
+                accepted.append(index)
+
+        owners = await self._resolve_owners(
+            [drafts[i] for i in accepted], summary, accepted, validate_only
+        )
+        rows: list[tuple[int, NewInteraction]] = []
+        for index in accepted:
+            owner = owners.get(index)
+            if owner is None:
+                continue
+            draft = drafts[index]
+            rows.append(
+                (
+                    index,
+                    NewInteraction(
+                        interaction_id=uuid.uuid4(),
+                        customer_id=owner,
+                        occurred_at=draft.occurred_at,
+                        channel=draft.channel,
+                        type=draft.type,
+                        attributes={k: to_tagged(v) for k, v in draft.attributes.items()},
+                        ticket_id=draft.ticket_id,
+                        product_id=draft.product_id,
+                        amount=draft.amount,
+                        currency=draft.currency,
+                        sentiment=draft.sentiment,
+                        source=draft.source,
+                        idempotency_key=draft.idempotency_key,
+                        identifier=dataclasses.asdict(draft.identifier)
+                        if draft.identifier
+                        else None,
+                        event=Event(
+                            occurred_at=draft.occurred_at,
+                            type=draft.type,
+                            channel=draft.channel,
+                            attributes=draft.attributes,
+                            ticket_id=draft.ticket_id,
+                            product_id=draft.product_id,
+                            amount=draft.amount,
+                            sentiment=draft.sentiment,
+                        ),
+                    ),
+                )
+            )
+        if validate_only:
+            for index, row in rows:
+                summary.results[index] = IngestResult("stored", new=row)
+            return summary
+        size = self.settings.ingest_batch_size
+        for start in range(0, len(rows), size):
+            await self._store_batch(rows[start : start + size], summary)
+        return summary
+
+    async def _check(self, draft: Draft, now: datetime) -> tuple[str, str] | None:
+        spec = BUILT_IN_TYPES.get(draft.type) or await self.type_spec(draft.type)
+        if spec is None:
+            return (
+                "interaction.type",
+                f"unknown interaction type {draft.type[:80]!r}; register it first",
+            )
+        if draft.occurred_at > now + timedelta(seconds=self.settings.max_future_skew_s):
+            return "interaction.occurred_at", "in the future"
+        if draft.occurred_at < now - timedelta(days=self.settings.retention_days):
+            return (
+                "interaction.occurred_at",
+                f"older than the {self.settings.retention_days}-day retention",
+            )
+        violations = validate_interaction(
+            spec,
+            draft.attributes,
+            draft.ticket_id,
+            draft.product_id,
+            draft.amount is not None,
+            draft.sentiment,
+        )
+        if violations:
+            path, description = violations[0]
+            return f"interaction.{path}", description
+        return None
+
+    async def _resolve_owners(
+        self,
+        drafts: Sequence[Draft],
+        summary: IngestSummary,
+        indexes: Sequence[int],
+        validate_only: bool,
+    ) -> dict[int, uuid.UUID]:
+        owners: dict[int, uuid.UUID] = {}
+        gate = asyncio.Semaphore(RESOLVE_CONCURRENCY)
+
+        async def resolve(index: int, draft: Draft) -> None:
+            if draft.customer_id is not None:
+                owners[index] = draft.customer_id
+                return
+            assert draft.identifier is not None
+            async with gate:
+                try:
+                    owner, created = await self.identity.owner_of(
+                        draft.identifier, create=not (draft.lookup_only or validate_only)
+                    )
+                except InvalidArgument as error:
+                    summary.results[index] = IngestResult(
+                        "rejected",
+                        field=f"interaction.{error.violations[0].field}",
+                        reason=error.violations[0].description,
+                    )
+                    return
+                except NotFound as error:
+                    summary.results[index] = IngestResult(
+                        "rejected", field="interaction.customer", reason=error.message
+                    )
+                    return
+            owners[index] = owner
+            summary.customers_created += created
+
+        by_identifier = []
+        for index, draft in zip(indexes, drafts, strict=True):
+            if draft.customer_id is not None:
+                owners[index] = draft.customer_id
+            else:
+                by_identifier.append(resolve(index, draft))
+        await asyncio.gather(*by_identifier)
+        return owners
+
+    async def _store_batch(
+        self, rows: Sequence[tuple[int, NewInteraction]], summary: IngestSummary
+    ) -> None:
+        now = datetime.now(UTC)
+
+        async def fold(
+            states: dict[uuid.UUID, dict[str, Any] | None],
+            fresh: Sequence[NewInteraction],
+            events_of: EventsOf,
+        ) -> dict[uuid.UUID, dict[str, Any]]:
+            live: dict[uuid.UUID, CustomerState] = {}
+            rebuilt: set[uuid.UUID] = set()
+            for customer, kept in states.items():
+                try:
+                    live[customer] = CustomerState.from_json(kept) if kept else CustomerState()
+                except StateVersionError:
+                    # The feature set changed shape since this state was kept:
+                    # rebuild it from the interactions (the fresh ones included).
+                    live[customer] = build_state(event_of(r) for r in await events_of(customer))
+                    rebuilt.add(customer)
+            for row in fresh:
+                if row.customer_id not in rebuilt:
+                    live[row.customer_id].apply(row.event)
+            for state in live.values():
+                state.prune(now)
+            return {c: s.to_json() for c, s in live.items()}
+
+        new, duplicates = await self.store.ingest([row for _, row in rows], fold)
+        for index, row in rows:
+            if row.interaction_id in new:
+                summary.results[index] = IngestResult(
+                    "stored", new=row, stored=new[row.interaction_id]
+                )
+            else:  # stored before, or earlier in this batch: the first copy answers
+                summary.results[index] = IngestResult(
+                    "duplicate", row=duplicates[(row.source, row.idempotency_key)]
+                )
+
+    # --- reads ----------------------------------------------------------------------
+    async def customer_id_of(
+        self, customer_id: uuid.UUID | None, identifier: IdentifierRef | None
+    ) -> uuid.UUID:
+        """The surviving customer a reference points at (never creates one)."""
+        if customer_id is None:
+            assert identifier is not None
+            customer_id, _ = await self.identity.owner_of(
+                identifier,
+                create=False,
+            )
+        roots = await self.store.roots([customer_id])
+        return roots.get(customer_id, customer_id)
+
+    async def timeline(
+        self,
+        root: uuid.UUID,
+        types: Sequence[str],
+        channels: Sequence[int],
+        start: datetime | None,
+        end: datetime | None,
+        ticket_id: str,
+        before: tuple[datetime, int] | None,
+        limit: int,
+    ) -> list[asyncpg.Record]:
+        members = (await self.store.members([root]))[root]
+        boundary = before or (datetime.max.replace(tzinfo=UTC), 2**62)
+        return await self.store.timeline(
+            members, types, channels, start, end, ticket_id, boundary, limit
+        )
+
+    async def live_states(
+        self, roots: Sequence[uuid.UUID]
+    ) -> dict[uuid.UUID, CustomerState | None]:
+        """The live feature state of each customer, merged customers folded in;
+        None for a customer with no interactions at all."""
+        members = await self.store.members(list(set(roots)))
+        raw = await self.store.states([m for ms in members.values() for m in ms])
+        result: dict[uuid.UUID, CustomerState | None] = {}
+        for root in roots:
+            states = [await self._state(m, raw[m]) for m in members.get(root, [root]) if m in raw]
+            result[root] = reduce(lambda a, b: a.merge(b), states) if states else None
+        return result
+
+    async def _state(self, customer: uuid.UUID, kept: dict[str, Any]) -> CustomerState:
+        try:
+            return CustomerState.from_json(kept)
+        except StateVersionError:  # kept by an older feature set: rebuild, don't fail
+            rows = await self.store.events_before([customer], datetime.max.replace(tzinfo=UTC))
+            return build_state(event_of(r) for r in rows)
+
+    async def live_features(
+        self,
+        roots: Sequence[uuid.UUID],
+        ticket_ids: Sequence[str],
+        include_open_tickets: bool,
+    ) -> tuple[
+        datetime, list[dict[str, float]], list[tuple[uuid.UUID, str, dict[str, float] | None]]
+    ]:
+        now = datetime.now(UTC)
+        ticket_owners = await self._ticket_owners(ticket_ids)
+        states = await self.live_states([*roots, *ticket_owners.values()])
+        customers = [
+            feature_engine.customer_features(states[r] or CustomerState(), now) for r in roots
+        ]
+        tickets: list[tuple[uuid.UUID, str, dict[str, float] | None]] = []
+        for ticket_id in ticket_ids:
+            owner = ticket_owners.get(ticket_id)
+            state = states.get(owner) if owner else None
+            values = (
+                feature_engine.ticket_features(state, ticket_id, now) if state and owner else None
+            )
+            tickets.append((owner or uuid.UUID(int=0), ticket_id, values))
+        if include_open_tickets:
+            seen = set(ticket_ids)
+            for root in roots:
+                state = states[root]
+                for ticket_id in state.open_ticket_ids() if state else []:
+                    if ticket_id not in seen:
+                        seen.add(ticket_id)
+                        assert state is not None
+                        tickets.append(
+                            (root, ticket_id, feature_engine.ticket_features(state, ticket_id, now))
+                        )
+        return now, customers, tickets
+
+    async def _ticket_owners(self, ticket_ids: Sequence[str]) -> dict[str, uuid.UUID]:
+        if not ticket_ids:
+            return {}
+        async with self.store.connection() as connection:
+            rows = await connection.fetch(
+                "SELECT DISTINCT ON (ticket_id) ticket_id, customer_id FROM interactions "
+                "WHERE ticket_id = ANY($1::text[]) ORDER BY ticket_id, seq",
+                list(ticket_ids),
+            )
+        owners = {r["ticket_id"]: r["customer_id"] for r in rows}
+        roots = await self.store.roots(list(set(owners.values())))
+        return {t: roots.get(c, c) for t, c in owners.items()}
+
+    async def point_in_time(
+        self, queries: Sequence[tuple[uuid.UUID, datetime, str]], as_recorded: bool
+    ) -> list[tuple[dict[str, float], dict[str, float] | None]]:
+        """Features as of each (customer, time, ticket): only interactions that
+        occurred strictly before the time count."""
+        roots = await self.store.roots(list({c for c, _, _ in queries}))
+        groups: dict[uuid.UUID, list[int]] = {}
+        for index, (customer, _, _) in enumerate(queries):
+            groups.setdefault(roots.get(customer, customer), []).append(index)
+        members = await self.store.members(list(groups))
+        results: list[tuple[dict[str, float], dict[str, float] | None]] = [({}, None)] * len(
+            queries
+        )
+        for root, indexes in groups.items():
+            latest = max(queries[i][1] for i in indexes)
+            rows = await self.store.events_before(members.get(root, [root]), latest)
+            if as_recorded:
+                for i in indexes:
+                    as_of = queries[i][1]
+                    known = [
+                        event_of(r)
+                        for r in rows
+                        if r["occurred_at"] < as_of and r["recorded_at"] <= as_of
+                    ]
+                    results[i] = feature_engine.features_at_cutoffs(
+                        known, [as_of], [queries[i][2]]
+                    )[0]
+                continue
+            events = [event_of(r) for r in rows]
+            computed = feature_engine.features_at_cutoffs(
+                events, [queries[i][1] for i in indexes], [queries[i][2] for i in indexes]
+            )
+            for i, value in zip(indexes, computed, strict=True):
+                results[i] = value
+        return results
+
+    # --- types ------------------------------------------------------------------------
+    async def register_type(
+        self, spec: InteractionTypeSpec
+    ) -> tuple[InteractionTypeSpec, asyncpg.Record, bool]:
+        problems = validate_custom_type_name(spec.name)
+        if problems:
+            raise InvalidArgument([FieldViolation("interaction_type.name", p) for p in problems])
+        if spec.name in BUILT_IN_TYPES:
+            raise FailedPrecondition(f"{spec.name!r} is built in and cannot be changed")
+        await self.load_types()
+        existing = self.custom_types.get(spec.name)
+        if existing is None:
+            row = await self.store.save_type(spec.name, spec_to_json(spec), None)
+            self.custom_types[spec.name] = (spec, row)
+            return spec, row, True
+        old, old_row = existing
+        if spec_to_json(old) == spec_to_json(spec):
+            return old, old_row, False
+        reasons = check_compatible_change(old, spec)
+        if reasons:
+            raise FailedPrecondition(
+                "incompatible change of an interaction type: " + "; ".join(reasons),
+                [
+                    ("INCOMPATIBLE_TYPE_CHANGE", f"interaction_types/{spec.name}", r)
+                    for r in reasons
+                ],
+            )
+        row = await self.store.save_type(spec.name, spec_to_json(spec), old_row["version"])
+        self.custom_types[spec.name] = (spec, row)
+        return spec, row, False
+
+    async def get_interaction(self, interaction_id: uuid.UUID) -> asyncpg.Record:
+        row = await self.store.get(interaction_id)
+        if row is None:
+            raise NotFound("interaction", str(interaction_id))
+        return row
+
+
+def _as_record(
+    row: NewInteraction, stored: asyncpg.Record | Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """A stored row in the shape the database returns it."""
+    data = {f.name: getattr(row, f.name) for f in dataclasses.fields(row) if f.name != "event"}
+    data["seq"] = stored["seq"] if stored else 0
+    data["recorded_at"] = stored["recorded_at"] if stored else datetime.now(UTC)
+    return data
+
+
+def all_types(custom: Iterable[InteractionTypeSpec]) -> list[InteractionTypeSpec]:
+    return sorted([*BUILT_IN_TYPES.values(), *custom], key=lambda s: s.name)
+
+
+__all__ = ["ConvergeError", "Draft", "IngestResult", "InteractionsService", "all_types", "event_of"]

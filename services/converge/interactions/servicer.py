@@ -1,0 +1,752 @@
+"""The interactions service's gRPC face: protobuf in, shape checks with field
+paths, `service.py` for the rules, protobuf out."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from importlib.resources import files
+from typing import Any
+
+import asyncpg
+import grpc
+from google.protobuf import duration_pb2, struct_pb2
+
+from converge.interactions import features as feature_engine
+from converge.interactions.identity_link import IdentifierRef, IdentityLink
+from converge.interactions.service import Draft, InteractionsService, all_types
+from converge.interactions.settings import InteractionsSettings
+from converge.interactions.store import InteractionsStore
+from converge.interactions.types import (
+    AttributeSpec,
+    AttributeType,
+    InteractionTypeSpec,
+    RequiredField,
+)
+from converge.runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument, Violations
+from converge.runtime.server import ServiceContext, ServiceSpec
+from converge.runtime.values import (
+    from_plain,
+    from_tagged,
+    money_from_float,
+    money_to_float,
+    timestamp,
+    to_datetime,
+    to_plain,
+)
+from converge.v1 import (
+    common_pb2,
+    interactions_pb2,
+    interactions_pb2_grpc,
+    privacy_pb2,
+    privacy_pb2_grpc,
+)
+
+MAX_ATTRIBUTES = 64
+MAX_STRING_BYTES = 4096
+MAX_KEY = 256
+MAX_BATCH = 1000
+MAX_ROWS_PER_MESSAGE = 5000
+MAX_PIT_QUERIES = 10_000
+DEFAULT_PAGE, MAX_PAGE = 100, 1000
+MAX_LISTED_REJECTIONS = 1000
+FEATURE_WINDOW_DAYS = 90
+_ATTRIBUTE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_SOURCE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+_CURSOR = re.compile(r"^[0-9]{1,18}$")
+_FIELD_NAMES: dict[int, RequiredField] = {
+    interactions_pb2.INTERACTION_FIELD_TICKET_ID: "ticket_id",
+    interactions_pb2.INTERACTION_FIELD_PRODUCT_ID: "product_id",
+    interactions_pb2.INTERACTION_FIELD_AMOUNT: "amount",
+    interactions_pb2.INTERACTION_FIELD_SENTIMENT: "sentiment",
+}
+_ATTRIBUTE_TYPES: dict[int, AttributeType] = {
+    interactions_pb2.INTERACTION_ATTRIBUTE_TYPE_STRING: "string",
+    interactions_pb2.INTERACTION_ATTRIBUTE_TYPE_NUMBER: "number",
+    interactions_pb2.INTERACTION_ATTRIBUTE_TYPE_BOOL: "bool",
+    interactions_pb2.INTERACTION_ATTRIBUTE_TYPE_TIMESTAMP: "timestamp",
+}
+_AGGREGATIONS = {
+    name.removeprefix("FEATURE_AGGREGATION_").lower(): number
+    for name, number in interactions_pb2.FeatureAggregation.items()
+}
+_PREDICTIONS = {"churn": 1, "escalation": 2, "cross_sell": 3}
+
+
+# --- protobuf -> plain ------------------------------------------------------------
+def _uuid(value: str, path: str, v: Violations) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        v.add(path, "required: a UUID" if not value else "not a UUID")
+        return None
+
+
+def _customer(
+    ref: common_pb2.CustomerRef, path: str, v: Violations
+) -> tuple[uuid.UUID | None, IdentifierRef | None]:
+    which = ref.WhichOneof("ref")
+    if which == "customer_id":
+        return _uuid(ref.customer_id, f"{path}.customer_id", v), None
+    if which == "identifier":
+        identifier = ref.identifier
+        v.check(
+            identifier.type != 0 and identifier.type in common_pb2.IdentifierType.values(),
+            f"{path}.identifier.type",
+            "set a known identifier type",
+        )
+        v.check(
+            0 < len(identifier.value.strip()) <= MAX_KEY,
+            f"{path}.identifier.value",
+            f"required, at most {MAX_KEY} characters",
+        )
+        return None, IdentifierRef(identifier.type, identifier.value, identifier.source)
+    v.add(path, "set customer_id or identifier")
+    return None, None
+
+
+def _draft(
+    message: interactions_pb2.InteractionInput,
+    key: str,
+    lookup_only: bool,
+    row_ref: str,
+    path: str,
+    key_path: str,
+    v: Violations,
+) -> Draft | None:
+    before = len(v.found)
+    customer_id, identifier = _customer(message.customer, f"{path}.customer", v)
+    v.check(message.HasField("occurred_at"), f"{path}.occurred_at", "required")
+    v.check(
+        message.channel != 0 and message.channel in common_pb2.Channel.values(),
+        f"{path}.channel",
+        "set a known channel",
+    )
+    v.check(0 < len(message.type) <= 64, f"{path}.type", "required, at most 64 characters")
+    v.check(
+        bool(_SOURCE.match(message.source)),
+        f"{path}.source",
+        "required: 1-64 of a-z, 0-9, '_', '.', '-'",
+    )
+    v.check(0 < len(key) <= MAX_KEY, key_path, f"required, at most {MAX_KEY} characters")
+    v.check(len(message.ticket_id) <= MAX_KEY, f"{path}.ticket_id", "too long")
+    v.check(len(message.product_id) <= MAX_KEY, f"{path}.product_id", "too long")
+    v.check(
+        len(message.attributes) <= MAX_ATTRIBUTES,
+        f"{path}.attributes",
+        f"at most {MAX_ATTRIBUTES} attributes",
+    )
+    attributes: dict[str, Any] = {}
+    for name, value in message.attributes.items():
+        field_path = f"{path}.attributes.{name[:64]}"
+        if not _ATTRIBUTE_NAME.match(name):
+            v.add(field_path, "name must match [a-z][a-z0-9_]{0,62}")
+            continue
+        plain = to_plain(value)
+        if plain is None:
+            v.add(field_path, "set one of string_value, number_value, bool_value, timestamp_value")
+        elif isinstance(plain, str) and len(plain.encode()) > MAX_STRING_BYTES:
+            v.add(field_path, f"longer than {MAX_STRING_BYTES} bytes")
+        elif isinstance(plain, float) and not math.isfinite(plain):
+            v.add(field_path, "must be a finite number")
+        else:
+            attributes[name] = plain
+    amount = currency = None
+    if message.HasField("amount"):
+        amount, currency = money_to_float(message.amount), message.amount.currency_code
+        v.check(
+            bool(re.fullmatch(r"[A-Z]{3}", currency)),
+            f"{path}.amount.currency_code",
+            "an ISO 4217 code such as EUR",
+        )
+    sentiment = message.sentiment if message.HasField("sentiment") else None
+    if len(v.found) > before:
+        return None
+    return Draft(
+        row_ref=row_ref,
+        customer_id=customer_id,
+        identifier=identifier,
+        occurred_at=to_datetime(message.occurred_at),
+        channel=message.channel,
+        type=message.type,
+        attributes=attributes,
+        ticket_id=message.ticket_id,
+        product_id=message.product_id,
+        amount=amount,
+        currency=currency or "",
+        sentiment=sentiment,
+        source=message.source,
+        idempotency_key=key,
+        lookup_only=lookup_only,
+    )
+
+
+# --- plain -> protobuf ------------------------------------------------------------
+def interaction_pb(row: Any) -> interactions_pb2.Interaction:
+    message = interactions_pb2.Interaction(
+        interaction_id=str(row["interaction_id"]),
+        customer_id=str(row["customer_id"]),
+        occurred_at=timestamp(row["occurred_at"]),
+        channel=row["channel"],
+        type=row["type"],
+        attributes={k: from_plain(from_tagged(t)) for k, t in row["attributes"].items()},
+        ticket_id=row["ticket_id"],
+        product_id=row["product_id"],
+        source=row["source"],
+        idempotency_key=row["idempotency_key"],
+        recorded_at=timestamp(row["recorded_at"]),
+    )
+    if row["amount"] is not None:
+        message.amount.CopyFrom(money_from_float(float(row["amount"]), row["currency"]))
+    if row["sentiment"] is not None:
+        message.sentiment = row["sentiment"]
+    if row["identifier"]:
+        identifier = row["identifier"]
+        message.identifier.CopyFrom(
+            common_pb2.Identifier(
+                type=identifier["type"], value=identifier["value"], source=identifier["source"]
+            )
+        )
+    return message
+
+
+def _type_pb(spec: InteractionTypeSpec, row: Any = None) -> interactions_pb2.InteractionType:
+    by_name = {
+        v: interactions_pb2.InteractionAttributeType.ValueType(k)
+        for k, v in _ATTRIBUTE_TYPES.items()
+    }
+    by_field = {v: interactions_pb2.InteractionField.ValueType(k) for k, v in _FIELD_NAMES.items()}
+    message = interactions_pb2.InteractionType(
+        name=spec.name,
+        description=spec.description,
+        attributes=[
+            interactions_pb2.InteractionAttributeSpec(
+                name=a.name,
+                type=by_name[a.type],
+                required=a.required,
+                description=a.description,
+                allowed_values=a.allowed_values,
+                unit=a.unit,
+                **({"min_value": a.min_value} if a.min_value is not None else {}),
+                **({"max_value": a.max_value} if a.max_value is not None else {}),
+            )
+            for a in spec.attributes
+        ],
+        required_fields=sorted(by_field[f] for f in spec.required_fields),
+        built_in=spec.built_in,
+        version=row["version"] if row is not None else 1,
+    )
+    if row is not None:
+        message.created_at.CopyFrom(timestamp(row["created_at"]))
+        message.updated_at.CopyFrom(timestamp(row["updated_at"]))
+    return message
+
+
+def _definition_pb(
+    definition: feature_engine.FeatureDefinition,
+) -> interactions_pb2.FeatureDefinition:
+    message = interactions_pb2.FeatureDefinition(
+        name=definition.name,
+        description=definition.description,
+        entity=interactions_pb2.FEATURE_ENTITY_CUSTOMER
+        if definition.entity == "customer"
+        else interactions_pb2.FEATURE_ENTITY_TICKET,
+        aggregation=_AGGREGATIONS[definition.aggregation],
+        interaction_types=definition.interaction_types,
+        channel=common_pb2.Channel.ValueType(definition.channel),
+        attribute=definition.attribute,
+        unit=definition.unit,
+        categories=definition.categories,
+        may_be_missing=definition.may_be_missing,
+        used_by=[common_pb2.PredictionKind.ValueType(_PREDICTIONS[p]) for p in definition.used_by],
+    )
+    if definition.window_days:
+        message.window.CopyFrom(duration_pb2.Duration(seconds=definition.window_days * 86400))
+    return message
+
+
+def _vector(
+    customer_id: uuid.UUID,
+    values: dict[str, float] | None,
+    as_of: datetime,
+    names: set[str],
+    ticket_id: str = "",
+) -> interactions_pb2.FeatureVector:
+    vector = interactions_pb2.FeatureVector(
+        customer_id=str(customer_id),
+        ticket_id=ticket_id,
+        as_of=timestamp(as_of),
+        feature_set_version=feature_engine.FEATURE_SET_VERSION,
+        found=values is not None,
+    )
+    for name, value in (values or {}).items():
+        if not names or name in names:
+            vector.values[name] = value
+    return vector
+
+
+def _struct(row: Any) -> struct_pb2.Struct:
+    data = {}
+    for key, value in dict(row).items():
+        if isinstance(value, datetime):
+            value = value.isoformat()
+        elif isinstance(value, uuid.UUID):
+            value = str(value)
+        elif key == "amount" and value is not None:
+            value = float(value)
+        data[key] = value
+    struct = struct_pb2.Struct()
+    struct.update(data)
+    return struct
+
+
+class InteractionsServicer(interactions_pb2_grpc.InteractionsServiceServicer):
+    def __init__(self, service: InteractionsService, settings: InteractionsSettings) -> None:
+        self.service = service
+        self.settings = settings
+
+    async def RecordInteraction(
+        self, request: interactions_pb2.RecordInteractionRequest, context: grpc.aio.ServicerContext
+    ) -> interactions_pb2.RecordInteractionResponse:
+        v = Violations()
+        draft = _draft(
+            request.interaction,
+            request.idempotency_key,
+            request.lookup_only,
+            "",
+            "interaction",
+            "idempotency_key",
+            v,
+        )
+        v.raise_if_any()
+        assert draft is not None
+        summary = await self.service.ingest([draft], validate_only=request.validate_only)
+        result = summary.results[0]
+        if result.outcome == "rejected":
+            if result.field == "interaction.customer":
+                from converge.runtime.errors import NotFound
+
+                raise NotFound("customer", result.reason)
+            raise InvalidArgument([FieldViolation(result.field, result.reason)])
+        return interactions_pb2.RecordInteractionResponse(
+            interaction=interaction_pb(result.as_row()), duplicate=result.outcome == "duplicate"
+        )
+
+    async def IngestInteractions(
+        self,
+        request_iterator: AsyncIterator[interactions_pb2.IngestInteractionsRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> interactions_pb2.IngestInteractionsResponse:
+        response = interactions_pb2.IngestInteractionsResponse()
+        batch: list[Draft] = []
+
+        def reject(row_ref: str, key: str, field: str, reason: str) -> None:
+            response.rejected += 1
+            if len(response.rejections) < MAX_LISTED_REJECTIONS:
+                response.rejections.append(
+                    interactions_pb2.IngestRejection(
+                        row_ref=row_ref, idempotency_key=key, field=field, reason=reason
+                    )
+                )
+
+        async def flush() -> None:
+            summary = await self.service.ingest(batch)
+            response.customers_created += summary.customers_created
+            for draft, result in zip(batch, summary.results, strict=True):
+                if result.outcome == "stored":
+                    response.stored += 1
+                elif result.outcome == "duplicate":
+                    response.duplicates += 1
+                else:
+                    reject(draft.row_ref, draft.idempotency_key, result.field, result.reason)
+            batch.clear()
+
+        async for message in request_iterator:
+            if len(message.rows) > MAX_ROWS_PER_MESSAGE:
+                raise InvalidArgument(
+                    [FieldViolation("rows", f"at most {MAX_ROWS_PER_MESSAGE} per message")]
+                )
+            items: list[interactions_pb2.IngestInteractionsRequest | interactions_pb2.IngestRow] = [
+                *([message] if message.HasField("interaction") else []),
+                *message.rows,
+            ]
+            for item in items:
+                response.received += 1
+                row_ref = item.row_ref or str(response.received)
+                v = Violations()
+                draft = _draft(
+                    item.interaction,
+                    item.idempotency_key,
+                    item.lookup_only,
+                    row_ref,
+                    "interaction",
+                    "idempotency_key",
+                    v,
+                )
+                if draft is None:
+                    reject(row_ref, item.idempotency_key, v.found[0].field, v.found[0].description)
+                    continue
+                batch.append(draft)
+            if len(batch) >= self.settings.ingest_batch_size:
+                await flush()
+        if batch:
+            await flush()
+        return response
+
+    async def GetInteraction(
+        self, request: interactions_pb2.GetInteractionRequest, context: grpc.aio.ServicerContext
+    ) -> interactions_pb2.GetInteractionResponse:
+        v = Violations()
+        interaction_id = _uuid(request.interaction_id, "interaction_id", v)
+        v.raise_if_any()
+        assert interaction_id is not None
+        row = await self.service.get_interaction(interaction_id)
+        return interactions_pb2.GetInteractionResponse(interaction=interaction_pb(row))
+
+    async def ListInteractions(
+        self, request: interactions_pb2.ListInteractionsRequest, context: grpc.aio.ServicerContext
+    ) -> interactions_pb2.ListInteractionsResponse:
+        v = Violations()
+        customer_id, identifier = _customer(request.customer, "customer", v)
+        v.check(request.page.page_size >= 0, "page.page_size", "must not be negative")
+        for i, channel in enumerate(request.channels):
+            v.check(
+                channel in common_pb2.Channel.values() and channel != 0,
+                f"channels[{i}]",
+                "unknown channel",
+            )
+        before = None
+        if request.page.page_token:
+            at, _, seq = request.page.page_token.partition("/")
+            try:
+                before = (datetime.fromisoformat(at), int(seq))
+            except ValueError:
+                v.add("page.page_token", "not a token this service issued")
+        v.raise_if_any()
+        root = await self.service.customer_id_of(customer_id, identifier)
+        size = min(request.page.page_size or DEFAULT_PAGE, MAX_PAGE)
+        occurred = request.occurred
+        rows = await self.service.timeline(
+            root,
+            list(request.types),
+            list(request.channels),
+            to_datetime(occurred.start) if occurred.HasField("start") else None,
+            to_datetime(occurred.end) if occurred.HasField("end") else None,
+            request.ticket_id,
+            before,
+            size + 1,
+        )
+        token = ""
+        if len(rows) > size:
+            last = rows[size - 1]
+            token = f"{last['occurred_at'].isoformat()}/{last['seq']}"
+        return interactions_pb2.ListInteractionsResponse(
+            customer_id=str(root),
+            interactions=[interaction_pb(r) for r in rows[:size]],
+            page=common_pb2.PageResponse(next_page_token=token),
+        )
+
+    async def StreamInteractions(
+        self, request: interactions_pb2.StreamInteractionsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[interactions_pb2.StreamInteractionsResponse]:
+        v = Violations()
+        v.check(
+            not request.from_cursor or bool(_CURSOR.match(request.from_cursor)),
+            "from_cursor",
+            "not a cursor this service issued",
+        )
+        v.raise_if_any()
+        cursor = int(request.from_cursor or 0)
+        exact = {t for t in request.types if not t.endswith(".*")}
+        prefixes = tuple(t[:-1] for t in request.types if t.endswith(".*"))
+        while True:
+            rows = await self.service.store.stream_after(cursor, 500)
+            for row in rows:
+                cursor = row["seq"]
+                if (
+                    request.types
+                    and row["type"] not in exact
+                    and not row["type"].startswith(prefixes)
+                ):
+                    continue
+                yield interactions_pb2.StreamInteractionsResponse(
+                    cursor=str(cursor), interaction=interaction_pb(row)
+                )
+            if not rows:
+                if not request.follow:
+                    return
+                await asyncio.sleep(self.settings.stream_poll_interval_s)
+
+    async def RegisterInteractionType(
+        self,
+        request: interactions_pb2.RegisterInteractionTypeRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> interactions_pb2.RegisterInteractionTypeResponse:
+        v = Violations()
+        given = request.interaction_type
+        attributes = []
+        for i, a in enumerate(given.attributes):
+            path = f"interaction_type.attributes[{i}]"
+            v.check(
+                bool(_ATTRIBUTE_NAME.match(a.name)),
+                f"{path}.name",
+                "must match [a-z][a-z0-9_]{0,62}",
+            )
+            v.check(a.type in _ATTRIBUTE_TYPES, f"{path}.type", "set a known attribute type")
+            if a.type in _ATTRIBUTE_TYPES:
+                attributes.append(
+                    AttributeSpec(
+                        name=a.name,
+                        type=_ATTRIBUTE_TYPES[a.type],
+                        required=a.required,
+                        description=a.description,
+                        allowed_values=tuple(a.allowed_values),
+                        min_value=a.min_value if a.HasField("min_value") else None,
+                        max_value=a.max_value if a.HasField("max_value") else None,
+                        unit=a.unit,
+                    )
+                )
+        for i, f in enumerate(given.required_fields):
+            v.check(f in _FIELD_NAMES, f"interaction_type.required_fields[{i}]", "unknown field")
+        v.check(
+            len({a.name for a in attributes}) == len(attributes),
+            "interaction_type.attributes",
+            "attribute names must be unique",
+        )
+        v.raise_if_any()
+        spec = InteractionTypeSpec(
+            name=given.name,
+            description=given.description,
+            attributes=tuple(attributes),
+            required_fields=frozenset(_FIELD_NAMES[f] for f in given.required_fields),
+            built_in=False,
+        )
+        registered, row, created = await self.service.register_type(spec)
+        return interactions_pb2.RegisterInteractionTypeResponse(
+            interaction_type=_type_pb(registered, row), created=created
+        )
+
+    async def ListInteractionTypes(
+        self,
+        request: interactions_pb2.ListInteractionTypesRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> interactions_pb2.ListInteractionTypesResponse:
+        await self.service.load_types()
+        custom = self.service.custom_types
+        specs = (
+            [s for s, _ in custom.values()]
+            if request.custom_only
+            else all_types(s for s, _ in custom.values())
+        )
+        return interactions_pb2.ListInteractionTypesResponse(
+            interaction_types=[
+                _type_pb(s, custom[s.name][1] if s.name in custom else None) for s in specs
+            ]
+        )
+
+    def _check_version(self, version: str, path: str) -> None:
+        if version and version != feature_engine.FEATURE_SET_VERSION:
+            raise FailedPrecondition(
+                f"feature set {version!r} is not served; this service serves "
+                f"{feature_engine.FEATURE_SET_VERSION!r}",
+                [("FEATURE_SET_NOT_SERVED", path, "not served")],
+            )
+
+    def _feature_names(self, names: Any, v: Violations) -> set[str]:
+        known = {d.name for d in feature_engine.REGISTRY}
+        for i, name in enumerate(names):
+            v.check(name in known, f"feature_names[{i}]", f"unknown feature {name[:80]!r}")
+        return set(names)
+
+    async def ListFeatureDefinitions(
+        self,
+        request: interactions_pb2.ListFeatureDefinitionsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> interactions_pb2.ListFeatureDefinitionsResponse:
+        self._check_version(request.feature_set_version, "feature_set_version")
+        entity = {1: "customer", 2: "ticket"}.get(request.entity)
+        return interactions_pb2.ListFeatureDefinitionsResponse(
+            feature_set_version=feature_engine.FEATURE_SET_VERSION,
+            definitions=[
+                _definition_pb(d) for d in feature_engine.REGISTRY if entity in (None, d.entity)
+            ],
+            served_versions=[feature_engine.FEATURE_SET_VERSION],
+        )
+
+    async def GetFeatures(
+        self, request: interactions_pb2.GetFeaturesRequest, context: grpc.aio.ServicerContext
+    ) -> interactions_pb2.GetFeaturesResponse:
+        v = Violations()
+        v.check(len(request.customers) <= MAX_BATCH, "customers", f"at most {MAX_BATCH}")
+        v.check(len(request.ticket_ids) <= MAX_BATCH, "ticket_ids", f"at most {MAX_BATCH}")
+        refs = [_customer(c, f"customers[{i}]", v) for i, c in enumerate(request.customers)]
+        names = self._feature_names(request.feature_names, v)
+        v.raise_if_any()
+        self._check_version(request.feature_set_version, "feature_set_version")
+        roots = []
+        found = []
+        for customer_id, identifier in refs:
+            try:
+                roots.append(await self.service.customer_id_of(customer_id, identifier))
+                found.append(True)
+            except Exception as error:
+                from converge.runtime.errors import NotFound
+
+                if not isinstance(error, NotFound):
+                    raise
+                roots.append(uuid.UUID(int=0))
+                found.append(False)
+        as_of, customers, tickets = await self.service.live_features(
+            roots, list(request.ticket_ids), request.include_open_tickets
+        )
+        return interactions_pb2.GetFeaturesResponse(
+            customers=[
+                _vector(root, values if ok else None, as_of, names)
+                for root, values, ok in zip(roots, customers, found, strict=True)
+            ],
+            tickets=[
+                _vector(owner, values, as_of, names, ticket_id)
+                for owner, ticket_id, values in tickets
+            ],
+            feature_set_version=feature_engine.FEATURE_SET_VERSION,
+        )
+
+    async def GetPointInTimeFeatures(
+        self,
+        request_iterator: AsyncIterator[interactions_pb2.GetPointInTimeFeaturesRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[interactions_pb2.GetPointInTimeFeaturesResponse]:
+        async for request in request_iterator:
+            v = Violations()
+            v.check(
+                len(request.queries) <= MAX_PIT_QUERIES,
+                "queries",
+                f"at most {MAX_PIT_QUERIES} per message",
+            )
+            queries = []
+            for i, query in enumerate(request.queries):
+                customer_id = _uuid(query.customer_id, f"queries[{i}].customer_id", v)
+                v.check(query.HasField("as_of"), f"queries[{i}].as_of", "required")
+                if customer_id is not None and query.HasField("as_of"):
+                    queries.append((customer_id, to_datetime(query.as_of), query.ticket_id))
+            names = self._feature_names(request.feature_names, v)
+            v.raise_if_any()
+            self._check_version(request.feature_set_version, "feature_set_version")
+            computed = await self.service.point_in_time(queries, request.as_recorded)
+            response = interactions_pb2.GetPointInTimeFeaturesResponse(
+                feature_set_version=feature_engine.FEATURE_SET_VERSION
+            )
+            for query, (customer_id, as_of, ticket_id), (customer, ticket) in zip(
+                request.queries, queries, computed, strict=True
+            ):
+                result = response.results.add(row_ref=query.row_ref)
+                result.customer.CopyFrom(_vector(customer_id, customer, as_of, names))
+                if ticket_id:
+                    result.ticket.CopyFrom(_vector(customer_id, ticket, as_of, names, ticket_id))
+            yield response
+
+    async def PurgeInteractions(
+        self, request: interactions_pb2.PurgeInteractionsRequest, context: grpc.aio.ServicerContext
+    ) -> interactions_pb2.PurgeInteractionsResponse:
+        v = Violations()
+        v.check(request.HasField("older_than"), "older_than", "required")
+        v.check(bool(request.actor.name), "actor.name", "required: who asked for the purge")
+        v.raise_if_any()
+        older_than = to_datetime(request.older_than)
+        if (
+            older_than > datetime.now(UTC) - timedelta(days=FEATURE_WINDOW_DAYS)
+            and not request.allow_feature_loss
+        ):
+            raise FailedPrecondition(
+                f"the horizon is within the {FEATURE_WINDOW_DAYS}-day feature window; "
+                "set allow_feature_loss to purge anyway",
+                [("FEATURE_WINDOW", "older_than", "within the feature window")],
+            )
+        store = self.service.store
+        if request.dry_run:
+            purged = await store.count_purgeable(older_than, list(request.types))
+        else:
+            purged = await store.purge(older_than, list(request.types), batch=5000)
+        return interactions_pb2.PurgeInteractionsResponse(
+            purged=sum(purged.values()), purged_by_type=purged, older_than=request.older_than
+        )
+
+    async def GetIdentitySyncStatus(
+        self,
+        request: interactions_pb2.GetIdentitySyncStatusRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> interactions_pb2.GetIdentitySyncStatusResponse:
+        status = await self.service.store.sync_status()
+        response = interactions_pb2.GetIdentitySyncStatusResponse(
+            connected=self.service.identity.connected
+        )
+        if status is not None:
+            response.cursor = status["cursor"]
+            response.applied_at.CopyFrom(timestamp(status["applied_at"]))
+            if status["last_event_at"] is not None:
+                response.last_event_at.CopyFrom(timestamp(status["last_event_at"]))
+        return response
+
+
+class InteractionsDataSubjects(privacy_pb2_grpc.DataSubjectServiceServicer):
+    """Erasure and export of what this service holds on a customer."""
+
+    def __init__(self, store: InteractionsStore) -> None:
+        self.store = store
+
+    def _ids(self, values: Any) -> list[uuid.UUID]:
+        v = Violations()
+        ids = [_uuid(c, f"customer_ids[{i}]", v) for i, c in enumerate(values)]
+        v.check(bool(values), "customer_ids", "at least one customer id")
+        v.raise_if_any()
+        return [i for i in ids if i is not None]
+
+    async def EraseCustomerData(
+        self, request: privacy_pb2.EraseCustomerDataRequest, context: grpc.aio.ServicerContext
+    ) -> privacy_pb2.EraseCustomerDataResponse:
+        erased = await self.store.erase(self._ids(request.customer_ids))
+        return privacy_pb2.EraseCustomerDataResponse(service="interactions", erased_counts=erased)
+
+    async def ExportCustomerData(
+        self, request: privacy_pb2.ExportCustomerDataRequest, context: grpc.aio.ServicerContext
+    ) -> privacy_pb2.ExportCustomerDataResponse:
+        rows = await self.store.export(self._ids(request.customer_ids))
+        return privacy_pb2.ExportCustomerDataResponse(
+            service="interactions",
+            sections=[
+                privacy_pb2.ExportedRecords(kind="interactions", records=[_struct(r) for r in rows])
+            ],
+            exported_at=timestamp(datetime.now(UTC)),
+        )
+
+
+async def register(server: grpc.aio.Server, context: ServiceContext) -> list[str]:
+    settings = context.settings
+    assert isinstance(settings, InteractionsSettings)
+    store = InteractionsStore(context.pool)
+    identity = IdentityLink(settings.identity_address, settings.identity_timeout_s, store)
+    service = InteractionsService(store, identity, settings)
+    await service.load_types()
+    interactions_pb2_grpc.add_InteractionsServiceServicer_to_server(
+        InteractionsServicer(service, settings), server
+    )
+    privacy_pb2_grpc.add_DataSubjectServiceServicer_to_server(
+        InteractionsDataSubjects(store), server
+    )
+    identity.start_following(store.erase)
+    context.on_shutdown(identity.close)
+    return [
+        interactions_pb2.DESCRIPTOR.services_by_name["InteractionsService"].full_name,
+        privacy_pb2.DESCRIPTOR.services_by_name["DataSubjectService"].full_name,
+    ]
+
+
+SPEC = ServiceSpec(
+    name="interactions", migrations=files("converge.interactions") / "migrations", register=register
+)
+
+__all__ = ["SPEC", "InteractionsServicer", "asyncpg", "interaction_pb"]

@@ -1,0 +1,30 @@
+"""Settings of the interactions service (environment prefix `CONVERGE_INTERACTIONS_`)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from converge.runtime.settings import ServiceSettings
+
+
+class InteractionsSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="CONVERGE_INTERACTIONS_")
+
+    port: int = Field(default=50052, ge=0, le=65535)
+    identity_address: str = Field(
+        default="127.0.0.1:50051",
+        description="The identity service, for identifiers and merges; empty runs without it "
+        "(then only customer ids are accepted).",
+    )
+    identity_timeout_s: float = Field(default=5.0, gt=0)
+    max_future_skew_s: float = Field(
+        default=300.0, ge=0, description="How far in the future an occurred_at may be."
+    )
+    retention_days: int = Field(
+        default=1095, ge=1, description="Interactions older than this are refused at ingest."
+    )
+    ingest_batch_size: int = Field(
+        default=2000, ge=1, le=50_000, description="Rows per ingest transaction."
+    )
+    stream_poll_interval_s: float = Field(default=0.1, gt=0)

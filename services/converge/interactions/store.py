@@ -1,0 +1,400 @@
+"""All SQL of the interactions service (schema `interactions`)."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from converge.interactions.features import Event
+from converge.runtime.database import Connection
+
+# Ingest transactions commit in stored order (see the migration): a stream
+# reader that saw seq n never later finds a smaller seq appear.
+INGEST_LOCK = 0x636F6E7665726765  # "converge"
+
+INSERT_INTERACTIONS = """
+INSERT INTO interactions (interaction_id, customer_id, occurred_at, channel, type, attributes,
+                          ticket_id, product_id, amount, currency, sentiment, source,
+                          idempotency_key, identifier)
+SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::smallint[], $5::text[],
+                     $6::jsonb[], $7::text[], $8::text[], $9::numeric[], $10::text[],
+                     $11::float8[], $12::text[], $13::text[], $14::jsonb[])
+ON CONFLICT (source, idempotency_key) DO NOTHING
+RETURNING seq, interaction_id, recorded_at
+"""
+
+SELECT_BY_KEYS = """
+SELECT i.* FROM interactions i
+JOIN unnest($1::text[], $2::text[]) AS q(source, idempotency_key) USING (source, idempotency_key)
+"""
+
+LOCK_STATES = """
+SELECT customer_id, state FROM customer_state
+WHERE customer_id = ANY($1::uuid[]) ORDER BY customer_id FOR UPDATE
+"""
+
+UPSERT_STATES = """
+INSERT INTO customer_state (customer_id, state)
+SELECT * FROM unnest($1::uuid[], $2::jsonb[])
+ON CONFLICT (customer_id) DO UPDATE SET state = excluded.state, updated_at = now()
+"""
+
+# A customer and every customer merged into it, recursively, as followed from
+# the identity service; the root is the customer the links end at.
+ROOTS = """
+WITH RECURSIVE up AS (
+    SELECT c AS start, c AS cur, 0 AS depth FROM unnest($1::uuid[]) AS c
+    UNION ALL
+    SELECT up.start, l.surviving_customer_id, up.depth + 1
+    FROM up JOIN customer_links l ON l.merged_customer_id = up.cur WHERE up.depth < 64
+)
+SELECT DISTINCT ON (start) start, cur AS root FROM up ORDER BY start, depth DESC
+"""
+
+MEMBERS = """
+WITH RECURSIVE members AS (
+    SELECT r AS root, r AS member FROM unnest($1::uuid[]) AS r
+    UNION ALL
+    SELECT m.root, l.merged_customer_id FROM members m
+    JOIN customer_links l ON l.surviving_customer_id = m.member
+)
+SELECT root, member FROM members
+"""
+
+SELECT_STATES = "SELECT customer_id, state FROM customer_state WHERE customer_id = ANY($1::uuid[])"
+
+TIMELINE = """
+SELECT * FROM interactions
+WHERE customer_id = ANY($1::uuid[])
+  AND ($2::text[] IS NULL OR type = ANY($2) OR EXISTS (
+        SELECT 1 FROM unnest($3::text[]) AS p(prefix) WHERE type LIKE p.prefix || '%'))
+  AND ($4::smallint[] IS NULL OR channel = ANY($4))
+  AND ($5::timestamptz IS NULL OR occurred_at >= $5)
+  AND ($6::timestamptz IS NULL OR occurred_at < $6)
+  AND ($7 = '' OR ticket_id = $7)
+  AND (occurred_at, seq) < ($8, $9)
+ORDER BY occurred_at DESC, seq DESC
+LIMIT $10
+"""
+
+EVENTS_BEFORE = """
+SELECT * FROM interactions
+WHERE customer_id = ANY($1::uuid[]) AND occurred_at < $2
+ORDER BY occurred_at, seq
+"""
+
+EVENTS_OF_CUSTOMER = "SELECT * FROM interactions WHERE customer_id = $1 ORDER BY occurred_at, seq"
+
+STREAM_AFTER = "SELECT * FROM interactions WHERE seq > $1 ORDER BY seq LIMIT $2"
+
+SELECT_INTERACTION = "SELECT * FROM interactions WHERE interaction_id = $1"
+
+UPSERT_LINK = """
+INSERT INTO customer_links (merged_customer_id, surviving_customer_id, merge_id) VALUES ($1, $2, $3)
+ON CONFLICT (merged_customer_id) DO UPDATE
+SET surviving_customer_id = excluded.surviving_customer_id, merge_id = excluded.merge_id
+"""
+
+DELETE_LINK = "DELETE FROM customer_links WHERE merge_id = $1"
+
+SAVE_SYNC = """
+INSERT INTO identity_sync (singleton, cursor, last_event_at) VALUES (true, $1, $2)
+ON CONFLICT (singleton) DO UPDATE SET cursor = $1, last_event_at = $2, applied_at = now()
+"""
+
+SELECT_SYNC = "SELECT cursor, last_event_at, applied_at FROM identity_sync"
+
+PURGE_BATCH = """
+WITH doomed AS (
+    SELECT seq FROM interactions
+    WHERE occurred_at < $1 AND ($2::text[] IS NULL OR type = ANY($2) OR EXISTS (
+        SELECT 1 FROM unnest($3::text[]) AS p(prefix) WHERE type LIKE p.prefix || '%'))
+    LIMIT $4
+)
+DELETE FROM interactions i USING doomed d WHERE i.seq = d.seq RETURNING i.type
+"""
+
+COUNT_PURGEABLE = """
+SELECT type, count(*) AS n FROM interactions
+WHERE occurred_at < $1 AND ($2::text[] IS NULL OR type = ANY($2) OR EXISTS (
+    SELECT 1 FROM unnest($3::text[]) AS p(prefix) WHERE type LIKE p.prefix || '%'))
+GROUP BY type
+"""
+
+
+EventsOf = Callable[[uuid.UUID], Awaitable[list[asyncpg.Record]]]
+Fold = Callable[
+    [dict[uuid.UUID, dict[str, Any] | None], Sequence["NewInteraction"], EventsOf],
+    Awaitable[dict[uuid.UUID, dict[str, Any]]],
+]
+
+
+@dataclass(frozen=True)
+class NewInteraction:
+    """A validated interaction ready to store."""
+
+    interaction_id: uuid.UUID
+    customer_id: uuid.UUID
+    occurred_at: datetime
+    channel: int
+    type: str
+    attributes: dict[str, Any]  # tagged values
+    ticket_id: str
+    product_id: str
+    amount: float | None
+    currency: str
+    sentiment: float | None
+    source: str
+    idempotency_key: str
+    identifier: dict[str, Any] | None
+    event: Event
+
+
+def _type_filter(types: Sequence[str]) -> tuple[list[str] | None, list[str]]:
+    """Exact names and prefixes ("ticket.*" -> "ticket.") of a type filter."""
+    if not types:
+        return None, []
+    exact = [t for t in types if not t.endswith(".*")]
+    prefixes = [t[:-1] for t in types if t.endswith(".*")]
+    return exact, prefixes
+
+
+class InteractionsStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
+        async with self.pool.acquire() as connection:
+            yield connection
+
+    async def ingest(
+        self, rows: Sequence[NewInteraction], fold: Fold
+    ) -> tuple[dict[uuid.UUID, asyncpg.Record], dict[tuple[str, str], asyncpg.Record]]:
+        """Stores the rows not stored before and folds them into the live
+        feature states, in one transaction: what is acknowledged is durable and
+        already in the features.
+
+        `fold(states_by_customer, fresh_rows, events_of)` returns the new
+        states; `events_of(customer)` reads a customer's stored interactions in
+        the same transaction, for rebuilding a state from scratch. Returns the
+        newly stored rows' (seq, recorded_at) by id, and for rows whose key was
+        stored before, the first copy by (source, key).
+        """
+        async with self.pool.acquire() as connection, connection.transaction():
+            await connection.execute("SELECT pg_advisory_xact_lock($1)", INGEST_LOCK)
+            inserted = await connection.fetch(
+                INSERT_INTERACTIONS,
+                [r.interaction_id for r in rows],
+                [r.customer_id for r in rows],
+                [r.occurred_at for r in rows],
+                [r.channel for r in rows],
+                [r.type for r in rows],
+                [r.attributes for r in rows],
+                [r.ticket_id for r in rows],
+                [r.product_id for r in rows],
+                [r.amount for r in rows],
+                [r.currency for r in rows],
+                [r.sentiment for r in rows],
+                [r.source for r in rows],
+                [r.idempotency_key for r in rows],
+                [r.identifier for r in rows],
+            )
+            new = {r["interaction_id"]: r for r in inserted}
+            repeated = [r for r in rows if r.interaction_id not in new]
+            duplicates: dict[tuple[str, str], asyncpg.Record] = {}
+            if repeated:
+                found = await connection.fetch(
+                    SELECT_BY_KEYS,
+                    [r.source for r in repeated],
+                    [r.idempotency_key for r in repeated],
+                )
+                duplicates = {(r["source"], r["idempotency_key"]): r for r in found}
+            fresh = [r for r in rows if r.interaction_id in new]
+            if fresh:
+                customers = sorted({r.customer_id for r in fresh})
+                current = await connection.fetch(LOCK_STATES, customers)
+                states: dict[uuid.UUID, dict[str, Any] | None] = dict.fromkeys(customers)
+                states.update({r["customer_id"]: r["state"] for r in current})
+
+                async def events_of(customer_id: uuid.UUID) -> list[asyncpg.Record]:
+                    return list(await connection.fetch(EVENTS_OF_CUSTOMER, customer_id))
+
+                updated = await fold(states, fresh, events_of)
+                await connection.execute(UPSERT_STATES, list(updated), list(updated.values()))
+        return new, duplicates
+
+    async def roots(self, customer_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, uuid.UUID]:
+        async with self.pool.acquire() as connection:
+            rows = await connection.fetch(ROOTS, list(customer_ids))
+        return {r["start"]: r["root"] for r in rows}
+
+    async def members(self, roots: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[uuid.UUID]]:
+        async with self.pool.acquire() as connection:
+            rows = await connection.fetch(MEMBERS, list(roots))
+        found: dict[uuid.UUID, list[uuid.UUID]] = {}
+        for row in rows:
+            found.setdefault(row["root"], []).append(row["member"])
+        return found
+
+    async def states(self, customer_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, dict[str, Any]]:
+        async with self.pool.acquire() as connection:
+            rows = await connection.fetch(SELECT_STATES, list(customer_ids))
+        return {r["customer_id"]: r["state"] for r in rows}
+
+    async def timeline(
+        self,
+        members: Sequence[uuid.UUID],
+        types: Sequence[str],
+        channels: Sequence[int],
+        start: datetime | None,
+        end: datetime | None,
+        ticket_id: str,
+        before: tuple[datetime, int],
+        limit: int,
+    ) -> list[asyncpg.Record]:
+        exact, prefixes = _type_filter(types)
+        async with self.pool.acquire() as connection:
+            return list(
+                await connection.fetch(
+                    TIMELINE,
+                    list(members),
+                    exact,
+                    prefixes,
+                    list(channels) or None,
+                    start,
+                    end,
+                    ticket_id,
+                    before[0],
+                    before[1],
+                    limit,
+                )
+            )
+
+    async def events_before(
+        self, members: Sequence[uuid.UUID], until: datetime
+    ) -> list[asyncpg.Record]:
+        async with self.pool.acquire() as connection:
+            return list(await connection.fetch(EVENTS_BEFORE, list(members), until))
+
+    async def stream_after(self, cursor: int, limit: int) -> list[asyncpg.Record]:
+        async with self.pool.acquire() as connection:
+            return list(await connection.fetch(STREAM_AFTER, cursor, limit))
+
+    async def get(self, interaction_id: uuid.UUID) -> asyncpg.Record | None:
+        async with self.pool.acquire() as connection:
+            row: asyncpg.Record | None = await connection.fetchrow(
+                SELECT_INTERACTION, interaction_id
+            )
+            return row
+
+    # --- identity following -----------------------------------------------------
+    async def apply_merge(
+        self,
+        merged: uuid.UUID,
+        surviving: uuid.UUID,
+        merge_id: uuid.UUID,
+        cursor: str,
+        at: datetime,
+    ) -> None:
+        async with self.pool.acquire() as connection, connection.transaction():
+            await connection.execute(UPSERT_LINK, merged, surviving, merge_id)
+            await connection.execute(SAVE_SYNC, cursor, at)
+
+    async def apply_unmerge(self, merge_id: uuid.UUID, cursor: str, at: datetime) -> None:
+        async with self.pool.acquire() as connection, connection.transaction():
+            await connection.execute(DELETE_LINK, merge_id)
+            await connection.execute(SAVE_SYNC, cursor, at)
+
+    async def save_sync(self, cursor: str, at: datetime) -> None:
+        async with self.pool.acquire() as connection:
+            await connection.execute(SAVE_SYNC, cursor, at)
+
+    async def sync_status(self) -> asyncpg.Record | None:
+        async with self.pool.acquire() as connection:
+            row: asyncpg.Record | None = await connection.fetchrow(SELECT_SYNC)
+            return row
+
+    # --- types ------------------------------------------------------------------
+    async def custom_types(self) -> list[asyncpg.Record]:
+        async with self.pool.acquire() as connection:
+            return list(await connection.fetch("SELECT * FROM interaction_types ORDER BY name"))
+
+    async def save_type(
+        self, name: str, spec: dict[str, Any], expected_version: int | None
+    ) -> asyncpg.Record:
+        """Creates a type (expected_version None) or bumps it from expected_version."""
+        async with self.pool.acquire() as connection:
+            if expected_version is None:
+                row = await connection.fetchrow(
+                    "INSERT INTO interaction_types (name, spec) VALUES ($1, $2) "
+                    "ON CONFLICT (name) DO NOTHING RETURNING *",
+                    name,
+                    spec,
+                )
+            else:
+                row = await connection.fetchrow(
+                    "UPDATE interaction_types SET spec = $2, version = version + 1, updated_at = now() "
+                    "WHERE name = $1 AND version = $3 RETURNING *",
+                    name,
+                    spec,
+                    expected_version,
+                )
+        if row is None:
+            from converge.runtime.errors import Aborted
+
+            raise Aborted(f"interaction type {name!r} changed concurrently; retry")
+        return row
+
+    # --- retention and erasure ----------------------------------------------------
+    async def purge(self, older_than: datetime, types: Sequence[str], batch: int) -> dict[str, int]:
+        """Deletes in batches, each its own short transaction, so ingest never waits long."""
+        exact, prefixes = _type_filter(types)
+        purged: dict[str, int] = {}
+        while True:
+            async with self.pool.acquire() as connection:
+                rows = await connection.fetch(PURGE_BATCH, older_than, exact, prefixes, batch)
+            for row in rows:
+                purged[row["type"]] = purged.get(row["type"], 0) + 1
+            if len(rows) < batch:
+                return purged
+
+    async def count_purgeable(self, older_than: datetime, types: Sequence[str]) -> dict[str, int]:
+        exact, prefixes = _type_filter(types)
+        async with self.pool.acquire() as connection:
+            rows = await connection.fetch(COUNT_PURGEABLE, older_than, exact, prefixes)
+        return {r["type"]: r["n"] for r in rows}
+
+    async def erase(self, customer_ids: Sequence[uuid.UUID]) -> dict[str, int]:
+        async with self.pool.acquire() as connection, connection.transaction():
+            interactions = await connection.execute(
+                "DELETE FROM interactions WHERE customer_id = ANY($1::uuid[])", list(customer_ids)
+            )
+            states = await connection.execute(
+                "DELETE FROM customer_state WHERE customer_id = ANY($1::uuid[])", list(customer_ids)
+            )
+            links = await connection.execute(
+                "DELETE FROM customer_links WHERE merged_customer_id = ANY($1::uuid[]) "
+                "OR surviving_customer_id = ANY($1::uuid[])",
+                list(customer_ids),
+            )
+        return {
+            "interactions": int(interactions.split()[-1]),
+            "feature_states": int(states.split()[-1]),
+            "merge_links": int(links.split()[-1]),
+        }
+
+    async def export(self, customer_ids: Sequence[uuid.UUID]) -> list[asyncpg.Record]:
+        async with self.pool.acquire() as connection:
+            return list(
+                await connection.fetch(
+                    "SELECT * FROM interactions WHERE customer_id = ANY($1::uuid[]) ORDER BY seq",
+                    list(customer_ids),
+                )
+            )

@@ -1,0 +1,384 @@
+"""The interaction type registry: the built-in types, their typed attributes,
+validation of one interaction against its type, and the rules for changing a
+custom type compatibly. Plain Python, no gRPC or SQL.
+
+Field paths in violations are relative to the interaction ("attributes.score",
+"ticket_id", "amount", "sentiment"); the caller prefixes them ("interaction.").
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+AttributeType = Literal["string", "number", "bool", "timestamp"]
+RequiredField = Literal["ticket_id", "product_id", "amount", "sentiment"]
+# An attribute's value: text, a number, a flag or a tz-aware (UTC) time.
+AttrValue = str | float | bool | datetime
+
+MAX_ATTRIBUTES = 64
+MAX_STRING_BYTES = 4096
+MAX_TYPE_NAME_LENGTH = 64
+ATTRIBUTE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+CUSTOM_TYPE_NAME = re.compile(r"^custom(\.[a-z][a-z0-9_]*)+$")
+PRIORITIES: tuple[str, ...] = ("low", "normal", "high", "urgent")
+ACTION_OUTCOMES: tuple[str, ...] = (
+    "presented",
+    "accepted",
+    "declined",
+    "ignored",
+    "converted",
+    "not_delivered",
+)
+
+
+@dataclass(frozen=True)
+class AttributeSpec:
+    """One typed attribute of an interaction type (`InteractionAttributeSpec`)."""
+
+    name: str
+    type: AttributeType
+    required: bool
+    description: str
+    allowed_values: tuple[str, ...] = ()
+    min_value: float | None = None
+    max_value: float | None = None
+    unit: str = ""
+
+
+@dataclass(frozen=True)
+class InteractionTypeSpec:
+    """One interaction type (`InteractionType` without its read-only fields)."""
+
+    name: str
+    description: str
+    attributes: tuple[AttributeSpec, ...]
+    required_fields: frozenset[RequiredField]
+    built_in: bool
+
+
+def _attr(
+    name: str,
+    type_: AttributeType,
+    description: str,
+    *,
+    required: bool = True,
+    allowed: tuple[str, ...] = (),
+    min_value: float | None = None,
+    max_value: float | None = None,
+    unit: str = "",
+) -> AttributeSpec:
+    return AttributeSpec(name, type_, required, description, allowed, min_value, max_value, unit)
+
+
+def _type(
+    name: str,
+    description: str,
+    *attributes: AttributeSpec,
+    required_fields: tuple[RequiredField, ...] = (),
+) -> InteractionTypeSpec:
+    return InteractionTypeSpec(name, description, attributes, frozenset(required_fields), True)
+
+
+_TICKET: tuple[RequiredField, ...] = ("ticket_id",)
+_PRODUCT: tuple[RequiredField, ...] = ("product_id",)
+
+
+def _conversation(medium: str) -> InteractionTypeSpec:
+    return _type(
+        f"conversation.{medium}",
+        f"A {medium} conversation with the customer; sentiment when known.",
+        _attr("direction", "string", "Who started it.", allowed=("inbound", "outbound")),
+        _attr(
+            "duration_seconds",
+            "number",
+            "How long it lasted.",
+            required=False,
+            min_value=0,
+            unit="seconds",
+        ),
+    )
+
+
+def _survey(name: str, label: str, low: float, high: float) -> InteractionTypeSpec:
+    return _type(
+        f"survey.{name}",
+        f"A {label} survey answer.",
+        _attr(
+            "score", "number", f"The {label} score.", min_value=low, max_value=high, unit="points"
+        ),
+    )
+
+
+def _subscription(change: str) -> InteractionTypeSpec:
+    return _type(
+        f"subscription.{change}",
+        f"A subscription was {change}; `amount` is the new recurring amount when known.",
+        required_fields=_PRODUCT,
+    )
+
+
+def _marketing(event: str) -> InteractionTypeSpec:
+    return _type(
+        f"marketing.{event}",
+        f"A marketing message was {event}.",
+        _attr("campaign_id", "string", "The campaign."),
+    )
+
+
+_BUILT_IN_LIST: tuple[InteractionTypeSpec, ...] = (
+    _type(
+        "ticket.opened",
+        "A support ticket was opened.",
+        _attr("priority", "string", "Initial priority.", allowed=PRIORITIES),
+        _attr("category", "string", "What the ticket is about.", required=False),
+        _attr("sla_due_at", "timestamp", "When the SLA runs out.", required=False),
+        required_fields=_TICKET,
+    ),
+    _type(
+        "ticket.updated",
+        "A support ticket was updated.",
+        _attr("by", "string", "Who updated it.", required=False, allowed=("customer", "agent")),
+        required_fields=_TICKET,
+    ),
+    _type(
+        "ticket.priority_changed",
+        "A support ticket's priority changed.",
+        _attr("priority", "string", "The new priority.", allowed=PRIORITIES),
+        _attr("previous_priority", "string", "The priority before.", allowed=PRIORITIES),
+        required_fields=_TICKET,
+    ),
+    _type(
+        "ticket.reassigned",
+        "A support ticket moved to another team.",
+        _attr("team", "string", "The team now assigned."),
+        _attr("previous_team", "string", "The team before.", required=False),
+        required_fields=_TICKET,
+    ),
+    _type(
+        "ticket.escalated",
+        "A support ticket was escalated.",
+        _attr("level", "number", "The escalation level reached.", required=False),
+        required_fields=_TICKET,
+    ),
+    _type("ticket.reopened", "A resolved support ticket was reopened.", required_fields=_TICKET),
+    _type("ticket.resolved", "A support ticket was resolved.", required_fields=_TICKET),
+    _type(
+        "ticket.sla_breached",
+        "A support ticket breached its SLA.",
+        _attr("sla", "string", "Which SLA.", allowed=("first_response", "resolution")),
+        required_fields=_TICKET,
+    ),
+    _conversation("chat"),
+    _conversation("call"),
+    _conversation("email"),
+    _survey("nps", "net promoter", 0, 10),
+    _survey("csat", "customer satisfaction", 1, 5),
+    _survey("ces", "customer effort", 1, 7),
+    _type("product.login", "The customer logged in to the product."),
+    _type(
+        "product.usage",
+        "The customer used a product feature.",
+        _attr("feature", "string", "The feature used."),
+        _attr("quantity", "number", "How much it was used.", required=False, min_value=0),
+    ),
+    _type(
+        "purchase",
+        "The customer bought a product.",
+        required_fields=("product_id", "amount"),
+    ),
+    _subscription("started"),
+    _subscription("upgraded"),
+    _subscription("downgraded"),
+    _subscription("renewed"),
+    _subscription("cancelled"),
+    _type(
+        "payment.failed",
+        "A payment failed; `amount` is the amount that failed.",
+        _attr("reason", "string", "Why it failed.", required=False),
+        required_fields=("amount",),
+    ),
+    _type(
+        "complaint",
+        "The customer complained; ticket and sentiment when known.",
+        _attr("category", "string", "What the complaint is about."),
+    ),
+    _marketing("sent"),
+    _marketing("opened"),
+    _marketing("clicked"),
+    _marketing("unsubscribed"),
+    _type(
+        "action.outcome",
+        "The outcome of a recommended action or alert, written by the recommendation service.",
+        _attr("decision_id", "string", "The decision (decision_id or alert_id).", required=False),
+        _attr("alert_id", "string", "The alert (decision_id or alert_id).", required=False),
+        _attr("action_id", "string", "The action.", required=False),
+        _attr("action_kind", "string", "The kind of action."),
+        _attr("outcome", "string", "What happened.", allowed=ACTION_OUTCOMES),
+    ),
+)
+
+BUILT_IN_TYPES: dict[str, InteractionTypeSpec] = {spec.name: spec for spec in _BUILT_IN_LIST}
+
+# Attribute groups of which at least one must be present, by type.
+_ONE_OF: dict[str, tuple[str, ...]] = {"action.outcome": ("decision_id", "alert_id")}
+
+
+def _type_name(value: object) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, datetime):
+        return "timestamp"
+    return type(value).__name__
+
+
+def _check_value(spec: AttributeSpec, value: object) -> str | None:
+    """Why `value` does not fit `spec`, or None."""
+    actual = _type_name(value)
+    if actual != spec.type:
+        return f"must be a {spec.type}, not a {actual}"
+    if isinstance(value, str):
+        if len(value.encode()) > MAX_STRING_BYTES:
+            return f"longer than {MAX_STRING_BYTES} bytes"
+        if spec.allowed_values and value not in spec.allowed_values:
+            return f"{value[:64]!r} is not one of {', '.join(spec.allowed_values)}"
+    elif isinstance(value, datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            return "must carry a time zone"
+    elif isinstance(value, int | float):
+        if not math.isfinite(value):
+            return "must be a finite number"
+        if spec.min_value is not None and value < spec.min_value:
+            return f"{value:g} is below the minimum {spec.min_value:g}"
+        if spec.max_value is not None and value > spec.max_value:
+            return f"{value:g} is above the maximum {spec.max_value:g}"
+    return None
+
+
+def validate_interaction(
+    spec: InteractionTypeSpec,
+    attributes: Mapping[str, AttrValue],
+    ticket_id: str,
+    product_id: str,
+    amount_present: bool,
+    sentiment: float | None,
+) -> list[tuple[str, str]]:
+    """The (field path, description) violations of one interaction of type
+    `spec`; empty when it is valid."""
+    violations: list[tuple[str, str]] = []
+    if len(attributes) > MAX_ATTRIBUTES:
+        violations.append(("attributes", f"at most {MAX_ATTRIBUTES} attributes"))
+    declared = {a.name: a for a in spec.attributes}
+    for attr in spec.attributes:
+        if attr.name not in attributes:
+            if attr.required:
+                violations.append((f"attributes.{attr.name}", f"required by {spec.name}"))
+            continue
+        problem = _check_value(attr, attributes[attr.name])
+        if problem is not None:
+            violations.append((f"attributes.{attr.name}", problem))
+    for key in sorted(attributes):
+        if key not in declared:
+            violations.append((f"attributes.{key[:80]}", f"not an attribute of {spec.name}"))
+    group = _ONE_OF.get(spec.name)
+    if group and not any(name in attributes for name in group):
+        violations.append((f"attributes.{group[0]}", f"one of {', '.join(group)} is required"))
+    fields: tuple[tuple[RequiredField, bool], ...] = (
+        ("ticket_id", bool(ticket_id)),
+        ("product_id", bool(product_id)),
+        ("amount", amount_present),
+        ("sentiment", sentiment is not None),
+    )
+    for name, present in fields:
+        if name in spec.required_fields and not present:
+            violations.append((name, f"required by {spec.name}"))
+    if sentiment is not None and not (math.isfinite(sentiment) and -1.0 <= sentiment <= 1.0):
+        violations.append(("sentiment", "must be between -1 and 1"))
+    return violations
+
+
+def validate_custom_type_name(name: str) -> list[str]:
+    """Why `name` cannot name a custom type; empty when it can."""
+    problems: list[str] = []
+    if len(name) > MAX_TYPE_NAME_LENGTH:
+        problems.append(f"at most {MAX_TYPE_NAME_LENGTH} characters")
+    if not CUSTOM_TYPE_NAME.match(name):
+        problems.append(
+            'must be "custom." followed by lower-case dot-separated words '
+            '(for example "custom.loyalty.points_redeemed")'
+        )
+    return problems
+
+
+def validate_type_spec(spec: InteractionTypeSpec) -> list[tuple[str, str]]:
+    """The (field path, description) problems of a custom type definition, with
+    paths relative to `InteractionType`; empty when it can be registered."""
+    problems = [("name", p) for p in validate_custom_type_name(spec.name)]
+    if len(spec.attributes) > MAX_ATTRIBUTES:
+        problems.append(("attributes", f"at most {MAX_ATTRIBUTES} attributes"))
+    seen: set[str] = set()
+    for i, attr in enumerate(spec.attributes):
+        path = f"attributes[{i}]"
+        if not ATTRIBUTE_NAME.match(attr.name):
+            problems.append((f"{path}.name", "must match [a-z][a-z0-9_]{0,62}"))
+        if attr.name in seen:
+            problems.append((f"{path}.name", f"{attr.name!r} is declared twice"))
+        seen.add(attr.name)
+        if attr.type not in ("string", "number", "bool", "timestamp"):
+            problems.append((f"{path}.type", "must be string, number, bool or timestamp"))
+        if attr.allowed_values and attr.type != "string":
+            problems.append((f"{path}.allowed_values", "only strings have allowed values"))
+        bounded = attr.min_value is not None or attr.max_value is not None
+        if bounded and attr.type != "number":
+            problems.append((f"{path}.min_value", "only numbers have bounds"))
+        if (
+            attr.min_value is not None
+            and attr.max_value is not None
+            and attr.min_value > attr.max_value
+        ):
+            problems.append((f"{path}.max_value", "below min_value"))
+    return problems
+
+
+def check_compatible_change(old: InteractionTypeSpec, new: InteractionTypeSpec) -> list[str]:
+    """Why replacing `old` by `new` would reject interactions that `old`
+    accepted (or change what stored attributes mean); empty when compatible.
+    Compatible: new optional attributes, looser rules, new descriptions."""
+    reasons: list[str] = []
+    if old.name != new.name:
+        reasons.append(f"the name changed from {old.name!r} to {new.name!r}")
+    after = {a.name: a for a in new.attributes}
+    before = {a.name for a in old.attributes}
+    for was in old.attributes:
+        now = after.get(was.name)
+        if now is None:
+            reasons.append(f"attribute {was.name!r} was removed")
+            continue
+        if now.type != was.type:
+            reasons.append(f"attribute {was.name!r} changed type from {was.type} to {now.type}")
+        if now.required and not was.required:
+            reasons.append(f"attribute {was.name!r} became required")
+        if now.allowed_values:
+            lost = sorted(set(was.allowed_values) - set(now.allowed_values))
+            if not was.allowed_values:
+                reasons.append(f"attribute {was.name!r} now restricts its values")
+            elif lost:
+                reasons.append(f"attribute {was.name!r} no longer allows {', '.join(lost)}")
+        if now.min_value is not None and (was.min_value is None or now.min_value > was.min_value):
+            reasons.append(f"attribute {was.name!r} has a higher minimum")
+        if now.max_value is not None and (was.max_value is None or now.max_value < was.max_value):
+            reasons.append(f"attribute {was.name!r} has a lower maximum")
+    for attr in new.attributes:
+        if attr.name not in before and attr.required:
+            reasons.append(f"new attribute {attr.name!r} is required")
+    for field in sorted(new.required_fields - old.required_fields):
+        reasons.append(f"field {field!r} became required")
+    return reasons

@@ -1,0 +1,138 @@
+"""Interactions: streaming ingest with live features kept current, beside raw
+asyncpg COPY of the same rows into a plain table; GetFeatures latency."""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import grpc
+
+from converge.runtime.values import timestamp
+from converge.v1 import common_pb2, interactions_pb2, interactions_pb2_grpc
+from tests.benchmarks.harness import BenchEnv, closed_loop, percentile
+
+EVENTS = 100_000
+CUSTOMERS = 2_000
+FEATURE_CALLS = 400
+ROWS_PER_MESSAGE = 500
+
+TYPES = [
+    ("product.login", {}),
+    ("product.usage", {"feature": common_pb2.AttributeValue(string_value="reports")}),
+    ("conversation.chat", {"direction": common_pb2.AttributeValue(string_value="inbound")}),
+    ("survey.nps", {"score": common_pb2.AttributeValue(number_value=7)}),
+]
+
+
+def _events(customers: list[str], tag: str) -> list[interactions_pb2.IngestInteractionsRequest]:
+    rng = random.Random(7)
+    now = datetime.now(UTC)
+    rows = []
+    for i in range(EVENTS):
+        kind, attributes = TYPES[i % len(TYPES)]
+        rows.append(
+            interactions_pb2.IngestInteractionsRequest(
+                row_ref=str(i),
+                idempotency_key=f"{tag}-{i}",
+                interaction=interactions_pb2.InteractionInput(
+                    customer=common_pb2.CustomerRef(customer_id=rng.choice(customers)),
+                    occurred_at=timestamp(now - timedelta(minutes=rng.randrange(0, 60 * 24 * 80))),
+                    channel=common_pb2.CHANNEL_WEB,
+                    type=kind,
+                    attributes=attributes,
+                    source="bench",
+                ),
+            )
+        )
+    return rows
+
+
+def _row(request: interactions_pb2.IngestInteractionsRequest) -> interactions_pb2.IngestRow:
+    return interactions_pb2.IngestRow(
+        row_ref=request.row_ref,
+        interaction=request.interaction,
+        idempotency_key=request.idempotency_key,
+    )
+
+
+async def _raw_copy(database: str, rows: list[interactions_pb2.IngestInteractionsRequest]) -> float:
+    """The same rows, already decoded, copied into a plain table: rows per second."""
+    records = [
+        (
+            uuid.uuid4(),
+            uuid.UUID(r.interaction.customer.customer_id),
+            r.interaction.occurred_at.ToDatetime(tzinfo=UTC),
+            r.interaction.channel,
+            r.interaction.type,
+            "{}",
+            r.interaction.source,
+            r.idempotency_key,
+        )
+        for r in rows
+    ]
+    connection = await asyncpg.connect(database)
+    try:
+        await connection.execute(
+            "CREATE TABLE raw_interactions (interaction_id uuid, customer_id uuid, occurred_at timestamptz, "
+            "channel smallint, type text, attributes jsonb, source text, idempotency_key text)"
+        )
+        started = time.perf_counter()
+        await connection.copy_records_to_table("raw_interactions", records=records)
+        return len(records) / (time.perf_counter() - started)
+    finally:
+        await connection.close()
+
+
+async def run(env: BenchEnv) -> dict[str, float]:
+    database = await env.new_database()
+    service = await env.start("interactions", database, log_level="WARNING", identity_address="")
+    customers = [str(uuid.uuid4()) for _ in range(CUSTOMERS)]
+    rows = _events(customers, "bench")
+    async with grpc.aio.insecure_channel(service.address) as channel:
+        stub = interactions_pb2_grpc.InteractionsServiceStub(channel)
+        messages = [
+            interactions_pb2.IngestInteractionsRequest(
+                rows=[_row(r) for r in rows[i : i + ROWS_PER_MESSAGE]]
+            )
+            for i in range(0, len(rows), ROWS_PER_MESSAGE)
+        ]
+        started = time.perf_counter()
+        summary = await stub.IngestInteractions(iter(messages))
+        ingest_rate = EVENTS / (time.perf_counter() - started)
+        assert summary.stored == EVENTS, summary
+
+        rng = random.Random(3)
+        one = [
+            interactions_pb2.GetFeaturesRequest(
+                customers=[common_pb2.CustomerRef(customer_id=rng.choice(customers))]
+            )
+            for _ in range(FEATURE_CALLS)
+        ]
+        hundred = [
+            interactions_pb2.GetFeaturesRequest(
+                customers=[
+                    common_pb2.CustomerRef(customer_id=c) for c in rng.sample(customers, 100)
+                ]
+            )
+            for _ in range(FEATURE_CALLS // 4)
+        ]
+        await closed_loop(lambda i: stub.GetFeatures(one[i]), concurrency=1, total=50)  # warm-up
+        _, n1 = await closed_loop(lambda i: stub.GetFeatures(one[i]), concurrency=1, total=len(one))
+        _, n100 = await closed_loop(
+            lambda i: stub.GetFeatures(hundred[i]), concurrency=1, total=len(hundred)
+        )
+
+    copy_rate = await _raw_copy(database, rows)
+    return {
+        "interactions.ingest_stream.events_per_s": ingest_rate,
+        "interactions.ingest_stream.raw_copy_rows_per_s": copy_rate,
+        "interactions.ingest_stream.vs_raw_copy": ingest_rate / copy_rate,
+        "interactions.get_features.n1.p50_ms": percentile(n1, 50),
+        "interactions.get_features.n1.p99_ms": percentile(n1, 99),
+        "interactions.get_features.n100.p50_ms": percentile(n100, 50),
+        "interactions.get_features.n100.p99_ms": percentile(n100, 99),
+    }
