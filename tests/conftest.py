@@ -8,6 +8,7 @@ import socket
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -15,7 +16,13 @@ import asyncpg
 import grpc
 import pytest
 
+from converge.identity.servicer import SPEC as IDENTITY
+from converge.identity.settings import IdentitySettings
+from converge.interactions.servicer import SPEC as INTERACTIONS
+from converge.interactions.settings import InteractionsSettings
 from converge.runtime.embedded_postgres import EmbeddedPostgres
+from converge.runtime.server import ServiceRuntime
+from converge.v1 import identity_pb2_grpc, interactions_pb2_grpc, privacy_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,3 +72,41 @@ async def channel_factory() -> AsyncIterator[list[grpc.aio.Channel]]:
     yield channels
     for channel in channels:
         await channel.close()
+
+
+@dataclass
+class Platform:
+    """Identity and interactions running together in-process on real TCP ports,
+    against the test's database, the interactions service following identity."""
+
+    identity: identity_pb2_grpc.IdentityServiceStub
+    interactions: interactions_pb2_grpc.InteractionsServiceStub
+    interactions_privacy: privacy_pb2_grpc.DataSubjectServiceStub
+    interactions_address: str
+    identity_address: str
+
+
+@pytest.fixture
+async def platform(database: str) -> AsyncIterator[Platform]:
+    identity = ServiceRuntime(IDENTITY, IdentitySettings(database_url=database, port=0))
+    await identity.start()
+    interactions = ServiceRuntime(
+        INTERACTIONS,
+        InteractionsSettings(
+            database_url=database, port=0, identity_address=identity.address, ingest_batch_size=200
+        ),
+    )
+    await interactions.start()
+    identity_channel = grpc.aio.insecure_channel(identity.address)
+    interactions_channel = grpc.aio.insecure_channel(interactions.address)
+    yield Platform(
+        identity_pb2_grpc.IdentityServiceStub(identity_channel),
+        interactions_pb2_grpc.InteractionsServiceStub(interactions_channel),
+        privacy_pb2_grpc.DataSubjectServiceStub(interactions_channel),
+        interactions.address,
+        identity.address,
+    )
+    await identity_channel.close()
+    await interactions_channel.close()
+    await interactions.stop(grace=1)
+    await identity.stop(grace=1)

@@ -241,3 +241,30 @@ async def test_resolve_names_the_owner_of_each_identifier_after_a_merge(identity
         ("own-" + email, device.customer.customer_id),
         (email, owner.customer.customer_id),
     ]
+
+
+async def test_batch_resolve_answers_each_item_in_order_with_its_own_errors(identity) -> None:
+    known = await identity.Resolve(
+        identity_pb2.ResolveRequest(identifiers=[ident(EMAIL, unique_email())])
+    )
+    known_email = known.customer.identifiers[0].identifier.value
+    new_email = unique_email()
+    reply = await identity.BatchResolve(
+        identity_pb2.BatchResolveRequest(
+            requests=[
+                identity_pb2.ResolveRequest(identifiers=[ident(EMAIL, new_email)]),
+                identity_pb2.ResolveRequest(identifiers=[ident(EMAIL, "not-an-email")]),
+                identity_pb2.ResolveRequest(identifiers=[ident(EMAIL, known_email.upper())]),
+                identity_pb2.ResolveRequest(
+                    identifiers=[ident(EMAIL, unique_email())], lookup_only=True
+                ),
+                identity_pb2.ResolveRequest(identifiers=[ident(EMAIL, new_email)]),
+            ]
+        )
+    )
+    created, bad, matched, missing, repeated = reply.results
+    assert created.created and created.resolved_identifiers[0].identifier.value == new_email
+    assert (bad.error_code, bad.error_field) == ("INVALID_ARGUMENT", "identifiers[0].value")
+    assert (matched.customer_id, matched.created) == (known.customer.customer_id, False)
+    assert missing.error_code == "NOT_FOUND" and not missing.customer_id
+    assert repeated.customer_id == created.customer_id and not repeated.created

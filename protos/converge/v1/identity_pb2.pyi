@@ -927,6 +927,102 @@ class ResolveResponse(_message.Message):
 Global___ResolveResponse: _TypeAlias = ResolveResponse  # noqa: Y015
 
 @_typing.final
+class BatchResolveRequest(_message.Message):
+    """Resolves many identifier sets."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResolveRequest]:
+        """The items, at most 1000; each as a Resolve call (its idempotency key included)."""
+
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___ResolveRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchResolveRequest: _TypeAlias = BatchResolveRequest  # noqa: Y015
+
+@_typing.final
+class BatchResolveResult(_message.Message):
+    """The outcome of one item of a batch resolve."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    RESOLVED_IDENTIFIERS_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    customer_id: _builtins.str
+    """The surviving customer; empty when the item failed."""
+    created: _builtins.bool
+    """True when the customer was created by this item."""
+    error_code: _builtins.str
+    """The gRPC status code name when the item failed ("INVALID_ARGUMENT",
+    "NOT_FOUND", "FAILED_PRECONDITION"); empty on success.
+    """
+    error_field: _builtins.str
+    """The field at fault, as in a BadRequest field violation, relative to the item."""
+    error: _builtins.str
+    """Why the item failed, for people."""
+    @_builtins.property
+    def resolved_identifiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___CustomerIdentifier]:
+        """The item's identifiers, normalised, each with the customer it belongs to,
+        as in `ResolveResponse.resolved_identifiers`.
+        """
+
+    def __init__(
+        self,
+        *,
+        customer_id: _builtins.str = ...,
+        created: _builtins.bool = ...,
+        resolved_identifiers: _abc.Iterable[Global___CustomerIdentifier] | None = ...,
+        error_code: _builtins.str = ...,
+        error_field: _builtins.str = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "customer_id", b"customer_id", "error", b"error", "error_code", b"error_code", "error_field", b"error_field", "resolved_identifiers", b"resolved_identifiers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchResolveResult: _TypeAlias = BatchResolveResult  # noqa: Y015
+
+@_typing.final
+class BatchResolveResponse(_message.Message):
+    """The outcomes, in request order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchResolveResult]:
+        """One result per request item."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___BatchResolveResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchResolveResponse: _TypeAlias = BatchResolveResponse  # noqa: Y015
+
+@_typing.final
 class BulkResolveRequest(_message.Message):
     """One item of a bulk resolve stream."""
 

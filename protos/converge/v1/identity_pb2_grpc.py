@@ -77,6 +77,11 @@ class IdentityServiceStub:
                 request_serializer=converge_dot_v1_dot_identity__pb2.BulkResolveRequest.SerializeToString,
                 response_deserializer=converge_dot_v1_dot_identity__pb2.BulkResolveResponse.FromString,
                 _registered_method=True)
+        self.BatchResolve = channel.unary_unary(
+                '/converge.v1.IdentityService/BatchResolve',
+                request_serializer=converge_dot_v1_dot_identity__pb2.BatchResolveRequest.SerializeToString,
+                response_deserializer=converge_dot_v1_dot_identity__pb2.BatchResolveResponse.FromString,
+                _registered_method=True)
         self.RemoveIdentifier = channel.unary_unary(
                 '/converge.v1.IdentityService/RemoveIdentifier',
                 request_serializer=converge_dot_v1_dot_identity__pb2.RemoveIdentifierRequest.SerializeToString,
@@ -190,6 +195,15 @@ class IdentityServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchResolve(self, request, context):
+        """Resolves many identifier sets in one call, answering each in request
+        order (for services that ingest at volume, such as interactions). An item
+        that cannot be resolved gets its error in its result; the others succeed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RemoveIdentifier(self, request, context):
         """Detaches an identifier from its customer (for corrections).
         """
@@ -297,6 +311,11 @@ def add_IdentityServiceServicer_to_server(servicer, server):
                     servicer.BulkResolve,
                     request_deserializer=converge_dot_v1_dot_identity__pb2.BulkResolveRequest.FromString,
                     response_serializer=converge_dot_v1_dot_identity__pb2.BulkResolveResponse.SerializeToString,
+            ),
+            'BatchResolve': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchResolve,
+                    request_deserializer=converge_dot_v1_dot_identity__pb2.BatchResolveRequest.FromString,
+                    response_serializer=converge_dot_v1_dot_identity__pb2.BatchResolveResponse.SerializeToString,
             ),
             'RemoveIdentifier': grpc.unary_unary_rpc_method_handler(
                     servicer.RemoveIdentifier,
@@ -563,6 +582,33 @@ class IdentityService:
             '/converge.v1.IdentityService/BulkResolve',
             converge_dot_v1_dot_identity__pb2.BulkResolveRequest.SerializeToString,
             converge_dot_v1_dot_identity__pb2.BulkResolveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchResolve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/converge.v1.IdentityService/BatchResolve',
+            converge_dot_v1_dot_identity__pb2.BatchResolveRequest.SerializeToString,
+            converge_dot_v1_dot_identity__pb2.BatchResolveResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -58,6 +58,11 @@ class IdentityServiceStub:
     """
     BulkResolve: _grpc.StreamUnaryMultiCallable[_identity_pb2.BulkResolveRequest, _identity_pb2.BulkResolveResponse]
     """Resolves and upserts customers in bulk, for CRM and service-desk imports."""
+    BatchResolve: _grpc.UnaryUnaryMultiCallable[_identity_pb2.BatchResolveRequest, _identity_pb2.BatchResolveResponse]
+    """Resolves many identifier sets in one call, answering each in request
+    order (for services that ingest at volume, such as interactions). An item
+    that cannot be resolved gets its error in its result; the others succeed.
+    """
     RemoveIdentifier: _grpc.UnaryUnaryMultiCallable[_identity_pb2.RemoveIdentifierRequest, _identity_pb2.RemoveIdentifierResponse]
     """Detaches an identifier from its customer (for corrections)."""
     MergeCustomers: _grpc.UnaryUnaryMultiCallable[_identity_pb2.MergeCustomersRequest, _identity_pb2.MergeCustomersResponse]
@@ -111,6 +116,11 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     """
     BulkResolve: _aio.StreamUnaryMultiCallable[_identity_pb2.BulkResolveRequest, _identity_pb2.BulkResolveResponse]  # type: ignore[assignment]
     """Resolves and upserts customers in bulk, for CRM and service-desk imports."""
+    BatchResolve: _aio.UnaryUnaryMultiCallable[_identity_pb2.BatchResolveRequest, _identity_pb2.BatchResolveResponse]  # type: ignore[assignment]
+    """Resolves many identifier sets in one call, answering each in request
+    order (for services that ingest at volume, such as interactions). An item
+    that cannot be resolved gets its error in its result; the others succeed.
+    """
     RemoveIdentifier: _aio.UnaryUnaryMultiCallable[_identity_pb2.RemoveIdentifierRequest, _identity_pb2.RemoveIdentifierResponse]  # type: ignore[assignment]
     """Detaches an identifier from its customer (for corrections)."""
     MergeCustomers: _aio.UnaryUnaryMultiCallable[_identity_pb2.MergeCustomersRequest, _identity_pb2.MergeCustomersResponse]  # type: ignore[assignment]
@@ -209,6 +219,17 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_identity_pb2.BulkResolveResponse, _abc.Awaitable[_identity_pb2.BulkResolveResponse]]:
         """Resolves and upserts customers in bulk, for CRM and service-desk imports."""
+
+    @_abc_1.abstractmethod
+    def BatchResolve(
+        self,
+        request: _identity_pb2.BatchResolveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_identity_pb2.BatchResolveResponse, _abc.Awaitable[_identity_pb2.BatchResolveResponse]]:
+        """Resolves many identifier sets in one call, answering each in request
+        order (for services that ingest at volume, such as interactions). An item
+        that cannot be resolved gets its error in its result; the others succeed.
+        """
 
     @_abc_1.abstractmethod
     def RemoveIdentifier(

@@ -352,7 +352,8 @@ class Interaction(_message.Message):
       Surveys: "survey.nps" score 0-10, "survey.csat" score 1-5,
         "survey.ces" (customer effort) score 1-7.
       Usage: "product.login"; "product.usage": feature, quantity (number, optional).
-      Commerce: "purchase" (requires `product_id`, `amount`);
+      Commerce: "purchase" (requires `product_id`, `amount`; quantity
+        (number, optional));
         "subscription.started", "subscription.upgraded",
         "subscription.downgraded", "subscription.renewed",
         "subscription.cancelled" (require `product_id`; `amount` is the new

@@ -185,6 +185,9 @@ def _report_pass(summary: ImportSummary, counts: _Pass) -> None:
             summary.rejections.append(Rejection(r.line, "mapping", r.field, r.reason, r.detail))
 
 
+ROWS_PER_MESSAGE = 500
+
+
 class _Guarded(Iterator[T]):
     """Wraps a request iterator so an error while reading the file (which
     gRPC would turn into a cancelled call) is kept and raised after the call."""
@@ -204,6 +207,25 @@ class _Guarded(Iterator[T]):
             raise StopIteration from None
         self.count += 1
         return item
+
+
+def _in_messages(
+    rows: Iterator[interactions_pb2.IngestInteractionsRequest],
+) -> Iterator[interactions_pb2.IngestInteractionsRequest]:
+    """Packs rows into messages of ROWS_PER_MESSAGE: one message per row caps a
+    Python gRPC stream at a few thousand rows per second."""
+    while chunk := list(itertools.islice(rows, ROWS_PER_MESSAGE)):
+        yield interactions_pb2.IngestInteractionsRequest(
+            rows=[
+                interactions_pb2.IngestRow(
+                    row_ref=r.row_ref,
+                    interaction=r.interaction,
+                    idempotency_key=r.idempotency_key,
+                    lookup_only=r.lookup_only,
+                )
+                for r in chunk
+            ]
+        )
 
 
 async def _in_calls(
@@ -359,7 +381,7 @@ async def _ingest_pass(
         guarded = _Guarded(chunk)
         try:
             response: interactions_pb2.IngestInteractionsResponse = await stub.IngestInteractions(
-                guarded
+                _in_messages(guarded)
             )
         except grpc.aio.AioRpcError as e:
             raise _service_error("interactions", address, e) from e

@@ -15,6 +15,7 @@ from typing import Any
 
 from converge.identity.domain import (
     Actor,
+    AttachedIdentifier,
     BulkOutcome,
     BulkRow,
     Customer,
@@ -288,6 +289,26 @@ class IdentityService:
                 merges=len(result["merge_ids"]),
             )
         return [outcomes[i] for i in range(len(rows))]
+
+    async def batch_resolve(
+        self, rows: Sequence[BulkRow]
+    ) -> list[tuple[BulkOutcome, str, list[AttachedIdentifier]]]:
+        """Resolves each row like Resolve; returns per row its outcome, the
+        surviving customer and who each of its identifiers belongs to."""
+        outcomes = await self.resolve_batch(rows)
+        identifiers = sorted({i for row in rows for i in row.identifiers})
+        async with self.store.reading() as tx:
+            owners = await tx.owners(identifiers)
+            roots = await tx.find_roots(identifiers)
+        results: list[tuple[BulkOutcome, str, list[AttachedIdentifier]]] = []
+        for row, outcome in zip(rows, outcomes, strict=True):
+            if outcome.error is not None:
+                results.append((outcome, "", []))
+                continue
+            found = [owners[i] for i in row.identifiers if i in owners]
+            survivor = next((roots[i] for i in row.identifiers if i in roots), "")
+            results.append((outcome, survivor, found))
+        return results
 
     async def _create_fresh_rows(self, rows: Sequence[BulkRow]) -> set[int]:
         """Creates, in one transaction, the rows none of whose identifiers is

@@ -610,6 +610,49 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
             ],
         )
 
+    async def BatchResolve(
+        self, request: identity_pb2.BatchResolveRequest, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.BatchResolveResponse:
+        if len(request.requests) > MAX_BATCH:
+            raise InvalidArgument([FieldViolation("requests", f"at most {MAX_BATCH}")])
+        results = [identity_pb2.BatchResolveResult() for _ in request.requests]
+        rows: list[tuple[int, BulkRow]] = []
+        for index, item in enumerate(request.requests):
+            v = Violations()
+            identifiers, profile, actor, idempotency = self._resolve_arguments(item, "", v)
+            if v.found:
+                results[index].error_code = "INVALID_ARGUMENT"
+                results[index].error_field = v.found[0].field
+                results[index].error = v.found[0].description
+                continue
+            rows.append(
+                (
+                    index,
+                    BulkRow(
+                        tuple(identifiers), profile, None, item.lookup_only, actor, idempotency
+                    ),
+                )
+            )
+        resolved = await self.service.batch_resolve([row for _, row in rows])
+        for (index, _), (outcome, survivor, owners) in zip(rows, resolved, strict=True):
+            result = results[index]
+            if isinstance(outcome.error, ConvergeError):
+                result.error_code = outcome.error.code.name
+                result.error_field = _violated_field(outcome.error)
+                result.error = outcome.error.message
+                continue
+            result.customer_id = survivor
+            result.created = outcome.created
+            result.resolved_identifiers.extend(
+                identity_pb2.CustomerIdentifier(
+                    identifier=_identifier_pb(a.identifier),
+                    customer_id=a.customer_id,
+                    attached_at=timestamp(a.attached_at),
+                )
+                for a in owners
+            )
+        return identity_pb2.BatchResolveResponse(results=results)
+
     async def RemoveIdentifier(
         self, request: identity_pb2.RemoveIdentifierRequest, context: grpc.aio.ServicerContext
     ) -> identity_pb2.RemoveIdentifierResponse:

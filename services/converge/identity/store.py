@@ -45,6 +45,12 @@ SELECT DISTINCT ON (kind, source, value) kind, source, value, cur AS root
 FROM up ORDER BY kind, source, value, depth DESC
 """
 
+OWNERS = """
+SELECT i.kind, i.source, i.value, i.customer_id, i.attached_at FROM identifiers i
+JOIN unnest($1::smallint[], $2::text[], $3::text[]) AS q(kind, source, value)
+  USING (kind, source, value)
+"""
+
 ROOTS_OF_CUSTOMERS = """
 WITH RECURSIVE up AS (
     SELECT customer_id AS start, customer_id AS cur, 0 AS depth
@@ -337,6 +343,20 @@ class IdentityTransaction:
         rows = await self.connection.fetch(FIND_ROOTS, *_identifier_arrays(identifiers))
         return {
             NormalizedIdentifier(IdentifierKind(r["kind"]), r["source"], r["value"]): str(r["root"])
+            for r in rows
+        }
+
+    async def owners(
+        self, identifiers: Sequence[NormalizedIdentifier]
+    ) -> dict[NormalizedIdentifier, AttachedIdentifier]:
+        """The customer each known identifier is attached to (before merges)."""
+        rows = await self.connection.fetch(OWNERS, *_identifier_arrays(identifiers))
+        return {
+            (
+                identifier := NormalizedIdentifier(
+                    IdentifierKind(r["kind"]), r["source"], r["value"]
+                )
+            ): AttachedIdentifier(identifier, str(r["customer_id"]), r["attached_at"])
             for r in rows
         }
 

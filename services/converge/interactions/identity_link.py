@@ -9,15 +9,14 @@ import contextlib
 import logging
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from converge.interactions.store import InteractionsStore
 from converge.runtime.errors import (
+    ConvergeError,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
@@ -30,6 +29,7 @@ from converge.v1 import common_pb2, identity_pb2, identity_pb2_grpc
 logger = logging.getLogger(__name__)
 
 CACHE_SIZE = 100_000
+BATCH = 1000  # identifiers per BatchResolve call
 MERGED = identity_pb2.IDENTITY_EVENT_TYPE_MERGED
 UNMERGED = identity_pb2.IDENTITY_EVENT_TYPE_UNMERGED
 FORGOTTEN = identity_pb2.IDENTITY_EVENT_TYPE_FORGOTTEN
@@ -48,19 +48,28 @@ IdentifierKey = tuple[int, str, str]
 EraseCustomers = Callable[[list[uuid.UUID]], Awaitable[object]]
 
 
-def _identifier_violations(error: grpc.aio.AioRpcError) -> list[FieldViolation]:
-    """Identity's field violations, re-pathed from its request to ours
-    (`identifiers[0].value` -> `customer.identifier.value`)."""
-    found = []
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]  # an AioRpcError is a Call
-    for detail in status.details if status else []:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            for violation in bad.field_violations:
-                path = violation.field.replace("identifiers[0]", "customer.identifier", 1)
-                found.append(FieldViolation(path, violation.description))
-    return found or [FieldViolation("customer.identifier", error.details() or "invalid identifier")]
+def _outcome(
+    result: identity_pb2.BatchResolveResult,
+) -> tuple[uuid.UUID | None, bool, ConvergeError | None]:
+    """One batch item as (owner, created, error), identity's field paths
+    re-pathed to ours (`identifiers[0].value` -> `customer.identifier.value`)."""
+    if result.error_code == "INVALID_ARGUMENT":
+        path = result.error_field.replace("identifiers[0]", "customer.identifier", 1)
+        return (
+            None,
+            False,
+            InvalidArgument([FieldViolation(path or "customer.identifier", result.error)]),
+        )
+    if result.error_code == "NOT_FOUND":
+        return None, False, NotFound("customer with identifier", "given")
+    if result.error_code:
+        return None, False, FailedPrecondition(f"identity refused the identifier: {result.error}")
+    owner = (
+        result.resolved_identifiers[0].customer_id
+        if result.resolved_identifiers
+        else result.customer_id
+    )
+    return uuid.UUID(owner), result.created, None
 
 
 class IdentityLink:
@@ -78,38 +87,68 @@ class IdentityLink:
 
     async def owner_of(self, ref: IdentifierRef, *, create: bool) -> tuple[uuid.UUID, bool]:
         """The customer an identifier belongs to, and whether it was created now."""
-        key = (ref.type, ref.source, ref.value)
-        identifier = common_pb2.Identifier(
-            type=common_pb2.IdentifierType.ValueType(ref.type), value=ref.value, source=ref.source
-        )
-        cached = self._owners.get(key)
-        if cached is not None:
-            self._owners.move_to_end(key)
-            return cached, False
-        if self._stub is None:
+        [(owner, created, error)] = await self.owners_of([ref], create=create)
+        if error is not None:
+            raise error
+        assert owner is not None
+        return owner, created
+
+    async def owners_of(
+        self, refs: Sequence[IdentifierRef], *, create: bool
+    ) -> list[tuple[uuid.UUID | None, bool, ConvergeError | None]]:
+        """For each identifier: the customer it belongs to, whether it was
+        created now, or why it could not be resolved. Unknown identifiers go to
+        the identity service in batches, each distinct one once."""
+        results: list[tuple[uuid.UUID | None, bool, ConvergeError | None]] = [
+            (None, False, None)
+        ] * len(refs)
+        waiting: dict[IdentifierKey, list[int]] = {}
+        for index, ref in enumerate(refs):
+            key = (ref.type, ref.source, ref.value)
+            cached = self._owners.get(key)
+            if cached is not None:
+                self._owners.move_to_end(key)
+                results[index] = (cached, False, None)
+            else:
+                waiting.setdefault(key, []).append(index)
+        if waiting and self._stub is None:
             raise FailedPrecondition(
                 "this service runs without an identity service: give customers by customer_id"
             )
-        try:
-            reply = await self._stub.Resolve(
-                identity_pb2.ResolveRequest(identifiers=[identifier], lookup_only=not create),
-                timeout=self.timeout_s,
-            )
-        except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise InvalidArgument(_identifier_violations(error)) from None
-            if error.code() == grpc.StatusCode.NOT_FOUND:
-                raise NotFound("customer with identifier", identifier.source or "given") from None
-            raise Unavailable(f"identity service: {error.code().name}") from None
-        owner = (
-            uuid.UUID(reply.resolved_identifiers[0].customer_id)
-            if reply.resolved_identifiers
-            else uuid.UUID(reply.customer.customer_id)
-        )
-        self._owners[key] = owner
-        if len(self._owners) > CACHE_SIZE:
+        keys = list(waiting)
+        for start in range(0, len(keys), BATCH):
+            chunk = keys[start : start + BATCH]
+            assert self._stub is not None
+            try:
+                reply = await self._stub.BatchResolve(
+                    identity_pb2.BatchResolveRequest(
+                        requests=[
+                            identity_pb2.ResolveRequest(
+                                identifiers=[
+                                    common_pb2.Identifier(
+                                        type=common_pb2.IdentifierType.ValueType(kind),
+                                        value=value,
+                                        source=source,
+                                    )
+                                ],
+                                lookup_only=not create,
+                            )
+                            for kind, source, value in chunk
+                        ]
+                    ),
+                    timeout=self.timeout_s,
+                )
+            except grpc.aio.AioRpcError as failure:
+                raise Unavailable(f"identity service: {failure.code().name}") from None
+            for key, result in zip(chunk, reply.results, strict=True):
+                owner, created, problem = _outcome(result)
+                for position, index in enumerate(waiting[key]):
+                    results[index] = (owner, created and position == 0, problem)
+                if owner is not None:
+                    self._owners[key] = owner
+        while len(self._owners) > CACHE_SIZE:
             self._owners.popitem(last=False)
-        return owner, reply.created
+        return results
 
     def start_following(self, erase: EraseCustomers) -> None:
         if self._stub is not None:

@@ -4,7 +4,6 @@ live and point-in-time features. No gRPC here."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -41,8 +40,6 @@ from converge.runtime.errors import (
     NotFound,
 )
 from converge.runtime.values import PlainValue, from_tagged, to_tagged
-
-RESOLVE_CONCURRENCY = 32
 
 
 @dataclass(frozen=True)
@@ -227,11 +224,9 @@ class InteractionsService:
             )
         if draft.occurred_at > now + timedelta(seconds=self.settings.max_future_skew_s):
             return "interaction.occurred_at", "in the future"
-        if draft.occurred_at < now - timedelta(days=self.settings.retention_days):
-            return (
-                "interaction.occurred_at",
-                f"older than the {self.settings.retention_days}-day retention",
-            )
+        retention = self.settings.retention_days
+        if retention is not None and draft.occurred_at < now - timedelta(days=retention):
+            return "interaction.occurred_at", f"older than the {retention}-day retention"
         violations = validate_interaction(
             spec,
             draft.attributes,
@@ -252,41 +247,36 @@ class InteractionsService:
         indexes: Sequence[int],
         validate_only: bool,
     ) -> dict[int, uuid.UUID]:
+        """The customer each draft belongs to: its customer id, or the owner of
+        its identifier (resolved in batches, creating customers unless told not to)."""
         owners: dict[int, uuid.UUID] = {}
-        gate = asyncio.Semaphore(RESOLVE_CONCURRENCY)
-
-        async def resolve(index: int, draft: Draft) -> None:
-            if draft.customer_id is not None:
-                owners[index] = draft.customer_id
-                return
-            assert draft.identifier is not None
-            async with gate:
-                try:
-                    owner, created = await self.identity.owner_of(
-                        draft.identifier, create=not (draft.lookup_only or validate_only)
-                    )
-                except InvalidArgument as error:
-                    summary.results[index] = IngestResult(
-                        "rejected",
-                        field=f"interaction.{error.violations[0].field}",
-                        reason=error.violations[0].description,
-                    )
-                    return
-                except NotFound as error:
-                    summary.results[index] = IngestResult(
-                        "rejected", field="interaction.customer", reason=error.message
-                    )
-                    return
-            owners[index] = owner
-            summary.customers_created += created
-
-        by_identifier = []
+        by_identifier: dict[bool, list[tuple[int, Draft]]] = {True: [], False: []}
         for index, draft in zip(indexes, drafts, strict=True):
             if draft.customer_id is not None:
                 owners[index] = draft.customer_id
             else:
-                by_identifier.append(resolve(index, draft))
-        await asyncio.gather(*by_identifier)
+                by_identifier[not (draft.lookup_only or validate_only)].append((index, draft))
+        for create, items in by_identifier.items():
+            if not items:
+                continue
+            refs = [draft.identifier for _, draft in items if draft.identifier is not None]
+            resolved = await self.identity.owners_of(refs, create=create)
+            for (index, _), (owner, created, error) in zip(items, resolved, strict=True):
+                if isinstance(error, InvalidArgument):
+                    violation = error.violations[0]
+                    summary.results[index] = IngestResult(
+                        "rejected",
+                        field=f"interaction.{violation.field}",
+                        reason=violation.description,
+                    )
+                elif error is not None:
+                    summary.results[index] = IngestResult(
+                        "rejected", field="interaction.customer", reason=error.message
+                    )
+                else:
+                    assert owner is not None
+                    owners[index] = owner
+                    summary.customers_created += created
         return owners
 
     async def _store_batch(

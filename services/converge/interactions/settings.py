@@ -21,8 +21,11 @@ class InteractionsSettings(ServiceSettings):
     max_future_skew_s: float = Field(
         default=300.0, ge=0, description="How far in the future an occurred_at may be."
     )
-    retention_days: int = Field(
-        default=1095, ge=1, description="Interactions older than this are refused at ingest."
+    retention_days: int | None = Field(
+        default=None,
+        ge=1,
+        description="Interactions older than this many days are refused at ingest (and may be "
+        "purged); unset keeps and accepts any history, as backfills of old exports need.",
     )
     ingest_batch_size: int = Field(
         default=2000, ge=1, le=50_000, description="Rows per ingest transaction."

@@ -189,6 +189,7 @@ _BUILT_IN_LIST: tuple[InteractionTypeSpec, ...] = (
     _type(
         "purchase",
         "The customer bought a product.",
+        _attr("quantity", "number", "Units bought.", required=False, min_value=0, unit="units"),
         required_fields=("product_id", "amount"),
     ),
     _subscription("started"),
