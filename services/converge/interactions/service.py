@@ -177,7 +177,6 @@ class InteractionsService:
                 (
                     index,
                     NewInteraction(
-                        interaction_id=uuid.uuid4(),
                         customer_id=owner,
                         occurred_at=draft.occurred_at,
                         channel=draft.channel,
@@ -307,14 +306,19 @@ class InteractionsService:
             return {c: s.to_json() for c, s in live.items()}
 
         new, duplicates = await self.store.ingest([row for _, row in rows], fold)
+        seen: dict[tuple[str, str], bool] = {}
+        first_of: dict[tuple[str, str], NewInteraction] = {}
+        for _, row in rows:
+            first_of.setdefault((row.source, row.idempotency_key), row)
         for index, row in rows:
-            if row.interaction_id in new:
-                summary.results[index] = IngestResult(
-                    "stored", new=row, stored=new[row.interaction_id]
-                )
+            key = (row.source, row.idempotency_key)
+            stored = new.get(key)
+            if stored is not None and not seen.get(key):
+                seen[key] = True
+                summary.results[index] = IngestResult("stored", new=row, stored=stored)
             else:  # stored before, or earlier in this batch: the first copy answers
                 summary.results[index] = IngestResult(
-                    "duplicate", row=duplicates[(row.source, row.idempotency_key)]
+                    "duplicate", row=duplicates.get(key) or _as_record(first_of[key], stored)
                 )
 
     # --- reads ----------------------------------------------------------------------
@@ -493,8 +497,10 @@ class InteractionsService:
 def _as_record(
     row: NewInteraction, stored: asyncpg.Record | Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
-    """A stored row in the shape the database returns it."""
+    """A row in the shape the database returns it (ids from the database
+    when it was stored, a fresh id for a row only validated)."""
     data = {f.name: getattr(row, f.name) for f in dataclasses.fields(row) if f.name != "event"}
+    data["interaction_id"] = stored["interaction_id"] if stored else uuid.uuid4()
     data["seq"] = stored["seq"] if stored else 0
     data["recorded_at"] = stored["recorded_at"] if stored else datetime.now(UTC)
     return data

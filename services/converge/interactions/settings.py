@@ -28,6 +28,6 @@ class InteractionsSettings(ServiceSettings):
         "purged); unset keeps and accepts any history, as backfills of old exports need.",
     )
     ingest_batch_size: int = Field(
-        default=2000, ge=1, le=50_000, description="Rows per ingest transaction."
+        default=10_000, ge=1, le=50_000, description="Rows per ingest transaction."
     )
     stream_poll_interval_s: float = Field(default=0.1, gt=0)

@@ -18,15 +18,31 @@ from converge.runtime.database import Connection
 # reader that saw seq n never later finds a smaller seq appear.
 INGEST_LOCK = 0x636F6E7665726765  # "converge"
 
-INSERT_INTERACTIONS = """
-INSERT INTO interactions (interaction_id, customer_id, occurred_at, channel, type, attributes,
-                          ticket_id, product_id, amount, currency, sentiment, source,
-                          idempotency_key, identifier)
-SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::smallint[], $5::text[],
-                     $6::jsonb[], $7::text[], $8::text[], $9::numeric[], $10::text[],
-                     $11::float8[], $12::text[], $13::text[], $14::jsonb[])
+STAGING_COLUMNS = (
+    "customer_id",
+    "occurred_at",
+    "channel",
+    "type",
+    "attributes",
+    "ticket_id",
+    "product_id",
+    "amount",
+    "currency",
+    "sentiment",
+    "source",
+    "idempotency_key",
+    "identifier",
+)
+CREATE_STAGING = f"""
+CREATE TEMP TABLE IF NOT EXISTS ingest_staging ON COMMIT DELETE ROWS AS
+SELECT {", ".join(STAGING_COLUMNS)} FROM interactions WITH NO DATA
+"""
+# Staging order is arrival order: the first of two rows with one key wins.
+INSERT_FROM_STAGING = f"""
+INSERT INTO interactions ({", ".join(STAGING_COLUMNS)})
+SELECT {", ".join(STAGING_COLUMNS)} FROM ingest_staging
 ON CONFLICT (source, idempotency_key) DO NOTHING
-RETURNING seq, interaction_id, recorded_at
+RETURNING seq, interaction_id, recorded_at, source, idempotency_key
 """
 
 SELECT_BY_KEYS = """
@@ -139,7 +155,6 @@ Fold = Callable[
 class NewInteraction:
     """A validated interaction ready to store."""
 
-    interaction_id: uuid.UUID
     customer_id: uuid.UUID
     occurred_at: datetime
     channel: int
@@ -176,7 +191,7 @@ class InteractionsStore:
 
     async def ingest(
         self, rows: Sequence[NewInteraction], fold: Fold
-    ) -> tuple[dict[uuid.UUID, asyncpg.Record], dict[tuple[str, str], asyncpg.Record]]:
+    ) -> tuple[dict[tuple[str, str], asyncpg.Record], dict[tuple[str, str], asyncpg.Record]]:
         """Stores the rows not stored before and folds them into the live
         feature states, in one transaction: what is acknowledged is durable and
         already in the features.
@@ -184,30 +199,44 @@ class InteractionsStore:
         `fold(states_by_customer, fresh_rows, events_of)` returns the new
         states; `events_of(customer)` reads a customer's stored interactions in
         the same transaction, for rebuilding a state from scratch. Returns the
-        newly stored rows' (seq, recorded_at) by id, and for rows whose key was
-        stored before, the first copy by (source, key).
+        newly stored rows' (interaction_id, seq, recorded_at), and for rows whose key was
+        stored before, the first copy; both by (source, key). A key given twice
+        in one batch is stored once, from its first row.
         """
         async with self.pool.acquire() as connection, connection.transaction():
             await connection.execute("SELECT pg_advisory_xact_lock($1)", INGEST_LOCK)
-            inserted = await connection.fetch(
-                INSERT_INTERACTIONS,
-                [r.interaction_id for r in rows],
-                [r.customer_id for r in rows],
-                [r.occurred_at for r in rows],
-                [r.channel for r in rows],
-                [r.type for r in rows],
-                [r.attributes for r in rows],
-                [r.ticket_id for r in rows],
-                [r.product_id for r in rows],
-                [r.amount for r in rows],
-                [r.currency for r in rows],
-                [r.sentiment for r in rows],
-                [r.source for r in rows],
-                [r.idempotency_key for r in rows],
-                [r.identifier for r in rows],
+            # COPY into a per-connection staging table, then one INSERT that
+            # skips keys stored before: COPY's binary path is several times
+            # cheaper than binding a dozen arrays.
+            await connection.execute(CREATE_STAGING)
+            first: dict[tuple[str, str], NewInteraction] = {}
+            for row in rows:  # a key repeated within the batch: the first copy wins
+                first.setdefault((row.source, row.idempotency_key), row)
+            await connection.copy_records_to_table(
+                "ingest_staging",
+                columns=STAGING_COLUMNS,
+                records=[
+                    (
+                        r.customer_id,
+                        r.occurred_at,
+                        r.channel,
+                        r.type,
+                        r.attributes,
+                        r.ticket_id,
+                        r.product_id,
+                        r.amount,
+                        r.currency,
+                        r.sentiment,
+                        r.source,
+                        r.idempotency_key,
+                        r.identifier,
+                    )
+                    for r in first.values()
+                ],
             )
-            new = {r["interaction_id"]: r for r in inserted}
-            repeated = [r for r in rows if r.interaction_id not in new]
+            inserted = await connection.fetch(INSERT_FROM_STAGING)
+            new = {(r["source"], r["idempotency_key"]): r for r in inserted}
+            repeated = [r for r in rows if (r.source, r.idempotency_key) not in new]
             duplicates: dict[tuple[str, str], asyncpg.Record] = {}
             if repeated:
                 found = await connection.fetch(
@@ -216,7 +245,7 @@ class InteractionsStore:
                     [r.idempotency_key for r in repeated],
                 )
                 duplicates = {(r["source"], r["idempotency_key"]): r for r in found}
-            fresh = [r for r in rows if r.interaction_id in new]
+            fresh = [r for key, r in first.items() if key in new]
             if fresh:
                 customers = sorted({r.customer_id for r in fresh})
                 current = await connection.fetch(LOCK_STATES, customers)

@@ -105,11 +105,25 @@ async def migrate(connection: Connection, schema: str, migrations: list[Migratio
     return applied_now
 
 
+_JSONB_VERSION = b"\x01"
+
+
+def _encode_jsonb(value: object) -> bytes:
+    return _JSONB_VERSION + json.dumps(value, separators=(",", ":")).encode()
+
+
+def _decode_jsonb(data: bytes) -> object:
+    return json.loads(data[1:])
+
+
 async def _init_connection(connection: asyncpg.Connection) -> None:
-    for json_type in ("json", "jsonb"):
-        await connection.set_type_codec(
-            json_type, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
-        )
+    # jsonb in binary format, so COPY (binary only) can carry it too.
+    await connection.set_type_codec(
+        "jsonb", encoder=_encode_jsonb, decoder=_decode_jsonb, schema="pg_catalog", format="binary"
+    )
+    await connection.set_type_codec(
+        "json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+    )
 
 
 async def create_pool(

@@ -53,13 +53,18 @@ def from_plain(value: PlainValue) -> common_pb2.AttributeValue:
 
 
 def to_tagged(value: PlainValue) -> dict[str, Any]:
-    if isinstance(value, bool):
+    kind = type(value)  # exact types first: this runs for every attribute ingested
+    if kind is str:
+        return {"s": value}
+    if kind is float:
+        return {"n": value}
+    if kind is bool:
         return {"b": value}
-    if isinstance(value, int | float):
-        return {"n": float(value)}
     if isinstance(value, datetime):
         return {"t": value.isoformat()}
-    return {"s": value}
+    if isinstance(value, int | float):
+        return {"n": float(value)}
+    return {"s": str(value)}
 
 
 def from_tagged(tagged: dict[str, Any]) -> PlainValue:

@@ -7,7 +7,7 @@ CREATE TABLE interactions (
     -- this order (they take a transaction-level advisory lock first), so a
     -- reader never sees seq n+1 before seq n.
     seq              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    interaction_id   uuid NOT NULL UNIQUE,
+    interaction_id   uuid NOT NULL UNIQUE DEFAULT gen_random_uuid(),
     -- The customer the interaction came with: the owner of its identifier, or
     -- the id given. Never rewritten: merges are followed in customer_links.
     customer_id      uuid NOT NULL,
