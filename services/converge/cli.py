@@ -336,7 +336,10 @@ def _print_summary(
 # --- the command table ------------------------------------------------------------
 # Each entry adds subcommands: a registrar function, or "module:function" imported
 # when the parser is built (so `converge models` can live in its own package).
-SUBCOMMANDS: tuple[Registrar | str, ...] = (register_connector_commands,)
+SUBCOMMANDS: tuple[Registrar | str, ...] = (
+    register_connector_commands,
+    "converge.models.cli:add_subcommands",
+)
 
 
 def _registrar(entry: Registrar | str) -> Registrar:
