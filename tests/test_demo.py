@@ -41,6 +41,11 @@ def test_demo_runs_the_scenario_and_leaves_no_process(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "127.0.0.1:51051" in result.stdout  # identity, shifted by the offset
     assert "merged" in result.stdout.lower()
+    assert "127.0.0.1:51052" in result.stdout  # interactions
+    # The live features count the web visit of the customer merged into Ada.
+    login_row = next(line for line in result.stdout.splitlines() if "count_7d_login" in line)
+    assert "2.00" in login_row
     assert "Everything stopped." in result.stdout
     assert (tmp_path / "logs" / "identity.log").exists()
+    assert (tmp_path / "logs" / "interactions.log").exists()
     assert not _processes_under(tmp_path)

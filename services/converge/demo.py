@@ -17,6 +17,7 @@ scenario step failed. The demo data is made up.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import secrets
@@ -28,10 +29,10 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
-from typing import IO
+from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import grpc
@@ -47,7 +48,13 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 from converge.runtime.embedded_postgres import EmbeddedPostgres
-from converge.v1 import common_pb2, identity_pb2, identity_pb2_grpc
+from converge.v1 import (
+    common_pb2,
+    identity_pb2,
+    identity_pb2_grpc,
+    interactions_pb2,
+    interactions_pb2_grpc,
+)
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,8 @@ class DemoService:
     name: str
     port: int
     metrics_port: int
+    # Services it calls, given to it as CONVERGE_<NAME>_<NEED>_ADDRESS.
+    needs: tuple[str, ...] = ()
 
     @property
     def env_prefix(self) -> str:
@@ -68,7 +77,7 @@ class DemoService:
 # it). Those without a `converge.<name>.__main__` module yet are skipped.
 SERVICES: tuple[DemoService, ...] = (
     DemoService("identity", port=50051, metrics_port=9151),
-    DemoService("interactions", port=50052, metrics_port=9152),
+    DemoService("interactions", port=50052, metrics_port=9152, needs=("identity",)),
     DemoService("scoring", port=50053, metrics_port=9153),
     DemoService("recommendation", port=50054, metrics_port=9154),
 )
@@ -248,6 +257,9 @@ class Demo:
         env[f"{service.env_prefix}HOST"] = HOST
         env[f"{service.env_prefix}PORT"] = str(service.port)
         env[f"{service.env_prefix}METRICS_PORT"] = str(service.metrics_port)
+        ports = {s.name: s.port for s in self.services}
+        for need in service.needs:
+            env[f"{service.env_prefix}{need.upper()}_ADDRESS"] = f"{HOST}:{ports[need]}"
         return env
 
     def start_service(self, service: DemoService) -> RunningService:
@@ -413,7 +425,13 @@ class Demo:
     def print_how_to_call(self, identity: RunningService) -> None:
         snippet = f'''\
 import grpc
-from converge.v1 import common_pb2, identity_pb2, identity_pb2_grpc
+from converge.v1 import (
+    common_pb2,
+    identity_pb2,
+    identity_pb2_grpc,
+    interactions_pb2,
+    interactions_pb2_grpc,
+)
 
 with grpc.insecure_channel("{identity.address}") as channel:
     identity = identity_pb2_grpc.IdentityServiceStub(channel)
@@ -610,9 +628,20 @@ class Scenario:
     own (customers are referred to by identifier), so one failing step does not
     stop the others."""
 
-    def __init__(self, console: Console, channel: grpc.Channel, demo: Demo) -> None:
+    def __init__(
+        self,
+        console: Console,
+        channel: grpc.Channel,
+        demo: Demo,
+        interactions_channel: grpc.Channel | None = None,
+    ) -> None:
         self.console = console
         self.identity = identity_pb2_grpc.IdentityServiceStub(channel)
+        self.interactions = (
+            interactions_pb2_grpc.InteractionsServiceStub(interactions_channel)
+            if interactions_channel is not None
+            else None
+        )
         self.demo = demo
         # A tag per run, so every run tells the whole story on a kept database.
         self.tag = secrets.token_hex(3)
@@ -640,6 +669,11 @@ class Scenario:
             ("4. Ada sets her contact preferences", self.consent),
             ("5. Any channel reads Ada, here by her phone number", self.read_back),
         ]
+        if self.interactions is not None:
+            steps += [
+                ("6. A rough week: every channel records what happened", self.record_week),
+                ("7. Live features, as the models will see them", self.live_features),
+            ]
         for title, step in steps:
             if self.demo.stop_requested:
                 break
@@ -752,6 +786,127 @@ class Scenario:
         title = f"GetCustomer(phone {self.phone.value})"
         self.console.print(customer_panel(reply.customer, title))
 
+    def wait_for_identity_sync(self) -> None:
+        """Merges reach the interactions service through identity's event
+        stream; wait until it has applied the latest one (normally well under
+        a second)."""
+        assert self.interactions is not None
+        events = self.identity.StreamIdentityEvents(
+            identity_pb2.StreamIdentityEventsRequest(), timeout=RPC_TIMEOUT_S
+        )
+        latest = max((int(e.cursor) for e in events), default=0)
+        deadline = time.monotonic() + RPC_TIMEOUT_S
+        while time.monotonic() < deadline:
+            status = self.interactions.GetIdentitySyncStatus(
+                interactions_pb2.GetIdentitySyncStatusRequest(), timeout=RPC_TIMEOUT_S
+            )
+            if int(status.cursor or 0) >= latest:
+                return
+            time.sleep(0.05)
+        self.console.print("[yellow]interactions has not caught up with identity's merges yet")
+
+    def record_week(self) -> None:
+        assert self.interactions is not None
+        self.wait_for_identity_sync()
+        now = datetime.now(UTC)
+        ticket = f"INC-{self.tag.upper()}"
+
+        def at(hours_ago: float) -> timestamp_pb2.Timestamp:
+            ts = timestamp_pb2.Timestamp()
+            ts.FromDatetime(now - timedelta(hours=hours_ago))
+            return ts
+
+        week: list[
+            tuple[str, int, common_pb2.Identifier, float, dict[str, str | float], dict[str, Any]]
+        ] = [
+            ("product.login", common_pb2.CHANNEL_WEB, self.device, 150, {}, {}),
+            ("product.login", common_pb2.CHANNEL_MOBILE, self.email, 120, {}, {}),
+            (
+                "ticket.opened",
+                common_pb2.CHANNEL_PHONE,
+                self.phone,
+                30,
+                {"priority": "high", "category": "billing"},
+                {"ticket_id": ticket},
+            ),
+            (
+                "conversation.chat",
+                common_pb2.CHANNEL_CHAT,
+                self.email,
+                20,
+                {"direction": "inbound"},
+                {"ticket_id": ticket, "sentiment": -0.6},
+            ),
+            (
+                "ticket.reassigned",
+                common_pb2.CHANNEL_SERVICE_DESK,
+                self.crm_id,
+                10,
+                {"team": "billing-l2"},
+                {"ticket_id": ticket},
+            ),
+            ("survey.nps", common_pb2.CHANNEL_EMAIL, self.email, 2, {"score": 3.0}, {}),
+        ]
+        for n, (kind, channel, who, hours, attributes, fields) in enumerate(week):
+            item = interactions_pb2.InteractionInput(
+                customer=common_pb2.CustomerRef(identifier=who),
+                occurred_at=at(hours),
+                channel=channel,  # type: ignore[arg-type]
+                type=kind,
+                source="demo",
+                attributes={
+                    k: common_pb2.AttributeValue(number_value=v)
+                    if isinstance(v, float)
+                    else common_pb2.AttributeValue(string_value=v)
+                    for k, v in attributes.items()
+                },
+                **fields,  # type: ignore[arg-type]
+            )
+            self.interactions.RecordInteraction(
+                interactions_pb2.RecordInteractionRequest(
+                    interaction=item, idempotency_key=f"demo-{self.tag}-{n}"
+                ),
+                timeout=RPC_TIMEOUT_S,
+                metadata=self.metadata(),
+            )
+            self.console.print(
+                f"RecordInteraction({kind} via {common_pb2.Channel.Name(common_pb2.Channel.ValueType(channel))}, "
+                f"{_identifier_label(who)})",
+                highlight=False,
+            )
+        timeline = self.interactions.ListInteractions(
+            interactions_pb2.ListInteractionsRequest(
+                customer=common_pb2.CustomerRef(identifier=self.email)
+            ),
+            timeout=RPC_TIMEOUT_S,
+            metadata=self.metadata(),
+        )
+        self.console.print(
+            f"Ada's timeline, newest first, one customer across {len(week)} records and "
+            f"4 identifiers: {', '.join(i.type for i in timeline.interactions)}",
+            highlight=False,
+        )
+
+    def live_features(self) -> None:
+        assert self.interactions is not None
+        reply = self.interactions.GetFeatures(
+            interactions_pb2.GetFeaturesRequest(
+                customers=[common_pb2.CustomerRef(identifier=self.email)],
+                include_open_tickets=True,
+            ),
+            timeout=RPC_TIMEOUT_S,
+            metadata=self.metadata(),
+        )
+        table = Table(title=f"GetFeatures (feature set {reply.feature_set_version})")
+        table.add_column("feature")
+        table.add_column("value", justify="right")
+        vectors = [*reply.customers, *reply.tickets]
+        for vector in vectors:
+            for name, value in sorted(vector.values.items()):
+                if value:
+                    table.add_row(name, f"{value:,.2f}")
+        self.console.print(table)
+
 
 # Entry point ------------------------------------------------------------------
 
@@ -791,10 +946,17 @@ def run(demo: Demo, once: bool) -> int:
     demo.print_overview()
     identity = next((r for r in demo.running if r.service.name == "identity"), None)
     scenario_ok = True
+    interactions = next((r for r in demo.running if r.service.name == "interactions"), None)
     if identity is not None:
         demo.print_how_to_call(identity)
-        with grpc.insecure_channel(identity.address) as channel:
-            scenario_ok = Scenario(demo.console, channel, demo).run()
+        with contextlib.ExitStack() as channels:
+            channel = channels.enter_context(grpc.insecure_channel(identity.address))
+            interactions_channel = (
+                channels.enter_context(grpc.insecure_channel(interactions.address))
+                if interactions is not None
+                else None
+            )
+            scenario_ok = Scenario(demo.console, channel, demo, interactions_channel).run()
     if once or demo.stop_requested:
         return EXIT_OK if scenario_ok or demo.stop_requested else EXIT_FAILED
     return demo.serve_until_stopped()
