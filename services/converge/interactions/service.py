@@ -326,14 +326,29 @@ class InteractionsService:
         self, customer_id: uuid.UUID | None, identifier: IdentifierRef | None
     ) -> uuid.UUID:
         """The surviving customer a reference points at (never creates one)."""
-        if customer_id is None:
-            assert identifier is not None
-            customer_id, _ = await self.identity.owner_of(
-                identifier,
-                create=False,
+        [root] = await self.roots_of_refs([(customer_id, identifier)])
+        if root is None:
+            raise NotFound("customer with identifier", "given")
+        return root
+
+    async def roots_of_refs(
+        self, refs: Sequence[tuple[uuid.UUID | None, IdentifierRef | None]]
+    ) -> list[uuid.UUID | None]:
+        """The surviving customer of each reference, in two round trips for any
+        number of them; None for an identifier nobody has."""
+        ids: list[uuid.UUID | None] = [customer_id for customer_id, _ in refs]
+        by_identifier = [(i, ref) for i, (cid, ref) in enumerate(refs) if cid is None and ref]
+        if by_identifier:
+            resolved = await self.identity.owners_of(
+                [ref for _, ref in by_identifier], create=False
             )
-        roots = await self.store.roots([customer_id])
-        return roots.get(customer_id, customer_id)
+            for (index, _), (owner, _, error) in zip(by_identifier, resolved, strict=True):
+                if error is not None and not isinstance(error, NotFound):
+                    raise error
+                ids[index] = owner
+        known = [i for i in ids if i is not None]
+        roots = await self.store.roots(known) if known else {}
+        return [roots.get(i, i) if i is not None else None for i in ids]
 
     async def timeline(
         self,

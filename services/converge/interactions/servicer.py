@@ -587,19 +587,9 @@ class InteractionsServicer(interactions_pb2_grpc.InteractionsServiceServicer):
         names = self._feature_names(request.feature_names, v)
         v.raise_if_any()
         self._check_version(request.feature_set_version, "feature_set_version")
-        roots = []
-        found = []
-        for customer_id, identifier in refs:
-            try:
-                roots.append(await self.service.customer_id_of(customer_id, identifier))
-                found.append(True)
-            except Exception as error:
-                from converge.runtime.errors import NotFound
-
-                if not isinstance(error, NotFound):
-                    raise
-                roots.append(uuid.UUID(int=0))
-                found.append(False)
+        resolved = await self.service.roots_of_refs(refs)
+        found = [root is not None for root in resolved]
+        roots = [root or uuid.UUID(int=0) for root in resolved]
         as_of, customers, tickets = await self.service.live_features(
             roots, list(request.ticket_ids), request.include_open_tickets
         )
