@@ -33,6 +33,7 @@ from converge.identity.identifiers import IdentifierError, NormalizedIdentifier,
 from converge.identity.service import IdentityService, PeerErasure
 from converge.identity.settings import IdentitySettings
 from converge.identity.store import IdentityStore
+from converge.runtime.cursors import parse_cursor
 from converge.runtime.errors import ConvergeError, FieldViolation, InvalidArgument, Violations
 from converge.runtime.server import ServiceContext, ServiceSpec
 from converge.runtime.values import from_plain, from_tagged, timestamp, to_datetime
@@ -842,13 +843,8 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         self, request: identity_pb2.StreamIdentityEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[identity_pb2.StreamIdentityEventsResponse]:
         v = Violations()
-        v.check(
-            not request.from_cursor or bool(_SEQUENCE_NUMBER.fullmatch(request.from_cursor)),
-            "from_cursor",
-            "not a cursor this service issued",
-        )
+        cursor = parse_cursor(request.from_cursor, "from_cursor", v)
         v.raise_if_any()
-        cursor = int(request.from_cursor or 0)
         while True:
             rows = await self.service.store.events_after(cursor, 500)
             for row in rows:

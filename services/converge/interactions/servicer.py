@@ -27,6 +27,7 @@ from converge.interactions.types import (
     InteractionTypeSpec,
     RequiredField,
 )
+from converge.runtime.cursors import parse_cursor
 from converge.runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument, Violations
 from converge.runtime.server import ServiceContext, ServiceSpec
 from converge.runtime.values import (
@@ -57,7 +58,6 @@ MAX_LISTED_REJECTIONS = 1000
 FEATURE_WINDOW_DAYS = 90
 _ATTRIBUTE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _SOURCE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-_CURSOR = re.compile(r"^[0-9]{1,18}$")
 _FIELD_NAMES: dict[int, RequiredField] = {
     interactions_pb2.INTERACTION_FIELD_TICKET_ID: "ticket_id",
     interactions_pb2.INTERACTION_FIELD_PRODUCT_ID: "product_id",
@@ -454,13 +454,8 @@ class InteractionsServicer(interactions_pb2_grpc.InteractionsServiceServicer):
         self, request: interactions_pb2.StreamInteractionsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[interactions_pb2.StreamInteractionsResponse]:
         v = Violations()
-        v.check(
-            not request.from_cursor or bool(_CURSOR.match(request.from_cursor)),
-            "from_cursor",
-            "not a cursor this service issued",
-        )
+        cursor = parse_cursor(request.from_cursor, "from_cursor", v)
         v.raise_if_any()
-        cursor = int(request.from_cursor or 0)
         exact = {t for t in request.types if not t.endswith(".*")}
         prefixes = tuple(t[:-1] for t in request.types if t.endswith(".*"))
         while True:
