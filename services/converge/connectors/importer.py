@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -311,6 +311,24 @@ async def import_file(
     return summary
 
 
+def _count_rejections(
+    summary: ImportSummary,
+    service: str,
+    listed: Sequence[identity_pb2.BulkRejection] | Sequence[interactions_pb2.IngestRejection],
+    rejected: int,
+) -> None:
+    """Adds a service's rejections to the summary; the service lists only so
+    many, the rest are counted under one reason."""
+    for r in listed:
+        summary.reject(
+            Rejection(_line(r.row_ref), service, r.field, r.reason, r.reason),
+            _reason_key(service, r.field, r.reason),
+        )
+    unlisted = rejected - len(listed)
+    if unlisted > 0:
+        summary.rejection_reasons[f"[{service}] (more rows, not listed by the service)"] += unlisted
+
+
 def _reason_key(service: str, field_name: str, reason: str) -> str:
     return f"[{service}] {field_name}: {reason}" if field_name else f"[{service}] {reason}"
 
@@ -351,16 +369,7 @@ async def _resolve_pass(
         summary.customers_matched += response.matched
         summary.customers_merged += response.merged
         summary.profiles_rejected += response.rejected
-        for r in response.rejections:
-            summary.reject(
-                Rejection(_line(r.row_ref), "identity", r.field, r.reason, r.reason),
-                _reason_key("identity", r.field, r.reason),
-            )
-        unlisted = response.rejected - len(response.rejections)
-        if unlisted > 0:
-            summary.rejection_reasons["[identity] (more rows, not listed by the service)"] += (
-                unlisted
-            )
+        _count_rejections(summary, "identity", response.rejections, response.rejected)
 
     await _in_calls(requests(), batch_size, call)
 
@@ -392,15 +401,6 @@ async def _ingest_pass(
         summary.duplicates += response.duplicates
         summary.interactions_rejected += response.rejected
         summary.customers_created += response.customers_created
-        for r in response.rejections:
-            summary.reject(
-                Rejection(_line(r.row_ref), "interactions", r.field, r.reason, r.reason),
-                _reason_key("interactions", r.field, r.reason),
-            )
-        unlisted = response.rejected - len(response.rejections)
-        if unlisted > 0:
-            summary.rejection_reasons["[interactions] (more rows, not listed by the service)"] += (
-                unlisted
-            )
+        _count_rejections(summary, "interactions", response.rejections, response.rejected)
 
     await _in_calls(requests(), batch_size, call)
