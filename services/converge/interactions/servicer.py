@@ -353,16 +353,26 @@ class InteractionsServicer(interactions_pb2_grpc.InteractionsServiceServicer):
                     )
                 )
 
-        async def flush() -> None:
-            summary = await self.service.ingest(batch)
+        async def store(drafts: list[Draft]) -> None:
+            summary = await self.service.ingest(drafts)
             response.customers_created += summary.customers_created
-            for draft, result in zip(batch, summary.results, strict=True):
+            for draft, result in zip(drafts, summary.results, strict=True):
                 if result.outcome == "stored":
                     response.stored += 1
                 elif result.outcome == "duplicate":
                     response.duplicates += 1
                 else:
                     reject(draft.row_ref, draft.idempotency_key, result.field, result.reason)
+
+        # One batch is stored while the next one is read and checked; batches
+        # still commit one after the other, in the order they arrived.
+        storing: asyncio.Task[None] | None = None
+
+        async def flush() -> None:
+            nonlocal storing
+            if storing is not None:
+                await storing
+            storing = asyncio.create_task(store(list(batch)))
             batch.clear()
 
         async for message in request_iterator:
@@ -393,8 +403,14 @@ class InteractionsServicer(interactions_pb2_grpc.InteractionsServiceServicer):
                 batch.append(draft)
             if len(batch) >= self.settings.ingest_batch_size:
                 await flush()
-        if batch:
-            await flush()
+        try:
+            if batch:
+                await flush()
+            if storing is not None:
+                await storing
+        finally:
+            if storing is not None and not storing.done():
+                storing.cancel()
         return response
 
     async def GetInteraction(
