@@ -17,6 +17,7 @@ from rich.table import Table
 from tests.benchmarks.harness import open_env
 
 BENCHMARKS = ["tests.benchmarks.bench_identity", "tests.benchmarks.bench_interactions"]
+BENCHMARKS.append("tests.benchmarks.bench_models")
 
 
 async def run_all(selected: list[str]) -> dict[str, float]:

@@ -213,15 +213,25 @@ async def test_live_features_of_a_merged_customer_count_both_customers(platform)
     from converge.v1 import identity_pb2
 
     web = common_pb2.CustomerRef(
-        identifier=common_pb2.Identifier(type=common_pb2.IDENTIFIER_TYPE_DEVICE_ID, value="dev-merge")
+        identifier=common_pb2.Identifier(
+            type=common_pb2.IDENTIFIER_TYPE_DEVICE_ID, value="dev-merge"
+        )
     )
     crm = email_ref("merged-features@example.com")
     await platform.identity.Resolve(identity_pb2.ResolveRequest(identifiers=[crm.identifier]))
     await platform.identity.Resolve(identity_pb2.ResolveRequest(identifiers=[web.identifier]))
-    await platform.identity.Resolve(identity_pb2.ResolveRequest(identifiers=[crm.identifier, web.identifier]))
+    await platform.identity.Resolve(
+        identity_pb2.ResolveRequest(identifiers=[crm.identifier, web.identifier])
+    )
     await asyncio.sleep(0.5)  # the interactions service follows identity's event stream
-    await platform.interactions.RecordInteraction(record(interaction(web, "product.login", days_ago=6)))
-    await platform.interactions.RecordInteraction(record(interaction(crm, "product.login", days_ago=5)))
+    await platform.interactions.RecordInteraction(
+        record(interaction(web, "product.login", days_ago=6))
+    )
+    await platform.interactions.RecordInteraction(
+        record(interaction(crm, "product.login", days_ago=5))
+    )
     for who in (crm, web):  # either identifier reaches the same merged customer
-        reply = await platform.interactions.GetFeatures(interactions_pb2.GetFeaturesRequest(customers=[who]))
+        reply = await platform.interactions.GetFeatures(
+            interactions_pb2.GetFeaturesRequest(customers=[who])
+        )
         assert reply.customers[0].values["count_7d_login"] == 2

@@ -174,6 +174,10 @@ def add_subcommands(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _populate(parser: argparse.ArgumentParser) -> None:
+    # The commands that need the services (train, retrain, compare) live in
+    # the pipeline module, which registers them when imported.
+    import converge.models.pipeline  # noqa: F401
+
     common = _common()
     sub = parser.add_subparsers(dest="models_command", metavar="COMMAND", required=True)
 

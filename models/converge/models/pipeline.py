@@ -1,0 +1,353 @@
+"""`converge models train / retrain / compare`: the steps that build sets.
+
+Importing this module registers the three commands with
+`converge.models.cli.register_command`:
+
+    converge models train PREDICTION [--simulated N | --from-services] [--save-test-frame F]
+    converge models retrain [--simulated N | --from-services] [--margin-auc M] [--margin-ece M]
+    converge models compare PREDICTION V1 V2 [--frame F | --simulated N | --from-services]
+
+Where the examples come from:
+
+- `--simulated N` (the default, N = 3000): a simulated world
+  (`converge.models.simulator`, `--seed`) of the last 210 days up to today,
+  built in-process with `trainingset.build_from_events`;
+- `--from-services`: the running identity and interactions services
+  (`--identity`, `--interactions`, defaults from `CONVERGE_IDENTITY_ADDRESS`
+  and `CONVERGE_INTERACTIONS_ADDRESS`), with `trainingset.build_from_services`.
+
+Cutoffs: weekly for churn and cross-sell, every two days for escalation,
+over `--weeks` (26) weeks, the latest one horizon before now (its label
+window must be complete). Split by time (`dataset.time_split`).
+
+`train` builds, trains (default `TrainingConfig`), evaluates on the test
+period, logs the run and registers a version (no alias: promotion is a
+separate step). `retrain` does that for all three predictions and then runs
+the promotion gates for each new version against its champion on the same
+test period, promoting only when they pass, printing every decision.
+`compare` evaluates two versions on one recent test frame.
+
+Exit codes (as `converge.models.cli`): 0 done; 1 a retrain promoted nothing
+(gates refused every candidate, or none had enough data: each such
+prediction is reported and skipped, the others go on); 2 bad usage or too little data;
+3 MLflow or a service unreachable; 4 no such model or version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import tempfile
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from converge.models import cli
+from converge.models.dataset import (
+    HORIZONS,
+    PREDICTIONS,
+    Split,
+    SplitError,
+    TrainingFrame,
+    time_split,
+)
+from converge.models.training import InsufficientData
+from converge.models.trainingset import ServiceUnavailable, weekly_cutoffs
+
+DEFAULT_SIMULATED = 3000
+SIM_DAYS = 210
+
+
+def _progress(console: Any) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+def cutoffs_until(now: datetime, prediction: str, weeks: int) -> list[datetime]:
+    """Cutoffs over `weeks` weeks, the latest one horizon before `now`."""
+    day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    last = day - HORIZONS[prediction]  # type: ignore[index]
+    first = last - timedelta(weeks=weeks)
+    step = timedelta(days=2) if prediction == "escalation" else timedelta(days=7)
+    return weekly_cutoffs(first, last, step)
+
+
+@lru_cache(maxsize=2)
+def _world(customers: int, seed: int, end_day: datetime) -> tuple[Any, Any]:
+    from converge.models.simulator import simulate
+
+    world = simulate(customers, seed, end_day - timedelta(days=SIM_DAYS), end_day)
+    return world.events_by_customer(), world.profile_histories()
+
+
+def build_frame(
+    args: argparse.Namespace,
+    prediction: str,
+    now: datetime,
+    progress: Callable[[int, int], None] | None = None,
+) -> TrainingFrame:
+    """The labelled frame `args` asks for, up to `now`."""
+    from converge.models.trainingset import build_from_events, build_from_services
+
+    weeks = min(args.weeks, SIM_DAYS // 7 - 9) if not args.from_services else args.weeks
+    cutoffs = cutoffs_until(now, prediction, weeks)
+    if args.from_services:
+        return asyncio.run(
+            build_from_services(
+                args.identity, args.interactions, cutoffs, prediction, progress=progress
+            )
+        )
+    end_day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    events, profiles = _world(args.simulated or DEFAULT_SIMULATED, args.seed, end_day)
+    return build_from_events(
+        events,
+        profiles,
+        cutoffs,
+        prediction,
+        source=f"simulated:{args.simulated or DEFAULT_SIMULATED}:seed{args.seed}",
+        progress=progress,
+    )
+
+
+def _source_args(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--simulated",
+        type=int,
+        metavar="N",
+        default=None,
+        help=f"build from a simulated world of N customers (default, N={DEFAULT_SIMULATED})",
+    )
+    where.add_argument(
+        "--from-services", action="store_true", help="build from the running services"
+    )
+    parser.add_argument("--seed", type=int, default=1, help="simulator seed")
+    parser.add_argument("--weeks", type=int, default=26, help="weeks of cutoffs")
+    parser.add_argument(
+        "--identity",
+        default=os.environ.get("CONVERGE_IDENTITY_ADDRESS", "127.0.0.1:50051"),
+        help="identity service address",
+    )
+    parser.add_argument(
+        "--interactions",
+        default=os.environ.get("CONVERGE_INTERACTIONS_ADDRESS", "127.0.0.1:50052"),
+        help="interactions service address",
+    )
+
+
+def _who(args: argparse.Namespace) -> str:
+    import getpass
+
+    if getattr(args, "requested_by", None):
+        return str(args.requested_by)
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def _build_and_train(
+    args: argparse.Namespace, ctx: cli.Context, prediction: str, now: datetime
+) -> tuple[Any, Any, Split, list[Path]]:
+    from converge.models.evaluation import evaluate, save_plots
+    from converge.models.training import train
+
+    with _progress(ctx.console) as bar:
+        task = bar.add_task(f"{prediction}: building the training set", total=None)
+
+        def step(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        frame = build_frame(args, prediction, now, step)
+        bar.update(task, description=f"{prediction}: training on {frame.n_examples} rows")
+        split = time_split(frame)
+        model = train(split.train, split.valid)
+        result = evaluate(model, split.test)
+    plots_dir = Path(tempfile.mkdtemp(prefix=f"converge-{prediction}-plots-"))
+    plots = save_plots(model, result, plots_dir, title=prediction)
+    return model, result, split, plots
+
+
+def _summary(ctx: cli.Context, prediction: str, version: str, result: Any, split: Split) -> None:
+    table = Table(title=f"{prediction}: registered version {version}")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    for label, value in (
+        ("training rows", split.train.n_examples),
+        ("validation rows", split.valid.n_examples),
+        ("test rows", result.n),
+        ("test positives", result.n_positive),
+        ("ROC AUC", f"{result.roc_auc:.4f}"),
+        ("PR AUC", f"{result.pr_auc:.4f}"),
+        ("ECE", f"{result.ece:.4f}"),
+        ("Brier", f"{result.brier:.4f}"),
+        ("lift top decile", f"{result.lift_top_decile:.2f}"),
+    ):
+        table.add_row(label, str(value))
+    ctx.console.print(table)
+
+
+def _unreachable(ctx: cli.Context, e: Exception) -> int:
+    ctx.console.print(f"[red]A service is unreachable:[/red] {e}")
+    ctx.console.print("Start the services or pass --identity / --interactions.")
+    return cli.EXIT_UNREACHABLE
+
+
+def _cmd_train(args: argparse.Namespace, ctx: cli.Context) -> int:
+    registry = ctx.registry  # fails early (exit 3) when MLflow is unreachable
+    now = datetime.now(UTC)
+    try:
+        model, result, split, plots = _build_and_train(args, ctx, args.prediction, now)
+    except ServiceUnavailable as e:
+        return _unreachable(ctx, e)
+    registered = registry.log_training(
+        model,
+        result,
+        {"train": split.train, "valid": split.valid, "test": split.test},
+        plots,
+        params={"source": split.train.source},
+        requested_by=_who(args),
+        description=f"converge models train {args.prediction}",
+    )
+    if args.save_test_frame:
+        split.test.frame.to_parquet(args.save_test_frame)
+    if args.json:
+        ctx.emit({"version": registered.version, "run_id": registered.run_id, **result.to_dict()})
+    else:
+        _summary(ctx, args.prediction, registered.version, result, split)
+    return cli.EXIT_OK
+
+
+def _cmd_retrain(args: argparse.Namespace, ctx: cli.Context) -> int:
+    registry = ctx.registry
+    now = datetime.now(UTC)
+    who = _who(args)
+    decisions = []
+    for prediction in PREDICTIONS:
+        try:
+            model, result, split, plots = _build_and_train(args, ctx, prediction, now)
+        except ServiceUnavailable as e:
+            return _unreachable(ctx, e)
+        except (InsufficientData, SplitError) as e:
+            # One prediction short of data does not stop the others; its
+            # champion (or the rule-based fallback) keeps answering.
+            ctx.console.print(f"{prediction}: [yellow]not trained[/yellow]: {e}")
+            continue
+        registered = registry.log_training(
+            model,
+            result,
+            {"train": split.train, "valid": split.valid, "test": split.test},
+            plots,
+            params={"source": split.train.source},
+            requested_by=who,
+            description="converge models retrain",
+        )
+        decision = registry.promote(
+            prediction,
+            registered.version,
+            split.test,
+            requested_by=who,
+            margin_auc=args.margin_auc,
+            margin_ece=args.margin_ece,
+            reason="scheduled retrain",
+        )
+        decisions.append(decision)
+        if not args.json:
+            verdict = "[green]PROMOTED[/green]" if decision.promoted else "[red]REFUSED[/red]"
+            ctx.console.print(
+                f"{prediction}: v{registered.version} AUC {result.roc_auc:.4f} ECE "
+                f"{result.ece:.4f} -> {verdict}"
+            )
+            for reason in decision.reasons:
+                ctx.console.print(f"  - {reason}")
+    if args.json:
+        ctx.emit([d.to_dict() for d in decisions])
+    return cli.EXIT_OK if any(d.promoted for d in decisions) else cli.EXIT_REFUSED
+
+
+def _cmd_compare(args: argparse.Namespace, ctx: cli.Context) -> int:
+    from converge.models.evaluation import evaluate
+
+    registry = ctx.registry
+    first = registry.load_version(args.prediction, args.v1)
+    second = registry.load_version(args.prediction, args.v2)
+    if args.frame is not None:
+        frame = cli._load_frame(args, first.model.feature_names)
+    else:
+        try:
+            with ctx.console.status("Building a recent test frame..."):
+                frame = time_split(build_frame(args, args.prediction, datetime.now(UTC))).test
+        except ServiceUnavailable as e:
+            return _unreachable(ctx, e)
+    results = {v.version: evaluate(v.model, frame) for v in (first, second)}
+    if args.json:
+        ctx.emit({version: r.to_dict() for version, r in results.items()})
+        return cli.EXIT_OK
+    table = Table(
+        title=f"{args.prediction} on {frame.n_examples} rows ({frame.window[0]:%Y-%m-%d} .. {frame.window[1]:%Y-%m-%d})"
+    )
+    table.add_column("metric")
+    for version in results:
+        table.add_column(f"v{version}", justify="right")
+    for key in ("roc_auc", "pr_auc", "log_loss", "brier", "ece", "lift_top_decile"):
+        table.add_row(key, *(f"{getattr(r, key):.4f}" for r in results.values()))
+    ctx.console.print(table)
+    return cli.EXIT_OK
+
+
+def _configure_train(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prediction", choices=PREDICTIONS)
+    _source_args(parser)
+    parser.add_argument(
+        "--save-test-frame", type=Path, default=None, help="write the test part (Parquet)"
+    )
+    parser.add_argument("--requested-by", default=None)
+
+
+def _configure_retrain(parser: argparse.ArgumentParser) -> None:
+    _source_args(parser)
+    parser.add_argument("--margin-auc", type=float, default=0.01)
+    parser.add_argument("--margin-ece", type=float, default=0.02)
+    parser.add_argument("--requested-by", default=None)
+
+
+def _configure_compare(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prediction", choices=PREDICTIONS)
+    parser.add_argument("v1")
+    parser.add_argument("v2")
+    parser.add_argument("--frame", type=Path, default=None, help="Parquet test frame")
+    _source_args(parser)
+
+
+def install() -> None:
+    """Registers `train`, `retrain` and `compare` (idempotent)."""
+    cli.register_command(
+        "train", "build a training set, train, evaluate, register", _configure_train, _cmd_train
+    )
+    cli.register_command(
+        "retrain",
+        "train all three up to now; promote each only when its gates pass",
+        _configure_retrain,
+        _cmd_retrain,
+    )
+    cli.register_command(
+        "compare",
+        "evaluate two versions on one recent test frame",
+        _configure_compare,
+        _cmd_compare,
+    )
+
+
+install()
