@@ -221,3 +221,22 @@ async def test_update_mask_upserts_profile_fields_on_existing_customers(identity
 async def test_empty_stream_is_an_empty_summary(identity) -> None:
     summary = await identity.BulkResolve(stream([]))
     assert summary == identity_pb2.BulkResolveResponse()
+
+
+async def test_a_resent_row_with_a_changed_update_mask_is_not_taken_for_a_replay(identity) -> None:
+    def row(mask: list[str]) -> identity_pb2.BulkResolveRequest:
+        return identity_pb2.BulkResolveRequest(
+            row_ref="1",
+            resolve=identity_pb2.ResolveRequest(
+                identifiers=[ident(EMAIL, "mask@example.com")],
+                profile=identity_pb2.Profile(segment="smb", plan="gold"),
+                idempotency_key="crm:row-1",
+            ),
+            update_mask=field_mask_pb2.FieldMask(paths=mask),
+        )
+
+    first = await identity.BulkResolve(iter([row(["segment"])]))
+    replay = await identity.BulkResolve(iter([row(["segment"])]))
+    changed = await identity.BulkResolve(iter([row(["segment", "plan"])]))
+    assert (first.created, replay.rejected) == (1, 0)
+    assert changed.rejected == 1 and changed.rejections[0].field.endswith("idempotency_key")

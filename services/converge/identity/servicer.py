@@ -499,15 +499,24 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         )
 
     def _resolve_arguments(
-        self, request: identity_pb2.ResolveRequest, path: str, v: Violations
+        self,
+        request: identity_pb2.ResolveRequest,
+        path: str,
+        v: Violations,
+        fingerprinted: Any = None,
     ) -> tuple[list[NormalizedIdentifier], ProfileFields, Actor, Idempotency | None]:
+        """The plain arguments of a resolve; `fingerprinted` is the message
+        whose content a reused idempotency key must match (the request itself
+        unless given)."""
         prefix = f"{path}." if path else ""
         identifiers = _identifiers(
             request.identifiers, f"{prefix}identifiers", v, self.settings, required=True
         )
         profile = _profile_fields(request.profile, f"{prefix}profile", v)
         actor = _actor(request.actor, f"{prefix}actor", v)
-        idempotency = _idempotency(request.idempotency_key, request, v, f"{prefix}idempotency_key")
+        idempotency = _idempotency(
+            request.idempotency_key, fingerprinted or request, v, f"{prefix}idempotency_key"
+        )
         return identifiers, profile, actor, idempotency
 
     async def Resolve(
@@ -565,8 +574,13 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
             summary.received += 1
             row_ref = item.row_ref or str(summary.received)
             v = Violations()
+            # A re-sent row is the same row whatever its row_ref; a changed
+            # update mask makes it a different request.
             identifiers, profile, actor, idempotency = self._resolve_arguments(
-                item.resolve, "resolve", v
+                item.resolve,
+                "resolve",
+                v,
+                identity_pb2.BulkResolveRequest(resolve=item.resolve, update_mask=item.update_mask),
             )
             upsert = None
             if item.update_mask.paths:
