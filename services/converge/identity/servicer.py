@@ -8,7 +8,6 @@ import base64
 import hashlib
 import math
 import re
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from importlib.resources import files
@@ -35,6 +34,7 @@ from converge.identity.settings import IdentitySettings
 from converge.identity.store import IdentityStore
 from converge.runtime.cursors import parse_cursor
 from converge.runtime.errors import ConvergeError, FieldViolation, InvalidArgument, Violations
+from converge.runtime.fields import parse_uuid
 from converge.runtime.server import ServiceContext, ServiceSpec
 from converge.runtime.values import from_plain, from_tagged, timestamp, to_datetime
 from converge.v1 import (
@@ -98,23 +98,12 @@ def _identifiers(
     return [i for i in found if i is not None]
 
 
-def _customer_id(value: str, path: str, violations: Violations) -> str | None:
-    if not value:
-        violations.add(path, "required")
-        return None
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        violations.add(path, "not a customer id (a UUID)")
-        return None
-
-
 def _customer_ref(
     ref: common_pb2.CustomerRef, path: str, violations: Violations, settings: IdentitySettings
 ) -> tuple[str | None, NormalizedIdentifier | None]:
     which = ref.WhichOneof("ref")
     if which == "customer_id":
-        return _customer_id(ref.customer_id, f"{path}.customer_id", violations), None
+        return parse_uuid(ref.customer_id, f"{path}.customer_id", violations), None
     if which == "identifier":
         return None, _identifier(ref.identifier, f"{path}.identifier", violations, settings)
     violations.add(path, "set customer_id or identifier")
@@ -409,7 +398,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
     ) -> identity_pb2.BatchGetCustomersResponse:
         v = Violations()
         v.check(len(request.customer_ids) <= MAX_BATCH, "customer_ids", f"at most {MAX_BATCH}")
-        ids = [_customer_id(c, f"customer_ids[{i}]", v) for i, c in enumerate(request.customer_ids)]
+        ids = [parse_uuid(c, f"customer_ids[{i}]", v) for i, c in enumerate(request.customer_ids)]
         v.raise_if_any()
         as_of = to_datetime(request.as_of) if request.HasField("as_of") else None
         found = await self.service.batch_get([i for i in ids if i], as_of)
@@ -425,7 +414,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         self, request: identity_pb2.UpdateCustomerRequest, context: grpc.aio.ServicerContext
     ) -> identity_pb2.UpdateCustomerResponse:
         v = Violations()
-        customer_id = _customer_id(request.customer_id, "customer_id", v)
+        customer_id = parse_uuid(request.customer_id, "customer_id", v)
         changes = _masked_profile_fields(
             request.profile, list(request.update_mask.paths), "profile", "update_mask", v
         )
@@ -450,7 +439,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         size = _page_size(request.page, v, "page")
         after = _decode_token(request.page.page_token, v, "page")
         if after:
-            _customer_id(after, "page.page_token", v)
+            parse_uuid(after, "page.page_token", v)
         v.raise_if_any()
         customers, last = await self.service.list_customers(
             after,
@@ -470,7 +459,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         self, request: identity_pb2.ListProfileChangesRequest, context: grpc.aio.ServicerContext
     ) -> identity_pb2.ListProfileChangesResponse:
         v = Violations()
-        customer_id = _customer_id(request.customer_id, "customer_id", v)
+        customer_id = parse_uuid(request.customer_id, "customer_id", v)
         size = _page_size(request.page, v, "page")
         token = _decode_token(request.page.page_token, v, "page")
         v.check(
@@ -683,8 +672,8 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         self, request: identity_pb2.MergeCustomersRequest, context: grpc.aio.ServicerContext
     ) -> identity_pb2.MergeCustomersResponse:
         v = Violations()
-        surviving = _customer_id(request.surviving_customer_id, "surviving_customer_id", v)
-        merged = _customer_id(request.merged_customer_id, "merged_customer_id", v)
+        surviving = parse_uuid(request.surviving_customer_id, "surviving_customer_id", v)
+        merged = parse_uuid(request.merged_customer_id, "merged_customer_id", v)
         actor = _actor(request.actor, "actor", v)
         idempotency = _idempotency(request.idempotency_key, request, v)
         v.raise_if_any()
@@ -698,7 +687,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         self, request: identity_pb2.UnmergeCustomersRequest, context: grpc.aio.ServicerContext
     ) -> identity_pb2.UnmergeCustomersResponse:
         v = Violations()
-        merge_id = _customer_id(request.merge_id, "merge_id", v)
+        merge_id = parse_uuid(request.merge_id, "merge_id", v)
         actor = _actor(request.actor, "actor", v)
         v.raise_if_any()
         assert merge_id is not None
@@ -713,7 +702,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         self, request: identity_pb2.ListMergesRequest, context: grpc.aio.ServicerContext
     ) -> identity_pb2.ListMergesResponse:
         v = Violations()
-        customer_id = _customer_id(request.customer_id, "customer_id", v)
+        customer_id = parse_uuid(request.customer_id, "customer_id", v)
         v.raise_if_any()
         assert customer_id is not None
         merges = await self.service.list_merges(customer_id, request.include_undone)

@@ -29,6 +29,7 @@ from converge.interactions.types import (
 )
 from converge.runtime.cursors import parse_cursor
 from converge.runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument, Violations
+from converge.runtime.fields import parse_uuid
 from converge.runtime.server import ServiceContext, ServiceSpec
 from converge.runtime.values import (
     from_plain,
@@ -79,11 +80,8 @@ _PREDICTIONS = {"churn": 1, "escalation": 2, "cross_sell": 3}
 
 # --- protobuf -> plain ------------------------------------------------------------
 def _uuid(value: str, path: str, v: Violations) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        v.add(path, "required: a UUID" if not value else "not a UUID")
-        return None
+    parsed = parse_uuid(value, path, v)
+    return uuid.UUID(parsed) if parsed else None
 
 
 def _customer(
