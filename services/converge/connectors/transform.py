@@ -212,7 +212,7 @@ class RowMapper:
                     continue
                 moved = False
                 if previous is not None and value is not None and before is not None:
-                    difference = self._number(value, c.column, path) - self._number(
+                    difference = _parse_number(value, c.column, path) - _parse_number(
                         before, c.column, path
                     )
                     moved = difference * sign > 0
@@ -233,18 +233,6 @@ class RowMapper:
         ):
             return False
         return not (c.not_ is not None and self._holds(c.not_, row, f"{path}.not"))
-
-    @staticmethod
-    def _number(text: str, column: str, path: str) -> float:
-        try:
-            number = float(text)
-        except ValueError:
-            raise RowError(
-                path, f"{column}: not a number", f"{column} = {text!r}: not a number"
-            ) from None
-        if not math.isfinite(number):
-            raise RowError(path, f"{column}: not a finite number", f"{column} = {text!r}")
-        return number
 
     # --- values -------------------------------------------------------------------
     def _render(self, template: str, row: _Row, path: str, *, strict: bool) -> str | None:
@@ -499,6 +487,19 @@ class RowMapper:
 
 
 # --- conversions ------------------------------------------------------------------
+def _parse_number(raw: str | int | float, origin: str, path: str) -> float:
+    """A finite number, or a RowError naming the column and the value."""
+    try:
+        number = float(raw)
+    except ValueError:
+        raise RowError(
+            path, f"{origin}: not a number", f"{origin} = {raw!r}: not a number"
+        ) from None
+    if not math.isfinite(number):
+        raise RowError(path, f"{origin}: not a finite number", f"{origin} = {raw!r}")
+    return number
+
+
 def _convert(raw: Scalar, spec: ValueSpec, origin: str, path: str) -> Converted:
     kind: ValueType = spec.value_type
     if kind == "string":
@@ -508,15 +509,7 @@ def _convert(raw: Scalar, spec: ValueSpec, origin: str, path: str) -> Converted:
     if kind == "number":
         if isinstance(raw, bool):
             raise RowError(path, f"{origin}: not a number", f"{origin} = {raw!r}: not a number")
-        try:
-            number = float(raw)
-        except ValueError:
-            raise RowError(
-                path, f"{origin}: not a number", f"{origin} = {raw!r}: not a number"
-            ) from None
-        if not math.isfinite(number):
-            raise RowError(path, f"{origin}: not a finite number", f"{origin} = {raw!r}")
-        return number
+        return _parse_number(raw, origin, path)
     if kind == "bool":
         if isinstance(raw, bool):
             return raw
