@@ -131,7 +131,7 @@ _US_PER_HOUR = 3_600_000_000
 _US_PER_DAY = 86_400_000_000
 _NANO = 10**9
 # Bumped by hand whenever the kept state's meaning changes without a selector change.
-_STATE_LAYOUT = 1
+_STATE_LAYOUT = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -620,11 +620,14 @@ class CustomerState:
     """The incremental feature state of one customer. `apply` is
     order-independent: the same multiset of events gives an equal state."""
 
-    days: dict[int, dict[str, int]] = field(default_factory=dict)  # day -> key -> count/nanos
+    # Kept in the shapes JSON has (day numbers as strings, pairs as lists), so
+    # a stored state is used as parsed and stored as it is: converting ~2 KB of
+    # state per customer per ingest batch cost more than folding the events.
+    days: dict[str, dict[str, int]] = field(default_factory=dict)  # str(day) -> key -> count/nanos
     first: int | None = None  # earliest interaction time (µs)
     times: dict[str, int] = field(default_factory=dict)  # key -> latest time (µs)
-    lasts: dict[str, tuple[int, int]] = field(default_factory=dict)  # key -> (time, nanos)
-    products: dict[str, tuple[int, int]] = field(default_factory=dict)  # id -> (time, 1 held|2)
+    lasts: dict[str, list[int]] = field(default_factory=dict)  # key -> [time, nanos]
+    products: dict[str, list[int]] = field(default_factory=dict)  # id -> [time, 1 held|2]
     tickets: dict[str, _Ticket] = field(default_factory=dict)
 
     def apply(self, event: Event) -> None:
@@ -633,9 +636,10 @@ class CustomerState:
         day = delta.days
         t = (day * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
         plan = _PLANS.get((event.type, event.channel)) or _plan(event.type, event.channel)
-        bucket = self.days.get(day)
+        day_key = str(day)
+        bucket = self.days.get(day_key)
         if bucket is None:
-            bucket = self.days[day] = {}
+            bucket = self.days[day_key] = {}
         for key in plan.counts:
             bucket[key] = bucket.get(key, 0) + 1
         if plan.filtered:
@@ -657,12 +661,12 @@ class CustomerState:
         for key, attribute in plan.lasts:
             value = _value_nanos(event, attribute)
             if value is not None:
-                latest = (t, value)
+                latest = [t, value]
                 old = self.lasts.get(key)
                 if old is None or latest > old:
                     self.lasts[key] = latest
         if plan.product and event.product_id:
-            holding = (t, plan.product)
+            holding = [t, plan.product]
             old_holding = self.products.get(event.product_id)
             if old_holding is None or holding > old_holding:
                 self.products[event.product_id] = holding
@@ -715,7 +719,7 @@ class CustomerState:
         before the longest window, and resolved tickets with no interaction
         since then."""
         horizon = _day(now) - (_MAX_WINDOW - 1)
-        for day in [d for d in self.days if d < horizon]:
+        for day in [d for d in self.days if int(d) < horizon]:
             del self.days[day]
         cutoff = horizon * _US_PER_DAY
         for ticket_id in [k for k, tk in self.tickets.items() if not tk.open and tk.last < cutoff]:
@@ -759,15 +763,16 @@ class CustomerState:
         return sorted(k for k, tk in self.tickets.items() if tk.open)
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-serialisable form (canonical key order); see `from_json`."""
+        """A JSON-serialisable form, sharing this state's dicts (serialise it
+        before changing the state); see `from_json`."""
         return {
             "version": STATE_VERSION,
             "first": self.first,
-            "days": {str(d): dict(sorted(b.items())) for d, b in sorted(self.days.items())},
-            "times": dict(sorted(self.times.items())),
-            "lasts": {k: list(v) for k, v in sorted(self.lasts.items())},
-            "products": {k: list(v) for k, v in sorted(self.products.items())},
-            "tickets": {k: tk.to_json() for k, tk in sorted(self.tickets.items())},
+            "days": self.days,
+            "times": self.times,
+            "lasts": self.lasts,
+            "products": self.products,
+            "tickets": {k: tk.to_json() for k, tk in self.tickets.items()},
         }
 
     @classmethod
@@ -778,13 +783,13 @@ class CustomerState:
             raise StateVersionError(
                 f"state version {d.get('version')!r} is not {STATE_VERSION!r}; rebuild it"
             )
-        first = d["first"]
+        # Takes the parsed dicts over as they are (the caller gives them up).
         return cls(
-            days={int(day): {k: int(v) for k, v in b.items()} for day, b in d["days"].items()},
-            first=None if first is None else int(first),
-            times={k: int(v) for k, v in d["times"].items()},
-            lasts={k: (int(v[0]), int(v[1])) for k, v in d["lasts"].items()},
-            products={k: (int(v[0]), int(v[1])) for k, v in d["products"].items()},
+            days=d["days"],
+            first=d["first"],
+            times=d["times"],
+            lasts=d["lasts"],
+            products=d["products"],
             tickets={k: _Ticket.from_json(v) for k, v in d["tickets"].items()},
         )
 
@@ -807,11 +812,11 @@ class _Reading(NamedTuple):
     windows: dict[int, dict[str, int]]  # window days -> key -> total
 
 
-def _window_totals(days: Mapping[int, Mapping[str, int]], today: int) -> dict[int, dict[str, int]]:
+def _window_totals(days: Mapping[str, Mapping[str, int]], today: int) -> dict[int, dict[str, int]]:
     running: dict[str, int] = {}
     totals: dict[int, dict[str, int]] = {}
     for offset in range(_MAX_WINDOW):
-        bucket = days.get(today - offset)
+        bucket = days.get(str(today - offset))
         if bucket:
             for key, value in bucket.items():
                 running[key] = running.get(key, 0) + value
@@ -826,7 +831,7 @@ def _slope(r: _Reading, key: str, window: int) -> float | None:
     n_key, s_key = "n:" + key, "s:" + key
     n = sx = sxx = sy = sxy = 0
     for offset in range(window):
-        bucket = r.state.days.get(r.today - offset)
+        bucket = r.state.days.get(str(r.today - offset))
         if bucket is None:
             continue
         count = bucket.get(n_key, 0)

@@ -8,13 +8,13 @@ over gRPC, never through tables.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 from dataclasses import dataclass
 from importlib.resources.abc import Traversable
 
 import asyncpg
+import orjson
 import asyncpg.pool
 
 # A connection straight from asyncpg or one borrowed from a pool.
@@ -108,12 +108,19 @@ async def migrate(connection: Connection, schema: str, migrations: list[Migratio
 _JSONB_VERSION = b"\x01"
 
 
+# orjson rather than the standard json module: every ingested interaction and
+# every live feature state passes through here, and orjson is several times
+# faster at both ends (measured on the ingest path).
 def _encode_jsonb(value: object) -> bytes:
-    return _JSONB_VERSION + json.dumps(value, separators=(",", ":")).encode()
+    return _JSONB_VERSION + orjson.dumps(value)
 
 
 def _decode_jsonb(data: bytes) -> object:
-    return json.loads(data[1:])
+    return orjson.loads(memoryview(data)[1:])
+
+
+def _encode_json(value: object) -> str:
+    return orjson.dumps(value).decode()
 
 
 async def _init_connection(connection: asyncpg.Connection) -> None:
@@ -122,7 +129,7 @@ async def _init_connection(connection: asyncpg.Connection) -> None:
         "jsonb", encoder=_encode_jsonb, decoder=_decode_jsonb, schema="pg_catalog", format="binary"
     )
     await connection.set_type_codec(
-        "json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+        "json", encoder=_encode_json, decoder=orjson.loads, schema="pg_catalog"
     )
 
 
