@@ -134,7 +134,7 @@ _NANO = 10**9
 _STATE_LAYOUT = 2
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
     """The feature engine's view of one stored interaction."""
 

@@ -39,25 +39,19 @@ from converge.runtime.errors import (
     InvalidArgument,
     NotFound,
 )
-from converge.runtime.values import PlainValue, from_tagged, to_tagged
+from converge.runtime.values import from_tagged, to_tagged
 
 
-@dataclass(frozen=True)
-class Draft:
-    """An interaction as a source sent it, checked for shape by the servicer."""
+@dataclass(slots=True, kw_only=True)
+class Draft(Event):
+    """An interaction as a source sent it, checked for shape by the servicer.
+    It is also the feature engine's view of the interaction (an Event), so
+    ingest folds it as it is."""
 
     row_ref: str
     customer_id: uuid.UUID | None
     identifier: IdentifierRef | None
-    occurred_at: datetime
-    channel: int
-    type: str
-    attributes: dict[str, PlainValue]
-    ticket_id: str
-    product_id: str
-    amount: float | None
     currency: str
-    sentiment: float | None
     source: str
     idempotency_key: str
     lookup_only: bool = False
@@ -150,8 +144,11 @@ class InteractionsService:
 
     # --- ingest -------------------------------------------------------------------
     async def ingest(
-        self, drafts: Sequence[Draft], *, validate_only: bool = False
+        self, drafts: Sequence[Draft], *, validate_only: bool = False, stored_rows: bool = True
     ) -> IngestSummary:
+        """Checks, resolves and stores `drafts`, one result each. Without
+        `stored_rows` the results of newly stored rows carry no database ids
+        (a bulk stream only counts them, and reading them back costs)."""
         summary = IngestSummary(results=[IngestResult("rejected") for _ in drafts])
         now = datetime.now(UTC)
         accepted: list[int] = []
@@ -173,35 +170,24 @@ class InteractionsService:
             if owner is None:
                 continue
             draft = drafts[index]
+            identifier = draft.identifier
             rows.append(
                 (
                     index,
                     NewInteraction(
-                        customer_id=owner,
-                        occurred_at=draft.occurred_at,
-                        channel=draft.channel,
-                        type=draft.type,
-                        attributes={k: to_tagged(v) for k, v in draft.attributes.items()},
-                        ticket_id=draft.ticket_id,
-                        product_id=draft.product_id,
-                        amount=draft.amount,
-                        currency=draft.currency,
-                        sentiment=draft.sentiment,
-                        source=draft.source,
-                        idempotency_key=draft.idempotency_key,
-                        identifier=dataclasses.asdict(draft.identifier)
-                        if draft.identifier
-                        else None,
-                        event=Event(
-                            occurred_at=draft.occurred_at,
-                            type=draft.type,
-                            channel=draft.channel,
-                            attributes=draft.attributes,
-                            ticket_id=draft.ticket_id,
-                            product_id=draft.product_id,
-                            amount=draft.amount,
-                            sentiment=draft.sentiment,
-                        ),
+                        owner,
+                        draft,
+                        draft.currency,
+                        draft.source,
+                        draft.idempotency_key,
+                        {k: to_tagged(v) for k, v in draft.attributes.items()},
+                        None
+                        if identifier is None
+                        else {
+                            "type": identifier.type,
+                            "value": identifier.value,
+                            "source": identifier.source,
+                        },
                     ),
                 )
             )
@@ -211,7 +197,7 @@ class InteractionsService:
             return summary
         size = self.settings.ingest_batch_size
         for start in range(0, len(rows), size):
-            await self._store_batch(rows[start : start + size], summary)
+            await self._store_batch(rows[start : start + size], summary, stored_rows)
         return summary
 
     async def _check(self, draft: Draft, now: datetime) -> tuple[str, str] | None:
@@ -279,7 +265,10 @@ class InteractionsService:
         return owners
 
     async def _store_batch(
-        self, rows: Sequence[tuple[int, NewInteraction]], summary: IngestSummary
+        self,
+        rows: Sequence[tuple[int, NewInteraction]],
+        summary: IngestSummary,
+        stored_rows: bool,
     ) -> None:
         now = datetime.now(UTC)
 
@@ -305,20 +294,19 @@ class InteractionsService:
                 state.prune(now)
             return {c: s.to_json() for c, s in live.items()}
 
-        new, duplicates = await self.store.ingest([row for _, row in rows], fold)
-        seen: dict[tuple[str, str], bool] = {}
+        new, duplicates = await self.store.ingest(
+            [row for _, row in rows], fold, stored_rows=stored_rows
+        )
         first_of: dict[tuple[str, str], NewInteraction] = {}
-        for _, row in rows:
-            first_of.setdefault((row.source, row.idempotency_key), row)
+        results = summary.results
         for index, row in rows:
             key = (row.source, row.idempotency_key)
-            stored = new.get(key)
-            if stored is not None and not seen.get(key):
-                seen[key] = True
-                summary.results[index] = IngestResult("stored", new=row, stored=stored)
+            first = first_of.setdefault(key, row)
+            if first is row and key in new:
+                results[index] = IngestResult("stored", new=row, stored=new[key])
             else:  # stored before, or earlier in this batch: the first copy answers
-                summary.results[index] = IngestResult(
-                    "duplicate", row=duplicates.get(key) or _as_record(first_of[key], stored)
+                results[index] = IngestResult(
+                    "duplicate", row=duplicates.get(key) or _as_record(first, new.get(key))
                 )
 
     # --- reads ----------------------------------------------------------------------
@@ -514,7 +502,22 @@ def _as_record(
 ) -> dict[str, Any]:
     """A row in the shape the database returns it (ids from the database
     when it was stored, a fresh id for a row only validated)."""
-    data = {f.name: getattr(row, f.name) for f in dataclasses.fields(row) if f.name != "event"}
+    event = row.event
+    data = {
+        "customer_id": row.customer_id,
+        "occurred_at": event.occurred_at,
+        "channel": event.channel,
+        "type": event.type,
+        "attributes": row.attributes,
+        "ticket_id": event.ticket_id,
+        "product_id": event.product_id,
+        "amount": event.amount,
+        "currency": row.currency,
+        "sentiment": event.sentiment,
+        "source": row.source,
+        "idempotency_key": row.idempotency_key,
+        "identifier": row.identifier,
+    }
     data["interaction_id"] = stored["interaction_id"] if stored else uuid.uuid4()
     data["seq"] = stored["seq"] if stored else 0
     data["recorded_at"] = stored["recorded_at"] if stored else datetime.now(UTC)

@@ -18,7 +18,7 @@ from converge.runtime.database import Connection
 # reader that saw seq n never later finds a smaller seq appear.
 INGEST_LOCK = 0x636F6E7665726765  # "converge"
 
-STAGING_COLUMNS = (
+COLUMNS = (
     "customer_id",
     "occurred_at",
     "channel",
@@ -33,16 +33,9 @@ STAGING_COLUMNS = (
     "idempotency_key",
     "identifier",
 )
-CREATE_STAGING = f"""
-CREATE TEMP TABLE IF NOT EXISTS ingest_staging ON COMMIT DELETE ROWS AS
-SELECT {", ".join(STAGING_COLUMNS)} FROM interactions WITH NO DATA
-"""
-# Staging order is arrival order: the first of two rows with one key wins.
-INSERT_FROM_STAGING = f"""
-INSERT INTO interactions ({", ".join(STAGING_COLUMNS)})
-SELECT {", ".join(STAGING_COLUMNS)} FROM ingest_staging
-ON CONFLICT (source, idempotency_key) DO NOTHING
-RETURNING seq, interaction_id, recorded_at, source, idempotency_key
+LAST_SEQ = "SELECT coalesce(max(seq), 0) FROM interactions"
+STORED_AFTER = """
+SELECT seq, interaction_id, recorded_at, source, idempotency_key FROM interactions WHERE seq > $1
 """
 
 SELECT_BY_KEYS = """
@@ -144,6 +137,7 @@ GROUP BY type
 """
 
 
+Key = tuple[str, str]  # (source, idempotency key)
 EventsOf = Callable[[uuid.UUID], Awaitable[list[asyncpg.Record]]]
 Fold = Callable[
     [dict[uuid.UUID, dict[str, Any] | None], Sequence["NewInteraction"], EventsOf],
@@ -151,24 +145,37 @@ Fold = Callable[
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class NewInteraction:
-    """A validated interaction ready to store."""
+    """A validated interaction ready to store: the event as sent, the customer
+    it belongs to, and the stored forms of its attributes and identifier."""
 
     customer_id: uuid.UUID
-    occurred_at: datetime
-    channel: int
-    type: str
-    attributes: dict[str, Any]  # tagged values
-    ticket_id: str
-    product_id: str
-    amount: float | None
+    event: Event
     currency: str
-    sentiment: float | None
     source: str
     idempotency_key: str
+    attributes: dict[str, Any]  # tagged values
     identifier: dict[str, Any] | None
-    event: Event
+
+    def record(self) -> tuple[Any, ...]:
+        """The row in `COLUMNS` order."""
+        e = self.event
+        return (
+            self.customer_id,
+            e.occurred_at,
+            e.channel,
+            e.type,
+            self.attributes,
+            e.ticket_id,
+            e.product_id,
+            e.amount,
+            self.currency,
+            e.sentiment,
+            self.source,
+            self.idempotency_key,
+            self.identifier,
+        )
 
 
 def _type_filter(types: Sequence[str]) -> tuple[list[str] | None, list[str]]:
@@ -190,8 +197,8 @@ class InteractionsStore:
             yield connection
 
     async def ingest(
-        self, rows: Sequence[NewInteraction], fold: Fold
-    ) -> tuple[dict[tuple[str, str], asyncpg.Record], dict[tuple[str, str], asyncpg.Record]]:
+        self, rows: Sequence[NewInteraction], fold: Fold, *, stored_rows: bool = True
+    ) -> tuple[dict[Key, asyncpg.Record | None], dict[Key, asyncpg.Record]]:
         """Stores the rows not stored before and folds them into the live
         feature states, in one transaction: what is acknowledged is durable and
         already in the features.
@@ -199,64 +206,47 @@ class InteractionsStore:
         `fold(states_by_customer, fresh_rows, events_of)` returns the new
         states; `events_of(customer)` reads a customer's stored interactions in
         the same transaction, for rebuilding a state from scratch. Returns the
-        newly stored rows' (interaction_id, seq, recorded_at), and for rows whose key was
-        stored before, the first copy; both by (source, key). A key given twice
-        in one batch is stored once, from its first row.
+        newly stored keys, each with its row's (seq, interaction_id,
+        recorded_at) when `stored_rows` (else None), and for keys stored
+        before, the first copy; both by (source, key). A key given twice in
+        one batch is stored once, from its first row.
         """
+        first: dict[Key, NewInteraction] = {}
+        for row in rows:  # a key repeated within the batch: the first copy wins
+            first.setdefault((row.source, row.idempotency_key), row)
         async with self.pool.acquire() as connection, connection.transaction():
             await connection.execute("SELECT pg_advisory_xact_lock($1)", INGEST_LOCK)
-            # COPY into a per-connection staging table, then one INSERT that
-            # skips keys stored before: COPY's binary path is several times
-            # cheaper than binding a dozen arrays.
-            await connection.execute(CREATE_STAGING)
-            first: dict[tuple[str, str], NewInteraction] = {}
-            for row in rows:  # a key repeated within the batch: the first copy wins
-                first.setdefault((row.source, row.idempotency_key), row)
-            await connection.copy_records_to_table(
-                "ingest_staging",
-                columns=STAGING_COLUMNS,
-                records=[
-                    (
-                        r.customer_id,
-                        r.occurred_at,
-                        r.channel,
-                        r.type,
-                        r.attributes,
-                        r.ticket_id,
-                        r.product_id,
-                        r.amount,
-                        r.currency,
-                        r.sentiment,
-                        r.source,
-                        r.idempotency_key,
-                        r.identifier,
-                    )
-                    for r in first.values()
-                ],
+            # Ingest transactions hold the lock above, so no key can be stored
+            # between this check and the COPY: keys stored before are found
+            # here and the rest go straight into the table with binary COPY
+            # (the unique constraint still guards against any other writer).
+            found = await connection.fetch(
+                SELECT_BY_KEYS, [key[0] for key in first], [key[1] for key in first]
             )
-            inserted = await connection.fetch(INSERT_FROM_STAGING)
-            new = {(r["source"], r["idempotency_key"]): r for r in inserted}
-            repeated = [r for r in rows if (r.source, r.idempotency_key) not in new]
-            duplicates: dict[tuple[str, str], asyncpg.Record] = {}
-            if repeated:
-                found = await connection.fetch(
-                    SELECT_BY_KEYS,
-                    [r.source for r in repeated],
-                    [r.idempotency_key for r in repeated],
-                )
-                duplicates = {(r["source"], r["idempotency_key"]): r for r in found}
-            fresh = [r for key, r in first.items() if key in new]
-            if fresh:
-                customers = sorted({r.customer_id for r in fresh})
-                current = await connection.fetch(LOCK_STATES, customers)
-                states: dict[uuid.UUID, dict[str, Any] | None] = dict.fromkeys(customers)
-                states.update({r["customer_id"]: r["state"] for r in current})
+            duplicates = {(r["source"], r["idempotency_key"]): r for r in found}
+            fresh = [row for key, row in first.items() if key not in duplicates]
+            new: dict[Key, asyncpg.Record | None] = {}
+            if not fresh:
+                return new, duplicates
+            last_seq = await connection.fetchval(LAST_SEQ) if stored_rows else 0
+            await connection.copy_records_to_table(
+                "interactions", columns=COLUMNS, records=[row.record() for row in fresh]
+            )
+            if stored_rows:
+                for r in await connection.fetch(STORED_AFTER, last_seq):
+                    new[(r["source"], r["idempotency_key"])] = r
+            else:
+                new = dict.fromkeys((row.source, row.idempotency_key) for row in fresh)
+            customers = sorted({row.customer_id for row in fresh})
+            current = await connection.fetch(LOCK_STATES, customers)
+            states: dict[uuid.UUID, dict[str, Any] | None] = dict.fromkeys(customers)
+            states.update({r["customer_id"]: r["state"] for r in current})
 
-                async def events_of(customer_id: uuid.UUID) -> list[asyncpg.Record]:
-                    return list(await connection.fetch(EVENTS_OF_CUSTOMER, customer_id))
+            async def events_of(customer_id: uuid.UUID) -> list[asyncpg.Record]:
+                return list(await connection.fetch(EVENTS_OF_CUSTOMER, customer_id))
 
-                updated = await fold(states, fresh, events_of)
-                await connection.execute(UPSERT_STATES, list(updated), list(updated.values()))
+            updated = await fold(states, fresh, events_of)
+            await connection.execute(UPSERT_STATES, list(updated), list(updated.values()))
         return new, duplicates
 
     async def roots(self, customer_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, uuid.UUID]:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from importlib.resources.abc import Traversable
 
 import asyncpg
-import orjson
 import asyncpg.pool
+import orjson
 
 # A connection straight from asyncpg or one borrowed from a pool.
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
