@@ -85,6 +85,19 @@ class IngestSummary:
     customers_created: int = 0
 
 
+# Stands in a summary's results until a draft's outcome is known (never changed).
+_PENDING = IngestResult("rejected", reason="not stored")
+
+
+@dataclass
+class PreparedIngest:
+    """Drafts checked and resolved: the results so far, and the rows to store
+    with the index of the draft each came from."""
+
+    summary: IngestSummary
+    rows: list[tuple[int, NewInteraction]]
+
+
 def event_of(row: asyncpg.Record | dict[str, Any]) -> Event:
     """The feature engine's view of a stored interaction."""
     amount = row["amount"]
@@ -149,7 +162,24 @@ class InteractionsService:
         """Checks, resolves and stores `drafts`, one result each. Without
         `stored_rows` the results of newly stored rows carry no database ids
         (a bulk stream only counts them, and reading them back costs)."""
-        summary = IngestSummary(results=[IngestResult("rejected") for _ in drafts])
+        prepared = await self.prepare(drafts, validate_only=validate_only)
+        if not validate_only:
+            await self.commit(prepared, stored_rows=stored_rows)
+        return prepared.summary
+
+    async def commit(self, prepared: PreparedIngest, *, stored_rows: bool = True) -> None:
+        """Stores what `prepare` accepted, a transaction per `ingest_batch_size` rows."""
+        rows, size = prepared.rows, self.settings.ingest_batch_size
+        for start in range(0, len(rows), size):
+            await self._store_batch(rows[start : start + size], prepared.summary, stored_rows)
+
+    async def prepare(
+        self, drafts: Sequence[Draft], *, validate_only: bool = False
+    ) -> PreparedIngest:
+        """Checks `drafts` against the type registry and finds the customer of
+        each (creating customers unless `validate_only`); nothing is stored.
+        A bulk stream prepares one batch while the one before is stored."""
+        summary = IngestSummary(results=[_PENDING] * len(drafts))
         now = datetime.now(UTC)
         accepted: list[int] = []
         for index, draft in enumerate(drafts):
@@ -194,11 +224,7 @@ class InteractionsService:
         if validate_only:
             for index, row in rows:
                 summary.results[index] = IngestResult("stored", new=row)
-            return summary
-        size = self.settings.ingest_batch_size
-        for start in range(0, len(rows), size):
-            await self._store_batch(rows[start : start + size], summary, stored_rows)
-        return summary
+        return PreparedIngest(summary, rows)
 
     async def _check(self, draft: Draft, now: datetime) -> tuple[str, str] | None:
         spec = BUILT_IN_TYPES.get(draft.type) or await self.type_spec(draft.type)

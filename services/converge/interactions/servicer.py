@@ -18,7 +18,7 @@ from google.protobuf import duration_pb2, struct_pb2
 
 from converge.interactions import features as feature_engine
 from converge.interactions.identity_link import IdentifierRef, IdentityLink
-from converge.interactions.service import Draft, InteractionsService, all_types
+from converge.interactions.service import Draft, InteractionsService, PreparedIngest, all_types
 from converge.interactions.settings import InteractionsSettings
 from converge.interactions.store import InteractionsStore
 from converge.interactions.types import (
@@ -482,8 +482,9 @@ class InteractionsServicer(interactions_pb2_grpc.InteractionsServiceServicer):
                     )
                 )
 
-        async def store(drafts: list[Draft]) -> None:
-            summary = await self.service.ingest(drafts, stored_rows=False)
+        async def store(drafts: list[Draft], prepared: PreparedIngest) -> None:
+            await self.service.commit(prepared, stored_rows=False)
+            summary = prepared.summary
             response.customers_created += summary.customers_created
             for draft, result in zip(drafts, summary.results, strict=True):
                 if result.outcome == "stored":
@@ -493,16 +494,19 @@ class InteractionsServicer(interactions_pb2_grpc.InteractionsServiceServicer):
                 else:
                     reject(draft.row_ref, draft.idempotency_key, result.field, result.reason)
 
-        # One batch is stored while the next one is read and checked; batches
-        # still commit one after the other, in the order they arrived.
+        # One batch is stored while the next one is read, checked and resolved
+        # (Python's work overlaps the database's); batches still commit one
+        # after the other, in the order they arrived.
         storing: asyncio.Task[None] | None = None
 
         async def flush() -> None:
             nonlocal storing
+            drafts = list(batch)
+            batch.clear()
+            prepared = await self.service.prepare(drafts)
             if storing is not None:
                 await storing
-            storing = asyncio.create_task(store(list(batch)))
-            batch.clear()
+            storing = asyncio.create_task(store(drafts, prepared))
 
         async for message in request_iterator:
             if len(message.rows) > MAX_ROWS_PER_MESSAGE:

@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+import orjson
 
 from converge.interactions.features import Event
 from converge.runtime.database import Connection
@@ -43,14 +44,11 @@ SELECT i.* FROM interactions i
 JOIN unnest($1::text[], $2::text[]) AS q(source, idempotency_key) USING (source, idempotency_key)
 """
 
-LOCK_STATES = """
-SELECT customer_id, state FROM customer_state
-WHERE customer_id = ANY($1::uuid[]) ORDER BY customer_id FOR UPDATE
-"""
-
+# Only ingest writes states, under INGEST_LOCK (erasure takes it too), so
+# reading them for an update needs no row locks.
 UPSERT_STATES = """
 INSERT INTO customer_state (customer_id, state)
-SELECT * FROM unnest($1::uuid[], $2::jsonb[])
+SELECT * FROM unnest($1::uuid[], $2::bytea[])
 ON CONFLICT (customer_id) DO UPDATE SET state = excluded.state, updated_at = now()
 """
 
@@ -187,6 +185,12 @@ def _type_filter(types: Sequence[str]) -> tuple[list[str] | None, list[str]]:
     return exact, prefixes
 
 
+async def _copy(connection: Connection, rows: Sequence[NewInteraction]) -> None:
+    await connection.copy_records_to_table(
+        "interactions", columns=COLUMNS, records=[row.record() for row in rows]
+    )
+
+
 class InteractionsStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
@@ -216,37 +220,43 @@ class InteractionsStore:
             first.setdefault((row.source, row.idempotency_key), row)
         async with self.pool.acquire() as connection, connection.transaction():
             await connection.execute("SELECT pg_advisory_xact_lock($1)", INGEST_LOCK)
-            # Ingest transactions hold the lock above, so no key can be stored
-            # between this check and the COPY: keys stored before are found
-            # here and the rest go straight into the table with binary COPY
-            # (the unique constraint still guards against any other writer).
-            found = await connection.fetch(
-                SELECT_BY_KEYS, [key[0] for key in first], [key[1] for key in first]
-            )
-            duplicates = {(r["source"], r["idempotency_key"]): r for r in found}
-            fresh = [row for key, row in first.items() if key not in duplicates]
+            last_seq = await connection.fetchval(LAST_SEQ) if stored_rows else 0
+            duplicates: dict[Key, asyncpg.Record] = {}
+            fresh = list(first.values())
+            try:
+                # Optimistically, as re-sent keys are rare: binary COPY straight
+                # into the table, where the unique key refuses a key stored before.
+                async with connection.transaction():
+                    await _copy(connection, fresh)
+            except asyncpg.UniqueViolationError:
+                # Some were stored before: find them (ingest holds the lock, so
+                # no key can be stored in between) and copy the rest.
+                found = await connection.fetch(
+                    SELECT_BY_KEYS, [key[0] for key in first], [key[1] for key in first]
+                )
+                duplicates = {(r["source"], r["idempotency_key"]): r for r in found}
+                fresh = [row for key, row in first.items() if key not in duplicates]
+                await _copy(connection, fresh)
             new: dict[Key, asyncpg.Record | None] = {}
             if not fresh:
                 return new, duplicates
-            last_seq = await connection.fetchval(LAST_SEQ) if stored_rows else 0
-            await connection.copy_records_to_table(
-                "interactions", columns=COLUMNS, records=[row.record() for row in fresh]
-            )
             if stored_rows:
                 for r in await connection.fetch(STORED_AFTER, last_seq):
                     new[(r["source"], r["idempotency_key"])] = r
             else:
                 new = dict.fromkeys((row.source, row.idempotency_key) for row in fresh)
-            customers = sorted({row.customer_id for row in fresh})
-            current = await connection.fetch(LOCK_STATES, customers)
+            customers = list({row.customer_id for row in fresh})
             states: dict[uuid.UUID, dict[str, Any] | None] = dict.fromkeys(customers)
-            states.update({r["customer_id"]: r["state"] for r in current})
+            for r in await connection.fetch(SELECT_STATES, customers):
+                states[r["customer_id"]] = orjson.loads(r["state"])
 
             async def events_of(customer_id: uuid.UUID) -> list[asyncpg.Record]:
                 return list(await connection.fetch(EVENTS_OF_CUSTOMER, customer_id))
 
             updated = await fold(states, fresh, events_of)
-            await connection.execute(UPSERT_STATES, list(updated), list(updated.values()))
+            await connection.execute(
+                UPSERT_STATES, list(updated), [orjson.dumps(state) for state in updated.values()]
+            )
         return new, duplicates
 
     async def roots(self, customer_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, uuid.UUID]:
@@ -265,7 +275,7 @@ class InteractionsStore:
     async def states(self, customer_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, dict[str, Any]]:
         async with self.pool.acquire() as connection:
             rows = await connection.fetch(SELECT_STATES, list(customer_ids))
-        return {r["customer_id"]: r["state"] for r in rows}
+        return {r["customer_id"]: orjson.loads(r["state"]) for r in rows}
 
     async def timeline(
         self,
@@ -392,6 +402,9 @@ class InteractionsStore:
 
     async def erase(self, customer_ids: Sequence[uuid.UUID]) -> dict[str, int]:
         async with self.pool.acquire() as connection, connection.transaction():
+            # Serialised with ingest, so no batch in flight writes back a state
+            # (or interactions) of a customer erased under it.
+            await connection.execute("SELECT pg_advisory_xact_lock($1)", INGEST_LOCK)
             interactions = await connection.execute(
                 "DELETE FROM interactions WHERE customer_id = ANY($1::uuid[])", list(customer_ids)
             )
