@@ -725,6 +725,15 @@ class CustomerState:
         for ticket_id in [k for k, tk in self.tickets.items() if not tk.open and tk.last < cutoff]:
             del self.tickets[ticket_id]
 
+    def tidy(self, now: datetime) -> None:
+        """`prune`, once there is something to gain: the state holds more day
+        buckets than the longest window, or tickets. Reads ignore buckets
+        outside their window, so an untidied state reads the same; ingest
+        calls this for every state it writes, where a full prune cost as much
+        as folding a dozen events."""
+        if len(self.days) > _MAX_WINDOW or self.tickets:
+            self.prune(now)
+
     def copy(self) -> CustomerState:
         return CustomerState(
             days={d: dict(b) for d, b in self.days.items()},

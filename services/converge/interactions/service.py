@@ -87,6 +87,8 @@ class IngestSummary:
 
 # Stands in a summary's results until a draft's outcome is known (never changed).
 _PENDING = IngestResult("rejected", reason="not stored")
+# The result of each row a bulk stream stored: it only counts them (never changed).
+_STORED = IngestResult("stored")
 
 
 @dataclass
@@ -317,7 +319,7 @@ class InteractionsService:
                 if row.customer_id not in rebuilt:
                     live[row.customer_id].apply(row.event)
             for state in live.values():
-                state.prune(now)
+                state.tidy(now)
             return {c: s.to_json() for c, s in live.items()}
 
         new, duplicates = await self.store.ingest(
@@ -329,7 +331,9 @@ class InteractionsService:
             key = (row.source, row.idempotency_key)
             first = first_of.setdefault(key, row)
             if first is row and key in new:
-                results[index] = IngestResult("stored", new=row, stored=new[key])
+                results[index] = (
+                    IngestResult("stored", new=row, stored=new[key]) if stored_rows else _STORED
+                )
             else:  # stored before, or earlier in this batch: the first copy answers
                 results[index] = IngestResult(
                     "duplicate", row=duplicates.get(key) or _as_record(first, new.get(key))

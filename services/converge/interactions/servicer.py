@@ -56,6 +56,8 @@ MAX_ROWS_PER_MESSAGE = 5000
 MAX_PIT_QUERIES = 10_000
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
 MAX_LISTED_REJECTIONS = 1000
+# Batches a stream may have read and prepared while earlier ones commit.
+INGEST_BATCHES_AHEAD = 2
 FEATURE_WINDOW_DAYS = 90
 _ATTRIBUTE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _SOURCE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
@@ -256,10 +258,12 @@ def _fast_draft(
     ):
         return None
     attributes: dict[str, Any] = {}
-    if message.attributes:
-        if len(message.attributes) > MAX_ATTRIBUTES:
+    sent = message.attributes
+    if sent:
+        if len(sent) > MAX_ATTRIBUTES:
             return None
-        for name, value in message.attributes.items():
+        for name in sent:  # (a map's items() view iterates in Python, keys in C)
+            value = sent[name]
             if name not in _SEEN.attribute_names:
                 if not _ATTRIBUTE_NAME.match(name):
                     return None
@@ -295,8 +299,7 @@ def _fast_draft(
     if not (_MIN_SECONDS <= occurred.seconds <= _MAX_SECONDS and 0 <= occurred.nanos < 10**9):
         return None
     return Draft(
-        occurred_at=_EPOCH
-        + timedelta(seconds=occurred.seconds, microseconds=occurred.nanos // 1000),
+        occurred_at=_EPOCH + timedelta(0, occurred.seconds, occurred.nanos // 1000),
         type=kind,
         channel=channel,
         attributes=attributes,
@@ -494,62 +497,73 @@ class InteractionsServicer(interactions_pb2_grpc.InteractionsServiceServicer):
                 else:
                     reject(draft.row_ref, draft.idempotency_key, result.field, result.reason)
 
-        # One batch is stored while the next one is read, checked and resolved
-        # (Python's work overlaps the database's); batches still commit one
-        # after the other, in the order they arrived.
-        storing: asyncio.Task[None] | None = None
+        # Batches are read, checked and resolved while those before them are
+        # committed (Python's work overlaps the database's): a committer takes
+        # them from a short queue one after the other, in the order they came.
+        queue: asyncio.Queue[tuple[list[Draft], PreparedIngest] | None] = asyncio.Queue(
+            maxsize=INGEST_BATCHES_AHEAD
+        )
+
+        async def commit_in_order() -> None:
+            while (item := await queue.get()) is not None:
+                await store(*item)
+
+        committer = asyncio.create_task(commit_in_order())
+
+        async def hand_over(item: tuple[list[Draft], PreparedIngest] | None) -> None:
+            putting = asyncio.ensure_future(queue.put(item))
+            await asyncio.wait({putting, committer}, return_when=asyncio.FIRST_COMPLETED)
+            if not putting.done():  # the committer failed: its error ends the stream
+                putting.cancel()
+                committer.result()
 
         async def flush() -> None:
-            nonlocal storing
             drafts = list(batch)
             batch.clear()
-            prepared = await self.service.prepare(drafts)
-            if storing is not None:
-                await storing
-            storing = asyncio.create_task(store(drafts, prepared))
+            await hand_over((drafts, await self.service.prepare(drafts)))
 
-        async for message in request_iterator:
-            if len(message.rows) > MAX_ROWS_PER_MESSAGE:
-                raise InvalidArgument(
-                    [FieldViolation("rows", f"at most {MAX_ROWS_PER_MESSAGE} per message")]
-                )
-            items: list[interactions_pb2.IngestInteractionsRequest | interactions_pb2.IngestRow] = [
-                *([message] if message.HasField("interaction") else []),
-                *message.rows,
-            ]
-            for item in items:
-                response.received += 1
-                row_ref = item.row_ref or str(response.received)
-                fast = _fast_draft(
-                    item.interaction, item.idempotency_key, item.lookup_only, row_ref
-                )
-                if fast is not None:
-                    batch.append(fast)
-                    continue
-                v = Violations()
-                draft = _draft(
-                    item.interaction,
-                    item.idempotency_key,
-                    item.lookup_only,
-                    row_ref,
-                    "interaction",
-                    "idempotency_key",
-                    v,
-                )
-                if draft is None:
-                    reject(row_ref, item.idempotency_key, v.found[0].field, v.found[0].description)
-                    continue
-                batch.append(draft)
-            if len(batch) >= self.settings.ingest_batch_size:
-                await flush()
         try:
+            async for message in request_iterator:
+                if len(message.rows) > MAX_ROWS_PER_MESSAGE:
+                    raise InvalidArgument(
+                        [FieldViolation("rows", f"at most {MAX_ROWS_PER_MESSAGE} per message")]
+                    )
+                items: list[
+                    interactions_pb2.IngestInteractionsRequest | interactions_pb2.IngestRow
+                ] = [*([message] if message.HasField("interaction") else []), *message.rows]
+                for item in items:
+                    response.received += 1
+                    row_ref = item.row_ref or str(response.received)
+                    fast = _fast_draft(
+                        item.interaction, item.idempotency_key, item.lookup_only, row_ref
+                    )
+                    if fast is not None:
+                        batch.append(fast)
+                        continue
+                    v = Violations()
+                    draft = _draft(
+                        item.interaction,
+                        item.idempotency_key,
+                        item.lookup_only,
+                        row_ref,
+                        "interaction",
+                        "idempotency_key",
+                        v,
+                    )
+                    if draft is None:
+                        found = v.found[0]
+                        reject(row_ref, item.idempotency_key, found.field, found.description)
+                        continue
+                    batch.append(draft)
+                if len(batch) >= self.settings.ingest_batch_size:
+                    await flush()
             if batch:
                 await flush()
-            if storing is not None:
-                await storing
+            await hand_over(None)
+            await committer
         finally:
-            if storing is not None and not storing.done():
-                storing.cancel()
+            if not committer.done():
+                committer.cancel()
         return response
 
     async def GetInteraction(
