@@ -8,6 +8,7 @@ import math
 import uuid
 from typing import TypeVar
 
+from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
@@ -61,7 +62,7 @@ attribute_values = mostly(
         ),
         st.booleans().map(lambda b: common_pb2.AttributeValue(bool_value=b)),
         st.integers(0, 2_000_000_000).map(
-            lambda s: common_pb2.AttributeValue(timestamp_value={"seconds": s})
+            lambda s: common_pb2.AttributeValue(timestamp_value=Timestamp(seconds=s))
         ),
     ),
     st.one_of(
@@ -85,7 +86,9 @@ attribute_names = mostly(
 def interactions(draw: st.DrawFn) -> interactions_pb2.InteractionInput:
     message = interactions_pb2.InteractionInput(
         customer=draw(customers),
-        channel=draw(mostly(st.sampled_from([1, 2, 9]), st.sampled_from([0, 99]))),
+        channel=common_pb2.Channel.ValueType(
+            draw(mostly(st.sampled_from([1, 2, 9]), st.sampled_from([0, 99])))
+        ),
         type=draw(mostly(st.sampled_from(["product.usage", "survey.nps"]), st.just("t" * 65))),
         source=draw(
             mostly(st.sampled_from(["shop", "zendesk.eu-1"]), st.sampled_from(["", "Bad Source"]))
