@@ -3,6 +3,7 @@ asyncpg COPY of the same rows into a plain table; GetFeatures latency."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import statistics
 import time
@@ -11,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import grpc
+import psutil
 
 from converge.runtime.values import timestamp
 from converge.v1 import common_pb2, interactions_pb2, interactions_pb2_grpc
@@ -60,6 +62,20 @@ def _row(request: interactions_pb2.IngestInteractionsRequest) -> interactions_pb
     )
 
 
+def _cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+def _postgres_cpu_seconds() -> float:
+    total = 0.0
+    for process in psutil.process_iter(["name"]):
+        if process.info["name"] == "postgres":
+            with contextlib.suppress(psutil.Error):
+                total += _cpu_seconds(process.pid)
+    return total
+
+
 async def _raw_copy(database: str, rows: list[interactions_pb2.IngestInteractionsRequest]) -> float:
     """The same rows, already decoded, copied into a plain table: rows per
     second, the median of three copies (one copy of 100k rows varies by a
@@ -107,9 +123,12 @@ async def run(env: BenchEnv) -> dict[str, float]:
             )
             for i in range(0, len(rows), ROWS_PER_MESSAGE)
         ]
+        service_cpu, postgres_cpu = _cpu_seconds(service.process.pid), _postgres_cpu_seconds()
         started = time.perf_counter()
         summary = await stub.IngestInteractions(iter(messages))
         ingest_rate = EVENTS / (time.perf_counter() - started)
+        service_cpu = _cpu_seconds(service.process.pid) - service_cpu
+        postgres_cpu = _postgres_cpu_seconds() - postgres_cpu
         assert summary.stored == EVENTS, summary
 
         rng = random.Random(3)
@@ -138,6 +157,10 @@ async def run(env: BenchEnv) -> dict[str, float]:
         "interactions.ingest_stream.events_per_s": ingest_rate,
         "interactions.ingest_stream.raw_copy_rows_per_s": copy_rate,
         "interactions.ingest_stream.vs_raw_copy": ingest_rate / copy_rate,
+        # Where an ingested event's CPU goes: the service process (one Python
+        # thread does the per-row work) and all of PostgreSQL's processes.
+        "interactions.ingest_stream.service_cpu_us_per_event": service_cpu / EVENTS * 1e6,
+        "interactions.ingest_stream.postgres_cpu_us_per_event": postgres_cpu / EVENTS * 1e6,
         "interactions.get_features.n1.p50_ms": percentile(n1, 50),
         "interactions.get_features.n1.p99_ms": percentile(n1, 99),
         "interactions.get_features.n100.p50_ms": percentile(n100, 50),
