@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import timedelta
 
 import grpc
 import pytest
 
+from converge.interactions.servicer import SPEC as INTERACTIONS
+from converge.interactions.settings import InteractionsSettings
+from converge.runtime.server import ServiceRuntime
 from converge.runtime.values import timestamp
-from converge.v1 import common_pb2, interactions_pb2
+from converge.v1 import common_pb2, interactions_pb2, interactions_pb2_grpc
 from tests.identity.helpers import field_violations
 from tests.interactions.builders import NOW, email_ref, interaction, number, record
 
@@ -180,3 +184,39 @@ async def test_purge_while_ingesting_neither_blocks_nor_loses_new_events(platfor
         interactions_pb2.ListInteractionsRequest(customer=customer)
     )
     assert len(left.interactions) == 50
+
+
+async def test_a_purge_in_many_small_batches_walks_the_table_once(database: str) -> None:
+    """Old and recent interactions interleaved in stored order, purged seven at
+    a time: every old one goes, every recent one stays."""
+    runtime = ServiceRuntime(
+        INTERACTIONS,
+        InteractionsSettings(
+            database_url=database, port=0, identity_address="", purge_batch_size=7
+        ),
+    )
+    await runtime.start()
+    try:
+        async with grpc.aio.insecure_channel(runtime.address) as channel:
+            stub = interactions_pb2_grpc.InteractionsServiceStub(channel)
+            customer = common_pb2.CustomerRef(customer_id=str(uuid.uuid4()))
+            for i in range(60):
+                old = i % 3 != 0
+                await stub.RecordInteraction(
+                    record(interaction(customer, days_ago=500 if old else 1), f"row-{i}")
+                )
+            purged = await stub.PurgeInteractions(
+                interactions_pb2.PurgeInteractionsRequest(
+                    older_than=timestamp(NOW - timedelta(days=400)),
+                    actor=common_pb2.Actor(name="admin"),
+                )
+            )
+            left = await stub.ListInteractions(
+                interactions_pb2.ListInteractionsRequest(customer=customer)
+            )
+    finally:
+        await runtime.stop(grace=1)
+    assert purged.purged == 40
+    assert sorted(int(i.idempotency_key.split("-")[1]) for i in left.interactions) == list(
+        range(0, 60, 3)
+    )

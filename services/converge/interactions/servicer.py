@@ -824,7 +824,9 @@ class InteractionsServicer(interactions_pb2_grpc.InteractionsServiceServicer):
         if request.dry_run:
             purged = await store.count_purgeable(older_than, list(request.types))
         else:
-            purged = await store.purge(older_than, list(request.types), batch=5000)
+            purged = await store.purge(
+                older_than, list(request.types), batch=self.settings.purge_batch_size
+            )
         return interactions_pb2.PurgeInteractionsResponse(
             purged=sum(purged.values()), purged_by_type=purged, older_than=request.older_than
         )

@@ -30,4 +30,7 @@ class InteractionsSettings(ServiceSettings):
     ingest_batch_size: int = Field(
         default=10_000, ge=1, le=50_000, description="Rows per ingest transaction."
     )
+    purge_batch_size: int = Field(
+        default=5_000, ge=1, le=100_000, description="Interactions deleted per purge transaction."
+    )
     stream_poll_interval_s: float = Field(default=0.1, gt=0)

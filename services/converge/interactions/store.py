@@ -117,14 +117,17 @@ ON CONFLICT (singleton) DO UPDATE SET cursor = $1, last_event_at = $2, applied_a
 
 SELECT_SYNC = "SELECT cursor, last_event_at, applied_at FROM identity_sync"
 
+# A purge walks the table once in stored order from a cursor: old interactions
+# mostly come first, and no batch rescans what an earlier one emptied.
 PURGE_BATCH = """
 WITH doomed AS (
     SELECT seq FROM interactions
-    WHERE occurred_at < $1 AND ($2::text[] IS NULL OR type = ANY($2) OR EXISTS (
+    WHERE seq > $5 AND occurred_at < $1 AND ($2::text[] IS NULL OR type = ANY($2) OR EXISTS (
         SELECT 1 FROM unnest($3::text[]) AS p(prefix) WHERE type LIKE p.prefix || '%'))
+    ORDER BY seq
     LIMIT $4
 )
-DELETE FROM interactions i USING doomed d WHERE i.seq = d.seq RETURNING i.type
+DELETE FROM interactions i USING doomed d WHERE i.seq = d.seq RETURNING i.seq, i.type
 """
 
 COUNT_PURGEABLE = """
@@ -386,11 +389,15 @@ class InteractionsStore:
         """Deletes in batches, each its own short transaction, so ingest never waits long."""
         exact, prefixes = _type_filter(types)
         purged: dict[str, int] = {}
+        after = 0
         while True:
             async with self.pool.acquire() as connection:
-                rows = await connection.fetch(PURGE_BATCH, older_than, exact, prefixes, batch)
+                rows = await connection.fetch(
+                    PURGE_BATCH, older_than, exact, prefixes, batch, after
+                )
             for row in rows:
                 purged[row["type"]] = purged.get(row["type"], 0) + 1
+                after = max(after, row["seq"])
             if len(rows) < batch:
                 return purged
 
