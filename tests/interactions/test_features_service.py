@@ -6,9 +6,11 @@ from __future__ import annotations
 import random
 from datetime import timedelta
 
+import asyncpg
 import grpc
 import pytest
 
+from converge.interactions.features import STATE_VERSION
 from converge.runtime.values import timestamp
 from converge.v1 import common_pb2, interactions_pb2
 from tests.interactions.builders import NOW, email_ref, interaction, number, record, text
@@ -235,3 +237,48 @@ async def test_live_features_of_a_merged_customer_count_both_customers(platform)
             interactions_pb2.GetFeaturesRequest(customers=[who])
         )
         assert reply.customers[0].values["count_7d_login"] == 2
+
+
+async def test_a_kept_state_of_an_old_feature_set_is_rebuilt_by_the_next_ingest(
+    platform, database: str
+) -> None:
+    """A state written by another STATE_VERSION cannot be folded into; the next
+    batch that touches its customer rebuilds it from the stored interactions."""
+    customer = email_ref("rebuilt@example.com")
+
+    async def stream(*days_ago: float, tag: str) -> None:
+        rows = [
+            interactions_pb2.IngestRow(
+                interaction=interaction(customer, "product.login", days_ago=d),
+                idempotency_key=f"{tag}-{i}",
+            )
+            for i, d in enumerate(days_ago)
+        ]
+        reply = await platform.interactions.IngestInteractions(
+            iter([interactions_pb2.IngestInteractionsRequest(rows=rows)])
+        )
+        assert reply.stored == len(rows)
+
+    await stream(1, 2, 3, tag="before")
+    connection = await asyncpg.connect(database)
+    try:
+        changed = await connection.execute(
+            "UPDATE interactions.customer_state SET state = convert_to($1, 'UTF8')",
+            '{"version": "s1-000000000000"}',
+        )
+    finally:
+        await connection.close()
+    assert changed == "UPDATE 1"
+    await stream(4, tag="after")
+    connection = await asyncpg.connect(database)
+    try:
+        kept = await connection.fetchval(
+            "SELECT convert_from(state, 'UTF8')::jsonb ->> 'version' FROM interactions.customer_state"
+        )
+    finally:
+        await connection.close()
+    assert kept == STATE_VERSION
+    reply = await platform.interactions.GetFeatures(
+        interactions_pb2.GetFeaturesRequest(customers=[customer])
+    )
+    assert reply.customers[0].values["count_7d_login"] == 4

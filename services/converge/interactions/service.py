@@ -4,6 +4,7 @@ live and point-in-time features. No gRPC here."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -84,6 +85,9 @@ class IngestSummary:
     results: list[IngestResult] = field(default_factory=list)
     customers_created: int = 0
 
+
+# Events folded between yields to the event loop (see InteractionsStore.ingest).
+FOLD_SLICE = 500
 
 # Stands in a summary's results until a draft's outcome is known (never changed).
 _PENDING = IngestResult("rejected", reason="not stored")
@@ -315,9 +319,11 @@ class InteractionsService:
                     # rebuild it from the interactions (the fresh ones included).
                     live[customer] = build_state(event_of(r) for r in await events_of(customer))
                     rebuilt.add(customer)
-            for row in fresh:
+            for done, row in enumerate(fresh, 1):
                 if row.customer_id not in rebuilt:
                     live[row.customer_id].apply(row.event)
+                if done % FOLD_SLICE == 0:
+                    await asyncio.sleep(0)  # the store's COPY runs beside the fold
             for state in live.values():
                 state.tidy(now)
             return {c: s.to_json() for c, s in live.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -194,6 +195,25 @@ async def _copy(connection: Connection, rows: Sequence[NewInteraction]) -> None:
     )
 
 
+async def _read_states(
+    connection: Connection, rows: Sequence[NewInteraction]
+) -> dict[uuid.UUID, dict[str, Any] | None]:
+    """The kept states of the rows' customers (None for a customer without one)."""
+    customers = list({row.customer_id for row in rows})
+    states: dict[uuid.UUID, dict[str, Any] | None] = dict.fromkeys(customers)
+    for r in await connection.fetch(SELECT_STATES, customers):
+        states[r["customer_id"]] = orjson.loads(r["state"])
+    return states
+
+
+class _FoldNeedsReads(Exception):
+    """A fold running beside the COPY needed the database (a state to rebuild)."""
+
+
+async def _no_reads(customer_id: uuid.UUID) -> list[asyncpg.Record]:
+    raise _FoldNeedsReads
+
+
 class InteractionsStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
@@ -224,13 +244,26 @@ class InteractionsStore:
         async with self.pool.acquire() as connection, connection.transaction():
             await connection.execute("SELECT pg_advisory_xact_lock($1)", INGEST_LOCK)
             last_seq = await connection.fetchval(LAST_SEQ) if stored_rows else 0
+
+            async def events_of(customer_id: uuid.UUID) -> list[asyncpg.Record]:
+                return list(await connection.fetch(EVENTS_OF_CUSTOMER, customer_id))
+
             duplicates: dict[Key, asyncpg.Record] = {}
             fresh = list(first.values())
+            updated: dict[uuid.UUID, dict[str, Any]] | None = None
+            states = await _read_states(connection, fresh)
             try:
                 # Optimistically, as re-sent keys are rare: binary COPY straight
-                # into the table, where the unique key refuses a key stored before.
+                # into the table, where the unique key refuses a key stored
+                # before. Meanwhile Python folds the rows into the states (the
+                # fold yields now and then, so the COPY's data keeps flowing).
                 async with connection.transaction():
-                    await _copy(connection, fresh)
+                    folding = asyncio.ensure_future(fold(states, fresh, _no_reads))
+                    try:
+                        await _copy(connection, fresh)
+                    finally:
+                        with contextlib.suppress(_FoldNeedsReads):
+                            updated = await folding
             except asyncpg.UniqueViolationError:
                 # Some were stored before: find them (ingest holds the lock, so
                 # no key can be stored in between) and copy the rest.
@@ -240,6 +273,7 @@ class InteractionsStore:
                 duplicates = {(r["source"], r["idempotency_key"]): r for r in found}
                 fresh = [row for key, row in first.items() if key not in duplicates]
                 await _copy(connection, fresh)
+                updated = None  # folded with rows that were not stored
             new: dict[Key, asyncpg.Record | None] = {}
             if not fresh:
                 return new, duplicates
@@ -248,15 +282,8 @@ class InteractionsStore:
                     new[(r["source"], r["idempotency_key"])] = r
             else:
                 new = dict.fromkeys((row.source, row.idempotency_key) for row in fresh)
-            customers = list({row.customer_id for row in fresh})
-            states: dict[uuid.UUID, dict[str, Any] | None] = dict.fromkeys(customers)
-            for r in await connection.fetch(SELECT_STATES, customers):
-                states[r["customer_id"]] = orjson.loads(r["state"])
-
-            async def events_of(customer_id: uuid.UUID) -> list[asyncpg.Record]:
-                return list(await connection.fetch(EVENTS_OF_CUSTOMER, customer_id))
-
-            updated = await fold(states, fresh, events_of)
+            if updated is None:  # (a state to rebuild from its interactions, or duplicates)
+                updated = await fold(await _read_states(connection, fresh), fresh, events_of)
             await connection.execute(
                 UPSERT_STATES, list(updated), [orjson.dumps(state) for state in updated.values()]
             )
