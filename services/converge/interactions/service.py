@@ -187,9 +187,13 @@ class InteractionsService:
         A bulk stream prepares one batch while the one before is stored."""
         summary = IngestSummary(results=[_PENDING] * len(drafts))
         now = datetime.now(UTC)
+        latest = now + timedelta(seconds=self.settings.max_future_skew_s)
+        retention = self.settings.retention_days
+        earliest = None if retention is None else now - timedelta(days=retention)
         accepted: list[int] = []
         for index, draft in enumerate(drafts):
-            problem = await self._check(draft, now)
+            spec = BUILT_IN_TYPES.get(draft.type) or await self.type_spec(draft.type)
+            problem = _problem(draft, spec, latest, earliest, retention)
             if problem is not None:
                 summary.results[index] = IngestResult(
                     "rejected", field=problem[0], reason=problem[1]
@@ -231,31 +235,6 @@ class InteractionsService:
             for index, row in rows:
                 summary.results[index] = IngestResult("stored", new=row)
         return PreparedIngest(summary, rows)
-
-    async def _check(self, draft: Draft, now: datetime) -> tuple[str, str] | None:
-        spec = BUILT_IN_TYPES.get(draft.type) or await self.type_spec(draft.type)
-        if spec is None:
-            return (
-                "interaction.type",
-                f"unknown interaction type {draft.type[:80]!r}; register it first",
-            )
-        if draft.occurred_at > now + timedelta(seconds=self.settings.max_future_skew_s):
-            return "interaction.occurred_at", "in the future"
-        retention = self.settings.retention_days
-        if retention is not None and draft.occurred_at < now - timedelta(days=retention):
-            return "interaction.occurred_at", f"older than the {retention}-day retention"
-        violations = validate_interaction(
-            spec,
-            draft.attributes,
-            draft.ticket_id,
-            draft.product_id,
-            draft.amount is not None,
-            draft.sentiment,
-        )
-        if violations:
-            path, description = violations[0]
-            return f"interaction.{path}", description
-        return None
 
     async def _resolve_owners(
         self,
@@ -531,6 +510,38 @@ class InteractionsService:
         if row is None:
             raise NotFound("interaction", str(interaction_id))
         return row
+
+
+def _problem(
+    draft: Draft,
+    spec: InteractionTypeSpec | None,
+    latest: datetime,
+    earliest: datetime | None,
+    retention_days: int | None,
+) -> tuple[str, str] | None:
+    """The first (field, reason) refusing `draft` of type `spec` (None for an
+    unknown type), given the latest and earliest times accepted; or None."""
+    if spec is None:
+        return (
+            "interaction.type",
+            f"unknown interaction type {draft.type[:80]!r}; register it first",
+        )
+    if draft.occurred_at > latest:
+        return "interaction.occurred_at", "in the future"
+    if earliest is not None and draft.occurred_at < earliest:
+        return "interaction.occurred_at", f"older than the {retention_days}-day retention"
+    violations = validate_interaction(
+        spec,
+        draft.attributes,
+        draft.ticket_id,
+        draft.product_id,
+        draft.amount is not None,
+        draft.sentiment,
+    )
+    if violations:
+        path, description = violations[0]
+        return f"interaction.{path}", description
+    return None
 
 
 def _as_record(

@@ -264,6 +264,20 @@ def _check_value(spec: AttributeSpec, value: object) -> str | None:
     return None
 
 
+# Each spec's attributes by name, built once per spec (ingest validates every
+# row); the spec is kept in the value so its id cannot be reused meanwhile.
+_DECLARED: dict[int, tuple[InteractionTypeSpec, dict[str, AttributeSpec]]] = {}
+
+
+def _declared(spec: InteractionTypeSpec) -> dict[str, AttributeSpec]:
+    found = _DECLARED.get(id(spec))
+    if found is None or found[0] is not spec:
+        if len(_DECLARED) > 10_000:  # custom types reloaded many times over
+            _DECLARED.clear()
+        found = _DECLARED[id(spec)] = (spec, {a.name: a for a in spec.attributes})
+    return found[1]
+
+
 def validate_interaction(
     spec: InteractionTypeSpec,
     attributes: Mapping[str, AttrValue],
@@ -277,7 +291,7 @@ def validate_interaction(
     violations: list[tuple[str, str]] = []
     if len(attributes) > MAX_ATTRIBUTES:
         violations.append(("attributes", f"at most {MAX_ATTRIBUTES} attributes"))
-    declared = {a.name: a for a in spec.attributes}
+    declared = _declared(spec)
     for attr in spec.attributes:
         if attr.name not in attributes:
             if attr.required:
@@ -286,21 +300,22 @@ def validate_interaction(
         problem = _check_value(attr, attributes[attr.name])
         if problem is not None:
             violations.append((f"attributes.{attr.name}", problem))
-    for key in sorted(attributes):
-        if key not in declared:
-            violations.append((f"attributes.{key[:80]}", f"not an attribute of {spec.name}"))
+    undeclared = [key for key in attributes if key not in declared]
+    for key in sorted(undeclared):
+        violations.append((f"attributes.{key[:80]}", f"not an attribute of {spec.name}"))
     group = _ONE_OF.get(spec.name)
     if group and not any(name in attributes for name in group):
         violations.append((f"attributes.{group[0]}", f"one of {', '.join(group)} is required"))
-    fields: tuple[tuple[RequiredField, bool], ...] = (
-        ("ticket_id", bool(ticket_id)),
-        ("product_id", bool(product_id)),
-        ("amount", amount_present),
-        ("sentiment", sentiment is not None),
-    )
-    for name, present in fields:
-        if name in spec.required_fields and not present:
-            violations.append((name, f"required by {spec.name}"))
+    if spec.required_fields:
+        fields: tuple[tuple[RequiredField, bool], ...] = (
+            ("ticket_id", bool(ticket_id)),
+            ("product_id", bool(product_id)),
+            ("amount", amount_present),
+            ("sentiment", sentiment is not None),
+        )
+        for name, present in fields:
+            if name in spec.required_fields and not present:
+                violations.append((name, f"required by {spec.name}"))
     if sentiment is not None and not (math.isfinite(sentiment) and -1.0 <= sentiment <= 1.0):
         violations.append(("sentiment", "must be between -1 and 1"))
     return violations
