@@ -3,12 +3,16 @@ scenario runs over gRPC, and everything stops leaving no process behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import psutil
+from rich.console import Console
+
+from converge.demo import Demo
 
 
 def _processes_under(path: Path) -> list[str]:
@@ -49,3 +53,15 @@ def test_demo_runs_the_scenario_and_leaves_no_process(tmp_path: Path) -> None:
     assert (tmp_path / "logs" / "identity.log").exists()
     assert (tmp_path / "logs" / "interactions.log").exists()
     assert not _processes_under(tmp_path)
+
+
+def test_the_demo_tells_identity_which_running_services_to_erase_and_export_with(
+    tmp_path: Path,
+) -> None:
+    demo = Demo(Console(), tmp_path, port_offset=7)
+    [identity] = [s for s in demo.services if s.name == "identity"]
+    interactions = next(s for s in demo.services if s.name == "interactions")
+    peers = json.loads(demo.child_env(identity)["CONVERGE_IDENTITY_PEER_SERVICES"])
+    running = {s.name for s in demo.services}
+    assert peers["interactions"] == f"127.0.0.1:{interactions.port}"
+    assert set(peers) <= running  # never a service the demo does not start

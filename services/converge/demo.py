@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import json
 import os
 import secrets
 import signal
@@ -67,6 +68,9 @@ class DemoService:
     metrics_port: int
     # Services it calls, given to it as CONVERGE_<NAME>_<NEED>_ADDRESS.
     needs: tuple[str, ...] = ()
+    # Services asked to erase and export a customer's data with it, given as
+    # CONVERGE_<NAME>_PEER_SERVICES (those the demo runs).
+    data_peers: tuple[str, ...] = ()
 
     @property
     def env_prefix(self) -> str:
@@ -76,7 +80,12 @@ class DemoService:
 # Every service of the platform, in start order (a service may call those above
 # it). Those without a `converge.<name>.__main__` module yet are skipped.
 SERVICES: tuple[DemoService, ...] = (
-    DemoService("identity", port=50051, metrics_port=9151),
+    DemoService(
+        "identity",
+        port=50051,
+        metrics_port=9151,
+        data_peers=("interactions", "scoring", "recommendation"),
+    ),
     DemoService("interactions", port=50052, metrics_port=9152, needs=("identity",)),
     DemoService("scoring", port=50053, metrics_port=9153),
     DemoService("recommendation", port=50054, metrics_port=9154),
@@ -260,6 +269,10 @@ class Demo:
         ports = {s.name: s.port for s in self.services}
         for need in service.needs:
             env[f"{service.env_prefix}{need.upper()}_ADDRESS"] = f"{HOST}:{ports[need]}"
+        if service.data_peers:
+            env[f"{service.env_prefix}PEER_SERVICES"] = json.dumps(
+                {peer: f"{HOST}:{ports[peer]}" for peer in service.data_peers if peer in ports}
+            )
         return env
 
     def start_service(self, service: DemoService) -> RunningService:
