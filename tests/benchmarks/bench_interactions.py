@@ -124,9 +124,11 @@ async def run(env: BenchEnv) -> dict[str, float]:
             for i in range(0, len(rows), ROWS_PER_MESSAGE)
         ]
         service_cpu, postgres_cpu = _cpu_seconds(service.process.pid), _postgres_cpu_seconds()
+        client_cpu = time.process_time()
         started = time.perf_counter()
         summary = await stub.IngestInteractions(iter(messages))
         ingest_rate = EVENTS / (time.perf_counter() - started)
+        client_cpu = time.process_time() - client_cpu
         service_cpu = _cpu_seconds(service.process.pid) - service_cpu
         postgres_cpu = _postgres_cpu_seconds() - postgres_cpu
         assert summary.stored == EVENTS, summary
@@ -161,6 +163,7 @@ async def run(env: BenchEnv) -> dict[str, float]:
         # thread does the per-row work) and all of PostgreSQL's processes.
         "interactions.ingest_stream.service_cpu_us_per_event": service_cpu / EVENTS * 1e6,
         "interactions.ingest_stream.postgres_cpu_us_per_event": postgres_cpu / EVENTS * 1e6,
+        "interactions.ingest_stream.client_cpu_us_per_event": client_cpu / EVENTS * 1e6,
         "interactions.get_features.n1.p50_ms": percentile(n1, 50),
         "interactions.get_features.n1.p99_ms": percentile(n1, 99),
         "interactions.get_features.n100.p50_ms": percentile(n100, 50),

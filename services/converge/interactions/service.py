@@ -86,8 +86,10 @@ class IngestSummary:
     customers_created: int = 0
 
 
-# Events folded between yields to the event loop (see InteractionsStore.ingest).
-FOLD_SLICE = 500
+# Rows checked or folded between yields to the event loop: a stream's batches
+# are checked and folded while others commit, and a long stretch of Python
+# would hold a commit's next step back (see InteractionsStore.ingest).
+SLICE = 500
 
 # Stands in a summary's results until a draft's outcome is known (never changed).
 _PENDING = IngestResult("rejected", reason="not stored")
@@ -192,6 +194,8 @@ class InteractionsService:
         earliest = None if retention is None else now - timedelta(days=retention)
         accepted: list[int] = []
         for index, draft in enumerate(drafts):
+            if index % SLICE == SLICE - 1:
+                await asyncio.sleep(0)  # a commit in flight moves on meanwhile
             spec = BUILT_IN_TYPES.get(draft.type) or await self.type_spec(draft.type)
             problem = _problem(draft, spec, latest, earliest, retention)
             if problem is not None:
@@ -205,7 +209,9 @@ class InteractionsService:
             [drafts[i] for i in accepted], summary, accepted, validate_only
         )
         rows: list[tuple[int, NewInteraction]] = []
-        for index in accepted:
+        for done, index in enumerate(accepted, 1):
+            if done % SLICE == 0:
+                await asyncio.sleep(0)
             owner = owners.get(index)
             if owner is None:
                 continue
@@ -301,7 +307,7 @@ class InteractionsService:
             for done, row in enumerate(fresh, 1):
                 if row.customer_id not in rebuilt:
                     live[row.customer_id].apply(row.event)
-                if done % FOLD_SLICE == 0:
+                if done % SLICE == 0:
                     await asyncio.sleep(0)  # the store's COPY runs beside the fold
             for state in live.values():
                 state.tidy(now)
