@@ -3,6 +3,7 @@ asyncpg COPY of the same rows into a plain table; GetFeatures latency."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import statistics
@@ -110,6 +111,29 @@ async def _raw_copy(database: str, rows: list[interactions_pb2.IngestInteraction
         await connection.close()
 
 
+async def _two_replicas(
+    env: BenchEnv, messages: list[interactions_pb2.IngestInteractionsRequest]
+) -> float:
+    database = await env.new_database()
+    replicas = [
+        await env.start("interactions", database, log_level="WARNING", identity_address="")
+        for _ in range(2)
+    ]
+    channels = [grpc.aio.insecure_channel(r.address) for r in replicas]
+    try:
+        stubs = [interactions_pb2_grpc.InteractionsServiceStub(c) for c in channels]
+        started = time.perf_counter()
+        summaries = await asyncio.gather(
+            *(stub.IngestInteractions(iter(messages[i::2])) for i, stub in enumerate(stubs))
+        )
+        rate = EVENTS / (time.perf_counter() - started)
+    finally:
+        for channel in channels:
+            await channel.close()
+    assert sum(s.stored for s in summaries) == EVENTS, summaries
+    return rate
+
+
 async def run(env: BenchEnv) -> dict[str, float]:
     database = await env.new_database()
     service = await env.start("interactions", database, log_level="WARNING", identity_address="")
@@ -154,8 +178,12 @@ async def run(env: BenchEnv) -> dict[str, float]:
             lambda i: stub.GetFeatures(hundred[i]), concurrency=1, total=len(hundred)
         )
 
+    two_replicas_rate = await _two_replicas(env, messages)
     copy_rate = await _raw_copy(database, rows)
     return {
+        # Scaling out: the same stream split in two, sent at once to two
+        # replicas of the service on one database (a fresh one).
+        "interactions.ingest_stream.two_replicas.events_per_s": two_replicas_rate,
         "interactions.ingest_stream.events_per_s": ingest_rate,
         "interactions.ingest_stream.raw_copy_rows_per_s": copy_rate,
         "interactions.ingest_stream.vs_raw_copy": ingest_rate / copy_rate,
