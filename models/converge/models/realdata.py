@@ -99,13 +99,16 @@ def _fit(name: str, split: Split, config: TrainingConfig | None, imported: int) 
     return RealResult(name, result.roc_auc, result, split, model, imported)
 
 
-async def list_profiles(identity_address: str) -> dict[str, dict[str, object]]:
-    """Every customer's current profile (ListCustomers, paged)."""
+async def list_profiles(identity_address: str) -> list[tuple[str, dict[str, object]]]:
+    """Every customer's id and current profile (ListCustomers, paged), in the
+    order of each customer's smallest identifier: ids are new on every import
+    but identifiers come from the source, so the order (and a split drawn from
+    it) is the same on every run."""
     import grpc
 
     from converge.v1 import common_pb2, identity_pb2, identity_pb2_grpc
 
-    out: dict[str, dict[str, object]] = {}
+    found: list[tuple[str, str, dict[str, object]]] = []
     async with grpc.aio.insecure_channel(identity_address) as channel:
         stub = identity_pb2_grpc.IdentityServiceStub(channel)
         token = ""
@@ -116,10 +119,14 @@ async def list_profiles(identity_address: str) -> dict[str, dict[str, object]]:
                 )
             )
             for customer in answer.customers:
-                out[customer.customer_id] = dict(profile_from_pb(customer))
+                key = min(
+                    (f"{i.identifier.type}:{i.identifier.value}" for i in customer.identifiers),
+                    default=customer.customer_id,
+                )
+                found.append((key, customer.customer_id, dict(profile_from_pb(customer))))
             token = answer.page.next_page_token
             if not token:
-                return out
+                return [(customer_id, profile) for _, customer_id, profile in sorted(found)]
 
 
 async def telco_churn(
@@ -137,7 +144,7 @@ async def telco_churn(
     profiles = await list_profiles(identity_address)
     rows: list[LabelRow] = []
     features: list[dict[str, object]] = []
-    for customer, profile in sorted(profiles.items()):
+    for customer, profile in profiles:
         attributes = dict(profile.get("attributes") or {})  # type: ignore[call-overload]
         churned = attributes.pop("churned", None)
         if churned is None:
@@ -227,6 +234,7 @@ async def itsm_escalation(
                 for e in mine
             )
             rows.append(LabelRow(customer, cutoff, int(later), ticket_id=ticket))
+    rows.sort(key=lambda r: (r.cutoff, r.ticket_id))  # ticket ids are the source's: stable
     frame = await frame_from_services(
         identity_address, interactions_address, "escalation", rows, "itsm", profile_as_of=False
     )
