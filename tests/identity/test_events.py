@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 
 from converge.v1 import common_pb2, identity_pb2
 from tests.identity.helpers import DEVICE, EMAIL, field_violations, ident, unique_email
@@ -93,3 +94,37 @@ async def test_bad_cursor_is_invalid_argument_naming_from_cursor(identity, curso
         await events(identity, cursor)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert list(field_violations(error.value)) == ["from_cursor"]
+
+
+async def test_profile_and_preference_changes_are_announced_once_each(identity) -> None:
+    """A new customer is CREATED only; a later profile update and a later
+    preference update are one PROFILE_CHANGED each."""
+    changed = identity_pb2.IDENTITY_EVENT_TYPE_PROFILE_CHANGED
+    created = await identity.CreateCustomer(
+        identity_pb2.CreateCustomerRequest(
+            identifiers=[ident(EMAIL, unique_email())], profile=identity_pb2.Profile(plan="basic")
+        )
+    )
+    customer_id = created.customer.customer_id
+    assert [e.type for e in await events(identity)] == [CREATED]
+
+    await identity.UpdateCustomer(
+        identity_pb2.UpdateCustomerRequest(
+            customer_id=customer_id,
+            profile=identity_pb2.Profile(plan="premium", segment="smb"),
+            update_mask=field_mask_pb2.FieldMask(paths=["plan", "segment"]),
+        )
+    )
+    await identity.UpdateContactPreferences(
+        identity_pb2.UpdateContactPreferencesRequest(
+            customer=common_pb2.CustomerRef(customer_id=customer_id),
+            preferences=identity_pb2.ContactPreferences(wants_human=True),
+            update_mask=field_mask_pb2.FieldMask(paths=["wants_human"]),
+        )
+    )
+    found = await events(identity)
+    assert [(e.type, e.customer_id) for e in found] == [
+        (CREATED, customer_id),
+        (changed, customer_id),
+        (changed, customer_id),
+    ]

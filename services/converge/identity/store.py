@@ -305,6 +305,9 @@ class IdentityTransaction:
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
+        # Customers this transaction created or already announced a change of:
+        # one event each (CREATED covers a new customer's first profile).
+        self._announced: set[str] = set()
 
     async def _fetch_one(self, query: str, *args: Any) -> asyncpg.Record:
         row = await self.connection.fetchrow(query, *args)
@@ -486,6 +489,7 @@ class IdentityTransaction:
     async def insert_customer(self, customer_id: str) -> None:
         await self.connection.execute(INSERT_CUSTOMER, uuid.UUID(customer_id))
         await self.record_event(EVENT_CREATED, customer_id)
+        self._announced.add(customer_id)
 
     async def attach_identifiers(
         self, customer_id: str, identifiers: Sequence[NormalizedIdentifier]
@@ -548,6 +552,8 @@ class IdentityTransaction:
             uuid.UUID(merge_id) if merge_id else None,
         )
         await self.connection.execute(REFRESH_PROFILE, uuid.UUID(customer_id))
+        if merge_id is None:  # (a merge's takeovers are announced by MERGED)
+            await self._announce_change(customer_id)
 
     async def current_profile(self, customer_id: str) -> ProfileFields:
         profile: ProfileFields = await self.connection.fetchval(
@@ -647,6 +653,14 @@ class IdentityTransaction:
             await self.connection.execute(
                 INSERT_PREFERENCE_CHANGE, cid, f"consent.{channel}", status, source, actor
             )
+        if consents or (do_not_contact, preferred_channel, wants_human) != (None, None, None):
+            await self._announce_change(customer_id)
+
+    async def _announce_change(self, customer_id: str) -> None:
+        """A PROFILE_CHANGED event, once per customer and transaction."""
+        if customer_id not in self._announced:
+            self._announced.add(customer_id)
+            await self.record_event(EVENT_PROFILE_CHANGED, customer_id)
 
     # --- events and erasure --------------------------------------------------
     async def record_event(
