@@ -25,6 +25,17 @@ from converge.runtime.server import ServiceRuntime
 from converge.v1 import identity_pb2_grpc, interactions_pb2_grpc, privacy_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
+# The real public datasets, read in place (never copied into the project).
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def shared_dataset(relative: str) -> Path:
+    """A file or folder of ../shared/data, or a skip naming it: tests of the
+    real datasets cannot run where they are absent (CI has them)."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"{path} is absent: the shared datasets are not on this machine")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -10,11 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import ROOT, free_port
-
-DATA = ROOT.parent / "shared" / "data"
+from tests.conftest import free_port, shared_dataset
 
 
 def converge(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -29,17 +25,8 @@ def converge(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def dataset(*parts: str) -> Path:
-    path = DATA.joinpath(*parts)
-    if not path.is_file():
-        pytest.skip(
-            f"real dataset not found at {path} (expected in ../shared/data next to the repo)"
-        )
-    return path
-
-
 def test_dry_run_json_maps_the_itsm_log_without_calling_a_service(tmp_path: Path) -> None:
-    path = dataset("itsm_incidents_sample", "incident_events_first3000.csv")
+    path = shared_dataset("itsm_incidents_sample/incident_events_first3000.csv")
     result = converge(
         "import", str(path), "--mapping", "itsm_incidents", "--dry-run", "--json", cwd=tmp_path
     )
@@ -57,7 +44,7 @@ def test_dry_run_json_maps_the_itsm_log_without_calling_a_service(tmp_path: Path
 
 
 def test_dry_run_with_a_limit_and_a_mapping_file_path(tmp_path: Path) -> None:
-    path = dataset("cdnow", "CDNOW_master.txt")
+    path = shared_dataset("cdnow/CDNOW_master.txt")
     shown = converge("mappings", "--show", "cdnow_purchases", cwd=tmp_path)
     assert shown.returncode == 0
     mine = tmp_path / "my_purchases.yaml"

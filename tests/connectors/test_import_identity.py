@@ -18,9 +18,8 @@ from converge.identity.servicer import SPEC
 from converge.identity.settings import IdentitySettings
 from converge.runtime.server import ServiceRuntime
 from converge.v1 import common_pb2, identity_pb2, identity_pb2_grpc
-from tests.conftest import ROOT
+from tests.conftest import shared_dataset
 
-TELCO = ROOT.parent / "shared" / "data" / "telco_churn" / "Telco-Customer-Churn.csv"
 ROWS = 400
 
 
@@ -34,11 +33,11 @@ async def identity_address(database: str) -> AsyncIterator[str]:
 
 @pytest.fixture
 def telco_sample(tmp_path: Path) -> Path:
-    if not TELCO.is_file():
-        pytest.skip(
-            f"real dataset not found at {TELCO} (expected in ../shared/data next to the repo)"
-        )
-    lines = TELCO.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines = (
+        shared_dataset("telco_churn/Telco-Customer-Churn.csv")
+        .read_text(encoding="utf-8")
+        .splitlines(keepends=True)
+    )
     sample = tmp_path / "telco.csv"
     sample.write_text("".join(lines[: ROWS + 1]), encoding="utf-8")
     return sample

@@ -24,22 +24,12 @@ from converge.connectors.mapping import (
 )
 from converge.connectors.transform import MappedRow, MapResult, RejectedRow, map_file
 from converge.v1 import common_pb2
-from tests.conftest import ROOT
+from tests.conftest import shared_dataset
 
-DATA = ROOT.parent / "shared" / "data"
-TELCO = ("telco_churn", "Telco-Customer-Churn.csv")
-ITSM = ("itsm_incidents_sample", "incident_events_first3000.csv")
-CDNOW = ("cdnow", "CDNOW_master.txt")
+TELCO = "telco_churn/Telco-Customer-Churn.csv"
+ITSM = "itsm_incidents_sample/incident_events_first3000.csv"
+CDNOW = "cdnow/CDNOW_master.txt"
 DATASETS = {"telco_customers": TELCO, "itsm_incidents": ITSM, "cdnow_purchases": CDNOW}
-
-
-def data_file(parts: tuple[str, str]) -> Path:
-    path = DATA.joinpath(*parts)
-    if not path.is_file():
-        pytest.skip(
-            f"real dataset not found at {path} (expected in ../shared/data next to the repo)"
-        )
-    return path
 
 
 _RESULTS: dict[str, list[MapResult]] = {}
@@ -47,7 +37,7 @@ _RESULTS: dict[str, list[MapResult]] = {}
 
 def mapped(name: str) -> list[MapResult]:
     """Every row of the dataset mapped with its shipped mapping (once per session)."""
-    path = data_file(DATASETS[name])
+    path = shared_dataset(DATASETS[name])
     if name not in _RESULTS:
         _RESULTS[name] = list(map_file(path, load_mapping(name), origin=name))
     return _RESULTS[name]
@@ -91,7 +81,7 @@ def test_every_key_of_a_shipped_mapping_is_explained_by_a_comment() -> None:
 
 # --- Telco: a CRM customer table -> profiles ----------------------------------------
 def test_telco_maps_every_customer_once_with_profile_upserts() -> None:
-    table = read_csv(data_file(TELCO))
+    table = read_csv(shared_dataset(TELCO))
     results = mapped("telco_customers")
     rows = rows_of(results)
 
@@ -138,7 +128,7 @@ def test_telco_maps_every_customer_once_with_profile_upserts() -> None:
 
 # --- ITSM: a service-desk event log -> ticket interactions ---------------------------
 def test_itsm_maps_every_update_to_a_ticket_interaction() -> None:
-    table = read_csv(data_file(ITSM))
+    table = read_csv(shared_dataset(ITSM))
     unknown_callers = sum(t["caller_id"] == "?" for t in table)
     results = mapped("itsm_incidents")
     rows = rows_of(results)
@@ -167,7 +157,7 @@ def test_itsm_maps_every_update_to_a_ticket_interaction() -> None:
 
 
 def test_itsm_types_follow_the_changes_between_an_incidents_rows() -> None:
-    table = read_csv(data_file(ITSM))
+    table = read_csv(shared_dataset(ITSM))
     rows = {r.line: r for r in rows_of(mapped("itsm_incidents"))}
     previous: dict[str, dict[str, str]] = {}
     reopens = 0
@@ -219,7 +209,7 @@ def test_itsm_types_follow_the_changes_between_an_incidents_rows() -> None:
 
 # --- CDNOW: a purchase log -> purchases ------------------------------------------------
 def test_cdnow_maps_every_purchase_with_its_amount() -> None:
-    path = data_file(CDNOW)
+    path = shared_dataset(CDNOW)
     lines = [
         line.split() for line in path.read_text(encoding="utf-8").splitlines()[1:] if line.strip()
     ]
@@ -260,7 +250,7 @@ def keys(results: list[MapResult]) -> list[str]:
 @pytest.mark.parametrize("name", sorted(DATASETS))
 def test_idempotency_keys_are_unique_in_a_file_and_the_same_on_every_run(name: str) -> None:
     first = keys(mapped(name))
-    again = keys(list(map_file(data_file(DATASETS[name]), load_mapping(name))))
+    again = keys(list(map_file(shared_dataset(DATASETS[name]), load_mapping(name))))
     assert len(first) > 1000
     assert len(set(first)) == len(first)
     assert again == first

@@ -5,28 +5,17 @@ from __future__ import annotations
 
 import csv
 from collections import Counter
-from pathlib import Path
 
 import asyncpg
-import pytest
 
 from converge.connectors.importer import import_file
 from converge.connectors.mapping import load_mapping
-from tests.conftest import ROOT
-
-DATA = ROOT.parent / "shared" / "data"
-
-
-def _data(relative: str) -> Path:
-    path = DATA / relative
-    if not path.exists():
-        pytest.skip(f"{path} is absent: the shared datasets are not on this machine")
-    return path
+from tests.conftest import shared_dataset
 
 
 async def _import(platform, relative: str, mapping: str):
     return await import_file(
-        _data(relative),
+        shared_dataset(relative),
         load_mapping(mapping),
         identity_address=platform.identity_address,
         interactions_address=platform.interactions_address,
@@ -34,7 +23,7 @@ async def _import(platform, relative: str, mapping: str):
 
 
 async def test_telco_customers_import_as_profiles(platform, database: str) -> None:
-    path = _data("telco_churn/Telco-Customer-Churn.csv")
+    path = shared_dataset("telco_churn/Telco-Customer-Churn.csv")
     with path.open() as f:
         rows = list(csv.DictReader(f))
     summary = await _import(platform, "telco_churn/Telco-Customer-Churn.csv", "telco_customers")
@@ -52,7 +41,7 @@ async def test_telco_customers_import_as_profiles(platform, database: str) -> No
 
 
 async def test_itsm_incident_log_imports_as_tickets(platform, database: str) -> None:
-    path = _data("itsm_incidents_sample/incident_events_first3000.csv")
+    path = shared_dataset("itsm_incidents_sample/incident_events_first3000.csv")
     with path.open() as f:
         rows = list(csv.DictReader(f))
     summary = await _import(
@@ -83,7 +72,7 @@ async def test_itsm_incident_log_imports_as_tickets(platform, database: str) -> 
 
 
 async def test_cdnow_purchase_log_imports_as_purchases(platform, database: str) -> None:
-    path = _data("cdnow/CDNOW_master.txt")
+    path = shared_dataset("cdnow/CDNOW_master.txt")
     lines = path.read_text().split("\n")[1:]
     rows = [line.split() for line in lines if line.strip()]
     summary = await _import(platform, "cdnow/CDNOW_master.txt", "cdnow_purchases")

@@ -20,18 +20,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from converge.models import realdata
+from tests.conftest import SHARED_DATA, shared_dataset
 from tests.models.conftest import FAST
-
-DATA = realdata.DATA_DIR
 
 
 def _need(relative: str) -> Path:
-    if not (DATA / relative).exists():
-        pytest.skip(f"{DATA / relative} is absent: the shared datasets are not on this machine")
-    return DATA
+    """The shared data folder, holding `relative` (or a skip)."""
+    shared_dataset(relative)
+    return SHARED_DATA
 
 
 async def test_telco_churn_from_identity_profiles_reaches_published_auc(platform) -> None:
