@@ -204,6 +204,18 @@ class _Seen:
         self.sources: set[str] = set()
         self.attribute_names: set[str] = set()
 
+    @staticmethod
+    def matches(seen: set[str], value: str, pattern: re.Pattern[str]) -> bool:
+        """Whether `value` matches `pattern`, remembered in `seen` when it does."""
+        if value in seen:
+            return True
+        if not pattern.match(value):
+            return False
+        if len(seen) >= _REMEMBERED:
+            seen.clear()
+        seen.add(value)
+        return True
+
     def customer_id(self, text: str) -> uuid.UUID | None:
         found = self.customer_ids.get(text)
         if found is None:
@@ -227,10 +239,8 @@ def _fast_draft(
     if not 0 < len(key) <= MAX_KEY:
         return None
     source = message.source
-    if source not in _SEEN.sources:
-        if not _SOURCE.match(source) or len(_SEEN.sources) >= _REMEMBERED:
-            return None
-        _SEEN.sources.add(source)
+    if not _SEEN.matches(_SEEN.sources, source, _SOURCE):
+        return None
     customer = message.customer
     which = customer.WhichOneof("ref")
     customer_id = identifier = None
@@ -264,12 +274,8 @@ def _fast_draft(
             return None
         for name in sent:  # (a map's items() view iterates in Python, keys in C)
             value = sent[name]
-            if name not in _SEEN.attribute_names:
-                if not _ATTRIBUTE_NAME.match(name):
-                    return None
-                if len(_SEEN.attribute_names) >= _REMEMBERED:
-                    _SEEN.attribute_names.clear()
-                _SEEN.attribute_names.add(name)
+            if not _SEEN.matches(_SEEN.attribute_names, name, _ATTRIBUTE_NAME):
+                return None
             held = value.WhichOneof("value")
             if held == "string_value":
                 text = value.string_value
