@@ -29,6 +29,11 @@ async def test_record_resolves_the_identifier_and_a_resend_is_stored_once(platfo
         interactions_pb2.ListInteractionsRequest(customer=email_ref("ann@example.com"))
     )
     assert [i.interaction_id for i in timeline.interactions] == [first.interaction.interaction_id]
+    # Ids are UUIDv7 (time first), so new ones land at the edge of their index.
+    later = await platform.interactions.RecordInteraction(record(item, "evt-2"))
+    ids = [uuid.UUID(r.interaction.interaction_id) for r in (first, later)]
+    assert [i.version for i in ids] == [7, 7]
+    assert ids[0].bytes[:6] <= ids[1].bytes[:6]  # (milliseconds since the epoch)
 
 
 @pytest.mark.parametrize(

@@ -889,7 +889,7 @@ class InteractionsDataSubjects(privacy_pb2_grpc.DataSubjectServiceServicer):
 async def register(server: grpc.aio.Server, context: ServiceContext) -> list[str]:
     settings = context.settings
     assert isinstance(settings, InteractionsSettings)
-    store = InteractionsStore(context.pool)
+    store = InteractionsStore(context.pool, settings.state_cache_size)
     identity = IdentityLink(settings.identity_address, settings.identity_timeout_s, store)
     service = InteractionsService(store, identity, settings)
     await service.load_types()

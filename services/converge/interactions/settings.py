@@ -30,6 +30,12 @@ class InteractionsSettings(ServiceSettings):
     ingest_batch_size: int = Field(
         default=10_000, ge=1, le=50_000, description="Rows per ingest transaction."
     )
+    state_cache_size: int = Field(
+        default=10_000,
+        ge=0,
+        description="Live feature states kept in memory between ingest batches (about 10 KB "
+        "each); 0 reads every state from the database for every batch.",
+    )
     purge_batch_size: int = Field(
         default=5_000, ge=1, le=100_000, description="Interactions deleted per purge transaction."
     )

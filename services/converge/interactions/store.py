@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 import orjson
+import uuid_utils
 
 from converge.interactions.features import Event
 from converge.runtime.database import Connection
@@ -21,6 +22,7 @@ from converge.runtime.database import Connection
 INGEST_LOCK = 0x636F6E7665726765  # "converge"
 
 COLUMNS = (
+    "interaction_id",
     "customer_id",
     "occurred_at",
     "channel",
@@ -46,12 +48,17 @@ JOIN unnest($1::text[], $2::text[]) AS q(source, idempotency_key) USING (source,
 """
 
 # Only ingest writes states, under INGEST_LOCK (erasure takes it too), so
-# reading them for an update needs no row locks.
+# reading them for an update needs no row locks. A state's version is the
+# xmin of its row: whoever rewrites a state (another replica, an erasure, a
+# hand-made UPDATE) changes it, so a kept copy of a state is used only while
+# its row is the one that copy was written as.
 UPSERT_STATES = """
 INSERT INTO customer_state (customer_id, state)
 SELECT * FROM unnest($1::uuid[], $2::bytea[])
 ON CONFLICT (customer_id) DO UPDATE SET state = excluded.state, updated_at = now()
+RETURNING customer_id, xmin
 """
+STATE_VERSIONS = "SELECT customer_id, xmin FROM customer_state WHERE customer_id = ANY($1::uuid[])"
 
 # A customer and every customer merged into it, recursively, as followed from
 # the identity service; the root is the customer the links end at.
@@ -161,9 +168,18 @@ class NewInteraction:
     identifier: dict[str, Any] | None
 
     def record(self) -> tuple[Any, ...]:
-        """The row in `COLUMNS` order."""
+        """The row in `COLUMNS` order, under a new interaction id.
+
+        Ids are UUIDv7 (RFC 9562: milliseconds since the epoch, then random
+        bits), made here rather than by the column's gen_random_uuid(): new ids
+        land at the right edge of the id index instead of on a random page,
+        and PostgreSQL built without OpenSSL reads /dev/urandom once per
+        gen_random_uuid(). Measured on COPY into this table: about 9 µs less
+        database CPU per row. uuid_utils makes one in about 0.2 µs.
+        """
         e = self.event
         return (
+            uuid_utils.uuid7(),
             self.customer_id,
             e.occurred_at,
             e.channel,
@@ -206,6 +222,65 @@ async def _read_states(
     return states
 
 
+class StateCache:
+    """The feature states this replica wrote last, by customer, each with the
+    version (row xmin) it was written as, the least recently used dropped
+    beyond `capacity`. A stream's consecutive batches mostly touch the same
+    customers: a state still at the version written is taken from here
+    instead of being read and parsed again (about 20 µs a state here).
+
+    An ingest takes the entries of its customers out and puts back only what
+    it committed, so a failed batch never leaves a half-folded state behind.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: dict[uuid.UUID, tuple[int, dict[str, Any]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def take(self, customer_id: uuid.UUID, version: int) -> dict[str, Any] | None:
+        """The kept state if it is still at `version`; the entry is removed either way."""
+        entry = self._entries.pop(customer_id, None)
+        return entry[1] if entry is not None and entry[0] == version else None
+
+    def forget(self, customer_ids: Iterable[uuid.UUID]) -> None:
+        for customer_id in customer_ids:
+            self._entries.pop(customer_id, None)
+
+    def put(self, customer_id: uuid.UUID, version: int, state: dict[str, Any]) -> None:
+        if self.capacity <= 0:
+            return
+        self._entries.pop(customer_id, None)  # (re-inserted last: most recently used)
+        self._entries[customer_id] = (version, state)
+        while len(self._entries) > self.capacity:
+            del self._entries[next(iter(self._entries))]
+
+
+async def _states_for_update(
+    connection: Connection, rows: Sequence[NewInteraction], cache: StateCache
+) -> dict[uuid.UUID, dict[str, Any] | None]:
+    """The kept states of the rows' customers (None for a customer without
+    one), from the cache where it holds the stored version; the cache gives
+    its entries up (see StateCache)."""
+    customers = list({row.customer_id for row in rows})
+    states: dict[uuid.UUID, dict[str, Any] | None] = dict.fromkeys(customers)
+    versions = {r[0]: r[1] for r in await connection.fetch(STATE_VERSIONS, customers)}
+    cache.forget(c for c in customers if c not in versions)
+    unknown = []
+    for customer_id, version in versions.items():
+        kept = cache.take(customer_id, version)
+        if kept is None:
+            unknown.append(customer_id)
+        else:
+            states[customer_id] = kept
+    if unknown:
+        for r in await connection.fetch(SELECT_STATES, unknown):
+            states[r["customer_id"]] = orjson.loads(r["state"])
+    return states
+
+
 class _FoldNeedsReads(Exception):
     """A fold running beside the COPY needed the database (a state to rebuild)."""
 
@@ -215,8 +290,9 @@ async def _no_reads(customer_id: uuid.UUID) -> list[asyncpg.Record]:
 
 
 class InteractionsStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, state_cache_size: int = 0) -> None:
         self.pool = pool
+        self.state_cache = StateCache(state_cache_size)
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
@@ -251,7 +327,7 @@ class InteractionsStore:
             duplicates: dict[Key, asyncpg.Record] = {}
             fresh = list(first.values())
             updated: dict[uuid.UUID, dict[str, Any]] | None = None
-            states = await _read_states(connection, fresh)
+            states = await _states_for_update(connection, fresh, self.state_cache)
             try:
                 # Optimistically, as re-sent keys are rare: binary COPY straight
                 # into the table, where the unique key refuses a key stored
@@ -283,10 +359,13 @@ class InteractionsStore:
             else:
                 new = dict.fromkeys((row.source, row.idempotency_key) for row in fresh)
             if updated is None:  # (a state to rebuild from its interactions, or duplicates)
+                # The first fold may have changed the states it was given: read them again.
                 updated = await fold(await _read_states(connection, fresh), fresh, events_of)
-            await connection.execute(
+            written = await connection.fetch(
                 UPSERT_STATES, list(updated), [orjson.dumps(state) for state in updated.values()]
             )
+        for customer_id, version in written:  # committed: keep them for the next batch
+            self.state_cache.put(customer_id, version, updated[customer_id])
         return new, duplicates
 
     async def roots(self, customer_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, uuid.UUID]:
@@ -435,6 +514,7 @@ class InteractionsStore:
         return {r["type"]: r["n"] for r in rows}
 
     async def erase(self, customer_ids: Sequence[uuid.UUID]) -> dict[str, int]:
+        self.state_cache.forget(customer_ids)  # (a stale copy is never used, but is personal data)
         async with self.pool.acquire() as connection, connection.transaction():
             # Serialised with ingest, so no batch in flight writes back a state
             # (or interactions) of a customer erased under it.

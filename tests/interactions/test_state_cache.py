@@ -1,0 +1,86 @@
+"""Live feature states kept in memory between ingest batches (StateCache):
+used only while the stored state is the one kept."""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+
+from converge.interactions.servicer import SPEC as INTERACTIONS
+from converge.interactions.settings import InteractionsSettings
+from converge.interactions.store import StateCache
+from converge.runtime.server import ServiceRuntime
+from converge.v1 import interactions_pb2, interactions_pb2_grpc
+from tests.interactions.builders import email_ref, interaction
+
+
+def test_a_kept_state_is_given_once_and_only_at_the_version_it_was_kept_as() -> None:
+    cache = StateCache(capacity=2)
+    first = uuid.UUID(int=1)
+    cache.put(first, 7, {"n": 1})
+    assert cache.take(first, 8) is None  # rewritten since: not given...
+    assert cache.take(first, 7) is None  # ...and dropped
+    cache.put(first, 7, {"n": 1})
+    assert cache.take(first, 7) == {"n": 1}
+    assert cache.take(first, 7) is None  # taken: an ingest owns it until it commits
+
+
+def test_the_least_recently_kept_state_goes_first_beyond_capacity() -> None:
+    cache = StateCache(capacity=2)
+    first, second, third = (uuid.UUID(int=i) for i in range(1, 4))
+    cache.put(first, 1, {})
+    cache.put(second, 1, {})
+    cache.put(first, 2, {})  # kept again: now the most recent
+    cache.put(third, 1, {})
+    assert len(cache) == 2
+    assert cache.take(second, 1) is None
+    assert cache.take(first, 2) == {} and cache.take(third, 1) == {}
+    disabled = StateCache(capacity=0)
+    disabled.put(first, 1, {})
+    assert len(disabled) == 0
+
+
+async def test_replicas_writing_the_same_customers_by_turns_keep_features_exact(
+    platform, database: str
+) -> None:
+    """Each replica keeps the states it wrote; a state another replica wrote
+    since is read again, never taken from memory (a stale copy would lose the
+    other replica's interactions from the features)."""
+    second = ServiceRuntime(
+        INTERACTIONS,
+        InteractionsSettings(
+            database_url=database,
+            port=0,
+            identity_address=platform.identity_address,
+            ingest_batch_size=200,
+        ),
+    )
+    await second.start()
+    try:
+        async with grpc.aio.insecure_channel(second.address) as channel:
+            replicas = [
+                platform.interactions,
+                interactions_pb2_grpc.InteractionsServiceStub(channel),
+            ]
+            customers = [email_ref(f"turns-{i}@example.com") for i in range(3)]
+            for turn in range(6):
+                rows = [
+                    interactions_pb2.IngestRow(
+                        interaction=interaction(customer, "product.login", days_ago=turn + 1),
+                        idempotency_key=f"turn-{turn}-{i}",
+                    )
+                    for i, customer in enumerate(customers)
+                ]
+                reply = await replicas[turn % 2].IngestInteractions(
+                    iter([interactions_pb2.IngestInteractionsRequest(rows=rows)])
+                )
+                assert reply.stored == len(customers)
+                for replica in replicas:
+                    features = await replica.GetFeatures(
+                        interactions_pb2.GetFeaturesRequest(customers=customers)
+                    )
+                    counts = [vector.values["count_7d_login"] for vector in features.customers]
+                    assert counts == [turn + 1] * len(customers), (turn, counts)
+    finally:
+        await second.stop(grace=1)
