@@ -534,7 +534,6 @@ class InteractionsServicer(interactions_pb2_grpc.InteractionsServiceServicer):
         received = 0  # (a local: a protobuf field costs a C call per access)
         try:
             async for message in request_iterator:
-                response.received = received
                 if len(message.rows) > MAX_ROWS_PER_MESSAGE:
                     raise InvalidArgument(
                         [FieldViolation("rows", f"at most {MAX_ROWS_PER_MESSAGE} per message")]

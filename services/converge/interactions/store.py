@@ -212,14 +212,17 @@ async def _copy(connection: Connection, rows: Sequence[NewInteraction]) -> None:
 
 
 async def _read_states(
-    connection: Connection, rows: Sequence[NewInteraction]
+    connection: Connection, customers: Sequence[uuid.UUID]
 ) -> dict[uuid.UUID, dict[str, Any] | None]:
-    """The kept states of the rows' customers (None for a customer without one)."""
-    customers = list({row.customer_id for row in rows})
+    """The kept states of `customers` (None for a customer without one)."""
     states: dict[uuid.UUID, dict[str, Any] | None] = dict.fromkeys(customers)
-    for r in await connection.fetch(SELECT_STATES, customers):
+    for r in await connection.fetch(SELECT_STATES, list(customers)):
         states[r["customer_id"]] = orjson.loads(r["state"])
     return states
+
+
+def _customers_of(rows: Sequence[NewInteraction]) -> list[uuid.UUID]:
+    return list({row.customer_id for row in rows})
 
 
 class StateCache:
@@ -264,7 +267,7 @@ async def _states_for_update(
     """The kept states of the rows' customers (None for a customer without
     one), from the cache where it holds the stored version; the cache gives
     its entries up (see StateCache)."""
-    customers = list({row.customer_id for row in rows})
+    customers = _customers_of(rows)
     states: dict[uuid.UUID, dict[str, Any] | None] = dict.fromkeys(customers)
     versions = {r[0]: r[1] for r in await connection.fetch(STATE_VERSIONS, customers)}
     cache.forget(c for c in customers if c not in versions)
@@ -276,8 +279,7 @@ async def _states_for_update(
         else:
             states[customer_id] = kept
     if unknown:
-        for r in await connection.fetch(SELECT_STATES, unknown):
-            states[r["customer_id"]] = orjson.loads(r["state"])
+        states.update(await _read_states(connection, unknown))
     return states
 
 
@@ -360,7 +362,9 @@ class InteractionsStore:
                 new = dict.fromkeys((row.source, row.idempotency_key) for row in fresh)
             if updated is None:  # (a state to rebuild from its interactions, or duplicates)
                 # The first fold may have changed the states it was given: read them again.
-                updated = await fold(await _read_states(connection, fresh), fresh, events_of)
+                updated = await fold(
+                    await _read_states(connection, _customers_of(fresh)), fresh, events_of
+                )
             written = await connection.fetch(
                 UPSERT_STATES, list(updated), [orjson.dumps(state) for state in updated.values()]
             )
