@@ -14,6 +14,7 @@ from functools import reduce
 from typing import Any, Literal
 
 import asyncpg
+import uuid_utils
 
 from converge.interactions import features as feature_engine
 from converge.interactions.features import (
@@ -24,7 +25,7 @@ from converge.interactions.features import (
 )
 from converge.interactions.identity_link import IdentifierRef, IdentityLink
 from converge.interactions.settings import InteractionsSettings
-from converge.interactions.store import EventsOf, InteractionsStore, NewInteraction
+from converge.interactions.store import EventsOf, InteractionsStore
 from converge.interactions.types import (
     BUILT_IN_TYPES,
     AttributeSpec,
@@ -42,20 +43,62 @@ from converge.runtime.errors import (
 )
 from converge.runtime.values import from_tagged, to_tagged
 
+_NO_OWNER = uuid.UUID(int=0)
 
-@dataclass(slots=True, kw_only=True)
+
+@dataclass(slots=True)
 class Draft(Event):
     """An interaction as a source sent it, checked for shape by the servicer.
     It is also the feature engine's view of the interaction (an Event), so
-    ingest folds it as it is."""
+    ingest folds it as it is, and the store's (a NewInteraction) once its
+    owner is known. One object per row, from the stream to the COPY: the bulk
+    path makes one for every event ingested.
 
-    row_ref: str
-    customer_id: uuid.UUID | None
-    identifier: IdentifierRef | None
-    currency: str
-    source: str
-    idempotency_key: str
+    The fields have defaults (dataclass order rules) but are always given; the
+    bulk path passes them by position, which costs a third of keywords."""
+
+    row_ref: str = ""
+    customer_id: uuid.UUID | None = None  # as sent (None: by identifier)
+    identifier: IdentifierRef | None = None
+    currency: str = ""
+    source: str = ""
+    idempotency_key: str = ""
     lookup_only: bool = False
+    owner: uuid.UUID = _NO_OWNER  # the customer it belongs to, once resolved
+
+    def record(self) -> tuple[Any, ...]:
+        """The row in the store's `COLUMNS` order, under a new interaction id.
+
+        Ids are UUIDv7 (RFC 9562: milliseconds since the epoch, then random
+        bits), made here rather than by the column's gen_random_uuid(): new ids
+        land at the right edge of the id index instead of on a random page,
+        and PostgreSQL built without OpenSSL reads /dev/urandom once per
+        gen_random_uuid(). Measured on COPY into this table: about 9 µs less
+        database CPU per row. uuid_utils makes one in about 0.2 µs.
+        """
+        return (
+            uuid_utils.uuid7(),
+            self.owner,
+            self.occurred_at,
+            self.channel,
+            self.type,
+            self.stored_attributes(),
+            self.ticket_id,
+            self.product_id,
+            self.amount,
+            self.currency,
+            self.sentiment,
+            self.source,
+            self.idempotency_key,
+            self.stored_identifier(),
+        )
+
+    def stored_attributes(self) -> dict[str, Any]:
+        return {name: to_tagged(value) for name, value in self.attributes.items()}
+
+    def stored_identifier(self) -> dict[str, Any] | None:
+        ref = self.identifier
+        return None if ref is None else {"type": ref.type, "value": ref.value, "source": ref.source}
 
 
 Outcome = Literal["stored", "duplicate", "rejected"]
@@ -67,7 +110,7 @@ class IngestResult:
 
     outcome: Outcome
     row: asyncpg.Record | Mapping[str, Any] | None = None  # a duplicate's first copy
-    new: NewInteraction | None = None  # a row stored now...
+    new: Draft | None = None  # a row stored now...
     stored: asyncpg.Record | Mapping[str, Any] | None = None  # ...its seq, recorded_at
     field: str = ""
     reason: str = ""
@@ -103,7 +146,7 @@ class PreparedIngest:
     with the index of the draft each came from."""
 
     summary: IngestSummary
-    rows: list[tuple[int, NewInteraction]]
+    rows: list[tuple[int, Draft]]
 
 
 def event_of(row: asyncpg.Record | dict[str, Any]) -> Event:
@@ -205,38 +248,10 @@ class InteractionsService:
             else:
                 accepted.append(index)
 
-        owners = await self._resolve_owners(
+        owned = await self._resolve_owners(
             [drafts[i] for i in accepted], summary, accepted, validate_only
         )
-        rows: list[tuple[int, NewInteraction]] = []
-        for done, index in enumerate(accepted, 1):
-            if done % SLICE == 0:
-                await asyncio.sleep(0)
-            owner = owners.get(index)
-            if owner is None:
-                continue
-            draft = drafts[index]
-            identifier = draft.identifier
-            rows.append(
-                (
-                    index,
-                    NewInteraction(
-                        owner,
-                        draft,
-                        draft.currency,
-                        draft.source,
-                        draft.idempotency_key,
-                        {k: to_tagged(v) for k, v in draft.attributes.items()},
-                        None
-                        if identifier is None
-                        else {
-                            "type": identifier.type,
-                            "value": identifier.value,
-                            "source": identifier.source,
-                        },
-                    ),
-                )
-            )
+        rows = [(index, drafts[index]) for index in accepted if index in owned]
         if validate_only:
             for index, row in rows:
                 summary.results[index] = IngestResult("stored", new=row)
@@ -248,14 +263,16 @@ class InteractionsService:
         summary: IngestSummary,
         indexes: Sequence[int],
         validate_only: bool,
-    ) -> dict[int, uuid.UUID]:
-        """The customer each draft belongs to: its customer id, or the owner of
-        its identifier (resolved in batches, creating customers unless told not to)."""
-        owners: dict[int, uuid.UUID] = {}
+    ) -> set[int]:
+        """Sets each draft's owner: its customer id, or the owner of its
+        identifier (resolved in batches, creating customers unless told not
+        to). Returns the indexes of the drafts that have one."""
+        owned: set[int] = set()
         by_identifier: dict[bool, list[tuple[int, Draft]]] = {True: [], False: []}
         for index, draft in zip(indexes, drafts, strict=True):
             if draft.customer_id is not None:
-                owners[index] = draft.customer_id
+                draft.owner = draft.customer_id
+                owned.add(index)
             else:
                 by_identifier[not (draft.lookup_only or validate_only)].append((index, draft))
         for create, items in by_identifier.items():
@@ -263,7 +280,7 @@ class InteractionsService:
                 continue
             refs = [draft.identifier for _, draft in items if draft.identifier is not None]
             resolved = await self.identity.owners_of(refs, create=create)
-            for (index, _), (owner, created, error) in zip(items, resolved, strict=True):
+            for (index, draft), (owner, created, error) in zip(items, resolved, strict=True):
                 if isinstance(error, InvalidArgument):
                     violation = error.violations[0]
                     summary.results[index] = IngestResult(
@@ -277,13 +294,14 @@ class InteractionsService:
                     )
                 else:
                     assert owner is not None
-                    owners[index] = owner
+                    draft.owner = owner
+                    owned.add(index)
                     summary.customers_created += created
-        return owners
+        return owned
 
     async def _store_batch(
         self,
-        rows: Sequence[tuple[int, NewInteraction]],
+        rows: Sequence[tuple[int, Draft]],
         summary: IngestSummary,
         stored_rows: bool,
     ) -> None:
@@ -291,7 +309,7 @@ class InteractionsService:
 
         async def fold(
             states: dict[uuid.UUID, dict[str, Any] | None],
-            fresh: Sequence[NewInteraction],
+            fresh: Sequence[Draft],
             events_of: EventsOf,
         ) -> dict[uuid.UUID, dict[str, Any]]:
             live: dict[uuid.UUID, CustomerState] = {}
@@ -305,8 +323,8 @@ class InteractionsService:
                     live[customer] = build_state(event_of(r) for r in await events_of(customer))
                     rebuilt.add(customer)
             for done, row in enumerate(fresh, 1):
-                if row.customer_id not in rebuilt:
-                    live[row.customer_id].apply(row.event)
+                if row.owner not in rebuilt:
+                    live[row.owner].apply(row)
                 if done % SLICE == 0:
                     await asyncio.sleep(0)  # the store's COPY runs beside the fold
             for state in live.values():
@@ -316,7 +334,7 @@ class InteractionsService:
         new, duplicates = await self.store.ingest(
             [row for _, row in rows], fold, stored_rows=stored_rows
         )
-        first_of: dict[tuple[str, str], NewInteraction] = {}
+        first_of: dict[tuple[str, str], Draft] = {}
         results = summary.results
         for index, row in rows:
             key = (row.source, row.idempotency_key)
@@ -551,30 +569,28 @@ def _problem(
 
 
 def _as_record(
-    row: NewInteraction, stored: asyncpg.Record | Mapping[str, Any] | None = None
+    row: Draft, stored: asyncpg.Record | Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """A row in the shape the database returns it (ids from the database
     when it was stored, a fresh id for a row only validated)."""
-    event = row.event
-    data = {
-        "customer_id": row.customer_id,
-        "occurred_at": event.occurred_at,
-        "channel": event.channel,
-        "type": event.type,
-        "attributes": row.attributes,
-        "ticket_id": event.ticket_id,
-        "product_id": event.product_id,
-        "amount": event.amount,
+    return {
+        "customer_id": row.owner,
+        "occurred_at": row.occurred_at,
+        "channel": row.channel,
+        "type": row.type,
+        "attributes": row.stored_attributes(),
+        "ticket_id": row.ticket_id,
+        "product_id": row.product_id,
+        "amount": row.amount,
         "currency": row.currency,
-        "sentiment": event.sentiment,
+        "sentiment": row.sentiment,
         "source": row.source,
         "idempotency_key": row.idempotency_key,
-        "identifier": row.identifier,
+        "identifier": row.stored_identifier(),
+        "interaction_id": stored["interaction_id"] if stored else uuid.uuid4(),
+        "seq": stored["seq"] if stored else 0,
+        "recorded_at": stored["recorded_at"] if stored else datetime.now(UTC),
     }
-    data["interaction_id"] = stored["interaction_id"] if stored else uuid.uuid4()
-    data["seq"] = stored["seq"] if stored else 0
-    data["recorded_at"] = stored["recorded_at"] if stored else datetime.now(UTC)
-    return data
 
 
 def all_types(custom: Iterable[InteractionTypeSpec]) -> list[InteractionTypeSpec]:

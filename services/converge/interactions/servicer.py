@@ -307,22 +307,23 @@ def _fast_draft(
     occurred = message.occurred_at
     if not (_MIN_SECONDS <= occurred.seconds <= _MAX_SECONDS and 0 <= occurred.nanos < 10**9):
         return None
+    # By position, in Draft's field order (keywords cost three times as much).
     return Draft(
-        occurred_at=_EPOCH + timedelta(0, occurred.seconds, occurred.nanos // 1000),
-        type=kind,
-        channel=channel,
-        attributes=attributes,
-        ticket_id=ticket_id,
-        product_id=product_id,
-        amount=amount,
-        sentiment=message.sentiment if message.HasField("sentiment") else None,
-        row_ref=row_ref,
-        customer_id=customer_id,
-        identifier=identifier,
-        currency=currency,
-        source=source,
-        idempotency_key=key,
-        lookup_only=lookup_only,
+        _EPOCH + timedelta(0, occurred.seconds, occurred.nanos // 1000),  # occurred_at
+        kind,  # type
+        channel,
+        attributes,
+        ticket_id,
+        product_id,
+        amount,
+        message.sentiment if message.HasField("sentiment") else None,
+        row_ref,
+        customer_id,
+        identifier,
+        currency,
+        source,
+        key,  # idempotency_key
+        lookup_only,
     )
 
 
