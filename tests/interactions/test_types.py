@@ -4,11 +4,16 @@ the rules for changing a custom type compatibly."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from converge.interactions import types
 from converge.interactions.types import (
     BUILT_IN_TYPES,
     AttributeSpec,
@@ -112,7 +117,7 @@ def test_survey_score_ranges_match_the_documentation() -> None:
 def test_valid_interactions_have_no_violations(
     type_name: str, attributes: dict[str, str | float], fields: dict[str, object]
 ) -> None:
-    assert check(type_name, attributes, **fields) == []  # type: ignore[arg-type]
+    assert check(type_name, attributes, **fields) == []
 
 
 def test_a_survey_score_out_of_range_names_the_attribute() -> None:
@@ -196,8 +201,7 @@ BASE = InteractionTypeSpec(
 
 def with_attribute(spec: InteractionTypeSpec, name: str, **changes: object) -> InteractionTypeSpec:
     attributes = tuple(
-        dataclasses.replace(a, **changes) if a.name == name else a  # type: ignore[arg-type]
-        for a in spec.attributes
+        dataclasses.replace(a, **changes) if a.name == name else a for a in spec.attributes
     )
     return dataclasses.replace(spec, attributes=attributes)
 
@@ -274,3 +278,51 @@ def test_type_spec_problems_name_the_attribute() -> None:
         "attributes[2].min_value",
     ]
     assert validate_type_spec(BASE) == []
+
+
+# The quick check ingest runs first must agree with the full check: a row it
+# passes has no violations, and a row of plainly typed values it refuses has one.
+_SOME_TYPES = sorted(BUILT_IN_TYPES)
+attribute_values = st.one_of(
+    st.sampled_from(["P1", "P2", "network", "", "x" * 20, "é" * 1100, "a" * 4097]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.integers(-5, 20),
+    st.sampled_from([datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 1)]),
+)
+
+
+Row = tuple[InteractionTypeSpec, dict[str, Any], tuple[str, str, bool, float | None]]
+
+
+@st.composite
+def rows(draw: st.DrawFn) -> Row:
+    spec = BUILT_IN_TYPES[draw(st.sampled_from(_SOME_TYPES))]
+    declared = [a.name for a in spec.attributes]
+    names = draw(st.lists(st.sampled_from([*declared, "undeclared"]), max_size=6, unique=True))
+    attributes = {name: draw(attribute_values) for name in names}
+    for attr in spec.attributes:  # mostly the values a valid row would hold
+        if attr.allowed_values and attr.name in attributes and draw(st.booleans()):
+            attributes[attr.name] = draw(st.sampled_from(attr.allowed_values))
+    fields = (
+        draw(st.sampled_from(["", "T-1"])),
+        draw(st.sampled_from(["", "P-1"])),
+        draw(st.booleans()),
+        draw(st.sampled_from([None, 0.5, -1.0, 1.5, math.nan])),
+    )
+    return spec, attributes, fields
+
+
+@given(rows())
+@settings(max_examples=400, deadline=None)
+def test_the_quick_check_agrees_with_the_full_check(row: Row) -> None:
+    spec, attributes, (ticket_id, product_id, amount_present, sentiment) = row
+    rules = types._rules(spec)
+    args = (attributes, ticket_id, product_id, amount_present, sentiment)
+    full = types._violations(rules, *args)
+    quick = types._plainly_valid(rules, *args)
+    if quick:
+        assert full == []
+    elif not any(type(v) is int for v in attributes.values()):
+        assert full != [], "the quick check refused a valid row"
+    assert validate_interaction(spec, *args) == full

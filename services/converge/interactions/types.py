@@ -264,18 +264,86 @@ def _check_value(spec: AttributeSpec, value: object) -> str | None:
     return None
 
 
-# Each spec's attributes by name, built once per spec (ingest validates every
-# row); the spec is kept in the value so its id cannot be reused meanwhile.
-_DECLARED: dict[int, tuple[InteractionTypeSpec, dict[str, AttributeSpec]]] = {}
+@dataclass(frozen=True)
+class _Rules:
+    """A spec's checks in the shape a row is checked against."""
+
+    spec: InteractionTypeSpec  # (held, so its id cannot be reused meanwhile)
+    declared: dict[str, AttributeSpec]
+    required: frozenset[str]  # attribute names
+    allowed: dict[str, frozenset[str]]  # by attribute name, where restricted
+    one_of: tuple[str, ...]
 
 
-def _declared(spec: InteractionTypeSpec) -> dict[str, AttributeSpec]:
-    found = _DECLARED.get(id(spec))
-    if found is None or found[0] is not spec:
-        if len(_DECLARED) > 10_000:  # custom types reloaded many times over
-            _DECLARED.clear()
-        found = _DECLARED[id(spec)] = (spec, {a.name: a for a in spec.attributes})
-    return found[1]
+# Each spec's rules, built once per spec: ingest checks every row.
+_RULES: dict[int, _Rules] = {}
+_PYTHON_TYPES: dict[AttributeType, type] = {
+    "string": str,
+    "number": float,
+    "bool": bool,
+    "timestamp": datetime,
+}
+
+
+def _rules(spec: InteractionTypeSpec) -> _Rules:
+    found = _RULES.get(id(spec))
+    if found is None or found.spec is not spec:
+        if len(_RULES) > 10_000:  # custom types reloaded many times over
+            _RULES.clear()
+        found = _RULES[id(spec)] = _Rules(
+            spec,
+            {a.name: a for a in spec.attributes},
+            frozenset(a.name for a in spec.attributes if a.required),
+            {a.name: frozenset(a.allowed_values) for a in spec.attributes if a.allowed_values},
+            _ONE_OF.get(spec.name, ()),
+        )
+    return found
+
+
+def _plainly_valid(
+    rules: _Rules,
+    attributes: Mapping[str, AttrValue],
+    ticket_id: str,
+    product_id: str,
+    amount_present: bool,
+    sentiment: float | None,
+) -> bool:
+    """Whether the row passes every check, in one pass over what it holds.
+    False also for anything unusual (an int for a number, say): the full
+    check then decides, and names the first problem."""
+    if len(attributes) > MAX_ATTRIBUTES or not rules.required.issubset(attributes):
+        return False
+    declared = rules.declared
+    for name, value in attributes.items():
+        attr = declared.get(name)
+        if attr is None or type(value) is not _PYTHON_TYPES[attr.type]:
+            return False
+        if type(value) is str:
+            if len(value) * 4 > MAX_STRING_BYTES and len(value.encode()) > MAX_STRING_BYTES:
+                return False
+            allowed = rules.allowed.get(name)
+            if allowed is not None and value not in allowed:
+                return False
+        elif type(value) is float:
+            if not math.isfinite(value):
+                return False
+            if attr.min_value is not None and value < attr.min_value:
+                return False
+            if attr.max_value is not None and value > attr.max_value:
+                return False
+        elif type(value) is datetime and value.utcoffset() is None:
+            return False
+    if rules.one_of and not any(name in attributes for name in rules.one_of):
+        return False
+    required = rules.spec.required_fields
+    if required and (
+        ("ticket_id" in required and not ticket_id)
+        or ("product_id" in required and not product_id)
+        or ("amount" in required and not amount_present)
+        or ("sentiment" in required and sentiment is None)
+    ):
+        return False
+    return sentiment is None or (math.isfinite(sentiment) and -1.0 <= sentiment <= 1.0)
 
 
 def validate_interaction(
@@ -288,10 +356,26 @@ def validate_interaction(
 ) -> list[tuple[str, str]]:
     """The (field path, description) violations of one interaction of type
     `spec`; empty when it is valid."""
+    rules = _rules(spec)
+    if _plainly_valid(rules, attributes, ticket_id, product_id, amount_present, sentiment):
+        return []
+    return _violations(rules, attributes, ticket_id, product_id, amount_present, sentiment)
+
+
+def _violations(
+    rules: _Rules,
+    attributes: Mapping[str, AttrValue],
+    ticket_id: str,
+    product_id: str,
+    amount_present: bool,
+    sentiment: float | None,
+) -> list[tuple[str, str]]:
+    """Every violation, in a stable order (attributes as declared, then
+    undeclared ones by name, then the fields)."""
+    spec = rules.spec
     violations: list[tuple[str, str]] = []
     if len(attributes) > MAX_ATTRIBUTES:
         violations.append(("attributes", f"at most {MAX_ATTRIBUTES} attributes"))
-    declared = _declared(spec)
     for attr in spec.attributes:
         if attr.name not in attributes:
             if attr.required:
@@ -300,10 +384,10 @@ def validate_interaction(
         problem = _check_value(attr, attributes[attr.name])
         if problem is not None:
             violations.append((f"attributes.{attr.name}", problem))
-    undeclared = [key for key in attributes if key not in declared]
+    undeclared = [key for key in attributes if key not in rules.declared]
     for key in sorted(undeclared):
         violations.append((f"attributes.{key[:80]}", f"not an attribute of {spec.name}"))
-    group = _ONE_OF.get(spec.name)
+    group = rules.one_of
     if group and not any(name in attributes for name in group):
         violations.append((f"attributes.{group[0]}", f"one of {', '.join(group)} is required"))
     if spec.required_fields:
