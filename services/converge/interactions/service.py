@@ -137,7 +137,7 @@ SLICE = 500
 # Stands in a summary's results until a draft's outcome is known (never changed).
 _PENDING = IngestResult("rejected", reason="not stored")
 # The result of each row a bulk stream stored: it only counts them (never changed).
-_STORED = IngestResult("stored")
+STORED_IN_BULK = IngestResult("stored")
 
 
 @dataclass
@@ -334,14 +334,20 @@ class InteractionsService:
         new, duplicates = await self.store.ingest(
             [row for _, row in rows], fold, stored_rows=stored_rows
         )
-        first_of: dict[tuple[str, str], Draft] = {}
         results = summary.results
+        if not stored_rows and not duplicates and len(new) == len(rows):
+            for index, _ in rows:  # (the usual bulk batch: every row stored, each key once)
+                results[index] = STORED_IN_BULK
+            return
+        first_of: dict[tuple[str, str], Draft] = {}
         for index, row in rows:
             key = (row.source, row.idempotency_key)
             first = first_of.setdefault(key, row)
             if first is row and key in new:
                 results[index] = (
-                    IngestResult("stored", new=row, stored=new[key]) if stored_rows else _STORED
+                    IngestResult("stored", new=row, stored=new[key])
+                    if stored_rows
+                    else STORED_IN_BULK
                 )
             else:  # stored before, or earlier in this batch: the first copy answers
                 results[index] = IngestResult(

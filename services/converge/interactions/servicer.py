@@ -19,7 +19,13 @@ from google.protobuf import duration_pb2, struct_pb2
 
 from converge.interactions import features as feature_engine
 from converge.interactions.identity_link import IdentifierRef, IdentityLink
-from converge.interactions.service import Draft, InteractionsService, PreparedIngest, all_types
+from converge.interactions.service import (
+    STORED_IN_BULK,
+    Draft,
+    InteractionsService,
+    PreparedIngest,
+    all_types,
+)
 from converge.interactions.settings import InteractionsSettings
 from converge.interactions.store import InteractionsStore
 from converge.interactions.types import (
@@ -499,7 +505,11 @@ class InteractionsServicer(interactions_pb2_grpc.InteractionsServiceServicer):
             await self.service.commit(prepared, stored_rows=False)
             summary = prepared.summary
             response.customers_created += summary.customers_created
-            for draft, result in zip(drafts, summary.results, strict=True):
+            results = summary.results
+            if results.count(STORED_IN_BULK) == len(results):  # (by identity: C speed)
+                response.stored += len(results)
+                return
+            for draft, result in zip(drafts, results, strict=True):
                 if result.outcome == "stored":
                     response.stored += 1
                 elif result.outcome == "duplicate":
