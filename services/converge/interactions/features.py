@@ -507,7 +507,9 @@ def _day(at: datetime) -> int:
 
 def _nanos(value: object) -> int | None:
     """A finite number as integer nano-units; None for anything else."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    # (None first: most events carry no amount and no sentiment. A tuple, not
+    # `int | float`, which builds a union object on every call.)
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     scaled = value * 1e9
     if not math.isfinite(scaled):
