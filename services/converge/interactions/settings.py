@@ -27,8 +27,13 @@ class InteractionsSettings(ServiceSettings):
         description="Interactions older than this many days are refused at ingest (and may be "
         "purged); unset keeps and accepts any history, as backfills of old exports need.",
     )
+    # 20,000 rather than 10,000: a batch rewrites the feature state of each
+    # customer it touches once, so a stream's customers cost half as much per
+    # event. Measured on the bench's stream: 26-32k -> 36-42k events/s. A
+    # single RecordInteraction may wait behind a batch (the ingest lock) for
+    # about as long as the batch takes, here up to ~0.8 s against ~0.5 s.
     ingest_batch_size: int = Field(
-        default=10_000, ge=1, le=50_000, description="Rows per ingest transaction."
+        default=20_000, ge=1, le=50_000, description="Rows per ingest transaction."
     )
     state_cache_size: int = Field(
         default=10_000,
