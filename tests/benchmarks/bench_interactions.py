@@ -20,7 +20,11 @@ from converge.runtime.values import timestamp, to_plain, to_tagged
 from converge.v1 import common_pb2, interactions_pb2, interactions_pb2_grpc
 from tests.benchmarks.harness import BenchEnv, closed_loop, percentile
 
-EVENTS = 100_000
+# Long enough that the stream's first and last batches (read with nothing
+# to commit, committed with nothing left to read) are a small part of it, and
+# that customers' feature states reach their full size (a day bucket for
+# nearly every day of the longest window), as an active customer's does.
+EVENTS = 300_000
 CUSTOMERS = 2_000
 FEATURE_CALLS = 400
 ROWS_PER_MESSAGE = 500

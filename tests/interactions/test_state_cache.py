@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 
+import asyncpg
 import grpc
 
 from converge.interactions.servicer import SPEC as INTERACTIONS
@@ -12,7 +13,7 @@ from converge.interactions.settings import InteractionsSettings
 from converge.interactions.store import StateCache
 from converge.runtime.server import ServiceRuntime
 from converge.v1 import interactions_pb2, interactions_pb2_grpc
-from tests.interactions.builders import email_ref, interaction
+from tests.interactions.builders import email_ref, interaction, number, text
 
 
 def test_a_kept_state_is_given_once_and_only_at_the_version_it_was_kept_as() -> None:
@@ -84,3 +85,45 @@ async def test_replicas_writing_the_same_customers_by_turns_keep_features_exact(
                     assert counts == [turn + 1] * len(customers), (turn, counts)
     finally:
         await second.stop(grace=1)
+
+
+async def test_a_customer_with_months_of_history_keeps_its_state_in_its_row(
+    platform, database: str
+) -> None:
+    """A state of a few KB is rewritten by every batch that touches its
+    customer; stored out of line (TOAST) each rewrite also replaced its
+    chunks, which made ingest for such customers markedly slower."""
+    customer = email_ref("months@example.com")
+    kinds = ["product.login", "product.usage", "conversation.chat", "survey.nps"]
+    attributes = [
+        {},
+        {"feature": text("reports")},
+        {"direction": text("inbound")},
+        {"score": number(7)},
+    ]
+    rows = [
+        interactions_pb2.IngestRow(
+            interaction=interaction(
+                customer, kinds[i % 4], days_ago=1 + i % 85, attributes=attributes[i % 4]
+            ),
+            idempotency_key=f"months-{i}",
+        )
+        for i in range(400)
+    ]
+    reply = await platform.interactions.IngestInteractions(
+        iter([interactions_pb2.IngestInteractionsRequest(rows=rows)])
+    )
+    assert reply.stored == len(rows)
+    connection = await asyncpg.connect(database)
+    try:
+        size = await connection.fetchval(
+            "SELECT max(octet_length(state)) FROM interactions.customer_state"
+        )
+        toasted = await connection.fetchval(
+            "SELECT pg_relation_size(reltoastrelid) FROM pg_class "
+            "WHERE oid = 'interactions.customer_state'::regclass"
+        )
+    finally:
+        await connection.close()
+    assert size > 2_500  # past where PostgreSQL would move it out of line by default
+    assert toasted == 0
