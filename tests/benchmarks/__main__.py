@@ -9,6 +9,7 @@ import importlib
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 from rich.console import Console
@@ -32,6 +33,8 @@ async def run_all(selected: list[str]) -> dict[str, float]:
     finally:
         env.stop_all()
         server.stop()
+        # The database and the services' logs: about 1 GB after a full run.
+        shutil.rmtree(env.work_dir, ignore_errors=True)
     return figures
 
 
