@@ -45,6 +45,7 @@ another version must be rebuilt from the interactions
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -823,11 +824,18 @@ class _Reading(NamedTuple):
     windows: dict[int, dict[str, int]]  # window days -> key -> total
 
 
+@functools.lru_cache(maxsize=8)
+def _day_keys(today: int) -> tuple[str, ...]:
+    """The bucket keys of `today` and the days before it, newest first: the
+    same for every customer read at one time, made once."""
+    return tuple(str(today - offset) for offset in range(_MAX_WINDOW))
+
+
 def _window_totals(days: Mapping[str, Mapping[str, int]], today: int) -> dict[int, dict[str, int]]:
     running: dict[str, int] = {}
     totals: dict[int, dict[str, int]] = {}
-    for offset in range(_MAX_WINDOW):
-        bucket = days.get(str(today - offset))
+    for offset, day_key in enumerate(_day_keys(today)):
+        bucket = days.get(day_key)
         if bucket:
             for key, value in bucket.items():
                 running[key] = running.get(key, 0) + value
@@ -841,8 +849,9 @@ def _slope(r: _Reading, key: str, window: int) -> float | None:
     point at its day), exact until the final division."""
     n_key, s_key = "n:" + key, "s:" + key
     n = sx = sxx = sy = sxy = 0
+    day_keys = _day_keys(r.today)
     for offset in range(window):
-        bucket = r.state.days.get(str(r.today - offset))
+        bucket = r.state.days.get(day_keys[offset])
         if bucket is None:
             continue
         count = bucket.get(n_key, 0)
