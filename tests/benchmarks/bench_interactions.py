@@ -202,10 +202,10 @@ async def run(env: BenchEnv) -> dict[str, float]:
     # machine's speed drifts by a third within minutes here, and a ratio of
     # neighbours drifts far less than either figure.
     rounds: list[tuple[_Ingest, float]] = []
-    for _ in range(ROUNDS):
+    for round_number in range(ROUNDS):
         ingest = await _ingest(env, messages)
         rounds.append((ingest, await _raw_copy(ingest.database, records)))
-        if rounds[0][0] is not ingest:
+        if round_number:  # (the first round's service serves the reads below)
             stop_process(ingest.service)
     ingests = [ingest for ingest, _ in rounds]
     served = ingests[0].service  # its features are read below
@@ -235,7 +235,10 @@ async def run(env: BenchEnv) -> dict[str, float]:
     stop_process(served)
 
     two_replicas_rate = await _two_replicas(env, messages)
-    events = EVENTS * len(ingests)
+
+    def per_event(seconds: float) -> float:
+        return seconds / (EVENTS * len(ingests)) * 1e6
+
     return {
         # Scaling out: the same stream split in two, sent at once to two
         # replicas of the service on one database (a fresh one).
@@ -250,17 +253,15 @@ async def run(env: BenchEnv) -> dict[str, float]:
         ),
         # Where an ingested event's CPU goes: the service process (one Python
         # thread does the per-row work) and all of PostgreSQL's processes.
-        "interactions.ingest_stream.service_cpu_us_per_event": sum(i.service_cpu_s for i in ingests)
-        / events
-        * 1e6,
-        "interactions.ingest_stream.postgres_cpu_us_per_event": sum(
-            i.postgres_cpu_s for i in ingests
-        )
-        / events
-        * 1e6,
-        "interactions.ingest_stream.client_cpu_us_per_event": sum(i.client_cpu_s for i in ingests)
-        / events
-        * 1e6,
+        "interactions.ingest_stream.service_cpu_us_per_event": per_event(
+            sum(i.service_cpu_s for i in ingests)
+        ),
+        "interactions.ingest_stream.postgres_cpu_us_per_event": per_event(
+            sum(i.postgres_cpu_s for i in ingests)
+        ),
+        "interactions.ingest_stream.client_cpu_us_per_event": per_event(
+            sum(i.client_cpu_s for i in ingests)
+        ),
         "interactions.get_features.n1.p50_ms": percentile(n1, 50),
         "interactions.get_features.n1.p99_ms": percentile(n1, 99),
         "interactions.get_features.n100.p50_ms": percentile(n100, 50),
