@@ -121,3 +121,24 @@ async def platform(database: str) -> AsyncIterator[Platform]:
     await interactions_channel.close()
     await interactions.stop(grace=1)
     await identity.stop(grace=1)
+
+
+@pytest.fixture
+async def second_replica(
+    platform: Platform, database: str
+) -> AsyncIterator[interactions_pb2_grpc.InteractionsServiceStub]:
+    """Another replica of the interactions service on the platform's database."""
+    second = ServiceRuntime(
+        INTERACTIONS,
+        InteractionsSettings(
+            database_url=database,
+            port=0,
+            identity_address=platform.identity_address,
+            ingest_batch_size=50,
+        ),
+    )
+    await second.start()
+    channel = grpc.aio.insecure_channel(second.address)
+    yield interactions_pb2_grpc.InteractionsServiceStub(channel)
+    await channel.close()
+    await second.stop(grace=1)

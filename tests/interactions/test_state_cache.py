@@ -6,13 +6,9 @@ from __future__ import annotations
 import uuid
 
 import asyncpg
-import grpc
 
-from converge.interactions.servicer import SPEC as INTERACTIONS
-from converge.interactions.settings import InteractionsSettings
 from converge.interactions.store import StateCache
-from converge.runtime.server import ServiceRuntime
-from converge.v1 import interactions_pb2, interactions_pb2_grpc
+from converge.v1 import interactions_pb2
 from tests.interactions.builders import email_ref, interaction, number, text
 
 
@@ -43,48 +39,31 @@ def test_the_least_recently_kept_state_goes_first_beyond_capacity() -> None:
 
 
 async def test_replicas_writing_the_same_customers_by_turns_keep_features_exact(
-    platform, database: str
+    platform, second_replica
 ) -> None:
     """Each replica keeps the states it wrote; a state another replica wrote
     since is read again, never taken from memory (a stale copy would lose the
     other replica's interactions from the features)."""
-    second = ServiceRuntime(
-        INTERACTIONS,
-        InteractionsSettings(
-            database_url=database,
-            port=0,
-            identity_address=platform.identity_address,
-            ingest_batch_size=200,
-        ),
-    )
-    await second.start()
-    try:
-        async with grpc.aio.insecure_channel(second.address) as channel:
-            replicas = [
-                platform.interactions,
-                interactions_pb2_grpc.InteractionsServiceStub(channel),
-            ]
-            customers = [email_ref(f"turns-{i}@example.com") for i in range(3)]
-            for turn in range(6):
-                rows = [
-                    interactions_pb2.IngestRow(
-                        interaction=interaction(customer, "product.login", days_ago=turn + 1),
-                        idempotency_key=f"turn-{turn}-{i}",
-                    )
-                    for i, customer in enumerate(customers)
-                ]
-                reply = await replicas[turn % 2].IngestInteractions(
-                    iter([interactions_pb2.IngestInteractionsRequest(rows=rows)])
-                )
-                assert reply.stored == len(customers)
-                for replica in replicas:
-                    features = await replica.GetFeatures(
-                        interactions_pb2.GetFeaturesRequest(customers=customers)
-                    )
-                    counts = [vector.values["count_7d_login"] for vector in features.customers]
-                    assert counts == [turn + 1] * len(customers), (turn, counts)
-    finally:
-        await second.stop(grace=1)
+    replicas = [platform.interactions, second_replica]
+    customers = [email_ref(f"turns-{i}@example.com") for i in range(3)]
+    for turn in range(6):
+        rows = [
+            interactions_pb2.IngestRow(
+                interaction=interaction(customer, "product.login", days_ago=turn + 1),
+                idempotency_key=f"turn-{turn}-{i}",
+            )
+            for i, customer in enumerate(customers)
+        ]
+        reply = await replicas[turn % 2].IngestInteractions(
+            iter([interactions_pb2.IngestInteractionsRequest(rows=rows)])
+        )
+        assert reply.stored == len(customers)
+        for replica in replicas:
+            features = await replica.GetFeatures(
+                interactions_pb2.GetFeaturesRequest(customers=customers)
+            )
+            counts = [vector.values["count_7d_login"] for vector in features.customers]
+            assert counts == [turn + 1] * len(customers), (turn, counts)
 
 
 async def test_a_customer_with_months_of_history_keeps_its_state_in_its_row(

@@ -174,10 +174,12 @@ class InteractionsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamInteractions(self, request, context):
-        """Streams stored interactions from a cursor, in the order they were stored
-        (so in order per customer). Durable and resumable; delivery is at least
-        once (a consumer resuming from its last saved cursor may see an interaction
-        again). Erased and purged interactions are left out.
+        """Streams stored interactions from a cursor, in the order they were stored:
+        by the storing transaction, then within it (so in order per customer; an
+        interaction is sent once every transaction that began before its own has
+        ended). Durable and resumable; delivery is at least once (a consumer
+        resuming from its last saved cursor may see an interaction again). Erased
+        and purged interactions are left out.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

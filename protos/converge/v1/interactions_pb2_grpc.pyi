@@ -74,10 +74,12 @@ class InteractionsServiceStub:
     newest first by `occurred_at`, filtered by type, channel, ticket and time, paged.
     """
     StreamInteractions: _grpc.UnaryStreamMultiCallable[_interactions_pb2.StreamInteractionsRequest, _interactions_pb2.StreamInteractionsResponse]
-    """Streams stored interactions from a cursor, in the order they were stored
-    (so in order per customer). Durable and resumable; delivery is at least
-    once (a consumer resuming from its last saved cursor may see an interaction
-    again). Erased and purged interactions are left out.
+    """Streams stored interactions from a cursor, in the order they were stored:
+    by the storing transaction, then within it (so in order per customer; an
+    interaction is sent once every transaction that began before its own has
+    ended). Durable and resumable; delivery is at least once (a consumer
+    resuming from its last saved cursor may see an interaction again). Erased
+    and purged interactions are left out.
     """
     RegisterInteractionType: _grpc.UnaryUnaryMultiCallable[_interactions_pb2.RegisterInteractionTypeRequest, _interactions_pb2.RegisterInteractionTypeResponse]
     """Registers a custom interaction type, or changes one compatibly (new
@@ -154,10 +156,12 @@ class InteractionsServiceAsyncStub(InteractionsServiceStub):
     newest first by `occurred_at`, filtered by type, channel, ticket and time, paged.
     """
     StreamInteractions: _aio.UnaryStreamMultiCallable[_interactions_pb2.StreamInteractionsRequest, _interactions_pb2.StreamInteractionsResponse]  # type: ignore[assignment]
-    """Streams stored interactions from a cursor, in the order they were stored
-    (so in order per customer). Durable and resumable; delivery is at least
-    once (a consumer resuming from its last saved cursor may see an interaction
-    again). Erased and purged interactions are left out.
+    """Streams stored interactions from a cursor, in the order they were stored:
+    by the storing transaction, then within it (so in order per customer; an
+    interaction is sent once every transaction that began before its own has
+    ended). Durable and resumable; delivery is at least once (a consumer
+    resuming from its last saved cursor may see an interaction again). Erased
+    and purged interactions are left out.
     """
     RegisterInteractionType: _aio.UnaryUnaryMultiCallable[_interactions_pb2.RegisterInteractionTypeRequest, _interactions_pb2.RegisterInteractionTypeResponse]  # type: ignore[assignment]
     """Registers a custom interaction type, or changes one compatibly (new
@@ -261,10 +265,12 @@ class InteractionsServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _interactions_pb2.StreamInteractionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_interactions_pb2.StreamInteractionsResponse], _abc.AsyncIterator[_interactions_pb2.StreamInteractionsResponse]]:
-        """Streams stored interactions from a cursor, in the order they were stored
-        (so in order per customer). Durable and resumable; delivery is at least
-        once (a consumer resuming from its last saved cursor may see an interaction
-        again). Erased and purged interactions are left out.
+        """Streams stored interactions from a cursor, in the order they were stored:
+        by the storing transaction, then within it (so in order per customer; an
+        interaction is sent once every transaction that began before its own has
+        ended). Durable and resumable; delivery is at least once (a consumer
+        resuming from its last saved cursor may see an interaction again). Erased
+        and purged interactions are left out.
         """
 
     @_abc_1.abstractmethod

@@ -34,7 +34,7 @@ from converge.interactions.types import (
     InteractionTypeSpec,
     RequiredField,
 )
-from converge.runtime.cursors import parse_cursor
+from converge.runtime.cursors import commit_cursor, parse_commit_cursor
 from converge.runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument, Violations
 from converge.runtime.fields import parse_uuid
 from converge.runtime.server import ServiceContext, ServiceSpec
@@ -644,14 +644,14 @@ class InteractionsServicer(interactions_pb2_grpc.InteractionsServiceServicer):
         self, request: interactions_pb2.StreamInteractionsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[interactions_pb2.StreamInteractionsResponse]:
         v = Violations()
-        cursor = parse_cursor(request.from_cursor, "from_cursor", v)
+        cursor = parse_commit_cursor(request.from_cursor, "from_cursor", v)
         v.raise_if_any()
         exact = {t for t in request.types if not t.endswith(".*")}
         prefixes = tuple(t[:-1] for t in request.types if t.endswith(".*"))
         while True:
             rows = await self.service.store.stream_after(cursor, 500)
             for row in rows:
-                cursor = row["seq"]
+                cursor = (row["xid"], row["seq"])
                 if (
                     request.types
                     and row["type"] not in exact
@@ -659,7 +659,7 @@ class InteractionsServicer(interactions_pb2_grpc.InteractionsServiceServicer):
                 ):
                     continue
                 yield interactions_pb2.StreamInteractionsResponse(
-                    cursor=str(cursor), interaction=interaction_pb(row)
+                    cursor=commit_cursor(*cursor), interaction=interaction_pb(row)
                 )
             if not rows:
                 if not request.follow:

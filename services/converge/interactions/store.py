@@ -11,11 +11,14 @@ from typing import Any, Protocol, TypeVar
 
 import asyncpg
 import orjson
+import prometheus_client
 
 from converge.runtime.database import Connection
+from converge.runtime.errors import Aborted
 
-# Ingest transactions commit in stored order (see the migration): a stream
-# reader that saw seq n never later finds a smaller seq appear.
+# Ingests hold this advisory lock shared, so they run side by side; erasure
+# holds it exclusively, so no ingest in flight writes back interactions or a
+# state of a customer erased under it.
 INGEST_LOCK = 0x636F6E7665726765  # "converge"
 
 COLUMNS = (
@@ -34,9 +37,10 @@ COLUMNS = (
     "idempotency_key",
     "identifier",
 )
-LAST_SEQ = "SELECT coalesce(max(seq), 0) FROM interactions"
-STORED_AFTER = """
-SELECT seq, interaction_id, recorded_at, source, idempotency_key FROM interactions WHERE seq > $1
+# The rows this transaction stored (the xid column's default is its id).
+STORED_HERE = """
+SELECT seq, interaction_id, recorded_at, source, idempotency_key FROM interactions
+WHERE xid = (SELECT pg_current_xact_id())
 """
 
 SELECT_BY_KEYS = """
@@ -44,16 +48,30 @@ SELECT i.* FROM interactions i
 JOIN unnest($1::text[], $2::text[]) AS q(source, idempotency_key) USING (source, idempotency_key)
 """
 
-# Only ingest writes states, under INGEST_LOCK (erasure takes it too), so
-# reading them for an update needs no row locks. A state's version is the
-# xmin of its row: whoever rewrites a state (another replica, an erasure, a
-# hand-made UPDATE) changes it, so a kept copy of a state is used only while
-# its row is the one that copy was written as.
-UPSERT_STATES = """
-INSERT INTO customer_state (customer_id, state)
-SELECT * FROM unnest($1::uuid[], $2::bytea[])
-ON CONFLICT (customer_id) DO UPDATE SET state = excluded.state, updated_at = now()
-RETURNING customer_id, xmin
+# A state's version is the xmin of its row: whoever rewrites a state (another
+# ingest or replica, an erasure, a hand-made UPDATE) changes it. Ingests write
+# states side by side, each only over the version it folded onto (compare and
+# set): a state written by another ingest since it was read is left alone,
+# and the ingest folds its rows into that one instead. A customer new to both
+# is inserted by the first; the second finds it there. Rows are written in
+# customer order, so two ingests wait for each other's row locks in one order.
+WRITE_STATES = """
+WITH wanted AS (
+    SELECT * FROM unnest($1::uuid[], $2::bytea[], $3::xid[]) AS w(customer_id, state, version)
+),
+updated AS (
+    UPDATE customer_state s SET state = w.state, updated_at = now()
+    FROM wanted w
+    WHERE s.customer_id = w.customer_id AND s.xmin = w.version
+    RETURNING s.customer_id, s.xmin
+),
+inserted AS (
+    INSERT INTO customer_state (customer_id, state)
+    SELECT customer_id, state FROM wanted WHERE version IS NULL
+    ON CONFLICT (customer_id) DO NOTHING
+    RETURNING customer_id, xmin
+)
+SELECT * FROM updated UNION ALL SELECT * FROM inserted
 """
 STATE_VERSIONS = "SELECT customer_id, xmin FROM customer_state WHERE customer_id = ANY($1::uuid[])"
 
@@ -79,7 +97,9 @@ WITH RECURSIVE members AS (
 SELECT root, member FROM members
 """
 
-SELECT_STATES = "SELECT customer_id, state FROM customer_state WHERE customer_id = ANY($1::uuid[])"
+SELECT_STATES = (
+    "SELECT customer_id, state, xmin FROM customer_state WHERE customer_id = ANY($1::uuid[])"
+)
 
 TIMELINE = """
 SELECT * FROM interactions
@@ -103,7 +123,17 @@ ORDER BY occurred_at, seq
 
 EVENTS_OF_CUSTOMER = "SELECT * FROM interactions WHERE customer_id = $1 ORDER BY occurred_at, seq"
 
-STREAM_AFTER = "SELECT * FROM interactions WHERE seq > $1 ORDER BY seq LIMIT $2"
+# In (xid, seq) order, and only rows of transactions older than any still
+# running (see migration 0005): a row can never commit behind a cursor given
+# out. A transaction left open anywhere in the cluster holds the stream back
+# until it ends.
+STREAM_AFTER = """
+SELECT * FROM interactions
+WHERE (xid, seq) > ($1::xid8, $2::bigint)
+  AND xid < (SELECT pg_snapshot_xmin(pg_current_snapshot()))
+ORDER BY xid, seq
+LIMIT $3
+"""
 
 SELECT_INTERACTION = "SELECT * FROM interactions WHERE interaction_id = $1"
 
@@ -126,13 +156,15 @@ SELECT_SYNC = "SELECT cursor, last_event_at, applied_at FROM identity_sync"
 # mostly come first, and no batch rescans what an earlier one emptied.
 PURGE_BATCH = """
 WITH doomed AS (
-    SELECT seq FROM interactions
-    WHERE seq > $5 AND occurred_at < $1 AND ($2::text[] IS NULL OR type = ANY($2) OR EXISTS (
+    SELECT xid, seq FROM interactions
+    WHERE (xid, seq) > ($5::xid8, $6::bigint)
+      AND occurred_at < $1 AND ($2::text[] IS NULL OR type = ANY($2) OR EXISTS (
         SELECT 1 FROM unnest($3::text[]) AS p(prefix) WHERE type LIKE p.prefix || '%'))
-    ORDER BY seq
+    ORDER BY xid, seq
     LIMIT $4
 )
-DELETE FROM interactions i USING doomed d WHERE i.seq = d.seq RETURNING i.seq, i.type
+DELETE FROM interactions i USING doomed d WHERE (i.xid, i.seq) = (d.xid, d.seq)
+RETURNING i.xid, i.seq, i.type
 """
 
 COUNT_PURGEABLE = """
@@ -185,14 +217,20 @@ async def _copy(connection: Connection, rows: Sequence[NewInteraction]) -> None:
     )
 
 
+States = dict[uuid.UUID, dict[str, Any] | None]  # None: the customer has no state yet
+Versions = dict[uuid.UUID, int | None]  # each state's row xmin; None: no row yet
+
+
 async def _read_states(
     connection: Connection, customers: Sequence[uuid.UUID]
-) -> dict[uuid.UUID, dict[str, Any] | None]:
-    """The kept states of `customers` (None for a customer without one)."""
-    states: dict[uuid.UUID, dict[str, Any] | None] = dict.fromkeys(customers)
+) -> tuple[States, Versions]:
+    """The kept states of `customers`, with the versions they were read at."""
+    states: States = dict.fromkeys(customers)
+    versions: Versions = dict.fromkeys(customers)
     for r in await connection.fetch(SELECT_STATES, list(customers)):
         states[r["customer_id"]] = orjson.loads(r["state"])
-    return states
+        versions[r["customer_id"]] = r["xmin"]
+    return states, versions
 
 
 def _customers_of(rows: Sequence[NewInteraction]) -> list[uuid.UUID]:
@@ -237,24 +275,47 @@ class StateCache:
 
 async def _states_for_update(
     connection: Connection, rows: Sequence[NewInteraction], cache: StateCache
-) -> dict[uuid.UUID, dict[str, Any] | None]:
-    """The kept states of the rows' customers (None for a customer without
-    one), from the cache where it holds the stored version; the cache gives
-    its entries up (see StateCache)."""
+) -> tuple[States, Versions]:
+    """The kept states of the rows' customers and their versions, from the
+    cache where it holds the stored version; the cache gives its entries up
+    (see StateCache)."""
     customers = _customers_of(rows)
-    states: dict[uuid.UUID, dict[str, Any] | None] = dict.fromkeys(customers)
-    versions = {r[0]: r[1] for r in await connection.fetch(STATE_VERSIONS, customers)}
-    cache.forget(c for c in customers if c not in versions)
+    states: States = dict.fromkeys(customers)
+    stored: dict[uuid.UUID, int] = {
+        r[0]: r[1] for r in await connection.fetch(STATE_VERSIONS, customers)
+    }
+    cache.forget(c for c in customers if c not in stored)
+    versions: Versions = dict.fromkeys(customers)
+    versions.update(stored)
     unknown = []
-    for customer_id, version in versions.items():
+    for customer_id, version in stored.items():
         kept = cache.take(customer_id, version)
         if kept is None:
             unknown.append(customer_id)
         else:
             states[customer_id] = kept
     if unknown:
-        states.update(await _read_states(connection, unknown))
-    return states
+        read, read_versions = await _read_states(connection, unknown)
+        states.update(read)
+        versions.update(read_versions)
+    return states, versions
+
+
+# How often ingests running side by side got in each other's way: many
+# refolds mean replicas or streams keep writing the same customers at once.
+STATES_REFOLDED = prometheus_client.Counter(
+    "converge_interactions_states_refolded_total",
+    "Feature states an ingest folded again because another ingest wrote them first.",
+)
+INGEST_DEADLOCK_RETRIES = prometheus_client.Counter(
+    "converge_interactions_ingest_deadlock_retries_total",
+    "Ingest transactions run again after PostgreSQL broke a deadlock between ingests.",
+)
+
+# Ingests retry what another ingest changed under them; past these attempts
+# the batch fails (nothing of it committed) and the client sends it again.
+DEADLOCK_ATTEMPTS = 3
+STATE_WRITE_ATTEMPTS = 20
 
 
 class _FoldNeedsReads(Exception):
@@ -263,6 +324,56 @@ class _FoldNeedsReads(Exception):
 
 async def _no_reads(customer_id: uuid.UUID) -> list[asyncpg.Record]:
     raise _FoldNeedsReads
+
+
+async def _copy_unstored(
+    connection: Connection, first: dict[Key, Row]
+) -> tuple[dict[Key, asyncpg.Record], list[Row]]:
+    """Copies the rows whose key is not stored yet; returns the first copies
+    of those that were, and the rows copied."""
+    while True:
+        found = await connection.fetch(
+            SELECT_BY_KEYS, [key[0] for key in first], [key[1] for key in first]
+        )
+        duplicates = {(r["source"], r["idempotency_key"]): r for r in found}
+        fresh = [row for key, row in first.items() if key not in duplicates]
+        try:
+            async with connection.transaction():
+                await _copy(connection, fresh)
+        except asyncpg.UniqueViolationError:
+            continue  # another ingest, in flight when we looked, stored one of them since
+        return duplicates, fresh
+
+
+async def _write_states(
+    connection: Connection,
+    updated: dict[uuid.UUID, dict[str, Any]],
+    versions: Versions,
+    rows: Sequence[Row],
+    fold: Fold[Row],
+    events_of: EventsOf,
+) -> dict[uuid.UUID, tuple[int, dict[str, Any]]]:
+    """Writes the folded states over the versions they were folded onto. A
+    state another ingest wrote since is read again and this batch's rows of
+    its customer folded into it, until every state is written. Returns each
+    written state with its new version."""
+    written: dict[uuid.UUID, tuple[int, dict[str, Any]]] = {}
+    for _ in range(STATE_WRITE_ATTEMPTS):
+        customers = sorted(updated)
+        for customer_id, version in await connection.fetch(
+            WRITE_STATES,
+            customers,
+            [orjson.dumps(updated[c]) for c in customers],
+            [versions[c] for c in customers],
+        ):
+            written[customer_id] = (version, updated[customer_id])
+        lost = {c for c in customers if c not in written}
+        if not lost:
+            return written
+        STATES_REFOLDED.inc(len(lost))
+        states, versions = await _read_states(connection, list(lost))
+        updated = await fold(states, [row for row in rows if row.owner in lost], events_of)
+    raise Aborted("feature states kept changing under this ingest; send the batch again")
 
 
 class InteractionsStore:
@@ -280,7 +391,8 @@ class InteractionsStore:
     ) -> tuple[dict[Key, asyncpg.Record | None], dict[Key, asyncpg.Record]]:
         """Stores the rows not stored before and folds them into the live
         feature states, in one transaction: what is acknowledged is durable and
-        already in the features.
+        already in the features. Ingests run side by side (replicas, streams,
+        single records); each folds onto the states as stored (see WRITE_STATES).
 
         `fold(states_by_customer, fresh_rows, events_of)` returns the new
         states; `events_of(customer)` reads a customer's stored interactions in
@@ -290,12 +402,26 @@ class InteractionsStore:
         before, the first copy; both by (source, key). A key given twice in
         one batch is stored once, from its first row.
         """
+        for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
+            try:
+                return await self._ingest_once(rows, fold, stored_rows)
+            except asyncpg.DeadlockDetectedError:
+                # Two ingests locked the same rows in opposite orders (rare:
+                # both write in customer order). Nothing of this one was
+                # committed; it runs again.
+                if attempt == DEADLOCK_ATTEMPTS:
+                    raise
+                INGEST_DEADLOCK_RETRIES.inc()
+        raise AssertionError("unreachable")
+
+    async def _ingest_once(
+        self, rows: Sequence[Row], fold: Fold[Row], stored_rows: bool
+    ) -> tuple[dict[Key, asyncpg.Record | None], dict[Key, asyncpg.Record]]:
         first: dict[Key, Row] = {}
         for row in rows:  # a key repeated within the batch: the first copy wins
             first.setdefault((row.source, row.idempotency_key), row)
         async with self.pool.acquire() as connection, connection.transaction():
-            await connection.execute("SELECT pg_advisory_xact_lock($1)", INGEST_LOCK)
-            last_seq = await connection.fetchval(LAST_SEQ) if stored_rows else 0
+            await connection.execute("SELECT pg_advisory_xact_lock_shared($1)", INGEST_LOCK)
 
             async def events_of(customer_id: uuid.UUID) -> list[asyncpg.Record]:
                 return list(await connection.fetch(EVENTS_OF_CUSTOMER, customer_id))
@@ -303,7 +429,7 @@ class InteractionsStore:
             duplicates: dict[Key, asyncpg.Record] = {}
             fresh = list(first.values())
             updated: dict[uuid.UUID, dict[str, Any]] | None = None
-            states = await _states_for_update(connection, fresh, self.state_cache)
+            states, versions = await _states_for_update(connection, fresh, self.state_cache)
             try:
                 # Optimistically, as re-sent keys are rare: binary COPY straight
                 # into the table, where the unique key refuses a key stored
@@ -317,33 +443,23 @@ class InteractionsStore:
                         with contextlib.suppress(_FoldNeedsReads):
                             updated = await folding
             except asyncpg.UniqueViolationError:
-                # Some were stored before: find them (ingest holds the lock, so
-                # no key can be stored in between) and copy the rest.
-                found = await connection.fetch(
-                    SELECT_BY_KEYS, [key[0] for key in first], [key[1] for key in first]
-                )
-                duplicates = {(r["source"], r["idempotency_key"]): r for r in found}
-                fresh = [row for key, row in first.items() if key not in duplicates]
-                await _copy(connection, fresh)
+                duplicates, fresh = await _copy_unstored(connection, first)
                 updated = None  # folded with rows that were not stored
             new: dict[Key, asyncpg.Record | None] = {}
             if not fresh:
                 return new, duplicates
             if stored_rows:
-                for r in await connection.fetch(STORED_AFTER, last_seq):
+                for r in await connection.fetch(STORED_HERE):
                     new[(r["source"], r["idempotency_key"])] = r
             else:
                 new = dict.fromkeys((row.source, row.idempotency_key) for row in fresh)
             if updated is None:  # (a state to rebuild from its interactions, or duplicates)
                 # The first fold may have changed the states it was given: read them again.
-                updated = await fold(
-                    await _read_states(connection, _customers_of(fresh)), fresh, events_of
-                )
-            written = await connection.fetch(
-                UPSERT_STATES, list(updated), [orjson.dumps(state) for state in updated.values()]
-            )
-        for customer_id, version in written:  # committed: keep them for the next batch
-            self.state_cache.put(customer_id, version, updated[customer_id])
+                states, versions = await _read_states(connection, _customers_of(fresh))
+                updated = await fold(states, fresh, events_of)
+            written = await _write_states(connection, updated, versions, fresh, fold, events_of)
+        for customer_id, (version, state) in written.items():  # committed: keep them
+            self.state_cache.put(customer_id, version, state)
         return new, duplicates
 
     async def roots(self, customer_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, uuid.UUID]:
@@ -399,9 +515,10 @@ class InteractionsStore:
         async with self.pool.acquire() as connection:
             return list(await connection.fetch(EVENTS_BEFORE, list(members), until))
 
-    async def stream_after(self, cursor: int, limit: int) -> list[asyncpg.Record]:
+    async def stream_after(self, cursor: tuple[int, int], limit: int) -> list[asyncpg.Record]:
+        """Up to `limit` interactions after the (xid, seq) `cursor`, in stream order."""
         async with self.pool.acquire() as connection:
-            return list(await connection.fetch(STREAM_AFTER, cursor, limit))
+            return list(await connection.fetch(STREAM_AFTER, cursor[0], cursor[1], limit))
 
     async def get(self, interaction_id: uuid.UUID) -> asyncpg.Record | None:
         async with self.pool.acquire() as connection:
@@ -463,8 +580,6 @@ class InteractionsStore:
                     expected_version,
                 )
         if row is None:
-            from converge.runtime.errors import Aborted
-
             raise Aborted(f"interaction type {name!r} changed concurrently; retry")
         return row
 
@@ -473,15 +588,15 @@ class InteractionsStore:
         """Deletes in batches, each its own short transaction, so ingest never waits long."""
         exact, prefixes = _type_filter(types)
         purged: dict[str, int] = {}
-        after = 0
+        after = (0, 0)
         while True:
             async with self.pool.acquire() as connection:
                 rows = await connection.fetch(
-                    PURGE_BATCH, older_than, exact, prefixes, batch, after
+                    PURGE_BATCH, older_than, exact, prefixes, batch, *after
                 )
             for row in rows:
                 purged[row["type"]] = purged.get(row["type"], 0) + 1
-                after = max(after, row["seq"])
+                after = max(after, (row["xid"], row["seq"]))
             if len(rows) < batch:
                 return purged
 
