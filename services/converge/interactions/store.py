@@ -37,10 +37,10 @@ COLUMNS = (
     "idempotency_key",
     "identifier",
 )
-# The rows this transaction stored (the xid column's default is its id).
-STORED_HERE = """
+# The rows just stored, by the ids the service gave them.
+STORED_AS = """
 SELECT seq, interaction_id, recorded_at, source, idempotency_key FROM interactions
-WHERE xid = (SELECT pg_current_xact_id())
+WHERE interaction_id = ANY($1::uuid[])
 """
 
 SELECT_BY_KEYS = """
@@ -211,13 +211,18 @@ def _type_filter(types: Sequence[str]) -> tuple[list[str] | None, list[str]]:
     return exact, prefixes
 
 
-async def _copy(connection: Connection, rows: Sequence[NewInteraction]) -> None:
+async def _copy(
+    connection: Connection, rows: Sequence[NewInteraction], ids: list[uuid.UUID] | None = None
+) -> None:
+    """Copies the rows in; `ids`, when given, receives their interaction ids."""
     # Records made as the COPY encodes them (it yields to the event loop
     # between buffers), not all at once: a batch's worth took tens of ms of
     # loop time that other requests waited for.
-    await connection.copy_records_to_table(
-        "interactions", columns=COLUMNS, records=(row.record() for row in rows)
-    )
+    records: Iterable[tuple[Any, ...]] = (row.record() for row in rows)
+    if ids is not None:
+        records = list(records)
+        ids[:] = [record[0] for record in records]
+    await connection.copy_records_to_table("interactions", columns=COLUMNS, records=records)
 
 
 DUMPS_PER_SLICE = 500
@@ -346,10 +351,10 @@ async def _no_reads(customer_id: uuid.UUID) -> list[asyncpg.Record]:
 
 
 async def _copy_unstored(
-    connection: Connection, first: dict[Key, Row]
+    connection: Connection, first: dict[Key, Row], ids: list[uuid.UUID] | None
 ) -> tuple[dict[Key, asyncpg.Record], list[Row]]:
-    """Copies the rows whose key is not stored yet; returns the first copies
-    of those that were, and the rows copied."""
+    """Copies the rows whose key is not stored yet (as `_copy`); returns the
+    first copies of those that were, and the rows copied."""
     while True:
         found = await connection.fetch(
             SELECT_BY_KEYS, [key[0] for key in first], [key[1] for key in first]
@@ -358,7 +363,7 @@ async def _copy_unstored(
         fresh = [row for key, row in first.items() if key not in duplicates]
         try:
             async with connection.transaction():
-                await _copy(connection, fresh)
+                await _copy(connection, fresh, ids)
         except asyncpg.UniqueViolationError:
             continue  # another ingest, in flight when we looked, stored one of them since
         return duplicates, fresh
@@ -448,6 +453,7 @@ class InteractionsStore:
             duplicates: dict[Key, asyncpg.Record] = {}
             fresh = list(first.values())
             updated: dict[uuid.UUID, dict[str, Any]] | None = None
+            ids: list[uuid.UUID] | None = [] if stored_rows else None
             states, versions = await _states_for_update(connection, fresh, self.state_cache)
             try:
                 # Optimistically, as re-sent keys are rare: binary COPY straight
@@ -457,18 +463,18 @@ class InteractionsStore:
                 async with connection.transaction():
                     folding = asyncio.ensure_future(fold(states, fresh, _no_reads))
                     try:
-                        await _copy(connection, fresh)
+                        await _copy(connection, fresh, ids)
                     finally:
                         with contextlib.suppress(_FoldNeedsReads):
                             updated = await folding
             except asyncpg.UniqueViolationError:
-                duplicates, fresh = await _copy_unstored(connection, first)
+                duplicates, fresh = await _copy_unstored(connection, first, ids)
                 updated = None  # folded with rows that were not stored
             new: dict[Key, asyncpg.Record | None] = {}
             if not fresh:
                 return new, duplicates
             if stored_rows:
-                for r in await connection.fetch(STORED_HERE):
+                for r in await connection.fetch(STORED_AS, ids):
                     new[(r["source"], r["idempotency_key"])] = r
             else:
                 new = dict.fromkeys((row.source, row.idempotency_key) for row in fresh)
