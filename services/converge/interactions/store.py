@@ -476,8 +476,10 @@ class InteractionsStore:
             if stored_rows:
                 for r in await connection.fetch(STORED_AS, ids):
                     new[(r["source"], r["idempotency_key"])] = r
-            else:
+            elif duplicates:
                 new = dict.fromkeys((row.source, row.idempotency_key) for row in fresh)
+            else:
+                new = dict.fromkeys(first)  # (every row was stored: the keys at hand)
             if updated is None:  # (a state to rebuild from its interactions, or duplicates)
                 # The first fold may have changed the states it was given: read them again.
                 states, versions = await _read_states(connection, _customers_of(fresh))
