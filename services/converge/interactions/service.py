@@ -322,11 +322,11 @@ class InteractionsService:
                     # rebuild it from the interactions (the fresh ones included).
                     live[customer] = build_state(event_of(r) for r in await events_of(customer))
                     rebuilt.add(customer)
-            for done, row in enumerate(fresh, 1):
-                if row.owner not in rebuilt:
-                    live[row.owner].apply(row)
-                if done % SLICE == 0:
-                    await asyncio.sleep(0)  # the store's COPY runs beside the fold
+            for start in range(0, len(fresh), SLICE):
+                for row in fresh[start : start + SLICE]:
+                    if row.owner not in rebuilt:
+                        live[row.owner].apply(row)
+                await asyncio.sleep(0)  # the store's COPY runs beside the fold
             for state in live.values():
                 state.tidy(now)
             return {c: s.to_json() for c, s in live.items()}
