@@ -124,9 +124,8 @@ def test_the_row_reader_reads_what_the_full_check_reads(
     event("read in one pass" if fast else "full check only" if full else "refused")
     if fast is not None:
         assert full is not None, found.found  # never lets through what the full check refuses
-        assert repr(fast) == repr(
-            full
-        )  # (as text: a NaN sentiment, refused later, is unequal to itself)
+        # As text: a NaN sentiment (refused later, by the type check) is unequal to itself.
+        assert repr(fast) == repr(full)
     if full is None:
         assert fast is None
 

@@ -254,7 +254,7 @@ def _fast_draft(
     customer_id = identifier = None
     given_id = customer.customer_id  # (read first: WhichOneof costs twice as much)
     if given_id:
-        customer_id = _SEEN.customer_ids.get(given_id) or _SEEN.customer_id(given_id)
+        customer_id = _SEEN.customer_id(given_id)
         if customer_id is None:
             return None
     elif customer.HasField("identifier"):

@@ -426,17 +426,15 @@ class InteractionsStore:
         before, the first copy; both by (source, key). A key given twice in
         one batch is stored once, from its first row.
         """
-        for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
+        for _ in range(DEADLOCK_ATTEMPTS - 1):
             try:
                 return await self._ingest_once(rows, fold, stored_rows)
             except asyncpg.DeadlockDetectedError:
                 # Two ingests locked the same rows in opposite orders (rare:
                 # both write in customer order). Nothing of this one was
                 # committed; it runs again.
-                if attempt == DEADLOCK_ATTEMPTS:
-                    raise
                 INGEST_DEADLOCK_RETRIES.inc()
-        raise AssertionError("unreachable")
+        return await self._ingest_once(rows, fold, stored_rows)
 
     async def _ingest_once(
         self, rows: Sequence[Row], fold: Fold[Row], stored_rows: bool

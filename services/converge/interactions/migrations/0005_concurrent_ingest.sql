@@ -11,8 +11,7 @@
 -- resumes at the same place.
 ALTER TABLE interactions ADD COLUMN xid xid8 NOT NULL DEFAULT '0';
 ALTER TABLE interactions ALTER COLUMN xid SET DEFAULT pg_current_xact_id();
--- The stream reads and retention purges walk this key; an ingest finds the
--- rows it stored by its own xid. seq stays unique (an identity column) and
--- orders ties in the timeline.
+-- The stream reads and retention purges walk this key. seq stays unique (an
+-- identity column) and orders ties in the timeline.
 ALTER TABLE interactions DROP CONSTRAINT interactions_pkey;
 ALTER TABLE interactions ADD PRIMARY KEY (xid, seq);
