@@ -499,6 +499,13 @@ def _time(stamp: timestamp_pb2.Timestamp) -> str:
     return stamp.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def _cursor_order(cursor: str) -> tuple[int, int]:
+    """A stream cursor ("xid.seq", or a bare sequence number) as a sortable
+    pair; the demo only compares cursors, it never builds one."""
+    head, _, tail = (cursor or "0").rpartition(".")
+    return int(head or 0), int(tail)
+
+
 def _now() -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.GetCurrentTime()
@@ -807,13 +814,13 @@ class Scenario:
         events = self.identity.StreamIdentityEvents(
             identity_pb2.StreamIdentityEventsRequest(), timeout=RPC_TIMEOUT_S
         )
-        latest = max((int(e.cursor) for e in events), default=0)
+        latest = max((_cursor_order(e.cursor) for e in events), default=(0, 0))
         deadline = time.monotonic() + RPC_TIMEOUT_S
         while time.monotonic() < deadline:
             status = self.interactions.GetIdentitySyncStatus(
                 interactions_pb2.GetIdentitySyncStatusRequest(), timeout=RPC_TIMEOUT_S
             )
-            if int(status.cursor or 0) >= latest:
+            if _cursor_order(status.cursor) >= latest:
                 return
             time.sleep(0.05)
         self.console.print("[yellow]interactions has not caught up with identity's merges yet")
@@ -832,7 +839,9 @@ class Scenario:
         week: list[
             tuple[str, int, common_pb2.Identifier, float, dict[str, str | float], dict[str, Any]]
         ] = [
-            ("product.login", common_pb2.CHANNEL_WEB, self.device, 150, {}, {}),
+            # At most 144 hours (six days) ago, so it stays inside the 7-day
+            # window (today and the six days before) at any time of day.
+            ("product.login", common_pb2.CHANNEL_WEB, self.device, 140, {}, {}),
             ("product.login", common_pb2.CHANNEL_MOBILE, self.email, 120, {}, {}),
             (
                 "ticket.opened",

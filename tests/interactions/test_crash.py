@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import signal
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -16,12 +17,24 @@ import grpc
 from converge.v1 import common_pb2, interactions_pb2, interactions_pb2_grpc
 from tests.interactions.builders import interaction, record
 from tests.service_process import start_service, stop_process
+from tests.waiting import wait_until
 
 BULK_ROWS = 20_000
 CUSTOMERS = [str(uuid.uuid4()) for _ in range(50)]
 
 
-def _bulk_rows():
+async def _stored_bulk_rows(database: str) -> int:
+    connection = await asyncpg.connect(database)
+    try:
+        count: int = await connection.fetchval(
+            "SELECT count(*) FROM interactions.interactions WHERE idempotency_key LIKE 'bulk-%'"
+        )
+        return count
+    finally:
+        await connection.close()
+
+
+def _bulk_rows() -> Iterator[interactions_pb2.IngestInteractionsRequest]:
     for i in range(BULK_ROWS):
         customer = common_pb2.CustomerRef(customer_id=CUSTOMERS[i % len(CUSTOMERS)])
         yield interactions_pb2.IngestInteractionsRequest(
@@ -41,8 +54,20 @@ async def test_sigkill_during_bulk_ingest_loses_no_acknowledged_event(
         async with grpc.aio.insecure_channel(service.address) as channel:
             stub = interactions_pb2_grpc.InteractionsServiceStub(channel)
 
+            killed = asyncio.Event()
+
+            async def rows_until_killed() -> AsyncIterator[
+                interactions_pb2.IngestInteractionsRequest
+            ]:
+                # Half the rows, then the stream stays open until the kill, so
+                # the crash always comes mid-stream however fast the machine.
+                for n, row in enumerate(_bulk_rows()):
+                    if n == BULK_ROWS // 2:
+                        await killed.wait()
+                    yield row
+
             async def bulk_ingest() -> interactions_pb2.IngestInteractionsResponse:
-                return await stub.IngestInteractions(_bulk_rows())
+                return await stub.IngestInteractions(rows_until_killed())
 
             bulk = asyncio.create_task(bulk_ingest())
 
@@ -54,8 +79,15 @@ async def test_sigkill_during_bulk_ingest_loses_no_acknowledged_event(
                     acknowledged.append(key)
 
             writer = asyncio.create_task(unary_writer())
-            await asyncio.sleep(2.0)
+            # Kill once both writers have something durable: a committed bulk
+            # batch and a few acknowledged single records.
+            await wait_until(
+                lambda: _stored_bulk_rows(database),
+                lambda n: n > 0 and len(acknowledged) >= 20,
+                what="a committed bulk batch and 20 acknowledged records",
+            )
             service.process.send_signal(signal.SIGKILL)
+            killed.set()
             for task in (bulk, writer):
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     await task

@@ -14,6 +14,7 @@ from converge.interactions.features import STATE_VERSION
 from converge.runtime.values import timestamp
 from converge.v1 import common_pb2, interactions_pb2
 from tests.interactions.builders import NOW, email_ref, interaction, number, record, text
+from tests.waiting import wait_until
 
 CHANNELS = [
     common_pb2.CHANNEL_WEB,
@@ -210,8 +211,6 @@ async def test_an_event_after_a_cutoff_cannot_reach_that_cutoffs_features(platfo
 
 
 async def test_live_features_of_a_merged_customer_count_both_customers(platform) -> None:
-    import asyncio
-
     from converge.v1 import identity_pb2
 
     web = common_pb2.CustomerRef(
@@ -225,7 +224,6 @@ async def test_live_features_of_a_merged_customer_count_both_customers(platform)
     await platform.identity.Resolve(
         identity_pb2.ResolveRequest(identifiers=[crm.identifier, web.identifier])
     )
-    await asyncio.sleep(0.5)  # the interactions service follows identity's event stream
     await platform.interactions.RecordInteraction(
         record(interaction(web, "product.login", days_ago=6))
     )
@@ -233,10 +231,15 @@ async def test_live_features_of_a_merged_customer_count_both_customers(platform)
         record(interaction(crm, "product.login", days_ago=5))
     )
     for who in (crm, web):  # either identifier reaches the same merged customer
-        reply = await platform.interactions.GetFeatures(
-            interactions_pb2.GetFeaturesRequest(customers=[who])
-        )
-        assert reply.customers[0].values["count_7d_login"] == 2
+
+        async def logins(who: common_pb2.CustomerRef = who) -> float:
+            reply = await platform.interactions.GetFeatures(
+                interactions_pb2.GetFeaturesRequest(customers=[who])
+            )
+            return reply.customers[0].values["count_7d_login"]
+
+        # The interactions service follows identity's event stream.
+        await wait_until(logins, lambda n: n == 2, what="both customers' logins counted")
 
 
 async def test_a_kept_state_of_an_old_feature_set_is_rebuilt_by_the_next_ingest(

@@ -3,7 +3,6 @@ real gRPC with identity resolving the identifiers."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 
 import grpc
@@ -12,6 +11,7 @@ import pytest
 from converge.v1 import common_pb2, identity_pb2, interactions_pb2
 from tests.identity.helpers import field_violations
 from tests.interactions.builders import email_ref, interaction, number, record, text
+from tests.waiting import wait_until
 
 
 async def test_record_resolves_the_identifier_and_a_resend_is_stored_once(platform) -> None:
@@ -193,20 +193,13 @@ async def test_merged_customers_share_a_timeline_until_unmerged(platform) -> Non
         )
         return [i.idempotency_key for i in page.interactions]
 
-    for _ in range(100):  # the service follows identity's event stream
-        if await keys() == ["crm-1", "web-1"]:
-            break
-        await asyncio.sleep(0.05)
-    assert await keys() == ["crm-1", "web-1"]
+    # The service follows identity's event stream.
+    await wait_until(keys, lambda found: found == ["crm-1", "web-1"], what="the merge applied")
 
     await platform.identity.UnmergeCustomers(
         identity_pb2.UnmergeCustomersRequest(merge_id=merge.merge_id)
     )
-    for _ in range(100):
-        if await keys() == ["crm-1"]:
-            break
-        await asyncio.sleep(0.05)
-    assert await keys() == ["crm-1"]
+    await wait_until(keys, lambda found: found == ["crm-1"], what="the unmerge applied")
 
 
 async def test_erasure_removes_interactions_and_features(platform) -> None:

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from converge.v1 import common_pb2, identity_pb2, identity_pb2_grpc
 from tests.service_process import ServiceProcess, start_service, stop_process
+from tests.waiting import wait_until
 
 
 @pytest.fixture
@@ -97,11 +98,26 @@ async def test_sigterm_lets_in_flight_calls_finish_refuses_new_ones_and_exits_ze
                     row_ref=str(i), resolve=_resolve(f"in-flight-{i}@example.com")
                 )
             )
-        await asyncio.sleep(0.3)  # the rows above are being handled now
+        # A call on the same connection answered after the writes above means
+        # the server has read them: HTTP/2 frames of one connection are read
+        # in order, so the bulk call is in flight from here.
+        health = health_pb2_grpc.HealthStub(channel)
+        await health.Check(health_pb2.HealthCheckRequest())
 
         identity_process.process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
-        await asyncio.sleep(0.5)
+
+        async def accepts_new_calls() -> bool:
+            async with grpc.aio.insecure_channel(identity_process.address) as fresh:
+                try:
+                    await health_pb2_grpc.HealthStub(fresh).Check(
+                        health_pb2.HealthCheckRequest(), timeout=2
+                    )
+                except grpc.aio.AioRpcError:
+                    return False
+                return True
+
+        await wait_until(accepts_new_calls, lambda accepts: not accepts, what="new calls refused")
 
         # A new call on a new connection is refused...
         async with grpc.aio.insecure_channel(identity_process.address) as fresh:
