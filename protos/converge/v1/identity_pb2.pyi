@@ -65,6 +65,10 @@ class _IdentityEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Ide
     """A customer was erased."""
     IDENTITY_EVENT_TYPE_PROFILE_CHANGED: _IdentityEventType.ValueType  # 5
     """A profile or contact preference changed."""
+    IDENTITY_EVENT_TYPE_IDENTIFIER_REMOVED: _IdentityEventType.ValueType  # 6
+    """An identifier was removed from a customer (`RemoveIdentifier`); followers
+    that route by identifier must stop sending it to `customer_id`.
+    """
 
 class IdentityEventType(_IdentityEventType, metaclass=_IdentityEventTypeEnumTypeWrapper):
     """Kinds of identity change."""
@@ -81,6 +85,10 @@ IDENTITY_EVENT_TYPE_FORGOTTEN: IdentityEventType.ValueType  # 4
 """A customer was erased."""
 IDENTITY_EVENT_TYPE_PROFILE_CHANGED: IdentityEventType.ValueType  # 5
 """A profile or contact preference changed."""
+IDENTITY_EVENT_TYPE_IDENTIFIER_REMOVED: IdentityEventType.ValueType  # 6
+"""An identifier was removed from a customer (`RemoveIdentifier`); followers
+that route by identifier must stop sending it to `customer_id`.
+"""
 Global___IdentityEventType: _TypeAlias = IdentityEventType  # noqa: Y015
 
 @_typing.final
@@ -1715,7 +1723,10 @@ class StreamIdentityEventsRequest(_message.Message):
     FROM_CURSOR_FIELD_NUMBER: _builtins.int
     FOLLOW_FIELD_NUMBER: _builtins.int
     from_cursor: _builtins.str
-    """Resume after this cursor; empty means from the beginning."""
+    """Resume after this cursor; empty means from the beginning. Cursors are
+    opaque ("xid.event", ordered by the writing transaction); a bare event
+    number issued by an earlier version still resumes where it was.
+    """
     follow: _builtins.bool
     """Keep the stream open and send new events as they happen."""
     def __init__(
@@ -1744,6 +1755,7 @@ class StreamIdentityEventsResponse(_message.Message):
     OTHER_CUSTOMER_ID_FIELD_NUMBER: _builtins.int
     MERGE_ID_FIELD_NUMBER: _builtins.int
     OCCURRED_AT_FIELD_NUMBER: _builtins.int
+    IDENTIFIER_FIELD_NUMBER: _builtins.int
     cursor: _builtins.str
     """Cursor of this event; pass it back to resume after it."""
     type: Global___IdentityEventType.ValueType
@@ -1758,6 +1770,13 @@ class StreamIdentityEventsResponse(_message.Message):
     def occurred_at(self) -> _timestamp_pb2.Timestamp:
         """When it happened."""
 
+    @_builtins.property
+    def identifier(self) -> _common_pb2.Identifier:
+        """The identifier removed, for IDENTIFIER_REMOVED (normalised); `customer_id`
+        is the customer it was attached to. Unset for other types, and once that
+        customer is erased.
+        """
+
     def __init__(
         self,
         *,
@@ -1767,10 +1786,11 @@ class StreamIdentityEventsResponse(_message.Message):
         other_customer_id: _builtins.str = ...,
         merge_id: _builtins.str = ...,
         occurred_at: _timestamp_pb2.Timestamp | None = ...,
+        identifier: _common_pb2.Identifier | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["identifier", b"identifier", "occurred_at", b"occurred_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "customer_id", b"customer_id", "merge_id", b"merge_id", "occurred_at", b"occurred_at", "other_customer_id", b"other_customer_id", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "customer_id", b"customer_id", "identifier", b"identifier", "merge_id", b"merge_id", "occurred_at", b"occurred_at", "other_customer_id", b"other_customer_id", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

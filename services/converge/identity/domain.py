@@ -145,3 +145,18 @@ class BulkSummary:
     matched: int = 0
     merged: int = 0
     rejections: list[tuple[str, str, str]] = field(default_factory=list)  # row, field, reason
+
+
+@dataclass(frozen=True)
+class IdentityEvent:
+    """One event of the outbox other services follow. Its position in the
+    stream is (xid, event_id): the writing transaction's id, then the event's."""
+
+    xid: int
+    event_id: int
+    event_type: int
+    customer_id: str
+    other_customer_id: str | None
+    merge_id: str | None
+    occurred_at: datetime
+    identifier: NormalizedIdentifier | None  # the identifier removed, for IDENTIFIER_REMOVED

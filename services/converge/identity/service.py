@@ -29,7 +29,12 @@ from converge.identity.domain import (
 )
 from converge.identity.identifiers import IdentifierKind, NormalizedIdentifier
 from converge.identity.settings import IdentitySettings, SurvivorPolicy
-from converge.identity.store import IdentityStore, IdentityTransaction, RetryableConflict
+from converge.identity.store import (
+    EVENT_FORGOTTEN,
+    IdentityStore,
+    IdentityTransaction,
+    RetryableConflict,
+)
 from converge.runtime.errors import (
     Aborted,
     AlreadyExists,
@@ -82,6 +87,15 @@ class IdentityService:
         if identifier not in roots:
             raise NotFound("customer with identifier", identifier.kind.name)
         return roots[identifier]
+
+    async def _owner_of_identifier(
+        self, tx: IdentityTransaction, identifier: NormalizedIdentifier | None
+    ) -> str:
+        assert identifier is not None
+        attached = (await tx.owners([identifier])).get(identifier)
+        if attached is None:
+            raise NotFound("customer with identifier", identifier.kind.name)
+        return attached.customer_id
 
     async def get_customer(
         self,
@@ -419,10 +433,23 @@ class IdentityService:
                 tx, survivor, other, joining, Actor(actor.name or "resolve", actor.reason)
             )
             merge_ids.append(merge.merge_id)
-        await tx.attach_identifiers(survivor, new)
+        await tx.attach_identifiers(await self._home_of_new(tx, survivor, owners), new)
         if upsert:
             await tx.record_profile_changes(survivor, dict(upsert), None, actor.name)
         return _resolve_result(survivor, False, merge_ids, new)
+
+    async def _home_of_new(
+        self, tx: IdentityTransaction, survivor: str, known: dict[NormalizedIdentifier, str]
+    ) -> str:
+        """The customer that new identifiers of a resolve are attached to: the
+        one customer its known identifiers are attached to, even when that one
+        is merged into another, so that an unmerge gives them back with it (a
+        call matched by a merged-away person's phone brings that person's new
+        email). Identifiers of several customers (the resolve that joins them)
+        make the new ones the survivor's."""
+        attached = await tx.owners(list(known))
+        owners = {a.customer_id for a in attached.values()}
+        return owners.pop() if len(owners) == 1 else survivor
 
     def _pick_survivor(self, locked: dict[str, Any]) -> str:
         ordered = sorted(locked.values(), key=lambda r: (r["created_at"], str(r["customer_id"])))
@@ -551,7 +578,7 @@ class IdentityService:
     async def remove_identifier(self, identifier: NormalizedIdentifier, actor: Actor) -> Customer:
         async def work(tx: IdentityTransaction) -> dict[str, Any]:
             root = await self.root_of_identifier(tx, identifier)
-            await tx.detach_identifier(identifier)
+            await tx.detach_identifier(identifier)  # announced as IDENTIFIER_REMOVED
             return {"customer_id": root}
 
         result = await self._run("RemoveIdentifier", None, work)
@@ -568,9 +595,13 @@ class IdentityService:
     ) -> Customer:
         async def work(tx: IdentityTransaction) -> dict[str, Any]:
             root = await self._root(tx, customer_id, identifier)
+            # Kept on the customer named (not its survivor), so that an unmerge
+            # gives a merged-away person their own consents back; reads combine
+            # the latest of every customer merged together.
+            named = customer_id or await self._owner_of_identifier(tx, identifier)
             now = datetime.now(UTC)
             await tx.update_preferences(
-                root,
+                named,
                 update.do_not_contact,
                 update.preferred_channel,
                 update.wants_human,
@@ -600,6 +631,9 @@ class IdentityService:
                 claimed, prior = await tx.claim_idempotency_key(
                     "ForgetCustomer", idempotency.key, idempotency.fingerprint
                 )
+                if prior is not None and prior.get("fingerprint_mismatch"):
+                    # A key bound to another erasure: never erase someone else.
+                    raise _fingerprint_mismatch()
                 if not claimed and prior and prior.get("complete"):
                     return (
                         prior["erasure_id"],
@@ -620,7 +654,7 @@ class IdentityService:
             if complete:
                 erased = await tx.delete_customers(members)
                 for member in members:
-                    await tx.record_event(4, member)
+                    await tx.record_event(EVENT_FORGOTTEN, member)
             identity = PeerErasure(
                 "identity",
                 complete,
@@ -633,10 +667,7 @@ class IdentityService:
                 erasure_id, actor.name, actor.reason, len(members), services, complete
             )
             if idempotency is not None:
-                await tx.connection.execute(
-                    "INSERT INTO idempotency_keys (method, key, fingerprint, result) "
-                    "VALUES ('ForgetCustomer', $1, $2, $3) ON CONFLICT (method, key) "
-                    "DO UPDATE SET result = excluded.result",
+                await tx.save_erasure_result(
                     idempotency.key,
                     idempotency.fingerprint,
                     {

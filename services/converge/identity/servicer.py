@@ -16,15 +16,13 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
+from converge.identity.convert import change_pb, customer_pb, event_pb, identifier_pb, merge_pb
 from converge.identity.domain import (
     Actor,
     BulkRow,
     BulkSummary,
-    Customer,
     Idempotency,
-    Merge,
     PreferenceUpdate,
-    ProfileChange,
     ProfileFields,
     TaggedValue,
 )
@@ -32,11 +30,17 @@ from converge.identity.identifiers import IdentifierError, NormalizedIdentifier,
 from converge.identity.service import IdentityService, PeerErasure
 from converge.identity.settings import IdentitySettings
 from converge.identity.store import IdentityStore
-from converge.runtime.cursors import parse_cursor
+from converge.runtime.cursors import parse_commit_cursor
 from converge.runtime.errors import ConvergeError, FieldViolation, InvalidArgument, Violations
-from converge.runtime.fields import parse_uuid
+from converge.runtime.fields import (
+    MAX_MONEY_UNITS,
+    checked_requests,
+    money_problem,
+    parse_time,
+    parse_uuid,
+)
 from converge.runtime.server import ServiceContext, ServiceSpec
-from converge.runtime.values import from_plain, from_tagged, timestamp, to_datetime
+from converge.runtime.values import timestamp, to_datetime
 from converge.v1 import (
     common_pb2,
     identity_pb2,
@@ -117,6 +121,7 @@ def _tagged(
     if which == "string_value":
         if len(value.string_value) > MAX_ATTRIBUTE_TEXT:
             violations.add(path, f"longer than {MAX_ATTRIBUTE_TEXT} characters")
+        _check_text(value.string_value, path, violations)
         return {"s": value.string_value}
     if which == "number_value":
         if not math.isfinite(value.number_value):
@@ -125,9 +130,16 @@ def _tagged(
     if which == "bool_value":
         return {"b": value.bool_value}
     if which == "timestamp_value":
-        return {"t": to_datetime(value.timestamp_value).isoformat()}
+        at = parse_time(value.timestamp_value, path, violations)
+        return None if at is None else {"t": at.isoformat()}
     violations.add(path, "set one of string_value, number_value, bool_value, timestamp_value")
     return None
+
+
+def _check_text(text: str, path: str, violations: Violations) -> None:
+    # (PostgreSQL's text and jsonb cannot hold U+0000.)
+    if "\x00" in text:
+        violations.add(path, "must not contain NUL characters")
 
 
 def _money(money: common_pb2.Money, path: str, violations: Violations) -> TaggedValue:
@@ -135,6 +147,8 @@ def _money(money: common_pb2.Money, path: str, violations: Violations) -> Tagged
         violations.add(f"{path}.currency_code", "an ISO 4217 code such as EUR")
     if not -999_999_999 <= money.nanos <= 999_999_999 or (money.units * money.nanos < 0):
         violations.add(f"{path}.nanos", "within ±999,999,999 and of the same sign as units")
+    elif money_problem(money.units, money.nanos) is not None:
+        violations.add(path, f"at most {MAX_MONEY_UNITS:,} in absolute value")
     return {"m": {"c": money.currency_code, "u": money.units, "n": money.nanos}}
 
 
@@ -146,13 +160,13 @@ def _profile_field(
         text: str = getattr(profile, name)
         if len(text) > MAX_TEXT:
             violations.add(f"{path}.{name}", f"longer than {MAX_TEXT} characters")
+        _check_text(text, f"{path}.{name}", violations)
         return {"s": text} if text else None
     if name == "signup_date":
-        return (
-            {"t": to_datetime(profile.signup_date).isoformat()}
-            if profile.HasField("signup_date")
-            else None
-        )
+        if not profile.HasField("signup_date"):
+            return None
+        at = parse_time(profile.signup_date, f"{path}.signup_date", violations)
+        return None if at is None else {"t": at.isoformat()}
     if name == "lifetime_value":
         if not profile.HasField("lifetime_value"):
             return None
@@ -217,6 +231,8 @@ def _masked_profile_fields(
 def _actor(actor: common_pb2.Actor, path: str, violations: Violations) -> Actor:
     violations.check(len(actor.name) <= MAX_TEXT, f"{path}.name", f"longer than {MAX_TEXT}")
     violations.check(len(actor.reason) <= MAX_ATTRIBUTE_TEXT, f"{path}.reason", "too long")
+    _check_text(actor.name, f"{path}.name", violations)
+    _check_text(actor.reason, f"{path}.reason", violations)
     return Actor(actor.name, actor.reason)
 
 
@@ -228,107 +244,11 @@ def _idempotency(
     if len(key) > MAX_IDEMPOTENCY_KEY:
         violations.add(path, f"longer than {MAX_IDEMPOTENCY_KEY} characters")
         return None
+    if "\x00" in key:
+        violations.add(path, "must not contain NUL characters")
+        return None
     fingerprint = hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
     return Idempotency(key, fingerprint)
-
-
-# --- plain -> protobuf ---------------------------------------------------------
-def _attribute_value(tagged: TaggedValue) -> common_pb2.AttributeValue:
-    if "m" in tagged:  # money has no AttributeValue of its own: shown as text
-        money = tagged["m"]
-        return common_pb2.AttributeValue(
-            string_value=f"{money['u'] + money['n'] / 1e9:.2f} {money['c']}"
-        )
-    return from_plain(from_tagged(tagged))
-
-
-def _profile_pb(fields: ProfileFields) -> identity_pb2.Profile:
-    profile = identity_pb2.Profile()
-    for name, tagged in fields.items():
-        if name in _STRING_FIELDS:
-            setattr(profile, name, tagged["s"])
-        elif name == "signup_date":
-            profile.signup_date.CopyFrom(timestamp(datetime.fromisoformat(tagged["t"])))
-        elif name == "lifetime_value":
-            money = tagged["m"]
-            profile.lifetime_value.CopyFrom(
-                common_pb2.Money(currency_code=money["c"], units=money["u"], nanos=money["n"])
-            )
-        else:
-            profile.attributes[name.removeprefix("attributes.")].CopyFrom(_attribute_value(tagged))
-    return profile
-
-
-def _identifier_pb(identifier: NormalizedIdentifier) -> common_pb2.Identifier:
-    return common_pb2.Identifier(
-        type=common_pb2.IdentifierType.ValueType(identifier.kind),
-        value=identifier.value,
-        source=identifier.source,
-    )
-
-
-def customer_pb(customer: Customer) -> identity_pb2.Customer:
-    preferences = customer.preferences
-    message = identity_pb2.Customer(
-        customer_id=customer.customer_id,
-        profile=_profile_pb(customer.profile),
-        identifiers=[
-            identity_pb2.CustomerIdentifier(
-                identifier=_identifier_pb(a.identifier),
-                customer_id=a.customer_id,
-                attached_at=timestamp(a.attached_at),
-            )
-            for a in customer.identifiers
-        ],
-        contact_preferences=identity_pb2.ContactPreferences(
-            consents=[
-                identity_pb2.ChannelConsent(
-                    channel=common_pb2.ContactChannel.ValueType(c.channel),
-                    status=identity_pb2.ConsentStatus.ValueType(c.status),
-                    updated_at=timestamp(c.updated_at),
-                    source=c.source,
-                )
-                for c in preferences.consents
-            ],
-            do_not_contact=preferences.do_not_contact,
-            preferred_channel=preferences.preferred_channel,  # type: ignore[arg-type]
-            wants_human=preferences.wants_human,
-        ),
-        merged_customer_ids=customer.merged_customer_ids,
-        created_at=timestamp(customer.created_at),
-        updated_at=timestamp(customer.updated_at),
-        as_of=timestamp(customer.as_of),
-    )
-    if preferences.updated_at is not None:
-        message.contact_preferences.updated_at.CopyFrom(timestamp(preferences.updated_at))
-    return message
-
-
-def _merge_pb(merge: Merge) -> identity_pb2.MergeRecord:
-    record = identity_pb2.MergeRecord(
-        merge_id=merge.merge_id,
-        surviving_customer_id=merge.surviving_customer_id,
-        merged_customer_id=merge.merged_customer_id,
-        joining_identifiers=[_identifier_pb(i) for i in merge.joining_identifiers],
-        actor=common_pb2.Actor(name=merge.actor, reason=merge.reason),
-        merged_at=timestamp(merge.merged_at),
-        policy=merge.policy,
-    )
-    if merge.unmerged_at is not None:
-        record.unmerged_at.CopyFrom(timestamp(merge.unmerged_at))
-    return record
-
-
-def _change_pb(change: ProfileChange) -> identity_pb2.ProfileChange:
-    message = identity_pb2.ProfileChange(
-        field=change.field,
-        effective_at=timestamp(change.effective_at),
-        recorded_at=timestamp(change.recorded_at),
-        actor=change.actor,
-    )
-    if change.value is not None:
-        message.value.CopyFrom(_attribute_value(change.value))
-    return message
 
 
 def _page_size(page: common_pb2.PageRequest, violations: Violations, path: str) -> int:
@@ -354,6 +274,7 @@ def _violated_field(error: ConvergeError) -> str:
     return error.violations[0].field if isinstance(error, InvalidArgument) else ""
 
 
+@checked_requests
 class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
     def __init__(self, service: IdentityService, settings: IdentitySettings) -> None:
         self.service = service
@@ -483,7 +404,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
             customer_id, start, end, int(token or 0), size
         )
         return identity_pb2.ListProfileChangesResponse(
-            changes=[_change_pb(c) for c in changes],
+            changes=[change_pb(c) for c in changes],
             page=common_pb2.PageResponse(next_page_token=_encode_token(str(last) if last else "")),
         )
 
@@ -526,7 +447,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         return identity_pb2.ResolveResponse(
             resolved_identifiers=[
                 identity_pb2.CustomerIdentifier(
-                    identifier=_identifier_pb(a.identifier),
+                    identifier=identifier_pb(a.identifier),
                     customer_id=a.customer_id,
                     attached_at=timestamp(a.attached_at),
                 )
@@ -534,8 +455,8 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
             ],
             customer=customer_pb(result.customer),
             created=result.created,
-            merges=[_merge_pb(m) for m in result.merges],
-            attached_identifiers=[_identifier_pb(i) for i in result.attached],
+            merges=[merge_pb(m) for m in result.merges],
+            attached_identifiers=[identifier_pb(i) for i in result.attached],
         )
 
     async def BulkResolve(
@@ -649,7 +570,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
             result.created = outcome.created
             result.resolved_identifiers.extend(
                 identity_pb2.CustomerIdentifier(
-                    identifier=_identifier_pb(a.identifier),
+                    identifier=identifier_pb(a.identifier),
                     customer_id=a.customer_id,
                     attached_at=timestamp(a.attached_at),
                 )
@@ -680,7 +601,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         assert surviving is not None and merged is not None
         merge, customer = await self.service.merge_customers(surviving, merged, actor, idempotency)
         return identity_pb2.MergeCustomersResponse(
-            merge=_merge_pb(merge), customer=customer_pb(customer)
+            merge=merge_pb(merge), customer=customer_pb(customer)
         )
 
     async def UnmergeCustomers(
@@ -693,7 +614,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         assert merge_id is not None
         merge, survivor, restored = await self.service.unmerge(merge_id, actor)
         return identity_pb2.UnmergeCustomersResponse(
-            merge=_merge_pb(merge),
+            merge=merge_pb(merge),
             surviving_customer=customer_pb(survivor),
             restored_customer=customer_pb(restored),
         )
@@ -706,7 +627,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         v.raise_if_any()
         assert customer_id is not None
         merges = await self.service.list_merges(customer_id, request.include_undone)
-        return identity_pb2.ListMergesResponse(merges=[_merge_pb(m) for m in merges])
+        return identity_pb2.ListMergesResponse(merges=[merge_pb(m) for m in merges])
 
     async def GetContactPreferences(
         self, request: identity_pb2.GetContactPreferencesRequest, context: grpc.aio.ServicerContext
@@ -828,8 +749,8 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         customer, changes, merges, members = await self.service.export(customer_id, identifier)
         response = identity_pb2.ExportCustomerResponse(
             customer=customer_pb(customer),
-            profile_changes=[_change_pb(c) for c in changes],
-            merges=[_merge_pb(m) for m in merges],
+            profile_changes=[change_pb(c) for c in changes],
+            merges=[merge_pb(m) for m in merges],
         )
         for name, stub in self._peers.items():
             try:
@@ -846,24 +767,16 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         self, request: identity_pb2.StreamIdentityEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[identity_pb2.StreamIdentityEventsResponse]:
         v = Violations()
-        cursor = parse_cursor(request.from_cursor, "from_cursor", v)
+        cursor = parse_commit_cursor(request.from_cursor, "from_cursor", v)
         v.raise_if_any()
         while True:
-            rows = await self.service.store.events_after(cursor, 500)
-            for row in rows:
-                cursor = row["event_id"]
-                event = identity_pb2.StreamIdentityEventsResponse(
-                    cursor=str(cursor),
-                    type=row["event_type"],
-                    customer_id=str(row["customer_id"]),
-                    other_customer_id=str(row["other_customer_id"] or ""),
-                    merge_id=str(row["merge_id"] or ""),
-                    occurred_at=timestamp(row["occurred_at"]),
-                )
-                yield event
-            if not rows and not request.follow:
+            events = await self.service.store.events_after(cursor, 500)
+            for event in events:
+                cursor = (event.xid, event.event_id)
+                yield event_pb(event)
+            if not events and not request.follow:
                 return
-            if not rows:
+            if not events:
                 await asyncio.sleep(0.2)
 
 

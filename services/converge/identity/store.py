@@ -15,6 +15,7 @@ from converge.identity.domain import (
     AttachedIdentifier,
     ChannelConsent,
     Customer,
+    IdentityEvent,
     Merge,
     Preferences,
     ProfileChange,
@@ -25,6 +26,7 @@ from converge.identity.identifiers import IdentifierKind, NormalizedIdentifier
 from converge.runtime.database import Connection
 
 EVENT_CREATED, EVENT_MERGED, EVENT_UNMERGED, EVENT_FORGOTTEN, EVENT_PROFILE_CHANGED = 1, 2, 3, 4, 5
+EVENT_IDENTIFIER_REMOVED = 6
 
 # Lookups follow merges: an identifier's owner, then up the merged_into chain to
 # the customer that survives. Merge chains are short; 64 bounds a corrupt loop.
@@ -123,9 +125,17 @@ WHERE customer_id = $1
 
 INSERT_CUSTOMER = "INSERT INTO customers (customer_id) VALUES ($1)"
 
+# ON CONFLICT DO NOTHING: an identifier a concurrent writer took shows as a
+# short row count, not as a unique violation, which PostgreSQL would log with
+# the identifier's value (personal data) in it.
 INSERT_IDENTIFIERS = """
 INSERT INTO identifiers (kind, source, value, customer_id)
 SELECT kind, source, value, $4 FROM unnest($1::smallint[], $2::text[], $3::text[]) AS q(kind, source, value)
+ON CONFLICT (kind, source, value) DO NOTHING
+"""
+
+DETACH_IDENTIFIER = """
+DELETE FROM identifiers WHERE kind = $1 AND source = $2 AND value = $3 RETURNING customer_id
 """
 
 INSERT_PROFILE_CHANGES = """
@@ -164,13 +174,30 @@ ORDER BY merged_at DESC, merge_id
 """
 
 INSERT_EVENT = """
-INSERT INTO identity_events (event_type, customer_id, other_customer_id, merge_id)
-VALUES ($1, $2, $3, $4)
+INSERT INTO identity_events (event_type, customer_id, other_customer_id, merge_id,
+                             identifier_kind, identifier_source, identifier_value)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
 """
 
+# In (xid, event_id) order, and only events of transactions older than any
+# still running (see migration 0002): an event can never commit behind a
+# cursor given out. A transaction left open anywhere in the database cluster
+# holds the stream back until it ends.
 EVENTS_AFTER = """
-SELECT event_id, event_type, customer_id, other_customer_id, merge_id, occurred_at
-FROM identity_events WHERE event_id > $1 ORDER BY event_id LIMIT $2
+SELECT xid, event_id, event_type, customer_id, other_customer_id, merge_id, occurred_at,
+       identifier_kind, identifier_source, identifier_value
+FROM identity_events
+WHERE (xid, event_id) > ($1::xid8, $2::bigint)
+  AND xid < (SELECT pg_snapshot_xmin(pg_current_snapshot()))
+ORDER BY xid, event_id
+LIMIT $3
+"""
+
+# An erased customer's removed identifiers leave the outbox with them.
+FORGET_REMOVED_IDENTIFIERS = """
+UPDATE identity_events
+SET identifier_kind = NULL, identifier_source = NULL, identifier_value = NULL
+WHERE customer_id = ANY($1::uuid[]) AND identifier_value IS NOT NULL
 """
 
 CLAIM_IDEMPOTENCY_KEY = """
@@ -183,6 +210,15 @@ SELECT_IDEMPOTENCY_KEY = (
 )
 
 SAVE_IDEMPOTENCY_RESULT = "UPDATE idempotency_keys SET result = $3 WHERE method = $1 AND key = $2"
+
+# An erasure's result is saved after the erasure, outside the claiming
+# transaction; only under the request that claimed the key, never over
+# another request's result.
+SAVE_ERASURE_RESULT = """
+INSERT INTO idempotency_keys (method, key, fingerprint, result) VALUES ('ForgetCustomer', $1, $2, $3)
+ON CONFLICT (method, key) DO UPDATE SET result = excluded.result
+WHERE idempotency_keys.fingerprint = excluded.fingerprint
+"""
 
 UPSERT_PREFERENCES = """
 INSERT INTO contact_preferences (customer_id, do_not_contact, preferred_channel, wants_human)
@@ -241,6 +277,7 @@ SELECT * FROM unnest($1::uuid[], $2::jsonb[])
 BULK_INSERT_IDENTIFIERS = """
 INSERT INTO identifiers (kind, source, value, customer_id)
 SELECT * FROM unnest($1::smallint[], $2::text[], $3::text[], $4::uuid[])
+ON CONFLICT (kind, source, value) DO NOTHING
 """
 
 BULK_INSERT_PROFILE_CHANGES = """
@@ -274,6 +311,11 @@ class RetryableConflict(Exception):
     """Another transaction got there first (a unique identifier, a merge); retry."""
 
 
+def _row_count(status: str) -> int:
+    """The row count of a command status such as "INSERT 0 3"."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
 def _identifier_arrays(
     identifiers: Sequence[NormalizedIdentifier],
 ) -> tuple[list[int], list[str], list[str]]:
@@ -281,6 +323,26 @@ def _identifier_arrays(
         [int(i.kind) for i in identifiers],
         [i.source for i in identifiers],
         [i.value for i in identifiers],
+    )
+
+
+def _event_from_row(row: asyncpg.Record) -> IdentityEvent:
+    identifier = None
+    if row["identifier_value"] is not None:
+        identifier = NormalizedIdentifier(
+            IdentifierKind(row["identifier_kind"]),
+            row["identifier_source"],
+            row["identifier_value"],
+        )
+    return IdentityEvent(
+        xid=row["xid"],
+        event_id=row["event_id"],
+        event_type=row["event_type"],
+        customer_id=str(row["customer_id"]),
+        other_customer_id=str(row["other_customer_id"]) if row["other_customer_id"] else None,
+        merge_id=str(row["merge_id"]) if row["merge_id"] else None,
+        occurred_at=row["occurred_at"],
+        identifier=identifier,
     )
 
 
@@ -465,12 +527,11 @@ class IdentityTransaction:
         await self.connection.execute(BULK_INSERT_CUSTOMERS, ids, profiles)
         owners = [cid for cid, (_, found, _) in zip(ids, customers, strict=True) for _ in found]
         flat = [identifier for _, found, _ in customers for identifier in found]
-        try:
-            await self.connection.execute(
-                BULK_INSERT_IDENTIFIERS, *_identifier_arrays(flat), owners
-            )
-        except asyncpg.UniqueViolationError as error:
-            raise RetryableConflict() from error
+        status = await self.connection.execute(
+            BULK_INSERT_IDENTIFIERS, *_identifier_arrays(flat), owners
+        )
+        if _row_count(status) != len(flat):
+            raise RetryableConflict()
         changes = [
             (cid, f, v)
             for cid, profile in zip(ids, profiles, strict=True)
@@ -494,24 +555,27 @@ class IdentityTransaction:
     async def attach_identifiers(
         self, customer_id: str, identifiers: Sequence[NormalizedIdentifier]
     ) -> None:
+        """Attaches identifiers none of which is attached yet; raises
+        RetryableConflict (and the transaction must end) when a concurrent
+        writer took one."""
         if not identifiers:
             return
-        try:
-            await self.connection.execute(
-                INSERT_IDENTIFIERS, *_identifier_arrays(identifiers), uuid.UUID(customer_id)
-            )
-        except asyncpg.UniqueViolationError as error:
-            raise RetryableConflict() from error
+        status = await self.connection.execute(
+            INSERT_IDENTIFIERS, *_identifier_arrays(identifiers), uuid.UUID(customer_id)
+        )
+        if _row_count(status) != len(identifiers):
+            raise RetryableConflict()
 
     async def detach_identifier(self, identifier: NormalizedIdentifier) -> str | None:
+        """Removes an identifier and announces it (IDENTIFIER_REMOVED, naming
+        the customer it was attached to); returns that customer, or None."""
         owner = await self.connection.fetchval(
-            "DELETE FROM identifiers WHERE kind = $1 AND source = $2 AND value = $3 "
-            "RETURNING customer_id",
-            int(identifier.kind),
-            identifier.source,
-            identifier.value,
+            DETACH_IDENTIFIER, int(identifier.kind), identifier.source, identifier.value
         )
-        return str(owner) if owner is not None else None
+        if owner is None:
+            return None
+        await self.record_event(EVENT_IDENTIFIER_REMOVED, str(owner), identifier=identifier)
+        return str(owner)
 
     async def lock_customers(self, customer_ids: Iterable[str]) -> dict[str, asyncpg.Record]:
         """Row-locks customers in id order (no deadlocks between two merges)."""
@@ -669,6 +733,7 @@ class IdentityTransaction:
         customer_id: str,
         other: str | None = None,
         merge_id: str | None = None,
+        identifier: NormalizedIdentifier | None = None,
     ) -> None:
         await self.connection.execute(
             INSERT_EVENT,
@@ -676,14 +741,25 @@ class IdentityTransaction:
             uuid.UUID(customer_id),
             uuid.UUID(other) if other else None,
             uuid.UUID(merge_id) if merge_id else None,
+            int(identifier.kind) if identifier else None,
+            identifier.source if identifier else None,
+            identifier.value if identifier else None,
         )
 
     async def delete_customers(self, customer_ids: Sequence[str]) -> int:
         await self.connection.execute(DELETE_IDEMPOTENCY_RESULTS, list(customer_ids))
+        await self.connection.execute(
+            FORGET_REMOVED_IDENTIFIERS, [uuid.UUID(c) for c in customer_ids]
+        )
         status = await self.connection.execute(
             DELETE_CUSTOMERS, [uuid.UUID(c) for c in customer_ids]
         )
         return int(status.split()[-1])
+
+    async def save_erasure_result(
+        self, key: str, fingerprint: bytes, result: dict[str, Any]
+    ) -> None:
+        await self.connection.execute(SAVE_ERASURE_RESULT, key, fingerprint, result)
 
     async def record_erasure(
         self,
@@ -723,6 +799,8 @@ class IdentityStore:
         ):
             yield IdentityTransaction(connection)
 
-    async def events_after(self, cursor: int, limit: int) -> list[asyncpg.Record]:
+    async def events_after(self, cursor: tuple[int, int], limit: int) -> list[IdentityEvent]:
+        """Up to `limit` events after the (xid, event_id) `cursor`, in stream order."""
         async with self.pool.acquire() as connection:
-            return list(await connection.fetch(EVENTS_AFTER, cursor, limit))
+            rows = await connection.fetch(EVENTS_AFTER, cursor[0], cursor[1], limit)
+        return [_event_from_row(r) for r in rows]

@@ -33,6 +33,10 @@ BATCH = 1000  # identifiers per BatchResolve call
 MERGED = identity_pb2.IDENTITY_EVENT_TYPE_MERGED
 UNMERGED = identity_pb2.IDENTITY_EVENT_TYPE_UNMERGED
 FORGOTTEN = identity_pb2.IDENTITY_EVENT_TYPE_FORGOTTEN
+IDENTIFIER_REMOVED = identity_pb2.IDENTITY_EVENT_TYPE_IDENTIFIER_REMOVED
+# The follower's retry delays after a failure: doubled each time up to the cap,
+# back to the first after an event was applied.
+FIRST_RETRY_S, MAX_RETRY_S = 0.2, 10.0
 
 
 @dataclass(frozen=True)
@@ -80,10 +84,56 @@ class IdentityLink:
         self.connected = False
         self._channel = grpc.aio.insecure_channel(address) if address else None
         self._stub = identity_pb2_grpc.IdentityServiceStub(self._channel) if self._channel else None
-        # Raw identifier as sent -> the customer it belongs to. Owners change only
-        # when a customer is erased, and then the whole cache is dropped.
+        # Raw identifier as sent -> the customer it is attached to. An owner
+        # changes when its identifier is removed (IDENTIFIER_REMOVED drops the
+        # entries of that customer) or the customer is erased (everything is
+        # dropped). Each replica follows the stream itself, so each drops its own.
         self._owners: OrderedDict[IdentifierKey, uuid.UUID] = OrderedDict()
+        # Bumped on every drop: an answer asked for before a drop is not cached.
+        self._generation = 0
         self._follower: asyncio.Task[None] | None = None
+        # Customer ids identity confirmed it issued (see missing_customers).
+        self._issued: OrderedDict[uuid.UUID, None] = OrderedDict()
+        # This replica's place in identity's stream once it has read the saved
+        # one: replicas share the saved cursor, and a replica resuming from
+        # another's would miss the removals its own cache must hear about.
+        self._cursor: str | None = None
+        self._retry_s = FIRST_RETRY_S
+        self.last_error: str | None = None
+
+    @property
+    def healthy(self) -> bool:
+        """False from a failure of the follower (why: `last_error`) until it
+        follows again; a health check of the service can report it."""
+        return self.last_error is None
+
+    @property
+    def checks_customers(self) -> bool:
+        """Whether customer ids are checked with identity (not without one)."""
+        return self._stub is not None
+
+    async def missing_customers(self, customer_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        """The ids among `customer_ids` that identity never issued or has
+        erased, asked in batches. Ids found are remembered: an issued id stays
+        valid until it is erased, and this service refuses erased ids itself
+        (its erased_customers table), whatever is remembered here."""
+        missing: set[uuid.UUID] = set()
+        asked = [c for c in dict.fromkeys(customer_ids) if c not in self._issued]
+        for start in range(0, len(asked), BATCH):
+            chunk = asked[start : start + BATCH]
+            assert self._stub is not None
+            try:
+                reply = await self._stub.BatchGetCustomers(
+                    identity_pb2.BatchGetCustomersRequest(customer_ids=[str(c) for c in chunk]),
+                    timeout=self.timeout_s,
+                )
+            except grpc.aio.AioRpcError as failure:
+                raise Unavailable(f"identity service: {failure.code().name}") from None
+            missing.update(uuid.UUID(c) for c in reply.missing_customer_ids)
+            self._issued.update((c, None) for c in chunk if c not in missing)
+        while len(self._issued) > CACHE_SIZE:
+            self._issued.popitem(last=False)
+        return missing
 
     async def owner_of(self, ref: IdentifierRef, *, create: bool) -> tuple[uuid.UUID, bool]:
         """The customer an identifier belongs to, and whether it was created now."""
@@ -116,6 +166,7 @@ class IdentityLink:
                 "this service runs without an identity service: give customers by customer_id"
             )
         keys = list(waiting)
+        generation = self._generation
         for start in range(0, len(keys), BATCH):
             chunk = keys[start : start + BATCH]
             assert self._stub is not None
@@ -144,7 +195,7 @@ class IdentityLink:
                 owner, created, problem = _outcome(result)
                 for position, index in enumerate(waiting[key]):
                     results[index] = (owner, created and position == 0, problem)
-                if owner is not None:
+                if owner is not None and generation == self._generation:
                     self._owners[key] = owner
         while len(self._owners) > CACHE_SIZE:
             self._owners.popitem(last=False)
@@ -155,48 +206,75 @@ class IdentityLink:
             self._follower = asyncio.create_task(self._follow(erase), name="identity-follower")
 
     async def _follow(self, erase: EraseCustomers) -> None:
-        assert self._stub is not None
-        backoff = 0.2
+        """Follows identity's events for as long as the service runs: any
+        failure (identity unreachable, this service's database down) is logged
+        when it happens and retried after a delay that doubles up to a cap."""
         while True:
-            status = await self.store.sync_status()
-            cursor = status["cursor"] if status else ""
             try:
-                stream = self._stub.StreamIdentityEvents(
-                    identity_pb2.StreamIdentityEventsRequest(from_cursor=cursor, follow=True)
-                )
-                self.connected = True
-                async for event in stream:
-                    at = to_datetime(event.occurred_at)
-                    if event.type == MERGED:
-                        await self.store.apply_merge(
-                            uuid.UUID(event.other_customer_id),
-                            uuid.UUID(event.customer_id),
-                            uuid.UUID(event.merge_id),
-                            event.cursor,
-                            at,
-                        )
-                    elif event.type == UNMERGED:
-                        await self.store.apply_unmerge(uuid.UUID(event.merge_id), event.cursor, at)
-                    elif event.type == FORGOTTEN:
-                        self._owners.clear()
-                        await erase([uuid.UUID(event.customer_id)])
-                        await self.store.save_sync(event.cursor, at)
-                    else:
-                        await self.store.save_sync(event.cursor, at)
-                    backoff = 0.2
-            except grpc.aio.AioRpcError as error:
-                self.connected = False
-                logger.warning(
-                    "identity event stream interrupted (%s); retrying", error.code().name
-                )
+                await self._follow_stream(erase)
+                problem = "identity event stream ended"
             except asyncio.CancelledError:
                 self.connected = False
                 raise
-            except Exception:
-                self.connected = False
-                logger.exception("identity event stream failed; retrying")
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 10.0)
+            except grpc.aio.AioRpcError as error:
+                problem = f"identity event stream: {error.code().name}"
+            except Exception as error:
+                problem = f"{type(error).__name__}: {error}"
+                logger.exception("identity follower failed")
+            self.connected = False
+            self.last_error = problem
+            logger.warning(
+                "identity follower interrupted (%s); retrying in %.1f s", problem, self._retry_s
+            )
+            await asyncio.sleep(self._retry_s)
+            self._retry_s = min(self._retry_s * 2, MAX_RETRY_S)
+
+    async def _follow_stream(self, erase: EraseCustomers) -> None:
+        assert self._stub is not None
+        if self._cursor is None:
+            status = await self.store.sync_status()
+            self._cursor = status["cursor"] if status else ""
+        stream = self._stub.StreamIdentityEvents(
+            identity_pb2.StreamIdentityEventsRequest(from_cursor=self._cursor, follow=True)
+        )
+        self.connected = True
+        self.last_error = None
+        async for event in stream:
+            await self._apply(event, erase)
+            self._cursor = event.cursor
+            self._retry_s = FIRST_RETRY_S
+
+    async def _apply(
+        self, event: identity_pb2.StreamIdentityEventsResponse, erase: EraseCustomers
+    ) -> None:
+        at = to_datetime(event.occurred_at)
+        if event.type == MERGED:
+            await self.store.apply_merge(
+                uuid.UUID(event.other_customer_id),
+                uuid.UUID(event.customer_id),
+                uuid.UUID(event.merge_id),
+                event.cursor,
+                at,
+            )
+        elif event.type == UNMERGED:
+            await self.store.apply_unmerge(uuid.UUID(event.merge_id), event.cursor, at)
+        elif event.type == FORGOTTEN:
+            self._drop_owners(lambda key, owner: True)
+            await erase([uuid.UUID(event.customer_id)])
+            await self.store.save_sync(event.cursor, at)
+        elif event.type == IDENTIFIER_REMOVED:
+            # The cache holds identifiers as sources wrote them and the event the
+            # normalised one, so every entry of its former owner goes.
+            former = uuid.UUID(event.customer_id)
+            self._drop_owners(lambda key, owner: owner == former)
+            await self.store.save_sync(event.cursor, at)
+        else:
+            await self.store.save_sync(event.cursor, at)
+
+    def _drop_owners(self, doomed: Callable[[IdentifierKey, uuid.UUID], bool]) -> None:
+        self._generation += 1
+        for key in [k for k, owner in self._owners.items() if doomed(k, owner)]:
+            del self._owners[key]
 
     async def close(self) -> None:
         if self._follower is not None:
