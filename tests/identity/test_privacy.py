@@ -17,7 +17,7 @@ import pytest
 from google.protobuf import field_mask_pb2, struct_pb2
 
 from converge.v1 import common_pb2, identity_pb2, privacy_pb2, privacy_pb2_grpc
-from tests.identity.helpers import CRM, DEVICE, EMAIL, ident, unique_email
+from tests.identity.helpers import CRM, DEVICE, EMAIL, field_violations, ident, unique_email
 
 OPERATOR = common_pb2.Actor(name="privacy-operator", reason="GDPR art. 17 request")
 
@@ -302,3 +302,48 @@ async def test_forget_requires_an_actor_and_an_existing_customer(identity) -> No
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
     listed = await identity.ListCustomers(identity_pb2.ListCustomersRequest())
     assert len(listed.customers) == 1
+
+
+async def test_an_idempotency_key_of_one_erasure_refuses_another_customer(
+    identity_with_peer, peer: Peer
+) -> None:
+    """A key bound to an (unfinished) erasure of one customer, reused for
+    another, is refused naming the key: the other customer stays, and the
+    first request still finishes under its key with its own result."""
+    identity = identity_with_peer
+    first = (
+        await identity.Resolve(
+            identity_pb2.ResolveRequest(identifiers=[ident(EMAIL, unique_email())])
+        )
+    ).customer.customer_id
+    other = (
+        await identity.Resolve(
+            identity_pb2.ResolveRequest(identifiers=[ident(EMAIL, unique_email())])
+        )
+    ).customer.customer_id
+
+    def forget(customer_id: str) -> identity_pb2.ForgetCustomerRequest:
+        return identity_pb2.ForgetCustomerRequest(
+            customer=common_pb2.CustomerRef(customer_id=customer_id),
+            actor=OPERATOR,
+            idempotency_key="forget-shared",
+        )
+
+    peer.servicer.down = True
+    unfinished = await identity.ForgetCustomer(forget(first))
+    assert not unfinished.complete
+    peer.servicer.down = False
+    for _ in range(2):  # also once the first request completed
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await identity.ForgetCustomer(forget(other))
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert list(field_violations(error.value)) == ["idempotency_key"]
+        kept = await identity.GetCustomer(
+            identity_pb2.GetCustomerRequest(customer=common_pb2.CustomerRef(customer_id=other))
+        )
+        assert kept.customer.customer_id == other
+        finished = await identity.ForgetCustomer(forget(first))
+        assert finished.complete
+    assert all(other not in r.customer_ids for r in peer.servicer.erase_requests)
+    replayed = await identity.ForgetCustomer(forget(first))
+    assert replayed.erasure_id == finished.erasure_id
