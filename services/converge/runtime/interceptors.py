@@ -1,5 +1,6 @@
-"""The server interceptor every service runs: request ids, metrics and the one
-mapping from exceptions to gRPC statuses. Auth will slot in beside it."""
+"""The server interceptor every service runs: request ids, metrics, the cap on
+concurrent streams and the one mapping from exceptions to gRPC statuses. Auth
+will slot in beside it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from converge.runtime import errors
 from converge.runtime.logs import request_id_var
@@ -20,6 +22,18 @@ from converge.runtime.metrics import GRPC_SERVER_HANDLED, GRPC_SERVER_HANDLING_S
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_METADATA_KEY = "x-request-id"
+
+# Streams that are part of the server itself, not of a service: probes and
+# tools must still get through when the services' streams are at their cap.
+_UNCAPPED_SERVICES = frozenset(
+    {
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+    }
+)
+
+Deserializer = Callable[[bytes], Any]
 
 
 def _split_method(full_method: str) -> tuple[str, str]:
@@ -35,6 +49,57 @@ def _incoming_request_id(details: grpc.HandlerCallDetails) -> str:
     return uuid.uuid4().hex
 
 
+def _message_name(deserializer: Deserializer) -> str:
+    message_class = getattr(deserializer, "__self__", None)
+    descriptor = getattr(message_class, "DESCRIPTOR", None)
+    return str(getattr(descriptor, "full_name", "message"))
+
+
+def _undecodable(message_name: str) -> errors.InvalidArgument:
+    # The field is the request itself; the parser's words stay out of it.
+    return errors.InvalidArgument(
+        [errors.FieldViolation("request", f"the bytes received are not a valid {message_name}")]
+    )
+
+
+class _Undecodable:
+    """Stands in for a unary request whose bytes did not decode: gRPC decodes
+    it before any handler runs, so the handler is where it is refused."""
+
+    def __init__(self, message_name: str) -> None:
+        self.message_name = message_name
+
+
+def _tolerant_deserializer(deserializer: Deserializer | None) -> Deserializer | None:
+    if deserializer is None:
+        return None
+    name = _message_name(deserializer)
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError:
+            return _Undecodable(name)
+
+    return deserialize
+
+
+def _refusing_deserializer(deserializer: Deserializer | None) -> Deserializer | None:
+    # A streamed request is decoded as the handler reads it, inside the call,
+    # so the error reaches the handler's wrapper like any other.
+    if deserializer is None:
+        return None
+    name = _message_name(deserializer)
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError:
+            raise _undecodable(name) from None
+
+    return deserialize
+
+
 class _Call:
     """Book-keeping of one RPC: its request id, its timing, and its outcome."""
 
@@ -43,7 +108,11 @@ class _Call:
         self.request_id = _incoming_request_id(details)
         self.context = context
         self.started = time.perf_counter()
-        self.token = request_id_var.set(self.request_id)
+        # Set, never reset through a token: each call runs in its own task and
+        # so its own context, which the value dies with. A token would have to
+        # be reset in the context that set it, and a stream the client
+        # abandons is closed later by the garbage collector from another one.
+        request_id_var.set(self.request_id)
         context.set_trailing_metadata(((REQUEST_ID_METADATA_KEY, self.request_id),))
 
     async def fail(self, exc: BaseException) -> None:
@@ -63,7 +132,6 @@ class _Call:
         name = code.name
         GRPC_SERVER_HANDLED.labels(self.service, self.method, name).inc()
         GRPC_SERVER_HANDLING_SECONDS.labels(self.service, self.method, name).observe(elapsed)
-        request_id_var.reset(self.token)
 
     def code_after_abort(self) -> grpc.StatusCode:
         code = self.context.code()
@@ -73,6 +141,10 @@ class _Call:
 class RuntimeInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every handler, whatever its streaming shape."""
 
+    def __init__(self, max_concurrent_streams: int = 2000) -> None:
+        self.max_concurrent_streams = max_concurrent_streams
+        self.open_streams = 0
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -81,39 +153,41 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
+        details = handler_call_details
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary_response(handler.unary_unary, handler_call_details),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_unary_response(handler.unary_unary, details),
+                request_deserializer=_tolerant_deserializer(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary_response(handler.stream_unary, handler_call_details),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_unary_response(handler.stream_unary, details),
+                request_deserializer=_refusing_deserializer(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream_response(handler.unary_stream, handler_call_details),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_stream_response(handler.unary_stream, details),
+                request_deserializer=_tolerant_deserializer(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         assert handler.stream_stream is not None
         return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream_response(handler.stream_stream, handler_call_details),
-            request_deserializer=handler.request_deserializer,
+            self._wrap_stream_response(handler.stream_stream, details),
+            request_deserializer=_refusing_deserializer(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
-    @staticmethod
     def _wrap_unary_response(
-        behavior: Callable[..., Any], details: grpc.HandlerCallDetails
+        self, behavior: Callable[..., Any], details: grpc.HandlerCallDetails
     ) -> Callable[..., Awaitable[Any]]:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
             call = _Call(details, context)
             code = grpc.StatusCode.OK
             try:
+                if isinstance(request, _Undecodable):
+                    raise _undecodable(request.message_name)
                 return await behavior(request, context)
             except grpc.aio.AbortError:
                 code = call.code_after_abort()
@@ -128,23 +202,34 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
 
         return handle
 
-    @staticmethod
     def _wrap_stream_response(
-        behavior: Callable[..., Any], details: grpc.HandlerCallDetails
+        self, behavior: Callable[..., Any], details: grpc.HandlerCallDetails
     ) -> Callable[..., Any]:
         if not inspect.isasyncgenfunction(behavior):
             # A handler that writes with `context.write()` (the stock health
             # Watch does) rather than yielding.
-            return RuntimeInterceptor._wrap_unary_response(behavior, details)
+            return self._wrap_unary_response(behavior, details)
+        capped = _split_method(details.method)[0] not in _UNCAPPED_SERVICES
 
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             call = _Call(details, context)
             code = grpc.StatusCode.OK
+            release = _no_release
             try:
+                if isinstance(request, _Undecodable):
+                    raise _undecodable(request.message_name)
+                if capped:
+                    release = self._take_stream_place(context)
                 async for response in behavior(request, context):
                     yield response
             except grpc.aio.AbortError:
                 code = call.code_after_abort()
+                raise
+            except GeneratorExit:
+                # gRPC stopped reading the stream: the client went away, and
+                # the abandoned stream is being closed (perhaps much later, by
+                # the garbage collector).
+                code = grpc.StatusCode.CANCELLED
                 raise
             except BaseException as exc:
                 code = _code_of(exc)
@@ -152,9 +237,37 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
                     await call.fail(exc)
                 raise
             finally:
+                release()
                 call.finish(code)
 
         return handle
+
+    def _take_stream_place(self, context: grpc.aio.ServicerContext) -> Callable[[], None]:
+        """Counts one more open stream, or refuses it beyond the cap; returns
+        what gives the place back."""
+        if self.open_streams >= self.max_concurrent_streams:
+            raise errors.ResourceExhausted(
+                f"too many concurrent streams on this server (at most "
+                f"{self.max_concurrent_streams}); retry later or on another replica"
+            )
+        self.open_streams += 1
+        released = False
+
+        def release(*_: object) -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.open_streams -= 1
+
+        # Also when the call ends: a stream the client abandons may be closed
+        # only later, by the garbage collector, and must not hold its place.
+        # (grpc-stubs types the callback as a class grpc does not export.)
+        context.add_done_callback(release)  # type: ignore[arg-type]
+        return release
+
+
+def _no_release() -> None:
+    pass
 
 
 def _code_of(exc: BaseException) -> grpc.StatusCode:

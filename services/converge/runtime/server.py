@@ -2,9 +2,10 @@
 reflection and interceptors, metrics, and graceful shutdown on SIGTERM/SIGINT.
 
 Start order: settings -> logging -> PostgreSQL (external or embedded) -> pool
--> migrations -> servicers -> bind -> SERVING. Stop order (SIGTERM): health
-NOT_SERVING -> stop accepting and let in-flight calls finish within the grace
-period -> shutdown hooks -> pool -> embedded PostgreSQL. Exit 0.
+-> migrations -> servicers -> bind -> SERVING, then health follows the
+database and the service's own checks (see `health`). Stop order (SIGTERM):
+health NOT_SERVING for good -> stop accepting and let in-flight calls finish
+within the grace period -> shutdown hooks -> pool -> embedded PostgreSQL. Exit 0.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from converge.runtime.database import create_pool, load_migrations, migrate
 from converge.runtime.embedded_postgres import EmbeddedPostgres
+from converge.runtime.health import HealthCheck, HealthWatcher
 from converge.runtime.interceptors import RuntimeInterceptor
 from converge.runtime.logs import configure_logging
 from converge.runtime.metrics import MetricsEndpoint
@@ -44,10 +46,17 @@ class ServiceContext:
     settings: ServiceSettings
     pool: asyncpg.Pool
     shutdown_hooks: list[ShutdownHook] = field(default_factory=list)
+    health_checks: dict[str, HealthCheck] = field(default_factory=dict)
 
     def on_shutdown(self, hook: ShutdownHook) -> None:
         """Runs `hook` after in-flight calls finished, before the pool closes."""
         self.shutdown_hooks.append(hook)
+
+    def add_health_check(self, name: str, check: HealthCheck) -> None:
+        """Health reports NOT_SERVING while `check()` (plain or async) is not
+        true, beside the runtime's own database check; `name` appears in the
+        log when it fails."""
+        self.health_checks[name] = check
 
 
 # Adds a service's servicers to the server; returns the full names of the gRPC
@@ -76,6 +85,7 @@ class ServiceRuntime:
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._health: health_aio.HealthServicer | None = None
+        self._health_watcher: HealthWatcher | None = None
         self._context: ServiceContext | None = None
         self._embedded: EmbeddedPostgres | None = None
         self._metrics: MetricsEndpoint | None = None
@@ -109,11 +119,14 @@ class ServiceRuntime:
             await migrate(connection, self.spec.name, load_migrations(self.spec.migrations))
 
         server = grpc.aio.server(
-            interceptors=[RuntimeInterceptor()],
+            interceptors=[RuntimeInterceptor(settings.max_concurrent_streams)],
             options=[("grpc.so_reuseport", 0)],
         )
         service_names = list(await self.spec.register(server, self._context))
         self._health = health_aio.HealthServicer()
+        # The stock servicer starts the server ("") as SERVING: not before the
+        # port is bound and the checks below pass.
+        await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             [
@@ -132,8 +145,16 @@ class ServiceRuntime:
             self._metrics = MetricsEndpoint(settings.host, settings.metrics_port)
             self.metrics_port = self._metrics.port
         # Only now, with the database migrated and servicers in place.
-        for name in ("", *service_names):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._health_watcher = HealthWatcher(
+            self._health,
+            service_names,
+            dsn,
+            self._context.health_checks,
+            interval_s=settings.health_check_interval_s,
+            timeout_s=settings.health_check_timeout_s,
+            application_name=f"converge-{self.spec.name}-health",
+        )
+        await self._health_watcher.start()
         logger.info(
             "%s serving on %s (metrics port %s)", self.spec.name, self.address, self.metrics_port
         )
@@ -144,6 +165,8 @@ class ServiceRuntime:
 
     async def stop(self, grace: float | None = None) -> None:
         grace = self.settings.grace_period_s if grace is None else grace
+        if self._health_watcher is not None:
+            await self._health_watcher.stop()
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         if self._server is not None:

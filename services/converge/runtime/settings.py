@@ -44,6 +44,19 @@ class ServiceSettings(BaseSettings):
     db_pool_min_size: int = Field(default=1, ge=0)
     db_pool_max_size: int = Field(default=10, ge=1)
     db_command_timeout_s: float = Field(default=30.0, gt=0)
+    health_check_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="How often health checks the database (and the service's own checks).",
+    )
+    health_check_timeout_s: float = Field(
+        default=2.0, gt=0, description="How long one database check may take before it fails."
+    )
+    max_concurrent_streams: int = Field(
+        default=2000,
+        ge=1,
+        description="Server-streaming calls open at once; beyond it, RESOURCE_EXHAUSTED.",
+    )
 
     @classmethod
     def env_name(cls, field_name: str) -> str:
