@@ -9,6 +9,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from importlib.resources import files
 from typing import Any
 
@@ -18,6 +19,7 @@ from asyncpg.pgproto import pgproto
 from google.protobuf import duration_pb2, struct_pb2
 
 from converge.interactions import features as feature_engine
+from converge.interactions.change_feed import ChangeFeed, type_filter
 from converge.interactions.identity_link import IdentifierRef, IdentityLink
 from converge.interactions.service import (
     STORED_IN_BULK,
@@ -33,16 +35,32 @@ from converge.interactions.types import (
     AttributeType,
     InteractionTypeSpec,
     RequiredField,
+    validate_type_spec,
 )
 from converge.runtime.cursors import commit_cursor, parse_commit_cursor
-from converge.runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument, Violations
-from converge.runtime.fields import parse_uuid
+from converge.runtime.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    Violations,
+)
+from converge.runtime.fields import (
+    EARLIEST_SECONDS,
+    LATEST_SECONDS,
+    check_message,
+    checked_requests,
+    money_decimal,
+    money_problem,
+    parse_uuid,
+    time_problem,
+)
 from converge.runtime.server import ServiceContext, ServiceSpec
 from converge.runtime.values import (
     from_plain,
     from_tagged,
-    money_from_float,
-    money_to_float,
+    money_from_decimal,
+    money_to_decimal,
     timestamp,
     to_datetime,
     to_plain,
@@ -126,6 +144,9 @@ def _draft(
     v: Violations,
 ) -> Draft | None:
     before = len(v.found)
+    # NUL in text, times out of range, inconsistent money, unknown enums.
+    check_message(message, v, path)
+    v.check("\x00" not in key, key_path, "must not contain NUL characters")
     customer_id, identifier = _customer(message.customer, f"{path}.customer", v)
     v.check(message.HasField("occurred_at"), f"{path}.occurred_at", "required")
     v.check(
@@ -164,7 +185,7 @@ def _draft(
             attributes[name] = plain
     amount = currency = None
     if message.HasField("amount"):
-        amount, currency = money_to_float(message.amount), message.amount.currency_code
+        amount, currency = money_to_decimal(message.amount), message.amount.currency_code
         v.check(
             bool(re.fullmatch(r"[A-Z]{3}", currency)),
             f"{path}.amount.currency_code",
@@ -200,7 +221,6 @@ _IDENTIFIER_TYPES = frozenset(n for n in common_pb2.IdentifierType.values() if n
 _CURRENCY = re.compile(r"[A-Z]{3}")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _REMEMBERED = 100_000
-_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799  # Timestamp's valid range
 
 
 class _Seen:
@@ -245,7 +265,8 @@ def _fast_draft(
     message: interactions_pb2.InteractionInput, key: str, lookup_only: bool, row_ref: str
 ) -> Draft | None:
     """The draft of a row in the common valid shape, or None to check it fully."""
-    if not 0 < len(key) <= MAX_KEY:
+    # (NUL checks only on free text: PostgreSQL refuses U+0000 in text.)
+    if not 0 < len(key) <= MAX_KEY or "\x00" in key:
         return None
     source = message.source
     if not _SEEN.matches(_SEEN.sources, source, _SOURCE):
@@ -259,7 +280,12 @@ def _fast_draft(
             return None
     elif customer.HasField("identifier"):
         ref = customer.identifier
-        if ref.type not in _IDENTIFIER_TYPES or not 0 < len(ref.value.strip()) <= MAX_KEY:
+        if (
+            ref.type not in _IDENTIFIER_TYPES
+            or not 0 < len(ref.value.strip()) <= MAX_KEY
+            or "\x00" in ref.value
+            or "\x00" in ref.source
+        ):
             return None
         identifier = IdentifierRef(ref.type, ref.value, ref.source)
     else:
@@ -274,6 +300,9 @@ def _fast_draft(
         or len(ticket_id) > MAX_KEY
         or len(product_id) > MAX_KEY
         or not message.HasField("occurred_at")
+        or "\x00" in kind
+        or "\x00" in ticket_id
+        or "\x00" in product_id
     ):
         return None
     attributes: dict[str, Any] = {}
@@ -288,7 +317,9 @@ def _fast_draft(
             held = value.WhichOneof("value")
             if held == "string_value":
                 text = value.string_value
-                if len(text) * 4 > MAX_STRING_BYTES and len(text.encode()) > MAX_STRING_BYTES:
+                if (
+                    len(text) * 4 > MAX_STRING_BYTES and len(text.encode()) > MAX_STRING_BYTES
+                ) or "\x00" in text:
                     return None
                 attributes[name] = text
             elif held == "number_value":
@@ -299,7 +330,10 @@ def _fast_draft(
             elif held == "bool_value":
                 attributes[name] = value.bool_value
             elif held == "timestamp_value":
-                attributes[name] = to_datetime(value.timestamp_value)
+                at = value.timestamp_value
+                if not (EARLIEST_SECONDS <= at.seconds < LATEST_SECONDS and 0 <= at.nanos < 10**9):
+                    return None
+                attributes[name] = to_datetime(at)
             else:
                 return None
     amount = None
@@ -307,12 +341,13 @@ def _fast_draft(
     if message.HasField("amount"):
         money = message.amount
         currency = money.currency_code
-        if not _CURRENCY.fullmatch(currency):
+        units, money_nanos = money.units, money.nanos
+        if not _CURRENCY.fullmatch(currency) or money_problem(units, money_nanos) is not None:
             return None
-        amount = money_to_float(money)
+        amount = money_decimal(units, money_nanos)
     occurred = message.occurred_at
     seconds, nanos = occurred.seconds, occurred.nanos
-    if not (_MIN_SECONDS <= seconds <= _MAX_SECONDS and 0 <= nanos < 10**9):
+    if not (EARLIEST_SECONDS <= seconds < LATEST_SECONDS and 0 <= nanos < 10**9):
         return None
     # By position, in Draft's field order (keywords cost three times as much).
     return Draft(
@@ -350,7 +385,7 @@ def interaction_pb(row: Any) -> interactions_pb2.Interaction:
         recorded_at=timestamp(row["recorded_at"]),
     )
     if row["amount"] is not None:
-        message.amount.CopyFrom(money_from_float(float(row["amount"]), row["currency"]))
+        message.amount.CopyFrom(money_from_decimal(Decimal(row["amount"]), row["currency"]))
     if row["sentiment"] is not None:
         message.sentiment = row["sentiment"]
     if row["identifier"]:
@@ -419,7 +454,7 @@ def _definition_pb(
 
 
 def _vector(
-    customer_id: uuid.UUID,
+    customer_id: uuid.UUID | None,
     values: dict[str, float] | None,
     as_of: datetime,
     names: set[str],
@@ -428,7 +463,7 @@ def _vector(
     if values and names:
         values = {name: value for name, value in values.items() if name in names}
     return interactions_pb2.FeatureVector(
-        customer_id=str(customer_id),
+        customer_id="" if customer_id is None else str(customer_id),
         ticket_id=ticket_id,
         as_of=timestamp(as_of),
         feature_set_version=feature_engine.FEATURE_SET_VERSION,
@@ -452,10 +487,17 @@ def _struct(row: Any) -> struct_pb2.Struct:
     return struct
 
 
+@checked_requests
 class InteractionsServicer(interactions_pb2_grpc.InteractionsServiceServicer):
-    def __init__(self, service: InteractionsService, settings: InteractionsSettings) -> None:
+    def __init__(
+        self,
+        service: InteractionsService,
+        settings: InteractionsSettings,
+        changes: ChangeFeed | None = None,
+    ) -> None:
         self.service = service
         self.settings = settings
+        self.changes = changes or ChangeFeed(service.store, settings.stream_fallback_poll_s)
 
     async def RecordInteraction(
         self, request: interactions_pb2.RecordInteractionRequest, context: grpc.aio.ServicerContext
@@ -475,9 +517,7 @@ class InteractionsServicer(interactions_pb2_grpc.InteractionsServiceServicer):
         summary = await self.service.ingest([draft], validate_only=request.validate_only)
         result = summary.results[0]
         if result.outcome == "rejected":
-            if result.field == "interaction.customer":
-                from converge.runtime.errors import NotFound
-
+            if result.field == "interaction.customer":  # (unknown, erased, or not resolved)
                 raise NotFound("customer", result.reason)
             raise InvalidArgument([FieldViolation(result.field, result.reason)])
         return interactions_pb2.RecordInteractionResponse(
@@ -647,25 +687,11 @@ class InteractionsServicer(interactions_pb2_grpc.InteractionsServiceServicer):
         v = Violations()
         cursor = parse_commit_cursor(request.from_cursor, "from_cursor", v)
         v.raise_if_any()
-        exact = {t for t in request.types if not t.endswith(".*")}
-        prefixes = tuple(t[:-1] for t in request.types if t.endswith(".*"))
-        while True:
-            rows = await self.service.store.stream_after(cursor, 500)
-            for row in rows:
-                cursor = (row["xid"], row["seq"])
-                if (
-                    request.types
-                    and row["type"] not in exact
-                    and not row["type"].startswith(prefixes)
-                ):
-                    continue
-                yield interactions_pb2.StreamInteractionsResponse(
-                    cursor=commit_cursor(*cursor), interaction=interaction_pb(row)
-                )
-            if not rows:
-                if not request.follow:
-                    return
-                await asyncio.sleep(self.settings.stream_poll_interval_s)
+        rows = self.changes.rows_after(cursor, type_filter(request.types), request.follow)
+        async for position, row in rows:
+            yield interactions_pb2.StreamInteractionsResponse(
+                cursor=commit_cursor(*position), interaction=interaction_pb(row)
+            )
 
     async def RegisterInteractionType(
         self,
@@ -674,43 +700,37 @@ class InteractionsServicer(interactions_pb2_grpc.InteractionsServiceServicer):
     ) -> interactions_pb2.RegisterInteractionTypeResponse:
         v = Violations()
         given = request.interaction_type
-        attributes = []
         for i, a in enumerate(given.attributes):
-            path = f"interaction_type.attributes[{i}]"
             v.check(
-                bool(_ATTRIBUTE_NAME.match(a.name)),
-                f"{path}.name",
-                "must match [a-z][a-z0-9_]{0,62}",
+                a.type in _ATTRIBUTE_TYPES,
+                f"interaction_type.attributes[{i}].type",
+                "set a known attribute type",
             )
-            v.check(a.type in _ATTRIBUTE_TYPES, f"{path}.type", "set a known attribute type")
-            if a.type in _ATTRIBUTE_TYPES:
-                attributes.append(
-                    AttributeSpec(
-                        name=a.name,
-                        type=_ATTRIBUTE_TYPES[a.type],
-                        required=a.required,
-                        description=a.description,
-                        allowed_values=tuple(a.allowed_values),
-                        min_value=a.min_value if a.HasField("min_value") else None,
-                        max_value=a.max_value if a.HasField("max_value") else None,
-                        unit=a.unit,
-                    )
-                )
         for i, f in enumerate(given.required_fields):
             v.check(f in _FIELD_NAMES, f"interaction_type.required_fields[{i}]", "unknown field")
-        v.check(
-            len({a.name for a in attributes}) == len(attributes),
-            "interaction_type.attributes",
-            "attribute names must be unique",
-        )
         v.raise_if_any()
         spec = InteractionTypeSpec(
             name=given.name,
             description=given.description,
-            attributes=tuple(attributes),
+            attributes=tuple(
+                AttributeSpec(
+                    name=a.name,
+                    type=_ATTRIBUTE_TYPES[a.type],
+                    required=a.required,
+                    description=a.description,
+                    allowed_values=tuple(a.allowed_values),
+                    min_value=a.min_value if a.HasField("min_value") else None,
+                    max_value=a.max_value if a.HasField("max_value") else None,
+                    unit=a.unit,
+                )
+                for a in given.attributes
+            ),
             required_fields=frozenset(_FIELD_NAMES[f] for f in given.required_fields),
             built_in=False,
         )
+        for field_path, problem in validate_type_spec(spec):
+            v.add(f"interaction_type.{field_path}", problem)
+        v.raise_if_any()
         registered, row, created = await self.service.register_type(spec)
         return interactions_pb2.RegisterInteractionTypeResponse(
             interaction_type=_type_pb(registered, row), created=created
@@ -781,7 +801,8 @@ class InteractionsServicer(interactions_pb2_grpc.InteractionsServiceServicer):
         )
         return interactions_pb2.GetFeaturesResponse(
             customers=[
-                _vector(root, values if ok else None, as_of, names)
+                # Not found: no customer id (never the nil UUID) and `found` false.
+                _vector(root, values, as_of, names) if ok else _vector(None, None, as_of, names)
                 for root, values, ok in zip(roots, customers, found, strict=True)
             ],
             tickets=[
@@ -798,6 +819,7 @@ class InteractionsServicer(interactions_pb2_grpc.InteractionsServiceServicer):
     ) -> AsyncIterator[interactions_pb2.GetPointInTimeFeaturesResponse]:
         async for request in request_iterator:
             v = Violations()
+            check_message(request, v)
             v.check(
                 len(request.queries) <= MAX_PIT_QUERIES,
                 "queries",
@@ -807,7 +829,11 @@ class InteractionsServicer(interactions_pb2_grpc.InteractionsServiceServicer):
             for i, query in enumerate(request.queries):
                 customer_id = _uuid(query.customer_id, f"queries[{i}].customer_id", v)
                 v.check(query.HasField("as_of"), f"queries[{i}].as_of", "required")
-                if customer_id is not None and query.HasField("as_of"):
+                if (
+                    customer_id is not None
+                    and query.HasField("as_of")
+                    and time_problem(query.as_of) is None
+                ):
                     queries.append((customer_id, to_datetime(query.as_of), query.ticket_id))
             names = self._feature_names(request.feature_names, v)
             v.raise_if_any()
@@ -870,6 +896,7 @@ class InteractionsServicer(interactions_pb2_grpc.InteractionsServiceServicer):
         return response
 
 
+@checked_requests
 class InteractionsDataSubjects(privacy_pb2_grpc.DataSubjectServiceServicer):
     """Erasure and export of what this service holds on a customer."""
 
@@ -908,9 +935,11 @@ async def register(server: grpc.aio.Server, context: ServiceContext) -> list[str
     store = InteractionsStore(context.pool, settings.state_cache_size)
     identity = IdentityLink(settings.identity_address, settings.identity_timeout_s, store)
     service = InteractionsService(store, identity, settings)
+    changes = ChangeFeed(store, settings.stream_fallback_poll_s)
+    context.on_shutdown(changes.close)
     await service.load_types()
     interactions_pb2_grpc.add_InteractionsServiceServicer_to_server(
-        InteractionsServicer(service, settings), server
+        InteractionsServicer(service, settings, changes), server
     )
     privacy_pb2_grpc.add_DataSubjectServiceServicer_to_server(
         InteractionsDataSubjects(store), server

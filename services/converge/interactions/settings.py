@@ -48,4 +48,12 @@ class InteractionsSettings(ServiceSettings):
     purge_batch_size: int = Field(
         default=5_000, ge=1, le=100_000, description="Interactions deleted per purge transaction."
     )
-    stream_poll_interval_s: float = Field(default=0.1, gt=0)
+    # Followers of the change stream are woken by a notification at each
+    # ingest commit. A stored row may become deliverable only later, when an
+    # older transaction elsewhere ends (see store.STREAM_AFTER), which nothing
+    # notifies: one shared read per process at this interval picks those up.
+    stream_fallback_poll_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="Seconds between the change feed's reads when no notification came.",
+    )

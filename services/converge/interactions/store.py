@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
+import asyncpg.pool
 import orjson
 import prometheus_client
 
@@ -49,29 +52,34 @@ JOIN unnest($1::text[], $2::text[]) AS q(source, idempotency_key) USING (source,
 """
 
 # A state's version is the xmin of its row: whoever rewrites a state (another
-# ingest or replica, an erasure, a hand-made UPDATE) changes it. Ingests write
-# states side by side, each only over the version it folded onto (compare and
-# set): a state written by another ingest since it was read is left alone,
-# and the ingest folds its rows into that one instead. A customer new to both
-# is inserted by the first; the second finds it there. Rows are written in
-# customer order, so two ingests wait for each other's row locks in one order.
+# ingest or replica, an erasure, a hand-made UPDATE) changes it. Ingests fold
+# side by side onto the states as they read them, and write them back in two
+# steps. First LOCK_STATES takes every state row of the batch in one global
+# order (customer id), in one statement: a stored row is locked (ON CONFLICT
+# DO UPDATE ... WHERE false locks the row and writes nothing), a missing one is
+# inserted, with the folded state when the ingest found none, else with an
+# empty placeholder (the customer's row went away: folded again below). Two
+# ingests thus always wait for each other's rows in the same order, inserted
+# rows included, and can never deadlock on states (they did, 37 times in 720
+# transactions, when the rows were locked in each statement's plan order and
+# again when a state was folded a second time). Then WRITE_STATES writes each
+# state over the version it was folded onto (compare and set); a state another
+# ingest wrote since it was read is read again (it is locked now, so it stays
+# as read), this batch's rows are folded into it, and it is written as is.
+LOCK_STATES = """
+INSERT INTO customer_state AS s (customer_id, state)
+SELECT customer_id, coalesce(state, '\\x'::bytea)
+FROM unnest($1::uuid[], $2::bytea[]) AS w(customer_id, state)
+ORDER BY customer_id
+ON CONFLICT (customer_id) DO UPDATE SET state = s.state WHERE false
+RETURNING customer_id, xmin
+"""
+# A null version writes unconditionally (the row is locked by this ingest).
 WRITE_STATES = """
-WITH wanted AS (
-    SELECT * FROM unnest($1::uuid[], $2::bytea[], $3::xid[]) AS w(customer_id, state, version)
-),
-updated AS (
-    UPDATE customer_state s SET state = w.state, updated_at = now()
-    FROM wanted w
-    WHERE s.customer_id = w.customer_id AND s.xmin = w.version
-    RETURNING s.customer_id, s.xmin
-),
-inserted AS (
-    INSERT INTO customer_state (customer_id, state)
-    SELECT customer_id, state FROM wanted WHERE version IS NULL
-    ON CONFLICT (customer_id) DO NOTHING
-    RETURNING customer_id, xmin
-)
-SELECT * FROM updated UNION ALL SELECT * FROM inserted
+UPDATE customer_state s SET state = w.state, updated_at = now()
+FROM unnest($1::uuid[], $2::bytea[], $3::xid[]) AS w(customer_id, state, version)
+WHERE s.customer_id = w.customer_id AND (w.version IS NULL OR s.xmin = w.version)
+RETURNING s.customer_id, s.xmin
 """
 STATE_VERSIONS = "SELECT customer_id, xmin FROM customer_state WHERE customer_id = ANY($1::uuid[])"
 
@@ -135,7 +143,31 @@ ORDER BY xid, seq
 LIMIT $3
 """
 
+# The position of the latest row the stream can deliver now (see STREAM_AFTER).
+STREAM_HEAD = """
+SELECT xid, seq FROM interactions
+WHERE xid < (SELECT pg_snapshot_xmin(pg_current_snapshot()))
+ORDER BY xid DESC, seq DESC
+LIMIT 1
+"""
+
+# Notified once by every transaction that stored interactions, at its commit
+# (migration 0007); a process's change feed listens on it.
+STORED_CHANNEL = "converge_interactions_stored"
+# The database work of change-stream followers: it must not grow with their
+# number (see change_feed.py).
+STREAM_READS = prometheus_client.Counter(
+    "converge_interactions_stream_reads_total",
+    "Reads of the change stream, by StreamInteractions followers and the change feed.",
+)
+
 SELECT_INTERACTION = "SELECT * FROM interactions WHERE interaction_id = $1"
+
+# Erased customers (tombstones, see migration 0006): an ingest refuses them.
+ERASED_AMONG = "SELECT customer_id FROM erased_customers WHERE customer_id = ANY($1::uuid[])"
+RECORD_ERASED = (
+    "INSERT INTO erased_customers (customer_id) SELECT unnest($1::uuid[]) ON CONFLICT DO NOTHING"
+)
 
 UPSERT_LINK = """
 INSERT INTO customer_links (merged_customer_id, surviving_customer_id, merge_id) VALUES ($1, $2, $3)
@@ -176,6 +208,19 @@ GROUP BY type
 
 
 Key = tuple[str, str]  # (source, idempotency key)
+
+
+@dataclasses.dataclass(frozen=True)
+class Listener:
+    """A connection taken out of the pool to listen (see listen_for_stored)."""
+
+    connection: asyncpg.pool.PoolConnectionProxy
+    callback: Callable[..., None]
+
+    def is_closed(self) -> bool:
+        return self.connection.is_closed()
+
+
 EventsOf = Callable[[uuid.UUID], Awaitable[list[asyncpg.Record]]]
 Row = TypeVar("Row", bound="NewInteraction")
 Fold = Callable[
@@ -221,8 +266,52 @@ async def _copy(
     records: Iterable[tuple[Any, ...]] = (row.record() for row in rows)
     if ids is not None:
         records = list(records)
-        ids[:] = [record[0] for record in records]
     await connection.copy_records_to_table("interactions", columns=COLUMNS, records=records)
+    if ids is not None:
+        ids.extend(record[0] for record in records)
+
+
+# What the database (or the encoding of a row for it) refuses in one row, as a
+# check let through: a value out of a column's range, a character the text
+# type cannot hold, a constraint. A re-sent key (UniqueViolationError) is not
+# one of them: it is a duplicate, handled apart.
+_REFUSALS = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    ValueError,
+    TypeError,
+    OverflowError,
+)
+
+
+def _refused(error: Exception) -> bool:
+    return isinstance(error, _REFUSALS) and not isinstance(error, asyncpg.UniqueViolationError)
+
+
+async def _copy_sorting_out(
+    connection: Connection, rows: Sequence[Row], ids: list[uuid.UUID] | None
+) -> tuple[list[Row], list[tuple[Row, str]]]:
+    """Copies the rows in a savepoint; when a row's value is refused, halves
+    the batch until the refused rows are found (a COPY fails whole) and copies
+    the others. Returns the rows copied and the refused ones with the reason.
+    A re-sent key raises UniqueViolationError, as a plain COPY does."""
+    try:
+        attempt: list[uuid.UUID] | None = [] if ids is not None else None
+        async with connection.transaction():
+            await _copy(connection, rows, attempt)
+    except Exception as error:
+        if not _refused(error):
+            raise
+        if len(rows) == 1:
+            reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+            return [], [(rows[0], f"the database refused a value of this row: {reason}")]
+        middle = len(rows) // 2
+        copied, refused = await _copy_sorting_out(connection, rows[:middle], ids)
+        later, refused_later = await _copy_sorting_out(connection, rows[middle:], ids)
+        return [*copied, *later], [*refused, *refused_later]
+    if ids is not None and attempt is not None:
+        ids.extend(attempt)
+    return list(rows), []
 
 
 DUMPS_PER_SLICE = 500
@@ -336,10 +425,11 @@ INGEST_DEADLOCK_RETRIES = prometheus_client.Counter(
     "Ingest transactions run again after PostgreSQL broke a deadlock between ingests.",
 )
 
-# Ingests retry what another ingest changed under them; past these attempts
-# the batch fails (nothing of it committed) and the client sends it again.
+# A deadlock left between ingests (two streams storing the same keys at once
+# in opposite orders; states cannot deadlock, see LOCK_STATES) runs the batch
+# again; past these attempts it fails (nothing of it committed) and the client
+# sends it again.
 DEADLOCK_ATTEMPTS = 3
-STATE_WRITE_ATTEMPTS = 20
 
 
 class _FoldNeedsReads(Exception):
@@ -352,21 +442,24 @@ async def _no_reads(customer_id: uuid.UUID) -> list[asyncpg.Record]:
 
 async def _copy_unstored(
     connection: Connection, first: dict[Key, Row], ids: list[uuid.UUID] | None
-) -> tuple[dict[Key, asyncpg.Record], list[Row]]:
-    """Copies the rows whose key is not stored yet (as `_copy`); returns the
-    first copies of those that were, and the rows copied."""
+) -> tuple[dict[Key, asyncpg.Record], list[Row], list[tuple[Row, str]]]:
+    """Copies the rows whose key is not stored yet (as `_copy_sorting_out`);
+    returns the first copies of those that were, the rows copied and the
+    rows refused."""
     while True:
         found = await connection.fetch(
             SELECT_BY_KEYS, [key[0] for key in first], [key[1] for key in first]
         )
         duplicates = {(r["source"], r["idempotency_key"]): r for r in found}
-        fresh = [row for key, row in first.items() if key not in duplicates]
+        unstored = [row for key, row in first.items() if key not in duplicates]
+        attempt: list[uuid.UUID] | None = [] if ids is not None else None
         try:
-            async with connection.transaction():
-                await _copy(connection, fresh, ids)
+            fresh, refused = await _copy_sorting_out(connection, unstored, attempt)
         except asyncpg.UniqueViolationError:
             continue  # another ingest, in flight when we looked, stored one of them since
-        return duplicates, fresh
+        if ids is not None and attempt is not None:
+            ids.extend(attempt)
+        return duplicates, fresh, refused
 
 
 async def _write_states(
@@ -377,33 +470,74 @@ async def _write_states(
     fold: Fold[Row],
     events_of: EventsOf,
 ) -> dict[uuid.UUID, tuple[int, dict[str, Any]]]:
-    """Writes the folded states over the versions they were folded onto. A
-    state another ingest wrote since is read again and this batch's rows of
-    its customer folded into it, until every state is written. Returns each
-    written state with its new version."""
+    """Writes the folded states over the versions they were folded onto,
+    every row locked first in customer order (see LOCK_STATES). A state
+    another ingest wrote since is read again and this batch's rows of its
+    customer folded into it. Returns each written state with its new version."""
+    customers = sorted(updated)
+    dumped = await _dump_states(updated, customers)
     written: dict[uuid.UUID, tuple[int, dict[str, Any]]] = {}
-    for _ in range(STATE_WRITE_ATTEMPTS):
-        customers = sorted(updated)
-        for customer_id, version in await connection.fetch(
-            WRITE_STATES,
-            customers,
-            await _dump_states(updated, customers),
-            [versions[c] for c in customers],
-        ):
+    lost: States = {}  # customers to fold again, from the state now stored
+    for customer_id, version in await connection.fetch(
+        LOCK_STATES,
+        customers,
+        [None if versions[c] is not None else d for c, d in zip(customers, dumped, strict=True)],
+    ):
+        if versions[customer_id] is None:  # (new to both: inserted as folded)
             written[customer_id] = (version, updated[customer_id])
-        lost = {c for c in customers if c not in written}
-        if not lost:
-            return written
-        STATES_REFOLDED.inc(len(lost))
-        states, versions = await _read_states(connection, list(lost))
-        updated = await fold(states, [row for row in rows if row.owner in lost], events_of)
-    raise Aborted("feature states kept changing under this ingest; send the batch again")
+        else:  # (gone since it was read: a placeholder now, folded from nothing)
+            lost[customer_id] = None
+    # Over the version folded onto; a customer new to this ingest whose row
+    # another ingest inserted meanwhile is not written here but folded again.
+    stored = [
+        i
+        for i, c in enumerate(customers)
+        if versions[c] is not None and c not in written and c not in lost
+    ]
+    for customer_id, version in await connection.fetch(
+        WRITE_STATES,
+        [customers[i] for i in stored],
+        [dumped[i] for i in stored],
+        [versions[customers[i]] for i in stored],
+    ):
+        written[customer_id] = (version, updated[customer_id])
+    changed = [c for c in customers if c not in written and c not in lost]
+    if changed:
+        read, _ = await _read_states(connection, changed)
+        lost.update(read)
+    if not lost:
+        return written
+    STATES_REFOLDED.inc(len(lost))
+    refolded = await fold(lost, [row for row in rows if row.owner in lost], events_of)
+    again = sorted(refolded)
+    for customer_id, version in await connection.fetch(
+        WRITE_STATES, again, await _dump_states(refolded, again), [None] * len(again)
+    ):
+        written[customer_id] = (version, refolded[customer_id])
+    return written
+
+
+@dataclass(frozen=True)
+class IngestOutcome:
+    """What an ingest transaction did with its rows, each key once."""
+
+    new: dict[Key, asyncpg.Record | None]  # stored now (seq, id, recorded_at if asked)
+    duplicates: dict[Key, asyncpg.Record]  # stored before: the first copy
+    refused: dict[Key, str]  # a value the database refused: why
+    erased: frozenset[uuid.UUID]  # owners erased: none of their rows was stored
+
+
+def _reasons(refused: Sequence[tuple[NewInteraction, str]]) -> dict[Key, str]:
+    return {(row.source, row.idempotency_key): reason for row, reason in refused}
 
 
 class InteractionsStore:
     def __init__(self, pool: asyncpg.Pool, state_cache_size: int = 0) -> None:
         self.pool = pool
         self.state_cache = StateCache(state_cache_size)
+        # Called with the customer ids after each erasure commits, for what
+        # keeps rows in memory (the change feed's recent rows).
+        self.erasure_hooks: list[Callable[[Sequence[uuid.UUID]], None]] = []
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
@@ -412,52 +546,60 @@ class InteractionsStore:
 
     async def ingest(
         self, rows: Sequence[Row], fold: Fold[Row], *, stored_rows: bool = True
-    ) -> tuple[dict[Key, asyncpg.Record | None], dict[Key, asyncpg.Record]]:
+    ) -> IngestOutcome:
         """Stores the rows not stored before and folds them into the live
         feature states, in one transaction: what is acknowledged is durable and
         already in the features. Ingests run side by side (replicas, streams,
-        single records); each folds onto the states as stored (see WRITE_STATES).
+        single records); each folds onto the states as stored (see LOCK_STATES).
 
         `fold(states_by_customer, fresh_rows, events_of)` returns the new
         states; `events_of(customer)` reads a customer's stored interactions in
-        the same transaction, for rebuilding a state from scratch. Returns the
-        newly stored keys, each with its row's (seq, interaction_id,
-        recorded_at) when `stored_rows` (else None), and for keys stored
-        before, the first copy; both by (source, key). A key given twice in
-        one batch is stored once, from its first row.
+        the same transaction, for rebuilding a state from scratch. A key given
+        twice in one batch is stored once, from its first row. Rows of an
+        erased customer, and rows with a value the database refuses, are not
+        stored; the others are (see IngestOutcome).
         """
         for _ in range(DEADLOCK_ATTEMPTS - 1):
             try:
                 return await self._ingest_once(rows, fold, stored_rows)
             except asyncpg.DeadlockDetectedError:
-                # Two ingests locked the same rows in opposite orders (rare:
-                # both write in customer order). Nothing of this one was
-                # committed; it runs again.
+                # Two streams stored the same keys at once in opposite orders
+                # (states are locked in one order and cannot deadlock). Nothing
+                # of this one was committed; it runs again.
                 INGEST_DEADLOCK_RETRIES.inc()
         return await self._ingest_once(rows, fold, stored_rows)
 
     async def _ingest_once(
         self, rows: Sequence[Row], fold: Fold[Row], stored_rows: bool
-    ) -> tuple[dict[Key, asyncpg.Record | None], dict[Key, asyncpg.Record]]:
+    ) -> IngestOutcome:
         first: dict[Key, Row] = {}
         for row in rows:  # a key repeated within the batch: the first copy wins
             first.setdefault((row.source, row.idempotency_key), row)
         async with self.pool.acquire() as connection, connection.transaction():
             await connection.execute("SELECT pg_advisory_xact_lock_shared($1)", INGEST_LOCK)
+            # Under the lock, so an erasure is wholly before this (its ids are
+            # listed now) or wholly after (it deletes what this stores).
+            erased = frozenset(
+                r[0] for r in await connection.fetch(ERASED_AMONG, _customers_of(rows))
+            )
+            if erased:
+                first = {key: row for key, row in first.items() if row.owner not in erased}
 
             async def events_of(customer_id: uuid.UUID) -> list[asyncpg.Record]:
                 return list(await connection.fetch(EVENTS_OF_CUSTOMER, customer_id))
 
             duplicates: dict[Key, asyncpg.Record] = {}
+            refused: list[tuple[Row, str]] = []
             fresh = list(first.values())
             updated: dict[uuid.UUID, dict[str, Any]] | None = None
             ids: list[uuid.UUID] | None = [] if stored_rows else None
             states, versions = await _states_for_update(connection, fresh, self.state_cache)
             try:
-                # Optimistically, as re-sent keys are rare: binary COPY straight
-                # into the table, where the unique key refuses a key stored
-                # before. Meanwhile Python folds the rows into the states (the
-                # fold yields now and then, so the COPY's data keeps flowing).
+                # Optimistically, as re-sent keys and refused values are rare:
+                # binary COPY straight into the table, where the unique key
+                # refuses a key stored before. Meanwhile Python folds the rows
+                # into the states (the fold yields now and then, so the COPY's
+                # data keeps flowing).
                 async with connection.transaction():
                     folding = asyncio.ensure_future(fold(states, fresh, _no_reads))
                     try:
@@ -465,16 +607,18 @@ class InteractionsStore:
                     finally:
                         with contextlib.suppress(_FoldNeedsReads):
                             updated = await folding
-            except asyncpg.UniqueViolationError:
-                duplicates, fresh = await _copy_unstored(connection, first, ids)
+            except Exception as error:
+                if not (isinstance(error, asyncpg.UniqueViolationError) or _refused(error)):
+                    raise
+                duplicates, fresh, refused = await _copy_unstored(connection, first, ids)
                 updated = None  # folded with rows that were not stored
             new: dict[Key, asyncpg.Record | None] = {}
             if not fresh:
-                return new, duplicates
+                return IngestOutcome(new, duplicates, _reasons(refused), erased)
             if stored_rows:
                 for r in await connection.fetch(STORED_AS, ids):
                     new[(r["source"], r["idempotency_key"])] = r
-            elif duplicates:
+            elif duplicates or refused:
                 new = dict.fromkeys((row.source, row.idempotency_key) for row in fresh)
             else:
                 new = dict.fromkeys(first)  # (every row was stored: the keys at hand)
@@ -485,7 +629,11 @@ class InteractionsStore:
             written = await _write_states(connection, updated, versions, fresh, fold, events_of)
         for customer_id, (version, state) in written.items():  # committed: keep them
             self.state_cache.put(customer_id, version, state)
-        return new, duplicates
+        return IngestOutcome(new, duplicates, _reasons(refused), erased)
+
+    async def erased_among(self, customer_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        async with self.pool.acquire() as connection:
+            return {r[0] for r in await connection.fetch(ERASED_AMONG, list(customer_ids))}
 
     async def roots(self, customer_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, uuid.UUID]:
         async with self.pool.acquire() as connection:
@@ -542,8 +690,35 @@ class InteractionsStore:
 
     async def stream_after(self, cursor: tuple[int, int], limit: int) -> list[asyncpg.Record]:
         """Up to `limit` interactions after the (xid, seq) `cursor`, in stream order."""
+        STREAM_READS.inc()
         async with self.pool.acquire() as connection:
             return list(await connection.fetch(STREAM_AFTER, cursor[0], cursor[1], limit))
+
+    async def stream_head(self) -> tuple[int, int]:
+        """The (xid, seq) of the latest row the stream can deliver now; (0, 0) when none."""
+        STREAM_READS.inc()
+        async with self.pool.acquire() as connection:
+            row = await connection.fetchrow(STREAM_HEAD)
+        return (0, 0) if row is None else (row["xid"], row["seq"])
+
+    async def listen_for_stored(self, on_stored: Callable[[], None]) -> Listener:
+        """A pool connection kept out of the pool, listening for stored
+        interactions: `on_stored()` runs after each such commit. Give it back
+        with `stop_listening`."""
+        connection = await self.pool.acquire()
+        listener = Listener(connection, lambda *_: on_stored())
+        try:
+            await connection.add_listener(STORED_CHANNEL, listener.callback)
+        except BaseException:
+            await self.pool.release(connection)
+            raise
+        return listener
+
+    async def stop_listening(self, listener: Listener) -> None:
+        connection = listener.connection
+        if not connection.is_closed():
+            await connection.remove_listener(STORED_CHANNEL, listener.callback)
+        await self.pool.release(connection)  # (a broken connection is replaced)
 
     async def get(self, interaction_id: uuid.UUID) -> asyncpg.Record | None:
         async with self.pool.acquire() as connection:
@@ -648,6 +823,11 @@ class InteractionsStore:
                 "OR surviving_customer_id = ANY($1::uuid[])",
                 list(customer_ids),
             )
+            await connection.execute(RECORD_ERASED, list(customer_ids))
+        # (again: an ingest that committed while this waited put its states back)
+        self.state_cache.forget(customer_ids)
+        for hook in self.erasure_hooks:
+            hook(customer_ids)
         return {
             "interactions": int(interactions.split()[-1]),
             "feature_states": int(states.split()[-1]),
