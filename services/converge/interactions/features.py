@@ -15,10 +15,26 @@ events whose UTC day (days since 1970-01-01) lies in
 `as_of` holds only events that occurred before `as_of` (point in time:
 strictly before). An event on day(as_of) - 7 is therefore outside the 7-day
 window and inside the 30-day one. Windows are 7, 30 and 90 days, and 60 for
-`usage_change_30d` (last 30 days minus the 30 before). `CustomerState.prune(now)`
-drops the buckets that no window read at `now` or later can reach, and resolved
-tickets without activity since then (their ticket features then read as
-unknown); customer features read at `now` or later do not change.
+`usage_change_30d` (last 30 days minus the 30 before).
+
+Bounds. A customer's state stays small whatever its history (20,000 products
+and tickets once made a 3.7 MB state, rewritten on every event):
+`CustomerState.prune(now)`, run at every write of a live state, drops
+- the day buckets no window read at `now` or later reaches (90 days);
+- resolved tickets and cancelled products with no interaction in those 90
+  days (their ticket features then read as unknown);
+- beyond the caps, the least recently active (ties by id): at most
+  `MAX_OPEN_TICKETS` open and `MAX_CLOSED_TICKETS` other tickets,
+  `MAX_HELD_PRODUCTS` held and `MAX_CANCELLED_PRODUCTS` cancelled products.
+  `open_tickets` and `products_held` therefore saturate at their cap.
+  Point-in-time reads apply the same caps at each cutoff (`cap()`).
+Live and point-in-time features agree exactly for a customer within the caps
+whose events arrive less than 90 days late for a resolved ticket or a
+cancelled product (a late event about one already dropped starts it afresh:
+a cancelled product's older purchase would count it as held again; the
+pruned ticket's own features would miss its earlier history). Beyond the
+caps both saturate, but which tickets were dropped can depend on the order
+events came in, so a ticket's own features (and, rarely, a count) may differ.
 
 Types no definition names (custom types) count only in the all-types and
 per-channel features, until a feature-set version includes them.
@@ -52,6 +68,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any, Literal, NamedTuple, TypeVar
 
 from converge.interactions.types import PRIORITIES, AttrValue
@@ -145,7 +162,9 @@ class Event:
     attributes: Mapping[str, AttrValue]
     ticket_id: str = ""
     product_id: str = ""
-    amount: float | None = None  # major units of the reporting currency, e.g. 12.5
+    # Major units of the reporting currency, e.g. 12.5; a Decimal (exact) from
+    # requests and the store.
+    amount: Decimal | float | None = None
     sentiment: float | None = None  # -1 .. 1; None when unknown
 
 
@@ -438,6 +457,14 @@ _KEYS: dict[tuple[str, _Selector], str] = {
     for i, s in enumerate(selectors)
 }
 _MAX_WINDOW = max(d.window_days or 0 for d in REGISTRY)
+# The state's bound (see "Bounds" above): the most tickets and products it
+# keeps, each group its most recently active. Open tickets and held products
+# are what `open_tickets` and `products_held` count, so these two saturate at
+# their cap; at the caps a state is about 60 KB of JSON.
+MAX_OPEN_TICKETS = 200
+MAX_CLOSED_TICKETS = 200  # resolved (or never opened) within the longest window
+MAX_HELD_PRODUCTS = 500
+MAX_CANCELLED_PRODUCTS = 200  # cancelled within the longest window
 _SNAPSHOTS = frozenset({d.window_days for d in REGISTRY if d.window_days} | {30})
 
 STATE_VERSION: str = "s1-" + _digest(
@@ -506,16 +533,39 @@ def _day(at: datetime) -> int:
     return (at - _EPOCH).days
 
 
+# The largest value folded, in nano-units: 1e9 major units, the most a Money
+# may carry (`converge.runtime.fields.MAX_MONEY_UNITS`). Larger numbers (an
+# attribute's) are not folded, as non-finite ones are not: the state keeps
+# sums in 64-bit integers (it is stored through orjson), and a sum is held
+# within them by saturating at `SUM_LIMIT` (9.2e9 major units a day; read
+# such a sum as "at least").
+MAX_FOLDED_NANOS = 10**18
+SUM_LIMIT = 2**63 - 1
+
+
 def _nanos(value: object) -> int | None:
-    """A finite number as integer nano-units; None for anything else."""
+    """A finite number of at most `MAX_FOLDED_NANOS` nano-units as integer
+    nano-units (a Decimal amount exactly); None for anything else."""
     # (None first: most events carry no amount and no sentiment. A tuple, not
     # `int | float`, which builds a union object on every call.)
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+    if value is None or isinstance(value, bool):
         return None
-    scaled = value * 1e9
-    if not math.isfinite(scaled):
+    if isinstance(value, (int, float)):
+        scaled = value * 1e9
+        if not math.isfinite(scaled):
+            return None
+        nanos = round(scaled)
+    elif isinstance(value, Decimal):
+        if not value.is_finite():
+            return None
+        nanos = int(value.scaleb(9).to_integral_value(ROUND_HALF_EVEN))
+    else:
         return None
-    return round(scaled)
+    return nanos if -MAX_FOLDED_NANOS <= nanos <= MAX_FOLDED_NANOS else None
+
+
+def _saturated(total: int) -> int:
+    return SUM_LIMIT if total > 0 else -SUM_LIMIT
 
 
 def _value_nanos(event: Event, attribute: str) -> int | None:
@@ -654,7 +704,8 @@ class CustomerState:
             value = _value_nanos(event, attribute)
             if value is not None:
                 bucket[n_key] = bucket.get(n_key, 0) + 1
-                bucket[s_key] = bucket.get(s_key, 0) + value
+                total = bucket.get(s_key, 0) + value
+                bucket[s_key] = total if -SUM_LIMIT <= total <= SUM_LIMIT else _saturated(total)
         times = self.times
         for key in plan.times:
             if t > times.get(key, t - 1):
@@ -718,23 +769,41 @@ class CustomerState:
                 ticket.opened = opened
 
     def prune(self, now: datetime) -> None:
-        """Drops what no feature read at `now` or later can use: day buckets
-        before the longest window, and resolved tickets with no interaction
-        since then."""
+        """Drops what no feature read at `now` or later needs, and holds the
+        state within its bound (see "Bounds" in the module's docstring): day
+        buckets before the longest window; resolved tickets and cancelled
+        products with no interaction since then; beyond the caps, the tickets
+        and products least recently active."""
         horizon = _day(now) - (_MAX_WINDOW - 1)
         for day in [d for d in self.days if int(d) < horizon]:
             del self.days[day]
         cutoff = horizon * _US_PER_DAY
-        for ticket_id in [k for k, tk in self.tickets.items() if not tk.open and tk.last < cutoff]:
-            del self.tickets[ticket_id]
+        tickets = self.tickets
+        for ticket_id in [k for k, tk in tickets.items() if not tk.open and tk.last < cutoff]:
+            del tickets[ticket_id]
+        products = self.products
+        for product_id in [k for k, (t, how) in products.items() if how != 1 and t < cutoff]:
+            del products[product_id]
+        self.cap()
+
+    def cap(self) -> None:
+        """Drops the least recently active tickets and products beyond the
+        caps (point-in-time reads cap their state at each cutoff too)."""
+        tickets, products = self.tickets, self.products
+        if len(tickets) > min(MAX_OPEN_TICKETS, MAX_CLOSED_TICKETS):
+            _keep_latest(tickets, MAX_OPEN_TICKETS, lambda tk: tk.last, lambda tk: tk.open)
+            _keep_latest(tickets, MAX_CLOSED_TICKETS, lambda tk: tk.last, lambda tk: not tk.open)
+        if len(products) > min(MAX_HELD_PRODUCTS, MAX_CANCELLED_PRODUCTS):
+            _keep_latest(products, MAX_HELD_PRODUCTS, lambda p: p[0], lambda p: p[1] == 1)
+            _keep_latest(products, MAX_CANCELLED_PRODUCTS, lambda p: p[0], lambda p: p[1] != 1)
 
     def tidy(self, now: datetime) -> None:
         """`prune`, once there is something to gain: the state holds more day
-        buckets than the longest window, or tickets. Reads ignore buckets
-        outside their window, so an untidied state reads the same; ingest
-        calls this for every state it writes, where a full prune cost as much
-        as folding a dozen events."""
-        if len(self.days) > _MAX_WINDOW or self.tickets:
+        buckets than the longest window, or tickets, or products. Reads ignore
+        buckets outside their window, so an untidied state reads the same;
+        ingest calls this for every state it writes, where a full prune cost
+        as much as folding a dozen events."""
+        if len(self.days) > _MAX_WINDOW or self.tickets or self.products:
             self.prune(now)
 
     def copy(self) -> CustomerState:
@@ -753,7 +822,8 @@ class CustomerState:
         for day, bucket in other.days.items():
             mine = merged.days.setdefault(day, {})
             for key, value in bucket.items():
-                mine[key] = mine.get(key, 0) + value
+                total = mine.get(key, 0) + value
+                mine[key] = total if -SUM_LIMIT <= total <= SUM_LIMIT else _saturated(total)
         if other.first is not None and (merged.first is None or other.first < merged.first):
             merged.first = other.first
         for key, t in other.times.items():
@@ -804,6 +874,26 @@ class CustomerState:
             products=d["products"],
             tickets={k: _Ticket.from_json(v) for k, v in d["tickets"].items()},
         )
+
+
+_Entry = TypeVar("_Entry")
+
+
+def _keep_latest(
+    entries: dict[str, _Entry],
+    limit: int,
+    last: Callable[[_Entry], int],
+    concerned: Callable[[_Entry], bool],
+) -> None:
+    """Keeps the `limit` most recently active of the `concerned` entries
+    (latest activity first, ties by id, so the outcome does not depend on the
+    order events came in); drops the others."""
+    ids = [k for k, entry in entries.items() if concerned(entry)]
+    if len(ids) <= limit:
+        return
+    ids.sort(key=lambda k: (last(entries[k]), k))
+    for k in ids[: len(ids) - limit]:
+        del entries[k]
 
 
 def build_state(events: Iterable[Event]) -> CustomerState:
@@ -1013,6 +1103,9 @@ def features_at_cutoffs(
         while position < len(ordered) and ordered[position].occurred_at < cutoff:
             state.apply(ordered[position])
             position += 1
+        # Capped as live serving caps (see "Bounds"), so that a customer
+        # beyond the caps reads the same saturated counts both ways.
+        state.cap()
         ticket_id = ticket_ids[index] if ticket_ids is not None else ""
         results[index] = (
             customer_features(state, cutoff),

@@ -159,7 +159,7 @@ def event_of(row: asyncpg.Record | dict[str, Any]) -> Event:
         attributes={k: from_tagged(v) for k, v in row["attributes"].items()},
         ticket_id=row["ticket_id"],
         product_id=row["product_id"],
-        amount=float(amount) if amount is not None else None,
+        amount=amount,  # (a Decimal: folded exactly, as the draft's was)
         sentiment=row["sentiment"],
     )
 
@@ -269,8 +269,15 @@ class InteractionsService:
         to). Returns the indexes of the drafts that have one."""
         owned: set[int] = set()
         by_identifier: dict[bool, list[tuple[int, Draft]]] = {True: [], False: []}
+        missing: set[uuid.UUID] = set()
+        if self.identity.checks_customers:  # (else any id not erased is taken, see README)
+            missing = await self.identity.missing_customers(
+                list({d.customer_id for d in drafts if d.customer_id is not None})
+            )
         for index, draft in zip(indexes, drafts, strict=True):
-            if draft.customer_id is not None:
+            if draft.customer_id in missing:
+                summary.results[index] = _customer_not_found(draft)
+            elif draft.customer_id is not None:
                 draft.owner = draft.customer_id
                 owned.add(index)
             else:
@@ -331,8 +338,12 @@ class InteractionsService:
                 state.tidy(now)
             return {c: s.to_json() for c, s in live.items()}
 
-        new, duplicates = await self.store.ingest(
-            [row for _, row in rows], fold, stored_rows=stored_rows
+        outcome = await self.store.ingest([row for _, row in rows], fold, stored_rows=stored_rows)
+        new, duplicates, refused, erased = (
+            outcome.new,
+            outcome.duplicates,
+            outcome.refused,
+            outcome.erased,
         )
         results = summary.results
         if not stored_rows and not duplicates and len(new) == len(rows):
@@ -342,8 +353,13 @@ class InteractionsService:
         first_of: dict[tuple[str, str], Draft] = {}
         for index, row in rows:
             key = (row.source, row.idempotency_key)
+            if row.owner in erased:  # (erased while this batch was on its way)
+                results[index] = _customer_not_found(row)
+                continue
             first = first_of.setdefault(key, row)
-            if first is row and key in new:
+            if key in refused:
+                results[index] = IngestResult("rejected", field="interaction", reason=refused[key])
+            elif first is row and key in new:
                 results[index] = (
                     IngestResult("stored", new=row, stored=new[key])
                     if stored_rows
@@ -379,9 +395,16 @@ class InteractionsService:
                 if error is not None and not isinstance(error, NotFound):
                     raise error
                 ids[index] = owner
+        given = [customer_id for customer_id, _ in refs if customer_id is not None]
+        if given and self.identity.checks_customers:  # (never issued, or erased)
+            missing = await self.identity.missing_customers(given)
+            ids = [None if i in missing else i for i in ids]
         known = [i for i in ids if i is not None]
-        roots = await self.store.roots(known) if known else {}
-        return [roots.get(i, i) if i is not None else None for i in ids]
+        if not known:
+            return [None] * len(ids)
+        erased = await self.store.erased_among(known)
+        roots = await self.store.roots(known)
+        return [roots.get(i, i) if i is not None and i not in erased else None for i in ids]
 
     async def timeline(
         self,
@@ -410,7 +433,10 @@ class InteractionsService:
         result: dict[uuid.UUID, CustomerState | None] = {}
         for root in roots:
             states = [await self._state(m, raw[m]) for m in members.get(root, [root]) if m in raw]
-            result[root] = reduce(lambda a, b: a.merge(b), states) if states else None
+            merged = reduce(lambda a, b: a.merge(b), states) if states else None
+            if merged is not None and len(states) > 1:
+                merged.tidy(datetime.now(UTC))  # (each member's state is bounded, not their sum)
+            result[root] = merged
         return result
 
     async def _state(self, customer: uuid.UUID, kept: dict[str, Any]) -> CustomerState:
@@ -540,6 +566,15 @@ class InteractionsService:
         if row is None:
             raise NotFound("interaction", str(interaction_id))
         return row
+
+
+def _customer_not_found(draft: Draft) -> IngestResult:
+    """A row of a customer id identity never issued, or of an erased customer."""
+    return IngestResult(
+        "rejected",
+        field="interaction.customer",
+        reason=f"customer {draft.customer_id or draft.owner} not found",
+    )
 
 
 def _problem(
