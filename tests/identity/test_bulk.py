@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Iterable
 
-from google.protobuf import field_mask_pb2
+from google.protobuf import field_mask_pb2, timestamp_pb2
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from converge.v1 import common_pb2, identity_pb2
 from tests.identity.helpers import CRM, DESK, EMAIL, PHONE, ident
@@ -240,3 +243,104 @@ async def test_a_resent_row_with_a_changed_update_mask_is_not_taken_for_a_replay
     changed = await identity.BulkResolve(iter([row(["segment", "plan"])]))
     assert (first.created, replay.rejected) == (1, 0)
     assert changed.rejected == 1 and changed.rejections[0].field.endswith("idempotency_key")
+
+
+def bad_rows(run: str) -> dict[str, tuple[identity_pb2.BulkResolveRequest, str]]:
+    """Rows that once failed a whole stream, each with the field it must be
+    rejected for."""
+    far = timestamp_pb2.Timestamp(seconds=10**13)
+    return {
+        "nul-name": (
+            row(
+                "nul-name",
+                ident(EMAIL, f"nul.name.{run}@example.com"),
+                profile=identity_pb2.Profile(display_name="Ada\x00"),
+            ),
+            "resolve.profile.display_name",
+        ),
+        "nul-attribute": (
+            row(
+                "nul-attribute",
+                ident(EMAIL, f"nul.attr.{run}@example.com"),
+                profile=identity_pb2.Profile(
+                    attributes={"note": common_pb2.AttributeValue(string_value="\x00")}
+                ),
+            ),
+            "resolve.profile.attributes[note]",
+        ),
+        "nul-identifier": (
+            row("nul-identifier", ident(DESK, "desk\x00user")),
+            "resolve.identifiers[0].value",
+        ),
+        "far-signup": (
+            row(
+                "far-signup",
+                ident(EMAIL, f"far.{run}@example.com"),
+                profile=identity_pb2.Profile(signup_date=far),
+            ),
+            "resolve.profile.signup_date",
+        ),
+        "huge-identifier": (
+            row("huge-identifier", ident(DESK, "u" * 100_000)),
+            "resolve.identifiers[0].value",
+        ),
+        "r" * 5000: (row("r" * 5000, ident(EMAIL, f"long.ref.{run}@example.com")), "row_ref"),
+        # Same key as row "first-of-key" below, for another person.
+        "second-of-key": (
+            row("second-of-key", ident(EMAIL, f"second.{run}@example.com"), key=f"{run}-k"),
+            "resolve.idempotency_key",
+        ),
+    }
+
+
+async def test_bad_rows_are_rejected_one_by_one_and_the_stream_goes_on(identity) -> None:
+    """Each bad row is rejected with its row reference and the field at fault;
+    the good rows around them are stored; a resend gives the same answer and
+    stores nothing twice."""
+    bad = bad_rows("b")
+    good = [row(f"g{n}", ident(EMAIL, f"good.{n}@example.com"), key=f"g{n}") for n in range(6)]
+    first_of_key = row("first-of-key", ident(EMAIL, "first.b@example.com"), key="b-k")
+    sent = [first_of_key, *good[:3], *(r for r, _ in bad.values()), *good[3:]]
+    for attempt in range(2):
+        reply = await identity.BulkResolve(stream(sent))
+        assert reply.received == len(sent)
+        assert (reply.created, reply.matched) == ((7, 0) if attempt == 0 else (0, 7))
+        rejected = {r.row_ref: r.field for r in reply.rejections}
+        assert rejected == {ref[:128]: field for ref, (_, field) in bad.items()}
+    assert await customer_count(identity) == 7
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    texts=st.lists(st.text(max_size=300), min_size=1, max_size=6),
+    keys=st.lists(st.sampled_from(["", "k1", "k2"]), min_size=6, max_size=6),
+)
+async def test_generated_rows_never_fail_a_stream(identity, texts: list[str], keys) -> None:
+    """Whatever text lands in a row's identifiers, profile, actor or key, the
+    stream answers: every row is counted once as created, matched or rejected."""
+    run = uuid.uuid4().hex[:8]
+    sent = []
+    for n, text in enumerate(texts):
+        sent.append(
+            identity_pb2.BulkResolveRequest(
+                row_ref=f"{run}-{n}",
+                resolve=identity_pb2.ResolveRequest(
+                    identifiers=[ident([DESK, EMAIL, PHONE][n % 3], text or "x")],
+                    profile=identity_pb2.Profile(
+                        display_name=text,
+                        attributes={"note": common_pb2.AttributeValue(string_value=text)},
+                    ),
+                    actor=common_pb2.Actor(name=text[:200], reason=text),
+                    idempotency_key=f"{run}-{keys[n]}" if keys[n] else "",
+                ),
+            )
+        )
+    for _ in range(2):  # a resend answers as well
+        reply = await identity.BulkResolve(stream(sent))
+        assert reply.received == len(sent)
+        assert reply.created + reply.matched + reply.rejected == len(sent)
+        assert {r.row_ref for r in reply.rejections} <= {s.row_ref for s in sent}
+        nul = {s.row_ref for s, t in zip(sent, texts, strict=True) if "\x00" in t}
+        assert nul <= {r.row_ref for r in reply.rejections}

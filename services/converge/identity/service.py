@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -41,8 +42,10 @@ from converge.runtime.errors import (
     ConvergeError,
     FailedPrecondition,
     FieldViolation,
+    InternalError,
     InvalidArgument,
     NotFound,
+    translate,
 )
 
 logger = logging.getLogger(__name__)
@@ -298,6 +301,14 @@ class IdentityService:
             except ConvergeError as error:
                 outcomes[index] = BulkOutcome(error=error)
                 continue
+            except Exception as error:
+                if translate(error) is not None:
+                    raise  # the database is down or raced: the caller resends the whole
+                # One row the checks let through and the database refused: that
+                # row is rejected, the rest of the stream goes on.
+                logger.exception("bulk resolve: a row failed unexpectedly")
+                outcomes[index] = BulkOutcome(error=InternalError("this row could not be stored"))
+                continue
             outcomes[index] = BulkOutcome(
                 created=bool(result["created"]) and not result.get("replayed", False),
                 merges=len(result["merge_ids"]),
@@ -327,6 +338,9 @@ class IdentityService:
     async def _create_fresh_rows(self, rows: Sequence[BulkRow]) -> set[int]:
         """Creates, in one transaction, the rows none of whose identifiers is
         known or shared with another row of the batch; returns their indexes."""
+        # A key given to two rows of the batch is a replay or a refusal, decided
+        # one by one; here both would be created under it.
+        key_uses = Counter(row.idempotency.key for row in rows if row.idempotency is not None)
         owner_row: dict[NormalizedIdentifier, int] = {}
         for index, row in enumerate(rows):
             for identifier in row.identifiers:
@@ -335,7 +349,9 @@ class IdentityService:
         candidates = [
             i
             for i, row in enumerate(rows)
-            if not row.lookup_only and all(owner_row[x] == i for x in row.identifiers)
+            if not row.lookup_only
+            and all(owner_row[x] == i for x in row.identifiers)
+            and (row.idempotency is None or key_uses[row.idempotency.key] == 1)
         ]
         if len(candidates) < 2:
             return set()
@@ -358,7 +374,7 @@ class IdentityService:
                 created = [
                     (
                         str(uuid.uuid4()),
-                        rows[i].identifiers,
+                        sorted(set(rows[i].identifiers)),
                         {**rows[i].profile, **(rows[i].upsert or {})},
                     )
                     for i in candidates
@@ -375,6 +391,10 @@ class IdentityService:
                 )
         except (RetryableConflict, FailedPrecondition):
             return set()  # raced with another writer, or a row is refused: one by one
+        except Exception as error:
+            if translate(error) is not None:
+                raise
+            return set()  # a row the database refuses: one by one finds which
         return set(candidates)
 
     async def _resolve_in(

@@ -57,6 +57,7 @@ MAX_IDEMPOTENCY_KEY = 128
 MAX_BATCH = 1000
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
 MAX_LISTED_REJECTIONS = 1000
+MAX_ROW_REF = 128
 # Rows of a bulk resolve handled per transaction.
 BULK_BATCH = 500
 MAX_CLOCK_SKEW = timedelta(minutes=5)
@@ -471,8 +472,10 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
             outcomes = await self.service.resolve_batch([row for _, row in batch])
             for (row_ref, _), outcome in zip(batch, outcomes, strict=True):
                 if isinstance(outcome.error, ConvergeError):
+                    # (The service names a row's fields as in ResolveRequest.)
+                    field = _violated_field(outcome.error)
                     summary.rejections.append(
-                        (row_ref, _violated_field(outcome.error), outcome.error.message)
+                        (row_ref, f"resolve.{field}" if field else "", outcome.error.message)
                     )
                     continue
                 summary.created += outcome.created
@@ -482,8 +485,10 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
 
         async for item in request_iterator:
             summary.received += 1
-            row_ref = item.row_ref or str(summary.received)
+            row_ref = item.row_ref[:MAX_ROW_REF] or str(summary.received)
             v = Violations()
+            # Echoed in the answer: a huge one would make it too big to send.
+            v.check(len(item.row_ref) <= MAX_ROW_REF, "row_ref", f"longer than {MAX_ROW_REF}")
             # A re-sent row is the same row whatever its row_ref; a changed
             # update mask makes it a different request.
             identifiers, profile, actor, idempotency = self._resolve_arguments(
