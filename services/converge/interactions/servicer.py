@@ -945,6 +945,7 @@ async def register(server: grpc.aio.Server, context: ServiceContext) -> list[str
         InteractionsDataSubjects(store), server
     )
     identity.start_following(store.erase)
+    context.add_health_check("identity follower", lambda: identity.healthy)
     context.on_shutdown(identity.close)
     return [
         interactions_pb2.DESCRIPTOR.services_by_name["InteractionsService"].full_name,
