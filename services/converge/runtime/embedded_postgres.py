@@ -8,7 +8,8 @@ the PATH as a fallback, or the ones named.
 
 PostgreSQL refuses to run as root; as root the server then runs as a
 dedicated system user, which is what CI (root) needs. The server listens on a
-Unix socket only.
+Unix socket only. Its log (`<data dir>/postgres/log`) is kept free of the
+values in failing statements (see LOG_SETTINGS).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,21 @@ logger = logging.getLogger(__name__)
 BIN_DIR_VARIABLE = "CONVERGE_POSTGRES_BIN_DIR"
 SYSTEM_USER = "converge-postgres"
 START_TIMEOUT_S = 60
+
+# What PostgreSQL writes to its log must not carry personal data. An error's
+# DETAIL holds the values of the key it is about (a unique violation's
+# "Key (email)=(...)"), and a failing or slow statement's text and bind
+# parameters may hold anything, so neither is logged; the error's one-line
+# message and SQLSTATE still are. (README, Configuration: the same for an
+# external server.)
+LOG_SETTINGS = {
+    "log_error_verbosity": "terse",  # no DETAIL, HINT, QUERY or CONTEXT lines
+    "log_min_error_statement": "panic",  # no STATEMENT line with an error
+    "log_statement": "none",
+    "log_min_duration_statement": "-1",
+    "log_parameter_max_length": "0",
+    "log_parameter_max_length_on_error": "0",
+}
 
 
 class EmbeddedPostgres:
@@ -56,11 +73,24 @@ class EmbeddedPostgres:
                 self.pgdata.parent.mkdir(parents=True, exist_ok=True)
                 self._server = pgserver.get_server(self.pgdata, cleanup_mode="stop")
                 url: str = self._server.get_uri()
+                self._apply_log_settings()
                 logger.info("embedded PostgreSQL ready under %s", self.pgdata)
                 return url
         # Another major version than pgserver's: its own data directory.
         self._binaries = _BinariesServer(self.bin_dir, self.pgdata.with_name("postgres-local"))
         return self._binaries.start()
+
+    def _apply_log_settings(self) -> None:
+        """LOG_SETTINGS on pgserver's server, which starts with its own
+        options: kept in postgresql.auto.conf and reloaded, and only then
+        returns, once a new session sees them."""
+        script = "".join(f"ALTER SYSTEM SET {k} = '{v}';\n" for k, v in LOG_SETTINGS.items())
+        self._server.psql(script + "SELECT pg_reload_conf();\n")
+        for _ in range(200):  # the reload is a signal: usually done at once
+            if "terse" in self._server.psql("SHOW log_error_verbosity;\n"):
+                return
+            time.sleep(0.01)
+        raise RuntimeError("the embedded PostgreSQL did not take its log settings")
 
     def stop(self) -> None:
         """Lets go of the server (see the class)."""
@@ -118,7 +148,9 @@ class _BinariesServer:
                         "-A", "trust", "-E", "UTF8", "--no-instructions",
                     )
                 )  # fmt: skip
-            options = f"-c listen_addresses='' -k {socket_dir}"
+            options = f"-c listen_addresses='' -k {socket_dir}" + "".join(
+                f" -c {name}={value}" for name, value in LOG_SETTINGS.items()
+            )
             self._check(
                 self._run(
                     "pg_ctl", "start", "-w", "-D", str(self.pgdata),
