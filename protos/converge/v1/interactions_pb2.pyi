@@ -1274,7 +1274,7 @@ class FeatureVector(_message.Message):
     FEATURE_SET_VERSION_FIELD_NUMBER: _builtins.int
     FOUND_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
-    """The customer (the survivor after merges)."""
+    """The customer (the survivor after merges); empty when it was not found."""
     ticket_id: _builtins.str
     """The ticket, for ticket features; empty for customer features."""
     feature_set_version: _builtins.str

@@ -439,6 +439,9 @@ def validate_type_spec(spec: InteractionTypeSpec) -> list[tuple[str, str]]:
         bounded = attr.min_value is not None or attr.max_value is not None
         if bounded and attr.type != "number":
             problems.append((f"{path}.min_value", "only numbers have bounds"))
+        for bound_name, bound in (("min_value", attr.min_value), ("max_value", attr.max_value)):
+            if bound is not None and not math.isfinite(bound):
+                problems.append((f"{path}.{bound_name}", "must be a finite number"))
         if (
             attr.min_value is not None
             and attr.max_value is not None

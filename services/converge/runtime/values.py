@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 from google.protobuf import timestamp_pb2
@@ -85,3 +86,18 @@ def money_from_float(amount: float, currency: str) -> common_pb2.Money:
     units = math.trunc(amount)
     nanos = round((amount - units) * 1e9)
     return common_pb2.Money(currency_code=currency, units=units, nanos=nanos)
+
+
+def money_to_decimal(money: common_pb2.Money) -> Decimal:
+    """The exact amount of a Money (checked: same signs, |nanos| < 1e9)."""
+    return Decimal(money.units) + Decimal(money.nanos).scaleb(-9)
+
+
+def money_from_decimal(amount: Decimal, currency: str) -> common_pb2.Money:
+    """The Money of an exact amount: the inverse of `money_to_decimal` (an
+    amount with more than nine decimals, never stored now, is rounded)."""
+    nanos_total = int(amount.scaleb(9).to_integral_value(ROUND_HALF_EVEN))
+    units = abs(nanos_total) // 1_000_000_000
+    nanos = abs(nanos_total) % 1_000_000_000
+    sign = -1 if nanos_total < 0 else 1
+    return common_pb2.Money(currency_code=currency, units=sign * units, nanos=sign * nanos)
