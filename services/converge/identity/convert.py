@@ -4,6 +4,7 @@ calls the service and answers)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
 from converge.identity.domain import (
@@ -16,6 +17,7 @@ from converge.identity.domain import (
     TaggedValue,
 )
 from converge.identity.identifiers import NormalizedIdentifier
+from converge.identity.service import PeerErasure
 from converge.runtime.cursors import commit_cursor
 from converge.runtime.values import from_plain, from_tagged, timestamp
 from converge.v1 import common_pb2, identity_pb2
@@ -133,3 +135,19 @@ def event_pb(event: IdentityEvent) -> identity_pb2.StreamIdentityEventsResponse:
     if event.identifier is not None:
         message.identifier.CopyFrom(identifier_pb(event.identifier))
     return message
+
+
+def forget_response_pb(
+    erasure_id: str, outcomes: Sequence[PeerErasure], complete: bool, erased_at: datetime
+) -> identity_pb2.ForgetCustomerResponse:
+    return identity_pb2.ForgetCustomerResponse(
+        erasure_id=erasure_id,
+        services=[
+            identity_pb2.ServiceErasure(
+                service=o.service, done=o.done, erased_counts=o.erased_counts, error=o.error
+            )
+            for o in outcomes
+        ],
+        complete=complete,
+        erased_at=timestamp(erased_at),
+    )

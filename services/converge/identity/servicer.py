@@ -16,7 +16,14 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from converge.identity.convert import change_pb, customer_pb, event_pb, identifier_pb, merge_pb
+from converge.identity.convert import (
+    change_pb,
+    customer_pb,
+    event_pb,
+    forget_response_pb,
+    identifier_pb,
+    merge_pb,
+)
 from converge.identity.domain import (
     Actor,
     BulkRow,
@@ -733,17 +740,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         erasure_id, outcomes, complete, erased_at = await self.service.forget(
             customer_id, identifier, actor, idempotency, self._erase_at_peer, list(self._peers)
         )
-        return identity_pb2.ForgetCustomerResponse(
-            erasure_id=erasure_id,
-            services=[
-                identity_pb2.ServiceErasure(
-                    service=o.service, done=o.done, erased_counts=o.erased_counts, error=o.error
-                )
-                for o in outcomes
-            ],
-            complete=complete,
-            erased_at=timestamp(erased_at),
-        )
+        return forget_response_pb(erasure_id, outcomes, complete, erased_at)
 
     async def ExportCustomer(
         self, request: identity_pb2.ExportCustomerRequest, context: grpc.aio.ServicerContext
