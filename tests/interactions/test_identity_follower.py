@@ -12,6 +12,7 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from converge.v1 import common_pb2, identity_pb2, interactions_pb2, privacy_pb2
 from tests.identity.helpers import DEVICE, EMAIL, PHONE, ident, unique_email
@@ -19,6 +20,8 @@ from tests.interactions.builders import interaction, record
 from tests.waiting import wait_until
 
 FOLLOWER_LOGGER = "converge.interactions.identity_link"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def order(cursor: str) -> tuple[int, int]:
@@ -58,6 +61,13 @@ def by_identifier(identifier: common_pb2.Identifier) -> common_pb2.CustomerRef:
 async def timeline_keys(stub, customer: common_pb2.CustomerRef) -> set[str]:
     page = await stub.ListInteractions(interactions_pb2.ListInteractionsRequest(customer=customer))
     return {i.idempotency_key for i in page.interactions}
+
+
+async def health(platform) -> int:
+    """The interactions server's health status."""
+    async with grpc.aio.insecure_channel(platform.interactions_address) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        return int(reply.status)
 
 
 async def admin_connection(database: str, schema: str) -> asyncpg.Connection:
@@ -227,8 +237,9 @@ async def test_follower_logs_a_database_failure_and_resumes_after_it(
     platform, database, caplog
 ) -> None:
     """The follower's table disappears under it (as in a database blip): each
-    failure is logged when it happens, and once the table is back the follower
-    applies the merges made meanwhile and later, without a restart."""
+    failure is logged when it happens and health says NOT_SERVING; once the
+    table is back, health says SERVING again and the follower applies the
+    merges made meanwhile and later, without a restart."""
     caplog.set_level(logging.WARNING, logger=FOLLOWER_LOGGER)
 
     async def customer(tag: str) -> common_pb2.CustomerRef:
@@ -257,9 +268,11 @@ async def test_follower_logs_a_database_failure_and_resumes_after_it(
 
         # More than one: it keeps retrying (and saying so) while the table is away.
         await wait_until(failures, lambda n: n >= 2, what="the follower's failures logged")
+        await wait_until(lambda: health(platform), lambda s: s == NOT_SERVING, what="NOT_SERVING")
         await admin.execute("ALTER TABLE identity_sync_away RENAME TO identity_sync")
     finally:
         await admin.close()
+    await wait_until(lambda: health(platform), lambda s: s == SERVING, what="SERVING again")
     await join(first, third)
     await caught_up(platform)
     assert await timeline_keys(platform.interactions, first) == {"first", "second", "third"}
