@@ -133,3 +133,23 @@ def test_mappings_lists_the_shipped_mappings(tmp_path: Path) -> None:
     assert set(listed) == {"telco_customers", "itsm_incidents", "cdnow_purchases"}
     assert listed["telco_customers"]["imports"] == ["profile"]
     assert listed["itsm_incidents"]["imports"] == ["interaction"]
+
+
+def test_help_loads_neither_lightgbm_mlflow_nor_pandas(tmp_path: Path) -> None:
+    """`converge --help` and `converge models --help` answer at once: building
+    the parser imports none of the heavy libraries (they took 6-12 s)."""
+    probe = (
+        "import sys, converge.cli as c; c.build_parser(); "
+        "print(','.join(m for m in ('lightgbm', 'mlflow', 'pandas', 'sklearn') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""
+    models_help = converge("models", "--help", cwd=tmp_path)
+    assert models_help.returncode == 0
+    for command in ("train", "retrain", "compare", "promote", "rollback", "versions"):
+        assert command in models_help.stdout
+    assert "register_command" not in models_help.stdout  # no developers' notes for users
+    assert max(len(line) for line in models_help.stdout.splitlines()) <= 100

@@ -103,8 +103,6 @@ async def test_escalation_model_through_the_services_learns_the_simulated_signal
 
 
 def run(*argv: str) -> int:
-    import converge.models.pipeline  # noqa: F401  (registers train, retrain, compare)
-
     return cli.main(list(argv))
 
 
@@ -116,14 +114,28 @@ def test_train_register_promote_rollback_cycle_through_the_cli(
     sim = ["--simulated", "1500", "--seed", "3", "--weeks", "16"]
     assert run("train", "churn", *sim, *store, "--save-test-frame", str(frame)) == cli.EXIT_OK
     assert frame.exists()
-    assert run("train", "churn", *sim, *store, "--json") == cli.EXIT_OK
+    # History that ended a year ago trains as well as today's: the cutoffs
+    # follow --until, not the clock.
+    a_year_ago = (datetime.now(UTC) - timedelta(days=365)).strftime("%Y-%m-%d")
+    assert run("train", "churn", *sim, "--until", a_year_ago, *store, "--json") == cli.EXIT_OK
     registry = ModelRegistry(tracking_uri)
     assert sorted(v["version"] for v in registry.versions("churn")) == ["1", "2"]
+    version_2 = registry.client.get_model_version("converge-churn", "2")
+    tags = registry.client.get_run(version_2.run_id).data.tags
+    until = datetime.strptime(a_year_ago, "%Y-%m-%d").replace(tzinfo=UTC)
+    test_end = datetime.fromisoformat(tags["converge.test_window_end"])
+    # The last cutoff is one churn horizon (30 days) before --until, at most.
+    assert until - timedelta(days=37) <= test_end <= until - timedelta(days=30)
 
     who = ["--requested-by", "tester"]
     assert run("promote", "churn", "1", "--frame", str(frame), *who, *store) == cli.EXIT_OK
     assert run("promote", "churn", "2", "--frame", str(frame), *who, *store) == cli.EXIT_OK
     assert registry.load_champion("churn").version == "2"
+    # `versions` shows each version's aliases as the registry holds them.
+    shown = {(a, v["version"]) for v in registry.versions("churn") for a in v["aliases"]}
+    held = registry.client.get_registered_model("converge-churn").aliases
+    assert ("champion", "2") in shown
+    assert shown == {(alias, str(version)) for alias, version in held.items()}
     assert run("compare", "churn", "1", "2", "--frame", str(frame), *store) == cli.EXIT_OK
     assert run("rollback", "churn", *who, *store) == cli.EXIT_OK
     assert registry.load_champion("churn").version == "1"
@@ -131,6 +143,15 @@ def test_train_register_promote_rollback_cycle_through_the_cli(
     assert [p.version for p in history] == ["1", "2", "1"]
     out = capsys.readouterr().out
     assert "ROC AUC" in out and "v1" in out and "v2" in out
+
+
+def test_train_refuses_to_guess_where_the_examples_come_from(
+    tracking_uri: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run("train", "churn", "--tracking-uri", tracking_uri) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--from-services" in err and "--simulated" in err
+    assert ModelRegistry(tracking_uri).versions("churn") == []  # nothing was registered
 
 
 def test_train_says_so_when_the_services_are_unreachable(tracking_uri: str) -> None:

@@ -1,35 +1,45 @@
-"""`converge models ...`: the ML engineers' commands against the registry.
+"""Train, evaluate, compare, promote and roll back Converge's prediction models.
 
-    converge models list                      registered models, champions, challengers
-    converge models versions PREDICTION       every version with its figures and decision
-    converge models history PREDICTION        alias history (who, when, why)
+    converge models train PREDICTION --from-services [--until DATE] [--weeks N]
+    converge models retrain --from-services [--until DATE]
+    converge models compare PREDICTION V1 V2 --from-services
+    converge models list
+    converge models versions PREDICTION
+    converge models history PREDICTION
     converge models evaluate PREDICTION --frame F [--version N | --alias A] [--plots DIR]
-    converge models promote PREDICTION VERSION --frame F [--requested-by WHO] [--reason ...]
-    converge models rollback PREDICTION [--requested-by WHO] [--reason ...]
+    converge models promote PREDICTION VERSION --frame F [--reason WHY]
+    converge models rollback PREDICTION [--reason WHY]
 
-Standalone: `python -m converge.models ...` (same commands, without the
-`converge` prefix). Tables by default, `--json` for scripts.
+PREDICTION is churn, escalation or cross_sell. Training never moves an
+alias: a new version becomes `champion` only through `promote` (or
+`retrain`), and only when it is not worse than the champion on the same
+recent test period. `--simulated N` instead of `--from-services` trains on
+a simulated world, to try Converge out.
 
-`--frame` is a Parquet file of a training frame: feature columns (categorical
-ones of pandas category dtype), `entity_id`, `cutoff` (tz-aware) and `label`.
+Models live in MLflow: --tracking-uri or $MLFLOW_TRACKING_URI, else a local
+store under ./var/mlflow (see it with `mlflow ui --backend-store-uri
+sqlite:///var/mlflow/mlflow.db`). Tables by default, --json for scripts.
 
 Exit codes: 0 done (promoted, rolled back); 1 refused (a promotion's gates
-failed, nothing to roll back); 2 bad usage or input; 3 MLflow unreachable;
-4 no such model, version or alias.
-
-Hooks for the commands that need the services (`train`, `retrain`,
-`compare`): `register_command(name, help, configure, handler)` adds a
-subcommand; `set_frame_provider(fn)` supplies the evaluation frame when
-`--frame` is omitted (for example "the newest test period, built from the
-interactions service"). The top-level `converge` command calls
-`add_subcommands(subparsers)`; every leaf parser sets `run(args) -> int`.
+failed, nothing to roll back); 2 bad usage or too little data; 3 MLflow or a
+service unreachable; 4 no such model, version or alias.
 """
+
+# For developers: `--frame` is a Parquet file of a training frame (feature
+# columns, categorical ones of pandas category dtype; `entity_id`; `cutoff`,
+# tz-aware; `label`). The top-level `converge` command calls
+# `add_subcommands(subparsers)`; every leaf parser sets `run(args) -> int`.
+# `train`, `retrain` and `compare` come from `converge.models.pipeline.COMMANDS`;
+# `register_command` adds another one; `set_frame_provider(fn)` supplies the
+# evaluation frame when `--frame` is omitted. Building the parser imports
+# neither LightGBM, MLflow nor pandas, so `--help` answers at once.
 
 from __future__ import annotations
 
 import argparse
 import getpass
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -41,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
-from converge.models.dataset import PREDICTIONS
+from converge.models.predictions import PREDICTIONS
 
 if TYPE_CHECKING:
     from converge.models.dataset import TrainingFrame
@@ -174,9 +184,9 @@ def add_subcommands(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _populate(parser: argparse.ArgumentParser) -> None:
-    # The commands that need the services (train, retrain, compare) live in
-    # the pipeline module, which registers them when imported.
-    import converge.models.pipeline  # noqa: F401
+    # The commands that build training sets (train, retrain, compare) live in
+    # the pipeline module, which is cheap to import.
+    from converge.models.pipeline import COMMANDS
 
     common = _common()
     sub = parser.add_subparsers(dest="models_command", metavar="COMMAND", required=True)
@@ -230,7 +240,9 @@ def _populate(parser: argparse.ArgumentParser) -> None:
     _who_args(p)
     p.set_defaults(run=_runner(_cmd_rollback))
 
-    for ext in _EXTENSIONS:
+    extensions = {e.name: e for e in (_Extension(*c) for c in COMMANDS)}
+    extensions.update((e.name, e) for e in _EXTENSIONS)
+    for ext in extensions.values():
         p = sub.add_parser(ext.name, parents=[common], help=ext.help)
         ext.configure(p)
         p.set_defaults(run=_runner(ext.handler))
@@ -255,8 +267,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _runner(handler: Handler) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        # MLflow's usage telemetry stays off unless asked for.
+        # MLflow's usage telemetry stays off unless asked for, and its INFO
+        # lines (store migrations, run links) stay out of the command's output.
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
         console = Console(stderr=bool(args.json))
         err = Console(stderr=True)
         from converge.models.registry import (
@@ -278,14 +293,14 @@ def _runner(handler: Handler) -> Callable[[argparse.Namespace], int]:
         except NothingToRollBack as e:
             err.print(f"[yellow]Nothing to roll back:[/yellow] {e}")
             return EXIT_REFUSED
-        except (InsufficientData, _UsageError, ValueError, KeyError) as e:
+        except (InsufficientData, UsageError, ValueError, KeyError) as e:
             err.print(f"[red]Error:[/red] {e}")
             return EXIT_USAGE
 
     return run
 
 
-class _UsageError(Exception):
+class UsageError(Exception):
     pass
 
 
@@ -295,12 +310,12 @@ def _load_frame(args: argparse.Namespace, feature_names: Sequence[str]) -> Train
     if args.frame is None:
         if _FRAME_PROVIDER:
             return _FRAME_PROVIDER[0](args.prediction)
-        raise _UsageError(
+        raise UsageError(
             "pass --frame PATH (a Parquet file of a labelled frame); building a recent frame "
             "from the services is not available in this build"
         )
     if not args.frame.exists():
-        raise _UsageError(f"no such file: {args.frame}")
+        raise UsageError(f"no such file: {args.frame}")
     import pandas as pd
 
     df = pd.read_parquet(args.frame)
@@ -319,7 +334,7 @@ def _who(args: argparse.Namespace) -> str:
     try:
         return getpass.getuser()
     except (KeyError, OSError) as e:
-        raise _UsageError("cannot tell who you are: pass --requested-by") from e
+        raise UsageError("cannot tell who you are: pass --requested-by") from e
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:

@@ -32,14 +32,9 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-Prediction = Literal["churn", "escalation", "cross_sell"]
-PREDICTIONS: tuple[Prediction, ...] = ("churn", "escalation", "cross_sell")
-# How far after the cutoff each label looks.
-HORIZONS: dict[Prediction, timedelta] = {
-    "churn": timedelta(days=30),
-    "escalation": timedelta(hours=72),
-    "cross_sell": timedelta(days=14),
-}
+from converge.models.predictions import HORIZONS, PREDICTIONS, Prediction
+
+__all__ = ["HORIZONS", "PREDICTIONS", "Prediction", "Split", "SplitError", "TrainingFrame"]
 ENTITY = "entity_id"
 CUTOFF = "cutoff"
 LABEL = "label"

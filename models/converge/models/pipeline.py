@@ -1,24 +1,28 @@
 """`converge models train / retrain / compare`: the steps that build sets.
 
-Importing this module registers the three commands with
-`converge.models.cli.register_command`:
+`converge.models.cli` adds these three commands from `COMMANDS` when it
+builds its parser (importing this module registers nothing and loads
+neither LightGBM nor pandas):
 
-    converge models train PREDICTION [--simulated N | --from-services] [--save-test-frame F]
-    converge models retrain [--simulated N | --from-services] [--margin-auc M] [--margin-ece M]
-    converge models compare PREDICTION V1 V2 [--frame F | --simulated N | --from-services]
+    converge models train PREDICTION (--from-services | --simulated N) [--until DATE]
+    converge models retrain (--from-services | --simulated N) [--until DATE]
+    converge models compare PREDICTION V1 V2 [--frame F | --from-services | --simulated N]
 
-Where the examples come from:
+Where the examples come from, always said explicitly (a model trained on the
+simulator by accident would be registered like any other):
 
-- `--simulated N` (the default, N = 3000): a simulated world
-  (`converge.models.simulator`, `--seed`) of the last 210 days up to today,
-  built in-process with `trainingset.build_from_events`;
 - `--from-services`: the running identity and interactions services
   (`--identity`, `--interactions`, defaults from `CONVERGE_IDENTITY_ADDRESS`
-  and `CONVERGE_INTERACTIONS_ADDRESS`), with `trainingset.build_from_services`.
+  and `CONVERGE_INTERACTIONS_ADDRESS`), with `trainingset.build_from_services`;
+- `--simulated N`: a simulated world (`converge.models.simulator`, `--seed`)
+  of 210 days up to the end date, built in-process with
+  `trainingset.build_from_events`.
 
 Cutoffs: weekly for churn and cross-sell, every two days for escalation,
-over `--weeks` (26) weeks, the latest one horizon before now (its label
-window must be complete). Split by time (`dataset.time_split`).
+over `--weeks` (26) weeks, the latest one horizon before the end date (its
+label window must be complete). The end date is `--until DATE` (history
+exported last year, or in 2016, trains as well as today's), else today.
+Split by time (`dataset.time_split`).
 
 `train` builds, trains (default `TrainingConfig`), evaluates on the test
 period, logs the run and registers a version (no alias: promotion is a
@@ -43,22 +47,16 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from converge.models import cli
-from converge.models.dataset import (
-    HORIZONS,
-    PREDICTIONS,
-    Split,
-    SplitError,
-    TrainingFrame,
-    time_split,
-)
-from converge.models.training import InsufficientData
-from converge.models.trainingset import ServiceUnavailable, weekly_cutoffs
+from converge.models.predictions import HORIZONS, PREDICTIONS
+
+if TYPE_CHECKING:
+    from converge.models.dataset import Split, TrainingFrame
 
 DEFAULT_SIMULATED = 3000
 SIM_DAYS = 210
@@ -77,6 +75,8 @@ def _progress(console: Any) -> Progress:
 
 def cutoffs_until(now: datetime, prediction: str, weeks: int) -> list[datetime]:
     """Cutoffs over `weeks` weeks, the latest one horizon before `now`."""
+    from converge.models.trainingset import weekly_cutoffs
+
     day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     last = day - HORIZONS[prediction]  # type: ignore[index]
     first = last - timedelta(weeks=weeks)
@@ -128,13 +128,25 @@ def _source_args(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         default=None,
-        help=f"build from a simulated world of N customers (default, N={DEFAULT_SIMULATED})",
+        help="build from a simulated world of N customers (a demonstration, not your data)",
     )
     where.add_argument(
-        "--from-services", action="store_true", help="build from the running services"
+        "--from-services",
+        action="store_true",
+        help="build from the history held by the running identity and interactions services",
     )
-    parser.add_argument("--seed", type=int, default=1, help="simulator seed")
-    parser.add_argument("--weeks", type=int, default=26, help="weeks of cutoffs")
+    parser.add_argument("--seed", type=int, default=1, help="simulator seed (default 1)")
+    parser.add_argument(
+        "--weeks", type=_weeks, default=26, metavar="N", help="weeks of cutoffs (default 26)"
+    )
+    parser.add_argument(
+        "--until",
+        type=_day,
+        default=None,
+        metavar="DATE",
+        help="the end of the history to train on, YYYY-MM-DD (default: today); the last "
+        "cutoff is one label horizon before it",
+    )
     parser.add_argument(
         "--identity",
         default=os.environ.get("CONVERGE_IDENTITY_ADDRESS", "127.0.0.1:50051"),
@@ -145,6 +157,35 @@ def _source_args(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("CONVERGE_INTERACTIONS_ADDRESS", "127.0.0.1:50052"),
         help="interactions service address",
     )
+
+
+def _weeks(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 520:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of weeks from 1 to 520")
+    return int(text)
+
+
+def _day(text: str) -> datetime:
+    try:
+        day = datetime.strptime(text, "%Y-%m-%d")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date as YYYY-MM-DD") from None
+    return day.replace(tzinfo=UTC)
+
+
+def _require_source(args: argparse.Namespace) -> None:
+    """The source of examples is never implied."""
+    if not args.from_services and args.simulated is None:
+        raise cli.UsageError(
+            "say where the examples come from: --from-services (your history in the running "
+            "services) or --simulated N (a simulated world, for trying Converge out)"
+        )
+
+
+def _end(args: argparse.Namespace) -> datetime:
+    """The end of the history to train on: --until, else now."""
+    until: datetime | None = args.until
+    return until if until is not None else datetime.now(UTC)
 
 
 def _who(args: argparse.Namespace) -> str:
@@ -172,6 +213,8 @@ def _build_and_train(
 
         frame = build_frame(args, prediction, now, step)
         bar.update(task, description=f"{prediction}: training on {frame.n_examples} rows")
+        from converge.models.dataset import time_split
+
         split = time_split(frame)
         model = train(split.train, split.valid)
         result = evaluate(model, split.test)
@@ -207,7 +250,10 @@ def _unreachable(ctx: cli.Context, e: Exception) -> int:
 
 def _cmd_train(args: argparse.Namespace, ctx: cli.Context) -> int:
     registry = ctx.registry  # fails early (exit 3) when MLflow is unreachable
-    now = datetime.now(UTC)
+    from converge.models.trainingset import ServiceUnavailable
+
+    _require_source(args)
+    now = _end(args)
     try:
         model, result, split, plots = _build_and_train(args, ctx, args.prediction, now)
     except ServiceUnavailable as e:
@@ -232,7 +278,12 @@ def _cmd_train(args: argparse.Namespace, ctx: cli.Context) -> int:
 
 def _cmd_retrain(args: argparse.Namespace, ctx: cli.Context) -> int:
     registry = ctx.registry
-    now = datetime.now(UTC)
+    from converge.models.dataset import SplitError
+    from converge.models.training import InsufficientData
+    from converge.models.trainingset import ServiceUnavailable
+
+    _require_source(args)
+    now = _end(args)
     who = _who(args)
     decisions = []
     for prediction in PREDICTIONS:
@@ -286,9 +337,13 @@ def _cmd_compare(args: argparse.Namespace, ctx: cli.Context) -> int:
     if args.frame is not None:
         frame = cli._load_frame(args, first.model.feature_names)
     else:
+        from converge.models.dataset import time_split
+        from converge.models.trainingset import ServiceUnavailable
+
+        _require_source(args)
         try:
             with ctx.console.status("Building a recent test frame..."):
-                frame = time_split(build_frame(args, args.prediction, datetime.now(UTC))).test
+                frame = time_split(build_frame(args, args.prediction, _end(args))).test
         except ServiceUnavailable as e:
             return _unreachable(ctx, e)
     results = {v.version: evaluate(v.model, frame) for v in (first, second)}
@@ -331,23 +386,14 @@ def _configure_compare(parser: argparse.ArgumentParser) -> None:
     _source_args(parser)
 
 
-def install() -> None:
-    """Registers `train`, `retrain` and `compare` (idempotent)."""
-    cli.register_command(
-        "train", "build a training set, train, evaluate, register", _configure_train, _cmd_train
-    )
-    cli.register_command(
+# (name, help, add its arguments, run it): `converge.models.cli` adds them.
+COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None], cli.Handler], ...] = (
+    ("train", "build a training set, train, evaluate, register", _configure_train, _cmd_train),
+    (
         "retrain",
-        "train all three up to now; promote each only when its gates pass",
+        "train all three; promote each only when its gates pass",
         _configure_retrain,
         _cmd_retrain,
-    )
-    cli.register_command(
-        "compare",
-        "evaluate two versions on one recent test frame",
-        _configure_compare,
-        _cmd_compare,
-    )
-
-
-install()
+    ),
+    ("compare", "evaluate two versions on one recent test frame", _configure_compare, _cmd_compare),
+)

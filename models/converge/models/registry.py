@@ -975,8 +975,14 @@ class ModelRegistry:
     def versions(self, prediction: str) -> list[dict[str, Any]]:
         """Every version of a prediction's model with its key tags, newest first."""
         name = registered_model_name(prediction)
-        if self._registered(name) is None:
+        registered = self._registered(name)
+        if registered is None:
             return []
+        # search_model_versions leaves each version's aliases empty; the
+        # registered model holds them (alias -> version).
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (getattr(registered, "aliases", None) or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
         rows = []
         for mv in self.client.search_model_versions(f"name = '{name}'"):
             rows.append(
@@ -984,7 +990,7 @@ class ModelRegistry:
                     "version": str(mv.version),
                     "run_id": mv.run_id,
                     "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC),
-                    "aliases": list(getattr(mv, "aliases", []) or []),
+                    "aliases": sorted(aliases.get(str(mv.version), [])),
                     "test_roc_auc": _float(mv.tags.get("converge.test_roc_auc")),
                     "test_ece": _float(mv.tags.get("converge.test_ece")),
                     "feature_set_version": mv.tags.get("converge.feature_set_version"),
