@@ -9,12 +9,14 @@ other test), stopped and started by the test."""
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import shutil
 import tempfile
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -44,19 +46,65 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 HEALTH = {"health_check_interval_s": 0.05, "health_check_timeout_s": 1.0}
 
 
+def _serve_postgres(data_dir: str, commands: Connection) -> None:
+    """Runs in a process of its own: starts and stops an EmbeddedPostgres on
+    command, so that no process running gRPC forks (as root, pgserver forks
+    pg_ctl as its own user, and a fork while gRPC's threads run may crash)."""
+    server = EmbeddedPostgres(Path(data_dir))
+    while True:
+        command = commands.recv()
+        if command == "start":
+            commands.send(server.start())
+        else:
+            server.stop()
+            commands.send(None)
+            if command == "exit":
+                return
+
+
+class RestartablePostgres:
+    """An EmbeddedPostgres in a helper process, stopped and started at will."""
+
+    def __init__(self, data_dir: Path) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._commands, theirs = context.Pipe()
+        self._process = context.Process(
+            target=_serve_postgres, args=(str(data_dir), theirs), daemon=True
+        )
+        self._process.start()
+
+    def _ask(self, command: str) -> str | None:
+        self._commands.send(command)
+        answer: str | None = self._commands.recv()
+        return answer
+
+    def start(self) -> str:
+        """Starts the server (or finds it running); its URL."""
+        url = self._ask("start")
+        assert url is not None
+        return url
+
+    def stop(self) -> None:
+        self._ask("stop")
+
+    def close(self) -> None:
+        self._ask("exit")
+        self._process.join(timeout=60)
+
+
 @pytest.fixture(scope="module")
-def restartable_postgres() -> Iterator[EmbeddedPostgres]:
+def restartable_postgres() -> Iterator[RestartablePostgres]:
     data_dir = Path(tempfile.mkdtemp(prefix="converge-outage-pg-"))
-    server = EmbeddedPostgres(data_dir)
+    server = RestartablePostgres(data_dir)
     server.start()
     yield server
-    server.stop()
+    server.close()
     shutil.rmtree(data_dir, ignore_errors=True)
 
 
-async def _fresh_database(server: EmbeddedPostgres) -> str:
+async def _fresh_database(server: RestartablePostgres) -> str:
     """A database of its own on the restartable server, for one test."""
-    url = await asyncio.to_thread(server.start)  # joins the running server
+    url = await asyncio.to_thread(server.start)  # the running server's URL
     name = f"outage_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(url)
     try:
@@ -170,7 +218,7 @@ class Platform:
 
 
 @pytest.fixture
-async def outage_platform(restartable_postgres: EmbeddedPostgres) -> AsyncIterator[Platform]:
+async def outage_platform(restartable_postgres: RestartablePostgres) -> AsyncIterator[Platform]:
     database = await _fresh_database(restartable_postgres)
     identity = ServiceRuntime(IDENTITY, IdentitySettings(database_url=database, port=0, **HEALTH))
     await identity.start()
@@ -188,7 +236,7 @@ async def outage_platform(restartable_postgres: EmbeddedPostgres) -> AsyncIterat
 
 
 async def test_health_is_not_serving_while_postgres_is_down_and_serving_again_after(
-    outage_platform: Platform, restartable_postgres: EmbeddedPostgres
+    outage_platform: Platform, restartable_postgres: RestartablePostgres
 ) -> None:
     addresses = (outage_platform.identity.address, outage_platform.interactions.address)
     await wait_for(health_is(SERVING, *addresses), "SERVING at start")
@@ -202,7 +250,7 @@ async def test_health_is_not_serving_while_postgres_is_down_and_serving_again_af
 
 @pytest.mark.slow
 async def test_services_carry_on_after_postgres_stops_under_load_and_starts_again(
-    outage_platform: Platform, restartable_postgres: EmbeddedPostgres
+    outage_platform: Platform, restartable_postgres: RestartablePostgres
 ) -> None:
     addresses = (outage_platform.identity.address, outage_platform.interactions.address)
     identity_channel = grpc.aio.insecure_channel(outage_platform.identity.address)

@@ -176,10 +176,18 @@ _CONNECTION_FAILURES: tuple[type[BaseException], ...] = (
 )
 
 
+# What asyncpg raises when a connection dies in the middle of an operation (the
+# server shut down under it) and the pool then resets it on release: its
+# protocol is left mid-operation. Seen when PostgreSQL stops under load.
+_BROKEN_PROTOCOL = "cannot switch to state"
+
+
 def _is_database_outage(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.PostgresError):
         sqlstate = getattr(exc, "sqlstate", None) or ""
         return sqlstate.startswith(_OUTAGE_SQLSTATES)
+    if isinstance(exc, asyncpg.exceptions.InternalClientError):
+        return str(exc).startswith(_BROKEN_PROTOCOL)
     return isinstance(exc, _CONNECTION_FAILURES)
 
 
