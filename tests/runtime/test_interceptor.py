@@ -105,30 +105,32 @@ async def test_client_cancelling_streams_mid_way_counts_cancelled_not_internal(
     before_reflection = handled_by_code(REFLECTION, "ServerReflectionInfo")
     before_stream = handled_by_code(INTERACTIONS_SERVICE, "StreamInteractions")
     rounds = 5
+
+    def finished(service: str, method: str, before: dict[str, float], calls: int) -> bool:
+        after = handled_by_code(service, method)
+        return sum(after.values()) - sum(before.values()) >= calls
+
     with caplog.at_level(logging.DEBUG):
-        for _ in range(rounds):
+        for done in range(1, rounds + 1):
             async with grpc.aio.insecure_channel(address) as channel:
                 reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
                 call = reflection.ServerReflectionInfo(iter(_reflection_requests(1000)))
                 await call.read()  # the server is streaming its answers
                 call.cancel()
                 stream = interactions_pb2_grpc.InteractionsServiceStub(channel).StreamInteractions(
-                    interactions_pb2.StreamInteractionsRequest()
+                    interactions_pb2.StreamInteractionsRequest(follow=True)
                 )
                 await stream.read()
                 stream.cancel()
-
-        def finished(service: str, method: str, before: dict[str, float]) -> bool:
-            after = handled_by_code(service, method)
-            return sum(after.values()) - sum(before.values()) >= rounds
-
-        await wait_until(
-            lambda: (
-                finished(REFLECTION, "ServerReflectionInfo", before_reflection)
-                and finished(INTERACTIONS_SERVICE, "StreamInteractions", before_stream)
-            ),
-            "the cancelled calls to be counted",
-        )
+            # Each round's calls have ended on the server before the next
+            # (the service runs at most two streams at once).
+            await wait_until(
+                lambda n=done: (
+                    finished(REFLECTION, "ServerReflectionInfo", before_reflection, n)
+                    and finished(INTERACTIONS_SERVICE, "StreamInteractions", before_stream, n)
+                ),
+                "the cancelled calls to be counted",
+            )
 
     for service, method, before in (
         (REFLECTION, "ServerReflectionInfo", before_reflection),
