@@ -736,7 +736,12 @@ class ListInteractionsRequest(_message.Message):
 
     @_builtins.property
     def page(self) -> _common_pb2.PageRequest:
-        """Paging; default 100, maximum 1000 per page."""
+        """Paging; default 100, maximum 1000 rows per page. A page also stops before
+        its interactions would pass the service's byte bound (1 MiB by default,
+        CONVERGE_INTERACTIONS_MAX_PAGE_BYTES; always at least one row), so any
+        page fits a default client's 4 MB limit: a page may hold fewer rows than
+        asked and still have a `next_page_token`. Page until the token is empty.
+        """
 
     def __init__(
         self,

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63onverge/v1/privacy.proto\x12\x0b\x63onverge.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"D\n\x18\x45raseCustomerDataRequest\x12\x14\n\x0c\x63ustomer_ids\x18\x01 \x03(\t\x12\x12\n\nerasure_id\x18\x02 \x01(\t\"\xb2\x01\n\x19\x45raseCustomerDataResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12O\n\rerased_counts\x18\x02 \x03(\x0b\x32\x38.converge.v1.EraseCustomerDataResponse.ErasedCountsEntry\x1a\x33\n\x11\x45rasedCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"1\n\x19\x45xportCustomerDataRequest\x12\x14\n\x0c\x63ustomer_ids\x18\x01 \x03(\t\"I\n\x0f\x45xportedRecords\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12(\n\x07records\x18\x02 \x03(\x0b\x32\x17.google.protobuf.Struct\"\x8e\x01\n\x1a\x45xportCustomerDataResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12.\n\x08sections\x18\x02 \x03(\x0b\x32\x1c.converge.v1.ExportedRecords\x12/\n\x0b\x65xported_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xdf\x01\n\x12\x44\x61taSubjectService\x12\x62\n\x11\x45raseCustomerData\x12%.converge.v1.EraseCustomerDataRequest\x1a&.converge.v1.EraseCustomerDataResponse\x12\x65\n\x12\x45xportCustomerData\x12&.converge.v1.ExportCustomerDataRequest\x1a\'.converge.v1.ExportCustomerDataResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63onverge/v1/privacy.proto\x12\x0b\x63onverge.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"D\n\x18\x45raseCustomerDataRequest\x12\x14\n\x0c\x63ustomer_ids\x18\x01 \x03(\t\x12\x12\n\nerasure_id\x18\x02 \x01(\t\"\xb2\x01\n\x19\x45raseCustomerDataResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12O\n\rerased_counts\x18\x02 \x03(\x0b\x32\x38.converge.v1.EraseCustomerDataResponse.ErasedCountsEntry\x1a\x33\n\x11\x45rasedCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"E\n\x19\x45xportCustomerDataRequest\x12\x14\n\x0c\x63ustomer_ids\x18\x01 \x03(\t\x12\x12\n\npage_token\x18\x02 \x01(\t\"I\n\x0f\x45xportedRecords\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12(\n\x07records\x18\x02 \x03(\x0b\x32\x17.google.protobuf.Struct\"\xa7\x01\n\x1a\x45xportCustomerDataResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12.\n\x08sections\x18\x02 \x03(\x0b\x32\x1c.converge.v1.ExportedRecords\x12/\n\x0b\x65xported_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fnext_page_token\x18\x04 \x01(\t2\xdf\x01\n\x12\x44\x61taSubjectService\x12\x62\n\x11\x45raseCustomerData\x12%.converge.v1.EraseCustomerDataRequest\x1a&.converge.v1.EraseCustomerDataResponse\x12\x65\n\x12\x45xportCustomerData\x12&.converge.v1.ExportCustomerDataRequest\x1a\'.converge.v1.ExportCustomerDataResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,11 +42,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ERASECUSTOMERDATARESPONSE_ERASEDCOUNTSENTRY']._serialized_start=303
   _globals['_ERASECUSTOMERDATARESPONSE_ERASEDCOUNTSENTRY']._serialized_end=354
   _globals['_EXPORTCUSTOMERDATAREQUEST']._serialized_start=356
-  _globals['_EXPORTCUSTOMERDATAREQUEST']._serialized_end=405
-  _globals['_EXPORTEDRECORDS']._serialized_start=407
-  _globals['_EXPORTEDRECORDS']._serialized_end=480
-  _globals['_EXPORTCUSTOMERDATARESPONSE']._serialized_start=483
-  _globals['_EXPORTCUSTOMERDATARESPONSE']._serialized_end=625
-  _globals['_DATASUBJECTSERVICE']._serialized_start=628
-  _globals['_DATASUBJECTSERVICE']._serialized_end=851
+  _globals['_EXPORTCUSTOMERDATAREQUEST']._serialized_end=425
+  _globals['_EXPORTEDRECORDS']._serialized_start=427
+  _globals['_EXPORTEDRECORDS']._serialized_end=500
+  _globals['_EXPORTCUSTOMERDATARESPONSE']._serialized_start=503
+  _globals['_EXPORTCUSTOMERDATARESPONSE']._serialized_end=670
+  _globals['_DATASUBJECTSERVICE']._serialized_start=673
+  _globals['_DATASUBJECTSERVICE']._serialized_end=896
 # @@protoc_insertion_point(module_scope)

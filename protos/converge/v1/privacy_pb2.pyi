@@ -105,6 +105,11 @@ class ExportCustomerDataRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CUSTOMER_IDS_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_token: _builtins.str
+    """The previous response's `next_page_token`; empty for the first page.
+    Opaque; INVALID_ARGUMENT for a token this service did not issue.
+    """
     @_builtins.property
     def customer_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Every customer id the person was ever known by."""
@@ -113,10 +118,11 @@ class ExportCustomerDataRequest(_message.Message):
         self,
         *,
         customer_ids: _abc.Iterable[_builtins.str] | None = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_ids", b"customer_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_ids", b"customer_ids", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -159,8 +165,14 @@ class ExportCustomerDataResponse(_message.Message):
     SERVICE_FIELD_NUMBER: _builtins.int
     SECTIONS_FIELD_NUMBER: _builtins.int
     EXPORTED_AT_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     """Name of the service that answered."""
+    next_page_token: _builtins.str
+    """Pass as `page_token` for the next page; empty on the last page. Records
+    are in a stable order, so each is on exactly one page (records stored
+    while an export is paged may or may not appear).
+    """
     @_builtins.property
     def sections(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExportedRecords]:
         """The records, grouped by kind."""
@@ -175,10 +187,11 @@ class ExportCustomerDataResponse(_message.Message):
         service: _builtins.str = ...,
         sections: _abc.Iterable[Global___ExportedRecords] | None = ...,
         exported_at: _timestamp_pb2.Timestamp | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["exported_at", b"exported_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exported_at", b"exported_at", "sections", b"sections", "service", b"service"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exported_at", b"exported_at", "next_page_token", b"next_page_token", "sections", b"sections", "service", b"service"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -67,7 +67,13 @@ class DataSubjectServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ExportCustomerData(self, request, context):
-        """Returns everything this service holds about the given customer ids.
+        """Returns everything this service holds about the given customer ids, a
+        page at a time: each response stays under the service's page byte bound
+        (1 MiB by default, well under gRPC's 4 MB receive limit), however much
+        the customer has. A caller loops: send the same `customer_ids` with
+        `page_token` set to the last response's `next_page_token` until that is
+        empty, and appends each page's records to those of the same kind. A
+        caller that ignores `next_page_token` gets the first page only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

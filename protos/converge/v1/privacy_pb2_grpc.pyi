@@ -43,7 +43,14 @@ class DataSubjectServiceStub:
     Idempotent: erasing an already-erased customer succeeds and erases nothing.
     """
     ExportCustomerData: _grpc.UnaryUnaryMultiCallable[_privacy_pb2.ExportCustomerDataRequest, _privacy_pb2.ExportCustomerDataResponse]
-    """Returns everything this service holds about the given customer ids."""
+    """Returns everything this service holds about the given customer ids, a
+    page at a time: each response stays under the service's page byte bound
+    (1 MiB by default, well under gRPC's 4 MB receive limit), however much
+    the customer has. A caller loops: send the same `customer_ids` with
+    `page_token` set to the last response's `next_page_token` until that is
+    empty, and appends each page's records to those of the same kind. A
+    caller that ignores `next_page_token` gets the first page only.
+    """
 
 @_typing.type_check_only
 class DataSubjectServiceAsyncStub(DataSubjectServiceStub):
@@ -60,7 +67,14 @@ class DataSubjectServiceAsyncStub(DataSubjectServiceStub):
     Idempotent: erasing an already-erased customer succeeds and erases nothing.
     """
     ExportCustomerData: _aio.UnaryUnaryMultiCallable[_privacy_pb2.ExportCustomerDataRequest, _privacy_pb2.ExportCustomerDataResponse]  # type: ignore[assignment]
-    """Returns everything this service holds about the given customer ids."""
+    """Returns everything this service holds about the given customer ids, a
+    page at a time: each response stays under the service's page byte bound
+    (1 MiB by default, well under gRPC's 4 MB receive limit), however much
+    the customer has. A caller loops: send the same `customer_ids` with
+    `page_token` set to the last response's `next_page_token` until that is
+    empty, and appends each page's records to those of the same kind. A
+    caller that ignores `next_page_token` gets the first page only.
+    """
 
 class DataSubjectServiceServicer(metaclass=_abc_1.ABCMeta):
     """Implemented by every service that keeps data about customers (interactions,
@@ -86,6 +100,13 @@ class DataSubjectServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _privacy_pb2.ExportCustomerDataRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_privacy_pb2.ExportCustomerDataResponse, _abc.Awaitable[_privacy_pb2.ExportCustomerDataResponse]]:
-        """Returns everything this service holds about the given customer ids."""
+        """Returns everything this service holds about the given customer ids, a
+        page at a time: each response stays under the service's page byte bound
+        (1 MiB by default, well under gRPC's 4 MB receive limit), however much
+        the customer has. A caller loops: send the same `customer_ids` with
+        `page_token` set to the last response's `next_page_token` until that is
+        empty, and appends each page's records to those of the same kind. A
+        caller that ignores `next_page_token` gets the first page only.
+        """
 
 def add_DataSubjectServiceServicer_to_server(servicer: DataSubjectServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -20,6 +20,12 @@ from google.protobuf import duration_pb2, struct_pb2
 
 from converge.interactions import features as feature_engine
 from converge.interactions.change_feed import ChangeFeed, type_filter
+from converge.interactions.convert import (
+    BoundedPage,
+    export_record_pb,
+    export_token,
+    parse_export_token,
+)
 from converge.interactions.identity_link import IdentifierRef, IdentityLink
 from converge.interactions.service import (
     STORED_IN_BULK,
@@ -472,21 +478,6 @@ def _vector(
     )
 
 
-def _struct(row: Any) -> struct_pb2.Struct:
-    data = {}
-    for key, value in dict(row).items():
-        if isinstance(value, datetime):
-            value = value.isoformat()
-        elif isinstance(value, uuid.UUID):
-            value = str(value)
-        elif key == "amount" and value is not None:
-            value = float(value)
-        data[key] = value
-    struct = struct_pb2.Struct()
-    struct.update(data)
-    return struct
-
-
 @checked_requests
 class InteractionsServicer(interactions_pb2_grpc.InteractionsServiceServicer):
     def __init__(
@@ -671,13 +662,20 @@ class InteractionsServicer(interactions_pb2_grpc.InteractionsServiceServicer):
             before,
             size + 1,
         )
+        page: BoundedPage[interactions_pb2.Interaction] = BoundedPage(self.settings.max_page_bytes)
+        for row in rows[:size]:
+            if not page.add(interaction_pb(row)):
+                break
+        sent = len(page.messages)
         token = ""
-        if len(rows) > size:
-            last = rows[size - 1]
+        if len(rows) > sent:
+            # The last row sent, whether the page ended at its row count or
+            # at its byte bound: the next page starts just after it.
+            last = rows[sent - 1]
             token = f"{last['occurred_at'].isoformat()}/{last['seq']}"
         return interactions_pb2.ListInteractionsResponse(
             customer_id=str(root),
-            interactions=[interaction_pb(r) for r in rows[:size]],
+            interactions=page.messages,
             page=common_pb2.PageResponse(next_page_token=token),
         )
 
@@ -900,32 +898,46 @@ class InteractionsServicer(interactions_pb2_grpc.InteractionsServiceServicer):
 class InteractionsDataSubjects(privacy_pb2_grpc.DataSubjectServiceServicer):
     """Erasure and export of what this service holds on a customer."""
 
-    def __init__(self, store: InteractionsStore) -> None:
+    def __init__(self, store: InteractionsStore, max_page_bytes: int) -> None:
         self.store = store
+        self.max_page_bytes = max_page_bytes
 
-    def _ids(self, values: Any) -> list[uuid.UUID]:
-        v = Violations()
+    def _ids(self, values: Any, v: Violations) -> list[uuid.UUID]:
         ids = [_uuid(c, f"customer_ids[{i}]", v) for i, c in enumerate(values)]
         v.check(bool(values), "customer_ids", "at least one customer id")
-        v.raise_if_any()
         return [i for i in ids if i is not None]
 
     async def EraseCustomerData(
         self, request: privacy_pb2.EraseCustomerDataRequest, context: grpc.aio.ServicerContext
     ) -> privacy_pb2.EraseCustomerDataResponse:
-        erased = await self.store.erase(self._ids(request.customer_ids))
+        v = Violations()
+        customer_ids = self._ids(request.customer_ids, v)
+        v.raise_if_any()
+        erased = await self.store.erase(customer_ids)
         return privacy_pb2.EraseCustomerDataResponse(service="interactions", erased_counts=erased)
 
     async def ExportCustomerData(
         self, request: privacy_pb2.ExportCustomerDataRequest, context: grpc.aio.ServicerContext
     ) -> privacy_pb2.ExportCustomerDataResponse:
-        rows = await self.store.export(self._ids(request.customer_ids))
+        v = Violations()
+        customer_ids = self._ids(request.customer_ids, v)
+        after = parse_export_token(request.page_token)
+        v.check(after is not None, "page_token", "not a token this service issued")
+        v.raise_if_any()
+        assert after is not None
+        page: BoundedPage[struct_pb2.Struct] = BoundedPage(self.max_page_bytes)
+        token = ""
+        async for row in self.store.export(customer_ids, after):
+            if not page.add(export_record_pb(row)):
+                # Rows go by seq: the next page starts after the last one sent.
+                token = export_token(after)
+                break
+            after = row["seq"]
         return privacy_pb2.ExportCustomerDataResponse(
             service="interactions",
-            sections=[
-                privacy_pb2.ExportedRecords(kind="interactions", records=[_struct(r) for r in rows])
-            ],
+            sections=[privacy_pb2.ExportedRecords(kind="interactions", records=page.messages)],
             exported_at=timestamp(datetime.now(UTC)),
+            next_page_token=token,
         )
 
 
@@ -942,7 +954,7 @@ async def register(server: grpc.aio.Server, context: ServiceContext) -> list[str
         InteractionsServicer(service, settings, changes), server
     )
     privacy_pb2_grpc.add_DataSubjectServiceServicer_to_server(
-        InteractionsDataSubjects(store), server
+        InteractionsDataSubjects(store, settings.max_page_bytes), server
     )
     identity.start_following(store.erase)
     context.add_health_check("identity follower", lambda: identity.healthy)

@@ -45,6 +45,16 @@ class InteractionsSettings(ServiceSettings):
         description="Live feature states kept in memory between ingest batches (about 10 KB "
         "each); 0 reads every state from the database for every batch.",
     )
+    # gRPC clients refuse a message over 4 MB by default: a timeline page of
+    # 100 large rows, or one customer's whole export, could pass it. Pages
+    # stop below this bound instead (always at least one row, and one row is
+    # at most about 300 KB), leaving room for the rest of the message.
+    max_page_bytes: int = Field(
+        default=1_048_576,
+        ge=65_536,
+        le=3_145_728,
+        description="Serialized bytes of rows per ListInteractions or export page.",
+    )
     purge_batch_size: int = Field(
         default=5_000, ge=1, le=100_000, description="Interactions deleted per purge transaction."
     )

@@ -129,6 +129,16 @@ WHERE customer_id = ANY($1::uuid[]) AND occurred_at < $2
 ORDER BY occurred_at, seq
 """
 
+# A chunk of a customer's export. By seq: unique and never reused, so a page
+# token naming the last seq sent resumes exactly after it.
+EXPORT_CHUNK_ROWS = 500
+EXPORT_CHUNK = """
+SELECT * FROM interactions
+WHERE customer_id = ANY($1::uuid[]) AND seq > $2
+ORDER BY seq
+LIMIT $3
+"""
+
 EVENTS_OF_CUSTOMER = "SELECT * FROM interactions WHERE customer_id = $1 ORDER BY occurred_at, seq"
 
 # In (xid, seq) order, and only rows of transactions older than any still
@@ -834,11 +844,19 @@ class InteractionsStore:
             "merge_links": int(links.split()[-1]),
         }
 
-    async def export(self, customer_ids: Sequence[uuid.UUID]) -> list[asyncpg.Record]:
-        async with self.pool.acquire() as connection:
-            return list(
-                await connection.fetch(
-                    "SELECT * FROM interactions WHERE customer_id = ANY($1::uuid[]) ORDER BY seq",
-                    list(customer_ids),
+    async def export(
+        self, customer_ids: Sequence[uuid.UUID], after_seq: int
+    ) -> AsyncIterator[asyncpg.Record]:
+        """The customers' interactions after `after_seq`, by seq. Read a chunk
+        at a time, each on a connection released before its rows are handed
+        out, so a caller may stop at any row (a page is full) at no cost."""
+        while True:
+            async with self.pool.acquire() as connection:
+                rows = await connection.fetch(
+                    EXPORT_CHUNK, list(customer_ids), after_seq, EXPORT_CHUNK_ROWS
                 )
-            )
+            for row in rows:
+                yield row
+            if len(rows) < EXPORT_CHUNK_ROWS:
+                return
+            after_seq = rows[-1]["seq"]
