@@ -18,6 +18,12 @@ from google.protobuf import field_mask_pb2, struct_pb2
 
 from converge.v1 import common_pb2, identity_pb2, privacy_pb2, privacy_pb2_grpc
 from tests.identity.helpers import CRM, DEVICE, EMAIL, field_violations, ident, unique_email
+from tests.interactions.test_export_and_pages import (
+    GRPC_DEFAULT_RECEIVE,
+    PAGE_BYTES,
+    ingest_notes,
+    register_note_type,
+)
 
 OPERATOR = common_pb2.Actor(name="privacy-operator", reason="GDPR art. 17 request")
 
@@ -27,7 +33,8 @@ class RecordingDataSubject(privacy_pb2_grpc.DataSubjectServiceServicer):
     not exist yet: records each request and answers like a service that holds
     a few interactions, or fails with UNAVAILABLE while `down` is set."""
 
-    def __init__(self) -> None:
+    def __init__(self, service: str = "interactions") -> None:
+        self.service = service
         self.erase_requests: list[privacy_pb2.EraseCustomerDataRequest] = []
         self.export_requests: list[privacy_pb2.ExportCustomerDataRequest] = []
         self.down = False
@@ -51,7 +58,7 @@ class RecordingDataSubject(privacy_pb2_grpc.DataSubjectServiceServicer):
             record.update({"customer_id": customer_id, "channel": "chat", "count": 2})
             records.append(record)
         return privacy_pb2.ExportCustomerDataResponse(
-            service="interactions",
+            service=self.service,
             sections=[privacy_pb2.ExportedRecords(kind="interactions", records=records)],
         )
 
@@ -65,6 +72,18 @@ class Peer:
 @pytest.fixture
 async def peer() -> AsyncIterator[Peer]:
     servicer = RecordingDataSubject()
+    server = grpc.aio.server()
+    privacy_pb2_grpc.add_DataSubjectServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield Peer(servicer, f"127.0.0.1:{port}")
+    await server.stop(grace=None)
+
+
+@pytest.fixture
+async def scoring_peer() -> AsyncIterator[Peer]:
+    """A stand-in for scoring, the service after interactions by name."""
+    servicer = RecordingDataSubject("scoring")
     server = grpc.aio.server()
     privacy_pb2_grpc.add_DataSubjectServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -158,6 +177,91 @@ async def test_export_lists_an_unreachable_peer_as_unavailable(
     assert exported.customer.customer_id == survivor
     assert list(exported.unavailable_services) == ["interactions"]
     assert list(exported.services) == []
+
+
+async def export_pages(
+    identity, customer: common_pb2.CustomerRef
+) -> list[identity_pb2.ExportCustomerResponse]:
+    """Every page of an export, as a privacy operator's tool fetches them."""
+    pages = []
+    token = ""
+    while True:
+        page = await identity.ExportCustomer(
+            identity_pb2.ExportCustomerRequest(customer=customer, actor=OPERATOR, page_token=token)
+        )
+        pages.append(page)
+        token = page.next_page_token
+        if not token:
+            return pages
+
+
+async def test_an_export_of_9000_large_interactions_comes_whole_through_identity_in_pages(
+    platform, identity_factory, scoring_peer: Peer
+) -> None:
+    """The real interactions service as a peer (and a stand-in after it): the
+    export passes gRPC's 4 MB default limit many times over, yet every page
+    reaches a default client and every interaction comes exactly once."""
+    identity = await identity_factory(
+        peer_services={
+            "scoring": scoring_peer.address,
+            "interactions": platform.interactions_address,
+        }
+    )
+    email = unique_email()
+    customer = common_pb2.CustomerRef(identifier=ident(EMAIL, email))
+    await register_note_type(platform.interactions)
+    await ingest_notes(platform.interactions, customer, 9000, 1, 1000, 1000)
+
+    pages = await export_pages(identity, customer)
+
+    assert all(p.ByteSize() < PAGE_BYTES + 64 * 1024 < GRPC_DEFAULT_RECEIVE for p in pages)
+    first, *later = pages
+    assert first.customer.customer_id
+    assert all(not p.HasField("customer") and not p.profile_changes for p in later)
+    assert all(len(p.services) == 1 and not p.unavailable_services for p in pages)
+    interaction_ids = [
+        record.fields["interaction_id"].string_value
+        for page in pages
+        for service in page.services
+        if service.service == "interactions"
+        for section in service.sections
+        for record in section.records
+    ]
+    assert len(interaction_ids) == len(set(interaction_ids)) == 9000
+    # Interactions' pages, then the next service by name, once.
+    assert [p.services[0].service for p in pages][-2:] == ["interactions", "scoring"]
+    [asked_scoring] = scoring_peer.servicer.export_requests
+    assert list(asked_scoring.customer_ids) == [first.customer.customer_id]
+    assert asked_scoring.page_token == ""
+
+
+async def test_an_export_page_token_of_another_customer_or_not_issued_is_refused(
+    identity_factory, peer: Peer, scoring_peer: Peer
+) -> None:
+    identity = await identity_factory(
+        peer_services={"interactions": peer.address, "scoring": scoring_peer.address}
+    )
+    survivor, _, _ = await merged_customer(identity)
+    other = (
+        await identity.Resolve(
+            identity_pb2.ResolveRequest(identifiers=[ident(EMAIL, unique_email())])
+        )
+    ).customer.customer_id
+    others_export = await identity.ExportCustomer(
+        identity_pb2.ExportCustomerRequest(customer=common_pb2.CustomerRef(customer_id=other))
+    )
+    assert others_export.next_page_token  # (scoring's page comes next)
+    for token in ("garbage", "WyJhIl0=", others_export.next_page_token):
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await identity.ExportCustomer(
+                identity_pb2.ExportCustomerRequest(
+                    customer=common_pb2.CustomerRef(customer_id=survivor), page_token=token
+                )
+            )
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert list(field_violations(error.value)) == ["page_token"]
+    # Nobody was asked for the survivor's data with the other's position.
+    assert all(survivor not in r.customer_ids for r in scoring_peer.servicer.export_requests)
 
 
 async def test_forget_erases_everywhere_and_keeps_no_personal_data(

@@ -1644,6 +1644,11 @@ class ExportCustomerRequest(_message.Message):
 
     CUSTOMER_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_token: _builtins.str
+    """The previous response's `next_page_token`; empty for the first page.
+    Opaque; INVALID_ARGUMENT for a token not issued for this customer's export.
+    """
     @_builtins.property
     def customer(self) -> _common_pb2.CustomerRef:
         """The customer."""
@@ -1657,10 +1662,11 @@ class ExportCustomerRequest(_message.Message):
         *,
         customer: _common_pb2.CustomerRef | None = ...,
         actor: _common_pb2.Actor | None = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "customer", b"customer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "customer", b"customer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "customer", b"customer", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1668,7 +1674,15 @@ Global___ExportCustomerRequest: _TypeAlias = ExportCustomerRequest  # noqa: Y015
 
 @_typing.final
 class ExportCustomerResponse(_message.Message):
-    """Everything the platform holds about a customer."""
+    """Everything the platform holds about a customer, a page at a time. The first
+    page carries identity's own part (`customer`, `profile_changes`, `merges`)
+    and may carry the first page of the first other service; every later page
+    carries the next page of one other service (in `services`, at most one
+    entry) and nothing of identity's own part. A privacy operator's tool sends
+    the same `customer` with `page_token` = `next_page_token` until that is
+    empty, and appends each page's sections to those of the same service and
+    kind; `unavailable_services` of every page together say what is missing.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1677,6 +1691,9 @@ class ExportCustomerResponse(_message.Message):
     MERGES_FIELD_NUMBER: _builtins.int
     SERVICES_FIELD_NUMBER: _builtins.int
     UNAVAILABLE_SERVICES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as `page_token` for the next page; empty on the last page."""
     @_builtins.property
     def customer(self) -> Global___Customer:
         """The customer with every identifier and preference."""
@@ -1705,10 +1722,11 @@ class ExportCustomerResponse(_message.Message):
         merges: _abc.Iterable[Global___MergeRecord] | None = ...,
         services: _abc.Iterable[_privacy_pb2.ExportCustomerDataResponse] | None = ...,
         unavailable_services: _abc.Iterable[_builtins.str] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["customer", b"customer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer", b"customer", "merges", b"merges", "profile_changes", b"profile_changes", "services", b"services", "unavailable_services", b"unavailable_services"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer", b"customer", "merges", b"merges", "next_page_token", b"next_page_token", "profile_changes", b"profile_changes", "services", b"services", "unavailable_services", b"unavailable_services"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

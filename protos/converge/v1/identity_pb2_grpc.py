@@ -255,7 +255,9 @@ class IdentityServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ExportCustomer(self, request, context):
-        """Returns everything the platform holds about one customer (right of access).
+        """Returns everything the platform holds about one customer (right of
+        access), a page at a time so that any export fits gRPC's message limit:
+        loop with `page_token` = the last `next_page_token` until it is empty.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -80,7 +80,10 @@ class IdentityServiceStub:
     recorded without the personal data itself.
     """
     ExportCustomer: _grpc.UnaryUnaryMultiCallable[_identity_pb2.ExportCustomerRequest, _identity_pb2.ExportCustomerResponse]
-    """Returns everything the platform holds about one customer (right of access)."""
+    """Returns everything the platform holds about one customer (right of
+    access), a page at a time so that any export fits gRPC's message limit:
+    loop with `page_token` = the last `next_page_token` until it is empty.
+    """
     StreamIdentityEvents: _grpc.UnaryStreamMultiCallable[_identity_pb2.StreamIdentityEventsRequest, _identity_pb2.StreamIdentityEventsResponse]
     """Streams identity changes (created, merged, unmerged, forgotten) from a
     cursor, so other services can follow merges. Durable and resumable.
@@ -138,7 +141,10 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     recorded without the personal data itself.
     """
     ExportCustomer: _aio.UnaryUnaryMultiCallable[_identity_pb2.ExportCustomerRequest, _identity_pb2.ExportCustomerResponse]  # type: ignore[assignment]
-    """Returns everything the platform holds about one customer (right of access)."""
+    """Returns everything the platform holds about one customer (right of
+    access), a page at a time so that any export fits gRPC's message limit:
+    loop with `page_token` = the last `next_page_token` until it is empty.
+    """
     StreamIdentityEvents: _aio.UnaryStreamMultiCallable[_identity_pb2.StreamIdentityEventsRequest, _identity_pb2.StreamIdentityEventsResponse]  # type: ignore[assignment]
     """Streams identity changes (created, merged, unmerged, forgotten) from a
     cursor, so other services can follow merges. Durable and resumable.
@@ -295,7 +301,10 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _identity_pb2.ExportCustomerRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_identity_pb2.ExportCustomerResponse, _abc.Awaitable[_identity_pb2.ExportCustomerResponse]]:
-        """Returns everything the platform holds about one customer (right of access)."""
+        """Returns everything the platform holds about one customer (right of
+        access), a page at a time so that any export fits gRPC's message limit:
+        loop with `page_token` = the last `next_page_token` until it is empty.
+        """
 
     @_abc_1.abstractmethod
     def StreamIdentityEvents(

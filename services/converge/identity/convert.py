@@ -4,6 +4,9 @@ calls the service and answers)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -17,7 +20,7 @@ from converge.identity.domain import (
     TaggedValue,
 )
 from converge.identity.identifiers import NormalizedIdentifier
-from converge.identity.service import PeerErasure
+from converge.identity.service import ExportPage, ExportPosition, PeerErasure
 from converge.runtime.cursors import commit_cursor
 from converge.runtime.values import from_plain, from_tagged, timestamp
 from converge.v1 import common_pb2, identity_pb2
@@ -151,3 +154,36 @@ def forget_response_pb(
         complete=complete,
         erased_at=timestamp(erased_at),
     )
+
+
+def export_response_pb(page: ExportPage) -> identity_pb2.ExportCustomerResponse:
+    response = identity_pb2.ExportCustomerResponse(
+        profile_changes=[change_pb(c) for c in page.changes],
+        merges=[merge_pb(m) for m in page.merges],
+        services=page.peer_pages,
+        unavailable_services=page.unavailable,
+        next_page_token="" if page.next is None else export_token(page.next),
+    )
+    if page.customer is not None:
+        response.customer.CopyFrom(customer_pb(page.customer))
+    return response
+
+
+# An export's page token: the position as compact JSON, base64url. Opaque to
+# callers; it carries the other service's own token untouched.
+def export_token(position: ExportPosition) -> str:
+    plain = json.dumps(
+        [position.customer_id, position.service, position.service_token], separators=(",", ":")
+    )
+    return base64.urlsafe_b64encode(plain.encode()).decode()
+
+
+def export_position(token: str) -> ExportPosition:
+    """The position a token names; ValueError for one identity did not issue."""
+    try:
+        value = json.loads(base64.urlsafe_b64decode(token.encode("ascii")))
+    except (binascii.Error, UnicodeError, ValueError) as error:
+        raise ValueError("not a token this service issued") from error
+    if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, str) for v in value)):
+        raise ValueError("not a token this service issued")
+    return ExportPosition(*value)

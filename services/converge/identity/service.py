@@ -65,9 +65,45 @@ class PeerErasure:
     error: str
 
 
-# Asks one other service to erase or export; given by the servicer (it owns gRPC).
+@dataclass(frozen=True)
+class PeerExport:
+    """One page of another service's export: `page` is its answer as it came
+    (identity passes it on untouched), `next_token` its own page token for the
+    next page; `done` False when it could not be asked."""
+
+    service: str
+    done: bool
+    page: Any
+    next_token: str
+
+
+@dataclass(frozen=True)
+class ExportPosition:
+    """Where a paged export resumes: the customer it is of (its surviving id
+    when it began), the service asked next and that service's page token."""
+
+    customer_id: str
+    service: str
+    service_token: str
+
+
+@dataclass(frozen=True)
+class ExportPage:
+    """One page of a customer's export. The first carries identity's own part
+    (`customer` set); each carries at most one page of another service."""
+
+    customer: Customer | None
+    changes: list[ProfileChange]
+    merges: list[Merge]
+    peer_pages: list[Any]
+    unavailable: list[str]
+    next: ExportPosition | None
+
+
+# Asks one other service to erase or export (the page after a token); given
+# by the servicer (it owns gRPC).
 EraseAtPeer = Callable[[str, Sequence[str], str], Awaitable[PeerErasure]]
-ExportAtPeer = Callable[[str, Sequence[str]], Awaitable[Any]]
+ExportAtPeer = Callable[[str, Sequence[str], str], Awaitable[PeerExport]]
 
 
 class IdentityService:
@@ -704,24 +740,64 @@ class IdentityService:
         self,
         customer_id: str | None,
         identifier: NormalizedIdentifier | None,
-    ) -> tuple[Customer, list[ProfileChange], list[Merge], list[str]]:
+        position: ExportPosition | None,
+        export_at_peer: ExportAtPeer,
+        peers: Sequence[str],
+    ) -> ExportPage:
+        """One page of everything the platform holds on a customer: identity's
+        own part first, then each other service's pages in name order (a
+        stable order, so a position means the same on every replica). A
+        service that cannot be asked is listed as unavailable and skipped, as
+        on the first page: the export goes on and says what it lacks."""
         async with self.store.reading() as tx:
             root = await self._root(tx, customer_id, identifier)
-            customer = await tx.load_customer(root)
             members = await tx.cluster_members(root)
+            customer = None
             changes: list[ProfileChange] = []
-            for member in members:
-                rows = await tx.list_profile_changes(
-                    member,
-                    datetime.min.replace(tzinfo=UTC),
-                    datetime.max.replace(tzinfo=UTC),
-                    0,
-                    1_000_000,
+            merges: list[Merge] = []
+            if position is None:
+                customer = await tx.load_customer(root)
+                assert customer is not None
+                for member in members:
+                    rows = await tx.list_profile_changes(
+                        member,
+                        datetime.min.replace(tzinfo=UTC),
+                        datetime.max.replace(tzinfo=UTC),
+                        0,
+                        1_000_000,
+                    )
+                    changes.extend(change for _, change in rows)
+                merges = await tx.list_merges(members, True)
+        names = sorted(peers)
+        first, token = 0, ""
+        if position is not None:
+            # A token of another customer's export, or one begun before this
+            # customer was merged into another, would mix two people's data.
+            if position.customer_id != root or position.service not in names:
+                raise InvalidArgument(
+                    [
+                        FieldViolation(
+                            "page_token",
+                            "not a page of this customer's export (or it changed since): "
+                            "start again without a token",
+                        )
+                    ]
                 )
-                changes.extend(change for _, change in rows)
-            merges = await tx.list_merges(members, True)
-        assert customer is not None
-        return customer, changes, merges, members
+            first, token = names.index(position.service), position.service_token
+        unavailable: list[str] = []
+        for index in range(first, len(names)):
+            outcome = await export_at_peer(names[index], members, token)
+            if not outcome.done:
+                unavailable.append(names[index])
+                token = ""
+                continue
+            following = None
+            if outcome.next_token:
+                following = ExportPosition(root, names[index], outcome.next_token)
+            elif index + 1 < len(names):
+                following = ExportPosition(root, names[index + 1], "")
+            return ExportPage(customer, changes, merges, [outcome.page], unavailable, following)
+        return ExportPage(customer, changes, merges, [], unavailable, None)
 
 
 def _resolve_result(

@@ -20,6 +20,8 @@ from converge.identity.convert import (
     change_pb,
     customer_pb,
     event_pb,
+    export_position,
+    export_response_pb,
     forget_response_pb,
     identifier_pb,
     merge_pb,
@@ -34,7 +36,7 @@ from converge.identity.domain import (
     TaggedValue,
 )
 from converge.identity.identifiers import IdentifierError, NormalizedIdentifier, normalize
-from converge.identity.service import IdentityService, PeerErasure
+from converge.identity.service import IdentityService, PeerErasure, PeerExport
 from converge.identity.settings import IdentitySettings
 from converge.identity.store import IdentityStore
 from converge.runtime.cursors import parse_commit_cursor
@@ -742,28 +744,36 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         )
         return forget_response_pb(erasure_id, outcomes, complete, erased_at)
 
+    async def _export_at_peer(
+        self, name: str, customer_ids: Sequence[str], page_token: str
+    ) -> PeerExport:
+        try:
+            reply = await self._peers[name].ExportCustomerData(
+                privacy_pb2.ExportCustomerDataRequest(
+                    customer_ids=customer_ids, page_token=page_token
+                ),
+                timeout=self.settings.peer_timeout_s,
+            )
+        except grpc.aio.AioRpcError:
+            return PeerExport(name, False, None, "")
+        return PeerExport(name, True, reply, reply.next_page_token)
+
     async def ExportCustomer(
         self, request: identity_pb2.ExportCustomerRequest, context: grpc.aio.ServicerContext
     ) -> identity_pb2.ExportCustomerResponse:
         v = Violations()
         customer_id, identifier = _customer_ref(request.customer, "customer", v, self.settings)
-        v.raise_if_any()
-        customer, changes, merges, members = await self.service.export(customer_id, identifier)
-        response = identity_pb2.ExportCustomerResponse(
-            customer=customer_pb(customer),
-            profile_changes=[change_pb(c) for c in changes],
-            merges=[merge_pb(m) for m in merges],
-        )
-        for name, stub in self._peers.items():
+        position = None
+        if request.page_token:
             try:
-                reply = await stub.ExportCustomerData(
-                    privacy_pb2.ExportCustomerDataRequest(customer_ids=members),
-                    timeout=self.settings.peer_timeout_s,
-                )
-                response.services.append(reply)
-            except grpc.aio.AioRpcError:
-                response.unavailable_services.append(name)
-        return response
+                position = export_position(request.page_token)
+            except ValueError as error:
+                v.add("page_token", str(error))
+        v.raise_if_any()
+        page = await self.service.export(
+            customer_id, identifier, position, self._export_at_peer, list(self._peers)
+        )
+        return export_response_pb(page)
 
     async def StreamIdentityEvents(
         self, request: identity_pb2.StreamIdentityEventsRequest, context: grpc.aio.ServicerContext
