@@ -235,6 +235,22 @@ async def test_an_export_of_9000_large_interactions_comes_whole_through_identity
     assert asked_scoring.page_token == ""
 
 
+async def test_a_peer_down_on_a_later_page_is_listed_and_the_export_still_ends(
+    identity_factory, peer: Peer, scoring_peer: Peer
+) -> None:
+    identity = await identity_factory(
+        peer_services={"interactions": peer.address, "scoring": scoring_peer.address}
+    )
+    survivor, _, _ = await merged_customer(identity)
+    scoring_peer.servicer.down = True
+    first, second = await export_pages(identity, common_pb2.CustomerRef(customer_id=survivor))
+    assert first.customer.customer_id == survivor
+    assert [s.service for s in first.services] == ["interactions"]
+    assert list(first.unavailable_services) == []
+    assert (list(second.services), list(second.unavailable_services)) == ([], ["scoring"])
+    assert not second.HasField("customer")
+
+
 async def test_an_export_page_token_of_another_customer_or_not_issued_is_refused(
     identity_factory, peer: Peer, scoring_peer: Peer
 ) -> None:
