@@ -54,10 +54,9 @@ from converge.runtime.errors import (
 from converge.runtime.fields import (
     EARLIEST_SECONDS,
     LATEST_SECONDS,
+    MAX_MONEY_UNITS,
     check_message,
     checked_requests,
-    money_decimal,
-    money_problem,
     parse_uuid,
     time_problem,
 )
@@ -227,6 +226,7 @@ _IDENTIFIER_TYPES = frozenset(n for n in common_pb2.IdentifierType.values() if n
 _CURRENCY = re.compile(r"[A-Z]{3}")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _REMEMBERED = 100_000
+_MONEY_LIMIT = MAX_MONEY_UNITS * 1_000_000_000  # in nano-units
 
 
 class _Seen:
@@ -236,6 +236,7 @@ class _Seen:
         self.customer_ids: dict[str, uuid.UUID] = {}
         self.sources: set[str] = set()
         self.attribute_names: set[str] = set()
+        self.amounts: dict[int, Decimal] = {}
 
     @staticmethod
     def matches(seen: set[str], value: str, pattern: re.Pattern[str]) -> bool:
@@ -248,6 +249,15 @@ class _Seen:
             seen.clear()
         seen.add(value)
         return True
+
+    def amount(self, nanos: int) -> Decimal:
+        """The exact amount of `nanos` nano-units (prices repeat: remembered)."""
+        found = self.amounts.get(nanos)
+        if found is None:
+            if len(self.amounts) >= _REMEMBERED:
+                self.amounts.clear()
+            found = self.amounts[nanos] = Decimal(nanos).scaleb(-9)
+        return found
 
     def customer_id(self, text: str) -> uuid.UUID | None:
         found = self.customer_ids.get(text)
@@ -348,9 +358,16 @@ def _fast_draft(
         money = message.amount
         currency = money.currency_code
         units, money_nanos = money.units, money.nanos
-        if not _CURRENCY.fullmatch(currency) or money_problem(units, money_nanos) is not None:
+        total = units * 1_000_000_000 + money_nanos  # (money_problem, inlined)
+        if (
+            not _CURRENCY.fullmatch(currency)
+            or not -_MONEY_LIMIT <= total <= _MONEY_LIMIT
+            or not -1_000_000_000 < money_nanos < 1_000_000_000
+            or (units > 0 > money_nanos)
+            or (units < 0 < money_nanos)
+        ):
             return None
-        amount = money_decimal(units, money_nanos)
+        amount = _SEEN.amount(total)
     occurred = message.occurred_at
     seconds, nanos = occurred.seconds, occurred.nanos
     if not (EARLIEST_SECONDS <= seconds < LATEST_SECONDS and 0 <= nanos < 10**9):

@@ -25,7 +25,6 @@ import inspect
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from typing import Any, TypeVar
 
 from google.protobuf import timestamp_pb2
@@ -84,14 +83,9 @@ def money_problem(units: int, nanos: int) -> str | None:
     """Why a Money's amount cannot be accepted, or None."""
     if not -_NANOS < nanos < _NANOS or (units > 0 > nanos) or (units < 0 < nanos):
         return "nanos must be within ±999,999,999 and of the same sign as units"
-    if abs(units) + (nanos != 0) > MAX_MONEY_UNITS:
+    if abs(units * _NANOS + nanos) > MAX_MONEY_UNITS * _NANOS:
         return f"at most {MAX_MONEY_UNITS:,} in absolute value"
     return None
-
-
-def money_decimal(units: int, nanos: int) -> Decimal:
-    """A checked Money's amount, exactly."""
-    return Decimal(units) + Decimal(nanos).scaleb(-9)
 
 
 def _problems(message: Message, path: str, violations: Violations, full: bool) -> None:
