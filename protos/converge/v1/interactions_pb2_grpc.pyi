@@ -59,13 +59,26 @@ class InteractionsServiceStub:
     once the interaction is durable. A resend with the same `source` and
     `idempotency_key` is stored once and answers with the first result.
     INVALID_ARGUMENT (with field violations) for an unknown type or a bad
-    attribute; NOT_FOUND for an unknown identifier when `lookup_only` is set.
+    attribute; NOT_FOUND for an unknown identifier when `lookup_only` is set,
+    and for a customer id identity never issued or that was erased (an erased
+    customer's id is refused for good, whatever was in flight when it was).
     """
     IngestInteractions: _grpc.StreamUnaryMultiCallable[_interactions_pb2.IngestInteractionsRequest, _interactions_pb2.IngestInteractionsResponse]
     """Records interactions in bulk (backfills, connectors). Rows are validated
-    one by one; bad rows are rejected and reported, good rows are stored. Every
-    row counted as stored in the response is durable. If the stream fails,
-    resend it whole: idempotency keys make that safe.
+    one by one; bad rows are rejected and reported (with their `row_ref`, also
+    a row the database itself refuses, or a customer id identity never issued
+    or that was erased: field `interaction.customer`), good rows are stored.
+    Rows are stored in batches of the service's ingest batch size (one
+    transaction each, a row and its feature update together) as the stream
+    goes. The response acknowledges the stream: every row it counts as stored
+    or duplicate is durable. A stream cancelled, timed out or failed before
+    its response acknowledges nothing; it may have stored only whole batches,
+    from its first row on, that the service committed before it learned the
+    stream was over: the batch being stored then is rolled back, and nothing
+    sent later is stored. (A cancellation racing the stream's end can arrive
+    just after the last batch committed: no server can tell such a client
+    what it missed.) So resend a stream that got no response, whole:
+    idempotency keys turn the rows already stored into duplicates.
     """
     GetInteraction: _grpc.UnaryUnaryMultiCallable[_interactions_pb2.GetInteractionRequest, _interactions_pb2.GetInteractionResponse]
     """Reads one interaction by id. NOT_FOUND when unknown, erased or purged."""
@@ -141,13 +154,26 @@ class InteractionsServiceAsyncStub(InteractionsServiceStub):
     once the interaction is durable. A resend with the same `source` and
     `idempotency_key` is stored once and answers with the first result.
     INVALID_ARGUMENT (with field violations) for an unknown type or a bad
-    attribute; NOT_FOUND for an unknown identifier when `lookup_only` is set.
+    attribute; NOT_FOUND for an unknown identifier when `lookup_only` is set,
+    and for a customer id identity never issued or that was erased (an erased
+    customer's id is refused for good, whatever was in flight when it was).
     """
     IngestInteractions: _aio.StreamUnaryMultiCallable[_interactions_pb2.IngestInteractionsRequest, _interactions_pb2.IngestInteractionsResponse]  # type: ignore[assignment]
     """Records interactions in bulk (backfills, connectors). Rows are validated
-    one by one; bad rows are rejected and reported, good rows are stored. Every
-    row counted as stored in the response is durable. If the stream fails,
-    resend it whole: idempotency keys make that safe.
+    one by one; bad rows are rejected and reported (with their `row_ref`, also
+    a row the database itself refuses, or a customer id identity never issued
+    or that was erased: field `interaction.customer`), good rows are stored.
+    Rows are stored in batches of the service's ingest batch size (one
+    transaction each, a row and its feature update together) as the stream
+    goes. The response acknowledges the stream: every row it counts as stored
+    or duplicate is durable. A stream cancelled, timed out or failed before
+    its response acknowledges nothing; it may have stored only whole batches,
+    from its first row on, that the service committed before it learned the
+    stream was over: the batch being stored then is rolled back, and nothing
+    sent later is stored. (A cancellation racing the stream's end can arrive
+    just after the last batch committed: no server can tell such a client
+    what it missed.) So resend a stream that got no response, whole:
+    idempotency keys turn the rows already stored into duplicates.
     """
     GetInteraction: _aio.UnaryUnaryMultiCallable[_interactions_pb2.GetInteractionRequest, _interactions_pb2.GetInteractionResponse]  # type: ignore[assignment]
     """Reads one interaction by id. NOT_FOUND when unknown, erased or purged."""
@@ -226,7 +252,9 @@ class InteractionsServiceServicer(metaclass=_abc_1.ABCMeta):
         once the interaction is durable. A resend with the same `source` and
         `idempotency_key` is stored once and answers with the first result.
         INVALID_ARGUMENT (with field violations) for an unknown type or a bad
-        attribute; NOT_FOUND for an unknown identifier when `lookup_only` is set.
+        attribute; NOT_FOUND for an unknown identifier when `lookup_only` is set,
+        and for a customer id identity never issued or that was erased (an erased
+        customer's id is refused for good, whatever was in flight when it was).
         """
 
     @_abc_1.abstractmethod
@@ -236,9 +264,20 @@ class InteractionsServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_interactions_pb2.IngestInteractionsResponse, _abc.Awaitable[_interactions_pb2.IngestInteractionsResponse]]:
         """Records interactions in bulk (backfills, connectors). Rows are validated
-        one by one; bad rows are rejected and reported, good rows are stored. Every
-        row counted as stored in the response is durable. If the stream fails,
-        resend it whole: idempotency keys make that safe.
+        one by one; bad rows are rejected and reported (with their `row_ref`, also
+        a row the database itself refuses, or a customer id identity never issued
+        or that was erased: field `interaction.customer`), good rows are stored.
+        Rows are stored in batches of the service's ingest batch size (one
+        transaction each, a row and its feature update together) as the stream
+        goes. The response acknowledges the stream: every row it counts as stored
+        or duplicate is durable. A stream cancelled, timed out or failed before
+        its response acknowledges nothing; it may have stored only whole batches,
+        from its first row on, that the service committed before it learned the
+        stream was over: the batch being stored then is rolled back, and nothing
+        sent later is stored. (A cancellation racing the stream's end can arrive
+        just after the last batch committed: no server can tell such a client
+        what it missed.) So resend a stream that got no response, whole:
+        idempotency keys turn the rows already stored into duplicates.
         """
 
     @_abc_1.abstractmethod
