@@ -209,6 +209,11 @@ async def test_ingests_racing_forget_leave_nothing_and_the_id_is_refused_after(
     assert "not found" in reply.rejections[0].reason
     assert await _remains(database, customer_id) == {"rows": 0, "states": 0}
 
+    # The person's identifier is free again: it resolves to a new customer,
+    # not to the erased id this replica had remembered for it.
+    again = await erasing.interactions.RecordInteraction(record(interaction(email)))
+    assert again.interaction.customer_id not in ("", customer_id)
+
 
 async def test_an_id_identity_never_issued_gets_no_rows_nor_features(platform) -> None:
     stranger = str(uuid.uuid4())

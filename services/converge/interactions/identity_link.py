@@ -271,6 +271,16 @@ class IdentityLink:
         else:
             await self.store.save_sync(event.cursor, at)
 
+    def forget_customers(self, customer_ids: Sequence[uuid.UUID]) -> None:
+        """Drops what is remembered of erased customers (an erasure hook), at
+        once rather than when identity's forget event arrives: their
+        identifiers resolve afresh, to whoever identity says owns them now,
+        instead of to an id this service now refuses."""
+        erased = set(customer_ids)
+        self._drop_owners(lambda key, owner: owner in erased)
+        for customer_id in erased:
+            self._issued.pop(customer_id, None)
+
     def _drop_owners(self, doomed: Callable[[IdentifierKey, uuid.UUID], bool]) -> None:
         self._generation += 1
         for key in [k for k, owner in self._owners.items() if doomed(k, owner)]:

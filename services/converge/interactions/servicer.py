@@ -53,7 +53,9 @@ from converge.runtime.errors import (
 )
 from converge.runtime.fields import (
     EARLIEST_SECONDS,
+    EARLIEST_TIME,
     LATEST_SECONDS,
+    LATEST_TIME,
     MAX_MONEY_UNITS,
     check_message,
     checked_requests,
@@ -216,6 +218,27 @@ def _draft(
         idempotency_key=key,
         lookup_only=lookup_only,
     )
+
+
+def _timeline_token(token: str, path: str, v: Violations) -> tuple[datetime, int] | None:
+    """A timeline page token ("<occurred_at>/<seq>") as issued, or None."""
+    if not token:
+        return None
+    at, _, seq = token.partition("/")
+    try:
+        parsed = (datetime.fromisoformat(at), int(seq))
+    except ValueError:
+        parsed = None
+    # (Only what this service issues: an aware time in range and a bigint seq.)
+    if (
+        parsed is None
+        or parsed[0].utcoffset() is None
+        or not EARLIEST_TIME <= parsed[0] < LATEST_TIME
+        or not 0 <= parsed[1] < 2**63
+    ):
+        v.add(path, "not a token this service issued")
+        return None
+    return parsed
 
 
 # The bulk path: rows in the common valid shape are read here in one pass with
@@ -658,13 +681,7 @@ class InteractionsServicer(interactions_pb2_grpc.InteractionsServiceServicer):
                 f"channels[{i}]",
                 "unknown channel",
             )
-        before = None
-        if request.page.page_token:
-            at, _, seq = request.page.page_token.partition("/")
-            try:
-                before = (datetime.fromisoformat(at), int(seq))
-            except ValueError:
-                v.add("page.page_token", "not a token this service issued")
+        before = _timeline_token(request.page.page_token, "page.page_token", v)
         v.raise_if_any()
         root = await self.service.customer_id_of(customer_id, identifier)
         size = min(request.page.page_size or DEFAULT_PAGE, MAX_PAGE)
@@ -973,6 +990,7 @@ async def register(server: grpc.aio.Server, context: ServiceContext) -> list[str
     privacy_pb2_grpc.add_DataSubjectServiceServicer_to_server(
         InteractionsDataSubjects(store, settings.max_page_bytes), server
     )
+    store.erasure_hooks.append(identity.forget_customers)
     identity.start_following(store.erase)
     context.add_health_check("identity follower", lambda: identity.healthy)
     context.on_shutdown(identity.close)
