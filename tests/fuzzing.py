@@ -41,6 +41,12 @@ _STRINGS = (
     "1.2",
     "-5",
     "99999999999999999999999",
+    # Tokens and cursors in the shapes the services issue, with numbers out of range.
+    "2024-01-01T00:00:00+00:00/99999999999999999999",
+    "0001-01-01T00:00:00/1",
+    "99999999999999999999.99999999999999999999",
+    "-1.-1",
+    "MTIzNDU2Nzg5MDEyMzQ1Njc4OTAx",
 )
 # Timestamp seconds: year 1, year 9999, before 1900, after 2200, the epoch, and
 # the edges of the accepted range.

@@ -142,6 +142,22 @@ async def test_out_of_range_times_in_reads_and_purges_are_refused(platform) -> N
     assert "queries[0].as_of" in field_violations(error.value)
 
 
+@pytest.mark.parametrize(
+    "token",
+    [
+        "2024-01-01T00:00:00+00:00/99999999999999999999",
+        "2024-01-01T00:00:00/1",
+        "0001-01-01T00:00:00+00:00/1",
+        "yesterday/1",
+    ],
+)
+async def test_a_page_token_this_service_never_issued_is_refused(platform, token) -> None:
+    listed = interactions_pb2.ListInteractionsRequest(
+        customer=email_ref("token@example.com"), page=common_pb2.PageRequest(page_token=token)
+    )
+    assert "page.page_token" in await refused(platform.interactions.ListInteractions, listed)
+
+
 async def test_the_largest_amounts_allowed_fold_into_features(platform) -> None:
     email = "big-spender@example.com"
     for i in range(20):  # beyond 64 bits of nano-units together: the sum saturates
