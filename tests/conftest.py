@@ -4,6 +4,7 @@ real loopback TCP port with the shared runtime (interceptors included)."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 import tempfile
 import uuid
@@ -15,6 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import grpc
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from converge.identity.servicer import SPEC as IDENTITY
 from converge.identity.settings import IdentitySettings
@@ -23,6 +25,11 @@ from converge.interactions.settings import InteractionsSettings
 from converge.runtime.embedded_postgres import EmbeddedPostgres
 from converge.runtime.server import ServiceRuntime
 from converge.v1 import identity_pb2_grpc, interactions_pb2_grpc, privacy_pb2_grpc
+
+# Tests never write into the source tree: hypothesis keeps no example
+# database (.hypothesis/); a failure prints its example and seed instead.
+hypothesis_settings.register_profile("converge", database=None, print_blob=True)
+hypothesis_settings.load_profile("converge")
 
 ROOT = Path(__file__).resolve().parents[1]
 # The real public datasets, read in place (never copied into the project).
@@ -46,6 +53,7 @@ def postgres_url() -> Iterator[str]:
     url = server.start()
     yield url
     server.stop()
+    shutil.rmtree(data_dir, ignore_errors=True)  # about 40 MB a session otherwise left in /tmp
 
 
 def database_url(server_url: str, name: str) -> str:

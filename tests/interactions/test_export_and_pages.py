@@ -17,7 +17,7 @@ from converge.interactions.convert import BoundedPage
 from converge.interactions.settings import InteractionsSettings
 from converge.v1 import common_pb2, interactions_pb2, privacy_pb2
 from tests.identity.helpers import field_violations
-from tests.interactions.builders import NOW, email_ref, interaction, text
+from tests.interactions.builders import NOW, email_ref, interaction, record, text
 
 # What a default grpc client accepts in one message.
 GRPC_DEFAULT_RECEIVE = 4 * 1024 * 1024
@@ -176,3 +176,30 @@ def test_a_bounded_page_counts_exactly_the_bytes_its_rows_take_on_the_wire(sizes
     assert page.size == encoded
     assert len(page.messages) >= 1  # however large the first row
     assert encoded <= bound or len(page.messages) == 1
+
+
+async def test_an_exported_amount_is_exact(platform) -> None:
+    """Money leaves an export as decimal text, never through a binary float
+    (1,234,567.89 as a double is 1234567.889999...)."""
+    customer = email_ref(f"exact-{uuid.uuid4().hex[:8]}@example.com")
+    stored = await platform.interactions.RecordInteraction(
+        record(
+            interaction(
+                customer,
+                "purchase",
+                product_id="tv",
+                amount=common_pb2.Money(currency_code="EUR", units=1_234_567, nanos=890_000_000),
+            )
+        )
+    )
+    customer_id = stored.interaction.customer_id
+    page = await platform.interactions_privacy.ExportCustomerData(
+        privacy_pb2.ExportCustomerDataRequest(customer_ids=[customer_id])
+    )
+    amounts = [
+        row.fields["amount"]
+        for section in page.sections
+        for row in section.records
+        if row.fields["amount"].WhichOneof("kind") != "null_value"
+    ]
+    assert [a.string_value for a in amounts] == ["1234567.89"]

@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -248,6 +249,12 @@ def _unreachable(ctx: cli.Context, e: Exception) -> int:
     return cli.EXIT_UNREACHABLE
 
 
+def _discard(plots: list[Path]) -> None:
+    """Removes the plots' temporary folder once MLflow holds copies of them."""
+    for folder in {plot.parent for plot in plots}:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _cmd_train(args: argparse.Namespace, ctx: cli.Context) -> int:
     registry = ctx.registry  # fails early (exit 3) when MLflow is unreachable
     from converge.models.trainingset import ServiceUnavailable
@@ -258,15 +265,18 @@ def _cmd_train(args: argparse.Namespace, ctx: cli.Context) -> int:
         model, result, split, plots = _build_and_train(args, ctx, args.prediction, now)
     except ServiceUnavailable as e:
         return _unreachable(ctx, e)
-    registered = registry.log_training(
-        model,
-        result,
-        {"train": split.train, "valid": split.valid, "test": split.test},
-        plots,
-        params={"source": split.train.source},
-        requested_by=_who(args),
-        description=f"converge models train {args.prediction}",
-    )
+    try:
+        registered = registry.log_training(
+            model,
+            result,
+            {"train": split.train, "valid": split.valid, "test": split.test},
+            plots,
+            params={"source": split.train.source},
+            requested_by=_who(args),
+            description=f"converge models train {args.prediction}",
+        )
+    finally:
+        _discard(plots)
     if args.save_test_frame:
         split.test.frame.to_parquet(args.save_test_frame)
     if args.json:
@@ -296,15 +306,18 @@ def _cmd_retrain(args: argparse.Namespace, ctx: cli.Context) -> int:
             # champion (or the rule-based fallback) keeps answering.
             ctx.console.print(f"{prediction}: [yellow]not trained[/yellow]: {e}")
             continue
-        registered = registry.log_training(
-            model,
-            result,
-            {"train": split.train, "valid": split.valid, "test": split.test},
-            plots,
-            params={"source": split.train.source},
-            requested_by=who,
-            description="converge models retrain",
-        )
+        try:
+            registered = registry.log_training(
+                model,
+                result,
+                {"train": split.train, "valid": split.valid, "test": split.test},
+                plots,
+                params={"source": split.train.source},
+                requested_by=who,
+                description="converge models retrain",
+            )
+        finally:
+            _discard(plots)
         decision = registry.promote(
             prediction,
             registered.version,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, Generic, TypeVar
 
 from google.protobuf import struct_pb2
@@ -22,7 +23,8 @@ def export_record_pb(row: Any) -> struct_pb2.Struct:
         elif isinstance(value, uuid.UUID):
             value = str(value)
         elif key == "amount" and value is not None:
-            value = float(value)
+            # Decimal text: a JSON number is a binary float and loses cents.
+            value = format(Decimal(value).normalize(), "f")
         data[key] = value
     struct = struct_pb2.Struct()
     struct.update(data)
