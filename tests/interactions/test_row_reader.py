@@ -12,7 +12,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from converge.interactions.servicer import _draft, _fast_draft
+from converge.interactions.convert import fast_draft as _fast_draft
+from converge.interactions.convert import to_draft as _draft
 from converge.runtime.errors import Violations
 from converge.v1 import common_pb2, interactions_pb2
 

@@ -1,17 +1,484 @@
-"""Protobuf built from what the store returns, and pages bounded by their
-encoded size (a default gRPC client refuses a message over 4 MB)."""
+"""Every protobuf <-> plain conversion of the interactions service, and the
+checks of a request's shape with their field paths: the servicer calls these
+and `service.py`, which sees plain Python types only. Pages are bounded by
+their encoded size (a default gRPC client refuses a message over 4 MB)."""
 
 from __future__ import annotations
 
+import math
+import re
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Generic, TypeVar
 
-from google.protobuf import struct_pb2
+from asyncpg.pgproto import pgproto
+from google.protobuf import duration_pb2, struct_pb2
 from google.protobuf.message import Message
 
+from converge.interactions import features as feature_engine
+from converge.interactions.identity_link import IdentifierRef
+from converge.interactions.service import Draft
+from converge.interactions.types import (
+    AttributeType,
+    InteractionTypeSpec,
+    RequiredField,
+)
+from converge.runtime.errors import Violations
+from converge.runtime.fields import (
+    EARLIEST_SECONDS,
+    EARLIEST_TIME,
+    LATEST_SECONDS,
+    LATEST_TIME,
+    MAX_MONEY_UNITS,
+    check_message,
+    parse_uuid,
+)
+from converge.runtime.values import (
+    from_plain,
+    from_tagged,
+    money_from_decimal,
+    money_to_decimal,
+    timestamp,
+    to_datetime,
+    to_plain,
+)
+from converge.v1 import common_pb2, interactions_pb2
+
 M = TypeVar("M", bound=Message)
+
+MAX_ATTRIBUTES = 64
+MAX_STRING_BYTES = 4096
+MAX_KEY = 256
+MAX_BATCH = 1000
+MAX_ROWS_PER_MESSAGE = 5000
+MAX_PIT_QUERIES = 10_000
+DEFAULT_PAGE, MAX_PAGE = 100, 1000
+_ATTRIBUTE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_SOURCE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+_FIELD_NAMES: dict[int, RequiredField] = {
+    interactions_pb2.INTERACTION_FIELD_TICKET_ID: "ticket_id",
+    interactions_pb2.INTERACTION_FIELD_PRODUCT_ID: "product_id",
+    interactions_pb2.INTERACTION_FIELD_AMOUNT: "amount",
+    interactions_pb2.INTERACTION_FIELD_SENTIMENT: "sentiment",
+}
+_ATTRIBUTE_TYPES: dict[int, AttributeType] = {
+    interactions_pb2.INTERACTION_ATTRIBUTE_TYPE_STRING: "string",
+    interactions_pb2.INTERACTION_ATTRIBUTE_TYPE_NUMBER: "number",
+    interactions_pb2.INTERACTION_ATTRIBUTE_TYPE_BOOL: "bool",
+    interactions_pb2.INTERACTION_ATTRIBUTE_TYPE_TIMESTAMP: "timestamp",
+}
+_AGGREGATIONS = {
+    name.removeprefix("FEATURE_AGGREGATION_").lower(): number
+    for name, number in interactions_pb2.FeatureAggregation.items()
+}
+_PREDICTIONS = {"churn": 1, "escalation": 2, "cross_sell": 3}
+
+
+# --- protobuf -> plain ------------------------------------------------------------
+def uuid_field(value: str, path: str, v: Violations) -> uuid.UUID | None:
+    parsed = parse_uuid(value, path, v)
+    return uuid.UUID(parsed) if parsed else None
+
+
+def customer_ref(
+    ref: common_pb2.CustomerRef, path: str, v: Violations
+) -> tuple[uuid.UUID | None, IdentifierRef | None]:
+    which = ref.WhichOneof("ref")
+    if which == "customer_id":
+        return uuid_field(ref.customer_id, f"{path}.customer_id", v), None
+    if which == "identifier":
+        identifier = ref.identifier
+        v.check(
+            identifier.type != 0 and identifier.type in common_pb2.IdentifierType.values(),
+            f"{path}.identifier.type",
+            "set a known identifier type",
+        )
+        v.check(
+            0 < len(identifier.value.strip()) <= MAX_KEY,
+            f"{path}.identifier.value",
+            f"required, at most {MAX_KEY} characters",
+        )
+        return None, IdentifierRef(identifier.type, identifier.value, identifier.source)
+    v.add(path, "set customer_id or identifier")
+    return None, None
+
+
+def to_draft(
+    message: interactions_pb2.InteractionInput,
+    key: str,
+    lookup_only: bool,
+    row_ref: str,
+    path: str,
+    key_path: str,
+    v: Violations,
+) -> Draft | None:
+    before = len(v.found)
+    # NUL in text, times out of range, inconsistent money, unknown enums.
+    check_message(message, v, path)
+    v.check("\x00" not in key, key_path, "must not contain NUL characters")
+    customer_id, identifier = customer_ref(message.customer, f"{path}.customer", v)
+    v.check(message.HasField("occurred_at"), f"{path}.occurred_at", "required")
+    v.check(
+        message.channel != 0 and message.channel in common_pb2.Channel.values(),
+        f"{path}.channel",
+        "set a known channel",
+    )
+    v.check(0 < len(message.type) <= 64, f"{path}.type", "required, at most 64 characters")
+    v.check(
+        bool(_SOURCE.match(message.source)),
+        f"{path}.source",
+        "required: 1-64 of a-z, 0-9, '_', '.', '-'",
+    )
+    v.check(0 < len(key) <= MAX_KEY, key_path, f"required, at most {MAX_KEY} characters")
+    v.check(len(message.ticket_id) <= MAX_KEY, f"{path}.ticket_id", "too long")
+    v.check(len(message.product_id) <= MAX_KEY, f"{path}.product_id", "too long")
+    v.check(
+        len(message.attributes) <= MAX_ATTRIBUTES,
+        f"{path}.attributes",
+        f"at most {MAX_ATTRIBUTES} attributes",
+    )
+    attributes: dict[str, Any] = {}
+    for name, value in message.attributes.items():
+        field_path = f"{path}.attributes.{name[:64]}"
+        if not _ATTRIBUTE_NAME.match(name):
+            v.add(field_path, "name must match [a-z][a-z0-9_]{0,62}")
+            continue
+        plain = to_plain(value)
+        if plain is None:
+            v.add(field_path, "set one of string_value, number_value, bool_value, timestamp_value")
+        elif isinstance(plain, str) and len(plain.encode()) > MAX_STRING_BYTES:
+            v.add(field_path, f"longer than {MAX_STRING_BYTES} bytes")
+        elif isinstance(plain, float) and not math.isfinite(plain):
+            v.add(field_path, "must be a finite number")
+        else:
+            attributes[name] = plain
+    amount = currency = None
+    if message.HasField("amount"):
+        amount, currency = money_to_decimal(message.amount), message.amount.currency_code
+        v.check(
+            bool(re.fullmatch(r"[A-Z]{3}", currency)),
+            f"{path}.amount.currency_code",
+            "an ISO 4217 code such as EUR",
+        )
+    sentiment = message.sentiment if message.HasField("sentiment") else None
+    if len(v.found) > before:
+        return None
+    return Draft(
+        row_ref=row_ref,
+        customer_id=customer_id,
+        identifier=identifier,
+        occurred_at=to_datetime(message.occurred_at),
+        channel=message.channel,
+        type=message.type,
+        attributes=attributes,
+        ticket_id=message.ticket_id,
+        product_id=message.product_id,
+        amount=amount,
+        currency=currency or "",
+        sentiment=sentiment,
+        source=message.source,
+        idempotency_key=key,
+        lookup_only=lookup_only,
+    )
+
+
+def parse_timeline_token(token: str, path: str, v: Violations) -> tuple[datetime, int] | None:
+    """A timeline page token ("<occurred_at>/<seq>") as issued, or None."""
+    if not token:
+        return None
+    at, _, seq = token.partition("/")
+    try:
+        parsed = (datetime.fromisoformat(at), int(seq))
+    except ValueError:
+        parsed = None
+    # (Only what this service issues: an aware time in range and a bigint seq.)
+    if (
+        parsed is None
+        or parsed[0].utcoffset() is None
+        or not EARLIEST_TIME <= parsed[0] < LATEST_TIME
+        or not 0 <= parsed[1] < 2**63
+    ):
+        v.add(path, "not a token this service issued")
+        return None
+    return parsed
+
+
+# The bulk path: rows in the common valid shape are read here in one pass with
+# what was checked before remembered (a customer id's parse, a source, an
+# attribute name); anything unusual goes through `to_draft` for its violations.
+_CHANNELS = frozenset(n for n in common_pb2.Channel.values() if n)
+_IDENTIFIER_TYPES = frozenset(n for n in common_pb2.IdentifierType.values() if n)
+_CURRENCY = re.compile(r"[A-Z]{3}")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_REMEMBERED = 100_000
+_MONEY_LIMIT = MAX_MONEY_UNITS * 1_000_000_000  # in nano-units
+
+
+class _Seen:
+    """Values already found valid, so repeats skip the check (bounded)."""
+
+    def __init__(self) -> None:
+        self.customer_ids: dict[str, uuid.UUID] = {}
+        self.sources: set[str] = set()
+        self.attribute_names: set[str] = set()
+        self.amounts: dict[int, Decimal] = {}
+
+    @staticmethod
+    def matches(seen: set[str], value: str, pattern: re.Pattern[str]) -> bool:
+        """Whether `value` matches `pattern`, remembered in `seen` when it does."""
+        if value in seen:
+            return True
+        if not pattern.match(value):
+            return False
+        if len(seen) >= _REMEMBERED:
+            seen.clear()
+        seen.add(value)
+        return True
+
+    def amount(self, nanos: int) -> Decimal:
+        """The exact amount of `nanos` nano-units (prices repeat: remembered)."""
+        found = self.amounts.get(nanos)
+        if found is None:
+            if len(self.amounts) >= _REMEMBERED:
+                self.amounts.clear()
+            found = self.amounts[nanos] = Decimal(nanos).scaleb(-9)
+        return found
+
+    def customer_id(self, text: str) -> uuid.UUID | None:
+        found = self.customer_ids.get(text)
+        if found is None:
+            try:
+                # asyncpg's own UUID (a uuid.UUID, equal and hashing alike):
+                # hashed and encoded in C, where uuid.UUID does both in Python.
+                found = pgproto.UUID(uuid.UUID(text).bytes)
+            except ValueError:
+                return None
+            if len(self.customer_ids) >= _REMEMBERED:
+                self.customer_ids.clear()
+            self.customer_ids[text] = found
+        return found
+
+
+_SEEN = _Seen()
+
+
+def fast_draft(
+    message: interactions_pb2.InteractionInput, key: str, lookup_only: bool, row_ref: str
+) -> Draft | None:
+    """The draft of a row in the common valid shape, or None to check it fully."""
+    # (NUL checks only on free text: PostgreSQL refuses U+0000 in text.)
+    if not 0 < len(key) <= MAX_KEY or "\x00" in key:
+        return None
+    source = message.source
+    if not _SEEN.matches(_SEEN.sources, source, _SOURCE):
+        return None
+    customer = message.customer
+    customer_id = identifier = None
+    given_id = customer.customer_id  # (read first: WhichOneof costs twice as much)
+    if given_id:
+        customer_id = _SEEN.customer_id(given_id)
+        if customer_id is None:
+            return None
+    elif customer.HasField("identifier"):
+        ref = customer.identifier
+        if (
+            ref.type not in _IDENTIFIER_TYPES
+            or not 0 < len(ref.value.strip()) <= MAX_KEY
+            or "\x00" in ref.value
+            or "\x00" in ref.source
+        ):
+            return None
+        identifier = IdentifierRef(ref.type, ref.value, ref.source)
+    else:
+        return None
+    channel = message.channel
+    kind = message.type
+    ticket_id = message.ticket_id
+    product_id = message.product_id
+    if (
+        channel not in _CHANNELS
+        or not 0 < len(kind) <= 64
+        or len(ticket_id) > MAX_KEY
+        or len(product_id) > MAX_KEY
+        or not message.HasField("occurred_at")
+        or "\x00" in kind
+        or "\x00" in ticket_id
+        or "\x00" in product_id
+    ):
+        return None
+    attributes: dict[str, Any] = {}
+    sent = message.attributes
+    if sent:
+        if len(sent) > MAX_ATTRIBUTES:
+            return None
+        for name in sent:  # (a map's items() view iterates in Python, keys in C)
+            value = sent[name]
+            if not _SEEN.matches(_SEEN.attribute_names, name, _ATTRIBUTE_NAME):
+                return None
+            held = value.WhichOneof("value")
+            if held == "string_value":
+                text = value.string_value
+                if (
+                    len(text) * 4 > MAX_STRING_BYTES and len(text.encode()) > MAX_STRING_BYTES
+                ) or "\x00" in text:
+                    return None
+                attributes[name] = text
+            elif held == "number_value":
+                number = value.number_value
+                if not math.isfinite(number):
+                    return None
+                attributes[name] = number
+            elif held == "bool_value":
+                attributes[name] = value.bool_value
+            elif held == "timestamp_value":
+                at = value.timestamp_value
+                if not (EARLIEST_SECONDS <= at.seconds < LATEST_SECONDS and 0 <= at.nanos < 10**9):
+                    return None
+                attributes[name] = to_datetime(at)
+            else:
+                return None
+    amount = None
+    currency = ""
+    if message.HasField("amount"):
+        money = message.amount
+        currency = money.currency_code
+        units, money_nanos = money.units, money.nanos
+        total = units * 1_000_000_000 + money_nanos  # (money_problem, inlined)
+        if (
+            not _CURRENCY.fullmatch(currency)
+            or not -_MONEY_LIMIT <= total <= _MONEY_LIMIT
+            or not -1_000_000_000 < money_nanos < 1_000_000_000
+            or (units > 0 > money_nanos)
+            or (units < 0 < money_nanos)
+        ):
+            return None
+        amount = _SEEN.amount(total)
+    occurred = message.occurred_at
+    seconds, nanos = occurred.seconds, occurred.nanos
+    if not (EARLIEST_SECONDS <= seconds < LATEST_SECONDS and 0 <= nanos < 10**9):
+        return None
+    # By position, in Draft's field order (keywords cost three times as much).
+    return Draft(
+        _EPOCH + timedelta(0, seconds, nanos // 1000),  # occurred_at
+        kind,  # type
+        channel,
+        attributes,
+        ticket_id,
+        product_id,
+        amount,
+        message.sentiment if message.HasField("sentiment") else None,
+        row_ref,
+        customer_id,
+        identifier,
+        currency,
+        source,
+        key,  # idempotency_key
+        lookup_only,
+    )
+
+
+# --- plain -> protobuf ------------------------------------------------------------
+def interaction_pb(row: Any) -> interactions_pb2.Interaction:
+    message = interactions_pb2.Interaction(
+        interaction_id=str(row["interaction_id"]),
+        customer_id=str(row["customer_id"]),
+        occurred_at=timestamp(row["occurred_at"]),
+        channel=row["channel"],
+        type=row["type"],
+        attributes={k: from_plain(from_tagged(t)) for k, t in row["attributes"].items()},
+        ticket_id=row["ticket_id"],
+        product_id=row["product_id"],
+        source=row["source"],
+        idempotency_key=row["idempotency_key"],
+        recorded_at=timestamp(row["recorded_at"]),
+    )
+    if row["amount"] is not None:
+        message.amount.CopyFrom(money_from_decimal(Decimal(row["amount"]), row["currency"]))
+    if row["sentiment"] is not None:
+        message.sentiment = row["sentiment"]
+    if row["identifier"]:
+        identifier = row["identifier"]
+        message.identifier.CopyFrom(
+            common_pb2.Identifier(
+                type=identifier["type"], value=identifier["value"], source=identifier["source"]
+            )
+        )
+    return message
+
+
+def type_pb(spec: InteractionTypeSpec, row: Any = None) -> interactions_pb2.InteractionType:
+    by_name = {
+        v: interactions_pb2.InteractionAttributeType.ValueType(k)
+        for k, v in _ATTRIBUTE_TYPES.items()
+    }
+    by_field = {v: interactions_pb2.InteractionField.ValueType(k) for k, v in _FIELD_NAMES.items()}
+    message = interactions_pb2.InteractionType(
+        name=spec.name,
+        description=spec.description,
+        attributes=[
+            interactions_pb2.InteractionAttributeSpec(
+                name=a.name,
+                type=by_name[a.type],
+                required=a.required,
+                description=a.description,
+                allowed_values=a.allowed_values,
+                unit=a.unit,
+                **({"min_value": a.min_value} if a.min_value is not None else {}),
+                **({"max_value": a.max_value} if a.max_value is not None else {}),
+            )
+            for a in spec.attributes
+        ],
+        required_fields=sorted(by_field[f] for f in spec.required_fields),
+        built_in=spec.built_in,
+        version=row["version"] if row is not None else 1,
+    )
+    if row is not None:
+        message.created_at.CopyFrom(timestamp(row["created_at"]))
+        message.updated_at.CopyFrom(timestamp(row["updated_at"]))
+    return message
+
+
+def definition_pb(
+    definition: feature_engine.FeatureDefinition,
+) -> interactions_pb2.FeatureDefinition:
+    message = interactions_pb2.FeatureDefinition(
+        name=definition.name,
+        description=definition.description,
+        entity=interactions_pb2.FEATURE_ENTITY_CUSTOMER
+        if definition.entity == "customer"
+        else interactions_pb2.FEATURE_ENTITY_TICKET,
+        aggregation=_AGGREGATIONS[definition.aggregation],
+        interaction_types=definition.interaction_types,
+        channel=common_pb2.Channel.ValueType(definition.channel),
+        attribute=definition.attribute,
+        unit=definition.unit,
+        categories=definition.categories,
+        may_be_missing=definition.may_be_missing,
+        used_by=[common_pb2.PredictionKind.ValueType(_PREDICTIONS[p]) for p in definition.used_by],
+    )
+    if definition.window_days:
+        message.window.CopyFrom(duration_pb2.Duration(seconds=definition.window_days * 86400))
+    return message
+
+
+def feature_vector_pb(
+    customer_id: uuid.UUID | None,
+    values: dict[str, float] | None,
+    as_of: datetime,
+    names: set[str],
+    ticket_id: str = "",
+) -> interactions_pb2.FeatureVector:
+    if values and names:
+        values = {name: value for name, value in values.items() if name in names}
+    return interactions_pb2.FeatureVector(
+        customer_id="" if customer_id is None else str(customer_id),
+        ticket_id=ticket_id,
+        as_of=timestamp(as_of),
+        feature_set_version=feature_engine.FEATURE_SET_VERSION,
+        found=values is not None,
+        values=values or {},  # (the map filled at once: half the time of key by key)
+    )
 
 
 def export_record_pb(row: Any) -> struct_pb2.Struct:
