@@ -1,31 +1,451 @@
-"""Plain identity types -> protobuf messages: every conversion the identity
-servicer answers with, kept out of the servicer (which only checks requests,
-calls the service and answers)."""
+"""Every protobuf <-> plain conversion of the identity service, and the checks
+of a request's shape with their field paths: the servicer calls these and
+`service.py`, which sees plain Python types only."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
+import math
+import re
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from converge.identity.domain import (
     BUILTIN_PROFILE_FIELDS,
+    Actor,
+    AttachedIdentifier,
+    BulkOutcome,
+    BulkRow,
+    BulkSummary,
     Customer,
+    ExportPage,
+    ExportPosition,
+    Idempotency,
     IdentityEvent,
     Merge,
+    PeerErasure,
+    PreferenceUpdate,
     ProfileChange,
     ProfileFields,
+    ResolveResult,
     TaggedValue,
 )
-from converge.identity.identifiers import NormalizedIdentifier
-from converge.identity.service import ExportPage, ExportPosition, PeerErasure
+from converge.identity.identifiers import IdentifierError, NormalizedIdentifier, normalize
+from converge.identity.settings import IdentitySettings
 from converge.runtime.cursors import commit_cursor
-from converge.runtime.values import from_plain, from_tagged, timestamp
+from converge.runtime.errors import ConvergeError, FieldViolation, InvalidArgument, Violations
+from converge.runtime.fields import MAX_MONEY_UNITS, money_problem, parse_time, parse_uuid
+from converge.runtime.values import from_plain, from_tagged, timestamp, to_datetime
 from converge.v1 import common_pb2, identity_pb2
 
-_STRING_FIELDS = frozenset(name for name, tag in BUILTIN_PROFILE_FIELDS.items() if tag == "s")
+# In the order a Profile message declares them (the order of its violations).
+_STRING_FIELDS = tuple(name for name, tag in BUILTIN_PROFILE_FIELDS.items() if tag == "s")
+
+MAX_IDENTIFIERS = 50
+MAX_ATTRIBUTES = 100
+MAX_TEXT = 256
+MAX_ATTRIBUTE_TEXT = 2048
+MAX_IDEMPOTENCY_KEY = 128
+MAX_BATCH = 1000
+DEFAULT_PAGE, MAX_PAGE = 100, 1000
+MAX_LISTED_REJECTIONS = 1000
+MAX_ROW_REF = 128
+MAX_CLOCK_SKEW = timedelta(minutes=5)
+_ATTRIBUTE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_CURRENCY = re.compile(r"^[A-Z]{3}$")
+# Cursors and change tokens are bigint ids: ASCII digits that fit in 63 bits
+# (str.isdigit() also accepts "²", which int() then refuses).
+_SEQUENCE_NUMBER = re.compile(r"[0-9]{1,18}")
+_PREFERENCE_FIELDS = ("do_not_contact", "preferred_channel", "wants_human")
+
+
+# --- protobuf -> plain, with every violation named by its field path ---------
+def parse_identifier(
+    message: common_pb2.Identifier, path: str, violations: Violations, settings: IdentitySettings
+) -> NormalizedIdentifier | None:
+    try:
+        return normalize(
+            message.type,
+            message.value,
+            message.source,
+            default_phone_region=settings.default_phone_region,
+        )
+    except IdentifierError as error:
+        violations.add(f"{path}.{error.part}", str(error))
+        return None
+
+
+def parse_identifiers(
+    messages: Sequence[common_pb2.Identifier],
+    path: str,
+    violations: Violations,
+    settings: IdentitySettings,
+    *,
+    required: bool,
+) -> list[NormalizedIdentifier]:
+    if required and not messages:
+        violations.add(path, "at least one identifier is required")
+    if len(messages) > MAX_IDENTIFIERS:
+        violations.add(path, f"at most {MAX_IDENTIFIERS} identifiers")
+        return []
+    found = [
+        parse_identifier(m, f"{path}[{i}]", violations, settings) for i, m in enumerate(messages)
+    ]
+    return [i for i in found if i is not None]
+
+
+def parse_customer_ref(
+    ref: common_pb2.CustomerRef, path: str, violations: Violations, settings: IdentitySettings
+) -> tuple[str | None, NormalizedIdentifier | None]:
+    which = ref.WhichOneof("ref")
+    if which == "customer_id":
+        return parse_uuid(ref.customer_id, f"{path}.customer_id", violations), None
+    if which == "identifier":
+        return None, parse_identifier(ref.identifier, f"{path}.identifier", violations, settings)
+    violations.add(path, "set customer_id or identifier")
+    return None, None
+
+
+def _tagged(
+    value: common_pb2.AttributeValue, path: str, violations: Violations
+) -> TaggedValue | None:
+    which = value.WhichOneof("value")
+    if which == "string_value":
+        if len(value.string_value) > MAX_ATTRIBUTE_TEXT:
+            violations.add(path, f"longer than {MAX_ATTRIBUTE_TEXT} characters")
+        _check_text(value.string_value, path, violations)
+        return {"s": value.string_value}
+    if which == "number_value":
+        if not math.isfinite(value.number_value):
+            violations.add(path, "must be a finite number")
+        return {"n": value.number_value}
+    if which == "bool_value":
+        return {"b": value.bool_value}
+    if which == "timestamp_value":
+        at = parse_time(value.timestamp_value, path, violations)
+        return None if at is None else {"t": at.isoformat()}
+    violations.add(path, "set one of string_value, number_value, bool_value, timestamp_value")
+    return None
+
+
+def _check_text(text: str, path: str, violations: Violations) -> None:
+    # (PostgreSQL's text and jsonb cannot hold U+0000.)
+    if "\x00" in text:
+        violations.add(path, "must not contain NUL characters")
+
+
+def _money(money: common_pb2.Money, path: str, violations: Violations) -> TaggedValue:
+    if not _CURRENCY.match(money.currency_code):
+        violations.add(f"{path}.currency_code", "an ISO 4217 code such as EUR")
+    if not -999_999_999 <= money.nanos <= 999_999_999 or (money.units * money.nanos < 0):
+        violations.add(f"{path}.nanos", "within ±999,999,999 and of the same sign as units")
+    elif money_problem(money.units, money.nanos) is not None:
+        violations.add(path, f"at most {MAX_MONEY_UNITS:,} in absolute value")
+    return {"m": {"c": money.currency_code, "u": money.units, "n": money.nanos}}
+
+
+def _profile_field(
+    profile: identity_pb2.Profile, name: str, path: str, violations: Violations
+) -> TaggedValue | None:
+    """One field of a Profile message as a tagged value; None when unset."""
+    if name in _STRING_FIELDS:
+        text: str = getattr(profile, name)
+        if len(text) > MAX_TEXT:
+            violations.add(f"{path}.{name}", f"longer than {MAX_TEXT} characters")
+        _check_text(text, f"{path}.{name}", violations)
+        return {"s": text} if text else None
+    if name == "signup_date":
+        if not profile.HasField("signup_date"):
+            return None
+        at = parse_time(profile.signup_date, f"{path}.signup_date", violations)
+        return None if at is None else {"t": at.isoformat()}
+    if name == "lifetime_value":
+        if not profile.HasField("lifetime_value"):
+            return None
+        return _money(profile.lifetime_value, f"{path}.lifetime_value", violations)
+    attribute = name.removeprefix("attributes.")
+    if attribute not in profile.attributes:
+        return None
+    return _tagged(profile.attributes[attribute], f"{path}.attributes[{attribute}]", violations)
+
+
+def _check_attribute_names(
+    profile: identity_pb2.Profile, path: str, violations: Violations
+) -> None:
+    if len(profile.attributes) > MAX_ATTRIBUTES:
+        violations.add(f"{path}.attributes", f"at most {MAX_ATTRIBUTES} attributes")
+    for name in profile.attributes:
+        if not _ATTRIBUTE_NAME.match(name):
+            violations.add(
+                f"{path}.attributes[{name[:64]}]", "name must match [a-z][a-z0-9_]{0,62}"
+            )
+
+
+def parse_profile(
+    profile: identity_pb2.Profile, path: str, violations: Violations
+) -> ProfileFields:
+    """Every field set in the message (creation, resolve)."""
+    _check_attribute_names(profile, path, violations)
+    names = [
+        *_STRING_FIELDS,
+        "signup_date",
+        "lifetime_value",
+        *(f"attributes.{a}" for a in profile.attributes),
+    ]
+    fields = {name: _profile_field(profile, name, path, violations) for name in names}
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+def parse_profile_mask(
+    profile: identity_pb2.Profile,
+    mask_paths: Sequence[str],
+    path: str,
+    mask_path: str,
+    violations: Violations,
+) -> dict[str, TaggedValue | None]:
+    """The fields named by a mask; a named field left unset is cleared (None)."""
+    _check_attribute_names(profile, path, violations)
+    if not mask_paths:
+        violations.add(mask_path, "name at least one field to change")
+    changes: dict[str, TaggedValue | None] = {}
+    for i, name in enumerate(mask_paths):
+        known = name in (*_STRING_FIELDS, "signup_date", "lifetime_value") or (
+            name.startswith("attributes.")
+            and _ATTRIBUTE_NAME.match(name.removeprefix("attributes."))
+        )
+        if not known:
+            violations.add(f"{mask_path}.paths[{i}]", f"unknown profile field {name[:80]!r}")
+            continue
+        changes[name] = _profile_field(profile, name, path, violations)
+    return changes
+
+
+def parse_actor(actor: common_pb2.Actor, path: str, violations: Violations) -> Actor:
+    violations.check(len(actor.name) <= MAX_TEXT, f"{path}.name", f"longer than {MAX_TEXT}")
+    violations.check(len(actor.reason) <= MAX_ATTRIBUTE_TEXT, f"{path}.reason", "too long")
+    _check_text(actor.name, f"{path}.name", violations)
+    _check_text(actor.reason, f"{path}.reason", violations)
+    return Actor(actor.name, actor.reason)
+
+
+def parse_idempotency(
+    key: str, request: Any, violations: Violations, path: str = "idempotency_key"
+) -> Idempotency | None:
+    if not key:
+        return None
+    if len(key) > MAX_IDEMPOTENCY_KEY:
+        violations.add(path, f"longer than {MAX_IDEMPOTENCY_KEY} characters")
+        return None
+    if "\x00" in key:
+        violations.add(path, "must not contain NUL characters")
+        return None
+    fingerprint = hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
+    return Idempotency(key, fingerprint)
+
+
+def parse_page_size(page: common_pb2.PageRequest, violations: Violations, path: str) -> int:
+    violations.check(page.page_size >= 0, f"{path}.page_size", "must not be negative")
+    return min(page.page_size or DEFAULT_PAGE, MAX_PAGE)
+
+
+def decode_page_token(token: str, violations: Violations, path: str) -> str:
+    if not token:
+        return ""
+    try:
+        return base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        violations.add(f"{path}.page_token", "not a token this service issued")
+        return ""
+
+
+def encode_page_token(value: str) -> str:
+    return base64.urlsafe_b64encode(value.encode()).decode() if value else ""
+
+
+def violated_field(error: ConvergeError) -> str:
+    return error.violations[0].field if isinstance(error, InvalidArgument) else ""
+
+
+def parse_resolve(
+    request: identity_pb2.ResolveRequest,
+    path: str,
+    v: Violations,
+    settings: IdentitySettings,
+    fingerprinted: Any = None,
+) -> tuple[list[NormalizedIdentifier], ProfileFields, Actor, Idempotency | None]:
+    """The plain arguments of a resolve; `fingerprinted` is the message
+    whose content a reused idempotency key must match (the request itself
+    unless given)."""
+    prefix = f"{path}." if path else ""
+    identifiers = parse_identifiers(
+        request.identifiers, f"{prefix}identifiers", v, settings, required=True
+    )
+    profile = parse_profile(request.profile, f"{prefix}profile", v)
+    actor = parse_actor(request.actor, f"{prefix}actor", v)
+    idempotency = parse_idempotency(
+        request.idempotency_key, fingerprinted or request, v, f"{prefix}idempotency_key"
+    )
+    return identifiers, profile, actor, idempotency
+
+
+def parse_bulk_row(
+    item: identity_pb2.BulkResolveRequest, received: int, settings: IdentitySettings
+) -> tuple[str, BulkRow | InvalidArgument]:
+    """One row of a bulk resolve with its reference (its number in the stream
+    when it has none), or why it is refused."""
+    row_ref = item.row_ref[:MAX_ROW_REF] or str(received)
+    v = Violations()
+    # Echoed in the answer: a huge one would make it too big to send.
+    v.check(len(item.row_ref) <= MAX_ROW_REF, "row_ref", f"longer than {MAX_ROW_REF}")
+    # A re-sent row is the same row whatever its row_ref; a changed
+    # update mask makes it a different request.
+    identifiers, profile, actor, idempotency = parse_resolve(
+        item.resolve,
+        "resolve",
+        v,
+        settings,
+        identity_pb2.BulkResolveRequest(resolve=item.resolve, update_mask=item.update_mask),
+    )
+    upsert = None
+    if item.update_mask.paths:
+        changes = parse_profile_mask(
+            item.resolve.profile,
+            list(item.update_mask.paths),
+            "resolve.profile",
+            "update_mask",
+            v,
+        )
+        upsert = {k: val for k, val in changes.items() if val is not None}
+    if v.found:
+        return row_ref, InvalidArgument(v.found)
+    return row_ref, BulkRow(
+        tuple(identifiers), profile, upsert, item.resolve.lookup_only, actor, idempotency
+    )
+
+
+def parse_batch_resolve(
+    request: identity_pb2.BatchResolveRequest, settings: IdentitySettings
+) -> tuple[list[identity_pb2.BatchResolveResult], list[tuple[int, BulkRow]]]:
+    """A result per request, already filled for the requests refused by their
+    checks, and the rows of the others with their index."""
+    if len(request.requests) > MAX_BATCH:
+        raise InvalidArgument([FieldViolation("requests", f"at most {MAX_BATCH}")])
+    results = [identity_pb2.BatchResolveResult() for _ in request.requests]
+    rows: list[tuple[int, BulkRow]] = []
+    for index, item in enumerate(request.requests):
+        v = Violations()
+        identifiers, profile, actor, idempotency = parse_resolve(item, "", v, settings)
+        if v.found:
+            results[index].error_code = "INVALID_ARGUMENT"
+            results[index].error_field = v.found[0].field
+            results[index].error = v.found[0].description
+            continue
+        rows.append(
+            (
+                index,
+                BulkRow(tuple(identifiers), profile, None, item.lookup_only, actor, idempotency),
+            )
+        )
+    return results, rows
+
+
+def parse_effective_at(request: identity_pb2.UpdateCustomerRequest) -> datetime | None:
+    effective_at = to_datetime(request.effective_at) if request.HasField("effective_at") else None
+    if effective_at is not None and effective_at > datetime.now(UTC) + MAX_CLOCK_SKEW:
+        raise InvalidArgument([FieldViolation("effective_at", "must not be in the future")])
+    return effective_at
+
+
+def parse_customers_after(page: common_pb2.PageRequest, v: Violations) -> str:
+    """The customer id a ListCustomers page starts after ("" from the first)."""
+    after = decode_page_token(page.page_token, v, "page")
+    if after:
+        parse_uuid(after, "page.page_token", v)
+    return after
+
+
+def parse_change_token(page: common_pb2.PageRequest, v: Violations) -> int:
+    """The profile change a ListProfileChanges page starts after (0 from the first)."""
+    token = decode_page_token(page.page_token, v, "page")
+    valid = not token or bool(_SEQUENCE_NUMBER.fullmatch(token))
+    v.check(valid, "page.page_token", "not a token this service issued")
+    return int(token) if token and valid else 0
+
+
+def parse_effective_range(interval: common_pb2.TimeRange) -> tuple[datetime, datetime]:
+    """An effective-time range; an open end is unbounded."""
+    start = (
+        to_datetime(interval.start)
+        if interval.HasField("start")
+        else datetime.min.replace(tzinfo=UTC)
+    )
+    end = (
+        to_datetime(interval.end) if interval.HasField("end") else datetime.max.replace(tzinfo=UTC)
+    )
+    return start, end
+
+
+def parse_preference_update(
+    request: identity_pb2.UpdateContactPreferencesRequest, v: Violations
+) -> PreferenceUpdate:
+    consents = []
+    for i, consent in enumerate(request.consents):
+        path = f"consents[{i}]"
+        v.check(
+            consent.channel in common_pb2.ContactChannel.values() and consent.channel != 0,
+            f"{path}.channel",
+            "set a known contact channel",
+        )
+        v.check(
+            consent.status in identity_pb2.ConsentStatus.values(),
+            f"{path}.status",
+            "unknown status",
+        )
+        v.check(len(consent.source) <= MAX_TEXT, f"{path}.source", "too long")
+        at = to_datetime(consent.updated_at) if consent.HasField("updated_at") else None
+        # A later-dated consent wins, so one dated in the future would stick.
+        v.check(
+            at is None or at <= datetime.now(UTC) + MAX_CLOCK_SKEW,
+            f"{path}.updated_at",
+            "must not be in the future",
+        )
+        consents.append((int(consent.channel), int(consent.status), at, consent.source))
+    values: dict[str, Any] = {}
+    for i, name in enumerate(request.update_mask.paths):
+        if name not in _PREFERENCE_FIELDS:
+            v.add(f"update_mask.paths[{i}]", f"one of {', '.join(_PREFERENCE_FIELDS)}")
+            continue
+        values[name] = getattr(request.preferences, name)
+    if "preferred_channel" in values:
+        v.check(
+            values["preferred_channel"] in common_pb2.ContactChannel.values(),
+            "preferences.preferred_channel",
+            "unknown contact channel",
+        )
+    v.check(bool(consents or values), "update_mask", "nothing to change: give consents or a mask")
+    return PreferenceUpdate(
+        consents=tuple(consents),
+        do_not_contact=values.get("do_not_contact"),
+        preferred_channel=values.get("preferred_channel"),
+        wants_human=values.get("wants_human"),
+    )
+
+
+def parse_export_token(token: str, v: Violations) -> ExportPosition | None:
+    if not token:
+        return None
+    try:
+        return export_position(token)
+    except ValueError as error:
+        v.add("page_token", str(error))
+        return None
+
+
+# --- plain -> protobuf ---------------------------------------------------------
 
 
 def attribute_value(tagged: TaggedValue) -> common_pb2.AttributeValue:
@@ -187,3 +607,70 @@ def export_position(token: str) -> ExportPosition:
     if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, str) for v in value)):
         raise ValueError("not a token this service issued")
     return ExportPosition(*value)
+
+
+def customer_identifier_pb(attached: AttachedIdentifier) -> identity_pb2.CustomerIdentifier:
+    return identity_pb2.CustomerIdentifier(
+        identifier=identifier_pb(attached.identifier),
+        customer_id=attached.customer_id,
+        attached_at=timestamp(attached.attached_at),
+    )
+
+
+def resolve_response_pb(
+    result: ResolveResult, identifiers: Sequence[NormalizedIdentifier]
+) -> identity_pb2.ResolveResponse:
+    owned = {a.identifier: a for a in result.customer.identifiers}
+    resolved = [owned[i] for i in identifiers if i in owned]
+    return identity_pb2.ResolveResponse(
+        resolved_identifiers=[customer_identifier_pb(a) for a in resolved],
+        customer=customer_pb(result.customer),
+        created=result.created,
+        merges=[merge_pb(m) for m in result.merges],
+        attached_identifiers=[identifier_pb(i) for i in result.attached],
+    )
+
+
+def batch_get_response_pb(
+    requested: Sequence[str], found: Sequence[Customer | None]
+) -> identity_pb2.BatchGetCustomersResponse:
+    response = identity_pb2.BatchGetCustomersResponse()
+    for customer_id, customer in zip(requested, found, strict=True):
+        if customer is None:
+            response.missing_customer_ids.append(customer_id)
+        else:
+            response.customers.append(customer_pb(customer))
+    return response
+
+
+def batch_resolve_response_pb(
+    results: list[identity_pb2.BatchResolveResult],
+    rows: Sequence[tuple[int, BulkRow]],
+    resolved: Sequence[tuple[BulkOutcome, str, list[AttachedIdentifier]]],
+) -> identity_pb2.BatchResolveResponse:
+    """Fills the results of the rows resolved (see `parse_batch_resolve`)."""
+    for (index, _), (outcome, survivor, owners) in zip(rows, resolved, strict=True):
+        result = results[index]
+        if isinstance(outcome.error, ConvergeError):
+            result.error_code = outcome.error.code.name
+            result.error_field = violated_field(outcome.error)
+            result.error = outcome.error.message
+            continue
+        result.customer_id = survivor
+        result.created = outcome.created
+        result.resolved_identifiers.extend(customer_identifier_pb(a) for a in owners)
+    return identity_pb2.BatchResolveResponse(results=results)
+
+
+def bulk_resolve_response_pb(summary: BulkSummary) -> identity_pb2.BulkResolveResponse:
+    return identity_pb2.BulkResolveResponse(
+        received=summary.received,
+        created=summary.created,
+        matched=summary.matched,
+        merged=summary.merged,
+        rejected=len(summary.rejections),
+        rejections=[
+            identity_pb2.BulkRejection(row_ref=r, field=f, reason=why)
+            for r, f, why in summary.rejections[:MAX_LISTED_REJECTIONS]
+        ],
+    )

@@ -160,3 +160,46 @@ class IdentityEvent:
     merge_id: str | None
     occurred_at: datetime
     identifier: NormalizedIdentifier | None  # the identifier removed, for IDENTIFIER_REMOVED
+
+
+@dataclass(frozen=True)
+class PeerErasure:
+    service: str
+    done: bool
+    erased_counts: dict[str, int]
+    error: str
+
+
+@dataclass(frozen=True)
+class PeerExport:
+    """One page of another service's export: `page` is its answer as it came
+    (identity passes it on untouched), `next_token` its own page token for the
+    next page; `done` False when it could not be asked."""
+
+    service: str
+    done: bool
+    page: Any
+    next_token: str
+
+
+@dataclass(frozen=True)
+class ExportPosition:
+    """Where a paged export resumes: the customer it is of (its surviving id
+    when it began), the service asked next and that service's page token."""
+
+    customer_id: str
+    service: str
+    service_token: str
+
+
+@dataclass(frozen=True)
+class ExportPage:
+    """One page of a customer's export. The first carries identity's own part
+    (`customer` set); each carries at most one page of another service."""
+
+    customer: Customer | None
+    changes: list[ProfileChange]
+    merges: list[Merge]
+    peer_pages: list[Any]
+    unavailable: list[str]
+    next: ExportPosition | None

@@ -10,7 +10,6 @@ import logging
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,8 +19,12 @@ from converge.identity.domain import (
     BulkOutcome,
     BulkRow,
     Customer,
+    ExportPage,
+    ExportPosition,
     Idempotency,
     Merge,
+    PeerErasure,
+    PeerExport,
     PreferenceUpdate,
     ProfileChange,
     ProfileFields,
@@ -55,49 +58,6 @@ MAX_ATTEMPTS = 8
 
 def _fingerprint_mismatch(field: str = "idempotency_key") -> InvalidArgument:
     return InvalidArgument([FieldViolation(field, "already used for a different request")])
-
-
-@dataclass(frozen=True)
-class PeerErasure:
-    service: str
-    done: bool
-    erased_counts: dict[str, int]
-    error: str
-
-
-@dataclass(frozen=True)
-class PeerExport:
-    """One page of another service's export: `page` is its answer as it came
-    (identity passes it on untouched), `next_token` its own page token for the
-    next page; `done` False when it could not be asked."""
-
-    service: str
-    done: bool
-    page: Any
-    next_token: str
-
-
-@dataclass(frozen=True)
-class ExportPosition:
-    """Where a paged export resumes: the customer it is of (its surviving id
-    when it began), the service asked next and that service's page token."""
-
-    customer_id: str
-    service: str
-    service_token: str
-
-
-@dataclass(frozen=True)
-class ExportPage:
-    """One page of a customer's export. The first carries identity's own part
-    (`customer` set); each carries at most one page of another service."""
-
-    customer: Customer | None
-    changes: list[ProfileChange]
-    merges: list[Merge]
-    peer_pages: list[Any]
-    unavailable: list[str]
-    next: ExportPosition | None
 
 
 # Asks one other service to erase or export (the page after a token); given
