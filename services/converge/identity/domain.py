@@ -66,6 +66,15 @@ class Customer:
 
 
 @dataclass(frozen=True)
+class LockedCustomer:
+    """A customer row a transaction holds locked, with what picks a merge's survivor."""
+
+    customer_id: str
+    created_at: datetime
+    merged_into: str | None
+
+
+@dataclass(frozen=True)
 class ProfileChange:
     field: str
     value: TaggedValue | None

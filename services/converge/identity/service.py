@@ -22,6 +22,7 @@ from converge.identity.domain import (
     ExportPage,
     ExportPosition,
     Idempotency,
+    LockedCustomer,
     Merge,
     PeerErasure,
     PeerExport,
@@ -425,7 +426,7 @@ class IdentityService:
             )
 
         locked = await tx.lock_customers(roots)
-        if len(locked) != len(roots) or any(r["merged_into"] is not None for r in locked.values()):
+        if len(locked) != len(roots) or any(r.merged_into is not None for r in locked.values()):
             raise RetryableConflict()  # merged or erased since we looked: look again
         clusters = {root: await tx.cluster_members(root) for root in roots}
         cluster_identifiers = {
@@ -467,12 +468,12 @@ class IdentityService:
         owners = {a.customer_id for a in attached.values()}
         return owners.pop() if len(owners) == 1 else survivor
 
-    def _pick_survivor(self, locked: dict[str, Any]) -> str:
-        ordered = sorted(locked.values(), key=lambda r: (r["created_at"], str(r["customer_id"])))
+    def _pick_survivor(self, locked: dict[str, LockedCustomer]) -> str:
+        ordered = sorted(locked.values(), key=lambda r: (r.created_at, r.customer_id))
         chosen = (
             ordered[0] if self.settings.merge_survivor is SurvivorPolicy.OLDEST else ordered[-1]
         )
-        return str(chosen["customer_id"])
+        return chosen.customer_id
 
     def _check_unique_kinds(self, groups: dict[str, list[NormalizedIdentifier]]) -> None:
         """Merge protection: no customer may end up with two values of a unique kind."""
@@ -531,7 +532,7 @@ class IdentityService:
                     [("ALREADY_MERGED", f"customers/{merged_id}", f"part of {survivor}")],
                 )
             locked = await tx.lock_customers([survivor, merged])
-            if any(r["merged_into"] is not None for r in locked.values()):
+            if any(r.merged_into is not None for r in locked.values()):
                 raise RetryableConflict()
             groups = {
                 c: await tx.identifiers_of(await tx.cluster_members(c)) for c in (survivor, merged)

@@ -16,6 +16,7 @@ from converge.identity.domain import (
     ChannelConsent,
     Customer,
     IdentityEvent,
+    LockedCustomer,
     Merge,
     Preferences,
     ProfileChange,
@@ -123,6 +124,8 @@ UPDATE customers SET updated_at = now(), profile = (
 WHERE customer_id = $1
 """
 
+CURRENT_PROFILE = "SELECT profile FROM customers WHERE customer_id = $1"
+
 INSERT_CUSTOMER = "INSERT INTO customers (customer_id) VALUES ($1)"
 
 # ON CONFLICT DO NOTHING: an identifier a concurrent writer took shows as a
@@ -142,6 +145,8 @@ INSERT_PROFILE_CHANGES = """
 INSERT INTO profile_changes (customer_id, field, value, effective_at, actor, merge_id)
 SELECT $1, field, value, coalesce($4, now()), $5, $6 FROM unnest($2::text[], $3::jsonb[]) AS q(field, value)
 """
+
+IDENTIFIERS_OF = "SELECT kind, source, value FROM identifiers WHERE customer_id = ANY($1::uuid[])"
 
 LOCK_CUSTOMERS = """
 SELECT customer_id, created_at, merged_into FROM customers
@@ -577,18 +582,22 @@ class IdentityTransaction:
         await self.record_event(EVENT_IDENTIFIER_REMOVED, str(owner), identifier=identifier)
         return str(owner)
 
-    async def lock_customers(self, customer_ids: Iterable[str]) -> dict[str, asyncpg.Record]:
+    async def lock_customers(self, customer_ids: Iterable[str]) -> dict[str, LockedCustomer]:
         """Row-locks customers in id order (no deadlocks between two merges)."""
         rows = await self.connection.fetch(
             LOCK_CUSTOMERS, [uuid.UUID(c) for c in set(customer_ids)]
         )
-        return {str(r["customer_id"]): r for r in rows}
+        return {
+            str(r["customer_id"]): LockedCustomer(
+                str(r["customer_id"]),
+                r["created_at"],
+                None if r["merged_into"] is None else str(r["merged_into"]),
+            )
+            for r in rows
+        }
 
     async def identifiers_of(self, customer_ids: Sequence[str]) -> list[NormalizedIdentifier]:
-        rows = await self.connection.fetch(
-            "SELECT kind, source, value FROM identifiers WHERE customer_id = ANY($1::uuid[])",
-            [uuid.UUID(c) for c in customer_ids],
-        )
+        rows = await self.connection.fetch(IDENTIFIERS_OF, [uuid.UUID(c) for c in customer_ids])
         return [
             NormalizedIdentifier(IdentifierKind(r["kind"]), r["source"], r["value"]) for r in rows
         ]
@@ -621,7 +630,7 @@ class IdentityTransaction:
 
     async def current_profile(self, customer_id: str) -> ProfileFields:
         profile: ProfileFields = await self.connection.fetchval(
-            "SELECT profile FROM customers WHERE customer_id = $1", uuid.UUID(customer_id)
+            CURRENT_PROFILE, uuid.UUID(customer_id)
         )
         return profile
 
