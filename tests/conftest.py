@@ -20,7 +20,7 @@ from hypothesis import settings as hypothesis_settings
 
 from converge.identity.servicer import SPEC as IDENTITY
 from converge.identity.settings import IdentitySettings
-from converge.interactions.servicer import SPEC as INTERACTIONS
+from converge.interactions.app import SPEC as INTERACTIONS
 from converge.interactions.settings import InteractionsSettings
 from converge.runtime.embedded_postgres import EmbeddedPostgres
 from converge.runtime.server import ServiceRuntime

@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from converge.identity.servicer import SPEC as IDENTITY
 from converge.identity.settings import IdentitySettings
-from converge.interactions.servicer import SPEC as INTERACTIONS
+from converge.interactions.app import SPEC as INTERACTIONS
 from converge.interactions.settings import InteractionsSettings
 from converge.runtime.embedded_postgres import EmbeddedPostgres
 from converge.runtime.server import ServiceRuntime

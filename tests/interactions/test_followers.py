@@ -12,7 +12,7 @@ import grpc
 import prometheus_client
 import pytest
 
-from converge.interactions.servicer import SPEC as INTERACTIONS
+from converge.interactions.app import SPEC as INTERACTIONS
 from converge.interactions.settings import InteractionsSettings
 from converge.runtime.server import ServiceRuntime
 from converge.v1 import interactions_pb2, interactions_pb2_grpc

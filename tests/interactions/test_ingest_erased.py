@@ -15,7 +15,7 @@ import pytest
 
 from converge.identity.servicer import SPEC as IDENTITY
 from converge.identity.settings import IdentitySettings
-from converge.interactions.servicer import SPEC as INTERACTIONS
+from converge.interactions.app import SPEC as INTERACTIONS
 from converge.interactions.settings import InteractionsSettings
 from converge.runtime.server import ServiceRuntime
 from converge.v1 import (

@@ -16,7 +16,7 @@ import pytest
 
 from converge.identity.servicer import SPEC as IDENTITY
 from converge.identity.settings import IdentitySettings
-from converge.interactions.servicer import SPEC as INTERACTIONS
+from converge.interactions.app import SPEC as INTERACTIONS
 from converge.interactions.settings import InteractionsSettings
 from converge.interactions.store import INGEST_DEADLOCK_RETRIES
 from converge.runtime.server import ServiceRuntime

@@ -9,7 +9,7 @@ from datetime import timedelta
 import grpc
 import pytest
 
-from converge.interactions.servicer import SPEC as INTERACTIONS
+from converge.interactions.app import SPEC as INTERACTIONS
 from converge.interactions.settings import InteractionsSettings
 from converge.runtime.server import ServiceRuntime
 from converge.runtime.values import timestamp

@@ -21,7 +21,7 @@ from grpc_status import rpc_status
 
 from converge.identity.servicer import SPEC as IDENTITY
 from converge.identity.settings import IdentitySettings
-from converge.interactions.servicer import SPEC as INTERACTIONS
+from converge.interactions.app import SPEC as INTERACTIONS
 from converge.interactions.settings import InteractionsSettings
 from converge.runtime.server import ServiceRuntime
 from converge.v1 import identity_pb2, interactions_pb2, interactions_pb2_grpc, privacy_pb2

@@ -1,6 +1,6 @@
 """`python -m converge.interactions`: runs the interactions service until SIGTERM."""
 
-from converge.interactions.servicer import SPEC
+from converge.interactions.app import SPEC
 from converge.interactions.settings import InteractionsSettings
 from converge.runtime.server import main
 

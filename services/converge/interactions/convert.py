@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import re
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Generic, TypeVar
@@ -18,13 +19,15 @@ from google.protobuf.message import Message
 
 from converge.interactions import features as feature_engine
 from converge.interactions.identity_link import IdentifierRef
-from converge.interactions.service import Draft
+from converge.interactions.service import Draft, IngestStreamSummary
 from converge.interactions.types import (
+    AttributeSpec,
     AttributeType,
     InteractionTypeSpec,
     RequiredField,
+    validate_type_spec,
 )
-from converge.runtime.errors import Violations
+from converge.runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument, Violations
 from converge.runtime.fields import (
     EARLIEST_SECONDS,
     EARLIEST_TIME,
@@ -33,6 +36,7 @@ from converge.runtime.fields import (
     MAX_MONEY_UNITS,
     check_message,
     parse_uuid,
+    time_problem,
 )
 from converge.runtime.values import (
     from_plain,
@@ -541,3 +545,260 @@ def parse_export_token(token: str) -> int | None:
     if digits == token or not digits.isascii() or not digits.isdigit() or len(digits) > 18:
         return None
     return int(digits)
+
+
+# --- requests checked, responses built (one per handler that needs more than a line)
+def record_request(request: interactions_pb2.RecordInteractionRequest) -> Draft:
+    """The interaction of a RecordInteraction request; INVALID_ARGUMENT naming
+    each field at fault."""
+    v = Violations()
+    draft = to_draft(
+        request.interaction,
+        request.idempotency_key,
+        request.lookup_only,
+        "",
+        "interaction",
+        "idempotency_key",
+        v,
+    )
+    v.raise_if_any()
+    assert draft is not None
+    return draft
+
+
+def read_ingest_message(
+    message: interactions_pb2.IngestInteractionsRequest,
+    received: int,
+    add: Callable[[Draft], None],
+    reject: Callable[[str, str, str, str], None],
+) -> int:
+    """Each row of one IngestInteractions message, as a draft to `add` or a
+    `reject(row_ref, idempotency_key, field, reason)`; returns the rows
+    received so far (a row without a row_ref is referred to by its number)."""
+    if len(message.rows) > MAX_ROWS_PER_MESSAGE:
+        raise InvalidArgument(
+            [FieldViolation("rows", f"at most {MAX_ROWS_PER_MESSAGE} per message")]
+        )
+    items: list[interactions_pb2.IngestInteractionsRequest | interactions_pb2.IngestRow] = [
+        *([message] if message.HasField("interaction") else []),
+        *message.rows,
+    ]
+    for item in items:
+        received += 1
+        row_ref = item.row_ref or str(received)
+        fast = fast_draft(item.interaction, item.idempotency_key, item.lookup_only, row_ref)
+        if fast is not None:
+            add(fast)
+            continue
+        v = Violations()
+        draft = to_draft(
+            item.interaction,
+            item.idempotency_key,
+            item.lookup_only,
+            row_ref,
+            "interaction",
+            "idempotency_key",
+            v,
+        )
+        if draft is None:
+            found = v.found[0]
+            reject(row_ref, item.idempotency_key, found.field, found.description)
+            continue
+        add(draft)
+    return received
+
+
+def ingest_response(summary: IngestStreamSummary) -> interactions_pb2.IngestInteractionsResponse:
+    return interactions_pb2.IngestInteractionsResponse(
+        received=summary.received,
+        stored=summary.stored,
+        duplicates=summary.duplicates,
+        rejected=summary.rejected,
+        customers_created=summary.customers_created,
+        rejections=[
+            interactions_pb2.IngestRejection(
+                row_ref=r.row_ref, idempotency_key=r.idempotency_key, field=r.field, reason=r.reason
+            )
+            for r in summary.rejections
+        ],
+    )
+
+
+def required_interaction_id(value: str, path: str) -> uuid.UUID:
+    v = Violations()
+    interaction_id = uuid_field(value, path, v)
+    v.raise_if_any()
+    assert interaction_id is not None
+    return interaction_id
+
+
+def timeline_token(row: Any) -> str:
+    """The token of the page that starts just after `row`."""
+    return f"{row['occurred_at'].isoformat()}/{row['seq']}"
+
+
+def type_spec_of(given: interactions_pb2.InteractionType) -> InteractionTypeSpec:
+    """The type a RegisterInteractionType request describes, checked whole
+    (validate_type_spec); INVALID_ARGUMENT naming each field at fault."""
+    v = Violations()
+    for i, a in enumerate(given.attributes):
+        v.check(
+            a.type in _ATTRIBUTE_TYPES,
+            f"interaction_type.attributes[{i}].type",
+            "set a known attribute type",
+        )
+    for i, f in enumerate(given.required_fields):
+        v.check(f in _FIELD_NAMES, f"interaction_type.required_fields[{i}]", "unknown field")
+    v.raise_if_any()
+    spec = InteractionTypeSpec(
+        name=given.name,
+        description=given.description,
+        attributes=tuple(
+            AttributeSpec(
+                name=a.name,
+                type=_ATTRIBUTE_TYPES[a.type],
+                required=a.required,
+                description=a.description,
+                allowed_values=tuple(a.allowed_values),
+                min_value=a.min_value if a.HasField("min_value") else None,
+                max_value=a.max_value if a.HasField("max_value") else None,
+                unit=a.unit,
+            )
+            for a in given.attributes
+        ),
+        required_fields=frozenset(_FIELD_NAMES[f] for f in given.required_fields),
+        built_in=False,
+    )
+    for field_path, problem in validate_type_spec(spec):
+        v.add(f"interaction_type.{field_path}", problem)
+    v.raise_if_any()
+    return spec
+
+
+def check_feature_set_version(version: str, path: str) -> None:
+    """FAILED_PRECONDITION for a feature set version this service does not serve."""
+    if version and version != feature_engine.FEATURE_SET_VERSION:
+        raise FailedPrecondition(
+            f"feature set {version!r} is not served; this service serves "
+            f"{feature_engine.FEATURE_SET_VERSION!r}",
+            [("FEATURE_SET_NOT_SERVED", path, "not served")],
+        )
+
+
+def feature_names(names: Any, v: Violations) -> set[str]:
+    known = {d.name for d in feature_engine.REGISTRY}
+    for i, name in enumerate(names):
+        v.check(name in known, f"feature_names[{i}]", f"unknown feature {name[:80]!r}")
+    return set(names)
+
+
+def definitions_pb(entity: int) -> list[interactions_pb2.FeatureDefinition]:
+    """The served feature definitions of an entity (every entity for 0)."""
+    wanted = {1: "customer", 2: "ticket"}.get(entity)
+    return [definition_pb(d) for d in feature_engine.REGISTRY if wanted in (None, d.entity)]
+
+
+def features_request(
+    request: interactions_pb2.GetFeaturesRequest,
+) -> tuple[list[tuple[uuid.UUID | None, IdentifierRef | None]], set[str]]:
+    """The customer references and the feature names wanted."""
+    v = Violations()
+    v.check(len(request.customers) <= MAX_BATCH, "customers", f"at most {MAX_BATCH}")
+    v.check(len(request.ticket_ids) <= MAX_BATCH, "ticket_ids", f"at most {MAX_BATCH}")
+    refs = [customer_ref(c, f"customers[{i}]", v) for i, c in enumerate(request.customers)]
+    names = feature_names(request.feature_names, v)
+    v.raise_if_any()
+    check_feature_set_version(request.feature_set_version, "feature_set_version")
+    return refs, names
+
+
+def features_response(
+    as_of: datetime,
+    customers: list[tuple[uuid.UUID | None, dict[str, float] | None]],
+    tickets: list[tuple[uuid.UUID, str, dict[str, float] | None]],
+    names: set[str],
+) -> interactions_pb2.GetFeaturesResponse:
+    return interactions_pb2.GetFeaturesResponse(
+        # Not found: no customer id (never the nil UUID) and `found` false.
+        customers=[feature_vector_pb(root, values, as_of, names) for root, values in customers],
+        tickets=[
+            feature_vector_pb(owner, values, as_of, names, ticket_id)
+            for owner, ticket_id, values in tickets
+        ],
+        feature_set_version=feature_engine.FEATURE_SET_VERSION,
+    )
+
+
+PointInTimeQuery = tuple[uuid.UUID, datetime, str]  # (customer, as of, ticket id)
+
+
+def point_in_time_request(
+    request: interactions_pb2.GetPointInTimeFeaturesRequest,
+) -> tuple[list[PointInTimeQuery], set[str]]:
+    """The queries of one GetPointInTimeFeatures message and the feature names wanted."""
+    v = Violations()
+    check_message(request, v)
+    v.check(
+        len(request.queries) <= MAX_PIT_QUERIES,
+        "queries",
+        f"at most {MAX_PIT_QUERIES} per message",
+    )
+    queries = []
+    for i, query in enumerate(request.queries):
+        customer_id = uuid_field(query.customer_id, f"queries[{i}].customer_id", v)
+        v.check(query.HasField("as_of"), f"queries[{i}].as_of", "required")
+        if (
+            customer_id is not None
+            and query.HasField("as_of")
+            and time_problem(query.as_of) is None
+        ):
+            queries.append((customer_id, to_datetime(query.as_of), query.ticket_id))
+    names = feature_names(request.feature_names, v)
+    v.raise_if_any()
+    check_feature_set_version(request.feature_set_version, "feature_set_version")
+    return queries, names
+
+
+def point_in_time_response(
+    request: interactions_pb2.GetPointInTimeFeaturesRequest,
+    queries: list[PointInTimeQuery],
+    computed: list[tuple[dict[str, float], dict[str, float] | None]],
+    names: set[str],
+) -> interactions_pb2.GetPointInTimeFeaturesResponse:
+    response = interactions_pb2.GetPointInTimeFeaturesResponse(
+        feature_set_version=feature_engine.FEATURE_SET_VERSION
+    )
+    for query, (customer_id, as_of, ticket_id), (customer, ticket) in zip(
+        request.queries, queries, computed, strict=True
+    ):
+        result = response.results.add(row_ref=query.row_ref)
+        result.customer.CopyFrom(feature_vector_pb(customer_id, customer, as_of, names))
+        if ticket_id:
+            result.ticket.CopyFrom(feature_vector_pb(customer_id, ticket, as_of, names, ticket_id))
+    return response
+
+
+def purge_request(request: interactions_pb2.PurgeInteractionsRequest) -> datetime:
+    """The purge's horizon, once the request names it and who asked."""
+    v = Violations()
+    v.check(request.HasField("older_than"), "older_than", "required")
+    v.check(bool(request.actor.name), "actor.name", "required: who asked for the purge")
+    v.raise_if_any()
+    return to_datetime(request.older_than)
+
+
+def sync_status_pb(connected: bool, status: Any) -> interactions_pb2.GetIdentitySyncStatusResponse:
+    response = interactions_pb2.GetIdentitySyncStatusResponse(connected=connected)
+    if status is not None:
+        response.cursor = status["cursor"]
+        response.applied_at.CopyFrom(timestamp(status["applied_at"]))
+        if status["last_event_at"] is not None:
+            response.last_event_at.CopyFrom(timestamp(status["last_event_at"]))
+    return response
+
+
+def customer_ids(values: Any, v: Violations) -> list[uuid.UUID]:
+    """The customer ids of a data subject request (at least one)."""
+    ids = [uuid_field(c, f"customer_ids[{i}]", v) for i, c in enumerate(values)]
+    v.check(bool(values), "customer_ids", "at least one customer id")
+    return [i for i in ids if i is not None]

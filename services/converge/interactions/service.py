@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import reduce
@@ -17,6 +17,7 @@ import asyncpg
 import uuid_utils
 
 from converge.interactions import features as feature_engine
+from converge.interactions.change_feed import ChangeFeed, Position, type_filter
 from converge.interactions.features import (
     CustomerState,
     Event,
@@ -44,6 +45,12 @@ from converge.runtime.errors import (
 from converge.runtime.values import from_tagged, to_tagged
 
 _NO_OWNER = uuid.UUID(int=0)
+# Rejections an ingest stream lists row by row; beyond, they are only counted.
+MAX_LISTED_REJECTIONS = 1000
+# Batches a stream may have read and prepared while earlier ones commit.
+INGEST_BATCHES_AHEAD = 2
+# A purge within it changes live features, and needs allow_feature_loss.
+FEATURE_WINDOW_DAYS = 90
 
 
 @dataclass(slots=True)
@@ -183,13 +190,128 @@ def spec_from_json(data: dict[str, Any]) -> InteractionTypeSpec:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A row of an ingest stream that was not stored, and why."""
+
+    row_ref: str
+    idempotency_key: str
+    field: str
+    reason: str
+
+
+@dataclass
+class IngestStreamSummary:
+    """What an ingest stream did with its rows (the first
+    MAX_LISTED_REJECTIONS rejections listed, all counted)."""
+
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    customers_created: int = 0
+    rejections: list[Rejection] = field(default_factory=list)
+
+
+class IngestStream:
+    """One bulk ingest stream: rows are added as they are read; batches of
+    `ingest_batch_size` are checked and resolved while those before them are
+    committed (Python's work overlaps the database's): a committer takes them
+    from a short queue one after the other, in the order they came.
+
+    Use it as `async with service.ingest_stream() as stream`: leaving the
+    block before `finish` (the stream failed or was cancelled) cancels the
+    committer, so only acknowledged batches are kept (see IngestInteractions
+    in interactions.proto)."""
+
+    def __init__(self, service: InteractionsService) -> None:
+        self._service = service
+        self._batch_size = service.settings.ingest_batch_size
+        self._batch: list[Draft] = []
+        # Per row: the list's own append, no method of ours in between.
+        self.add: Callable[[Draft], None] = self._batch.append
+        self.summary = IngestStreamSummary()
+        self._queue: asyncio.Queue[tuple[list[Draft], PreparedIngest] | None] = asyncio.Queue(
+            maxsize=INGEST_BATCHES_AHEAD
+        )
+        self._committer: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> IngestStream:
+        self._committer = asyncio.create_task(self._commit_in_order())
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self._committer is not None and not self._committer.done():
+            self._committer.cancel()
+
+    def reject(self, row_ref: str, key: str, field: str, reason: str) -> None:
+        summary = self.summary
+        summary.rejected += 1
+        if len(summary.rejections) < MAX_LISTED_REJECTIONS:
+            summary.rejections.append(Rejection(row_ref, key, field, reason))
+
+    async def flush_if_full(self) -> None:
+        """Hands the rows read so far over once they make a batch."""
+        if len(self._batch) >= self._batch_size:
+            await self._flush()
+
+    async def finish(self, received: int) -> IngestStreamSummary:
+        """Commits what is left and answers for the whole stream."""
+        self.summary.received = received
+        if self._batch:
+            await self._flush()
+        await self._hand_over(None)
+        assert self._committer is not None
+        await self._committer
+        return self.summary
+
+    async def _store(self, drafts: list[Draft], prepared: PreparedIngest) -> None:
+        await self._service.commit(prepared, stored_rows=False)
+        summary = self.summary
+        summary.customers_created += prepared.summary.customers_created
+        results = prepared.summary.results
+        if results.count(STORED_IN_BULK) == len(results):  # (by identity: C speed)
+            summary.stored += len(results)
+            return
+        for draft, result in zip(drafts, results, strict=True):
+            if result.outcome == "stored":
+                summary.stored += 1
+            elif result.outcome == "duplicate":
+                summary.duplicates += 1
+            else:
+                self.reject(draft.row_ref, draft.idempotency_key, result.field, result.reason)
+
+    async def _commit_in_order(self) -> None:
+        while (item := await self._queue.get()) is not None:
+            await self._store(*item)
+
+    async def _hand_over(self, item: tuple[list[Draft], PreparedIngest] | None) -> None:
+        committer = self._committer
+        assert committer is not None
+        putting = asyncio.ensure_future(self._queue.put(item))
+        await asyncio.wait({putting, committer}, return_when=asyncio.FIRST_COMPLETED)
+        if not putting.done():  # the committer failed: its error ends the stream
+            putting.cancel()
+            committer.result()
+
+    async def _flush(self) -> None:
+        drafts = list(self._batch)
+        self._batch.clear()
+        await self._hand_over((drafts, await self._service.prepare(drafts)))
+
+
 class InteractionsService:
     def __init__(
-        self, store: InteractionsStore, identity: IdentityLink, settings: InteractionsSettings
+        self,
+        store: InteractionsStore,
+        identity: IdentityLink,
+        settings: InteractionsSettings,
+        changes: ChangeFeed,
     ) -> None:
         self.store = store
         self.identity = identity
         self.settings = settings
+        self.changes = changes
         self.custom_types: dict[str, tuple[InteractionTypeSpec, asyncpg.Record]] = {}
 
     async def load_types(self) -> None:
@@ -217,6 +339,18 @@ class InteractionsService:
         if not validate_only:
             await self.commit(prepared, stored_rows=stored_rows)
         return prepared.summary
+
+    async def record(self, draft: Draft, *, validate_only: bool) -> IngestResult:
+        """One interaction stored (or only checked): its result, never a rejection."""
+        result = (await self.ingest([draft], validate_only=validate_only)).results[0]
+        if result.outcome == "rejected":
+            if result.field == "interaction.customer":  # (unknown, erased, or not resolved)
+                raise NotFound("customer", result.reason)
+            raise InvalidArgument([FieldViolation(result.field, result.reason)])
+        return result
+
+    def ingest_stream(self) -> IngestStream:
+        return IngestStream(self)
 
     async def commit(self, prepared: PreparedIngest, *, stored_rows: bool = True) -> None:
         """Stores what `prepare` accepted, a transaction per `ingest_batch_size` rows."""
@@ -408,7 +542,8 @@ class InteractionsService:
 
     async def timeline(
         self,
-        root: uuid.UUID,
+        customer_id: uuid.UUID | None,
+        identifier: IdentifierRef | None,
         types: Sequence[str],
         channels: Sequence[int],
         start: datetime | None,
@@ -416,12 +551,24 @@ class InteractionsService:
         ticket_id: str,
         before: tuple[datetime, int] | None,
         limit: int,
-    ) -> list[asyncpg.Record]:
+    ) -> tuple[uuid.UUID, list[asyncpg.Record]]:
+        """The surviving customer a reference points at, and up to `limit`
+        of its interactions (merged customers' included), latest first,
+        before the (occurred_at, seq) `before`."""
+        root = await self.customer_id_of(customer_id, identifier)
         members = (await self.store.members([root]))[root]
         boundary = before or (datetime.max.replace(tzinfo=UTC), 2**62)
-        return await self.store.timeline(
+        rows = await self.store.timeline(
             members, types, channels, start, end, ticket_id, boundary, limit
         )
+        return root, rows
+
+    def stream(
+        self, cursor: Position, types: Sequence[str], follow: bool
+    ) -> AsyncIterator[tuple[Position, asyncpg.Record]]:
+        """The interactions of the wanted types after `cursor`, in commit
+        order, each with its position; with `follow`, new ones as they come."""
+        return self.changes.rows_after(cursor, type_filter(types), follow)
 
     async def live_states(
         self, roots: Sequence[uuid.UUID]
@@ -480,6 +627,27 @@ class InteractionsService:
                             (root, ticket_id, feature_engine.ticket_features(state, ticket_id, now))
                         )
         return now, customers, tickets
+
+    async def features(
+        self,
+        refs: Sequence[tuple[uuid.UUID | None, IdentifierRef | None]],
+        ticket_ids: Sequence[str],
+        include_open_tickets: bool,
+    ) -> tuple[
+        datetime,
+        list[tuple[uuid.UUID | None, dict[str, float] | None]],
+        list[tuple[uuid.UUID, str, dict[str, float] | None]],
+    ]:
+        """Live features of each referenced customer ((None, None) for one not
+        found) and of the tickets, as of one time."""
+        resolved = await self.roots_of_refs(refs)
+        roots = [root or uuid.UUID(int=0) for root in resolved]
+        as_of, values, tickets = await self.live_features(roots, ticket_ids, include_open_tickets)
+        customers: list[tuple[uuid.UUID | None, dict[str, float] | None]] = [
+            (root, found) if root is not None else (None, None)
+            for root, found in zip(resolved, values, strict=True)
+        ]
+        return as_of, customers, tickets
 
     async def _ticket_owners(self, ticket_ids: Sequence[str]) -> dict[str, uuid.UUID]:
         if not ticket_ids:
@@ -560,6 +728,61 @@ class InteractionsService:
         row = await self.store.save_type(spec.name, spec_to_json(spec), old_row["version"])
         self.custom_types[spec.name] = (spec, row)
         return spec, row, False
+
+    async def list_types(
+        self, custom_only: bool
+    ) -> list[tuple[InteractionTypeSpec, asyncpg.Record | None]]:
+        """The registered types (built-in ones too unless `custom_only`), by
+        name, each with its stored row (None for a built-in type)."""
+        await self.load_types()
+        custom = self.custom_types
+        specs = (
+            [s for s, _ in custom.values()]
+            if custom_only
+            else all_types(s for s, _ in custom.values())
+        )
+        return [(s, custom[s.name][1] if s.name in custom else None) for s in specs]
+
+    # --- retention, erasure, export, identity sync ---------------------------------------
+    async def purge(
+        self,
+        older_than: datetime,
+        types: Sequence[str],
+        *,
+        allow_feature_loss: bool,
+        dry_run: bool,
+    ) -> dict[str, int]:
+        """Interactions that occurred before `older_than` deleted (or only
+        counted, `dry_run`), by type. Within the feature window only with
+        `allow_feature_loss`."""
+        if (
+            older_than > datetime.now(UTC) - timedelta(days=FEATURE_WINDOW_DAYS)
+            and not allow_feature_loss
+        ):
+            raise FailedPrecondition(
+                f"the horizon is within the {FEATURE_WINDOW_DAYS}-day feature window; "
+                "set allow_feature_loss to purge anyway",
+                [("FEATURE_WINDOW", "older_than", "within the feature window")],
+            )
+        if dry_run:
+            return await self.store.count_purgeable(older_than, list(types))
+        return await self.store.purge(older_than, list(types), batch=self.settings.purge_batch_size)
+
+    async def erase(self, customer_ids: Sequence[uuid.UUID]) -> dict[str, int]:
+        """Everything held on the customers deleted, counted by kind."""
+        return await self.store.erase(customer_ids)
+
+    def export(
+        self, customer_ids: Sequence[uuid.UUID], after_seq: int
+    ) -> AsyncIterator[asyncpg.Record]:
+        """The customers' interactions after `after_seq`, by seq (a caller
+        may stop at any row)."""
+        return self.store.export(customer_ids, after_seq)
+
+    async def sync_status(self) -> tuple[bool, asyncpg.Record | None]:
+        """Whether the identity link is connected, and how far it has followed."""
+        status = await self.store.sync_status()
+        return self.identity.connected, status
 
     async def get_interaction(self, interaction_id: uuid.UUID) -> asyncpg.Record:
         row = await self.store.get(interaction_id)
