@@ -35,6 +35,7 @@ from converge.identity.domain import (
     TaggedValue,
 )
 from converge.identity.identifiers import IdentifierError, NormalizedIdentifier, normalize
+from converge.identity.service import violated_field
 from converge.identity.settings import IdentitySettings
 from converge.runtime.cursors import commit_cursor
 from converge.runtime.errors import ConvergeError, FieldViolation, InvalidArgument, Violations
@@ -264,10 +265,6 @@ def decode_page_token(token: str, violations: Violations, path: str) -> str:
 
 def encode_page_token(value: str) -> str:
     return base64.urlsafe_b64encode(value.encode()).decode() if value else ""
-
-
-def violated_field(error: ConvergeError) -> str:
-    return error.violations[0].field if isinstance(error, InvalidArgument) else ""
 
 
 def parse_resolve(

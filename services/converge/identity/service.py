@@ -6,22 +6,25 @@ No gRPC here: plain types in and out; domain errors from `converge.runtime.error
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from converge.identity.domain import (
     Actor,
     AttachedIdentifier,
     BulkOutcome,
     BulkRow,
+    BulkSummary,
     Customer,
     ExportPage,
     ExportPosition,
     Idempotency,
+    IdentityEvent,
     LockedCustomer,
     Merge,
     PeerErasure,
@@ -55,22 +58,40 @@ from converge.runtime.errors import (
 logger = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 8
+# Rows of a bulk resolve handled per transaction.
+BULK_BATCH = 500
 
 
 def _fingerprint_mismatch(field: str = "idempotency_key") -> InvalidArgument:
     return InvalidArgument([FieldViolation(field, "already used for a different request")])
 
 
-# Asks one other service to erase or export (the page after a token); given
-# by the servicer (it owns gRPC).
-EraseAtPeer = Callable[[str, Sequence[str], str], Awaitable[PeerErasure]]
-ExportAtPeer = Callable[[str, Sequence[str], str], Awaitable[PeerExport]]
+def violated_field(error: ConvergeError) -> str:
+    """The first field an InvalidArgument names ("" for any other error)."""
+    return error.violations[0].field if isinstance(error, InvalidArgument) else ""
+
+
+class Peers(Protocol):
+    """The other services asked to erase and export a customer (gRPC clients
+    in `peers.py`, built in `app.py`)."""
+
+    @property
+    def names(self) -> list[str]: ...
+
+    async def erase(
+        self, name: str, customer_ids: Sequence[str], erasure_id: str
+    ) -> PeerErasure: ...
+
+    async def export(
+        self, name: str, customer_ids: Sequence[str], page_token: str
+    ) -> PeerExport: ...
 
 
 class IdentityService:
-    def __init__(self, store: IdentityStore, settings: IdentitySettings) -> None:
+    def __init__(self, store: IdentityStore, settings: IdentitySettings, peers: Peers) -> None:
         self.store = store
         self.settings = settings
+        self.peers = peers
         self.unique_kinds = {IdentifierKind[name] for name in settings.unique_identifier_types}
 
     # --- reads ---------------------------------------------------------------
@@ -275,6 +296,42 @@ class IdentityService:
             return await self._resolve_in(tx, identifiers, profile, lookup_only, actor, upsert)
 
         return await self._run("Resolve", idempotency, work)
+
+    async def bulk_resolve(
+        self, rows: AsyncIterable[tuple[str, BulkRow | InvalidArgument]]
+    ) -> BulkSummary:
+        """Resolves a stream of rows, BULK_BATCH at a time (see `resolve_batch`).
+        Each row comes with its reference, or as why its checks refused it; a
+        row refused is listed with its reference and the stream goes on."""
+        summary = BulkSummary()
+        batch: list[tuple[str, BulkRow]] = []
+
+        async def flush() -> None:
+            outcomes = await self.resolve_batch([row for _, row in batch])
+            for (row_ref, _), outcome in zip(batch, outcomes, strict=True):
+                if isinstance(outcome.error, ConvergeError):
+                    # (The service names a row's fields as in ResolveRequest.)
+                    field = violated_field(outcome.error)
+                    summary.rejections.append(
+                        (row_ref, f"resolve.{field}" if field else "", outcome.error.message)
+                    )
+                    continue
+                summary.created += outcome.created
+                summary.matched += not outcome.created
+                summary.merged += outcome.merges
+            batch.clear()
+
+        async for row_ref, row in rows:
+            summary.received += 1
+            if isinstance(row, InvalidArgument):
+                summary.rejections.append((row_ref, violated_field(row), row.message))
+                continue
+            batch.append((row_ref, row))
+            if len(batch) >= BULK_BATCH:
+                await flush()
+        if batch:
+            await flush()
+        return summary
 
     async def resolve_batch(self, rows: Sequence[BulkRow]) -> list[BulkOutcome]:
         """Resolves many rows: those that only bring new identifiers (the bulk of
@@ -630,6 +687,22 @@ class IdentityService:
         result = await self._run("UpdateContactPreferences", idempotency, work)
         return await self.get_customer(result["customer_id"], None)
 
+    # --- events ---------------------------------------------------------------
+    async def events(
+        self, cursor: tuple[int, int], follow: bool
+    ) -> AsyncGenerator[IdentityEvent, None]:
+        """The outbox's events after `cursor`, in stream order; with `follow`,
+        then every new one as it commits, until the caller stops."""
+        while True:
+            events = await self.store.events_after(cursor, 500)
+            for event in events:
+                cursor = (event.xid, event.event_id)
+                yield event
+            if not events and not follow:
+                return
+            if not events:
+                await asyncio.sleep(0.2)
+
     # --- privacy -------------------------------------------------------------
     async def forget(
         self,
@@ -637,8 +710,6 @@ class IdentityService:
         identifier: NormalizedIdentifier | None,
         actor: Actor,
         idempotency: Idempotency | None,
-        erase_at_peer: EraseAtPeer,
-        peers: Sequence[str],
     ) -> tuple[str, list[PeerErasure], bool, datetime]:
         """Erases the customer everywhere. Identity's own data goes last, and
         only when every other service confirmed, so a failed erasure can be
@@ -663,7 +734,7 @@ class IdentityService:
             root = await self._root(tx, customer_id, identifier)
             members = await tx.cluster_members(root)
         erasure_id = str(uuid.uuid4())
-        outcomes = [await erase_at_peer(peer, members, erasure_id) for peer in peers]
+        outcomes = [await self.peers.erase(peer, members, erasure_id) for peer in self.peers.names]
         complete = all(o.done for o in outcomes)
         erased_at = datetime.now(UTC)
         async with self.store.transaction() as tx:
@@ -702,8 +773,6 @@ class IdentityService:
         customer_id: str | None,
         identifier: NormalizedIdentifier | None,
         position: ExportPosition | None,
-        export_at_peer: ExportAtPeer,
-        peers: Sequence[str],
     ) -> ExportPage:
         """One page of everything the platform holds on a customer: identity's
         own part first, then each other service's pages in name order (a
@@ -729,7 +798,7 @@ class IdentityService:
                     )
                     changes.extend(change for _, change in rows)
                 merges = await tx.list_merges(members, True)
-        names = sorted(peers)
+        names = sorted(self.peers.names)
         first, token = 0, ""
         if position is not None:
             # A token of another customer's export, or one begun before this
@@ -747,7 +816,7 @@ class IdentityService:
             first, token = names.index(position.service), position.service_token
         unavailable: list[str] = []
         for index in range(first, len(names)):
-            outcome = await export_at_peer(names[index], members, token)
+            outcome = await self.peers.export(names[index], members, token)
             if not outcome.done:
                 unavailable.append(names[index])
                 token = ""

@@ -3,32 +3,24 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Sequence
+import contextlib
+from collections.abc import AsyncIterator
 from importlib.resources import files
 
 import grpc
 
 from converge.identity import convert
-from converge.identity.domain import BulkRow, BulkSummary, PeerErasure, PeerExport
+from converge.identity.domain import BulkRow
+from converge.identity.peers import PeerServices
 from converge.identity.service import IdentityService
 from converge.identity.settings import IdentitySettings
 from converge.identity.store import IdentityStore
 from converge.runtime.cursors import parse_commit_cursor
-from converge.runtime.errors import ConvergeError, InvalidArgument, Violations
+from converge.runtime.errors import InvalidArgument, Violations
 from converge.runtime.fields import checked_requests, parse_uuid
 from converge.runtime.server import ServiceContext, ServiceSpec
 from converge.runtime.values import to_datetime
-from converge.v1 import (
-    common_pb2,
-    identity_pb2,
-    identity_pb2_grpc,
-    privacy_pb2,
-    privacy_pb2_grpc,
-)
-
-# Rows of a bulk resolve handled per transaction.
-BULK_BATCH = 500
+from converge.v1 import common_pb2, identity_pb2, identity_pb2_grpc
 
 
 @checked_requests
@@ -36,16 +28,6 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
     def __init__(self, service: IdentityService, settings: IdentitySettings) -> None:
         self.service = service
         self.settings = settings
-        self._peers: dict[str, privacy_pb2_grpc.DataSubjectServiceAsyncStub] = {}
-        self._channels: list[grpc.aio.Channel] = []
-        for name, target in settings.peer_services.items():
-            channel = grpc.aio.insecure_channel(target)
-            self._channels.append(channel)
-            self._peers[name] = privacy_pb2_grpc.DataSubjectServiceStub(channel)
-
-    async def close(self) -> None:
-        for channel in self._channels:
-            await channel.close(None)
 
     async def CreateCustomer(
         self, request: identity_pb2.CreateCustomerRequest, context: grpc.aio.ServicerContext
@@ -169,35 +151,13 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         request_iterator: AsyncIterator[identity_pb2.BulkResolveRequest],
         context: grpc.aio.ServicerContext,
     ) -> identity_pb2.BulkResolveResponse:
-        summary = BulkSummary()
-        batch: list[tuple[str, BulkRow]] = []
+        async def rows() -> AsyncIterator[tuple[str, BulkRow | InvalidArgument]]:
+            received = 0
+            async for item in request_iterator:
+                received += 1
+                yield convert.parse_bulk_row(item, received, self.settings)
 
-        async def flush() -> None:
-            outcomes = await self.service.resolve_batch([row for _, row in batch])
-            for (row_ref, _), outcome in zip(batch, outcomes, strict=True):
-                if isinstance(outcome.error, ConvergeError):
-                    # (The service names a row's fields as in ResolveRequest.)
-                    field = convert.violated_field(outcome.error)
-                    summary.rejections.append(
-                        (row_ref, f"resolve.{field}" if field else "", outcome.error.message)
-                    )
-                    continue
-                summary.created += outcome.created
-                summary.matched += not outcome.created
-                summary.merged += outcome.merges
-            batch.clear()
-
-        async for item in request_iterator:
-            summary.received += 1
-            row_ref, row = convert.parse_bulk_row(item, summary.received, self.settings)
-            if isinstance(row, InvalidArgument):
-                summary.rejections.append((row_ref, convert.violated_field(row), row.message))
-                continue
-            batch.append((row_ref, row))
-            if len(batch) >= BULK_BATCH:
-                await flush()
-        if batch:
-            await flush()
+        summary = await self.service.bulk_resolve(rows())
         return convert.bulk_resolve_response_pb(summary)
 
     async def BatchResolve(
@@ -293,20 +253,6 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
             customer_id=customer.customer_id, contact_preferences=customer.contact_preferences
         )
 
-    async def _erase_at_peer(
-        self, name: str, customer_ids: Sequence[str], erasure_id: str
-    ) -> PeerErasure:
-        try:
-            reply = await self._peers[name].EraseCustomerData(
-                privacy_pb2.EraseCustomerDataRequest(
-                    customer_ids=customer_ids, erasure_id=erasure_id
-                ),
-                timeout=self.settings.peer_timeout_s,
-            )
-        except grpc.aio.AioRpcError as error:
-            return PeerErasure(name, False, {}, f"{error.code().name}: {error.details()}")
-        return PeerErasure(name, True, dict(reply.erased_counts), "")
-
     async def ForgetCustomer(
         self, request: identity_pb2.ForgetCustomerRequest, context: grpc.aio.ServicerContext
     ) -> identity_pb2.ForgetCustomerResponse:
@@ -319,23 +265,9 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         idempotency = convert.parse_idempotency(request.idempotency_key, request, v)
         v.raise_if_any()
         erasure_id, outcomes, complete, erased_at = await self.service.forget(
-            customer_id, identifier, actor, idempotency, self._erase_at_peer, list(self._peers)
+            customer_id, identifier, actor, idempotency
         )
         return convert.forget_response_pb(erasure_id, outcomes, complete, erased_at)
-
-    async def _export_at_peer(
-        self, name: str, customer_ids: Sequence[str], page_token: str
-    ) -> PeerExport:
-        try:
-            reply = await self._peers[name].ExportCustomerData(
-                privacy_pb2.ExportCustomerDataRequest(
-                    customer_ids=customer_ids, page_token=page_token
-                ),
-                timeout=self.settings.peer_timeout_s,
-            )
-        except grpc.aio.AioRpcError:
-            return PeerExport(name, False, None, "")
-        return PeerExport(name, True, reply, reply.next_page_token)
 
     async def ExportCustomer(
         self, request: identity_pb2.ExportCustomerRequest, context: grpc.aio.ServicerContext
@@ -346,9 +278,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         )
         position = convert.parse_export_token(request.page_token, v)
         v.raise_if_any()
-        page = await self.service.export(
-            customer_id, identifier, position, self._export_at_peer, list(self._peers)
-        )
+        page = await self.service.export(customer_id, identifier, position)
         return convert.export_response_pb(page)
 
     async def StreamIdentityEvents(
@@ -357,28 +287,23 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         v = Violations()
         cursor = parse_commit_cursor(request.from_cursor, "from_cursor", v)
         v.raise_if_any()
-        while True:
-            events = await self.service.store.events_after(cursor, 500)
-            for event in events:
-                cursor = (event.xid, event.event_id)
+        async with contextlib.aclosing(self.service.events(cursor, request.follow)) as events:
+            async for event in events:
                 yield convert.event_pb(event)
-            if not events and not request.follow:
-                return
-            if not events:
-                await asyncio.sleep(0.2)
 
 
 async def register(server: grpc.aio.Server, context: ServiceContext) -> list[str]:
     settings = context.settings
     assert isinstance(settings, IdentitySettings)
-    servicer = IdentityServicer(IdentityService(IdentityStore(context.pool), settings), settings)
-    identity_pb2_grpc.add_IdentityServiceServicer_to_server(servicer, server)
-    context.on_shutdown(servicer.close)
+    peers = PeerServices(settings.peer_services, settings.peer_timeout_s)
+    service = IdentityService(IdentityStore(context.pool), settings, peers)
+    identity_pb2_grpc.add_IdentityServiceServicer_to_server(
+        IdentityServicer(service, settings), server
+    )
+    context.on_shutdown(peers.close)
     return [identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name]
 
 
 SPEC = ServiceSpec(
     name="identity", migrations=files("converge.identity") / "migrations", register=register
 )
-
-__all__ = ["SPEC", "IdentityServicer"]
