@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from converge.interactions.store import InteractionsStore, Listener
+from converge.interactions.store import InteractionsStore, Listener, StoredInteraction
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +40,8 @@ PAGE = 500  # rows per read, by the feed and by a follower catching up
 RECENT_ROWS = 5_000  # rows the feed keeps in memory for followers
 
 
-def _position(row: asyncpg.Record) -> Position:
-    return row["xid"], row["seq"]
+def _position(row: StoredInteraction) -> Position:
+    return row.xid, row.seq
 
 
 def type_filter(types: Sequence[str]) -> Callable[[str], bool]:
@@ -72,7 +72,7 @@ class ChangeFeed:
         # The recent rows, in stream order, and their positions: every row
         # after `_covered_from` up to `_head`. None: not read yet, or stale
         # (nobody followed for a while).
-        self._rows: list[asyncpg.Record] = []
+        self._rows: list[StoredInteraction] = []
         self._positions: list[Position] = []
         self._covered_from: Position | None = None
         self._head: Position = (0, 0)
@@ -81,7 +81,7 @@ class ChangeFeed:
     # --- followers -----------------------------------------------------------------
     async def rows_after(
         self, cursor: Position, wants: Callable[[str], bool], keep_open: bool
-    ) -> AsyncIterator[tuple[Position, asyncpg.Record]]:
+    ) -> AsyncIterator[tuple[Position, StoredInteraction]]:
         """The wanted rows after `cursor`, each with its position; with
         `keep_open`, waits for new ones for as long as the caller reads."""
         follower = _Follower(cursor, wants)
@@ -102,7 +102,7 @@ class ChangeFeed:
                         rows = self._recent_after(follower.cursor) or []
                 for row in rows:
                     follower.cursor = _position(row)
-                    if wants(row["type"]):
+                    if wants(row.type):
                         yield follower.cursor, row
                 if rows:
                     continue
@@ -122,7 +122,7 @@ class ChangeFeed:
             self._task = asyncio.create_task(self._run(), name="interactions-change-feed")
         self._poked.set()
 
-    def _recent_after(self, cursor: Position) -> list[asyncpg.Record] | None:
+    def _recent_after(self, cursor: Position) -> list[StoredInteraction] | None:
         """The kept rows after `cursor` (a page at most); None when the kept
         rows do not reach back to it."""
         if self._covered_from is None or cursor < self._covered_from:
@@ -136,7 +136,7 @@ class ChangeFeed:
         """Drops the kept rows of erased customers."""
         erased = set(customer_ids)
         kept = [(p, r) for p, r in zip(self._positions, self._rows, strict=True)
-                if r["customer_id"] not in erased]  # fmt: skip
+                if r.customer_id not in erased]  # fmt: skip
         self._positions = [p for p, _ in kept]
         self._rows = [r for _, r in kept]
 
@@ -185,7 +185,7 @@ class ChangeFeed:
             self._wake(self._head, [])
             return
         before = self._head
-        new: list[asyncpg.Record] = []
+        new: list[StoredInteraction] = []
         while True:
             rows = await self.store.stream_after(self._head, PAGE)
             new += rows
@@ -203,10 +203,10 @@ class ChangeFeed:
             del self._rows[:dropped], self._positions[:dropped]
         self._wake(before, new)
 
-    def _wake(self, before: Position, new: list[asyncpg.Record]) -> None:
+    def _wake(self, before: Position, new: list[StoredInteraction]) -> None:
         """Wakes each waiting follower that wants one of the `new` rows (read
         after `before`); moves the others' cursors past them instead."""
-        new_types = {r["type"] for r in new}
+        new_types = {r.type for r in new}
         for follower in list(self._waiting):
             if follower.cursor < before or (
                 self._covered_from is not None and follower.cursor < self._covered_from
@@ -215,9 +215,7 @@ class ChangeFeed:
             elif follower.cursor == before:
                 wanted = any(follower.wants(t) for t in new_types)
             else:
-                wanted = any(
-                    follower.wants(r["type"]) for r in new if _position(r) > follower.cursor
-                )
+                wanted = any(follower.wants(r.type) for r in new if _position(r) > follower.cursor)
             if wanted:
                 self._waiting.discard(follower)
                 follower.woken.set()

@@ -5,6 +5,7 @@ their encoded size (a default gRPC client refuses a message over 4 MB)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import uuid
@@ -20,6 +21,7 @@ from google.protobuf.message import Message
 from converge.interactions import features as feature_engine
 from converge.interactions.identity_link import IdentifierRef
 from converge.interactions.service import Draft, IngestStreamSummary
+from converge.interactions.store import StoredInteraction, StoredType
 from converge.interactions.types import (
     AttributeSpec,
     AttributeType,
@@ -383,26 +385,26 @@ def fast_draft(
 
 
 # --- plain -> protobuf ------------------------------------------------------------
-def interaction_pb(row: Any) -> interactions_pb2.Interaction:
+def interaction_pb(row: StoredInteraction) -> interactions_pb2.Interaction:
     message = interactions_pb2.Interaction(
-        interaction_id=str(row["interaction_id"]),
-        customer_id=str(row["customer_id"]),
-        occurred_at=timestamp(row["occurred_at"]),
-        channel=row["channel"],
-        type=row["type"],
-        attributes={k: from_plain(from_tagged(t)) for k, t in row["attributes"].items()},
-        ticket_id=row["ticket_id"],
-        product_id=row["product_id"],
-        source=row["source"],
-        idempotency_key=row["idempotency_key"],
-        recorded_at=timestamp(row["recorded_at"]),
+        interaction_id=str(row.interaction_id),
+        customer_id=str(row.customer_id),
+        occurred_at=timestamp(row.occurred_at),
+        channel=common_pb2.Channel.ValueType(row.channel),
+        type=row.type,
+        attributes={k: from_plain(from_tagged(t)) for k, t in row.attributes.items()},
+        ticket_id=row.ticket_id,
+        product_id=row.product_id,
+        source=row.source,
+        idempotency_key=row.idempotency_key,
+        recorded_at=timestamp(row.recorded_at),
     )
-    if row["amount"] is not None:
-        message.amount.CopyFrom(money_from_decimal(Decimal(row["amount"]), row["currency"]))
-    if row["sentiment"] is not None:
-        message.sentiment = row["sentiment"]
-    if row["identifier"]:
-        identifier = row["identifier"]
+    if row.amount is not None:
+        message.amount.CopyFrom(money_from_decimal(Decimal(row.amount), row.currency))
+    if row.sentiment is not None:
+        message.sentiment = row.sentiment
+    if row.identifier:
+        identifier = row.identifier
         message.identifier.CopyFrom(
             common_pb2.Identifier(
                 type=identifier["type"], value=identifier["value"], source=identifier["source"]
@@ -411,7 +413,9 @@ def interaction_pb(row: Any) -> interactions_pb2.Interaction:
     return message
 
 
-def type_pb(spec: InteractionTypeSpec, row: Any = None) -> interactions_pb2.InteractionType:
+def type_pb(
+    spec: InteractionTypeSpec, row: StoredType | None = None
+) -> interactions_pb2.InteractionType:
     by_name = {
         v: interactions_pb2.InteractionAttributeType.ValueType(k)
         for k, v in _ATTRIBUTE_TYPES.items()
@@ -435,11 +439,11 @@ def type_pb(spec: InteractionTypeSpec, row: Any = None) -> interactions_pb2.Inte
         ],
         required_fields=sorted(by_field[f] for f in spec.required_fields),
         built_in=spec.built_in,
-        version=row["version"] if row is not None else 1,
+        version=row.version if row is not None else 1,
     )
     if row is not None:
-        message.created_at.CopyFrom(timestamp(row["created_at"]))
-        message.updated_at.CopyFrom(timestamp(row["updated_at"]))
+        message.created_at.CopyFrom(timestamp(row.created_at))
+        message.updated_at.CopyFrom(timestamp(row.updated_at))
     return message
 
 
@@ -485,10 +489,14 @@ def feature_vector_pb(
     )
 
 
-def export_record_pb(row: Any) -> struct_pb2.Struct:
-    """One stored interaction as the JSON-like record of an export."""
+_STORED_COLUMNS = tuple(f.name for f in dataclasses.fields(StoredInteraction))
+
+
+def export_record_pb(row: StoredInteraction) -> struct_pb2.Struct:
+    """One stored interaction as the JSON-like record of an export (every column)."""
     data = {}
-    for key, value in dict(row).items():
+    for key in _STORED_COLUMNS:
+        value = getattr(row, key)
         if isinstance(value, datetime):
             value = value.isoformat()
         elif isinstance(value, uuid.UUID):
@@ -632,9 +640,9 @@ def required_interaction_id(value: str, path: str) -> uuid.UUID:
     return interaction_id
 
 
-def timeline_token(row: Any) -> str:
+def timeline_token(row: StoredInteraction) -> str:
     """The token of the page that starts just after `row`."""
-    return f"{row['occurred_at'].isoformat()}/{row['seq']}"
+    return f"{row.occurred_at.isoformat()}/{row.seq}"
 
 
 def type_spec_of(given: interactions_pb2.InteractionType) -> InteractionTypeSpec:
@@ -790,10 +798,10 @@ def purge_request(request: interactions_pb2.PurgeInteractionsRequest) -> datetim
 def sync_status_pb(connected: bool, status: Any) -> interactions_pb2.GetIdentitySyncStatusResponse:
     response = interactions_pb2.GetIdentitySyncStatusResponse(connected=connected)
     if status is not None:
-        response.cursor = status["cursor"]
-        response.applied_at.CopyFrom(timestamp(status["applied_at"]))
-        if status["last_event_at"] is not None:
-            response.last_event_at.CopyFrom(timestamp(status["last_event_at"]))
+        response.cursor = status.cursor
+        response.applied_at.CopyFrom(timestamp(status.applied_at))
+        if status.last_event_at is not None:
+            response.last_event_at.CopyFrom(timestamp(status.last_event_at))
     return response
 
 

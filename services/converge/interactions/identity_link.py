@@ -233,7 +233,7 @@ class IdentityLink:
         assert self._stub is not None
         if self._cursor is None:
             status = await self.store.sync_status()
-            self._cursor = status["cursor"] if status else ""
+            self._cursor = status.cursor if status else ""
         stream = self._stub.StreamIdentityEvents(
             identity_pb2.StreamIdentityEventsRequest(from_cursor=self._cursor, follow=True)
         )

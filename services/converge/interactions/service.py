@@ -1,19 +1,20 @@
 """The interactions service's rules: validation against the type registry,
-identity resolution, ingest that keeps live features current, the timeline,
-live and point-in-time features. No gRPC here."""
+identity resolution, ingest that keeps live features current (a bulk stream's
+pipelining included), the timeline and the change stream, live and
+point-in-time features, purges and erasure. Plain Python types in and out: no
+gRPC and no asyncpg here (the store hands out dataclasses)."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import reduce
 from typing import Any, Literal
 
-import asyncpg
 import uuid_utils
 
 from converge.interactions import features as feature_engine
@@ -26,7 +27,14 @@ from converge.interactions.features import (
 )
 from converge.interactions.identity_link import IdentifierRef, IdentityLink
 from converge.interactions.settings import InteractionsSettings
-from converge.interactions.store import EventsOf, InteractionsStore
+from converge.interactions.store import (
+    EventsOf,
+    InteractionsStore,
+    StoredAs,
+    StoredInteraction,
+    StoredType,
+    SyncStatus,
+)
 from converge.interactions.types import (
     BUILT_IN_TYPES,
     AttributeSpec,
@@ -116,13 +124,13 @@ class IngestResult:
     """Per draft: what happened, the stored row, or why it was refused."""
 
     outcome: Outcome
-    row: asyncpg.Record | Mapping[str, Any] | None = None  # a duplicate's first copy
+    row: StoredInteraction | None = None  # a duplicate's first copy
     new: Draft | None = None  # a row stored now...
-    stored: asyncpg.Record | Mapping[str, Any] | None = None  # ...its seq, recorded_at
+    stored: StoredAs | None = None  # ...its seq, recorded_at
     field: str = ""
     reason: str = ""
 
-    def as_row(self) -> asyncpg.Record | Mapping[str, Any]:
+    def as_row(self) -> StoredInteraction:
         """The row as stored; built only when a caller wants it back."""
         if self.row is not None:
             return self.row
@@ -156,18 +164,17 @@ class PreparedIngest:
     rows: list[tuple[int, Draft]]
 
 
-def event_of(row: asyncpg.Record | dict[str, Any]) -> Event:
+def event_of(row: StoredInteraction) -> Event:
     """The feature engine's view of a stored interaction."""
-    amount = row["amount"]
     return Event(
-        occurred_at=row["occurred_at"],
-        type=row["type"],
-        channel=row["channel"],
-        attributes={k: from_tagged(v) for k, v in row["attributes"].items()},
-        ticket_id=row["ticket_id"],
-        product_id=row["product_id"],
-        amount=amount,  # (a Decimal: folded exactly, as the draft's was)
-        sentiment=row["sentiment"],
+        occurred_at=row.occurred_at,
+        type=row.type,
+        channel=row.channel,
+        attributes={k: from_tagged(v) for k, v in row.attributes.items()},
+        ticket_id=row.ticket_id,
+        product_id=row.product_id,
+        amount=row.amount,  # (a Decimal: folded exactly, as the draft's was)
+        sentiment=row.sentiment,
     )
 
 
@@ -312,12 +319,11 @@ class InteractionsService:
         self.identity = identity
         self.settings = settings
         self.changes = changes
-        self.custom_types: dict[str, tuple[InteractionTypeSpec, asyncpg.Record]] = {}
+        self.custom_types: dict[str, tuple[InteractionTypeSpec, StoredType]] = {}
 
     async def load_types(self) -> None:
         self.custom_types = {
-            row["name"]: (spec_from_json(row["spec"]), row)
-            for row in await self.store.custom_types()
+            row.name: (spec_from_json(row.spec), row) for row in await self.store.custom_types()
         }
 
     async def type_spec(self, name: str) -> InteractionTypeSpec | None:
@@ -551,7 +557,7 @@ class InteractionsService:
         ticket_id: str,
         before: tuple[datetime, int] | None,
         limit: int,
-    ) -> tuple[uuid.UUID, list[asyncpg.Record]]:
+    ) -> tuple[uuid.UUID, list[StoredInteraction]]:
         """The surviving customer a reference points at, and up to `limit`
         of its interactions (merged customers' included), latest first,
         before the (occurred_at, seq) `before`."""
@@ -565,7 +571,7 @@ class InteractionsService:
 
     def stream(
         self, cursor: Position, types: Sequence[str], follow: bool
-    ) -> AsyncIterator[tuple[Position, asyncpg.Record]]:
+    ) -> AsyncIterator[tuple[Position, StoredInteraction]]:
         """The interactions of the wanted types after `cursor`, in commit
         order, each with its position; with `follow`, new ones as they come."""
         return self.changes.rows_after(cursor, type_filter(types), follow)
@@ -652,13 +658,7 @@ class InteractionsService:
     async def _ticket_owners(self, ticket_ids: Sequence[str]) -> dict[str, uuid.UUID]:
         if not ticket_ids:
             return {}
-        async with self.store.connection() as connection:
-            rows = await connection.fetch(
-                "SELECT DISTINCT ON (ticket_id) ticket_id, customer_id FROM interactions "
-                "WHERE ticket_id = ANY($1::text[]) ORDER BY ticket_id, seq",
-                list(ticket_ids),
-            )
-        owners = {r["ticket_id"]: r["customer_id"] for r in rows}
+        owners = await self.store.ticket_owners(ticket_ids)
         roots = await self.store.roots(list(set(owners.values())))
         return {t: roots.get(c, c) for t, c in owners.items()}
 
@@ -684,7 +684,7 @@ class InteractionsService:
                     known = [
                         event_of(r)
                         for r in rows
-                        if r["occurred_at"] < as_of and r["recorded_at"] <= as_of
+                        if r.occurred_at < as_of and r.recorded_at <= as_of
                     ]
                     results[i] = feature_engine.features_at_cutoffs(
                         known, [as_of], [queries[i][2]]
@@ -701,7 +701,7 @@ class InteractionsService:
     # --- types ------------------------------------------------------------------------
     async def register_type(
         self, spec: InteractionTypeSpec
-    ) -> tuple[InteractionTypeSpec, asyncpg.Record, bool]:
+    ) -> tuple[InteractionTypeSpec, StoredType, bool]:
         problems = validate_custom_type_name(spec.name)
         if problems:
             raise InvalidArgument([FieldViolation("interaction_type.name", p) for p in problems])
@@ -725,13 +725,13 @@ class InteractionsService:
                     for r in reasons
                 ],
             )
-        row = await self.store.save_type(spec.name, spec_to_json(spec), old_row["version"])
+        row = await self.store.save_type(spec.name, spec_to_json(spec), old_row.version)
         self.custom_types[spec.name] = (spec, row)
         return spec, row, False
 
     async def list_types(
         self, custom_only: bool
-    ) -> list[tuple[InteractionTypeSpec, asyncpg.Record | None]]:
+    ) -> list[tuple[InteractionTypeSpec, StoredType | None]]:
         """The registered types (built-in ones too unless `custom_only`), by
         name, each with its stored row (None for a built-in type)."""
         await self.load_types()
@@ -774,17 +774,17 @@ class InteractionsService:
 
     def export(
         self, customer_ids: Sequence[uuid.UUID], after_seq: int
-    ) -> AsyncIterator[asyncpg.Record]:
+    ) -> AsyncIterator[StoredInteraction]:
         """The customers' interactions after `after_seq`, by seq (a caller
         may stop at any row)."""
         return self.store.export(customer_ids, after_seq)
 
-    async def sync_status(self) -> tuple[bool, asyncpg.Record | None]:
+    async def sync_status(self) -> tuple[bool, SyncStatus | None]:
         """Whether the identity link is connected, and how far it has followed."""
         status = await self.store.sync_status()
         return self.identity.connected, status
 
-    async def get_interaction(self, interaction_id: uuid.UUID) -> asyncpg.Record:
+    async def get_interaction(self, interaction_id: uuid.UUID) -> StoredInteraction:
         row = await self.store.get(interaction_id)
         if row is None:
             raise NotFound("interaction", str(interaction_id))
@@ -832,29 +832,28 @@ def _problem(
     return None
 
 
-def _as_record(
-    row: Draft, stored: asyncpg.Record | Mapping[str, Any] | None = None
-) -> dict[str, Any]:
-    """A row in the shape the database returns it (ids from the database
-    when it was stored, a fresh id for a row only validated)."""
-    return {
-        "customer_id": row.owner,
-        "occurred_at": row.occurred_at,
-        "channel": row.channel,
-        "type": row.type,
-        "attributes": row.stored_attributes(),
-        "ticket_id": row.ticket_id,
-        "product_id": row.product_id,
-        "amount": row.amount,
-        "currency": row.currency,
-        "sentiment": row.sentiment,
-        "source": row.source,
-        "idempotency_key": row.idempotency_key,
-        "identifier": row.stored_identifier(),
-        "interaction_id": stored["interaction_id"] if stored else uuid.uuid4(),
-        "seq": stored["seq"] if stored else 0,
-        "recorded_at": stored["recorded_at"] if stored else datetime.now(UTC),
-    }
+def _as_record(row: Draft, stored: StoredAs | None = None) -> StoredInteraction:
+    """A row as the database returns it (ids from the database when it was
+    stored, a fresh id for a row only validated; no transaction yet)."""
+    return StoredInteraction(
+        seq=stored.seq if stored else 0,
+        interaction_id=stored.interaction_id if stored else uuid.uuid4(),
+        customer_id=row.owner,
+        occurred_at=row.occurred_at,
+        recorded_at=stored.recorded_at if stored else datetime.now(UTC),
+        channel=row.channel,
+        type=row.type,
+        attributes=row.stored_attributes(),
+        ticket_id=row.ticket_id,
+        product_id=row.product_id,
+        amount=row.amount,
+        currency=row.currency,
+        sentiment=row.sentiment,
+        source=row.source,
+        idempotency_key=row.idempotency_key,
+        identifier=row.stored_identifier(),
+        xid=0,
+    )
 
 
 def all_types(custom: Iterable[InteractionTypeSpec]) -> list[InteractionTypeSpec]:

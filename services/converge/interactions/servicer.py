@@ -247,7 +247,7 @@ class InteractionsDataSubjects(privacy_pb2_grpc.DataSubjectServiceServicer):
                 # Rows go by seq: the next page starts after the last one sent.
                 token = export_token(after)
                 break
-            after = row["seq"]
+            after = row.seq
         return privacy_pb2.ExportCustomerDataResponse(
             service="interactions",
             sections=[privacy_pb2.ExportedRecords(kind="interactions", records=page.messages)],

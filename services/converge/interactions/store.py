@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
@@ -23,6 +24,8 @@ from converge.runtime.errors import Aborted
 # holds it exclusively, so no ingest in flight writes back interactions or a
 # state of a customer erased under it.
 INGEST_LOCK = 0x636F6E7665726765  # "converge"
+LOCK_BESIDE_INGESTS = "SELECT pg_advisory_xact_lock_shared($1)"
+LOCK_OUT_INGESTS = "SELECT pg_advisory_xact_lock($1)"
 
 COLUMNS = (
     "interaction_id",
@@ -173,6 +176,23 @@ STREAM_READS = prometheus_client.Counter(
 
 SELECT_INTERACTION = "SELECT * FROM interactions WHERE interaction_id = $1"
 
+# The first customer a ticket was recorded for (a merge keeps it reachable).
+TICKET_OWNERS = """
+SELECT DISTINCT ON (ticket_id) ticket_id, customer_id FROM interactions
+WHERE ticket_id = ANY($1::text[]) ORDER BY ticket_id, seq
+"""
+
+SELECT_TYPES = "SELECT * FROM interaction_types ORDER BY name"
+INSERT_TYPE = """
+INSERT INTO interaction_types (name, spec) VALUES ($1, $2)
+ON CONFLICT (name) DO NOTHING RETURNING *
+"""
+# Over the version the caller read: a concurrent change makes it match nothing.
+UPDATE_TYPE = """
+UPDATE interaction_types SET spec = $2, version = version + 1, updated_at = now()
+WHERE name = $1 AND version = $3 RETURNING *
+"""
+
 # Erased customers (tombstones, see migration 0006): an ingest refuses them.
 ERASED_AMONG = "SELECT customer_id FROM erased_customers WHERE customer_id = ANY($1::uuid[])"
 RECORD_ERASED = (
@@ -209,6 +229,13 @@ DELETE FROM interactions i USING doomed d WHERE (i.xid, i.seq) = (d.xid, d.seq)
 RETURNING i.xid, i.seq, i.type
 """
 
+ERASE_INTERACTIONS = "DELETE FROM interactions WHERE customer_id = ANY($1::uuid[])"
+ERASE_STATES = "DELETE FROM customer_state WHERE customer_id = ANY($1::uuid[])"
+ERASE_LINKS = """
+DELETE FROM customer_links
+WHERE merged_customer_id = ANY($1::uuid[]) OR surviving_customer_id = ANY($1::uuid[])
+"""
+
 COUNT_PURGEABLE = """
 SELECT type, count(*) AS n FROM interactions
 WHERE occurred_at < $1 AND ($2::text[] IS NULL OR type = ANY($2) OR EXISTS (
@@ -218,6 +245,64 @@ GROUP BY type
 
 
 Key = tuple[str, str]  # (source, idempotency key)
+
+
+# --- what leaves the store: plain frozen dataclasses, never asyncpg records --------
+@dataclass(frozen=True, slots=True)
+class StoredInteraction:
+    """An interaction as stored: every column of `interactions`, in the
+    table's order (an export lists them all)."""
+
+    seq: int
+    interaction_id: uuid.UUID
+    customer_id: uuid.UUID
+    occurred_at: datetime
+    recorded_at: datetime
+    channel: int
+    type: str
+    attributes: dict[str, Any]  # tagged values (see converge.runtime.values)
+    ticket_id: str
+    product_id: str
+    amount: Decimal | float | None  # (a Decimal as read; a draft's amount when only checked)
+    currency: str
+    sentiment: float | None
+    source: str
+    idempotency_key: str
+    identifier: dict[str, Any] | None  # the identifier it was sent with, if any
+    xid: int  # the transaction that stored it (its place in the change stream)
+
+
+def _interactions(records: Iterable[asyncpg.Record]) -> list[StoredInteraction]:
+    return [StoredInteraction(**r) for r in records]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredAs:
+    """What the database gave a row just stored."""
+
+    seq: int
+    interaction_id: uuid.UUID
+    recorded_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StoredType:
+    """A registered interaction type as stored: its spec as JSON, and its version."""
+
+    name: str
+    spec: dict[str, Any]
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SyncStatus:
+    """How far this service has followed identity's events."""
+
+    cursor: str
+    last_event_at: datetime | None
+    applied_at: datetime
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,7 +316,7 @@ class Listener:
         return self.connection.is_closed()
 
 
-EventsOf = Callable[[uuid.UUID], Awaitable[list[asyncpg.Record]]]
+EventsOf = Callable[[uuid.UUID], Awaitable[list[StoredInteraction]]]
 Row = TypeVar("Row", bound="NewInteraction")
 Fold = Callable[
     [dict[uuid.UUID, dict[str, Any] | None], Sequence[Row], EventsOf],
@@ -446,13 +531,13 @@ class _FoldNeedsReads(Exception):
     """A fold running beside the COPY needed the database (a state to rebuild)."""
 
 
-async def _no_reads(customer_id: uuid.UUID) -> list[asyncpg.Record]:
+async def _no_reads(customer_id: uuid.UUID) -> list[StoredInteraction]:
     raise _FoldNeedsReads
 
 
 async def _copy_unstored(
     connection: Connection, first: dict[Key, Row], ids: list[uuid.UUID] | None
-) -> tuple[dict[Key, asyncpg.Record], list[Row], list[tuple[Row, str]]]:
+) -> tuple[dict[Key, StoredInteraction], list[Row], list[tuple[Row, str]]]:
     """Copies the rows whose key is not stored yet (as `_copy_sorting_out`);
     returns the first copies of those that were, the rows copied and the
     rows refused."""
@@ -460,7 +545,7 @@ async def _copy_unstored(
         found = await connection.fetch(
             SELECT_BY_KEYS, [key[0] for key in first], [key[1] for key in first]
         )
-        duplicates = {(r["source"], r["idempotency_key"]): r for r in found}
+        duplicates = {(r["source"], r["idempotency_key"]): StoredInteraction(**r) for r in found}
         unstored = [row for key, row in first.items() if key not in duplicates]
         attempt: list[uuid.UUID] | None = [] if ids is not None else None
         try:
@@ -531,8 +616,8 @@ async def _write_states(
 class IngestOutcome:
     """What an ingest transaction did with its rows, each key once."""
 
-    new: dict[Key, asyncpg.Record | None]  # stored now (seq, id, recorded_at if asked)
-    duplicates: dict[Key, asyncpg.Record]  # stored before: the first copy
+    new: dict[Key, StoredAs | None]  # stored now (seq, id, recorded_at if asked)
+    duplicates: dict[Key, StoredInteraction]  # stored before: the first copy
     refused: dict[Key, str]  # a value the database refused: why
     erased: frozenset[uuid.UUID]  # owners erased: none of their rows was stored
 
@@ -548,11 +633,6 @@ class InteractionsStore:
         # Called with the customer ids after each erasure commits, for what
         # keeps rows in memory (the change feed's recent rows).
         self.erasure_hooks: list[Callable[[Sequence[uuid.UUID]], None]] = []
-
-    @contextlib.asynccontextmanager
-    async def connection(self) -> AsyncIterator[Connection]:
-        async with self.pool.acquire() as connection:
-            yield connection
 
     async def ingest(
         self, rows: Sequence[Row], fold: Fold[Row], *, stored_rows: bool = True
@@ -586,7 +666,7 @@ class InteractionsStore:
         for row in rows:  # a key repeated within the batch: the first copy wins
             first.setdefault((row.source, row.idempotency_key), row)
         async with self.pool.acquire() as connection, connection.transaction():
-            await connection.execute("SELECT pg_advisory_xact_lock_shared($1)", INGEST_LOCK)
+            await connection.execute(LOCK_BESIDE_INGESTS, INGEST_LOCK)
             # Under the lock, so an erasure is wholly before this (its ids are
             # listed now) or wholly after (it deletes what this stores).
             erased = frozenset(
@@ -595,10 +675,10 @@ class InteractionsStore:
             if erased:
                 first = {key: row for key, row in first.items() if row.owner not in erased}
 
-            async def events_of(customer_id: uuid.UUID) -> list[asyncpg.Record]:
-                return list(await connection.fetch(EVENTS_OF_CUSTOMER, customer_id))
+            async def events_of(customer_id: uuid.UUID) -> list[StoredInteraction]:
+                return _interactions(await connection.fetch(EVENTS_OF_CUSTOMER, customer_id))
 
-            duplicates: dict[Key, asyncpg.Record] = {}
+            duplicates: dict[Key, StoredInteraction] = {}
             refused: list[tuple[Row, str]] = []
             fresh = list(first.values())
             updated: dict[uuid.UUID, dict[str, Any]] | None = None
@@ -622,12 +702,14 @@ class InteractionsStore:
                     raise
                 duplicates, fresh, refused = await _copy_unstored(connection, first, ids)
                 updated = None  # folded with rows that were not stored
-            new: dict[Key, asyncpg.Record | None] = {}
+            new: dict[Key, StoredAs | None] = {}
             if not fresh:
                 return IngestOutcome(new, duplicates, _reasons(refused), erased)
             if stored_rows:
                 for r in await connection.fetch(STORED_AS, ids):
-                    new[(r["source"], r["idempotency_key"])] = r
+                    new[(r["source"], r["idempotency_key"])] = StoredAs(
+                        r["seq"], r["interaction_id"], r["recorded_at"]
+                    )
             elif duplicates or refused:
                 new = dict.fromkeys((row.source, row.idempotency_key) for row in fresh)
             else:
@@ -640,6 +722,12 @@ class InteractionsStore:
         for customer_id, (version, state) in written.items():  # committed: keep them
             self.state_cache.put(customer_id, version, state)
         return IngestOutcome(new, duplicates, _reasons(refused), erased)
+
+    async def ticket_owners(self, ticket_ids: Sequence[str]) -> dict[str, uuid.UUID]:
+        """The customer each ticket was first recorded for (a ticket nobody has: absent)."""
+        async with self.pool.acquire() as connection:
+            rows = await connection.fetch(TICKET_OWNERS, list(ticket_ids))
+        return {r["ticket_id"]: r["customer_id"] for r in rows}
 
     async def erased_among(self, customer_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
         async with self.pool.acquire() as connection:
@@ -673,10 +761,10 @@ class InteractionsStore:
         ticket_id: str,
         before: tuple[datetime, int],
         limit: int,
-    ) -> list[asyncpg.Record]:
+    ) -> list[StoredInteraction]:
         exact, prefixes = _type_filter(types)
         async with self.pool.acquire() as connection:
-            return list(
+            return _interactions(
                 await connection.fetch(
                     TIMELINE,
                     list(members),
@@ -694,15 +782,15 @@ class InteractionsStore:
 
     async def events_before(
         self, members: Sequence[uuid.UUID], until: datetime
-    ) -> list[asyncpg.Record]:
+    ) -> list[StoredInteraction]:
         async with self.pool.acquire() as connection:
-            return list(await connection.fetch(EVENTS_BEFORE, list(members), until))
+            return _interactions(await connection.fetch(EVENTS_BEFORE, list(members), until))
 
-    async def stream_after(self, cursor: tuple[int, int], limit: int) -> list[asyncpg.Record]:
+    async def stream_after(self, cursor: tuple[int, int], limit: int) -> list[StoredInteraction]:
         """Up to `limit` interactions after the (xid, seq) `cursor`, in stream order."""
         STREAM_READS.inc()
         async with self.pool.acquire() as connection:
-            return list(await connection.fetch(STREAM_AFTER, cursor[0], cursor[1], limit))
+            return _interactions(await connection.fetch(STREAM_AFTER, cursor[0], cursor[1], limit))
 
     async def stream_head(self) -> tuple[int, int]:
         """The (xid, seq) of the latest row the stream can deliver now; (0, 0) when none."""
@@ -730,12 +818,10 @@ class InteractionsStore:
             await connection.remove_listener(STORED_CHANNEL, listener.callback)
         await self.pool.release(connection)  # (a broken connection is replaced)
 
-    async def get(self, interaction_id: uuid.UUID) -> asyncpg.Record | None:
+    async def get(self, interaction_id: uuid.UUID) -> StoredInteraction | None:
         async with self.pool.acquire() as connection:
-            row: asyncpg.Record | None = await connection.fetchrow(
-                SELECT_INTERACTION, interaction_id
-            )
-            return row
+            row = await connection.fetchrow(SELECT_INTERACTION, interaction_id)
+        return None if row is None else StoredInteraction(**row)
 
     # --- identity following -----------------------------------------------------
     async def apply_merge(
@@ -759,39 +845,28 @@ class InteractionsStore:
         async with self.pool.acquire() as connection:
             await connection.execute(SAVE_SYNC, cursor, at)
 
-    async def sync_status(self) -> asyncpg.Record | None:
+    async def sync_status(self) -> SyncStatus | None:
         async with self.pool.acquire() as connection:
-            row: asyncpg.Record | None = await connection.fetchrow(SELECT_SYNC)
-            return row
+            row = await connection.fetchrow(SELECT_SYNC)
+        return None if row is None else SyncStatus(**row)
 
     # --- types ------------------------------------------------------------------
-    async def custom_types(self) -> list[asyncpg.Record]:
+    async def custom_types(self) -> list[StoredType]:
         async with self.pool.acquire() as connection:
-            return list(await connection.fetch("SELECT * FROM interaction_types ORDER BY name"))
+            return [StoredType(**r) for r in await connection.fetch(SELECT_TYPES)]
 
     async def save_type(
         self, name: str, spec: dict[str, Any], expected_version: int | None
-    ) -> asyncpg.Record:
+    ) -> StoredType:
         """Creates a type (expected_version None) or bumps it from expected_version."""
         async with self.pool.acquire() as connection:
             if expected_version is None:
-                row = await connection.fetchrow(
-                    "INSERT INTO interaction_types (name, spec) VALUES ($1, $2) "
-                    "ON CONFLICT (name) DO NOTHING RETURNING *",
-                    name,
-                    spec,
-                )
+                row = await connection.fetchrow(INSERT_TYPE, name, spec)
             else:
-                row = await connection.fetchrow(
-                    "UPDATE interaction_types SET spec = $2, version = version + 1, updated_at = now() "
-                    "WHERE name = $1 AND version = $3 RETURNING *",
-                    name,
-                    spec,
-                    expected_version,
-                )
+                row = await connection.fetchrow(UPDATE_TYPE, name, spec, expected_version)
         if row is None:
             raise Aborted(f"interaction type {name!r} changed concurrently; retry")
-        return row
+        return StoredType(**row)
 
     # --- retention and erasure ----------------------------------------------------
     async def purge(self, older_than: datetime, types: Sequence[str], batch: int) -> dict[str, int]:
@@ -821,18 +896,10 @@ class InteractionsStore:
         async with self.pool.acquire() as connection, connection.transaction():
             # Serialised with ingest, so no batch in flight writes back a state
             # (or interactions) of a customer erased under it.
-            await connection.execute("SELECT pg_advisory_xact_lock($1)", INGEST_LOCK)
-            interactions = await connection.execute(
-                "DELETE FROM interactions WHERE customer_id = ANY($1::uuid[])", list(customer_ids)
-            )
-            states = await connection.execute(
-                "DELETE FROM customer_state WHERE customer_id = ANY($1::uuid[])", list(customer_ids)
-            )
-            links = await connection.execute(
-                "DELETE FROM customer_links WHERE merged_customer_id = ANY($1::uuid[]) "
-                "OR surviving_customer_id = ANY($1::uuid[])",
-                list(customer_ids),
-            )
+            await connection.execute(LOCK_OUT_INGESTS, INGEST_LOCK)
+            interactions = await connection.execute(ERASE_INTERACTIONS, list(customer_ids))
+            states = await connection.execute(ERASE_STATES, list(customer_ids))
+            links = await connection.execute(ERASE_LINKS, list(customer_ids))
             await connection.execute(RECORD_ERASED, list(customer_ids))
         # (again: an ingest that committed while this waited put its states back)
         self.state_cache.forget(customer_ids)
@@ -846,7 +913,7 @@ class InteractionsStore:
 
     async def export(
         self, customer_ids: Sequence[uuid.UUID], after_seq: int
-    ) -> AsyncIterator[asyncpg.Record]:
+    ) -> AsyncIterator[StoredInteraction]:
         """The customers' interactions after `after_seq`, by seq. Read a chunk
         at a time, each on a connection released before its rows are handed
         out, so a caller may stop at any row (a page is full) at no cost."""
@@ -856,7 +923,7 @@ class InteractionsStore:
                     EXPORT_CHUNK, list(customer_ids), after_seq, EXPORT_CHUNK_ROWS
                 )
             for row in rows:
-                yield row
+                yield StoredInteraction(**row)
             if len(rows) < EXPORT_CHUNK_ROWS:
                 return
             after_seq = rows[-1]["seq"]
