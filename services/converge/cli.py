@@ -302,6 +302,12 @@ def _print_summary(
             f"{summary.profiles_rejected:,}",
             style="red" if summary.profiles_rejected else None,
         )
+        if summary.identifiers_dropped:
+            table.add_row(
+                "  extra identifiers dropped (warnings)",
+                f"{summary.identifiers_dropped:,}",
+                style="yellow",
+            )
     if interactions and not summary.dry_run:
         table.add_row("interactions sent", f"{summary.sent:,}")
         table.add_row("  accepted, newly stored", f"{summary.stored:,}", style="green")
@@ -311,8 +317,28 @@ def _print_summary(
             f"{summary.interactions_rejected:,}",
             style="red" if summary.interactions_rejected else None,
         )
+        if summary.interactions_withheld:
+            table.add_row(
+                "not sent: their profile was rejected by identity",
+                f"{summary.interactions_withheld:,}",
+                style="red",
+            )
+    if not summary.dry_run:
+        table.add_row("rows accepted whole", f"{summary.accepted:,}", style="green")
+        table.add_row(
+            "rows rejected whole",
+            f"{summary.rejected:,}",
+            style="red" if summary.rejected else None,
+        )
     console.print(table)
 
+    if summary.warning_reasons:
+        warnings = Table(title="Warnings (rows kept)", box=box.SIMPLE)
+        warnings.add_column("rows", justify="right")
+        warnings.add_column("warning")
+        for reason, count in summary.warning_reasons.most_common(10):
+            warnings.add_row(f"{count:,}", reason)
+        console.print(warnings)
     if summary.rejection_reasons:
         reasons = Table(title="Top rejection reasons", box=box.SIMPLE)
         reasons.add_column("rows", justify="right")

@@ -12,28 +12,42 @@ same on every run.
 
 Rows the mapping cannot map (bad date, missing required value, a reject
 rule) are counted as rejected with their reason and never sent.
+
+A row is accepted whole or rejected whole. When identity refuses a row (its
+profile, its main identifier), its interactions are not sent either: they
+would otherwise create the customer without the profile. An extra identifier
+identity refuses (a malformed phone number) is dropped and the row sent
+again without it, counted as a warning, unless the mapping says
+`on_invalid: reject` for it. `rejected` counts each row once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
 from converge.connectors import DEFAULT_IDENTITY, DEFAULT_INTERACTIONS
-from converge.connectors.mapping import Mapping
+from converge.connectors.mapping import MAX_KEY_LENGTH, Mapping
 from converge.connectors.reader import RecordFile
 from converge.connectors.transform import MappedRow, RejectedRow, SkippedRow, map_records
 from converge.v1 import identity_pb2, identity_pb2_grpc, interactions_pb2, interactions_pb2_grpc
 
 DEFAULT_BATCH = 5000
+# Identity lists at most this many rejected rows per BulkResolve call
+# (identity.proto, BulkResolveResponse.rejections): the identity pass keeps
+# its calls this small, so every rejected row is known by its line.
+LISTED_REJECTIONS = 1000
 MAX_EXAMPLES = 20
+# The field identity names for a refused identifier of a row.
+_IDENTIFIER_FIELD = re.compile(r"^resolve\.identifiers\[(\d+)\]")
 _PROGRESS_EVERY = 500
 
 # Called with the phase ("mapping", "profiles", "interactions") and the rows read so far.
@@ -93,15 +107,40 @@ class ImportSummary:
     stored: int = 0
     duplicates: int = 0
     interactions_rejected: int = 0
+    # Rows not sent to interactions because identity rejected them; of them,
+    # those whose profile went on an earlier row (same customer and values,
+    # sent once) and so were not counted by identity.
+    interactions_withheld: int = 0
+    interactions_withheld_beyond_sent: int = 0
+    # Extra identifiers identity refused and the import dropped (`on_invalid: drop`).
+    identifiers_dropped: int = 0
+    warning_reasons: Counter[str] = field(default_factory=Counter)
     rejection_reasons: Counter[str] = field(default_factory=Counter)
     rejections: list[Rejection] = field(default_factory=list)
     samples: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def rejected(self) -> int:
-        """Rows rejected by the mapping or by a service (a row refused by both
-        services counts twice)."""
-        return self.rejected_locally + self.profiles_rejected + self.interactions_rejected
+        """Rows rejected, each once: by the mapping, by identity (its
+        interactions then withheld, rows sharing its profile included), or by
+        interactions."""
+        return (
+            self.rejected_locally
+            + self.profiles_rejected
+            + self.interactions_withheld_beyond_sent
+            + self.interactions_rejected
+        )
+
+    @property
+    def accepted(self) -> int:
+        """Rows taken whole: mapped and rejected by no service."""
+        return max(
+            0,
+            self.mapped
+            - self.profiles_rejected
+            - self.interactions_withheld_beyond_sent
+            - self.interactions_rejected,
+        )
 
     def reject(self, rejection: Rejection, reason_key: str) -> None:
         self.rejection_reasons[reason_key] += 1
@@ -128,6 +167,10 @@ class ImportSummary:
             "stored": self.stored,
             "duplicates": self.duplicates,
             "interactions_rejected": self.interactions_rejected,
+            "interactions_withheld": self.interactions_withheld,
+            "accepted": self.accepted,
+            "identifiers_dropped": self.identifiers_dropped,
+            "warning_reasons": dict(self.warning_reasons.most_common()),
             "rejection_reasons": dict(self.rejection_reasons.most_common()),
             "rejections": [r.__dict__ for r in self.rejections],
             "samples": self.samples,
@@ -295,14 +338,21 @@ async def import_file(
         if mapping.interaction is not None:
             channels.append(await _connect("interactions", interactions_address, connect_timeout))
         last = _Pass()
+        refused: dict[str, Rejection] = {}
         if mapping.needs_identity:
             stub = identity_pb2_grpc.IdentityServiceStub(channels[0])
-            await _resolve_pass(stub, rows("profiles", last), summary, identity_address, batch_size)
+            refused = await _resolve_pass(
+                stub, mapping, rows("profiles", last), summary, identity_address, batch_size
+            )
         if mapping.interaction is not None:
             last = _Pass()
             ingest_stub = interactions_pb2_grpc.InteractionsServiceStub(channels[-1])
             await _ingest_pass(
-                ingest_stub, rows("interactions", last), summary, interactions_address, batch_size
+                ingest_stub,
+                _withheld(rows("interactions", last), refused, summary),
+                summary,
+                interactions_address,
+                batch_size,
             )
         _report_pass(summary, last)
     finally:
@@ -339,12 +389,20 @@ def _line(row_ref: str) -> int:
 
 async def _resolve_pass(
     stub: identity_pb2_grpc.IdentityServiceAsyncStub,
+    mapping: Mapping,
     rows: Iterator[MappedRow],
     summary: ImportSummary,
     address: str,
     batch_size: int,
-) -> None:
+) -> dict[str, Rejection]:
+    """Streams the profiles; returns the rows identity rejected, by their
+    resolve idempotency key (rows with the same customer and values share it
+    and were sent once)."""
     seen: set[str] = set()
+    refused: dict[str, Rejection] = {}
+    # The rows of the call in flight, by row_ref: a rejected one may go again
+    # without an extra identifier the mapping lets drop.
+    in_flight: dict[str, MappedRow] = {}
 
     def requests() -> Iterator[identity_pb2.BulkResolveRequest]:
         for row in rows:
@@ -354,6 +412,7 @@ async def _resolve_pass(
             if key in seen:
                 continue
             seen.add(key)
+            in_flight[row.resolve.row_ref] = row
             yield row.resolve
 
     async def call(chunk: Iterator[identity_pb2.BulkResolveRequest]) -> None:
@@ -368,10 +427,92 @@ async def _resolve_pass(
         summary.customers_created += response.created
         summary.customers_matched += response.matched
         summary.customers_merged += response.merged
-        summary.profiles_rejected += response.rejected
-        _count_rejections(summary, "identity", response.rejections, response.rejected)
+        retry: list[MappedRow] = []
+        for rejection in response.rejections:
+            row = in_flight.get(rejection.row_ref)
+            lighter = _without_droppable(row, rejection, mapping) if row is not None else None
+            if lighter is not None and row is not None:
+                summary.identifiers_dropped += 1
+                summary.warning_reasons[
+                    f"[identity] {rejection.field}: {rejection.reason} (identifier dropped)"
+                ] += 1
+                retry.append(lighter)
+                continue
+            summary.profiles_rejected += 1
+            found = Rejection(
+                _line(rejection.row_ref),
+                "identity",
+                rejection.field,
+                rejection.reason,
+                rejection.reason,
+            )
+            summary.reject(found, _reason_key("identity", rejection.field, rejection.reason))
+            if row is not None:
+                assert row.resolve is not None
+                refused[row.resolve.resolve.idempotency_key] = found
+        unlisted = response.rejected - len(response.rejections)
+        if unlisted > 0:  # (calls are kept small enough that this does not happen)
+            summary.profiles_rejected += unlisted
+            summary.rejection_reasons["[identity] (more rows, not listed by the service)"] += (
+                unlisted
+            )
+        in_flight.clear()
+        if retry:
+            for row in retry:
+                assert row.resolve is not None
+                in_flight[row.resolve.row_ref] = row
+            summary.profiles_sent -= len(retry)  # each row counts as sent once
+            await call(iter([row.resolve for row in retry if row.resolve is not None]))
 
-    await _in_calls(requests(), batch_size, call)
+    await _in_calls(requests(), min(batch_size, LISTED_REJECTIONS), call)
+    return refused
+
+
+def _without_droppable(
+    row: MappedRow, rejection: identity_pb2.BulkRejection, mapping: Mapping
+) -> MappedRow | None:
+    """The row without the extra identifier identity refused, when the mapping
+    lets that one drop (`on_invalid: drop`); None when the row stands rejected.
+
+    The lighter row is a different request, so it gets its own idempotency
+    key (derived from the first, so a re-run sends the same one again)."""
+    found = _IDENTIFIER_FIELD.match(rejection.field)
+    if found is None or row.resolve is None:
+        return None
+    position = int(found[1])
+    if position == 0 or position - 1 >= len(row.extra_specs):
+        return None  # the main identifier, or not one the mapping added
+    spec = mapping.customer.extra_identifiers[row.extra_specs[position - 1]]
+    if spec.on_invalid != "drop":
+        return None
+    request = identity_pb2.BulkResolveRequest()
+    request.CopyFrom(row.resolve)
+    del request.resolve.identifiers[position]
+    key = request.resolve.idempotency_key
+    request.resolve.idempotency_key = f"{key[: MAX_KEY_LENGTH - 6]}~d{position}"[-MAX_KEY_LENGTH:]
+    extra_specs = row.extra_specs[: position - 1] + row.extra_specs[position:]
+    return replace(row, resolve=request, extra_specs=extra_specs)
+
+
+def _withheld(
+    rows: Iterator[MappedRow], refused: dict[str, Rejection], summary: ImportSummary
+) -> Iterator[MappedRow]:
+    """The rows to send to interactions: those identity did not reject. A row
+    sharing a rejected row's profile (same customer, same values) is rejected
+    with it, and counted once as such."""
+    for row in rows:
+        if row.resolve is not None:
+            rejection = refused.get(row.resolve.resolve.idempotency_key)
+            if rejection is not None:
+                summary.interactions_withheld += 1
+                if row.line != rejection.line:
+                    summary.interactions_withheld_beyond_sent += 1
+                    summary.reject(
+                        replace(rejection, line=row.line),
+                        _reason_key("identity", rejection.field, rejection.reason),
+                    )
+                continue
+        yield row
 
 
 async def _ingest_pass(

@@ -459,11 +459,20 @@ class IdentifierSpec(_Model):
                 yield f"{path}.template", name
 
 
+class ExtraIdentifierSpec(IdentifierSpec):
+    """Another identifier of the row's customer, attached to it by the
+    identity service. `on_invalid` says what a value identity refuses (a
+    malformed phone number) does: `drop` sends the row without it and counts
+    a warning; `reject` rejects the whole row, its profile and interactions."""
+
+    on_invalid: Literal["drop", "reject"] = "drop"
+
+
 class CustomerSpec(_Model):
     """Who each row is about."""
 
     identifier: IdentifierSpec
-    extra_identifiers: list[IdentifierSpec] = []
+    extra_identifiers: list[ExtraIdentifierSpec] = []
     lookup_only: bool = False
 
     def columns(self, path: str) -> Iterator[tuple[str, str]]:

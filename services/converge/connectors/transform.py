@@ -58,6 +58,9 @@ class MappedRow:
     identifier: common_pb2.Identifier
     resolve: identity_pb2.BulkResolveRequest | None
     ingest: interactions_pb2.IngestInteractionsRequest | None
+    # For each of `resolve`'s identifiers after the first, the index of the
+    # mapping's `extra_identifiers` entry it came from (to apply its `on_invalid`).
+    extra_specs: tuple[int, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         """The requests as JSON-ready dicts, for people and `--json`."""
@@ -182,9 +185,11 @@ class RowMapper:
         mapping = self.mapping
         identifier = self._identifier(mapping.customer.identifier, "customer.identifier", row, True)
         assert identifier is not None
-        resolve = self._resolve(identifier, row) if mapping.needs_identity else None
+        resolve, extra_specs = (
+            self._resolve(identifier, row) if mapping.needs_identity else (None, ())
+        )
         ingest = self._ingest(identifier, row) if mapping.interaction is not None else None
-        return MappedRow(row.record.line, identifier, resolve, ingest)
+        return MappedRow(row.record.line, identifier, resolve, ingest, extra_specs)
 
     # --- conditions -----------------------------------------------------------------
     def _holds(self, c: Condition, row: _Row, path: str) -> bool:
@@ -363,13 +368,17 @@ class RowMapper:
     # --- requests -----------------------------------------------------------------
     def _resolve(
         self, identifier: common_pb2.Identifier, row: _Row
-    ) -> identity_pb2.BulkResolveRequest:
+    ) -> tuple[identity_pb2.BulkResolveRequest, tuple[int, ...]]:
+        """The row's BulkResolve item, and which `extra_identifiers` entry
+        each of its identifiers after the first came from."""
         mapping = self.mapping
         identifiers = [identifier]
+        extra_specs: list[int] = []
         for i, extra in enumerate(mapping.customer.extra_identifiers):
             found = self._identifier(extra, f"customer.extra_identifiers[{i}]", row, False)
             if found is not None and found not in identifiers:
                 identifiers.append(found)
+                extra_specs.append(i)
         profile = identity_pb2.Profile()
         mask: list[str] = []
         spec = mapping.profile
@@ -408,11 +417,12 @@ class RowMapper:
         if len(key) > MAX_KEY_LENGTH:
             key = f"{mapping.source}:{digest[:40]}"
         resolve.idempotency_key = key
-        return identity_pb2.BulkResolveRequest(
+        request = identity_pb2.BulkResolveRequest(
             row_ref=str(row.record.line),
             resolve=resolve,
             update_mask=field_mask_pb2.FieldMask(paths=mask),
         )
+        return request, tuple(extra_specs)
 
     def _ingest(
         self, identifier: common_pb2.Identifier, row: _Row
