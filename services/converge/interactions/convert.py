@@ -9,7 +9,7 @@ import dataclasses
 import math
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Generic, TypeVar
@@ -20,8 +20,8 @@ from google.protobuf.message import Message
 
 from converge.interactions import features as feature_engine
 from converge.interactions.identity_link import IdentifierRef
-from converge.interactions.service import Draft, IngestStreamSummary
-from converge.interactions.store import StoredInteraction, StoredType
+from converge.interactions.service import Draft, IngestStreamSummary, TimelineQuery
+from converge.interactions.store import StoredInteraction, StoredType, SyncStatus
 from converge.interactions.types import (
     AttributeSpec,
     AttributeType,
@@ -29,6 +29,7 @@ from converge.interactions.types import (
     RequiredField,
     validate_type_spec,
 )
+from converge.runtime.cursors import parse_commit_cursor
 from converge.runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument, Violations
 from converge.runtime.fields import (
     EARLIEST_SECONDS,
@@ -49,7 +50,7 @@ from converge.runtime.values import (
     to_datetime,
     to_plain,
 )
-from converge.v1 import common_pb2, interactions_pb2
+from converge.v1 import common_pb2, interactions_pb2, privacy_pb2
 
 M = TypeVar("M", bound=Message)
 
@@ -632,6 +633,65 @@ def ingest_response(summary: IngestStreamSummary) -> interactions_pb2.IngestInte
     )
 
 
+def timeline_request(
+    request: interactions_pb2.ListInteractionsRequest,
+) -> tuple[TimelineQuery, int]:
+    """The timeline query of a ListInteractions request (one row more than the
+    page, to know whether another follows) and the page's row count."""
+    v = Violations()
+    customer_id, identifier = customer_ref(request.customer, "customer", v)
+    v.check(request.page.page_size >= 0, "page.page_size", "must not be negative")
+    for i, channel in enumerate(request.channels):
+        v.check(
+            channel in common_pb2.Channel.values() and channel != 0,
+            f"channels[{i}]",
+            "unknown channel",
+        )
+    before = parse_timeline_token(request.page.page_token, "page.page_token", v)
+    v.raise_if_any()
+    size = min(request.page.page_size or DEFAULT_PAGE, MAX_PAGE)
+    occurred = request.occurred
+    query = TimelineQuery(
+        customer_id,
+        identifier,
+        list(request.types),
+        list(request.channels),
+        to_datetime(occurred.start) if occurred.HasField("start") else None,
+        to_datetime(occurred.end) if occurred.HasField("end") else None,
+        request.ticket_id,
+        before,
+        size + 1,
+    )
+    return query, size
+
+
+def timeline_response(
+    root: uuid.UUID, rows: list[StoredInteraction], size: int, max_bytes: int
+) -> interactions_pb2.ListInteractionsResponse:
+    """A page of up to `size` rows and `max_bytes` encoded."""
+    page: BoundedPage[interactions_pb2.Interaction] = BoundedPage(max_bytes)
+    for row in rows[:size]:
+        if not page.add(interaction_pb(row)):
+            break
+    sent = len(page.messages)
+    # The last row sent, whether the page ended at its row count or at its
+    # byte bound: the next page starts just after it.
+    token = timeline_token(rows[sent - 1]) if len(rows) > sent else ""
+    return interactions_pb2.ListInteractionsResponse(
+        customer_id=str(root),
+        interactions=page.messages,
+        page=common_pb2.PageResponse(next_page_token=token),
+    )
+
+
+def stream_request(request: interactions_pb2.StreamInteractionsRequest) -> tuple[int, int]:
+    """The (xid, seq) position a StreamInteractions request starts after."""
+    v = Violations()
+    cursor = parse_commit_cursor(request.from_cursor, "from_cursor", v)
+    v.raise_if_any()
+    return cursor
+
+
 def required_interaction_id(value: str, path: str) -> uuid.UUID:
     v = Violations()
     interaction_id = uuid_field(value, path, v)
@@ -795,7 +855,9 @@ def purge_request(request: interactions_pb2.PurgeInteractionsRequest) -> datetim
     return to_datetime(request.older_than)
 
 
-def sync_status_pb(connected: bool, status: Any) -> interactions_pb2.GetIdentitySyncStatusResponse:
+def sync_status_pb(
+    connected: bool, status: SyncStatus | None
+) -> interactions_pb2.GetIdentitySyncStatusResponse:
     response = interactions_pb2.GetIdentitySyncStatusResponse(connected=connected)
     if status is not None:
         response.cursor = status.cursor
@@ -805,8 +867,47 @@ def sync_status_pb(connected: bool, status: Any) -> interactions_pb2.GetIdentity
     return response
 
 
-def customer_ids(values: Any, v: Violations) -> list[uuid.UUID]:
+def _customer_ids(values: Any, v: Violations) -> list[uuid.UUID]:
     """The customer ids of a data subject request (at least one)."""
     ids = [uuid_field(c, f"customer_ids[{i}]", v) for i, c in enumerate(values)]
     v.check(bool(values), "customer_ids", "at least one customer id")
     return [i for i in ids if i is not None]
+
+
+def erase_request(request: privacy_pb2.EraseCustomerDataRequest) -> list[uuid.UUID]:
+    v = Violations()
+    ids = _customer_ids(request.customer_ids, v)
+    v.raise_if_any()
+    return ids
+
+
+def export_request(request: privacy_pb2.ExportCustomerDataRequest) -> tuple[list[uuid.UUID], int]:
+    """The customers of an export and the seq its page starts after."""
+    v = Violations()
+    ids = _customer_ids(request.customer_ids, v)
+    after = parse_export_token(request.page_token)
+    v.check(after is not None, "page_token", "not a token this service issued")
+    v.raise_if_any()
+    assert after is not None
+    return ids, after
+
+
+async def export_response(
+    rows: AsyncIterator[StoredInteraction], after: int, max_bytes: int
+) -> privacy_pb2.ExportCustomerDataResponse:
+    """One export page of `rows` (read only as far as the page's byte bound),
+    with the token of the next page when the bound stopped it."""
+    page: BoundedPage[struct_pb2.Struct] = BoundedPage(max_bytes)
+    token = ""
+    async for row in rows:
+        if not page.add(export_record_pb(row)):
+            # Rows go by seq: the next page starts after the last one sent.
+            token = export_token(after)
+            break
+        after = row.seq
+    return privacy_pb2.ExportCustomerDataResponse(
+        service="interactions",
+        sections=[privacy_pb2.ExportedRecords(kind="interactions", records=page.messages)],
+        exported_at=timestamp(datetime.now(UTC)),
+        next_page_token=token,
+    )

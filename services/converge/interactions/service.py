@@ -307,6 +307,21 @@ class IngestStream:
         await self._hand_over((drafts, await self._service.prepare(drafts)))
 
 
+@dataclass(frozen=True)
+class TimelineQuery:
+    """A page of a customer's timeline: whose, which interactions, from where."""
+
+    customer_id: uuid.UUID | None  # (None: by identifier)
+    identifier: IdentifierRef | None
+    types: Sequence[str]  # exact names and "prefix.*"; none: all
+    channels: Sequence[int]  # none: all
+    start: datetime | None  # occurred at or after
+    end: datetime | None  # occurred before
+    ticket_id: str  # "": any
+    before: tuple[datetime, int] | None  # (occurred_at, seq) of the last row of the page before
+    limit: int
+
+
 class InteractionsService:
     def __init__(
         self,
@@ -546,26 +561,22 @@ class InteractionsService:
         roots = await self.store.roots(known)
         return [roots.get(i, i) if i is not None and i not in erased else None for i in ids]
 
-    async def timeline(
-        self,
-        customer_id: uuid.UUID | None,
-        identifier: IdentifierRef | None,
-        types: Sequence[str],
-        channels: Sequence[int],
-        start: datetime | None,
-        end: datetime | None,
-        ticket_id: str,
-        before: tuple[datetime, int] | None,
-        limit: int,
-    ) -> tuple[uuid.UUID, list[StoredInteraction]]:
+    async def timeline(self, query: TimelineQuery) -> tuple[uuid.UUID, list[StoredInteraction]]:
         """The surviving customer a reference points at, and up to `limit`
         of its interactions (merged customers' included), latest first,
         before the (occurred_at, seq) `before`."""
-        root = await self.customer_id_of(customer_id, identifier)
+        root = await self.customer_id_of(query.customer_id, query.identifier)
         members = (await self.store.members([root]))[root]
-        boundary = before or (datetime.max.replace(tzinfo=UTC), 2**62)
+        boundary = query.before or (datetime.max.replace(tzinfo=UTC), 2**62)
         rows = await self.store.timeline(
-            members, types, channels, start, end, ticket_id, boundary, limit
+            members,
+            query.types,
+            query.channels,
+            query.start,
+            query.end,
+            query.ticket_id,
+            boundary,
+            query.limit,
         )
         return root, rows
 

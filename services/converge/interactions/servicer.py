@@ -5,46 +5,37 @@ answer back. Wiring is in `app.py`."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 
 import grpc
-from google.protobuf import struct_pb2
 
 from converge.interactions import features as feature_engine
 from converge.interactions.convert import (
-    DEFAULT_PAGE,
-    MAX_PAGE,
-    BoundedPage,
     check_feature_set_version,
-    customer_ids,
-    customer_ref,
     definitions_pb,
-    export_record_pb,
-    export_token,
+    erase_request,
+    export_request,
+    export_response,
     features_request,
     features_response,
     ingest_response,
     interaction_pb,
-    parse_export_token,
-    parse_timeline_token,
     point_in_time_request,
     point_in_time_response,
     purge_request,
     read_ingest_message,
     record_request,
     required_interaction_id,
+    stream_request,
     sync_status_pb,
-    timeline_token,
+    timeline_request,
+    timeline_response,
     type_pb,
     type_spec_of,
 )
 from converge.interactions.service import InteractionsService
-from converge.runtime.cursors import commit_cursor, parse_commit_cursor
-from converge.runtime.errors import Violations
+from converge.runtime.cursors import commit_cursor
 from converge.runtime.fields import checked_requests
-from converge.runtime.values import timestamp, to_datetime
 from converge.v1 import (
-    common_pb2,
     interactions_pb2,
     interactions_pb2_grpc,
     privacy_pb2,
@@ -90,51 +81,15 @@ class InteractionsServicer(interactions_pb2_grpc.InteractionsServiceServicer):
     async def ListInteractions(
         self, request: interactions_pb2.ListInteractionsRequest, context: grpc.aio.ServicerContext
     ) -> interactions_pb2.ListInteractionsResponse:
-        v = Violations()
-        customer_id, identifier = customer_ref(request.customer, "customer", v)
-        v.check(request.page.page_size >= 0, "page.page_size", "must not be negative")
-        for i, channel in enumerate(request.channels):
-            v.check(
-                channel in common_pb2.Channel.values() and channel != 0,
-                f"channels[{i}]",
-                "unknown channel",
-            )
-        before = parse_timeline_token(request.page.page_token, "page.page_token", v)
-        v.raise_if_any()
-        size = min(request.page.page_size or DEFAULT_PAGE, MAX_PAGE)
-        occurred = request.occurred
-        root, rows = await self.service.timeline(
-            customer_id,
-            identifier,
-            list(request.types),
-            list(request.channels),
-            to_datetime(occurred.start) if occurred.HasField("start") else None,
-            to_datetime(occurred.end) if occurred.HasField("end") else None,
-            request.ticket_id,
-            before,
-            size + 1,
-        )
-        page: BoundedPage[interactions_pb2.Interaction] = BoundedPage(self.max_page_bytes)
-        for row in rows[:size]:
-            if not page.add(interaction_pb(row)):
-                break
-        sent = len(page.messages)
-        # The last row sent, whether the page ended at its row count or at its
-        # byte bound: the next page starts just after it.
-        token = timeline_token(rows[sent - 1]) if len(rows) > sent else ""
-        return interactions_pb2.ListInteractionsResponse(
-            customer_id=str(root),
-            interactions=page.messages,
-            page=common_pb2.PageResponse(next_page_token=token),
-        )
+        query, size = timeline_request(request)
+        root, rows = await self.service.timeline(query)
+        return timeline_response(root, rows, size, self.max_page_bytes)
 
     async def StreamInteractions(
         self, request: interactions_pb2.StreamInteractionsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[interactions_pb2.StreamInteractionsResponse]:
-        v = Violations()
-        cursor = parse_commit_cursor(request.from_cursor, "from_cursor", v)
-        v.raise_if_any()
-        async for position, row in self.service.stream(cursor, request.types, request.follow):
+        cursor = stream_request(request)
+        async for position, row in self.service.stream(cursor, list(request.types), request.follow):
             yield interactions_pb2.StreamInteractionsResponse(
                 cursor=commit_cursor(*position), interaction=interaction_pb(row)
             )
@@ -225,32 +180,12 @@ class InteractionsDataSubjects(privacy_pb2_grpc.DataSubjectServiceServicer):
     async def EraseCustomerData(
         self, request: privacy_pb2.EraseCustomerDataRequest, context: grpc.aio.ServicerContext
     ) -> privacy_pb2.EraseCustomerDataResponse:
-        v = Violations()
-        ids = customer_ids(request.customer_ids, v)
-        v.raise_if_any()
+        ids = erase_request(request)
         erased = await self.service.erase(ids)
         return privacy_pb2.EraseCustomerDataResponse(service="interactions", erased_counts=erased)
 
     async def ExportCustomerData(
         self, request: privacy_pb2.ExportCustomerDataRequest, context: grpc.aio.ServicerContext
     ) -> privacy_pb2.ExportCustomerDataResponse:
-        v = Violations()
-        ids = customer_ids(request.customer_ids, v)
-        after = parse_export_token(request.page_token)
-        v.check(after is not None, "page_token", "not a token this service issued")
-        v.raise_if_any()
-        assert after is not None
-        page: BoundedPage[struct_pb2.Struct] = BoundedPage(self.max_page_bytes)
-        token = ""
-        async for row in self.service.export(ids, after):
-            if not page.add(export_record_pb(row)):
-                # Rows go by seq: the next page starts after the last one sent.
-                token = export_token(after)
-                break
-            after = row.seq
-        return privacy_pb2.ExportCustomerDataResponse(
-            service="interactions",
-            sections=[privacy_pb2.ExportedRecords(kind="interactions", records=page.messages)],
-            exported_at=timestamp(datetime.now(UTC)),
-            next_page_token=token,
-        )
+        ids, after = export_request(request)
+        return await export_response(self.service.export(ids, after), after, self.max_page_bytes)
