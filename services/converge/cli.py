@@ -154,7 +154,10 @@ def _run_mappings(args: argparse.Namespace) -> int:
         except MappingError as e:  # a broken shipped file is a bug; say so, list the rest
             rows.append({"name": name, "error": str(e)})
             continue
-        imports = [k for k in ("profile", "interaction") if getattr(mapping, k) is not None]
+        imports = [
+            *(["profile"] if mapping.profile is not None else []),
+            *(["interaction"] if mapping.records_interactions else []),
+        ]
         rows.append(
             {
                 "name": name,
@@ -263,7 +266,7 @@ def _run_import(args: argparse.Namespace) -> int:
             out,
             summary,
             identity=mapping.needs_identity,
-            interactions=mapping.interaction is not None,
+            interactions=mapping.records_interactions,
         )
     return EXIT_REJECTED if summary.rejected else EXIT_OK
 

@@ -335,7 +335,7 @@ async def import_file(
     try:
         if mapping.needs_identity:
             channels.append(await _connect("identity", identity_address, connect_timeout))
-        if mapping.interaction is not None:
+        if mapping.records_interactions:
             channels.append(await _connect("interactions", interactions_address, connect_timeout))
         last = _Pass()
         refused: dict[str, Rejection] = {}
@@ -344,7 +344,7 @@ async def import_file(
             refused = await _resolve_pass(
                 stub, mapping, rows("profiles", last), summary, identity_address, batch_size
             )
-        if mapping.interaction is not None:
+        if mapping.records_interactions:
             last = _Pass()
             ingest_stub = interactions_pb2_grpc.InteractionsServiceStub(channels[-1])
             await _ingest_pass(
@@ -524,8 +524,7 @@ async def _ingest_pass(
 ) -> None:
     def requests() -> Iterator[interactions_pb2.IngestInteractionsRequest]:
         for row in rows:
-            assert row.ingest is not None
-            yield row.ingest
+            yield from row.ingests
 
     async def call(chunk: Iterator[interactions_pb2.IngestInteractionsRequest]) -> None:
         guarded = _Guarded(chunk)

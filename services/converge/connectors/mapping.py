@@ -14,6 +14,11 @@ conditions on the previous row of the same group (`group_by`), which is how
 increased" are said without code. The shipped files in `mappings/` explain
 every key in their comments.
 
+Numbers can be read with a decimal comma and grouping marks, scaled and
+clamped; a time may be tried against several formats; `when` on a value or
+an interaction makes it conditional; `interactions` (a list) makes several
+interactions of one row.
+
 Errors name the key at fault: `interaction.attributes.priority.map: ...`.
 Unknown keys are errors too, so a typo never silently does nothing.
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import codecs
 import functools
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -273,8 +279,20 @@ class ValueSpec(_Model):
     map: dict[Text, Scalar | None] | None = None
     unmapped: Literal["keep", "missing", "reject"] = "reject"
     type: ValueType | None = None
-    format: str | None = None
+    # Timestamps: "iso", "unix" or a strptime format; a list tries each in turn
+    # (exports mix "2016-02-29 10:00" with "29/02/2016").
+    format: str | list[str] | None = None
     timezone: str = "UTC"
+    # Numbers: the decimal separator and the grouping characters to remove
+    # ("1.234,5" is `decimal: ","` with `thousands: "."`), a factor applied
+    # after parsing (cents to units: 0.01) and bounds the result is held to.
+    decimal: Literal[".", ","] = "."
+    thousands: str = ""
+    scale: float | None = None
+    clamp: tuple[float | None, float | None] | None = None
+    # Read the value only when this holds; otherwise it is missing (then
+    # `default` and `required` apply): "the amount, when the status is paid".
+    when: Condition | None = None
     default: Scalar | None = None
     required: bool = False
 
@@ -306,12 +324,28 @@ class ValueSpec(_Model):
                 raise ValueError(f"template: {e}") from None
         if self.format is not None and self.value_type != "timestamp":
             raise ValueError("format: only for timestamps (type: timestamp)")
-        if (
-            self.format is not None
-            and self.format not in ("iso", "unix")
-            and "%" not in self.format
-        ):
-            raise ValueError('format: "iso", "unix" or a strptime format such as "%d/%m/%Y %H:%M"')
+        for fmt in self.formats:
+            if fmt not in ("iso", "unix") and "%" not in fmt:
+                raise ValueError(
+                    'format: "iso", "unix" or a strptime format such as "%d/%m/%Y %H:%M"'
+                )
+        if isinstance(self.format, list) and not self.format:
+            raise ValueError("format: give at least one format")
+        number_options = [
+            k
+            for k, unset in (("decimal", "."), ("thousands", ""), ("scale", None), ("clamp", None))
+            if getattr(self, k) != unset
+        ]
+        if number_options and self.value_type != "number":
+            raise ValueError(f"{number_options[0]}: only for numbers (type: number)")
+        if self.decimal in self.thousands:
+            raise ValueError("thousands: must not contain the decimal separator")
+        if self.scale is not None and not (math.isfinite(self.scale) and self.scale != 0):
+            raise ValueError("scale: a finite number other than 0")
+        if self.clamp is not None:
+            low, high = self.clamp
+            if low is not None and high is not None and low > high:
+                raise ValueError("clamp: [low, high] with low <= high")
         try:
             ZoneInfo(self.timezone)
         except (ZoneInfoNotFoundError, ValueError):
@@ -325,6 +359,13 @@ class ValueSpec(_Model):
     @property
     def value_type(self) -> ValueType:
         return self.type or self.natural_type
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """The time formats to try, in order."""
+        if self.format is None:
+            return ("iso",)
+        return (self.format,) if isinstance(self.format, str) else tuple(self.format)
 
     def constants(self) -> Iterator[tuple[str, Scalar]]:
         """Values written in the mapping itself, with the key they are under."""
@@ -352,10 +393,14 @@ class ValueSpec(_Model):
                 yield f"{path}.template", name
         for i, case in enumerate(self.cases):
             yield from case.when.columns(f"{path}.cases[{i}].when")
+        if self.when is not None:
+            yield from self.when.columns(f"{path}.when")
 
     def conditions(self, path: str) -> Iterator[tuple[str, Condition]]:
         for i, case in enumerate(self.cases):
             yield f"{path}.cases[{i}].when", case.when
+        if self.when is not None:
+            yield f"{path}.when", self.when
 
     def uses_group(self) -> bool:
         return self.previous is not None or (
@@ -552,8 +597,9 @@ class ProfileSpec(_Model):
 
 
 class InteractionSpec(_Model):
-    """The interaction each row becomes."""
+    """An interaction a row becomes (when `when` holds, if given)."""
 
+    when: Condition | None = None
     type: TypeNameSpec
     occurred_at: TimestampSpec
     channel: ChannelSpec
@@ -638,7 +684,11 @@ class Mapping(_Model):
     reject: list[RejectRule] = []
     customer: CustomerSpec
     profile: ProfileSpec | None = None
+    # One interaction per row, or several (`interactions`, each with its own
+    # `when` and idempotency key): a cancellation row that names no product
+    # becomes one cancellation per product the row says was held.
     interaction: InteractionSpec | None = None
+    interactions: list[InteractionSpec] = []
 
     @model_validator(mode="after")
     def _check(self) -> Mapping:
@@ -646,7 +696,9 @@ class Mapping(_Model):
             raise ValueError(
                 f"source: {self.source!r}: 1-64 of a-z, 0-9, '_', '.', '-', starting with a letter or digit"
             )
-        if self.profile is None and self.interaction is None:
+        if self.interaction is not None and self.interactions:
+            raise ValueError("give interaction (one per row) or interactions (several), not both")
+        if self.profile is None and not self.interaction_specs:
             raise ValueError("give profile, interaction or both: otherwise nothing is imported")
         if not self.group_by:
             for path, condition in self.conditions():
@@ -655,20 +707,29 @@ class Mapping(_Model):
             for path, spec in self.value_specs():
                 if spec.uses_group():
                     raise ValueError(f"{path}: uses the previous row or {{_seq}}: set group_by")
-            if (
-                self.interaction
-                and "_seq" in parse_template(self.interaction.idempotency_key).placeholders
-            ):
-                raise ValueError("interaction.idempotency_key: uses {_seq}: set group_by")
+            for path, interaction in self.interaction_specs:
+                if "_seq" in parse_template(interaction.idempotency_key).placeholders:
+                    raise ValueError(f"{path}.idempotency_key: uses {{_seq}}: set group_by")
         return self
+
+    @property
+    def interaction_specs(self) -> list[tuple[str, InteractionSpec]]:
+        """Each interaction a row may become, with the key it is under."""
+        if self.interaction is not None:
+            return [("interaction", self.interaction)]
+        return [(f"interactions[{i}]", spec) for i, spec in enumerate(self.interactions)]
+
+    @property
+    def records_interactions(self) -> bool:
+        return bool(self.interaction_specs)
 
     def value_specs(self) -> Iterator[tuple[str, ValueSpec]]:
         if self.profile is not None:
             for key, spec in self.profile.values():
                 yield f"profile.{key}", spec
-        if self.interaction is not None:
-            for key, spec in self.interaction.values():
-                yield f"interaction.{key}", spec
+        for path, interaction in self.interaction_specs:
+            for key, spec in interaction.values():
+                yield f"{path}.{key}", spec
 
     def conditions(self) -> Iterator[tuple[str, Condition]]:
         for i, condition in enumerate(self.skip):
@@ -677,6 +738,9 @@ class Mapping(_Model):
             yield f"reject[{i}].when", rule.when
         for path, spec in self.value_specs():
             yield from spec.conditions(path)
+        for path, interaction in self.interaction_specs:
+            if interaction.when is not None:
+                yield f"{path}.when", interaction.when
 
     def column_references(self) -> Iterator[tuple[str, str]]:
         """Every (key, column) the mapping reads, to check against the file's header."""
@@ -691,11 +755,13 @@ class Mapping(_Model):
             yield from spec.columns(path)
         if self.profile is not None and self.profile.lifetime_value is not None:
             yield from self.profile.lifetime_value.columns("profile.lifetime_value")
-        if self.interaction is not None:
-            if self.interaction.amount is not None:
-                yield from self.interaction.amount.columns("interaction.amount")
-            for name in parse_template(self.interaction.idempotency_key).columns:
-                yield "interaction.idempotency_key", name
+        for path, interaction in self.interaction_specs:
+            if interaction.when is not None:
+                yield from interaction.when.columns(f"{path}.when")
+            if interaction.amount is not None:
+                yield from interaction.amount.columns(f"{path}.amount")
+            for name in parse_template(interaction.idempotency_key).columns:
+                yield f"{path}.idempotency_key", name
 
     def check_columns(self, columns: list[str], origin: str) -> None:
         """Raises MappingError naming every key that reads a column the file lacks."""

@@ -28,6 +28,7 @@ from converge.connectors.mapping import (
     AmountSpec,
     Condition,
     IdentifierSpec,
+    InteractionSpec,
     Mapping,
     Scalar,
     ValueSpec,
@@ -57,18 +58,27 @@ class MappedRow:
     line: int
     identifier: common_pb2.Identifier
     resolve: identity_pb2.BulkResolveRequest | None
-    ingest: interactions_pb2.IngestInteractionsRequest | None
+    # The interactions the row becomes (none when no `when` of the mapping's
+    # interactions holds).
+    ingests: tuple[interactions_pb2.IngestInteractionsRequest, ...]
     # For each of `resolve`'s identifiers after the first, the index of the
     # mapping's `extra_identifiers` entry it came from (to apply its `on_invalid`).
     extra_specs: tuple[int, ...] = ()
+
+    @property
+    def ingest(self) -> interactions_pb2.IngestInteractionsRequest | None:
+        """The row's first interaction (the only one for most mappings)."""
+        return self.ingests[0] if self.ingests else None
 
     def as_dict(self) -> dict[str, Any]:
         """The requests as JSON-ready dicts, for people and `--json`."""
         out: dict[str, Any] = {"line": self.line}
         if self.resolve is not None:
             out["bulk_resolve"] = json_format.MessageToDict(self.resolve)
-        if self.ingest is not None:
-            out["ingest"] = json_format.MessageToDict(self.ingest)
+        if len(self.ingests) == 1:
+            out["ingest"] = json_format.MessageToDict(self.ingests[0])
+        elif self.ingests:
+            out["ingests"] = [json_format.MessageToDict(i) for i in self.ingests]
         return out
 
 
@@ -131,16 +141,19 @@ class RowMapper:
     _groups: dict[tuple[str | None, ...], _Group] = field(default_factory=dict)
     _keys: dict[str, int] = field(default_factory=dict)
     _missing: frozenset[str] = field(init=False)
-    _occurred_at: ValueSpec = field(init=False)
-    _channel: ValueSpec = field(init=False)
+    # Per interaction of the mapping: its occurred_at and channel, both
+    # required whatever the mapping says.
+    _required: list[tuple[ValueSpec, ValueSpec]] = field(init=False)
 
     def __post_init__(self) -> None:
         self._missing = frozenset(v.strip() for v in self.mapping.missing_values) | {""}
-        if self.mapping.interaction is not None:
-            # Both are required whatever the mapping says.
-            spec = self.mapping.interaction
-            self._occurred_at = spec.occurred_at.model_copy(update={"required": True})
-            self._channel = spec.channel.model_copy(update={"required": True})
+        self._required = [
+            (
+                spec.occurred_at.model_copy(update={"required": True}),
+                spec.channel.model_copy(update={"required": True}),
+            )
+            for _, spec in self.mapping.interaction_specs
+        ]
 
     # --- one row ------------------------------------------------------------------
     def map(self, record: Record) -> MapResult:
@@ -162,10 +175,13 @@ class RowMapper:
             mapped = self._map_row(row)
         except RowError as e:
             return RejectedRow(record.line, e.field, e.reason, f"line {record.line}: {e.detail}")
-        if mapped.ingest is not None:
-            key_text = mapped.ingest.idempotency_key
+        for ingest in mapped.ingests:
+            key_text = ingest.idempotency_key
             first = self._keys.setdefault(key_text, record.line)
-            if first != record.line:
+            if (
+                first != record.line
+                or sum(i.idempotency_key == key_text for i in mapped.ingests) > 1
+            ):
                 return RejectedRow(
                     record.line,
                     "interaction.idempotency_key",
@@ -188,8 +204,12 @@ class RowMapper:
         resolve, extra_specs = (
             self._resolve(identifier, row) if mapping.needs_identity else (None, ())
         )
-        ingest = self._ingest(identifier, row) if mapping.interaction is not None else None
-        return MappedRow(row.record.line, identifier, resolve, ingest, extra_specs)
+        ingests = tuple(
+            ingest
+            for index, (path, spec) in enumerate(mapping.interaction_specs)
+            if (ingest := self._ingest(index, path, spec, identifier, row)) is not None
+        )
+        return MappedRow(row.record.line, identifier, resolve, ingests, extra_specs)
 
     # --- conditions -----------------------------------------------------------------
     def _holds(self, c: Condition, row: _Row, path: str) -> bool:
@@ -268,6 +288,12 @@ class RowMapper:
     def _value(self, spec: ValueSpec, path: str, row: _Row) -> Converted | None:
         raw: Scalar | None = None
         origin = path
+        if spec.when is not None and not self._holds(spec.when, row, f"{path}.when"):
+            if spec.default is not None:
+                return _convert(spec.default, spec, path, path)
+            if spec.required:
+                raise RowError(path, f"{path}: missing (its condition does not hold)")
+            return None
         for case in spec.cases:
             if self._holds(case.when, row, f"{path}.cases"):
                 raw = case.value
@@ -425,29 +451,34 @@ class RowMapper:
         return request, tuple(extra_specs)
 
     def _ingest(
-        self, identifier: common_pb2.Identifier, row: _Row
-    ) -> interactions_pb2.IngestInteractionsRequest:
-        spec = self.mapping.interaction
-        assert spec is not None
-        kind = self._value(spec.type, "interaction.type", row)
+        self,
+        index: int,
+        path: str,
+        spec: InteractionSpec,
+        identifier: common_pb2.Identifier,
+        row: _Row,
+    ) -> interactions_pb2.IngestInteractionsRequest | None:
+        """The interaction `spec` makes of the row; None when its `when` does not hold."""
+        if spec.when is not None and not self._holds(spec.when, row, f"{path}.when"):
+            return None
+        occurred_at, channel_spec = self._required[index]
+        kind = self._value(spec.type, f"{path}.type", row)
         if kind is None:
-            raise RowError(
-                "interaction.type", "no interaction type (no case matched and no default)"
-            )
+            raise RowError(f"{path}.type", "no interaction type (no case matched and no default)")
         kind = str(kind)
         if not _TYPE_NAME.match(kind) or len(kind) > 64:
             raise RowError(
-                "interaction.type",
+                f"{path}.type",
                 "not an interaction type name",
                 f"{kind!r} is not an interaction type name",
             )
-        when = self._value(self._occurred_at, "interaction.occurred_at", row)
+        when = self._value(occurred_at, f"{path}.occurred_at", row)
         assert isinstance(when, datetime)
-        channel_name = self._value(self._channel, "interaction.channel", row)
+        channel_name = self._value(channel_spec, f"{path}.channel", row)
         channel = channel_number(str(channel_name))
         if channel is None:
             raise RowError(
-                "interaction.channel", "unknown channel", f"{channel_name!r} is not a channel"
+                f"{path}.channel", "unknown channel", f"{channel_name!r} is not a channel"
             )
         interaction = interactions_pb2.InteractionInput(
             customer=common_pb2.CustomerRef(identifier=identifier),
@@ -459,32 +490,32 @@ class RowMapper:
         for name in ("ticket_id", "product_id"):
             value_spec = getattr(spec, name)
             if value_spec is not None:
-                text = self._value(value_spec, f"interaction.{name}", row)
+                text = self._value(value_spec, f"{path}.{name}", row)
                 if text is not None:
                     setattr(interaction, name, str(text))
         if spec.amount is not None:
-            money = self._amount(spec.amount, "interaction.amount", row)
+            money = self._amount(spec.amount, f"{path}.amount", row)
             if money is not None:
                 interaction.amount.CopyFrom(money)
         if spec.sentiment is not None:
-            sentiment = self._value(spec.sentiment, "interaction.sentiment", row)
+            sentiment = self._value(spec.sentiment, f"{path}.sentiment", row)
             if isinstance(sentiment, float):
                 if not -1.0 <= sentiment <= 1.0:
                     raise RowError(
-                        "interaction.sentiment", "sentiment outside -1..1", f"sentiment {sentiment}"
+                        f"{path}.sentiment", "sentiment outside -1..1", f"sentiment {sentiment}"
                     )
                 interaction.sentiment = sentiment
         for name, attribute in spec.attributes.items():
             if attribute.for_types is not None and kind not in attribute.for_types:
                 continue
-            value = self._value(attribute, f"interaction.attributes.{name}", row)
+            value = self._value(attribute, f"{path}.attributes.{name}", row)
             if value is not None:
                 interaction.attributes[name].CopyFrom(_attribute(value))
-        key = self._render(spec.idempotency_key, row, "interaction.idempotency_key", strict=True)
+        key = self._render(spec.idempotency_key, row, f"{path}.idempotency_key", strict=True)
         assert key is not None
         if len(key) > MAX_KEY_LENGTH:
             raise RowError(
-                "interaction.idempotency_key",
+                f"{path}.idempotency_key",
                 f"idempotency key longer than {MAX_KEY_LENGTH} characters",
                 f"key {key[:40]!r}... is {len(key)} characters",
             )
@@ -519,7 +550,19 @@ def _convert(raw: Scalar, spec: ValueSpec, origin: str, path: str) -> Converted:
     if kind == "number":
         if isinstance(raw, bool):
             raise RowError(path, f"{origin}: not a number", f"{origin} = {raw!r}: not a number")
-        return _parse_number(raw, origin, path)
+        if isinstance(raw, str) and (spec.thousands or spec.decimal != "."):
+            raw = raw.strip()
+            for mark in spec.thousands:
+                raw = raw.replace(mark, "")
+            raw = raw.replace(spec.decimal, ".")
+        number = _parse_number(raw, origin, path)
+        if spec.scale is not None:
+            number *= spec.scale
+        if spec.clamp is not None:
+            low, high = spec.clamp
+            number = max(number, low) if low is not None else number
+            number = min(number, high) if high is not None else number
+        return number
     if kind == "bool":
         if isinstance(raw, bool):
             return raw
@@ -537,16 +580,18 @@ def _convert(raw: Scalar, spec: ValueSpec, origin: str, path: str) -> Converted:
 
 
 def _parse_time(raw: Scalar, spec: ValueSpec, origin: str, path: str) -> datetime:
-    fmt = spec.format or "iso"
     text = str(raw).strip()
-    try:
-        return _time_from_text(text, fmt, spec.timezone)
-    except (ValueError, OverflowError, OSError):
-        raise RowError(
-            path,
-            f"{origin}: not a time in format {fmt}",
-            f"{origin} = {text!r}: not a time in format {fmt}",
-        ) from None
+    for fmt in spec.formats:  # the first format that reads the text wins
+        try:
+            return _time_from_text(text, fmt, spec.timezone)
+        except (ValueError, OverflowError, OSError):
+            continue
+    described = " or ".join(spec.formats)
+    raise RowError(
+        path,
+        f"{origin}: not a time in format {described}",
+        f"{origin} = {text!r}: not a time in format {described}",
+    )
 
 
 @functools.lru_cache(maxsize=8192)
