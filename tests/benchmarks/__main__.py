@@ -21,6 +21,7 @@ BENCHMARKS = ["tests.benchmarks.bench_identity", "tests.benchmarks.bench_interac
 BENCHMARKS.append("tests.benchmarks.bench_followers")
 BENCHMARKS.append("tests.benchmarks.bench_contention")
 BENCHMARKS.append("tests.benchmarks.bench_models")
+BENCHMARKS.append("tests.benchmarks.bench_cli")
 
 
 async def run_all(selected: list[str]) -> dict[str, float]:
