@@ -18,7 +18,7 @@ import grpc
 import pytest
 from hypothesis import settings as hypothesis_settings
 
-from converge.identity.servicer import SPEC as IDENTITY
+from converge.identity.app import SPEC as IDENTITY
 from converge.identity.settings import IdentitySettings
 from converge.interactions.app import SPEC as INTERACTIONS
 from converge.interactions.settings import InteractionsSettings

@@ -25,7 +25,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from converge.identity.servicer import SPEC as IDENTITY
+from converge.identity.app import SPEC as IDENTITY
 from converge.identity.settings import IdentitySettings
 from converge.interactions.app import SPEC as INTERACTIONS
 from converge.interactions.settings import InteractionsSettings

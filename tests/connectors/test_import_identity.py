@@ -14,7 +14,7 @@ import pytest
 
 from converge.connectors.importer import ImportSummary, import_file
 from converge.connectors.mapping import load_mapping
-from converge.identity.servicer import SPEC
+from converge.identity.app import SPEC
 from converge.identity.settings import IdentitySettings
 from converge.runtime.server import ServiceRuntime
 from converge.v1 import common_pb2, identity_pb2, identity_pb2_grpc

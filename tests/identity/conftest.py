@@ -6,7 +6,7 @@ from typing import Any
 import grpc
 import pytest
 
-from converge.identity.servicer import SPEC
+from converge.identity.app import SPEC
 from converge.identity.settings import IdentitySettings
 from converge.runtime.server import ServiceRuntime
 from converge.v1 import identity_pb2_grpc

@@ -13,7 +13,7 @@ import asyncpg
 import grpc
 import pytest
 
-from converge.identity.servicer import SPEC as IDENTITY
+from converge.identity.app import SPEC as IDENTITY
 from converge.identity.settings import IdentitySettings
 from converge.interactions.app import SPEC as INTERACTIONS
 from converge.interactions.settings import InteractionsSettings

@@ -12,7 +12,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from converge.identity.servicer import SPEC as IDENTITY
+from converge.identity.app import SPEC as IDENTITY
 from converge.identity.settings import IdentitySettings
 from converge.runtime import errors
 from converge.runtime.server import ServiceContext, ServiceRuntime, ServiceSpec

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
-from converge.identity.servicer import SPEC as IDENTITY
+from converge.identity.app import SPEC as IDENTITY
 from converge.identity.settings import IdentitySettings
 from converge.interactions.app import SPEC as INTERACTIONS
 from converge.interactions.settings import InteractionsSettings

@@ -1,6 +1,6 @@
 """`python -m converge.identity`: runs the identity service until SIGTERM."""
 
-from converge.identity.servicer import SPEC
+from converge.identity.app import SPEC
 from converge.identity.settings import IdentitySettings
 from converge.runtime.server import main
 

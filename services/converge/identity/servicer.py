@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from importlib.resources import files
 
 import grpc
 
 from converge.identity import convert
 from converge.identity.domain import BulkRow
-from converge.identity.peers import PeerServices
 from converge.identity.service import IdentityService
 from converge.identity.settings import IdentitySettings
-from converge.identity.store import IdentityStore
 from converge.runtime.cursors import parse_commit_cursor
 from converge.runtime.errors import InvalidArgument, Violations
 from converge.runtime.fields import checked_requests, parse_uuid
-from converge.runtime.server import ServiceContext, ServiceSpec
 from converge.runtime.values import to_datetime
 from converge.v1 import common_pb2, identity_pb2, identity_pb2_grpc
 
@@ -290,20 +286,3 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         async with contextlib.aclosing(self.service.events(cursor, request.follow)) as events:
             async for event in events:
                 yield convert.event_pb(event)
-
-
-async def register(server: grpc.aio.Server, context: ServiceContext) -> list[str]:
-    settings = context.settings
-    assert isinstance(settings, IdentitySettings)
-    peers = PeerServices(settings.peer_services, settings.peer_timeout_s)
-    service = IdentityService(IdentityStore(context.pool), settings, peers)
-    identity_pb2_grpc.add_IdentityServiceServicer_to_server(
-        IdentityServicer(service, settings), server
-    )
-    context.on_shutdown(peers.close)
-    return [identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name]
-
-
-SPEC = ServiceSpec(
-    name="identity", migrations=files("converge.identity") / "migrations", register=register
-)
