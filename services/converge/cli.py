@@ -367,6 +367,7 @@ def _print_summary(
 # when the parser is built (so `converge models` can live in its own package).
 SUBCOMMANDS: tuple[Registrar | str, ...] = (
     register_connector_commands,
+    "converge.lookup:register",
     "converge.models.cli:add_subcommands",
 )
 
