@@ -138,7 +138,13 @@ def test_calibrated_probabilities_mean_what_they_say(
 
 
 def test_few_validation_positives_use_platt_scaling(small_split: Split) -> None:
-    model = train(small_split.train, small_split.valid, FAST)
+    rounds: list[tuple[int, int, float]] = []
+    model = train(small_split.train, small_split.valid, FAST, progress=lambda *r: rounds.append(r))
+    # Every boosting round is told, with its validation AUC, up to the last one run.
+    assert [r[0] for r in rounds] == list(range(1, len(rounds) + 1))
+    assert all(most == FAST.max_rounds for _, most, _ in rounds)
+    assert all(0.0 <= auc <= 1.0 for _, _, auc in rounds)
+    assert model.stats is not None and len(rounds) == model.stats.rounds_trained
     assert small_split.valid.n_positives < 200
     assert model.calibrator.method == "sigmoid"
     p = model.predict_proba(small_split.test.frame)

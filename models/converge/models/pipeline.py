@@ -217,7 +217,18 @@ def _build_and_train(
         from converge.models.dataset import time_split
 
         split = time_split(frame)
-        model = train(split.train, split.valid)
+        rows = frame.n_examples
+
+        def round_done(done: int, most: int, auc: float) -> None:
+            # Early stopping usually ends well before `most` rounds.
+            bar.update(
+                task,
+                completed=done,
+                total=most,
+                description=f"{prediction}: training on {rows} rows, validation AUC {auc:.3f}",
+            )
+
+        model = train(split.train, split.valid, progress=round_done)
         result = evaluate(model, split.test)
     plots_dir = Path(tempfile.mkdtemp(prefix=f"converge-{prediction}-plots-"))
     plots = save_plots(model, result, plots_dir, title=prediction)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -221,12 +222,32 @@ def _check_same_schema(train: TrainingFrame, other: TrainingFrame, what: str) ->
         raise ValueError(f"{what} part has other features than the training part")
 
 
+# Told after each boosting round: (round, most rounds, validation AUC so far).
+TrainingProgress = Callable[[int, int, float], None]
+
+
+def _report_rounds(progress: TrainingProgress, max_rounds: int) -> Callable[[Any], None]:
+    """A LightGBM callback that tells `progress` each round and its validation AUC."""
+
+    def callback(env: Any) -> None:
+        auc = next(
+            (score for _, name, score, _ in env.evaluation_result_list if name == "auc"),
+            float("nan"),
+        )
+        progress(env.iteration + 1, max_rounds, float(auc))
+
+    return callback
+
+
 def train(
     frame_train: TrainingFrame,
     frame_valid: TrainingFrame,
     config: TrainingConfig | None = None,
+    progress: TrainingProgress | None = None,
 ) -> TrainedModel:
-    """Trains, early-stops on `frame_valid` and calibrates on it."""
+    """Trains, early-stops on `frame_valid` and calibrates on it; `progress`
+    hears of every boosting round (training can take minutes on a real
+    company's history, and a silent command looks stuck)."""
     config = config or TrainingConfig()
     _check_same_schema(frame_train, frame_valid, "validation")
     check_sufficient(frame_train, frame_valid)
@@ -262,6 +283,7 @@ def train(
         callbacks=[
             lgb.early_stopping(config.early_stopping_rounds, first_metric_only=True, verbose=False),
             lgb.record_evaluation(history),
+            *([_report_rounds(progress, config.max_rounds)] if progress is not None else []),
         ],
     )
     best = int(booster.best_iteration) or booster.current_iteration()
