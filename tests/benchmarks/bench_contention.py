@@ -14,14 +14,13 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
-import asyncpg
 import grpc
 
 from converge.runtime.values import timestamp
 from converge.v1 import common_pb2, interactions_pb2, interactions_pb2_grpc
+from tests import postgres_stats
 from tests.benchmarks.harness import BenchEnv, percentile
 from tests.service_process import stop_process
-from tests.waiting import wait_until
 
 WRITERS = 16
 CUSTOMERS = 20
@@ -51,35 +50,6 @@ def _batch(
     )
 
 
-async def _deadlocks(database: str) -> int:
-    connection = await asyncpg.connect(database)
-    try:
-        found: int = await connection.fetchval(
-            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
-        )
-        return found
-    finally:
-        await connection.close()
-
-
-async def _sessions_gone(database: str, application_name: str) -> None:
-    """Waits until the service's sessions have ended (each hands its
-    statistics over as it ends)."""
-    connection = await asyncpg.connect(database)
-    try:
-
-        async def sessions() -> int:
-            count: int = await connection.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
-                application_name,
-            )
-            return count
-
-        await wait_until(sessions, lambda n: n == 0, what="the service's sessions ended")
-    finally:
-        await connection.close()
-
-
 async def run(env: BenchEnv) -> dict[str, float]:
     database = await env.new_database()
     service = await env.start(
@@ -90,7 +60,7 @@ async def run(env: BenchEnv) -> dict[str, float]:
         ingest_batch_size=str(ROWS_PER_TRANSACTION),
     )
     customers = [str(uuid.uuid4()) for _ in range(CUSTOMERS)]
-    before = await _deadlocks(database)
+    before = await postgres_stats.deadlocks(database)
     latencies: list[float] = []
     failures = 0
 
@@ -111,8 +81,8 @@ async def run(env: BenchEnv) -> dict[str, float]:
         stub = interactions_pb2_grpc.InteractionsServiceStub(channel)
         await asyncio.gather(*(writer(stub, n) for n in range(WRITERS)))
     stop_process(service)
-    await _sessions_gone(database, "converge-interactions")
-    deadlocks = await _deadlocks(database) - before
+    await postgres_stats.sessions_ended(database, "converge-interactions")
+    deadlocks = await postgres_stats.deadlocks(database) - before
     return {
         "interactions.ingest_contention.deadlocks": float(deadlocks),
         "interactions.ingest_contention.failed": float(failures),

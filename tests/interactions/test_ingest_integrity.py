@@ -27,8 +27,8 @@ from converge.v1 import (
     interactions_pb2,
     interactions_pb2_grpc,
 )
+from tests import postgres_stats
 from tests.interactions.builders import email_ref, interaction
-from tests.waiting import wait_until
 
 
 async def _customers(
@@ -59,35 +59,6 @@ def _row(
         ),
         idempotency_key=key,
     )
-
-
-async def _deadlocks(database: str) -> int:
-    connection = await asyncpg.connect(database)
-    try:
-        found: int = await connection.fetchval(
-            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
-        )
-        return found
-    finally:
-        await connection.close()
-
-
-async def _wait_until_gone(database: str, application_name: str) -> None:
-    """Waits until no session of `application_name` is left: a session hands
-    its statistics (deadlocks included) over before it ends."""
-    connection = await asyncpg.connect(database)
-    try:
-
-        async def sessions() -> int:
-            count: int = await connection.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
-                application_name,
-            )
-            return count
-
-        await wait_until(sessions, lambda n: n == 0, what=f"{application_name} sessions ended")
-    finally:
-        await connection.close()
 
 
 @dataclass
@@ -145,7 +116,10 @@ async def test_sixteen_writers_on_twenty_shared_customers_never_deadlock(
     features exactly once."""
     customers = await _customers(apart.identity, 20, "shared")
     rng = random.Random(13)
-    before_db, before_retries = await _deadlocks(database), INGEST_DEADLOCK_RETRIES._value.get()
+    before_db, before_retries = (
+        await postgres_stats.deadlocks(database),
+        INGEST_DEADLOCK_RETRIES._value.get(),
+    )
 
     def stream(writer: int) -> list[interactions_pb2.IngestInteractionsRequest]:
         rows = [
@@ -178,8 +152,8 @@ async def test_sixteen_writers_on_twenty_shared_customers_never_deadlock(
 
     assert INGEST_DEADLOCK_RETRIES._value.get() == before_retries
     await apart.stop_replica()
-    await _wait_until_gone(database, "converge-interactions")
-    assert await _deadlocks(database) == before_db
+    await postgres_stats.sessions_ended(database, "converge-interactions")
+    assert await postgres_stats.deadlocks(database) == before_db
 
 
 async def _refuse_ticket(database: str, ticket_id: str) -> None:

@@ -260,10 +260,30 @@ def _unreachable(ctx: cli.Context, e: Exception) -> int:
     return cli.EXIT_UNREACHABLE
 
 
-def _discard(plots: list[Path]) -> None:
-    """Removes the plots' temporary folder once MLflow holds copies of them."""
-    for folder in {plot.parent for plot in plots}:
-        shutil.rmtree(folder, ignore_errors=True)
+def _register(
+    registry: Any,
+    model: Any,
+    result: Any,
+    split: Split,
+    plots: list[Path],
+    who: str,
+    description: str,
+) -> Any:
+    """Logs the training run and registers its version (no alias); the plots'
+    temporary folder is removed once MLflow holds copies of them."""
+    try:
+        return registry.log_training(
+            model,
+            result,
+            {"train": split.train, "valid": split.valid, "test": split.test},
+            plots,
+            params={"source": split.train.source},
+            requested_by=who,
+            description=description,
+        )
+    finally:
+        for folder in {plot.parent for plot in plots}:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _cmd_train(args: argparse.Namespace, ctx: cli.Context) -> int:
@@ -276,18 +296,15 @@ def _cmd_train(args: argparse.Namespace, ctx: cli.Context) -> int:
         model, result, split, plots = _build_and_train(args, ctx, args.prediction, now)
     except ServiceUnavailable as e:
         return _unreachable(ctx, e)
-    try:
-        registered = registry.log_training(
-            model,
-            result,
-            {"train": split.train, "valid": split.valid, "test": split.test},
-            plots,
-            params={"source": split.train.source},
-            requested_by=_who(args),
-            description=f"converge models train {args.prediction}",
-        )
-    finally:
-        _discard(plots)
+    registered = _register(
+        registry,
+        model,
+        result,
+        split,
+        plots,
+        _who(args),
+        f"converge models train {args.prediction}",
+    )
     if args.save_test_frame:
         split.test.frame.to_parquet(args.save_test_frame)
     if args.json:
@@ -317,18 +334,9 @@ def _cmd_retrain(args: argparse.Namespace, ctx: cli.Context) -> int:
             # champion (or the rule-based fallback) keeps answering.
             ctx.console.print(f"{prediction}: [yellow]not trained[/yellow]: {e}")
             continue
-        try:
-            registered = registry.log_training(
-                model,
-                result,
-                {"train": split.train, "valid": split.valid, "test": split.test},
-                plots,
-                params={"source": split.train.source},
-                requested_by=who,
-                description="converge models retrain",
-            )
-        finally:
-            _discard(plots)
+        registered = _register(
+            registry, model, result, split, plots, who, "converge models retrain"
+        )
         decision = registry.promote(
             prediction,
             registered.version,

@@ -313,7 +313,10 @@ class Listener:
     callback: Callable[..., None]
 
     def is_closed(self) -> bool:
-        return self.connection.is_closed()
+        try:
+            return self.connection.is_closed()
+        except asyncpg.InterfaceError:  # (already given back to the pool)
+            return True
 
 
 EventsOf = Callable[[uuid.UUID], Awaitable[list[StoredInteraction]]]
@@ -813,10 +816,17 @@ class InteractionsStore:
         return listener
 
     async def stop_listening(self, listener: Listener) -> None:
+        """Gives the listening connection back, whatever state it is in: a
+        connection never released would keep the pool's close() waiting."""
         connection = listener.connection
-        if not connection.is_closed():
-            await connection.remove_listener(STORED_CHANNEL, listener.callback)
-        await self.pool.release(connection)  # (a broken connection is replaced)
+        try:
+            if not listener.is_closed():
+                await connection.remove_listener(STORED_CHANNEL, listener.callback)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            pass  # (a broken connection is replaced when released)
+        finally:
+            with contextlib.suppress(asyncpg.InterfaceError):  # (released already)
+                await self.pool.release(connection)
 
     async def get(self, interaction_id: uuid.UUID) -> StoredInteraction | None:
         async with self.pool.acquire() as connection:
