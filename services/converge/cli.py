@@ -335,6 +335,12 @@ def _print_summary(
         )
     console.print(table)
 
+    if summary.profiles_effective_now:
+        console.print(
+            "[yellow]Profile values take effect now:[/] the mapping names no "
+            "profile.effective_at, so a profile read as of an earlier time (training) "
+            "does not show them."
+        )
     if summary.warning_reasons:
         warnings = Table(title="Warnings (rows kept)", box=box.SIMPLE)
         warnings.add_column("rows", justify="right")

@@ -1039,6 +1039,7 @@ class BulkResolveRequest(_message.Message):
     ROW_REF_FIELD_NUMBER: _builtins.int
     RESOLVE_FIELD_NUMBER: _builtins.int
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    PROFILE_EFFECTIVE_AT_FIELD_NUMBER: _builtins.int
     row_ref: _builtins.str
     """Caller's row number or key, echoed in rejections."""
     @_builtins.property
@@ -1051,16 +1052,24 @@ class BulkResolveRequest(_message.Message):
         (an upsert); `update_mask` names which.
         """
 
+    @_builtins.property
+    def profile_effective_at(self) -> _timestamp_pb2.Timestamp:
+        """When the row's profile values became true (history imported today is
+        read as it was then: a profile as of an earlier time shows them from
+        this time on). Unset: now. Not in the future (5 minutes of clock skew).
+        """
+
     def __init__(
         self,
         *,
         row_ref: _builtins.str = ...,
         resolve: Global___ResolveRequest | None = ...,
         update_mask: _field_mask_pb2.FieldMask | None = ...,
+        profile_effective_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["resolve", b"resolve", "update_mask", b"update_mask"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["profile_effective_at", b"profile_effective_at", "resolve", b"resolve", "update_mask", b"update_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["resolve", b"resolve", "row_ref", b"row_ref", "update_mask", b"update_mask"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["profile_effective_at", b"profile_effective_at", "resolve", b"resolve", "row_ref", b"row_ref", "update_mask", b"update_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -115,6 +115,9 @@ class ImportSummary:
     # Extra identifiers identity refused and the import dropped (`on_invalid: drop`).
     identifiers_dropped: int = 0
     warning_reasons: Counter[str] = field(default_factory=Counter)
+    # The mapping upserts profiles but names no `profile.effective_at`: the
+    # values take effect at import time, not when they became true.
+    profiles_effective_now: bool = False
     rejection_reasons: Counter[str] = field(default_factory=Counter)
     rejections: list[Rejection] = field(default_factory=list)
     samples: list[dict[str, Any]] = field(default_factory=list)
@@ -171,6 +174,7 @@ class ImportSummary:
             "accepted": self.accepted,
             "identifiers_dropped": self.identifiers_dropped,
             "warning_reasons": dict(self.warning_reasons.most_common()),
+            "profiles_effective_now": self.profiles_effective_now,
             "rejection_reasons": dict(self.rejection_reasons.most_common()),
             "rejections": [r.__dict__ for r in self.rejections],
             "samples": self.samples,
@@ -314,6 +318,9 @@ async def import_file(
     not fit the file, ServiceUnavailable or ServiceFailed when a service
     cannot take the import."""
     summary = ImportSummary(str(path), origin, mapping.source, dry_run)
+    summary.profiles_effective_now = (
+        mapping.profile is not None and mapping.profile.effective_at is None
+    )
 
     def rows(phase: str, counts: _Pass) -> Iterator[MappedRow]:
         return _mapped_rows(path, mapping, origin, counts, phase, limit, progress)

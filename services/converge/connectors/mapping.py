@@ -565,6 +565,10 @@ class ProfileSpec(_Model):
     signup_date: TimestampSpec | None = None
     lifetime_value: AmountSpec | None = None
     attributes: dict[str, ValueSpec] = {}
+    # When the row's values became true (a snapshot's date, a change log's
+    # time): history imported today is then read as it was. Without it they
+    # take effect at import time, and the import's summary says so.
+    effective_at: TimestampSpec | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ProfileSpec:
@@ -594,6 +598,8 @@ class ProfileSpec(_Model):
             yield "signup_date", self.signup_date
         for name, spec in self.attributes.items():
             yield f"attributes.{name}", spec
+        if self.effective_at is not None:
+            yield "effective_at", self.effective_at
 
 
 class InteractionSpec(_Model):

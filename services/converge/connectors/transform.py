@@ -437,7 +437,16 @@ class RowMapper:
         )
         # Same identifiers and values, same key: a re-run replays the first
         # result; a changed row gets a new key and its values are upserted.
+        # When the values became true is part of the row: the same values
+        # at another time are another row (A, then B, then A again).
+        since = None
+        if spec is not None and spec.effective_at is not None:
+            when = self._value(spec.effective_at, "profile.effective_at", row)
+            if isinstance(when, datetime):
+                since = _timestamp(when)
         content = resolve.SerializeToString(deterministic=True) + "\0".join(mask).encode()
+        if since is not None:
+            content += since.SerializeToString(deterministic=True)
         digest = hashlib.sha256(content).hexdigest()
         key = f"{mapping.source}:{identifier.value}:{digest[:16]}"
         if len(key) > MAX_KEY_LENGTH:
@@ -448,6 +457,8 @@ class RowMapper:
             resolve=resolve,
             update_mask=field_mask_pb2.FieldMask(paths=mask),
         )
+        if since is not None:
+            request.profile_effective_at.CopyFrom(since)
         return request, tuple(extra_specs)
 
     def _ingest(

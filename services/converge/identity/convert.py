@@ -305,8 +305,17 @@ def parse_bulk_row(
         "resolve",
         v,
         settings,
-        identity_pb2.BulkResolveRequest(resolve=item.resolve, update_mask=item.update_mask),
+        identity_pb2.BulkResolveRequest(
+            resolve=item.resolve,
+            update_mask=item.update_mask,
+            profile_effective_at=item.profile_effective_at,
+        ),
     )
+    effective_at = None
+    if item.HasField("profile_effective_at"):
+        effective_at = parse_time(item.profile_effective_at, "profile_effective_at", v)
+        if effective_at is not None and effective_at > datetime.now(UTC) + MAX_CLOCK_SKEW:
+            v.add("profile_effective_at", "must not be in the future")
     upsert = None
     if item.update_mask.paths:
         changes = parse_profile_mask(
@@ -320,7 +329,13 @@ def parse_bulk_row(
     if v.found:
         return row_ref, InvalidArgument(v.found)
     return row_ref, BulkRow(
-        tuple(identifiers), profile, upsert, item.resolve.lookup_only, actor, idempotency
+        tuple(identifiers),
+        profile,
+        upsert,
+        item.resolve.lookup_only,
+        actor,
+        idempotency,
+        effective_at,
     )
 
 

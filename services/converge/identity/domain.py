@@ -136,6 +136,8 @@ class BulkRow:
     lookup_only: bool
     actor: Actor
     idempotency: Idempotency | None
+    # When the row's profile values became true; None: now.
+    effective_at: datetime | None = None
 
 
 @dataclass(frozen=True)

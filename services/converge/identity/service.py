@@ -291,9 +291,12 @@ class IdentityService:
         actor: Actor,
         idempotency: Idempotency | None,
         upsert: ProfileFields | None,
+        effective_at: datetime | None = None,
     ) -> dict[str, Any]:
         async def work(tx: IdentityTransaction) -> dict[str, Any]:
-            return await self._resolve_in(tx, identifiers, profile, lookup_only, actor, upsert)
+            return await self._resolve_in(
+                tx, identifiers, profile, lookup_only, actor, upsert, effective_at
+            )
 
         return await self._run("Resolve", idempotency, work)
 
@@ -351,6 +354,7 @@ class IdentityService:
                     row.actor,
                     row.idempotency,
                     row.upsert,
+                    row.effective_at,
                 )
             except ConvergeError as error:
                 outcomes[index] = BulkOutcome(error=error)
@@ -430,6 +434,7 @@ class IdentityService:
                         str(uuid.uuid4()),
                         sorted(set(rows[i].identifiers)),
                         {**rows[i].profile, **(rows[i].upsert or {})},
+                        rows[i].effective_at,
                     )
                     for i in candidates
                 ]
@@ -437,7 +442,7 @@ class IdentityService:
                 await tx.insert_new_customers(created, actors.pop() if len(actors) == 1 else "bulk")
                 saved = [
                     (keys[i].key, _resolve_result(customer_id, True, [], rows[i].identifiers))
-                    for i, (customer_id, _, _) in zip(candidates, created, strict=True)
+                    for i, (customer_id, _, _, _) in zip(candidates, created, strict=True)
                     if i in keys
                 ]
                 await tx.save_idempotency_results(
@@ -459,6 +464,7 @@ class IdentityService:
         lookup_only: bool,
         actor: Actor,
         upsert: ProfileFields | None,
+        effective_at: datetime | None = None,
     ) -> dict[str, Any]:
         owners = await tx.find_roots(identifiers)
         new = [i for i in identifiers if i not in owners]
@@ -472,7 +478,7 @@ class IdentityService:
             customer_id = str(uuid.uuid4())
             await tx.insert_customer(customer_id)
             await tx.record_profile_changes(
-                customer_id, {**profile, **(upsert or {})}, None, actor.name
+                customer_id, {**profile, **(upsert or {})}, effective_at, actor.name
             )
             await tx.attach_identifiers(customer_id, identifiers)
             return _resolve_result(customer_id, True, [], identifiers)
@@ -509,7 +515,7 @@ class IdentityService:
             merge_ids.append(merge.merge_id)
         await tx.attach_identifiers(await self._home_of_new(tx, survivor, owners), new)
         if upsert:
-            await tx.record_profile_changes(survivor, dict(upsert), None, actor.name)
+            await tx.record_profile_changes(survivor, dict(upsert), effective_at, actor.name)
         return _resolve_result(survivor, False, merge_ids, new)
 
     async def _home_of_new(

@@ -287,8 +287,9 @@ ON CONFLICT (kind, source, value) DO NOTHING
 
 BULK_INSERT_PROFILE_CHANGES = """
 INSERT INTO profile_changes (customer_id, field, value, effective_at, actor)
-SELECT customer_id, field, value, now(), $4
-FROM unnest($1::uuid[], $2::text[], $3::jsonb[]) AS q(customer_id, field, value)
+SELECT customer_id, field, value, coalesce(effective_at, now()), $4
+FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $5::timestamptz[])
+    AS q(customer_id, field, value, effective_at)
 """
 
 BULK_INSERT_EVENTS = """
@@ -520,34 +521,39 @@ class IdentityTransaction:
 
     async def insert_new_customers(
         self,
-        customers: Sequence[tuple[str, Sequence[NormalizedIdentifier], ProfileFields]],
+        customers: Sequence[
+            tuple[str, Sequence[NormalizedIdentifier], ProfileFields, datetime | None]
+        ],
         actor: str,
     ) -> None:
-        """Creates customers with their identifiers and profiles in four statements.
+        """Creates customers with their identifiers and profiles (effective at
+        the time given, else now) in four statements.
 
         Raises RetryableConflict when a concurrent writer took an identifier.
         """
-        ids = [uuid.UUID(customer_id) for customer_id, _, _ in customers]
-        profiles = [dict(profile) for _, _, profile in customers]
+        ids = [uuid.UUID(customer_id) for customer_id, _, _, _ in customers]
+        profiles = [dict(profile) for _, _, profile, _ in customers]
+        effective = [at for _, _, _, at in customers]
         await self.connection.execute(BULK_INSERT_CUSTOMERS, ids, profiles)
-        owners = [cid for cid, (_, found, _) in zip(ids, customers, strict=True) for _ in found]
-        flat = [identifier for _, found, _ in customers for identifier in found]
+        owners = [cid for cid, (_, found, _, _) in zip(ids, customers, strict=True) for _ in found]
+        flat = [identifier for _, found, _, _ in customers for identifier in found]
         status = await self.connection.execute(
             BULK_INSERT_IDENTIFIERS, *_identifier_arrays(flat), owners
         )
         if _row_count(status) != len(flat):
             raise RetryableConflict()
         changes = [
-            (cid, f, v)
-            for cid, profile in zip(ids, profiles, strict=True)
+            (cid, f, v, at)
+            for cid, profile, at in zip(ids, profiles, effective, strict=True)
             for f, v in profile.items()
         ]
         await self.connection.execute(
             BULK_INSERT_PROFILE_CHANGES,
-            [c for c, _, _ in changes],
-            [f for _, f, _ in changes],
-            [v for _, _, v in changes],
+            [c for c, _, _, _ in changes],
+            [f for _, f, _, _ in changes],
+            [v for _, _, v, _ in changes],
             actor,
+            [at for _, _, _, at in changes],
         )
         await self.connection.execute(BULK_INSERT_EVENTS, EVENT_CREATED, ids)
 
