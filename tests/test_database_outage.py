@@ -39,6 +39,7 @@ from converge.v1 import (
     interactions_pb2_grpc,
 )
 from tests.interactions.builders import email_ref, interaction
+from tests.waiting import wait_until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -112,18 +113,6 @@ async def _fresh_database(server: RestartablePostgres) -> str:
     finally:
         await admin.close()
     return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
-
-
-async def wait_for(
-    condition: Callable[[], Awaitable[bool]], what: str, timeout: float = 120.0
-) -> None:
-    """Polls `condition` until it holds; the deadline only ends a failing test."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def health_of(address: str) -> int:
@@ -239,13 +228,19 @@ async def test_health_is_not_serving_while_postgres_is_down_and_serving_again_af
     outage_platform: Platform, restartable_postgres: RestartablePostgres
 ) -> None:
     addresses = (outage_platform.identity.address, outage_platform.interactions.address)
-    await wait_for(health_is(SERVING, *addresses), "SERVING at start")
+    await wait_until(health_is(SERVING, *addresses), what="SERVING at start", timeout_s=120)
 
     await asyncio.to_thread(restartable_postgres.stop)
-    await wait_for(health_is(NOT_SERVING, *addresses), "NOT_SERVING while PostgreSQL is down")
+    await wait_until(
+        health_is(NOT_SERVING, *addresses),
+        what="NOT_SERVING while PostgreSQL is down",
+        timeout_s=120,
+    )
 
     await asyncio.to_thread(restartable_postgres.start)
-    await wait_for(health_is(SERVING, *addresses), "SERVING once PostgreSQL is back")
+    await wait_until(
+        health_is(SERVING, *addresses), what="SERVING once PostgreSQL is back", timeout_s=120
+    )
 
 
 @pytest.mark.slow
@@ -305,20 +300,32 @@ async def test_services_carry_on_after_postgres_stops_under_load_and_starts_agai
         async def acknowledged_more(than: int) -> bool:
             return len(outcomes.interactions) + len(outcomes.customers) > than + 20
 
-        await wait_for(lambda: acknowledged_more(0), "the load to run")
+        await wait_until(lambda: acknowledged_more(0), what="the load to run", timeout_s=120)
 
         await asyncio.to_thread(restartable_postgres.stop)
-        await wait_for(health_is(NOT_SERVING, *addresses), "NOT_SERVING while PostgreSQL is down")
+        await wait_until(
+            health_is(NOT_SERVING, *addresses),
+            what="NOT_SERVING while PostgreSQL is down",
+            timeout_s=120,
+        )
 
         async def refused_as_unavailable() -> bool:
             return outcomes.codes["UNAVAILABLE"] >= 3
 
-        await wait_for(refused_as_unavailable, "calls refused with UNAVAILABLE during the outage")
+        await wait_until(
+            refused_as_unavailable,
+            what="calls refused with UNAVAILABLE during the outage",
+            timeout_s=120,
+        )
 
         await asyncio.to_thread(restartable_postgres.start)
-        await wait_for(health_is(SERVING, *addresses), "SERVING once PostgreSQL is back")
+        await wait_until(
+            health_is(SERVING, *addresses), what="SERVING once PostgreSQL is back", timeout_s=120
+        )
         after_restart = len(outcomes.interactions) + len(outcomes.customers)
-        await wait_for(lambda: acknowledged_more(after_restart), "the load to carry on")
+        await wait_until(
+            lambda: acknowledged_more(after_restart), what="the load to carry on", timeout_s=120
+        )
 
         # A merge made after the restart reaches interactions: the identity
         # follower survived the outage.
@@ -337,7 +344,11 @@ async def test_services_carry_on_after_postgres_stops_under_load_and_starts_agai
             )
             return merged_interaction in {i.interaction_id for i in timeline.interactions}
 
-        await wait_for(merge_followed, "the merge made after the restart to reach interactions")
+        await wait_until(
+            merge_followed,
+            what="the merge made after the restart to reach interactions",
+            timeout_s=120,
+        )
 
         stop.set()
         await asyncio.gather(*load)

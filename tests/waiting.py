@@ -33,3 +33,12 @@ async def wait_until(
         if loop.time() > deadline:
             raise AssertionError(f"{what} not reached within {timeout_s:.0f} s (last: {answer!r})")
         await asyncio.sleep(POLL_S)
+
+
+async def until(condition: Callable[[], bool], what: str, *, timeout_s: float = DEADLINE_S) -> None:
+    """`wait_until` for a condition read without I/O (a counter, a flag)."""
+
+    async def holds() -> bool:
+        return condition()
+
+    await wait_until(holds, timeout_s=timeout_s, what=what)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -17,6 +17,7 @@ from converge.interactions.settings import InteractionsSettings
 from converge.runtime.server import ServiceRuntime
 from converge.v1 import interactions_pb2, interactions_pb2_grpc
 from tests.interactions.builders import email_ref, interaction, record
+from tests.waiting import until
 
 FOLLOWERS = 60
 NEW_ROWS = 15
@@ -49,13 +50,6 @@ async def follower_replica(platform: Any, database: str) -> AsyncIterator[Servic
     await replica.stop(grace=1)
 
 
-async def _until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        await asyncio.sleep(0.01)
-
-
 async def test_idle_followers_cost_no_reads_and_still_get_new_rows_promptly(
     platform: Any, follower_replica: ServiceRuntime
 ) -> None:
@@ -78,16 +72,18 @@ async def test_idle_followers_cost_no_reads_and_still_get_new_rows_promptly(
 
     followers = [asyncio.create_task(follow(i)) for i in range(FOLLOWERS)]
     try:
-        await _until(
+        await until(
             lambda: all(received[i] == ["first"] for i in range(0, FOLLOWERS, 2)),
             "every follower delivered the stored row",
+            timeout_s=DEADLINE_S,
         )
         for n in range(NEW_ROWS):
             key = f"new-{n}"
             await platform.interactions.RecordInteraction(record(interaction(customer), key))
-            await _until(
+            await until(
                 lambda key=key: all(received[i][-1:] == [key] for i in range(0, FOLLOWERS, 2)),
                 f"every follower delivered {key}",
+                timeout_s=DEADLINE_S,
             )
         assert not any(received[i] for i in range(1, FOLLOWERS, 2))
         elapsed = time.monotonic() - started

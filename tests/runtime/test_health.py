@@ -3,7 +3,6 @@ grpc.health.v1 service. (How it follows the database: tests/test_database_outage
 
 from __future__ import annotations
 
-import asyncio
 from importlib.resources import files
 
 import grpc
@@ -11,6 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from converge.runtime.server import ServiceContext, ServiceRuntime, ServiceSpec
 from converge.runtime.settings import ServiceSettings
+from tests.waiting import wait_until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -24,11 +24,11 @@ class Follower:
 
 
 async def _wait_for_status(stub: health_pb2_grpc.HealthStub, status: int, service: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 60
-    while (await stub.Check(health_pb2.HealthCheckRequest(service=service))).status != status:
-        assert loop.time() < deadline, f"health of {service!r} never became {status}"
-        await asyncio.sleep(0.02)
+    await wait_until(
+        lambda: stub.Check(health_pb2.HealthCheckRequest(service=service)),
+        lambda reply: reply.status == status,
+        what=f"health of {service!r} {status}",
+    )
 
 
 async def test_a_failing_service_check_makes_health_not_serving_until_it_passes(

@@ -26,6 +26,7 @@ from converge.interactions.settings import InteractionsSettings
 from converge.runtime.server import ServiceRuntime
 from converge.v1 import identity_pb2, interactions_pb2, interactions_pb2_grpc, privacy_pb2
 from tests.interactions.builders import email_ref, interaction
+from tests.waiting import until
 
 REFLECTION = "grpc.reflection.v1alpha.ServerReflection"
 INTERACTIONS_SERVICE = "converge.v1.InteractionsService"
@@ -43,14 +44,15 @@ def handled_by_code(service: str, method: str) -> dict[str, float]:
     return {code.name: handled(service, method, code.name) for code in grpc.StatusCode}
 
 
-async def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        # A call left suspended is finalised by the garbage collector; ask for it.
+async def until_collected(condition: Callable[[], bool], what: str) -> None:
+    """`until`, asking the garbage collector to finalise calls left suspended
+    (that is how an abandoned call ends) before each look."""
+
+    def collected_then(c: Callable[[], bool] = condition) -> bool:
         gc.collect()
-        await asyncio.sleep(0.02)
+        return c()
+
+    await until(collected_then, what)
 
 
 @dataclass
@@ -124,7 +126,7 @@ async def test_client_cancelling_streams_mid_way_counts_cancelled_not_internal(
                 stream.cancel()
             # Each round's calls have ended on the server before the next
             # (the service runs at most two streams at once).
-            await wait_until(
+            await until_collected(
                 lambda n=done: (
                     finished(REFLECTION, "ServerReflectionInfo", before_reflection, n)
                     and finished(INTERACTIONS_SERVICE, "StreamInteractions", before_stream, n)
@@ -218,7 +220,7 @@ async def test_undecodable_request_bytes_are_invalid_argument_on_every_rpc(
         assert [v.field for v in bad.field_violations] == ["request"], where
         # (Counted once the server's side of the call ended, maybe just after
         # the client saw the status.)
-        await wait_until(
+        await until_collected(
             lambda s=service, m=method: handled(s, m, "INVALID_ARGUMENT") - before[(s, m)] == 1,
             f"{service}/{method} to be counted as INVALID_ARGUMENT",
         )

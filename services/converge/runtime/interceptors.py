@@ -70,7 +70,15 @@ class _Undecodable:
         self.message_name = message_name
 
 
-def _tolerant_deserializer(deserializer: Deserializer | None) -> Deserializer | None:
+def _guarded_deserializer(
+    deserializer: Deserializer | None, *, streamed: bool
+) -> Deserializer | None:
+    """Wraps a request deserializer so undecodable bytes become INVALID_ARGUMENT.
+
+    A unary request is decoded before any handler runs, so it decodes to an
+    `_Undecodable` the handler wrapper refuses; a streamed request is decoded
+    as the handler reads it, inside the call, so the error is raised there and
+    reaches the handler's wrapper like any other."""
     if deserializer is None:
         return None
     name = _message_name(deserializer)
@@ -79,23 +87,9 @@ def _tolerant_deserializer(deserializer: Deserializer | None) -> Deserializer | 
         try:
             return deserializer(data)
         except DecodeError:
+            if streamed:
+                raise _undecodable(name) from None
             return _Undecodable(name)
-
-    return deserialize
-
-
-def _refusing_deserializer(deserializer: Deserializer | None) -> Deserializer | None:
-    # A streamed request is decoded as the handler reads it, inside the call,
-    # so the error reaches the handler's wrapper like any other.
-    if deserializer is None:
-        return None
-    name = _message_name(deserializer)
-
-    def deserialize(data: bytes) -> Any:
-        try:
-            return deserializer(data)
-        except DecodeError:
-            raise _undecodable(name) from None
 
     return deserialize
 
@@ -157,25 +151,31 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary_response(handler.unary_unary, details),
-                request_deserializer=_tolerant_deserializer(handler.request_deserializer),
+                request_deserializer=_guarded_deserializer(
+                    handler.request_deserializer, streamed=False
+                ),
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
                 self._wrap_unary_response(handler.stream_unary, details),
-                request_deserializer=_refusing_deserializer(handler.request_deserializer),
+                request_deserializer=_guarded_deserializer(
+                    handler.request_deserializer, streamed=True
+                ),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream_response(handler.unary_stream, details),
-                request_deserializer=_tolerant_deserializer(handler.request_deserializer),
+                request_deserializer=_guarded_deserializer(
+                    handler.request_deserializer, streamed=False
+                ),
                 response_serializer=handler.response_serializer,
             )
         assert handler.stream_stream is not None
         return grpc.stream_stream_rpc_method_handler(
             self._wrap_stream_response(handler.stream_stream, details),
-            request_deserializer=_refusing_deserializer(handler.request_deserializer),
+            request_deserializer=_guarded_deserializer(handler.request_deserializer, streamed=True),
             response_serializer=handler.response_serializer,
         )
 
