@@ -14,7 +14,7 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 
-from converge.interactions.features import FEATURE_SET_VERSION
+from converge.features.engine import FEATURE_SET_VERSION
 from converge.models import realdata
 from converge.models.dataset import TrainingFrame, time_split
 from converge.models.evaluation import evaluate

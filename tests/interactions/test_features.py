@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from converge.interactions.features import (
+from converge.features.engine import (
     FEATURE_SET_VERSION,
     REGISTRY,
     TICKET_CATEGORIES,

@@ -10,7 +10,7 @@ import asyncpg
 import grpc
 import pytest
 
-from converge.interactions.features import STATE_VERSION
+from converge.features.engine import STATE_VERSION
 from converge.runtime.values import timestamp
 from converge.v1 import common_pb2, interactions_pb2
 from tests.interactions.builders import NOW, email_ref, interaction, number, record, text

@@ -11,7 +11,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from converge.interactions.features import (
+from converge.features.engine import (
     MAX_CLOSED_TICKETS,
     MAX_HELD_PRODUCTS,
     MAX_OPEN_TICKETS,

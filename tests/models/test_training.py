@@ -297,7 +297,7 @@ def test_fallback_treats_missing_features_as_unknown() -> None:
 
 
 def test_fallback_reads_only_features_the_interactions_service_defines() -> None:
-    from converge.interactions.features import REGISTRY
+    from converge.features.engine import REGISTRY
 
     defined = {d.name for d in REGISTRY}
     for prediction in ("churn", "escalation", "cross_sell"):

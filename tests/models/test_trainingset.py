@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pandas as pd
 
-from converge.interactions.features import Event
+from converge.features.engine import Event
 from converge.models.dataset import time_split
 from converge.models.labels import churn_label, cross_sell_labels, escalation_labels, holdings
 from converge.models.simulator import feed, simulate

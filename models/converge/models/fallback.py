@@ -2,7 +2,7 @@
 (`training.MINIMUMS`), or when no model version can be loaded.
 
 Each prediction has a handful of documented rules over the interactions
-service's feature names (`converge.interactions.features.REGISTRY`). A score
+service's feature names (`converge.features.engine.REGISTRY`). A score
 starts from a prior (the log-odds of a typical base rate over the
 prediction's horizon) and each rule that fires adds its weight in log-odds;
 the probability is the logistic of the sum. The numbers are judgement, not

@@ -21,7 +21,7 @@ interaction at the cutoff itself belongs to the future, exactly once.
   `subscription.started` of that product occurs within the window.
 
 Holdings follow the feature engine's `products_held` definition (the HOLDING
-and CANCELLING types of `converge.interactions.features`).
+and CANCELLING types of `converge.features.engine`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from converge.interactions.features import CANCELLING, HOLDING, Event
+from converge.features.engine import CANCELLING, HOLDING, Event
 from converge.models.dataset import HORIZONS
 
 ESCALATION_OUTCOMES = ("ticket.escalated", "ticket.sla_breached")

@@ -60,8 +60,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from converge.interactions.features import TICKET_CATEGORIES, Event
-from converge.interactions.types import PRIORITIES
+from converge.features.engine import PRIORITIES, TICKET_CATEGORIES, Event
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]

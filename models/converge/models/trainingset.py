@@ -1,7 +1,7 @@
 """Training sets built point in time, from the services or in-process.
 
 One feature definition. Both builders compute features with the
-interactions service's feature engine (`converge.interactions.features`):
+interactions service's feature engine (`converge.features.engine`):
 `build_from_services` asks the running interactions service
 (`GetPointInTimeFeatures`, which folds the stored interactions strictly
 before each cutoff with `features_at_cutoffs`), and `build_from_events`
@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from converge.interactions.features import (
+from converge.features.engine import (
     FEATURE_SET_VERSION,
     REGISTRY,
     Event,

@@ -18,7 +18,7 @@ from asyncpg.pgproto import pgproto
 from google.protobuf import duration_pb2, struct_pb2
 from google.protobuf.message import Message
 
-from converge.interactions import features as feature_engine
+from converge.features import engine as feature_engine
 from converge.interactions.identity_link import IdentifierRef
 from converge.interactions.service import Draft, IngestStreamSummary, TimelineQuery
 from converge.interactions.store import StoredInteraction, StoredType, SyncStatus

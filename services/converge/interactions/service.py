@@ -17,14 +17,14 @@ from typing import Any, Literal
 
 import uuid_utils
 
-from converge.interactions import features as feature_engine
-from converge.interactions.change_feed import ChangeFeed, Position, type_filter
-from converge.interactions.features import (
+from converge.features import engine as feature_engine
+from converge.features.engine import (
     CustomerState,
     Event,
     StateVersionError,
     build_state,
 )
+from converge.interactions.change_feed import ChangeFeed, Position, type_filter
 from converge.interactions.identity_link import IdentifierRef, IdentityLink
 from converge.interactions.settings import InteractionsSettings
 from converge.interactions.store import (

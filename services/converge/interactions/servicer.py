@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from converge.interactions import features as feature_engine
+from converge.features import engine as feature_engine
 from converge.interactions.convert import (
     check_feature_set_version,
     definitions_pb,

@@ -15,17 +15,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
+from converge.features.engine import PRIORITIES, AttrValue
+
 AttributeType = Literal["string", "number", "bool", "timestamp"]
 RequiredField = Literal["ticket_id", "product_id", "amount", "sentiment"]
-# An attribute's value: text, a number, a flag or a tz-aware (UTC) time.
-AttrValue = str | float | bool | datetime
 
 MAX_ATTRIBUTES = 64
 MAX_STRING_BYTES = 4096
 MAX_TYPE_NAME_LENGTH = 64
 ATTRIBUTE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 CUSTOM_TYPE_NAME = re.compile(r"^custom(\.[a-z][a-z0-9_]*)+$")
-PRIORITIES: tuple[str, ...] = ("low", "normal", "high", "urgent")
 ACTION_OUTCOMES: tuple[str, ...] = (
     "presented",
     "accepted",

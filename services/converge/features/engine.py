@@ -71,7 +71,11 @@ from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any, Literal, NamedTuple, TypeVar
 
-from converge.interactions.types import PRIORITIES, AttrValue
+# An attribute's value: text, a number, a flag or a tz-aware (UTC) time.
+AttrValue = str | float | bool | datetime
+# Ticket priorities, lowest first (the interactions service's catalogue uses these).
+PRIORITIES: tuple[str, ...] = ("low", "normal", "high", "urgent")
+
 
 Aggregation = Literal[
     "count",
