@@ -145,7 +145,10 @@ class _FeatureAggregationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Fe
     FEATURE_AGGREGATION_CURRENT: _FeatureAggregation.ValueType  # 9
     """A current state (open tickets, escalations of an open ticket)."""
     FEATURE_AGGREGATION_CATEGORY: _FeatureAggregation.ValueType  # 10
-    """A category, sent as the index into `FeatureDefinition.categories`."""
+    """A category: the latest value of an attribute as raw text, sent in
+    `FeatureVector.category_values`; the categories are learned from the data
+    at training time, not fixed here.
+    """
 
 class FeatureAggregation(_FeatureAggregation, metaclass=_FeatureAggregationEnumTypeWrapper):
     """How a feature is computed from interactions."""
@@ -173,7 +176,10 @@ FEATURE_AGGREGATION_TREND: FeatureAggregation.ValueType  # 8
 FEATURE_AGGREGATION_CURRENT: FeatureAggregation.ValueType  # 9
 """A current state (open tickets, escalations of an open ticket)."""
 FEATURE_AGGREGATION_CATEGORY: FeatureAggregation.ValueType  # 10
-"""A category, sent as the index into `FeatureDefinition.categories`."""
+"""A category: the latest value of an attribute as raw text, sent in
+`FeatureVector.category_values`; the categories are learned from the data
+at training time, not fixed here.
+"""
 Global___FeatureAggregation: _TypeAlias = FeatureAggregation  # noqa: Y015
 
 @_typing.final
@@ -1110,6 +1116,8 @@ class FeatureDefinition(_message.Message):
     CATEGORIES_FIELD_NUMBER: _builtins.int
     MAY_BE_MISSING_FIELD_NUMBER: _builtins.int
     USED_BY_FIELD_NUMBER: _builtins.int
+    FILTERS_FIELD_NUMBER: _builtins.int
+    MIN_CATEGORY_COUNT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique name, for example "count_30d_ticket_opened",
     "count_7d_channel_phone", "spend_90d", "days_since_last_interaction",
@@ -1140,6 +1148,10 @@ class FeatureDefinition(_message.Message):
     known): it is then left out of `FeatureVector.values` and must be read as
     missing (NaN), never as 0. False features are always present.
     """
+    min_category_count: _builtins.int
+    """For CATEGORY features: a hint to training that values seen fewer times
+    than this are grouped as rare; 0 leaves the choice to training.
+    """
     @_builtins.property
     def window(self) -> _duration_pb2.Duration:
         """The look-back window (7, 30 or 90 days); unset for all history or a current state."""
@@ -1150,13 +1162,20 @@ class FeatureDefinition(_message.Message):
 
     @_builtins.property
     def categories(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """For CATEGORY features: the categories; the value is the index, and a
-        value not in the list is "other" (index = list length).
+        """Deprecated for CATEGORY features, which now send their raw text in
+        `FeatureVector.category_values` (categories are learned at training
+        time); left empty by feature sets that do not fix their categories.
         """
 
     @_builtins.property
     def used_by(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.PredictionKind.ValueType]:
         """The predictions whose models use it, for information."""
+
+    @_builtins.property
+    def filters(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttributeFilter]:
+        """An interaction counts only when every filter holds (each filter's
+        attribute holds one of its values); empty means no attribute filter.
+        """
 
     def __init__(
         self,
@@ -1173,14 +1192,44 @@ class FeatureDefinition(_message.Message):
         categories: _abc.Iterable[_builtins.str] | None = ...,
         may_be_missing: _builtins.bool = ...,
         used_by: _abc.Iterable[_common_pb2.PredictionKind.ValueType] | None = ...,
+        filters: _abc.Iterable[Global___AttributeFilter] | None = ...,
+        min_category_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["window", b"window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "attribute", b"attribute", "categories", b"categories", "channel", b"channel", "description", b"description", "entity", b"entity", "interaction_types", b"interaction_types", "may_be_missing", b"may_be_missing", "name", b"name", "unit", b"unit", "used_by", b"used_by", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "attribute", b"attribute", "categories", b"categories", "channel", b"channel", "description", b"description", "entity", b"entity", "filters", b"filters", "interaction_types", b"interaction_types", "may_be_missing", b"may_be_missing", "min_category_count", b"min_category_count", "name", b"name", "unit", b"unit", "used_by", b"used_by", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FeatureDefinition: _TypeAlias = FeatureDefinition  # noqa: Y015
+
+@_typing.final
+class AttributeFilter(_message.Message):
+    """A condition on an interaction's attribute, for FeatureDefinition.filters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTRIBUTE_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    attribute: _builtins.str
+    """The attribute's name, for example "category" or "priority"."""
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The values that let the interaction count (compared as text); at least one."""
+
+    def __init__(
+        self,
+        *,
+        attribute: _builtins.str = ...,
+        values: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute", b"attribute", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttributeFilter: _TypeAlias = AttributeFilter  # noqa: Y015
 
 @_typing.final
 class ListFeatureDefinitionsRequest(_message.Message):
@@ -1272,12 +1321,33 @@ class FeatureVector(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class CategoryValuesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     CUSTOMER_ID_FIELD_NUMBER: _builtins.int
     TICKET_ID_FIELD_NUMBER: _builtins.int
     VALUES_FIELD_NUMBER: _builtins.int
     AS_OF_FIELD_NUMBER: _builtins.int
     FEATURE_SET_VERSION_FIELD_NUMBER: _builtins.int
     FOUND_FIELD_NUMBER: _builtins.int
+    CATEGORY_VALUES_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
     """The customer (the survivor after merges); empty when it was not found."""
     ticket_id: _builtins.str
@@ -1300,6 +1370,13 @@ class FeatureVector(_message.Message):
         point-in-time features.
         """
 
+    @_builtins.property
+    def category_values(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Values of CATEGORY features as their raw text; a model maps them onto the
+        categories it learned at training time; a feature without a value is
+        left out.
+        """
+
     def __init__(
         self,
         *,
@@ -1309,10 +1386,11 @@ class FeatureVector(_message.Message):
         as_of: _timestamp_pb2.Timestamp | None = ...,
         feature_set_version: _builtins.str = ...,
         found: _builtins.bool = ...,
+        category_values: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "customer_id", b"customer_id", "feature_set_version", b"feature_set_version", "found", b"found", "ticket_id", b"ticket_id", "values", b"values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "category_values", b"category_values", "customer_id", b"customer_id", "feature_set_version", b"feature_set_version", "found", b"found", "ticket_id", b"ticket_id", "values", b"values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
