@@ -105,6 +105,25 @@ async def migrate(connection: Connection, schema: str, migrations: list[Migratio
     return applied_now
 
 
+async def pending_migrations(
+    connection: Connection, schema: str, migrations: list[Migration]
+) -> list[Migration]:
+    """The migrations not yet applied, for a service told not to migrate at start.
+
+    Reads only: a schema never migrated has every migration pending.
+    """
+    if not _SCHEMA_NAME.match(schema):
+        raise ValueError(f"bad schema name {schema!r}")
+    exists = await connection.fetchval(
+        "SELECT to_regclass($1) IS NOT NULL", f"{schema}.schema_migrations"
+    )
+    if not exists:
+        return list(migrations)
+    rows = await connection.fetch(f"SELECT version FROM {schema}.schema_migrations")
+    applied = {row["version"] for row in rows}
+    return [m for m in migrations if m.version not in applied]
+
+
 _JSONB_VERSION = b"\x01"
 
 

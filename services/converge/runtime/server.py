@@ -10,6 +10,7 @@ within the grace period -> shutdown hooks -> pool -> embedded PostgreSQL. Exit 0
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import gc
@@ -26,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 
-from converge.runtime.database import create_pool, load_migrations, migrate
+from converge.runtime.database import create_pool, load_migrations, migrate, pending_migrations
 from converge.runtime.embedded_postgres import EmbeddedPostgres
 from converge.runtime.health import HealthCheck, HealthWatcher
 from converge.runtime.interceptors import RuntimeInterceptor
@@ -115,8 +116,18 @@ class ServiceRuntime:
             command_timeout=settings.db_command_timeout_s,
         )
         self._context = ServiceContext(settings=settings, pool=pool)
+        migrations = load_migrations(self.spec.migrations)
         async with pool.acquire() as connection:
-            await migrate(connection, self.spec.name, load_migrations(self.spec.migrations))
+            if settings.migrate_on_start:
+                await migrate(connection, self.spec.name, migrations)
+            elif pending := await pending_migrations(connection, self.spec.name, migrations):
+                # Serving an older schema would fail call by call; stop now, naming the fix.
+                names = ", ".join(f"{m.version:04d}_{m.name}" for m in pending)
+                raise RuntimeError(
+                    f"{self.spec.name}: migrations pending ({names}) and "
+                    f"{settings.env_name('migrate_on_start')} is false; run "
+                    f"`python -m converge.{self.spec.name} migrate` first"
+                )
 
         server = grpc.aio.server(
             interceptors=[RuntimeInterceptor(settings.max_concurrent_streams)],
@@ -221,8 +232,58 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
     return 0
 
 
-def main(spec: ServiceSpec, settings_class: type[SettingsT]) -> None:
-    """The entry point of `python -m converge.<service>`."""
+async def migrate_and_exit(spec: ServiceSpec, settings: ServiceSettings) -> int:
+    """Applies the service's pending migrations and returns the exit code.
+
+    What a cluster's pre-install/pre-upgrade hook Job runs, once, before any pod
+    of the new version starts. Safe to run again, and beside running replicas:
+    the advisory lock in `migrate` serialises it with them.
+    """
+    embedded: EmbeddedPostgres | None = None
+    if settings.database_url is not None:
+        dsn = settings.database_url.get_secret_value()
+    else:
+        embedded = EmbeddedPostgres(settings.data_dir)
+        dsn = await asyncio.to_thread(embedded.start)
+    try:
+        connection = await asyncpg.connect(
+            dsn, server_settings={"application_name": f"converge-{spec.name}-migrate"}
+        )
+        try:
+            applied = await migrate(connection, spec.name, load_migrations(spec.migrations))
+        finally:
+            await connection.close()
+    except Exception:
+        logger.exception("%s migrations failed", spec.name)
+        return 1
+    finally:
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+    logger.info("%s schema up to date; %d migration(s) applied now", spec.name, len(applied))
+    return 0
+
+
+def main(
+    spec: ServiceSpec, settings_class: type[SettingsT], argv: Sequence[str] | None = None
+) -> None:
+    """The entry point of `python -m converge.<service> [serve|migrate]`."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m converge.{spec.name}",
+        description=(
+            f"The {spec.name} service. Settings come from the environment "
+            f"(DATABASE_URL, {settings_class.env_name('port')}, ...)."
+        ),
+    )
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=("serve", "migrate"),
+        default="serve",
+        help="serve: run until SIGTERM (the default); migrate: apply pending migrations and exit",
+    )
+    command = parser.parse_args(argv).command
     settings = load_settings(settings_class)
     configure_logging(spec.name, settings.log_level)
+    if command == "migrate":
+        sys.exit(asyncio.run(migrate_and_exit(spec, settings)))
     sys.exit(asyncio.run(serve(spec, settings)))

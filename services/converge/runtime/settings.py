@@ -52,6 +52,14 @@ class ServiceSettings(BaseSettings):
     health_check_timeout_s: float = Field(
         default=2.0, gt=0, description="How long one database check may take before it fails."
     )
+    migrate_on_start: bool = Field(
+        default=True,
+        description=(
+            "Apply pending migrations at start. Clusters set it false and migrate once, "
+            "before the pods start (`python -m converge.<service> migrate`), so replicas "
+            "never race; a service that finds migrations pending then refuses to start."
+        ),
+    )
     max_concurrent_streams: int = Field(
         default=2000,
         ge=1,
