@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -74,6 +74,9 @@ class TrainingFrame:
     window: tuple[datetime, datetime]
     # Where the rows came from (a data set name, a builder run), for the record.
     source: str = field(default="", compare=False)
+    # The `converge.features.transform.InputSchema` the categorical columns'
+    # categories come from (None for frames made by hand); stored with the model.
+    input_schema: Any = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         check_prediction(self.prediction)
@@ -115,6 +118,7 @@ class TrainingFrame:
         feature_set_version: str,
         feature_names: Sequence[str] | None = None,
         source: str = "",
+        input_schema: Any = None,
     ) -> TrainingFrame:
         """A frame whose features are `feature_names` (default: every column
         but entity_id, cutoff and label), categorical where of category dtype."""
@@ -136,6 +140,7 @@ class TrainingFrame:
             feature_set_version=feature_set_version,
             window=_window(frame),
             source=source,
+            input_schema=input_schema,
         )
 
     def subset(self, mask: pd.Series | np.ndarray) -> TrainingFrame:

@@ -28,23 +28,44 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from typing import Any, Protocol
 
-from converge.features.engine import CANCELLING, HOLDING, Event
-from converge.models.dataset import HORIZONS
+from converge.features.engine import CANCELLING, HOLDING
+from converge.models.predictions import HORIZONS
+
+
+class Event(Protocol):
+    """What the labels read of an interaction: the feature engine's Event and
+    the training builder's compact `history.Seen` both have it."""
+
+    @property
+    def occurred_at(self) -> datetime: ...
+    @property
+    def type(self) -> str: ...
+    @property
+    def product_id(self) -> str: ...
+    @property
+    def ticket_id(self) -> str: ...
+    @property
+    def attributes(self) -> Any: ...
+
 
 ESCALATION_OUTCOMES = ("ticket.escalated", "ticket.sla_breached")
 CROSS_SELL_EVENTS = ("purchase", "subscription.started")
 _TICKET_STATUS = {"ticket.opened": 0, "ticket.reopened": 1, "ticket.resolved": 2}
 
 
-def holdings(events: Sequence[Event], before: datetime) -> set[str]:
+def holdings(
+    events: Sequence[Event], before: datetime, holding: Sequence[str] = HOLDING
+) -> set[str]:
     """Products held just before `before` (the latest holding or cancelling
-    event of each product decides; on equal times a cancellation wins)."""
+    event of each product decides; on equal times a cancellation wins).
+    `holding`: the types that make a customer hold their product."""
     latest: dict[str, tuple[datetime, int]] = {}
     for e in events:
         if e.occurred_at >= before or not e.product_id:
             continue
-        if e.type in HOLDING or e.type in CANCELLING:
+        if e.type in holding or e.type in CANCELLING:
             key = (e.occurred_at, 1 if e.type in CANCELLING else 0)
             if e.product_id not in latest or key >= latest[e.product_id]:
                 latest[e.product_id] = key
@@ -52,10 +73,13 @@ def holdings(events: Sequence[Event], before: datetime) -> set[str]:
 
 
 def churn_label(
-    events: Sequence[Event], cutoff: datetime, horizon: timedelta = HORIZONS["churn"]
+    events: Sequence[Event],
+    cutoff: datetime,
+    horizon: timedelta = HORIZONS["churn"],
+    holding: Sequence[str] = HOLDING,
 ) -> int | None:
     """1/0 for a customer active at `cutoff`; None when it holds nothing."""
-    held = holdings(events, cutoff)
+    held = holdings(events, cutoff, holding)
     if not held:
         return None
     end = cutoff + horizon
@@ -68,7 +92,7 @@ def churn_label(
             held.discard(e.product_id)
             if not held:
                 return 1
-        elif e.type in HOLDING:
+        elif e.type in holding:
             held.add(e.product_id)
     return 0
 

@@ -16,12 +16,17 @@ On disk (`NativeModel.save` / `NativeModel.load`), a directory with:
 
 - `booster.txt`: the LightGBM text model, cut at the best iteration;
 - `model.json`: feature names in order, categorical levels, the calibrator,
-  the prediction, the feature-set version and the best iteration.
+  the prediction, the feature-set version and the best iteration;
+- `input_schema.json` (models trained since input schemas exist): the
+  `converge.features.transform.InputSchema` training learned, the exact
+  inputs and categories, kept as plain JSON here (this file imports nothing
+  from `converge`).
 
 Categorical features: every value is mapped onto the levels seen in training
 (`pd.Categorical(values, categories=levels)`), so a value never seen in
-training becomes NaN, which LightGBM treats as missing, identically in
-training, evaluation and serving. Values are compared as they are (a level
+training becomes the level "other" when the model has one (rare values were
+grouped there in training), else NaN, which LightGBM treats as missing,
+identically in training, evaluation and serving. Values are compared as they are (a level
 "3" and a value 3 differ).
 """
 
@@ -42,6 +47,8 @@ from mlflow.pyfunc import PythonModel, PythonModelContext
 
 BOOSTER_FILE = "booster.txt"
 META_FILE = "model.json"
+SCHEMA_FILE = "input_schema.json"
+OTHER = "other"
 # The key (and folder name) of the native files among the pyfunc model's artifacts.
 NATIVE_ARTIFACT = "native"
 FORMAT_VERSION = 1
@@ -131,6 +138,8 @@ class NativeModel:
     best_iteration: int
     num_threads: int = 2
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # The input schema training learned, as `InputSchema.to_dict()` gives it.
+    input_schema: Mapping[str, Any] | None = None
 
     @property
     def categorical_features(self) -> tuple[str, ...]:
@@ -149,8 +158,13 @@ class NativeModel:
             if levels is not None:
                 if isinstance(values.dtype, pd.CategoricalDtype):
                     values = values.astype(object)
-                # Unseen values become NaN first (pandas no longer does it silently).
-                values = values.where(values.isin(levels))
+                # Unseen values become "other" where training grouped rare
+                # values there, else NaN (pandas no longer does it silently).
+                unseen = ~values.isin(levels) & values.notna()
+                if OTHER in levels:
+                    values = values.where(~unseen, OTHER)
+                else:
+                    values = values.where(~unseen)
                 columns[name] = pd.Categorical(values, categories=list(levels))
             elif not pd.api.types.is_numeric_dtype(values.dtype) or pd.api.types.is_bool_dtype(
                 values.dtype
@@ -192,6 +206,8 @@ class NativeModel:
         directory.mkdir(parents=True, exist_ok=True)
         self.booster.save_model(str(directory / BOOSTER_FILE))
         (directory / META_FILE).write_text(json.dumps(self.metadata(), indent=2, sort_keys=True))
+        if self.input_schema is not None:
+            (directory / SCHEMA_FILE).write_text(json.dumps(self.input_schema, indent=2))
         return directory
 
     @classmethod
@@ -203,6 +219,8 @@ class NativeModel:
                 f"this code reads {FORMAT_VERSION}"
             )
         booster = lgb.Booster(model_file=str(directory / BOOSTER_FILE))
+        schema_file = directory / SCHEMA_FILE
+        schema = json.loads(schema_file.read_text()) if schema_file.exists() else None
         return cls(
             booster=booster,
             calibrator=Calibrator.from_dict(meta["calibrator"]),
@@ -213,6 +231,7 @@ class NativeModel:
             best_iteration=int(meta["best_iteration"]),
             num_threads=num_threads,
             extra=meta.get("extra", {}),
+            input_schema=schema,
         )
 
 

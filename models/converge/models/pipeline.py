@@ -54,10 +54,12 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from converge.models import cli
-from converge.models.predictions import HORIZONS, PREDICTIONS
+from converge.models.predictions import HORIZONS, PREDICTIONS, Prediction
 
 if TYPE_CHECKING:
     from converge.models.dataset import Split, TrainingFrame
+    from converge.models.definitions import Definitions
+    from converge.models.trainingset import BuildReport
 
 DEFAULT_SIMULATED = 3000
 SIM_DAYS = 210
@@ -75,7 +77,8 @@ def _progress(console: Any) -> Progress:
 
 
 def cutoffs_until(now: datetime, prediction: str, weeks: int) -> list[datetime]:
-    """Cutoffs over `weeks` weeks, the latest one horizon before `now`."""
+    """Cutoffs over `weeks` weeks, the latest one horizon before `now` (the
+    built-in definitions' grid)."""
     from converge.models.trainingset import weekly_cutoffs
 
     day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
@@ -93,33 +96,80 @@ def _world(customers: int, seed: int, end_day: datetime) -> tuple[Any, Any]:
     return world.events_by_customer(), world.profile_histories()
 
 
+def definitions_of(args: argparse.Namespace) -> Definitions:
+    """The definitions `args` name (default: the built-in ones), with
+    `--weeks` applied."""
+    from converge.models.definitions import load_definitions
+
+    defs = load_definitions(getattr(args, "definitions", None))
+    weeks = getattr(args, "weeks", None)
+    if not args.from_services:
+        # The simulated world spans SIM_DAYS: leave room for the horizon and gaps.
+        weeks = min(weeks or defs.cutoffs.weeks, SIM_DAYS // 7 - 9)
+    if weeks is not None:
+        defs = defs.model_copy(update={"cutoffs": defs.cutoffs.model_copy(update={"weeks": weeks})})
+    return defs
+
+
 def build_frame(
     args: argparse.Namespace,
     prediction: str,
-    now: datetime,
+    until: datetime | None,
     progress: Callable[[int, int], None] | None = None,
-) -> TrainingFrame:
-    """The labelled frame `args` asks for, up to `now`."""
-    from converge.models.trainingset import build_from_events, build_from_services
+) -> tuple[TrainingFrame, BuildReport]:
+    """The labelled frame `args` asks for, by its definitions, the history
+    ending at `until` (None: where the data ends)."""
+    from converge.models.trainingset import build_defined, build_defined_events
 
-    weeks = min(args.weeks, SIM_DAYS // 7 - 9) if not args.from_services else args.weeks
-    cutoffs = cutoffs_until(now, prediction, weeks)
+    defs = definitions_of(args)
+    p = check(prediction)
     if args.from_services:
         return asyncio.run(
-            build_from_services(
-                args.identity, args.interactions, cutoffs, prediction, progress=progress
-            )
+            build_defined(args.identity, args.interactions, defs, p, until, progress=progress)
         )
-    end_day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    end = until or datetime.now(UTC)  # the simulator needs a day to end its world on
+    end_day = end.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     events, profiles = _world(args.simulated or DEFAULT_SIMULATED, args.seed, end_day)
-    return build_from_events(
+    return build_defined_events(
         events,
         profiles,
-        cutoffs,
-        prediction,
-        source=f"simulated:{args.simulated or DEFAULT_SIMULATED}:seed{args.seed}",
+        defs,
+        p,
+        until,
         progress=progress,
+        source=f"simulated:{args.simulated or DEFAULT_SIMULATED}:seed{args.seed}",
     )
+
+
+def check(prediction: str) -> Prediction:
+    if prediction not in PREDICTIONS:
+        raise cli.UsageError(f"unknown prediction {prediction!r}")
+    return prediction  # type: ignore[return-value]
+
+
+def split_frame(frame: TrainingFrame, defs: Definitions, report: BuildReport) -> Split:
+    """Train, validation and test parts as the definitions say: `auto` splits
+    by time when the rows have more than one cutoff, else stratified (a
+    snapshot); too few examples in a part says what to change."""
+    from converge.models.dataset import stratified_split, time_split
+    from converge.models.history import TooLittleData
+    from converge.models.training import shortfalls
+    from converge.models.trainingset import too_little_message
+
+    method = defs.split.method
+    if method == "auto":
+        method = "time" if frame.n_cutoffs > 1 else "stratified"
+    if method == "stratified":
+        split = stratified_split(frame, seed=0)
+    else:
+        gap = defs.horizon(frame.prediction) if defs.split.gap == "horizon" else timedelta(0)
+        split = time_split(frame, gap=gap)
+    missing = shortfalls(split.train, split.valid)
+    if missing:
+        raise TooLittleData(
+            too_little_message(report, defs, f"after a {method} split: {'; '.join(missing)}")
+        )
+    return split
 
 
 def _source_args(parser: argparse.ArgumentParser) -> None:
@@ -138,15 +188,27 @@ def _source_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=1, help="simulator seed (default 1)")
     parser.add_argument(
-        "--weeks", type=_weeks, default=26, metavar="N", help="weeks of cutoffs (default 26)"
+        "--definitions",
+        default=None,
+        metavar="NAME|PATH",
+        help="what churn, escalation and a purchase mean: a YAML file or the name of a "
+        "shipped one (default: the built-in definitions)",
+    )
+    parser.add_argument(
+        "--weeks",
+        type=_weeks,
+        default=None,
+        metavar="N",
+        help="weeks of cutoffs (default: the definitions', 26)",
     )
     parser.add_argument(
         "--until",
         type=_day,
         default=None,
         metavar="DATE",
-        help="the end of the history to train on, YYYY-MM-DD (default: today); the last "
-        "cutoff is one label horizon before it",
+        help="the end of the history to train on, YYYY-MM-DD (default: the latest complete "
+        "label window in the data, never the clock); the last cutoff is one label horizon "
+        "before it",
     )
     parser.add_argument(
         "--identity",
@@ -181,12 +243,14 @@ def _require_source(args: argparse.Namespace) -> None:
             "say where the examples come from: --from-services (your history in the running "
             "services) or --simulated N (a simulated world, for trying Converge out)"
         )
+    definitions_of(args)  # a bad definitions file stops here, before any work
 
 
-def _end(args: argparse.Namespace) -> datetime:
-    """The end of the history to train on: --until, else now."""
+def _end(args: argparse.Namespace) -> datetime | None:
+    """The end of the history to train on: --until, else (None) where the
+    data ends."""
     until: datetime | None = args.until
-    return until if until is not None else datetime.now(UTC)
+    return until
 
 
 def _who(args: argparse.Namespace) -> str:
@@ -201,22 +265,29 @@ def _who(args: argparse.Namespace) -> str:
 
 
 def _build_and_train(
-    args: argparse.Namespace, ctx: cli.Context, prediction: str, now: datetime
-) -> tuple[Any, Any, Split, list[Path]]:
+    args: argparse.Namespace, ctx: cli.Context, prediction: str, until: datetime | None
+) -> tuple[Any, Any, Split, list[Path], BuildReport]:
     from converge.models.evaluation import evaluate, save_plots
     from converge.models.training import train
 
     with _progress(ctx.console) as bar:
-        task = bar.add_task(f"{prediction}: building the training set", total=None)
+        task = bar.add_task(f"{prediction}: reading the history", total=None)
 
         def step(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+            # total 0: streaming the history, its size not known yet.
+            if total:
+                bar.update(
+                    task,
+                    completed=done,
+                    total=total,
+                    description=f"{prediction}: point-in-time features",
+                )
+            else:
+                bar.update(task, description=f"{prediction}: reading the history ({done:,})")
 
-        frame = build_frame(args, prediction, now, step)
+        frame, report = build_frame(args, prediction, until, step)
         bar.update(task, description=f"{prediction}: training on {frame.n_examples} rows")
-        from converge.models.dataset import time_split
-
-        split = time_split(frame)
+        split = split_frame(frame, definitions_of(args), report)
         rows = frame.n_examples
 
         def round_done(done: int, most: int, auc: float) -> None:
@@ -232,10 +303,12 @@ def _build_and_train(
         result = evaluate(model, split.test)
     plots_dir = Path(tempfile.mkdtemp(prefix=f"converge-{prediction}-plots-"))
     plots = save_plots(model, result, plots_dir, title=prediction)
-    return model, result, split, plots
+    return model, result, split, plots, report
 
 
-def _summary(ctx: cli.Context, prediction: str, version: str, result: Any, split: Split) -> None:
+def _summary(
+    ctx: cli.Context, prediction: str, version: str, result: Any, split: Split, report: BuildReport
+) -> None:
     table = Table(title=f"{prediction}: registered version {version}")
     table.add_column("")
     table.add_column("value", justify="right")
@@ -249,8 +322,15 @@ def _summary(ctx: cli.Context, prediction: str, version: str, result: Any, split
         ("ECE", f"{result.ece:.4f}"),
         ("Brier", f"{result.brier:.4f}"),
         ("lift top decile", f"{result.lift_top_decile:.2f}"),
+        ("history ends", f"{report.latest:%Y-%m-%d}" if report.latest else "-"),
+        ("cutoffs", report.window()),
+        *(
+            (what.replace("_", " "), count)
+            for what, count in (report.tickets.as_dict() if report.tickets else {}).items()
+        ),
     ):
         table.add_row(label, str(value))
+    table.caption = report.label
     ctx.console.print(table)
 
 
@@ -268,6 +348,7 @@ def _register(
     plots: list[Path],
     who: str,
     description: str,
+    report: BuildReport,
 ) -> Any:
     """Logs the training run and registers its version (no alias); the plots'
     temporary folder is removed once MLflow holds copies of them."""
@@ -277,7 +358,7 @@ def _register(
             result,
             {"train": split.train, "valid": split.valid, "test": split.test},
             plots,
-            params={"source": split.train.source},
+            params={"source": split.train.source, **report.as_dict()},
             requested_by=who,
             description=description,
         )
@@ -291,9 +372,9 @@ def _cmd_train(args: argparse.Namespace, ctx: cli.Context) -> int:
     from converge.models.trainingset import ServiceUnavailable
 
     _require_source(args)
-    now = _end(args)
+    until = _end(args)
     try:
-        model, result, split, plots = _build_and_train(args, ctx, args.prediction, now)
+        model, result, split, plots, report = _build_and_train(args, ctx, args.prediction, until)
     except ServiceUnavailable as e:
         return _unreachable(ctx, e)
     registered = _register(
@@ -304,38 +385,48 @@ def _cmd_train(args: argparse.Namespace, ctx: cli.Context) -> int:
         plots,
         _who(args),
         f"converge models train {args.prediction}",
+        report,
     )
     if args.save_test_frame:
         split.test.frame.to_parquet(args.save_test_frame)
     if args.json:
-        ctx.emit({"version": registered.version, "run_id": registered.run_id, **result.to_dict()})
+        ctx.emit(
+            {
+                "version": registered.version,
+                "run_id": registered.run_id,
+                **result.to_dict(),
+                **(report.tickets.as_dict() if report.tickets else {}),
+                "build": report.as_dict(),
+            }
+        )
     else:
-        _summary(ctx, args.prediction, registered.version, result, split)
+        _summary(ctx, args.prediction, registered.version, result, split, report)
     return cli.EXIT_OK
 
 
 def _cmd_retrain(args: argparse.Namespace, ctx: cli.Context) -> int:
     registry = ctx.registry
     from converge.models.dataset import SplitError
+    from converge.models.history import TooLittleData
     from converge.models.training import InsufficientData
     from converge.models.trainingset import ServiceUnavailable
 
     _require_source(args)
-    now = _end(args)
+    until = _end(args)
     who = _who(args)
     decisions = []
     for prediction in PREDICTIONS:
         try:
-            model, result, split, plots = _build_and_train(args, ctx, prediction, now)
+            model, result, split, plots, report = _build_and_train(args, ctx, prediction, until)
         except ServiceUnavailable as e:
             return _unreachable(ctx, e)
-        except (InsufficientData, SplitError) as e:
+        except (InsufficientData, SplitError, TooLittleData) as e:
             # One prediction short of data does not stop the others; its
             # champion (or the rule-based fallback) keeps answering.
             ctx.console.print(f"{prediction}: [yellow]not trained[/yellow]: {e}")
             continue
         registered = _register(
-            registry, model, result, split, plots, who, "converge models retrain"
+            registry, model, result, split, plots, who, "converge models retrain", report
         )
         decision = registry.promote(
             prediction,
@@ -369,13 +460,13 @@ def _cmd_compare(args: argparse.Namespace, ctx: cli.Context) -> int:
     if args.frame is not None:
         frame = cli._load_frame(args, first.model.feature_names)
     else:
-        from converge.models.dataset import time_split
         from converge.models.trainingset import ServiceUnavailable
 
         _require_source(args)
         try:
             with ctx.console.status("Building a recent test frame..."):
-                frame = time_split(build_frame(args, args.prediction, _end(args))).test
+                built, report = build_frame(args, args.prediction, _end(args))
+                frame = split_frame(built, definitions_of(args), report).test
         except ServiceUnavailable as e:
             return _unreachable(ctx, e)
     results = {v.version: evaluate(v.model, frame) for v in (first, second)}

@@ -66,7 +66,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -74,6 +74,9 @@ from converge.models import native
 from converge.models.dataset import PREDICTIONS, Prediction, TrainingFrame, check_prediction
 from converge.models.evaluation import Evaluation, EvaluationError, evaluate
 from converge.models.native import NATIVE_ARTIFACT, NativeModel
+
+if TYPE_CHECKING:
+    from converge.features.transform import InputSchema
 
 REGISTERED_MODEL_NAMES: dict[Prediction, str] = {
     "churn": "converge-churn",
@@ -238,6 +241,15 @@ class LoadedModel:
     alias: str
     feature_set_version: str
     tags: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def input_schema(self) -> InputSchema | None:
+        """The exact inputs and categories the version was trained on (None
+        for versions registered before input schemas were stored)."""
+        from converge.features.transform import InputSchema
+
+        data = self.model.input_schema
+        return InputSchema.from_dict(data) if data is not None else None
 
 
 @dataclass(frozen=True)
@@ -465,6 +477,9 @@ class ModelRegistry:
                     metrics["train_seconds"] = stats.seconds
                 mlflow.log_metrics(metrics)
                 mlflow.log_dict(evaluation.to_dict(), "evaluation.json")
+                if trained.input_schema is not None:
+                    # Beside the run as well as inside the model, for people reading the run.
+                    mlflow.log_dict(dict(trained.input_schema), native.SCHEMA_FILE)
                 for plot in plots:
                     mlflow.log_artifact(str(plot), artifact_path="plots")
                 for part, frame in frames.items():

@@ -315,6 +315,9 @@ def train(
         best_iteration=best,
         num_threads=config.num_threads,
         extra={"calibration": calibrator.method, "scale_pos_weight": spw},
+        input_schema=(
+            frame_train.input_schema.to_dict() if frame_train.input_schema is not None else None
+        ),
         config=config,
         stats=stats,
         training_window=(frame_train.window[0].isoformat(), frame_train.window[1].isoformat()),

@@ -49,44 +49,63 @@ import pandas as pd
 
 from converge.features.engine import (
     FEATURE_SET_VERSION,
+    HOLDING,
     REGISTRY,
     Event,
     features_at_cutoffs,
 )
+from converge.features.transform import (
+    CANDIDATE,
+    MIN_COUNT,
+    PROFILE_TEXT_FIELDS,
+    InputSchema,
+    profile_values,
+)
 from converge.models.dataset import HORIZONS, TrainingFrame, check_prediction
+from converge.models.definitions import Definitions
+from converge.models.history import (
+    History,
+    TicketCount,
+    TooLittleData,
+    describe_label,
+    horizon_key,
+    label_attributes,
+)
+from converge.models.history import (
+    LabelRow as LabelRow,
+)
 from converge.models.labels import (
     ESCALATION_OUTCOMES,
     churn_label,
     cross_sell_labels,
     escalation_labels,
 )
+from converge.models.predictions import Prediction
 
-PRODUCTS_DEFAULT: tuple[str, ...] = ("tv", "phone", "internet", "cloud")
-PROFILE_CATEGORIES = ("segment", "plan", "region", "owner_team")
-CANDIDATE = "candidate_product"
+PROFILE_CATEGORIES = PROFILE_TEXT_FIELDS
 # A profile: {"segment", "plan", "region", "owner_team": str, "signup_date":
 # datetime | None, "attributes": {name: str | float | bool}}; a history is
 # [(effective from, profile), ...] oldest first.
 Profile = Mapping[str, Any]
 ProfileHistory = Sequence[tuple[datetime, Profile]]
 Progress = Callable[[int, int], None]
+# One value per row: a float array for numbers, a list for text.
+Column = list[Any] | np.ndarray
 
 
-@dataclass(frozen=True)
-class LabelRow:
-    customer: str
-    cutoff: datetime
-    label: int
-    ticket_id: str = ""
-    product: str = ""
-
-    @property
-    def entity_id(self) -> str:
-        if self.ticket_id:
-            return self.ticket_id
-        if self.product:
-            return f"{self.customer}:{self.product}"
-        return self.customer
+def products_in(events_by_customer: Mapping[str, Sequence[Event]]) -> tuple[str, ...]:
+    """The catalogue the data shows: every product id of a holding event (the
+    default wherever no catalogue is configured; never a list in code)."""
+    return tuple(
+        sorted(
+            {
+                e.product_id
+                for events in events_by_customer.values()
+                for e in events
+                if e.product_id and e.type in HOLDING
+            }
+        )
+    )
 
 
 def feature_names_for(prediction: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -109,7 +128,7 @@ def label_rows(
     events: Sequence[Event],
     cutoffs: Iterable[datetime],
     prediction: str,
-    products: Sequence[str] = PRODUCTS_DEFAULT,
+    products: Sequence[str] = (),
     outcome_types: Sequence[str] = ESCALATION_OUTCOMES,
     horizon: timedelta | None = None,
 ) -> list[LabelRow]:
@@ -164,83 +183,112 @@ def profile_at(history: ProfileHistory | Profile | None, cutoff: datetime) -> Pr
     return history[i][1] if i >= 0 else None
 
 
-def _profile_values(profile: Profile | None, cutoff: datetime) -> dict[str, Any]:
-    if profile is None:
-        return {}
-    out: dict[str, Any] = {}
-    for key in PROFILE_CATEGORIES:
-        value = profile.get(key)
-        if value:
-            out[f"profile_{key}"] = str(value)
-    signup = profile.get("signup_date")
-    if isinstance(signup, datetime):
-        out["profile_tenure_days"] = (cutoff - signup) / timedelta(days=1)
-    for name, value in (profile.get("attributes") or {}).items():
-        if isinstance(value, (bool, int | float)):
-            out[f"profile_attr_{name}"] = float(value)
-        elif isinstance(value, str) and value:
-            out[f"profile_attr_{name}"] = value
-    return out
+def _category_names(name: str, values: Column) -> Column:
+    """A registry feature of CATEGORY aggregation arrives as its category's
+    code: its name is what the input schema learns."""
+    definition = _CATEGORY_DEFS.get(name)
+    if definition is None or not isinstance(values, np.ndarray):
+        return values
+    levels = [*definition.categories, "other"]
+    return [None if math.isnan(v) else levels[min(int(v), len(levels) - 1)] for v in values]
 
 
 def assemble(
     prediction: str,
     rows: Sequence[LabelRow],
-    customer_values: Sequence[Mapping[str, float]],
-    ticket_values: Sequence[Mapping[str, float] | None],
+    customer_values: Sequence[Mapping[str, float | str]],
+    ticket_values: Sequence[Mapping[str, float | str] | None],
     profiles: Sequence[Profile | None],
     feature_set_version: str = FEATURE_SET_VERSION,
     source: str = "",
     customer_features: Sequence[str] | None = None,
+    exclude_attributes: Sequence[str] = (),
+    min_count: int = MIN_COUNT,
 ) -> TrainingFrame:
     """The TrainingFrame of labelled rows and their point-in-time values
     (one entry per row in each sequence)."""
     names_c, names_t = feature_names_for(prediction)
     if customer_features is not None:
         names_c = tuple(customer_features)
-    n = len(rows)
-    columns: dict[str, Any] = {}
+    columns: dict[str, Column] = {}
     for name in names_t:
-        columns[name] = np.array(
-            [(tv or {}).get(name, math.nan) for tv in ticket_values], dtype=np.float64
-        )
+        columns[name] = [(tv or {}).get(name) for tv in ticket_values]
     for name in names_c:
-        columns[name] = np.array(
-            [cv.get(name, math.nan) for cv in customer_values], dtype=np.float64
-        )
+        columns[name] = [cv.get(name) for cv in customer_values]
     for name, values in list(columns.items()):
-        definition = _CATEGORY_DEFS.get(name)
-        if definition is not None:
-            levels = [*definition.categories, "other"]
-            codes = np.where(np.isnan(values), -1, values).astype(np.int64)
-            columns[name] = pd.Categorical.from_codes(codes, categories=levels)
-    prof = [_profile_values(p, r.cutoff) for p, r in zip(profiles, rows, strict=True)]
-    keys = sorted({k for p in prof for k in p})
-    for key in keys:
+        if not any(isinstance(v, str) for v in values):
+            columns[name] = np.array(
+                [math.nan if v is None else float(v) for v in values], dtype=np.float64
+            )
+    return assemble_columns(
+        prediction,
+        rows,
+        columns,
+        profiles,
+        feature_set_version,
+        source,
+        exclude_attributes,
+        min_count,
+    )
+
+
+def assemble_columns(
+    prediction: str,
+    rows: Sequence[LabelRow],
+    columns: dict[str, Column],
+    profiles: Sequence[Profile | None],
+    feature_set_version: str = FEATURE_SET_VERSION,
+    source: str = "",
+    exclude_attributes: Sequence[str] = (),
+    min_count: int = MIN_COUNT,
+) -> TrainingFrame:
+    """The TrainingFrame of labelled rows from feature columns (name -> one
+    value per row), the profiles (one per row) and the candidate products.
+    The input schema (`converge.features.transform.InputSchema`) is learned
+    here, from all the rows: it decides which inputs are categorical and
+    their categories (rare values grouped as "other"), and the frame carries
+    it to the model. Its categories come from unlabelled values, so learning
+    them across the parts leaks nothing of the labels."""
+    n = len(rows)
+    columns = {name: _category_names(name, values) for name, values in columns.items()}
+    forced = [name for name in columns if name in _CATEGORY_DEFS]
+    prof = [
+        profile_values(p, r.cutoff, exclude_attributes) for p, r in zip(profiles, rows, strict=True)
+    ]
+    for key in sorted({k for p in prof for k in p}):
         values = [p.get(key) for p in prof]
         if any(isinstance(v, str) for v in values):
-            levels = sorted({v for v in values if isinstance(v, str)})
-            columns[key] = pd.Categorical(
-                [v if isinstance(v, str) else None for v in values], categories=levels
-            )
+            columns[key] = [v if isinstance(v, str) else None for v in values]
         else:
             columns[key] = np.array(
                 [math.nan if v is None else float(v) for v in values], dtype=np.float64
             )
-    features = list(columns)
     if prediction == "cross_sell":
-        products = sorted({r.product for r in rows}) or list(PRODUCTS_DEFAULT)
-        columns[CANDIDATE] = pd.Categorical([r.product for r in rows], categories=products)
-        features.append(CANDIDATE)
-    columns["entity_id"] = [r.entity_id for r in rows]
-    columns["cutoff"] = pd.to_datetime([r.cutoff for r in rows], utc=True)
-    columns["label"] = np.array([r.label for r in rows], dtype=np.int64)
-    columns["customer"] = [r.customer for r in rows]
-    columns["ticket_id"] = [r.ticket_id for r in rows]
-    columns["product"] = [r.product for r in rows]
-    frame = pd.DataFrame(columns, index=pd.RangeIndex(n))
+        columns[CANDIDATE] = [r.product for r in rows]
+        forced.append(CANDIDATE)
+    schema = InputSchema.learn(columns, min_count=min_count, categorical=forced)
+    data: dict[str, Any] = {}
+    for name in schema.names:
+        if name in schema.categories:
+            data[name] = pd.Categorical(
+                schema.grouped(name, columns[name]), categories=list(schema.categories[name])
+            )
+        else:
+            data[name] = np.asarray(columns[name], dtype=np.float64)
+    data["entity_id"] = [r.entity_id for r in rows]
+    data["cutoff"] = pd.to_datetime([r.cutoff for r in rows], utc=True)
+    data["label"] = np.array([r.label for r in rows], dtype=np.int64)
+    data["customer"] = [r.customer for r in rows]
+    data["ticket_id"] = [r.ticket_id for r in rows]
+    data["product"] = [r.product for r in rows]
+    frame = pd.DataFrame(data, index=pd.RangeIndex(n))
     return TrainingFrame.from_frame(
-        frame, prediction, feature_set_version, feature_names=features, source=source
+        frame,
+        prediction,
+        feature_set_version,
+        feature_names=schema.names,
+        source=source,
+        input_schema=schema,
     )
 
 
@@ -252,7 +300,7 @@ def build_from_events(
     profiles: Mapping[str, ProfileHistory | Profile],
     cutoffs: Sequence[datetime] | Mapping[str, Sequence[datetime]],
     prediction: str,
-    products: Sequence[str] = PRODUCTS_DEFAULT,
+    products: Sequence[str] | None = None,
     outcome_types: Sequence[str] = ESCALATION_OUTCOMES,
     horizon: timedelta | None = None,
     source: str = "events",
@@ -265,11 +313,14 @@ def build_from_events(
 
     `cutoffs`: the same for everyone, or per customer. `tickets`, for
     escalation, restricts the rows to given tickets per customer and cutoff
-    (default: every ticket open at the cutoff)."""
+    (default: every ticket open at the cutoff). `products`, the cross-sell
+    catalogue, defaults to the products the events show."""
     check_prediction(prediction)
+    if products is None:
+        products = products_in(events_by_customer)
     rows: list[LabelRow] = []
-    cv: list[Mapping[str, float]] = []
-    tv: list[Mapping[str, float] | None] = []
+    cv: list[Mapping[str, float | str]] = []
+    tv: list[Mapping[str, float | str] | None] = []
     pv: list[Profile | None] = []
     total = len(events_by_customer)
     for k, (customer, events) in enumerate(events_by_customer.items()):
@@ -464,7 +515,7 @@ async def build_from_services(
     interactions_address: str,
     cutoffs: Sequence[datetime] | Mapping[str, Sequence[datetime]],
     prediction: str,
-    products: Sequence[str] = PRODUCTS_DEFAULT,
+    products: Sequence[str] | None = None,
     outcome_types: Sequence[str] = ESCALATION_OUTCOMES,
     horizon: timedelta | None = None,
     customer_ids: Sequence[str] | None = None,
@@ -485,6 +536,8 @@ async def build_from_services(
     check_prediction(prediction)
     by_customer = events if events is not None else await stream_events(interactions_address)
     chosen = list(customer_ids) if customer_ids is not None else sorted(by_customer)
+    if products is None:
+        products = products_in(by_customer)
     rows: list[LabelRow] = []
     for customer in chosen:
         mine = cutoffs.get(customer, ()) if isinstance(cutoffs, Mapping) else cutoffs
@@ -547,3 +600,456 @@ async def frame_from_services(
 
 def now_utc() -> datetime:
     return datetime.now(UTC)
+
+
+# --- from a definitions file ------------------------------------------------------------
+
+
+@dataclass
+class BuildReport:
+    """What a definitions-driven build did, for the summary, `--json` and the
+    MLflow run."""
+
+    prediction: Prediction
+    definitions: str
+    label: str
+    horizon: timedelta
+    interactions: int = 0
+    latest: datetime | None = None
+    cutoffs: tuple[datetime, ...] = ()
+    rows: int = 0
+    positives: int = 0
+    products: tuple[str, ...] = ()
+    tickets: TicketCount | None = None
+    snapshot: bool = False
+
+    @property
+    def negatives(self) -> int:
+        return self.rows - self.positives
+
+    def window(self) -> str:
+        if not self.cutoffs:
+            return "no cutoffs"
+        first, last = self.cutoffs[0], self.cutoffs[-1]
+        if first == last:
+            return f"the cutoff {first:%Y-%m-%d}"
+        return (
+            f"{len(self.cutoffs)} cutoffs from {first:%Y-%m-%d} to {last:%Y-%m-%d} "
+            f"(labels up to {last + self.horizon:%Y-%m-%d %H:%M})"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "definitions": self.definitions,
+            "label": self.label,
+            "interactions_read": self.interactions,
+            "history_end": self.latest.isoformat() if self.latest else None,
+            "first_cutoff": self.cutoffs[0].isoformat() if self.cutoffs else None,
+            "last_cutoff": self.cutoffs[-1].isoformat() if self.cutoffs else None,
+            "n_cutoffs": len(set(self.cutoffs)),
+            "rows": self.rows,
+            "positives": self.positives,
+        }
+        if self.prediction == "cross_sell":
+            out["products"] = ",".join(self.products)
+        if self.tickets is not None:
+            out.update(self.tickets.as_dict())
+        return out
+
+
+def check_enough(
+    report: BuildReport,
+    defs: Definitions,
+    minimum: int = 20,
+    until: datetime | None = None,
+) -> None:
+    """Raises TooLittleData when the rows hold fewer than `minimum` positives
+    or negatives, saying what to change."""
+    if report.rows and min(report.positives, report.negatives) >= minimum:
+        return
+    raise TooLittleData(too_little_message(report, defs, f"need at least {minimum} of each"))
+
+
+def too_little_message(report: BuildReport, defs: Definitions, need: str) -> str:
+    end = (
+        f"the history read ends {report.latest:%Y-%m-%d %H:%M}"
+        if report.latest
+        else "no interaction of the label's types was found"
+    )
+    key = horizon_key(report.prediction)
+    horizon = getattr(defs, report.prediction)
+    value = getattr(horizon, key.split(".")[1])
+    hints = [
+        f"--until DATE to end the history elsewhere ({end})",
+        f"--weeks N for more cutoffs (now {defs.cutoffs.weeks})",
+        f"the definition's horizon ({key}: {value:g} in {defs.origin or 'the definitions'})",
+    ]
+    if report.prediction == "cross_sell" and not report.products:
+        hints.append("cross_sell.products (no product was found in holding events)")
+    return (
+        f"too little data for {report.label}: {report.positives} positive and "
+        f"{report.negatives} negative examples at {report.window()}; {need}. "
+        f"Change {'; or '.join(hints)}."
+    )
+
+
+def _history_add_pb(history: History, interaction: Any, wanted: frozenset[str]) -> None:
+    from converge.runtime.values import to_datetime, to_plain
+
+    attributes = None
+    if wanted:
+        attributes = {k: to_plain(v) for k, v in interaction.attributes.items() if k in wanted}
+    history.add(
+        interaction.customer_id,
+        to_datetime(interaction.occurred_at),
+        interaction.type,
+        interaction.product_id,
+        interaction.ticket_id,
+        attributes,
+    )
+
+
+async def history_from_services(
+    interactions_address: str,
+    defs: Definitions,
+    prediction: Prediction,
+    progress: Progress | None = None,
+) -> History:
+    """The label-type interactions, held compactly (StreamInteractions)."""
+    import grpc
+
+    from converge.v1 import interactions_pb2, interactions_pb2_grpc
+
+    history = History(defs, prediction)
+    wanted = label_attributes(defs, prediction)
+    async with grpc.aio.insecure_channel(interactions_address) as channel:
+        stub = interactions_pb2_grpc.InteractionsServiceStub(channel)
+        try:
+            async for message in stub.StreamInteractions(
+                interactions_pb2.StreamInteractionsRequest(types=list(history.types), follow=False)
+            ):
+                _history_add_pb(history, message.interaction, wanted)
+                if progress is not None and history.count % 10_000 == 0:
+                    progress(history.count, 0)
+        except grpc.aio.AioRpcError as e:
+            raise _unavailable("interactions", interactions_address, e) from e
+    return history
+
+
+def _keep_feature(prediction: str) -> Callable[[str], bool]:
+    """Which values the service sends become features: the registry's ones
+    the prediction uses, and any the registry does not know (configured
+    feature sets)."""
+    names_c, names_t = feature_names_for(prediction)
+    used = set(names_c) | set(names_t)
+    known = {d.name for d in REGISTRY}
+    return lambda name: name in used or name not in known
+
+
+async def point_in_time_columns(
+    interactions_address: str,
+    queries: Sequence[tuple[str, datetime, str]],
+    prediction: str,
+    progress: Progress | None = None,
+) -> tuple[dict[str, Column], str]:
+    """Feature columns (name -> one value per query) through
+    GetPointInTimeFeatures, in batches: numbers straight into float arrays,
+    text values into lists; no per-row dicts are kept."""
+    import grpc
+
+    from converge.runtime.values import timestamp
+    from converge.v1 import interactions_pb2, interactions_pb2_grpc
+
+    n = len(queries)
+    keep = _keep_feature(prediction)
+    numbers: dict[str, np.ndarray] = {}
+    texts: dict[str, list[Any]] = {}
+
+    def requests() -> Iterable[interactions_pb2.GetPointInTimeFeaturesRequest]:
+        for lo in range(0, n, PIT_BATCH):
+            yield interactions_pb2.GetPointInTimeFeaturesRequest(
+                queries=[
+                    interactions_pb2.PointInTimeQuery(
+                        row_ref=str(lo + i), customer_id=c, as_of=timestamp(t), ticket_id=tk
+                    )
+                    for i, (c, t, tk) in enumerate(queries[lo : lo + PIT_BATCH])
+                ]
+            )
+
+    def put(i: int, vector: Any) -> None:
+        for name, value in vector.values.items():
+            if keep(name):
+                column = numbers.get(name)
+                if column is None:
+                    column = numbers[name] = np.full(n, np.nan, dtype=np.float64)
+                column[i] = value
+        for name, value in getattr(vector, "category_values", {}).items():
+            if keep(name):
+                texts.setdefault(name, [None] * n)[i] = value
+
+    version = FEATURE_SET_VERSION
+    done = 0
+    async with grpc.aio.insecure_channel(interactions_address, options=_CHANNEL_OPTIONS) as channel:
+        stub = interactions_pb2_grpc.InteractionsServiceStub(channel)
+        try:
+            async for answer in stub.GetPointInTimeFeatures(iter(requests())):  # type: ignore[arg-type]
+                version = answer.feature_set_version
+                for result in answer.results:
+                    i = int(result.row_ref)
+                    put(i, result.customer)
+                    if result.HasField("ticket"):
+                        put(i, result.ticket)
+                    done += 1
+                if progress is not None:
+                    progress(done, n)
+        except grpc.aio.AioRpcError as e:
+            raise _unavailable("interactions", interactions_address, e) from e
+    columns: dict[str, Column] = {**numbers, **texts}
+    return columns, version
+
+
+def _expand(columns: Mapping[str, Column], index: np.ndarray) -> dict[str, Column]:
+    out: dict[str, Column] = {}
+    for name, values in columns.items():
+        out[name] = values[index] if isinstance(values, np.ndarray) else [values[i] for i in index]
+    return out
+
+
+async def _profiles_for(identity_address: str, rows: Sequence[LabelRow]) -> list[Profile | None]:
+    """Each row's profile as it was just before its cutoff; with many
+    distinct cutoffs (one per ticket) as it was at the start of the cutoff's
+    day (a day staler, never later), so the calls stay few."""
+    distinct = {r.cutoff for r in rows}
+    coarse = len(distinct) > 64
+
+    def when(cutoff: datetime) -> datetime:
+        return cutoff.replace(hour=0, minute=0, second=0, microsecond=0) if coarse else cutoff
+
+    by_time: dict[datetime, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_time.setdefault(when(r.cutoff), []).append(i)
+    profiles: list[Profile | None] = [None] * len(rows)
+    for at, positions in sorted(by_time.items()):
+        found = await profiles_as_of(
+            identity_address, sorted({rows[i].customer for i in positions}), at
+        )
+        for i in positions:
+            profiles[i] = found.get(rows[i].customer)
+    return profiles
+
+
+def _report(defs: Definitions, prediction: Prediction, history: History | None) -> BuildReport:
+    return BuildReport(
+        prediction=prediction,
+        definitions=defs.origin or "default",
+        label=describe_label(defs, prediction),
+        horizon=defs.horizon(prediction),
+        interactions=history.count if history is not None else 0,
+        latest=history.latest if history is not None else None,
+        tickets=TicketCount() if prediction == "escalation" else None,
+    )
+
+
+def _label_rows(history: History, until: datetime | None, report: BuildReport) -> list[LabelRow]:
+    rows = list(history.rows(until, report.tickets))
+    report.cutoffs = tuple(history.cutoffs(until))
+    if history.prediction == "escalation" and history.defs.escalation.cutoffs.after_events:
+        report.cutoffs = tuple(sorted({r.cutoff for r in rows})) or report.cutoffs
+    report.rows = len(rows)
+    report.positives = sum(r.label for r in rows)
+    if history.prediction == "cross_sell" and report.cutoffs:
+        report.products = history.products(report.cutoffs[-1])
+    return rows
+
+
+def _queries(
+    prediction: str, rows: Sequence[LabelRow]
+) -> tuple[list[tuple[str, datetime, str]], np.ndarray | None]:
+    """The point-in-time queries of the rows; cross-sell asks once per
+    (customer, cutoff) and `index` maps each row to its answer."""
+    if prediction != "cross_sell":
+        return [(r.customer, r.cutoff, r.ticket_id) for r in rows], None
+    keys = sorted({(r.customer, r.cutoff) for r in rows})
+    position = {k: i for i, k in enumerate(keys)}
+    index = np.fromiter(
+        (position[(r.customer, r.cutoff)] for r in rows), dtype=np.int64, count=len(rows)
+    )
+    return [(c, t, "") for c, t in keys], index
+
+
+def _excluded(defs: Definitions, prediction: Prediction) -> tuple[str, ...]:
+    label = defs.churn.label.profile_attribute
+    return (label.name,) if prediction == "churn" and label is not None else ()
+
+
+async def build_defined(
+    identity_address: str,
+    interactions_address: str,
+    defs: Definitions,
+    prediction: Prediction,
+    until: datetime | None = None,
+    progress: Progress | None = None,
+    source: str = "services",
+    minimum: int = 20,
+) -> tuple[TrainingFrame, BuildReport]:
+    """A TrainingFrame by the definitions, from the running services: labels
+    from the stored interactions of the label types, features point in time
+    from the interactions service, profiles as they were from identity."""
+    if defs.snapshot(prediction):
+        return await _build_snapshot(identity_address, defs, prediction, until, source, minimum)
+    history = await history_from_services(interactions_address, defs, prediction, progress)
+    report = _report(defs, prediction, history)
+    rows = _label_rows(history, until, report)
+    del history  # the labels are all it was for
+    check_enough(report, defs, minimum)
+    queries, index = _queries(prediction, rows)
+    columns, version = await point_in_time_columns(
+        interactions_address, queries, prediction, progress
+    )
+    del queries
+    if index is not None:
+        columns = _expand(columns, index)
+    profiles = await _profiles_for(identity_address, rows)
+    frame = assemble_columns(
+        prediction, rows, columns, profiles, version, source, _excluded(defs, prediction)
+    )
+    return frame, report
+
+
+async def list_profiles(identity_address: str) -> list[tuple[str, Profile]]:
+    """Every customer's id and current profile (ListCustomers, paged), in the
+    order of each customer's smallest identifier: ids are new on every import
+    but identifiers come from the source, so the order (and a split drawn from
+    it) is the same on every run."""
+    import grpc
+
+    from converge.v1 import common_pb2, identity_pb2, identity_pb2_grpc
+
+    found: list[tuple[str, str, Profile]] = []
+    async with grpc.aio.insecure_channel(identity_address) as channel:
+        stub = identity_pb2_grpc.IdentityServiceStub(channel)
+        token = ""
+        while True:
+            try:
+                answer = await stub.ListCustomers(
+                    identity_pb2.ListCustomersRequest(
+                        page=common_pb2.PageRequest(page_size=1000, page_token=token)
+                    )
+                )
+            except grpc.aio.AioRpcError as e:
+                raise _unavailable("identity", identity_address, e) from e
+            for customer in answer.customers:
+                key = min(
+                    (f"{i.identifier.type}:{i.identifier.value}" for i in customer.identifiers),
+                    default=customer.customer_id,
+                )
+                found.append((key, customer.customer_id, profile_from_pb(customer)))
+            token = answer.page.next_page_token
+            if not token:
+                return [(customer_id, profile) for _, customer_id, profile in sorted(found)]
+
+
+def snapshot_rows(
+    profiles: Sequence[tuple[str, Profile]], defs: Definitions, at: datetime
+) -> tuple[list[LabelRow], list[Profile]]:
+    """One row per customer whose profile has the label attribute."""
+    test = defs.churn.label.profile_attribute
+    assert test is not None
+    rows, kept = [], []
+    for customer, profile in profiles:
+        attributes = profile.get("attributes") or {}
+        if attributes.get(test.name) is None:
+            continue
+        rows.append(LabelRow(customer, at, int(test.holds(attributes))))
+        kept.append(profile)
+    return rows, kept
+
+
+async def _build_snapshot(
+    identity_address: str,
+    defs: Definitions,
+    prediction: Prediction,
+    until: datetime | None,
+    source: str,
+    minimum: int,
+) -> tuple[TrainingFrame, BuildReport]:
+    # One nominal cutoff: the profiles are read as they are; the date only
+    # measures tenure.
+    at = until or defs.explicit_end() or now_utc()
+    rows, profiles = snapshot_rows(await list_profiles(identity_address), defs, at)
+    report = _report(defs, prediction, None)
+    report.snapshot = True
+    report.cutoffs = (at,)
+    report.rows = len(rows)
+    report.positives = sum(r.label for r in rows)
+    check_enough(report, defs, minimum)
+    frame = assemble_columns(
+        prediction, rows, {}, profiles, "profile-only", source, _excluded(defs, prediction)
+    )
+    return frame, report
+
+
+def build_defined_events(
+    events_by_customer: Mapping[str, Sequence[Event]],
+    profiles: Mapping[str, ProfileHistory | Profile],
+    defs: Definitions,
+    prediction: Prediction,
+    until: datetime | None = None,
+    progress: Progress | None = None,
+    source: str = "events",
+    minimum: int = 20,
+) -> tuple[TrainingFrame, BuildReport]:
+    """`build_defined` in-process, on interactions in memory (the simulator),
+    with the feature engine's `features_at_cutoffs`."""
+    if defs.snapshot(prediction):
+        at = until or defs.explicit_end() or now_utc()
+        current = [(c, profile_at(h, at) or {}) for c, h in sorted(profiles.items())]
+        rows, kept = snapshot_rows(current, defs, at)
+        report = _report(defs, prediction, None)
+        report.snapshot, report.cutoffs = True, (at,)
+        report.rows, report.positives = len(rows), sum(r.label for r in rows)
+        check_enough(report, defs, minimum)
+        frame = assemble_columns(
+            prediction, rows, {}, kept, "profile-only", source, _excluded(defs, prediction)
+        )
+        return frame, report
+    history = History(defs, prediction)
+    for customer, events in events_by_customer.items():
+        for e in events:
+            history.add(customer, e.occurred_at, e.type, e.product_id, e.ticket_id, e.attributes)
+    report = _report(defs, prediction, history)
+    rows = _label_rows(history, until, report)
+    check_enough(report, defs, minimum)
+    keep = _keep_feature(prediction)
+    by_customer: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_customer.setdefault(r.customer, []).append(i)
+    n = len(rows)
+    columns: dict[str, Column] = {}
+    pv: list[Profile | None] = [None] * n
+    for k, (customer, positions) in enumerate(by_customer.items()):
+        events = events_by_customer[customer]
+        values = features_at_cutoffs(
+            events,
+            [rows[i].cutoff for i in positions],
+            [rows[i].ticket_id for i in positions] if prediction == "escalation" else None,
+        )
+        history_of = profiles.get(customer)
+        for i, (cv, tv) in zip(positions, values, strict=True):
+            for name, value in {**cv, **(tv or {})}.items():
+                if not keep(name):
+                    continue
+                if isinstance(value, str):
+                    columns.setdefault(name, [None] * n)[i] = value  # type: ignore[index]
+                else:
+                    column = columns.get(name)
+                    if column is None:
+                        column = columns[name] = np.full(n, np.nan, dtype=np.float64)
+                    column[i] = value
+            pv[i] = profile_at(history_of, rows[i].cutoff)
+        if progress is not None and (k % 1000 == 999 or k == len(by_customer) - 1):
+            progress(k + 1, len(by_customer))
+    frame = assemble_columns(
+        prediction, rows, columns, pv, FEATURE_SET_VERSION, source, _excluded(defs, prediction)
+    )
+    return frame, report

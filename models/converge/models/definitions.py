@@ -1,0 +1,381 @@
+"""Prediction definitions: what churn, escalation and a purchase mean, as
+configuration a business writes, not code.
+
+A definitions file is YAML (validated here with pydantic; every error names
+the file, the line and the key). `load_definitions(name_or_path)` takes a path
+or the name of a file shipped in `converge/models/definitions/` (`default`:
+the behaviour Converge had before definitions existed). Every key is
+documented in the shipped `default.yaml`; in short:
+
+- `churn`: `horizon_days`, `population` (`active`, `with_history`,
+  `profiles`) and one `label` kind (`cancels_all_products`, `any_of_types`,
+  `none_of_types`, `profile_attribute`);
+- `escalation`: `horizon_hours`, `outcome` (types, typed events with
+  attribute conditions, an outcome attribute of the ticket's events),
+  `cutoffs` (`every_hours`, or per ticket `after_events` + `delay_minutes`),
+  and `open_tickets`, the closing policy (`inactive_days`,
+  `close_when_customer_left`);
+- `cross_sell`: `horizon_days`, `purchase_types`, `products` (`from_data` or
+  a list), `prospects`;
+- `cutoffs`: `every_days`, `weeks`, `end` (`latest_complete`: the latest
+  interaction seen minus the horizon, never the clock; or a date);
+- `split`: `method` (`auto`, `time`, `stratified`) and `gap` (`horizon` or
+  `none`).
+
+Nothing here imports pandas, LightGBM or a service: the command line loads a
+file (and reports its errors) before any of them.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, date, datetime, timedelta
+from importlib import resources
+from importlib.abc import Traversable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from converge.models.predictions import Prediction
+
+Scalar = str | int | float | bool
+HOLDING_DEFAULT = ("purchase", "subscription.started")
+ESCALATION_DEFAULT = ("ticket.escalated", "ticket.sla_breached")
+
+
+class DefinitionError(ValueError):
+    """A definitions file that cannot be used; each problem names its line
+    and key."""
+
+    def __init__(self, origin: str, problems: list[str]) -> None:
+        self.origin = origin
+        self.problems = problems
+        super().__init__(f"{origin}: " + "; ".join(problems))
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AttributeTest(_Model):
+    """An attribute condition: `name` holds one of `in` (or equals `equals`)."""
+
+    name: str = Field(min_length=1)
+    equals: Scalar | None = None
+    in_: tuple[Scalar, ...] | None = Field(default=None, alias="in")
+
+    @model_validator(mode="after")
+    def _one(self) -> AttributeTest:
+        if (self.equals is None) == (self.in_ is None):
+            raise ValueError("give exactly one of equals or in")
+        return self
+
+    def holds(self, attributes: Any) -> bool:
+        value = attributes.get(self.name) if attributes else None
+        if value is None:
+            return False
+        wanted = self.in_ if self.in_ is not None else (self.equals,)
+        return any(_same(value, w) for w in wanted if w is not None)
+
+
+def _same(value: Any, wanted: Scalar) -> bool:
+    """Attribute values compare as their kind, text case-insensitively (an
+    export's "High" is the configuration's "high")."""
+    if isinstance(wanted, bool) or isinstance(value, bool):
+        return str(value).lower() == str(wanted).lower()
+    if isinstance(wanted, int | float) and isinstance(value, int | float):
+        return float(value) == float(wanted)
+    return str(value).strip().lower() == str(wanted).strip().lower()
+
+
+class EventTest(_Model):
+    """Events of `type` (a "prefix.*" pattern allowed) whose attributes all pass."""
+
+    type: str = Field(min_length=1)
+    where: tuple[AttributeTest, ...] = ()
+
+    def matches(self, type_: str, attributes: Any) -> bool:
+        return type_matches(type_, (self.type,)) and all(t.holds(attributes) for t in self.where)
+
+
+def type_matches(type_: str, patterns: tuple[str, ...] | list[str]) -> bool:
+    return any(type_ == p or (p.endswith(".*") and type_.startswith(p[:-1])) for p in patterns)
+
+
+class ChurnLabel(_Model):
+    """Exactly one kind of churn label."""
+
+    cancels_all_products: bool | None = None
+    any_of_types: tuple[str, ...] | None = None
+    where: tuple[AttributeTest, ...] = ()
+    none_of_types: tuple[str, ...] | None = None
+    profile_attribute: AttributeTest | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> ChurnLabel:
+        kinds = [
+            k
+            for k in ("cancels_all_products", "any_of_types", "none_of_types", "profile_attribute")
+            if getattr(self, k) not in (None, False)
+        ]
+        if len(kinds) != 1:
+            raise ValueError(
+                "give exactly one of cancels_all_products, any_of_types, none_of_types, "
+                f"profile_attribute (got {', '.join(kinds) or 'none'})"
+            )
+        if self.where and self.any_of_types is None:
+            raise ValueError("where: only with any_of_types")
+        return self
+
+    @property
+    def kind(self) -> str:
+        for k in ("any_of_types", "none_of_types", "profile_attribute"):
+            if getattr(self, k) is not None:
+                return k
+        return "cancels_all_products"
+
+
+class Churn(_Model):
+    horizon_days: float = Field(default=30, gt=0)
+    population: Literal["active", "with_history", "profiles"] = "active"
+    label: ChurnLabel = ChurnLabel(cancels_all_products=True)
+
+    @model_validator(mode="after")
+    def _fits(self) -> Churn:
+        snapshot = self.label.profile_attribute is not None
+        if snapshot != (self.population == "profiles"):
+            raise ValueError(
+                "population: 'profiles' goes with a profile_attribute label, and only with it"
+            )
+        return self
+
+    @property
+    def horizon(self) -> timedelta:
+        return timedelta(days=self.horizon_days)
+
+
+class Outcome(_Model):
+    """What counts as an escalation of a ticket in the label window: any of
+    `types`, or an event matching one of `events`; or, with `attribute`, the
+    ticket's recorded outcome (an attribute its events carry, such as
+    made_sla: false) whatever the window."""
+
+    types: tuple[str, ...] = ESCALATION_DEFAULT
+    events: tuple[EventTest, ...] = ()
+    attribute: AttributeTest | None = None
+
+
+class TicketCutoffs(_Model):
+    every_hours: float | None = Field(default=None, gt=0)
+    after_events: int | None = Field(default=None, ge=1)
+    delay_minutes: float = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _one(self) -> TicketCutoffs:
+        if (self.every_hours is None) == (self.after_events is None):
+            raise ValueError("give exactly one of every_hours or after_events")
+        return self
+
+
+class OpenTickets(_Model):
+    inactive_days: float | None = Field(default=30, gt=0)
+    close_when_customer_left: bool = True
+
+
+class Escalation(_Model):
+    horizon_hours: float = Field(default=72, gt=0)
+    outcome: Outcome = Outcome()
+    cutoffs: TicketCutoffs = TicketCutoffs(every_hours=48)
+    open_tickets: OpenTickets = OpenTickets()
+
+    @property
+    def horizon(self) -> timedelta:
+        return timedelta(hours=self.horizon_hours)
+
+
+class CrossSell(_Model):
+    horizon_days: float = Field(default=14, gt=0)
+    purchase_types: tuple[str, ...] = HOLDING_DEFAULT
+    products: Literal["from_data"] | tuple[str, ...] = "from_data"
+    prospects: bool = False
+
+    @field_validator("products")
+    @classmethod
+    def _some(cls, v: Any) -> Any:
+        if isinstance(v, tuple) and not v:
+            raise ValueError("an empty list: name products or say from_data")
+        return v
+
+    @property
+    def horizon(self) -> timedelta:
+        return timedelta(days=self.horizon_days)
+
+
+class Cutoffs(_Model):
+    every_days: float = Field(default=7, gt=0)
+    weeks: int = Field(default=26, ge=1, le=520)
+    end: Literal["latest_complete"] | date = "latest_complete"
+
+
+class SplitRule(_Model):
+    method: Literal["auto", "time", "stratified"] = "auto"
+    gap: Literal["horizon", "none"] = "horizon"
+
+
+class Definitions(_Model):
+    version: Literal[1] = 1
+    description: str = ""
+    churn: Churn = Churn()
+    escalation: Escalation = Escalation()
+    cross_sell: CrossSell = CrossSell()
+    cutoffs: Cutoffs = Cutoffs()
+    split: SplitRule = SplitRule()
+    # Where the file came from, for messages and the run's record.
+    origin: str = Field(default="", exclude=True)
+
+    def horizon(self, prediction: Prediction) -> timedelta:
+        part: Churn | Escalation | CrossSell = getattr(self, prediction)
+        return part.horizon
+
+    def snapshot(self, prediction: Prediction) -> bool:
+        """Whether the prediction's rows are one profile snapshot (no time)."""
+        return prediction == "churn" and self.churn.population == "profiles"
+
+    def explicit_end(self) -> datetime | None:
+        end = self.cutoffs.end
+        if isinstance(end, date):
+            return datetime(end.year, end.month, end.day, tzinfo=UTC)
+        return None
+
+
+# --- loading with lines -----------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):  # type: ignore[misc]
+    """YAML 1.2 booleans only (PyYAML's YAML 1.1 turns yes/no/on/off into
+    booleans), duplicate keys refused."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return dict(super().construct_mapping(node, deep=deep))
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _line_of(root: Any, loc: tuple[int | str, ...]) -> int | None:
+    """The 1-based line of the deepest node of `loc` present in the file (the
+    key's line for a mapping entry)."""
+    node, line = root, getattr(root, "start_mark", None)
+    found = line.line + 1 if line is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if key.value == part or (part == "in_" and key.value == "in"):
+                    found, node = key.start_mark.line + 1, value
+                    break
+            else:
+                return found
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if part >= len(node.value):
+                return found
+            node = node.value[part]
+            found = node.start_mark.line + 1
+        else:
+            return found
+    return found
+
+
+def _key(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            name = "in" if part == "in_" else str(part)
+            path += f".{name}" if path else name
+    return path
+
+
+def parse_definitions(text: str, origin: str = "<definitions>") -> Definitions:
+    """Parses a definitions file, or raises DefinitionError naming, for every
+    problem, its line and key."""
+    try:
+        root = yaml.compose(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise DefinitionError(origin, [f"{where}not valid YAML: {e}"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise DefinitionError(
+            origin, ["line 1: must be a mapping of keys (churn, escalation, ...)"]
+        )
+    try:
+        parsed = Definitions.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for error in e.errors():
+            # Union members report one error each ("products.literal[...]"):
+            # keep the path up to the last real key.
+            loc = tuple(
+                p for p in error["loc"] if not (isinstance(p, str) and ("[" in p or p == "date"))
+            )
+            line = _line_of(root, loc)
+            message = str(error["msg"]).removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                message = "unknown key"
+            elif "input" in error and not isinstance(error["input"], dict | list):
+                message += f" (got {error['input']!r})"
+            where = f"line {line}, " if line is not None else ""
+            problems.append(f"{where}{_key(loc) or 'top level'}: {message}")
+        raise DefinitionError(origin, list(dict.fromkeys(problems))) from None
+    return parsed.model_copy(update={"origin": origin})
+
+
+def shipped_definitions() -> dict[str, Traversable]:
+    """The definitions shipped with Converge, by name ("default")."""
+    folder = resources.files("converge.models") / "definitions"
+    return {
+        entry.name.removesuffix(".yaml"): entry
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name)
+        if entry.name.endswith(".yaml")
+    }
+
+
+def load_definitions(ref: str | Path | None = None) -> Definitions:
+    """A definitions file by path or by the name of a shipped one (None: the
+    built-in `default`)."""
+    ref = "default" if ref is None else ref
+    path = Path(ref)
+    if path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise DefinitionError(str(path), [f"cannot read it: {e}"]) from None
+        return parse_definitions(text, str(path))
+    shipped = shipped_definitions()
+    name = str(ref).removesuffix(".yaml")
+    if name in shipped:
+        return parse_definitions(shipped[name].read_text(encoding="utf-8"), f"{name} (shipped)")
+    raise DefinitionError(
+        str(ref),
+        [f"no such file, and no shipped definitions of that name (shipped: {', '.join(shipped)})"],
+    )
