@@ -9,8 +9,9 @@ UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.installed
 BENCH_OUT ?= bench-results.json
 PYTEST_ARGS ?=
-# The images the Dockerfile builds: a service each, and `models` for the training job.
-IMAGE_ROLES := identity interactions scoring models
+# The images the Dockerfile builds: a service each, `models` for the training
+# job and `tracking` for the MLflow server.
+IMAGE_ROLES := identity interactions scoring models tracking
 LINT_PATHS := services tests protos/generate.py $(if $(wildcard models/converge),models)
 TYPED_PATHS := services protos/generate.py $(if $(wildcard models/converge),models)
 
@@ -48,11 +49,13 @@ bench: $(STAMP) ## Run the benchmarks; prints a table and writes $(BENCH_OUT)
 lock: ## Re-resolve requirements.lock from pyproject.toml
 	@test -x $(UV) || { $(PYTHON3) -m venv $(VENV) && $(VENV)/bin/pip install --quiet 'uv>=0.5,<1'; }
 	$(UV) pip compile --quiet --python $(PY) --extra dev --universal --python-version 3.11 pyproject.toml -o requirements.lock
-	@# One lock per image role, held to the versions above (the Dockerfile installs it).
+	@# One lock per image role (the Dockerfile installs it), held to the versions above;
+	@# tracking (the MLflow server, not in the dev environment) is resolved on its own.
 	@mkdir -p requirements
 	@for role in $(IMAGE_ROLES); do \
+	  held=$$([ $$role = tracking ] || echo "--constraint requirements.lock"); \
 	  $(UV) pip compile --quiet --python $(PY) --extra $$role --universal --python-version 3.11 \
-	    --constraint requirements.lock --no-emit-package converge pyproject.toml -o requirements/$$role.lock || exit 1; \
+	    $$held --no-emit-package converge pyproject.toml -o requirements/$$role.lock || exit 1; \
 	done
 
 clean: ## Remove the virtualenv and local state (embedded PostgreSQL, MLflow store)

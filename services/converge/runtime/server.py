@@ -39,6 +39,11 @@ logger = logging.getLogger(__name__)
 
 ShutdownHook = Callable[[], Awaitable[None]]
 
+# The health service name a liveness probe asks: SERVING from start to
+# shutdown, whatever the database does, so an outage takes replicas out of
+# the endpoints (readiness, "") without the kubelet restarting them all.
+LIVENESS_SERVICE = "liveness"
+
 
 @dataclass
 class ServiceContext:
@@ -138,6 +143,7 @@ class ServiceRuntime:
         # The stock servicer starts the server ("") as SERVING: not before the
         # port is bound and the checks below pass.
         await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             [
