@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 
+from converge.runtime.channels import SERVER_OPTIONS
 from converge.runtime.database import create_pool, load_migrations, migrate, pending_migrations
 from converge.runtime.embedded_postgres import EmbeddedPostgres
 from converge.runtime.health import HealthCheck, HealthWatcher
@@ -136,7 +137,7 @@ class ServiceRuntime:
 
         server = grpc.aio.server(
             interceptors=[RuntimeInterceptor(settings.max_concurrent_streams)],
-            options=[("grpc.so_reuseport", 0)],
+            options=[("grpc.so_reuseport", 0), *SERVER_OPTIONS],
         )
         service_names = list(await self.spec.register(server, self._context))
         self._health = health_aio.HealthServicer()
