@@ -272,6 +272,15 @@ def test_the_input_schema_stored_with_a_version_equals_training_and_groups_rare_
     rare = schema.vector({"usage": 0.5}, None, {"plan": "rare1"}, T0)
     assert unseen.tolist() == rare.tolist() == [[0.5, 3.0]]
     assert InputSchema.from_json(schema.to_json()) == schema
+    # One transform: the schema's matrix (no pandas) feeds the booster exactly
+    # as training's frame did.
+    test = split.test.frame
+    matrix = schema.matrix(
+        {"usage": test["usage"].to_numpy(), "profile_plan": list(test["profile_plan"])}, len(test)
+    )
+    np.testing.assert_allclose(
+        loaded.model.booster.predict(matrix), loaded.model.predict_raw(test), rtol=1e-12
+    )
 
 
 # --- history that ended long ago, through the services -------------------------------
