@@ -319,3 +319,39 @@ async def test_history_that_ended_a_year_ago_trains_through_the_services_without
     # The end is the data's, not the clock's: the last label window closes at
     # the latest interaction.
     assert latest - timedelta(days=31) <= last_cutoff <= latest - timedelta(days=30)
+
+
+PER_TICKET = """
+escalation:
+  horizon_hours: 72
+  outcome:
+    types: [ticket.reassigned]
+    attribute: {name: made_sla, equals: false}
+  cutoffs: {after_events: 2, delay_minutes: 1}
+cutoffs: {weeks: 4}
+"""
+
+
+def test_per_ticket_cutoffs_follow_the_second_event_and_need_a_complete_window() -> None:
+    def ticket(tid: str, at: datetime, *later: tuple[float, str, dict[str, object]]) -> list[Event]:
+        first = ev(at, "ticket.opened", ticket_id=tid, attributes={"made_sla": True})
+        return [first] + [
+            ev(at + timedelta(hours=h), t, ticket_id=tid, attributes=a) for h, t, a in later
+        ]
+
+    events = {
+        "x": [
+            *ticket("R", T0, (1, "ticket.updated", {}), (30, "ticket.reassigned", {})),
+            *ticket("Q", T0, (2, "ticket.updated", {}), (200, "ticket.reassigned", {})),
+            # Breached its SLA: the outcome column says so on its last row.
+            *ticket(
+                "M", T0, (3, "ticket.updated", {}), (300, "ticket.resolved", {"made_sla": False})
+            ),
+            # Its second event is too close to the end for a complete window.
+            *ticket("N", T0 + timedelta(days=20), (1, "ticket.updated", {})),
+        ]
+    }
+    rows = {r.ticket_id: r for r in history_of(PER_TICKET, "escalation", events).rows()}
+    assert set(rows) == {"R", "Q", "M"}
+    assert rows["R"].cutoff == T0 + timedelta(hours=1, minutes=1)
+    assert (rows["R"].label, rows["Q"].label, rows["M"].label) == (1, 0, 1)

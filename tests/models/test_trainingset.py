@@ -162,7 +162,9 @@ async def test_escalation_frame_splits_by_time_with_ticket_and_profile_features(
     assert {"ticket_priority", "ticket_age_hours", "profile_plan", "profile_attr_contract"} <= set(
         frame.feature_names
     )
-    assert "ticket_priority" in frame.categorical_features
+    # The priority is a rank (a number); the category is text, categorical.
+    assert "ticket_priority" not in frame.categorical_features
+    assert "ticket_category" in frame.categorical_features
     assert frame.frame["ticket_id"].str.startswith("T").all()
     split = time_split(frame)
     assert split.train.window[1] + timedelta(hours=72) <= split.valid.window[0]

@@ -243,7 +243,11 @@ class History:
             return
         products = self.products(cutoffs[-1]) if self.prediction == "cross_sell" else ()
         count = tickets if tickets is not None else TicketCount()
-        span = (cutoffs[0], cutoffs[-1])
+        end = self.end(until)
+        assert end is not None  # there are cutoffs
+        # Per-ticket cutoffs: from the first grid cutoff to the last moment
+        # whose label window is complete.
+        span = (cutoffs[0], end - self.defs.horizon(self.prediction))
         for customer in sorted(self.by_customer):
             events = sorted(self.by_customer[customer], key=lambda e: e.occurred_at)
             if self.prediction == "churn":
@@ -327,7 +331,7 @@ class History:
             for ticket, mine in by_ticket.items():
                 if len(mine) >= n:
                     cutoff = mine[n - 1].occurred_at + delay
-                    if span[0] <= cutoff <= span[1] + self.step():
+                    if span[0] <= cutoff <= span[1]:
                         pairs.append((cutoff, ticket))
             pairs.sort()
         else:
