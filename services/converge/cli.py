@@ -375,6 +375,7 @@ SUBCOMMANDS: tuple[Registrar | str, ...] = (
     register_connector_commands,
     "converge.lookup:register",
     "converge.models.cli:add_subcommands",
+    "converge.platform:register",
 )
 
 
