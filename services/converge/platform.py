@@ -553,6 +553,12 @@ def _guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
         except PlatformError as error:
             print(f"converge platform: {error}", file=sys.stderr)
             return error.exit_code
+        except ModuleNotFoundError as error:  # an install without the `platform` extra
+            print(
+                f"converge platform needs {error.name}: pip install 'converge[platform]'",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
 
     return guarded
 

@@ -72,6 +72,15 @@ def test_the_wheel_installs_in_a_fresh_virtualenv_per_role(wheel: Path, tmp_path
     help_text = _run(venv / "bin" / "converge", "--help", cwd=tmp_path).stdout
     assert "models" in help_text and "import" in help_text
     _run(venv / "bin" / "converge", "models", "--help", cwd=tmp_path)
+    without_extra = subprocess.run(
+        [venv / "bin" / "converge", "platform", "status"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert without_extra.returncode == 2
+    assert "converge[platform]" in without_extra.stderr  # names the extra, no traceback
     installed = _run(UV, "pip", "list", "--python", python).stdout.lower()
     for heavy in ("lightgbm", "mlflow", "pandas", "kubernetes", "phonenumbers"):
         assert heavy not in installed, f"{heavy} installed without the extra that needs it"
