@@ -365,6 +365,10 @@ def test_mlflow_keeps_its_registry_in_postgresql_and_artifacts_on_a_volume_or_s3
     deployment = by_component(manifests, "Deployment")["mlflow"]
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--backend-store-uri=$(MLFLOW_BACKEND_STORE_URI)" in args
+    (hosts,) = [a.split("=", 1)[1].split(",") for a in args if a.startswith("--allowed-hosts=")]
+    # In-cluster clients send the Service's name as Host; MLflow refuses names it does not allow.
+    assert f"{RELEASE}-converge-mlflow.*" in hosts and "localhost:*" in hosts
+    assert set(values.get("mlflow", {}).get("allowedHosts", [])) <= set(hosts)
     bucket = values.get("mlflow", {}).get("artifacts", {}).get("s3", {}).get("bucket")
     claims = of_kind(manifests, "PersistentVolumeClaim")
     if bucket:
