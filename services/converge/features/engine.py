@@ -1,5 +1,14 @@
-"""The feature registry and the one implementation of it, shared by live serving
-and point-in-time training so that the two cannot disagree.
+"""The one implementation of feature definitions, shared by live serving and
+point-in-time training so that the two cannot disagree.
+
+A `FeatureSet` is a tuple of definitions (`converge.features.definitions`)
+with everything derived from them computed once: which selectors the state
+keeps, their short keys, a fold plan per (type, channel) and an evaluator
+per feature. `FeatureSet.builtin()` is the built-in set; a configured one
+comes from `converge.features.config.load_feature_set`. The module-level
+names (`REGISTRY`, `FEATURE_SET_VERSION`, `STATE_VERSION`,
+`customer_features`, `features_at_cutoffs`, ...) describe the built-in set,
+for callers that never configure one.
 
 Both paths fold interactions (`Event`) into a `CustomerState` and read features
 from it with `customer_features` / `ticket_features`: live serving keeps one
@@ -14,13 +23,16 @@ events whose UTC day (days since 1970-01-01) lies in
 [day(as_of) - (W - 1), day(as_of)]. Callers guarantee that a state read at
 `as_of` holds only events that occurred before `as_of` (point in time:
 strictly before). An event on day(as_of) - 7 is therefore outside the 7-day
-window and inside the 30-day one. Windows are 7, 30 and 90 days, and 60 for
-`usage_change_30d` (last 30 days minus the 30 before).
+window and inside the 30-day one. The built-in windows are 7, 30 and 90
+days, and 60 for `usage_change_30d` (last 30 days minus the 30 before); a
+configured set may use 1 to `MAX_WINDOW_DAYS` days, and its states keep day
+buckets up to its longest window.
 
 Bounds. A customer's state stays small whatever its history (20,000 products
 and tickets once made a 3.7 MB state, rewritten on every event):
 `CustomerState.prune(now)`, run at every write of a live state, drops
-- the day buckets no window read at `now` or later reaches (90 days);
+- the day buckets no window read at `now` or later reaches (the longest
+  window: 90 days for the built-in set);
 - resolved tickets and cancelled products with no interaction in those 90
   days (their ticket features then read as unknown);
 - beyond the caps, the least recently active (ties by id): at most
@@ -48,20 +60,23 @@ JSON round trips in between.
 
 Values: counts are always present; a feature that `may_be_missing` is left out
 of the result when it has no value (read it as NaN, never as 0). A CATEGORY
-feature is the index into its `categories`; a value not in the list is
-"other" (index = len(categories)). A COUNT definition with an `attribute` and
-`categories` counts only interactions whose attribute is one of them (for
-example action outcomes that were accepted).
+feature's value is text (the latest value of its attribute among the
+interactions it selects: `str` in the returned dicts, every other value a
+`float`); its categories are learned at training time. Filters
+(`FeatureDefinition.filters`) restrict any aggregation to the interactions
+whose attributes hold one of the listed values.
 
-`FEATURE_SET_VERSION` changes whenever any definition changes;
-`STATE_VERSION` whenever the kept state changes shape, and a stored state of
+A set's `version` (`<name>-<digest of the definitions>`) changes whenever any
+definition changes; its `state_version` whenever what the state keeps
+changes (selectors, the longest window, the layout), and a stored state of
 another version must be rebuilt from the interactions
-(`CustomerState.from_json` raises `StateVersionError`).
+(`FeatureSet.state_from_json` raises `StateVersionError`). Two sets that keep
+the same selectors share a state version, so rewording a description never
+rebuilds a state.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -69,77 +84,60 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
-# An attribute's value: text, a number, a flag or a tz-aware (UTC) time.
-AttrValue = str | float | bool | datetime
-# Ticket priorities, lowest first (the interactions service's catalogue uses these).
-PRIORITIES: tuple[str, ...] = ("low", "normal", "high", "urgent")
+from converge.features.definitions import (
+    CANCELLING,
+    CHANNEL_NAMES,
+    CONVERSATIONS,
+    HOLDING,
+    MARKETING,
+    PRIORITIES,
+    TICKET_CATEGORIES,
+    TICKET_KINDS,
+    Aggregation,
+    AttrValue,
+    Entity,
+    Event,
+    FeatureDefinition,
+    Prediction,
+    attribute_text,
+    builtin_definitions,
+)
 
-
-Aggregation = Literal[
-    "count",
-    "sum",
-    "mean",
-    "last",
-    "distinct_count",
-    "time_since",
-    "time_until",
-    "trend",
-    "current",
-    "category",
+__all__ = [
+    "CANCELLING",
+    "CHANNEL_NAMES",
+    "CONVERSATIONS",
+    "CUSTOMER_FEATURES",
+    "FEATURE_SET_VERSION",
+    "HOLDING",
+    "MARKETING",
+    "PRIORITIES",
+    "REGISTRY",
+    "STATE_VERSION",
+    "TICKET_CATEGORIES",
+    "TICKET_FEATURES",
+    "TICKET_KINDS",
+    "Aggregation",
+    "AttrValue",
+    "CustomerState",
+    "Entity",
+    "Event",
+    "FeatureDefinition",
+    "FeatureSet",
+    "FeatureValues",
+    "Prediction",
+    "StateVersionError",
+    "build_state",
+    "customer_features",
+    "features_at_cutoffs",
+    "ticket_features",
 ]
-Entity = Literal["customer", "ticket"]
-Prediction = Literal["churn", "escalation", "cross_sell"]
 
-# `converge.v1.Channel` names by number (index 0 is CHANNEL_UNSPECIFIED).
-CHANNEL_NAMES: tuple[str, ...] = (
-    "unspecified",
-    "web",
-    "mobile",
-    "email",
-    "chat",
-    "phone",
-    "social",
-    "in_store",
-    "service_desk",
-    "product",
-    "agent_desktop",
-    "sms",
-)
-TICKET_CATEGORIES: tuple[str, ...] = (
-    "billing",
-    "technical",
-    "account",
-    "access",
-    "network",
-    "hardware",
-    "software",
-    "service_request",
-    "delivery",
-    "cancellation",
-)
-CONVERSATIONS = ("conversation.chat", "conversation.call", "conversation.email")
-MARKETING = ("marketing.sent", "marketing.opened", "marketing.clicked", "marketing.unsubscribed")
-HOLDING = (
-    "purchase",
-    "subscription.started",
-    "subscription.upgraded",
-    "subscription.downgraded",
-    "subscription.renewed",
-)
-CANCELLING = ("subscription.cancelled",)
-# Ticket types in the order of `_Ticket.counts`.
-TICKET_KINDS: tuple[str, ...] = (
-    "ticket.opened",
-    "ticket.updated",
-    "ticket.priority_changed",
-    "ticket.reassigned",
-    "ticket.escalated",
-    "ticket.reopened",
-    "ticket.resolved",
-    "ticket.sla_breached",
-)
+# Feature values by name: text for CATEGORY features, a number for the others.
+FeatureValues = dict[str, float | str]
+
 _OPENED, _UPDATED, _PRIORITY_CHANGED, _REASSIGNED, _ESCALATED, _REOPENED, _RESOLVED, _BREACHED = (
     range(len(TICKET_KINDS))
 )
@@ -153,234 +151,11 @@ _US_PER_HOUR = 3_600_000_000
 _US_PER_DAY = 86_400_000_000
 _NANO = 10**9
 # Bumped by hand whenever the kept state's meaning changes without a selector change.
-_STATE_LAYOUT = 2
-
-
-@dataclass(slots=True)
-class Event:
-    """The feature engine's view of one stored interaction."""
-
-    occurred_at: datetime  # tz-aware UTC
-    type: str
-    channel: int  # `converge.v1.Channel` number
-    attributes: Mapping[str, AttrValue]
-    ticket_id: str = ""
-    product_id: str = ""
-    # Major units of the reporting currency, e.g. 12.5; a Decimal (exact) from
-    # requests and the store.
-    amount: Decimal | float | None = None
-    sentiment: float | None = None  # -1 .. 1; None when unknown
-
-
-@dataclass(frozen=True)
-class FeatureDefinition:
-    """One feature of the registry, mirroring `converge.v1.FeatureDefinition`;
-    `aggregation` is the lower-case suffix of `FeatureAggregation`."""
-
-    name: str
-    description: str
-    entity: Entity
-    aggregation: Aggregation
-    window_days: int | None = None
-    interaction_types: tuple[str, ...] = ()
-    channel: int = 0
-    attribute: str = ""
-    unit: str = "count"
-    categories: tuple[str, ...] = ()
-    may_be_missing: bool = False
-    used_by: tuple[Prediction, ...] = ()
-
-
-# --- the registry ------------------------------------------------------------------
-
-_ALL: tuple[Prediction, ...] = ("churn", "escalation", "cross_sell")
-_CHURN_XSELL: tuple[Prediction, ...] = ("churn", "cross_sell")
-_CHURN_ESC: tuple[Prediction, ...] = ("churn", "escalation")
-_ESC: tuple[Prediction, ...] = ("escalation",)
-_WINDOWS = (7, 30, 90)
-_FAMILIES: tuple[tuple[str, tuple[str, ...], str, tuple[Prediction, ...]], ...] = (
-    ("ticket_opened", ("ticket.opened",), "support tickets opened", _CHURN_ESC),
-    ("conversation", CONVERSATIONS, "conversations (chat, call, email)", _ALL),
-    ("complaint", ("complaint",), "complaints", _CHURN_ESC),
-    ("login", ("product.login",), "product logins", _CHURN_XSELL),
-    ("usage", ("product.usage",), "product feature uses", _CHURN_XSELL),
-    ("purchase", ("purchase",), "purchases", _CHURN_XSELL),
-    (
-        "marketing",
-        MARKETING,
-        "marketing touches (sent, opened, clicked, unsubscribed)",
-        _CHURN_XSELL,
-    ),
-)
-
-
-def _customer(
-    name: str, description: str, aggregation: Aggregation, **kw: Any
-) -> FeatureDefinition:
-    kw.setdefault("used_by", ("churn",))
-    return FeatureDefinition(name, description, "customer", aggregation, **kw)
-
-
-def _ticket(name: str, description: str, aggregation: Aggregation, **kw: Any) -> FeatureDefinition:
-    kw.setdefault("used_by", _ESC)
-    return FeatureDefinition(name, description, "ticket", aggregation, **kw)
-
-
-def _build_registry() -> tuple[FeatureDefinition, ...]:
-    defs: list[FeatureDefinition] = []
-    for w in _WINDOWS:
-        defs.append(
-            _customer(f"count_{w}d_all", f"Interactions of any type in the last {w} days.", "count",
-                      window_days=w, used_by=_ALL)
-        )  # fmt: skip
-    for family, types, label, used_by in _FAMILIES:
-        for w in _WINDOWS:
-            defs.append(
-                _customer(f"count_{w}d_{family}", f"Number of {label} in the last {w} days.",
-                          "count", window_days=w, interaction_types=types, used_by=used_by)
-            )  # fmt: skip
-    for w in _WINDOWS:
-        defs.append(
-            _customer(f"payment_failures_{w}d", f"Failed payments in the last {w} days.", "count",
-                      window_days=w, interaction_types=("payment.failed",), used_by=_CHURN_XSELL)
-        )  # fmt: skip
-    for number, channel in enumerate(CHANNEL_NAMES):
-        if number == 0:
-            continue
-        for w in _WINDOWS:
-            defs.append(
-                _customer(f"count_{w}d_channel_{channel}",
-                          f"Interactions on the {channel} channel in the last {w} days.", "count",
-                          window_days=w, channel=number, used_by=_CHURN_XSELL)
-            )  # fmt: skip
-    for w in (30, 90):
-        defs.append(
-            _customer(f"spend_{w}d", f"Sum of purchase amounts in the last {w} days.", "sum",
-                      window_days=w, interaction_types=("purchase",), attribute="amount",
-                      unit="reporting_currency", used_by=_CHURN_XSELL)
-        )  # fmt: skip
-    defs += [
-        _customer("days_since_last_interaction", "Days since the latest interaction of any type.",
-                  "time_since", unit="days", may_be_missing=True, used_by=_ALL),
-        _customer("days_since_last_purchase", "Days since the latest purchase.", "time_since",
-                  interaction_types=("purchase",), unit="days", may_be_missing=True,
-                  used_by=_CHURN_XSELL),
-        _customer("days_since_last_login", "Days since the latest product login.", "time_since",
-                  interaction_types=("product.login",), unit="days", may_be_missing=True,
-                  used_by=_CHURN_XSELL),
-        _customer("tenure_days", "Days since the customer's first interaction.", "time_since",
-                  unit="days", may_be_missing=True, used_by=_ALL),
-    ]  # fmt: skip
-    for survey, label in (("nps", "net promoter"), ("csat", "satisfaction"), ("ces", "effort")):
-        types = (f"survey.{survey}",)
-        defs += [
-            _customer(f"{survey}_last", f"The latest {label} score ({survey.upper()}).", "last",
-                      interaction_types=types, attribute="score", unit="points",
-                      may_be_missing=True, used_by=_ALL),
-            _customer(f"{survey}_mean_90d",
-                      f"Mean {label} score ({survey.upper()}) over the last 90 days.", "mean",
-                      window_days=90, interaction_types=types, attribute="score", unit="points",
-                      may_be_missing=True, used_by=_ALL),
-        ]  # fmt: skip
-    defs += [
-        _customer("open_tickets", "Support tickets open now (opened or reopened, not resolved).",
-                  "current", interaction_types=("ticket.opened", "ticket.reopened",
-                                                "ticket.resolved"), used_by=_ALL),
-        _customer("escalations_90d", "Ticket escalations in the last 90 days.", "count",
-                  window_days=90, interaction_types=("ticket.escalated",), used_by=_CHURN_ESC),
-        _customer("reopens_90d", "Tickets reopened in the last 90 days.", "count", window_days=90,
-                  interaction_types=("ticket.reopened",), used_by=_CHURN_ESC),
-        _customer("sla_breaches_90d", "Ticket SLA breaches in the last 90 days.", "count",
-                  window_days=90, interaction_types=("ticket.sla_breached",), used_by=_CHURN_ESC),
-        _customer("priority_changes_90d", "Ticket priority changes in the last 90 days.", "count",
-                  window_days=90, interaction_types=("ticket.priority_changed",),
-                  used_by=_CHURN_ESC),
-        _customer("reassignments_90d", "Ticket reassignments in the last 90 days.", "count",
-                  window_days=90, interaction_types=("ticket.reassigned",), used_by=_CHURN_ESC),
-        _customer("products_held",
-                  "Distinct products whose latest purchase or subscription event is not a "
-                  "cancellation.", "distinct_count", interaction_types=HOLDING + CANCELLING,
-                  attribute="product_id", used_by=_CHURN_XSELL),
-        _customer("subscription_upgrades_90d", "Subscription upgrades in the last 90 days.",
-                  "count", window_days=90, interaction_types=("subscription.upgraded",),
-                  used_by=_CHURN_XSELL),
-        _customer("subscription_downgrades_90d", "Subscription downgrades in the last 90 days.",
-                  "count", window_days=90, interaction_types=("subscription.downgraded",),
-                  used_by=_CHURN_XSELL),
-        _customer("subscription_cancellations_90d",
-                  "Subscription cancellations in the last 90 days.", "count", window_days=90,
-                  interaction_types=("subscription.cancelled",), used_by=_CHURN_XSELL),
-        _customer("sentiment_mean_30d", "Mean known sentiment over the last 30 days (-1 to 1).",
-                  "mean", window_days=30, attribute="sentiment", unit="sentiment",
-                  may_be_missing=True, used_by=_ALL),
-        _customer("sentiment_trend_30d",
-                  "Least-squares slope of known sentiment per day over the last 30 days "
-                  "(missing with fewer than 2 distinct days).", "trend", window_days=30,
-                  attribute="sentiment", unit="sentiment_per_day", may_be_missing=True,
-                  used_by=_ALL),
-        _customer("usage_change_30d",
-                  "Logins and feature uses in the last 30 days minus those in the 30 days "
-                  "before.", "trend", window_days=60,
-                  interaction_types=("product.login", "product.usage"), used_by=_CHURN_XSELL),
-        _customer("marketing_clicks_30d", "Marketing messages clicked in the last 30 days.",
-                  "count", window_days=30, interaction_types=("marketing.clicked",),
-                  used_by=_CHURN_XSELL),
-        _customer("marketing_unsubscribes_90d", "Marketing unsubscribes in the last 90 days.",
-                  "count", window_days=90, interaction_types=("marketing.unsubscribed",),
-                  used_by=_CHURN_XSELL),
-    ]  # fmt: skip
-    for outcome in ("accepted", "declined", "converted"):
-        defs.append(
-            _customer(f"actions_{outcome}_90d",
-                      f"Recommended actions or alerts {outcome} in the last 90 days.", "count",
-                      window_days=90, interaction_types=("action.outcome",), attribute="outcome",
-                      categories=(outcome,), used_by=_ALL)
-        )  # fmt: skip
-    defs += [
-        _ticket("ticket_age_hours", "Hours since the ticket was opened (or first seen, if never opened).",
-                "time_since", interaction_types=("ticket.opened",), unit="hours"),
-        _ticket("ticket_hours_since_last_activity",
-                "Hours since the latest interaction about the ticket.", "time_since",
-                unit="hours"),
-        _ticket("ticket_open", "1 when the ticket is open (opened or reopened, not resolved).",
-                "current", interaction_types=("ticket.opened", "ticket.reopened",
-                                              "ticket.resolved")),
-        _ticket("ticket_priority", "The ticket's current priority.", "category",
-                interaction_types=("ticket.opened", "ticket.priority_changed"),
-                attribute="priority", unit="", categories=PRIORITIES, may_be_missing=True),
-        _ticket("ticket_priority_changes", "Priority changes of the ticket so far.", "current",
-                interaction_types=("ticket.priority_changed",)),
-        _ticket("ticket_reassignments", "Reassignments of the ticket so far.", "current",
-                interaction_types=("ticket.reassigned",)),
-        _ticket("ticket_updates", "Updates of the ticket so far.", "current",
-                interaction_types=("ticket.updated",)),
-        _ticket("ticket_escalations", "Escalations of the ticket so far.", "current",
-                interaction_types=("ticket.escalated",)),
-        _ticket("ticket_reopens", "Times the ticket was reopened so far.", "current",
-                interaction_types=("ticket.reopened",)),
-        _ticket("ticket_sla_breaches", "SLA breaches of the ticket so far.", "current",
-                interaction_types=("ticket.sla_breached",)),
-        _ticket("ticket_channel", "The channel the ticket was opened on.", "category",
-                interaction_types=("ticket.opened",), attribute="channel", unit="",
-                categories=CHANNEL_NAMES[1:], may_be_missing=True),
-        _ticket("ticket_category", "The category the ticket was opened with.", "category",
-                interaction_types=("ticket.opened",), attribute="category", unit="",
-                categories=TICKET_CATEGORIES, may_be_missing=True),
-        _ticket("ticket_last_sentiment",
-                "The latest known sentiment of an interaction about the ticket.", "last",
-                attribute="sentiment", unit="sentiment", may_be_missing=True),
-        _ticket("ticket_sla_hours_left", "Hours until the ticket's SLA runs out; negative once "
-                "passed.", "time_until", interaction_types=("ticket.opened",),
-                attribute="sla_due_at", unit="hours", may_be_missing=True),
-        _ticket("ticket_customer_open_tickets", "Support tickets the customer has open now.",
-                "current", interaction_types=TICKET_KINDS),
-    ]  # fmt: skip
-    return tuple(defs)
-
-
-REGISTRY: tuple[FeatureDefinition, ...] = _build_registry()
-CUSTOMER_FEATURES: tuple[str, ...] = tuple(d.name for d in REGISTRY if d.entity == "customer")
-TICKET_FEATURES: tuple[str, ...] = tuple(d.name for d in REGISTRY if d.entity == "ticket")
+_STATE_LAYOUT = 3
+# The longest window a definition may have: a state keeps one day bucket per
+# day of its set's longest window, so this bounds a state's size (a year of
+# daily buckets of a few counts each is some tens of KB).
+MAX_WINDOW_DAYS = 365
 
 
 def _digest(data: object) -> str:
@@ -388,10 +163,21 @@ def _digest(data: object) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-FEATURE_SET_VERSION: str = "v1-" + _digest([asdict(d) for d in REGISTRY])
+# The state's bound (see "Bounds" above): the most tickets and products it
+# keeps, each group its most recently active. Open tickets and held products
+# are what `open_tickets` and `products_held` count, so these two saturate at
+# their cap; at the caps a state is about 60 KB of JSON.
+MAX_OPEN_TICKETS = 200
+MAX_CLOSED_TICKETS = 200  # resolved (or never opened) within the longest window
+MAX_HELD_PRODUCTS = 500
+MAX_CANCELLED_PRODUCTS = 200  # cancelled within the longest window
 
 
-# --- what the state keeps, derived from the registry --------------------------------
+# --- what a state keeps, derived from the definitions -------------------------------
+
+# (attribute, allowed values casefolded), sorted: an interaction passes when
+# every attribute holds one of its values.
+_Filters = tuple[tuple[str, tuple[str, ...]], ...]
 
 
 class _Selector(NamedTuple):
@@ -400,7 +186,7 @@ class _Selector(NamedTuple):
     types: tuple[str, ...]
     channel: int
     attribute: str = ""
-    values: tuple[str, ...] = ()
+    filters: _Filters = ()
 
     def matches(self, type_: str, channel: int) -> bool:
         return (not self.types or type_ in self.types) and (self.channel in (0, channel))
@@ -410,120 +196,409 @@ class _Selector(NamedTuple):
         text = f"{'|'.join(self.types) or '*'}@{self.channel}"
         if self.attribute:
             text += f":{self.attribute}"
-        if self.values:
-            text += f"={'|'.join(self.values)}"
+        for attribute, values in self.filters:
+            text += f"[{attribute}={'|'.join(values)}]"
         return text
 
 
 def _selector(d: FeatureDefinition) -> _Selector:
-    if d.aggregation == "count" and d.attribute:
-        return _Selector(d.interaction_types, d.channel, d.attribute, d.categories)
-    return _Selector(d.interaction_types, d.channel, d.attribute)
+    filters = tuple(
+        sorted(
+            (attribute, tuple(sorted({v.strip().casefold() for v in values})))
+            for attribute, values in d.filters
+        )
+    )
+    attribute = "" if d.aggregation == "count" else d.attribute
+    return _Selector(d.interaction_types, d.channel, attribute, filters)
 
 
-# Customer features computed from more than their definition's selector.
-_SPECIAL = frozenset({"tenure_days", "open_tickets", "products_held"})
+def _holds(event: Event, filters: tuple[tuple[str, frozenset[str]], ...]) -> bool:
+    for attribute, allowed in filters:
+        text = attribute_text(event, attribute)
+        if text is None or text.casefold() not in allowed:
+            return False
+    return True
 
 
-def _collect_selectors() -> tuple[
-    list[_Selector], list[_Selector], list[_Selector], list[_Selector]
-]:
-    """What the state keeps per day (counts; number and nano-sum of values) and
-    overall (latest values; latest times), one entry per distinct selector."""
-    counts: list[_Selector] = []
-    values: list[_Selector] = []
-    lasts: list[_Selector] = []
-    times: list[_Selector] = []
-    for d in REGISTRY:
-        if d.entity != "customer" or d.name in _SPECIAL:
-            continue
-        if d.window_days is not None:
-            valued = d.aggregation in ("sum", "mean", "trend") and d.attribute
-            target = values if valued else counts
-        elif d.aggregation == "last":
-            target = lasts
-        elif d.aggregation == "time_since":
-            target = times
-        else:
-            raise AssertionError(f"feature {d.name} has no computation")
-        selector = _selector(d)
-        if selector not in target:
-            target.append(selector)
-    return counts, values, lasts, times
+# Built-in customer features computed from more than their definition's selector.
+_SPECIAL_CUSTOMER = frozenset({"tenure_days", "open_tickets", "products_held", "usage_change_30d"})
+# Built-in ticket features read from the ticket's fixed sub-state.
+_SPECIAL_TICKET = frozenset(
+    {
+        "ticket_age_hours",
+        "ticket_hours_since_last_activity",
+        "ticket_open",
+        "ticket_priority",
+        "ticket_priority_changes",
+        "ticket_reassignments",
+        "ticket_updates",
+        "ticket_escalations",
+        "ticket_reopens",
+        "ticket_sla_breaches",
+        "ticket_last_sentiment",
+        "ticket_sla_hours_left",
+        "ticket_customer_open_tickets",
+    }
+)
+_BUILTIN = builtin_definitions()
+_BUILTIN_SPECIALS = frozenset(
+    d for d in _BUILTIN if d.name in _SPECIAL_CUSTOMER or d.name in _SPECIAL_TICKET
+)
+# usage_change_30d reads as a 60-day count through the generic count key.
+_COUNTED_SPECIALS = frozenset({"usage_change_30d"})
 
 
-_COUNTS, _VALUES, _LASTS, _TIMES = _collect_selectors()
-# Short state keys ("c3": a count, "v1": a value, as "n:v1" and "s:v1" in day
-# buckets), so stored states stay small; STATE_VERSION hashes the descriptions.
-_KEYS: dict[tuple[str, _Selector], str] = {
-    (prefix, s): f"{prefix}{i}"
-    for prefix, selectors in (("c", _COUNTS), ("v", _VALUES), ("l", _LASTS), ("t", _TIMES))
-    for i, s in enumerate(selectors)
-}
-_MAX_WINDOW = max(d.window_days or 0 for d in REGISTRY)
-# The state's bound (see "Bounds" above): the most tickets and products it
-# keeps, each group its most recently active. Open tickets and held products
-# are what `open_tickets` and `products_held` count, so these two saturate at
-# their cap; at the caps a state is about 60 KB of JSON.
-MAX_OPEN_TICKETS = 200
-MAX_CLOSED_TICKETS = 200  # resolved (or never opened) within the longest window
-MAX_HELD_PRODUCTS = 500
-MAX_CANCELLED_PRODUCTS = 200  # cancelled within the longest window
-_SNAPSHOTS = frozenset({d.window_days for d in REGISTRY if d.window_days} | {30})
-
-STATE_VERSION: str = "s1-" + _digest(
-    [_STATE_LAYOUT, [s.description for s in _COUNTS + _VALUES + _LASTS + _TIMES], TICKET_KINDS,
-     PRIORITIES, HOLDING, CANCELLING, _MAX_WINDOW]
-)  # fmt: skip
-
-
-class _Plan(NamedTuple):
-    """What apply() does for one (type, channel): computed once per pair."""
+class _Part(NamedTuple):
+    """What apply() does for the interactions that pass one group of filters."""
 
     counts: tuple[str, ...]
-    filtered: tuple[tuple[str, str, frozenset[str]], ...]  # (key, attribute, values)
     values: tuple[tuple[str, str, str], ...]  # (number key, sum key, attribute)
     lasts: tuple[tuple[str, str], ...]  # (key, attribute)
     times: tuple[str, ...]
+    categories: tuple[tuple[str, str], ...]  # (key, attribute)
+    # Of the interaction's ticket (ticket features that are not built in):
+    ticket_counts: tuple[str, ...]
+    ticket_lasts: tuple[tuple[str, str], ...]
+    ticket_categories: tuple[tuple[str, str], ...]
+
+    @property
+    def touches_ticket(self) -> bool:
+        return bool(self.ticket_counts or self.ticket_lasts or self.ticket_categories)
+
+
+class _Plan(NamedTuple):
+    """What apply() does for one (type, channel): computed once per pair. The
+    unconditional part is spread out in the first fields, so the hot path
+    reads them without one more indirection."""
+
+    counts: tuple[str, ...]
+    values: tuple[tuple[str, str, str], ...]
+    lasts: tuple[tuple[str, str], ...]
+    times: tuple[str, ...]
+    categories: tuple[tuple[str, str], ...]
+    ticket_part: _Part | None  # the unconditional part, when it keeps something per ticket
+    # (filters, part) applied when every filter holds (rare: a dozen a set).
+    conditional: tuple[tuple[tuple[tuple[str, frozenset[str]], ...], _Part], ...]
     ticket_kind: int  # index into TICKET_KINDS, -1 for other types
     product: int  # 0: none, 1: holds the product, 2: cancels it
 
 
-def _make_plan(type_: str, channel: int) -> _Plan:
-    counts = tuple(_KEYS["c", s] for s in _COUNTS if not s.values and s.matches(type_, channel))
-    filtered = tuple(
-        (_KEYS["c", s], s.attribute, frozenset(s.values))
-        for s in _COUNTS
-        if s.values and s.matches(type_, channel)
-    )
-    values = tuple(
-        ("n:" + _KEYS["v", s], "s:" + _KEYS["v", s], s.attribute)
-        for s in _VALUES
-        if s.matches(type_, channel)
-    )
-    lasts = tuple((_KEYS["l", s], s.attribute) for s in _LASTS if s.matches(type_, channel))
-    times = tuple(_KEYS["t", s] for s in _TIMES if s.matches(type_, channel))
-    kind = TICKET_KINDS.index(type_) if type_ in TICKET_KINDS else -1
-    product = 1 if type_ in HOLDING else 2 if type_ in CANCELLING else 0
-    return _Plan(counts, filtered, values, lasts, times, kind, product)
+# --- the set -----------------------------------------------------------------------
 
 
-_KNOWN_TYPES = frozenset(
-    t for d in REGISTRY for t in d.interaction_types
-) | frozenset(TICKET_KINDS + HOLDING + CANCELLING)  # fmt: skip
-_PLANS: dict[tuple[str, int], _Plan] = {
-    (t, c): _make_plan(t, c) for t in _KNOWN_TYPES for c in range(len(CHANNEL_NAMES))
-}
+class FeatureSet:
+    """A tuple of feature definitions, ready to fold interactions and read
+    features: the state's selectors and keys, a fold plan per (type,
+    channel), an evaluator per feature, computed once here."""
 
+    def __init__(self, name: str, definitions: Sequence[FeatureDefinition]) -> None:
+        self.name = name
+        self.definitions: tuple[FeatureDefinition, ...] = tuple(definitions)
+        names = [d.name for d in self.definitions]
+        if len(set(names)) != len(names):
+            raise ValueError("feature names must be unique")
+        self.by_name = {d.name: d for d in self.definitions}
+        self.version = f"{name}-{_digest([asdict(d) for d in self.definitions])}"
+        self.customer_names = tuple(d.name for d in self.definitions if d.entity == "customer")
+        self.ticket_names = tuple(d.name for d in self.definitions if d.entity == "ticket")
+        self._collect_selectors()
+        self.max_window = max([d.window_days or 0 for d in self.definitions] + [1])
+        self._snapshots = frozenset(
+            {d.window_days for d in self.definitions if d.window_days}
+            | ({30} if self._special("usage_change_30d") else set())
+        )
+        described = {
+            kind: [s.description for s in selectors] for kind, selectors in self._selectors.items()
+        }
+        self.state_version = "s1-" + _digest(
+            [_STATE_LAYOUT, described, TICKET_KINDS, PRIORITIES, HOLDING, CANCELLING,
+             self.max_window]
+        )  # fmt: skip
+        self._known_types = frozenset(
+            t for d in self.definitions for t in d.interaction_types
+        ) | frozenset(TICKET_KINDS + HOLDING + CANCELLING)  # fmt: skip
+        self.plans: dict[tuple[str, int], _Plan] = {
+            (t, c): self._make_plan(t, c)
+            for t in self._known_types
+            for c in range(len(CHANNEL_NAMES))
+        }
+        self._customer_evaluators = tuple(
+            (d.name, self._evaluator(d)) for d in self.definitions if d.entity == "customer"
+        )
+        self._ticket_evaluators = tuple(
+            (d.name, self._ticket_evaluator(d)) for d in self.definitions if d.entity == "ticket"
+        )
+        self._day_key_cache: dict[int, tuple[str, ...]] = {}
 
-def _plan(type_: str, channel: int) -> _Plan:
-    """The plan of a pair not precomputed: a type no feature names (custom
-    types share the plan of type "") or a channel number beyond the enum."""
-    key = (type_ if type_ in _KNOWN_TYPES else "", channel)
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = _PLANS[key] = _make_plan(*key)
-    return plan
+    @classmethod
+    def builtin(cls) -> FeatureSet:
+        """The built-in set (one shared instance)."""
+        return BUILTIN
+
+    def __repr__(self) -> str:
+        return f"FeatureSet({self.version!r}, {len(self.definitions)} features)"
+
+    def _special(self, name: str) -> bool:
+        d = self.by_name.get(name)
+        return d is not None and d in _BUILTIN_SPECIALS
+
+    def _is_special(self, d: FeatureDefinition) -> bool:
+        return d in _BUILTIN_SPECIALS and d.name not in _COUNTED_SPECIALS
+
+    def _selector_kind(self, d: FeatureDefinition) -> str:
+        """Where the state keeps a definition's selector: c counts, v valued
+        windows, l latest values, t latest times, a latest texts (customer);
+        k counts, m latest values, x latest texts (per ticket)."""
+        if d.entity == "ticket":
+            return {"count": "k", "last": "m", "category": "x"}[d.aggregation]
+        if d.window_days is not None:
+            valued = d.aggregation in ("sum", "mean", "trend") and d.attribute
+            return "v" if valued else "c"
+        return {"last": "l", "time_since": "t", "category": "a"}[d.aggregation]
+
+    def _collect_selectors(self) -> None:
+        self._selectors: dict[str, list[_Selector]] = {k: [] for k in "cvltakmx"}
+        for d in self.definitions:
+            if self._is_special(d):
+                continue
+            try:
+                kind = self._selector_kind(d)
+            except KeyError:
+                raise ValueError(
+                    f"feature {d.name}: {d.entity} features cannot aggregate by {d.aggregation}"
+                    + (" without a window" if d.entity == "customer" else "")
+                ) from None
+            selector = _selector(d)
+            if selector not in self._selectors[kind]:
+                self._selectors[kind].append(selector)
+        # Short state keys ("c3": a count, "v1": a value, as "n:v1" and "s:v1"
+        # in day buckets), so stored states stay small.
+        self.keys: dict[tuple[str, _Selector], str] = {
+            (kind, s): f"{kind}{i}"
+            for kind, selectors in self._selectors.items()
+            for i, s in enumerate(selectors)
+        }
+
+    def _make_plan(self, type_: str, channel: int) -> _Plan:
+        groups: dict[_Filters, dict[str, list[Any]]] = {}
+        for kind, selectors in self._selectors.items():
+            for s in selectors:
+                if not s.matches(type_, channel):
+                    continue
+                key = self.keys[kind, s]
+                lists = groups.setdefault(s.filters, {k: [] for k in "cvltakmx"})
+                if kind == "v":
+                    lists[kind].append(("n:" + key, "s:" + key, s.attribute))
+                elif kind in "lamx":
+                    lists[kind].append((key, s.attribute))
+                else:
+                    lists[kind].append(key)
+
+        def part(lists: dict[str, list[Any]]) -> _Part:
+            return _Part(*(tuple(lists[k]) for k in "cvltakmx"))
+
+        base = part(groups.get((), {k: [] for k in "cvltakmx"}))
+        conditional = tuple(
+            (tuple((a, frozenset(values)) for a, values in filters), part(lists))
+            for filters, lists in sorted(groups.items())
+            if filters
+        )
+        ticket_kind = TICKET_KINDS.index(type_) if type_ in TICKET_KINDS else -1
+        product = 1 if type_ in HOLDING else 2 if type_ in CANCELLING else 0
+        return _Plan(
+            base.counts,
+            base.values,
+            base.lasts,
+            base.times,
+            base.categories,
+            base if base.touches_ticket else None,
+            conditional,
+            ticket_kind,
+            product,
+        )
+
+    def plan(self, type_: str, channel: int) -> _Plan:
+        """The plan of a pair not precomputed: a type no feature names (custom
+        types share the plan of type "") or a channel number beyond the enum."""
+        key = (type_ if type_ in self._known_types else "", channel)
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = self.plans[key] = self._make_plan(*key)
+        return plan
+
+    def day_keys(self, today: int) -> tuple[str, ...]:
+        """The bucket keys of `today` and the days before it, newest first: the
+        same for every customer read at one time, made once."""
+        keys = self._day_key_cache.get(today)
+        if keys is None:
+            if len(self._day_key_cache) >= 8:
+                self._day_key_cache.clear()
+            keys = self._day_key_cache[today] = tuple(
+                str(today - offset) for offset in range(self.max_window)
+            )
+        return keys
+
+    # --- states ------------------------------------------------------------------
+    def new_state(self) -> CustomerState:
+        return CustomerState(features=self)
+
+    def build_state(self, events: Iterable[Event]) -> CustomerState:
+        """The state of `events`."""
+        state = CustomerState(features=self)
+        for event in events:
+            state.apply(event)
+        return state
+
+    def state_from_json(self, d: Mapping[str, Any]) -> CustomerState:
+        """The state `CustomerState.to_json` described. Raises
+        StateVersionError for a state kept by another state version (rebuild
+        it from the interactions)."""
+        if d.get("version") != self.state_version:
+            raise StateVersionError(
+                f"state version {d.get('version')!r} is not {self.state_version!r}; rebuild it"
+            )
+        # Takes the parsed dicts over as they are (the caller gives them up).
+        return CustomerState(
+            days=d["days"],
+            first=d["first"],
+            times=d["times"],
+            lasts=d["lasts"],
+            products=d["products"],
+            tickets={k: _Ticket.from_json(v) for k, v in d["tickets"].items()},
+            texts=d["texts"],
+            features=self,
+        )
+
+    # --- reading -----------------------------------------------------------------
+    def _evaluator(self, d: FeatureDefinition) -> _Evaluator:
+        """How one customer feature is read from a state."""
+        per = _US_PER_HOUR if d.unit == "hours" else _US_PER_DAY
+        if d.name == "tenure_days" and self._is_special(d):
+            return lambda r: None if r.state.first is None else (r.now - r.state.first) / per
+        if d.name == "open_tickets" and self._is_special(d):
+            return lambda r: float(_open_tickets(r.state))
+        if d.name == "products_held" and self._is_special(d):
+            return lambda r: float(sum(1 for _, how in r.state.products.values() if how == 1))
+        key = self.keys[self._selector_kind(d), _selector(d)]
+        window = d.window_days or 0
+        if d.name == "usage_change_30d" and d in _BUILTIN_SPECIALS:
+            return lambda r: float(2 * r.windows[30].get(key, 0) - r.windows[60].get(key, 0))
+        if d.aggregation == "count":
+            return lambda r: float(r.windows[window].get(key, 0))
+        if d.aggregation == "sum":
+            return lambda r: r.windows[window].get("s:" + key, 0) / _NANO
+        if d.aggregation == "mean":
+
+            def mean(r: _Reading) -> float | None:
+                n = r.windows[window].get("n:" + key, 0)
+                return r.windows[window]["s:" + key] / (n * _NANO) if n else None
+
+            return mean
+        if d.aggregation == "trend":
+            return lambda r: _slope(r, key, window)
+        if d.aggregation == "last":
+
+            def last(r: _Reading) -> float | None:
+                latest = r.state.lasts.get(key)
+                return None if latest is None else latest[1] / _NANO
+
+            return last
+        if d.aggregation == "time_since":
+
+            def since(r: _Reading) -> float | None:
+                t = r.state.times.get(key)
+                return None if t is None else (r.now - t) / per
+
+            return since
+        if d.aggregation == "category":
+
+            def text(r: _Reading) -> str | None:
+                latest = r.state.texts.get(key)
+                return None if latest is None else str(latest[1])
+
+            return text
+        raise ValueError(f"feature {d.name} has no computation")
+
+    def _ticket_evaluator(self, d: FeatureDefinition) -> _TicketEvaluator:
+        if self._is_special(d):
+            name = d.name
+            return lambda ticket, builtin: builtin[name]
+        key = self.keys[self._selector_kind(d), _selector(d)]
+        if d.aggregation == "count":
+            return lambda ticket, builtin: float(ticket.extra.get(key, 0))
+        if d.aggregation == "last":
+
+            def last(ticket: _Ticket, builtin: Mapping[str, float | None]) -> float | None:
+                latest = ticket.extra.get(key)
+                return None if latest is None else latest[1] / _NANO
+
+            return last
+
+        def text(ticket: _Ticket, builtin: Mapping[str, float | None]) -> str | None:
+            latest = ticket.extra.get(key)
+            return None if latest is None else str(latest[1])
+
+        return text
+
+    def customer_features(self, state: CustomerState, as_of: datetime) -> FeatureValues:
+        """The customer features of `state` read at `as_of`; features without a
+        value (and that may be missing) are left out."""
+        today = _day(as_of)
+        reading = _Reading(state, _micros(as_of), today, _window_totals(self, state.days, today))
+        values: FeatureValues = {}
+        for name, evaluate in self._customer_evaluators:
+            value = evaluate(reading)
+            if value is not None:
+                values[name] = value
+        return values
+
+    def ticket_features(
+        self, state: CustomerState, ticket_id: str, as_of: datetime
+    ) -> FeatureValues | None:
+        """The features of one ticket of the customer read at `as_of`; None when
+        no ticket.* interaction of that ticket is in the state."""
+        ticket = state.tickets.get(ticket_id)
+        if ticket is None or not ticket.known:
+            return None
+        builtin = _ticket_values(ticket, state, _micros(as_of))
+        values: FeatureValues = {}
+        for name, evaluate in self._ticket_evaluators:
+            value = evaluate(ticket, builtin)
+            if value is not None:
+                values[name] = value
+        return values
+
+    def features_at_cutoffs(
+        self,
+        events: Sequence[Event],
+        cutoffs: Sequence[datetime],
+        ticket_ids: Sequence[str] | None = None,
+    ) -> list[tuple[FeatureValues, FeatureValues | None]]:
+        """Point-in-time features of one customer at many cutoffs: per cutoff (in
+        input order) the customer features and, when `ticket_ids` names a ticket
+        for it (one entry per cutoff, "" for none), that ticket's features. Only
+        events that occurred strictly before a cutoff count. Sorts the events once
+        and folds them into one state as the cutoffs advance."""
+        if ticket_ids is not None and len(ticket_ids) != len(cutoffs):
+            raise ValueError("ticket_ids must have one entry per cutoff")
+        ordered = sorted(events, key=lambda e: e.occurred_at)
+        state = CustomerState(features=self)
+        results: list[tuple[FeatureValues, FeatureValues | None]] = [({}, None)] * len(cutoffs)
+        position = 0
+        for index in sorted(range(len(cutoffs)), key=lambda i: cutoffs[i]):
+            cutoff = cutoffs[index]
+            while position < len(ordered) and ordered[position].occurred_at < cutoff:
+                state.apply(ordered[position])
+                position += 1
+            # Capped as live serving caps (see "Bounds"), so that a customer
+            # beyond the caps reads the same saturated counts both ways.
+            state.cap()
+            ticket_id = ticket_ids[index] if ticket_ids is not None else ""
+            results[index] = (
+                self.customer_features(state, cutoff),
+                self.ticket_features(state, ticket_id, cutoff) if ticket_id else None,
+            )
+        return results
 
 
 def _micros(at: datetime) -> int:
@@ -601,6 +676,9 @@ class _Ticket:
     status: tuple[int, int] | None = None  # (time, status code), latest
     priority: tuple[int, int] | None = None  # (time, priority rank), latest
     sentiment: tuple[int, float] | None = None  # (time, sentiment), latest
+    # What a feature set's own ticket features keep: "k<i>" a count, "m<i>"
+    # [time, nanos] and "x<i>" [time, text] of the latest value.
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def known(self) -> bool:
@@ -613,7 +691,7 @@ class _Ticket:
     def copy(self) -> _Ticket:
         return _Ticket(
             self.first, self.last, list(self.counts), self.opened, self.status, self.priority,
-            self.sentiment,
+            self.sentiment, dict(self.extra),
         )  # fmt: skip
 
     def absorb(self, other: _Ticket) -> None:
@@ -624,6 +702,14 @@ class _Ticket:
         self.status = _max_opt(self.status, other.status)
         self.priority = _max_opt(self.priority, other.priority)
         self.sentiment = _max_opt(self.sentiment, other.sentiment)
+        for key, value in other.extra.items():
+            mine = self.extra.get(key)
+            if mine is None:
+                self.extra[key] = value
+            elif key[0] == "k":
+                self.extra[key] = mine + value
+            else:
+                self.extra[key] = max(mine, value)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -634,6 +720,7 @@ class _Ticket:
             "status": None if self.status is None else list(self.status),
             "priority": None if self.priority is None else list(self.priority),
             "sentiment": None if self.sentiment is None else list(self.sentiment),
+            "extra": self.extra,
         }
 
     @classmethod
@@ -650,6 +737,7 @@ class _Ticket:
             status=None if status is None else (int(status[0]), int(status[1])),
             priority=None if priority is None else (int(priority[0]), int(priority[1])),
             sentiment=None if sentiment is None else (int(sentiment[0]), float(sentiment[1])),
+            extra=dict(d["extra"]),
         )
 
 
@@ -674,8 +762,9 @@ def _max_opt(a: _T | None, b: _T | None) -> _T | None:
 
 @dataclass(slots=True)
 class CustomerState:
-    """The incremental feature state of one customer. `apply` is
-    order-independent: the same multiset of events gives an equal state."""
+    """The incremental feature state of one customer under one feature set.
+    `apply` is order-independent: the same multiset of events gives an equal
+    state."""
 
     # Kept in the shapes JSON has (day numbers as strings, pairs as lists), so
     # a stored state is used as parsed and stored as it is: converting ~2 KB of
@@ -686,24 +775,25 @@ class CustomerState:
     lasts: dict[str, list[int]] = field(default_factory=dict)  # key -> [time, nanos]
     products: dict[str, list[int]] = field(default_factory=dict)  # id -> [time, 1 held|2]
     tickets: dict[str, _Ticket] = field(default_factory=dict)
+    texts: dict[str, list[Any]] = field(default_factory=dict)  # key -> [time, text], latest
+    # The set whose selectors the state keeps (the built-in one unless given).
+    features: FeatureSet = field(default_factory=lambda: BUILTIN, compare=False, repr=False)
 
     def apply(self, event: Event) -> None:
         """Folds one event in (on the ingest hot path: keep it lean)."""
         delta = event.occurred_at - _EPOCH
         day = delta.days
         t = (day * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-        plan = _PLANS.get((event.type, event.channel)) or _plan(event.type, event.channel)
+        features = self.features
+        plan = features.plans.get((event.type, event.channel)) or features.plan(
+            event.type, event.channel
+        )
         day_key = str(day)
         bucket = self.days.get(day_key)
         if bucket is None:
             bucket = self.days[day_key] = {}
         for key in plan.counts:
             bucket[key] = bucket.get(key, 0) + 1
-        if plan.filtered:
-            attributes = event.attributes
-            for key, attribute, allowed in plan.filtered:
-                if attributes.get(attribute) in allowed:
-                    bucket[key] = bucket.get(key, 0) + 1
         for n_key, s_key, attribute in plan.values:
             value = _value_nanos(event, attribute)
             if value is not None:
@@ -714,8 +804,6 @@ class CustomerState:
         for key in plan.times:
             if t > times.get(key, t - 1):
                 times[key] = t
-        if self.first is None or t < self.first:
-            self.first = t
         for key, attribute in plan.lasts:
             value = _value_nanos(event, attribute)
             if value is not None:
@@ -723,15 +811,53 @@ class CustomerState:
                 old = self.lasts.get(key)
                 if old is None or latest > old:
                     self.lasts[key] = latest
+        if plan.categories:
+            _fold_texts(self.texts, plan.categories, event, t)
+        passed: tuple[_Part, ...] = ()
+        if plan.conditional:
+            passed = tuple(part for fs, part in plan.conditional if _holds(event, fs))
+            for part in passed:
+                self._apply_part(part, bucket, event, t)
+        if self.first is None or t < self.first:
+            self.first = t
         if plan.product and event.product_id:
             holding = [t, plan.product]
             old_holding = self.products.get(event.product_id)
             if old_holding is None or holding > old_holding:
                 self.products[event.product_id] = holding
         if event.ticket_id:
-            self._apply_ticket(event, t, plan.ticket_kind)
+            ticket = self._apply_ticket(event, t, plan.ticket_kind)
+            if plan.ticket_part is not None:
+                _apply_ticket_part(ticket, event, t, plan.ticket_part)
+            for part in passed:
+                if part.touches_ticket:
+                    _apply_ticket_part(ticket, event, t, part)
 
-    def _apply_ticket(self, event: Event, t: int, kind: int) -> None:
+    def _apply_part(self, part: _Part, bucket: dict[str, int], event: Event, t: int) -> None:
+        """Folds in what an event's passing filters add (off the common path)."""
+        for key in part.counts:
+            bucket[key] = bucket.get(key, 0) + 1
+        for n_key, s_key, attribute in part.values:
+            value = _value_nanos(event, attribute)
+            if value is not None:
+                bucket[n_key] = bucket.get(n_key, 0) + 1
+                total = bucket.get(s_key, 0) + value
+                bucket[s_key] = total if -SUM_LIMIT <= total <= SUM_LIMIT else _saturated(total)
+        times = self.times
+        for key in part.times:
+            if t > times.get(key, t - 1):
+                times[key] = t
+        for key, attribute in part.lasts:
+            value = _value_nanos(event, attribute)
+            if value is not None:
+                latest = [t, value]
+                old = self.lasts.get(key)
+                if old is None or latest > old:
+                    self.lasts[key] = latest
+        if part.categories:
+            _fold_texts(self.texts, part.categories, event, t)
+
+    def _apply_ticket(self, event: Event, t: int, kind: int) -> _Ticket:
         ticket = self.tickets.get(event.ticket_id)
         if ticket is None:
             ticket = self.tickets[event.ticket_id] = _Ticket(t, t)
@@ -745,7 +871,7 @@ class CustomerState:
             if ticket.sentiment is None or latest > ticket.sentiment:
                 ticket.sentiment = latest
         if kind < 0:
-            return
+            return ticket
         ticket.counts[kind] += 1
         status = _STATUS_OF_KIND.get(kind)
         if status is not None:
@@ -771,6 +897,7 @@ class CustomerState:
             )
             if ticket.opened is None or opened < ticket.opened:
                 ticket.opened = opened
+        return ticket
 
     def prune(self, now: datetime) -> None:
         """Drops what no feature read at `now` or later needs, and holds the
@@ -778,10 +905,12 @@ class CustomerState:
         buckets before the longest window; resolved tickets and cancelled
         products with no interaction since then; beyond the caps, the tickets
         and products least recently active."""
-        horizon = _day(now) - (_MAX_WINDOW - 1)
+        horizon = _day(now) - (self.features.max_window - 1)
         for day in [d for d in self.days if int(d) < horizon]:
             del self.days[day]
-        cutoff = horizon * _US_PER_DAY
+        # Tickets and products are kept for at least the built-in 90 days
+        # whatever the set's windows (their own features read all of them).
+        cutoff = min(horizon, _day(now) - 89) * _US_PER_DAY
         tickets = self.tickets
         for ticket_id in [k for k, tk in tickets.items() if not tk.open and tk.last < cutoff]:
             del tickets[ticket_id]
@@ -807,7 +936,7 @@ class CustomerState:
         buckets outside their window, so an untidied state reads the same;
         ingest calls this for every state it writes, where a full prune cost
         as much as folding a dozen events."""
-        if len(self.days) > _MAX_WINDOW or self.tickets or self.products:
+        if len(self.days) > self.features.max_window or self.tickets or self.products:
             self.prune(now)
 
     def copy(self) -> CustomerState:
@@ -818,6 +947,8 @@ class CustomerState:
             lasts=dict(self.lasts),
             products=dict(self.products),
             tickets={k: tk.copy() for k, tk in self.tickets.items()},
+            texts=dict(self.texts),
+            features=self.features,
         )
 
     def merge(self, other: CustomerState) -> CustomerState:
@@ -834,6 +965,8 @@ class CustomerState:
             merged.times[key] = max(t, merged.times.get(key, t))
         for key, last in other.lasts.items():
             merged.lasts[key] = max(last, merged.lasts.get(key, last))
+        for key, text in other.texts.items():
+            merged.texts[key] = max(text, merged.texts.get(key, text))
         for product, holding in other.products.items():
             merged.products[product] = max(holding, merged.products.get(product, holding))
         for ticket_id, ticket in other.tickets.items():
@@ -850,34 +983,54 @@ class CustomerState:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable form, sharing this state's dicts (serialise it
-        before changing the state); see `from_json`."""
+        before changing the state); see `FeatureSet.state_from_json`."""
         return {
-            "version": STATE_VERSION,
+            "version": self.features.state_version,
             "first": self.first,
             "days": self.days,
             "times": self.times,
             "lasts": self.lasts,
             "products": self.products,
             "tickets": {k: tk.to_json() for k, tk in self.tickets.items()},
+            "texts": self.texts,
         }
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> CustomerState:
-        """The state `to_json` described. Raises StateVersionError for a state
-        kept by another STATE_VERSION (rebuild it from the interactions)."""
-        if d.get("version") != STATE_VERSION:
-            raise StateVersionError(
-                f"state version {d.get('version')!r} is not {STATE_VERSION!r}; rebuild it"
-            )
-        # Takes the parsed dicts over as they are (the caller gives them up).
-        return cls(
-            days=d["days"],
-            first=d["first"],
-            times=d["times"],
-            lasts=d["lasts"],
-            products=d["products"],
-            tickets={k: _Ticket.from_json(v) for k, v in d["tickets"].items()},
-        )
+    def from_json(cls, d: Mapping[str, Any], features: FeatureSet | None = None) -> CustomerState:
+        """The state `to_json` described, under `features` (the built-in set
+        when not given). Raises StateVersionError for a state kept by another
+        state version (rebuild it from the interactions)."""
+        return (features or BUILTIN).state_from_json(d)
+
+
+def _fold_texts(
+    texts: dict[str, Any], keys: tuple[tuple[str, str], ...], event: Event, t: int
+) -> None:
+    """Keeps, under each key, the latest [time, text] of its attribute (ties
+    by text, so the order events come in does not matter)."""
+    for key, attribute in keys:
+        text = attribute_text(event, attribute)
+        if text is not None:
+            latest: list[Any] = [t, text]
+            old = texts.get(key)
+            if old is None or latest > old:
+                texts[key] = latest
+
+
+def _apply_ticket_part(ticket: _Ticket, event: Event, t: int, part: _Part) -> None:
+    """Folds an event into what a set's own ticket features keep of its ticket."""
+    extra = ticket.extra
+    for key in part.ticket_counts:
+        extra[key] = extra.get(key, 0) + 1
+    for key, attribute in part.ticket_lasts:
+        value = _value_nanos(event, attribute)
+        if value is not None:
+            latest = [t, value]
+            old = extra.get(key)
+            if old is None or latest > old:
+                extra[key] = latest
+    if part.ticket_categories:
+        _fold_texts(extra, part.ticket_categories, event, t)
 
 
 _Entry = TypeVar("_Entry")
@@ -900,14 +1053,6 @@ def _keep_latest(
         del entries[k]
 
 
-def build_state(events: Iterable[Event]) -> CustomerState:
-    """The state of `events`."""
-    state = CustomerState()
-    for event in events:
-        state.apply(event)
-    return state
-
-
 # --- reading features --------------------------------------------------------------
 
 
@@ -918,22 +1063,18 @@ class _Reading(NamedTuple):
     windows: dict[int, dict[str, int]]  # window days -> key -> total
 
 
-@functools.lru_cache(maxsize=8)
-def _day_keys(today: int) -> tuple[str, ...]:
-    """The bucket keys of `today` and the days before it, newest first: the
-    same for every customer read at one time, made once."""
-    return tuple(str(today - offset) for offset in range(_MAX_WINDOW))
-
-
-def _window_totals(days: Mapping[str, Mapping[str, int]], today: int) -> dict[int, dict[str, int]]:
+def _window_totals(
+    features: FeatureSet, days: Mapping[str, Mapping[str, int]], today: int
+) -> dict[int, dict[str, int]]:
     running: dict[str, int] = {}
     totals: dict[int, dict[str, int]] = {}
-    for offset, day_key in enumerate(_day_keys(today)):
+    snapshots = features._snapshots
+    for offset, day_key in enumerate(features.day_keys(today)):
         bucket = days.get(day_key)
         if bucket:
             for key, value in bucket.items():
                 running[key] = running.get(key, 0) + value
-        if offset + 1 in _SNAPSHOTS:
+        if offset + 1 in snapshots:
             totals[offset + 1] = dict(running)
     return totals
 
@@ -943,7 +1084,7 @@ def _slope(r: _Reading, key: str, window: int) -> float | None:
     point at its day), exact until the final division."""
     n_key, s_key = "n:" + key, "s:" + key
     n = sx = sxx = sy = sxy = 0
-    day_keys = _day_keys(r.today)
+    day_keys = r.state.features.day_keys(r.today)
     for offset in range(window):
         bucket = r.state.days.get(day_keys[offset])
         if bucket is None:
@@ -966,88 +1107,15 @@ def _open_tickets(state: CustomerState) -> int:
     return sum(1 for ticket in state.tickets.values() if ticket.open)
 
 
-_Evaluator = Callable[[_Reading], float | None]
-
-
-def _evaluator(d: FeatureDefinition) -> _Evaluator:
-    """How one customer feature is read from a state (KeyError at import when
-    the registry names something the state does not keep)."""
-    per = _US_PER_HOUR if d.unit == "hours" else _US_PER_DAY
-    if d.name == "tenure_days":
-        return lambda r: None if r.state.first is None else (r.now - r.state.first) / per
-    if d.name == "open_tickets":
-        return lambda r: float(_open_tickets(r.state))
-    if d.name == "products_held":
-        return lambda r: float(sum(1 for _, how in r.state.products.values() if how == 1))
-    valued = d.aggregation in ("sum", "mean", "trend") and bool(d.attribute)
-    kind = {"last": "l", "time_since": "t"}.get(d.aggregation, "v" if valued else "c")
-    key = _KEYS[kind, _selector(d)]
-    window = d.window_days or 0
-    if d.name == "usage_change_30d":
-        return lambda r: float(2 * r.windows[30].get(key, 0) - r.windows[60].get(key, 0))
-    if d.aggregation == "count":
-        return lambda r: float(r.windows[window].get(key, 0))
-    if d.aggregation == "sum":
-        return lambda r: r.windows[window].get("s:" + key, 0) / _NANO
-
-    if d.aggregation == "mean":
-
-        def mean(r: _Reading) -> float | None:
-            n = r.windows[window].get("n:" + key, 0)
-            return r.windows[window]["s:" + key] / (n * _NANO) if n else None
-
-        return mean
-    if d.aggregation == "trend":
-        return lambda r: _slope(r, key, window)
-    if d.aggregation == "last":
-
-        def last(r: _Reading) -> float | None:
-            latest = r.state.lasts.get(key)
-            return None if latest is None else latest[1] / _NANO
-
-        return last
-    if d.aggregation == "time_since":
-
-        def since(r: _Reading) -> float | None:
-            t = r.state.times.get(key)
-            return None if t is None else (r.now - t) / per
-
-        return since
-    raise AssertionError(f"feature {d.name} has no computation")
-
-
-_CUSTOMER_EVALUATORS: tuple[tuple[str, _Evaluator], ...] = tuple(
-    (d.name, _evaluator(d)) for d in REGISTRY if d.entity == "customer"
-)
-
-
-def customer_features(state: CustomerState, as_of: datetime) -> dict[str, float]:
-    """The customer features of `state` read at `as_of`; features without a
-    value (and that may be missing) are left out."""
-    today = _day(as_of)
-    reading = _Reading(state, _micros(as_of), today, _window_totals(state.days, today))
-    values: dict[str, float] = {}
-    for name, evaluate in _CUSTOMER_EVALUATORS:
-        value = evaluate(reading)
-        if value is not None:
-            values[name] = value
-    return values
-
-
-def _category(value: str, categories: tuple[str, ...]) -> float:
-    value = value.strip().lower()
-    return float(categories.index(value) if value in categories else len(categories))
+_Evaluator = Callable[[_Reading], float | str | None]
+_TicketEvaluator = Callable[["_Ticket", Mapping[str, float | None]], float | str | None]
 
 
 def _ticket_values(ticket: _Ticket, state: CustomerState, now: int) -> dict[str, float | None]:
-    """Every ticket feature by name, None where it has no value."""
+    """Every built-in ticket feature read from the fixed sub-state by name, None where it has no value."""
     opened = ticket.opened
-    channel = category = sla_left = None
+    sla_left = None
     if opened is not None:
-        number = opened[1]
-        other = len(CHANNEL_NAMES) - 1  # categories are CHANNEL_NAMES[1:]
-        channel = float(number - 1 if 1 <= number <= other else other)
-        category = _category(opened[2], TICKET_CATEGORIES) if opened[2] else None
         sla_left = (opened[4] - now) / _US_PER_HOUR if opened[3] else None
     counts = ticket.counts
     return {
@@ -1061,58 +1129,21 @@ def _ticket_values(ticket: _Ticket, state: CustomerState, now: int) -> dict[str,
         "ticket_escalations": float(counts[_ESCALATED]),
         "ticket_reopens": float(counts[_REOPENED]),
         "ticket_sla_breaches": float(counts[_BREACHED]),
-        "ticket_channel": channel,
-        "ticket_category": category,
         "ticket_last_sentiment": None if ticket.sentiment is None else ticket.sentiment[1],
         "ticket_sla_hours_left": sla_left,
         "ticket_customer_open_tickets": float(_open_tickets(state)),
     }
 
 
-def ticket_features(
-    state: CustomerState, ticket_id: str, as_of: datetime
-) -> dict[str, float] | None:
-    """The features of one ticket of the customer read at `as_of`; None when
-    no ticket.* interaction of that ticket is in the state."""
-    ticket = state.tickets.get(ticket_id)
-    if ticket is None or not ticket.known:
-        return None
-    computed = _ticket_values(ticket, state, _micros(as_of))
-    values: dict[str, float] = {}
-    for name in TICKET_FEATURES:  # KeyError here means the registry names an uncomputed feature
-        value = computed[name]
-        if value is not None:
-            values[name] = value
-    return values
+# --- the built-in set, and names for callers that never configure one -------------
 
-
-def features_at_cutoffs(
-    events: Sequence[Event],
-    cutoffs: Sequence[datetime],
-    ticket_ids: Sequence[str] | None = None,
-) -> list[tuple[dict[str, float], dict[str, float] | None]]:
-    """Point-in-time features of one customer at many cutoffs: per cutoff (in
-    input order) the customer features and, when `ticket_ids` names a ticket
-    for it (one entry per cutoff, "" for none), that ticket's features. Only
-    events that occurred strictly before a cutoff count. Sorts the events once
-    and folds them into one state as the cutoffs advance."""
-    if ticket_ids is not None and len(ticket_ids) != len(cutoffs):
-        raise ValueError("ticket_ids must have one entry per cutoff")
-    ordered = sorted(events, key=lambda e: e.occurred_at)
-    state = CustomerState()
-    results: list[tuple[dict[str, float], dict[str, float] | None]] = [({}, None)] * len(cutoffs)
-    position = 0
-    for index in sorted(range(len(cutoffs)), key=lambda i: cutoffs[i]):
-        cutoff = cutoffs[index]
-        while position < len(ordered) and ordered[position].occurred_at < cutoff:
-            state.apply(ordered[position])
-            position += 1
-        # Capped as live serving caps (see "Bounds"), so that a customer
-        # beyond the caps reads the same saturated counts both ways.
-        state.cap()
-        ticket_id = ticket_ids[index] if ticket_ids is not None else ""
-        results[index] = (
-            customer_features(state, cutoff),
-            ticket_features(state, ticket_id, cutoff) if ticket_id else None,
-        )
-    return results
+BUILTIN: FeatureSet = FeatureSet("builtin", _BUILTIN)
+REGISTRY: tuple[FeatureDefinition, ...] = BUILTIN.definitions
+CUSTOMER_FEATURES: tuple[str, ...] = BUILTIN.customer_names
+TICKET_FEATURES: tuple[str, ...] = BUILTIN.ticket_names
+FEATURE_SET_VERSION: str = BUILTIN.version
+STATE_VERSION: str = BUILTIN.state_version
+build_state = BUILTIN.build_state
+customer_features = BUILTIN.customer_features
+ticket_features = BUILTIN.ticket_features
+features_at_cutoffs = BUILTIN.features_at_cutoffs
