@@ -23,6 +23,7 @@ from converge.connectors.mapping import (
     shipped_mappings,
 )
 from converge.connectors.transform import MappedRow, MapResult, RejectedRow, map_file
+from converge.interactions.types import SERVICE_DESK_ATTRIBUTES
 from converge.v1 import common_pb2
 from tests.conftest import shared_dataset
 
@@ -156,6 +157,9 @@ def test_itsm_maps_every_update_to_a_ticket_interaction() -> None:
         assert types[0] == "ticket.opened"
 
 
+DESK_FIELDS = {name for name, _ in SERVICE_DESK_ATTRIBUTES}
+
+
 def test_itsm_types_follow_the_changes_between_an_incidents_rows() -> None:
     table = read_csv(shared_dataset(ITSM))
     rows = {r.line: r for r in rows_of(mapped("itsm_incidents"))}
@@ -193,7 +197,9 @@ def test_itsm_types_follow_the_changes_between_an_incidents_rows() -> None:
             assert interaction.type == "ticket.reopened"
         if interaction.type == "ticket.reassigned":
             assert int(t["reassignment_count"]) > int(before["reassignment_count"])
-            assert set(attributes) <= {"team", "previous_team"} and "team" in attributes
+            assert (
+                set(attributes) - DESK_FIELDS <= {"team", "previous_team"} and "team" in attributes
+            )
         if interaction.type == "ticket.priority_changed":
             assert t["priority"] != before["priority"]
             assert (
@@ -203,7 +209,13 @@ def test_itsm_types_follow_the_changes_between_an_incidents_rows() -> None:
             assert t["incident_state"] in ("Resolved", "Closed")
             assert before["incident_state"] not in ("Resolved", "Closed")
         if interaction.type in ("ticket.updated", "ticket.resolved", "ticket.reopened"):
-            assert not attributes  # the service rejects attributes a type does not declare
+            # Only the service-desk fields every ticket type declares (the
+            # service rejects attributes a type does not declare).
+            assert set(attributes) <= DESK_FIELDS
+        # Every row says what the incident looks like at that moment.
+        for field, column in (("subcategory", "subcategory"), ("symptom", "u_symptom")):
+            shown = attributes[field].string_value if field in attributes else "?"
+            assert shown == t[column]
     assert reopens == 56
 
 

@@ -105,7 +105,7 @@ async def test_feature_registry_is_listed_with_its_version(platform) -> None:
             entity=interactions_pb2.FEATURE_ENTITY_TICKET
         )
     )
-    assert registry.feature_set_version.startswith("v1-")
+    assert registry.feature_set_version.startswith("builtin-")
     names = {d.name for d in registry.definitions}
     assert {"ticket_age_hours", "ticket_sla_hours_left", "ticket_reassignments"} <= names
     assert all(name.startswith("ticket_") for name in names)

@@ -5,10 +5,14 @@ shared runtime runs (`python -m converge.interactions`, the tests)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from importlib.resources import files
 
 import grpc
 
+from converge.features.config import load_feature_set
 from converge.interactions.change_feed import ChangeFeed
 from converge.interactions.identity_link import IdentityLink
 from converge.interactions.service import InteractionsService
@@ -18,6 +22,8 @@ from converge.interactions.store import InteractionsStore
 from converge.runtime.server import ServiceContext, ServiceSpec
 from converge.v1 import interactions_pb2, interactions_pb2_grpc, privacy_pb2, privacy_pb2_grpc
 
+logger = logging.getLogger(__name__)
+
 
 async def register(server: grpc.aio.Server, context: ServiceContext) -> list[str]:
     settings = context.settings
@@ -26,7 +32,9 @@ async def register(server: grpc.aio.Server, context: ServiceContext) -> list[str
     identity = IdentityLink(settings.identity_address, settings.identity_timeout_s, store)
     changes = ChangeFeed(store, settings.stream_fallback_poll_s)
     context.on_shutdown(changes.close)
-    service = InteractionsService(store, identity, settings, changes)
+    feature_set = load_feature_set(settings.feature_set)  # (validated with the settings)
+    logger.info("serving feature set %s", feature_set.version)
+    service = InteractionsService(store, identity, settings, changes, feature_set)
     await service.load_types()
     interactions_pb2_grpc.add_InteractionsServiceServicer_to_server(
         InteractionsServicer(service, settings.max_page_bytes), server
@@ -40,10 +48,30 @@ async def register(server: grpc.aio.Server, context: ServiceContext) -> list[str
     identity.start_following(store.erase)
     context.add_health_check("identity follower", lambda: identity.healthy)
     context.on_shutdown(identity.close)
+    # States kept under another feature set are rebuilt beside ingest and
+    # reads (which rebuild a stale state they touch themselves); health is
+    # not held back by it.
+    rebuild = asyncio.create_task(_rebuild_states(service), name="feature-state-rebuild")
+
+    async def stop_rebuild() -> None:
+        rebuild.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await rebuild
+
+    context.on_shutdown(stop_rebuild)
     return [
         interactions_pb2.DESCRIPTOR.services_by_name["InteractionsService"].full_name,
         privacy_pb2.DESCRIPTOR.services_by_name["DataSubjectService"].full_name,
     ]
+
+
+async def _rebuild_states(service: InteractionsService) -> None:
+    try:
+        await service.rebuild_stale_states()
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # (reads and ingest still rebuild the states they touch)
+        logger.exception("background rebuild of live feature states stopped")
 
 
 SPEC = ServiceSpec(

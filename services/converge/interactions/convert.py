@@ -15,10 +15,9 @@ from decimal import Decimal
 from typing import Any, Generic, TypeVar
 
 from asyncpg.pgproto import pgproto
-from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 
-from converge.features import engine as feature_engine
 from converge.interactions.identity_link import IdentifierRef
 from converge.interactions.service import Draft, IngestStreamSummary, TimelineQuery
 from converge.interactions.store import StoredInteraction, StoredType, SyncStatus
@@ -30,7 +29,7 @@ from converge.interactions.types import (
     validate_type_spec,
 )
 from converge.runtime.cursors import parse_commit_cursor
-from converge.runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument, Violations
+from converge.runtime.errors import FieldViolation, InvalidArgument, Violations
 from converge.runtime.fields import (
     EARLIEST_SECONDS,
     EARLIEST_TIME,
@@ -39,7 +38,6 @@ from converge.runtime.fields import (
     MAX_MONEY_UNITS,
     check_message,
     parse_uuid,
-    time_problem,
 )
 from converge.runtime.values import (
     from_plain,
@@ -59,7 +57,6 @@ MAX_STRING_BYTES = 4096
 MAX_KEY = 256
 MAX_BATCH = 1000
 MAX_ROWS_PER_MESSAGE = 5000
-MAX_PIT_QUERIES = 10_000
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
 _ATTRIBUTE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _SOURCE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
@@ -75,11 +72,6 @@ _ATTRIBUTE_TYPES: dict[int, AttributeType] = {
     interactions_pb2.INTERACTION_ATTRIBUTE_TYPE_BOOL: "bool",
     interactions_pb2.INTERACTION_ATTRIBUTE_TYPE_TIMESTAMP: "timestamp",
 }
-_AGGREGATIONS = {
-    name.removeprefix("FEATURE_AGGREGATION_").lower(): number
-    for name, number in interactions_pb2.FeatureAggregation.items()
-}
-_PREDICTIONS = {"churn": 1, "escalation": 2, "cross_sell": 3}
 
 
 # --- protobuf -> plain ------------------------------------------------------------
@@ -448,48 +440,6 @@ def type_pb(
     return message
 
 
-def definition_pb(
-    definition: feature_engine.FeatureDefinition,
-) -> interactions_pb2.FeatureDefinition:
-    message = interactions_pb2.FeatureDefinition(
-        name=definition.name,
-        description=definition.description,
-        entity=interactions_pb2.FEATURE_ENTITY_CUSTOMER
-        if definition.entity == "customer"
-        else interactions_pb2.FEATURE_ENTITY_TICKET,
-        aggregation=_AGGREGATIONS[definition.aggregation],
-        interaction_types=definition.interaction_types,
-        channel=common_pb2.Channel.ValueType(definition.channel),
-        attribute=definition.attribute,
-        unit=definition.unit,
-        categories=definition.categories,
-        may_be_missing=definition.may_be_missing,
-        used_by=[common_pb2.PredictionKind.ValueType(_PREDICTIONS[p]) for p in definition.used_by],
-    )
-    if definition.window_days:
-        message.window.CopyFrom(duration_pb2.Duration(seconds=definition.window_days * 86400))
-    return message
-
-
-def feature_vector_pb(
-    customer_id: uuid.UUID | None,
-    values: dict[str, float] | None,
-    as_of: datetime,
-    names: set[str],
-    ticket_id: str = "",
-) -> interactions_pb2.FeatureVector:
-    if values and names:
-        values = {name: value for name, value in values.items() if name in names}
-    return interactions_pb2.FeatureVector(
-        customer_id="" if customer_id is None else str(customer_id),
-        ticket_id=ticket_id,
-        as_of=timestamp(as_of),
-        feature_set_version=feature_engine.FEATURE_SET_VERSION,
-        found=values is not None,
-        values=values or {},  # (the map filled at once: half the time of key by key)
-    )
-
-
 _STORED_COLUMNS = tuple(f.name for f in dataclasses.fields(StoredInteraction))
 
 
@@ -741,109 +691,6 @@ def type_spec_of(given: interactions_pb2.InteractionType) -> InteractionTypeSpec
         v.add(f"interaction_type.{field_path}", problem)
     v.raise_if_any()
     return spec
-
-
-def check_feature_set_version(version: str, path: str) -> None:
-    """FAILED_PRECONDITION for a feature set version this service does not serve."""
-    if version and version != feature_engine.FEATURE_SET_VERSION:
-        raise FailedPrecondition(
-            f"feature set {version!r} is not served; this service serves "
-            f"{feature_engine.FEATURE_SET_VERSION!r}",
-            [("FEATURE_SET_NOT_SERVED", path, "not served")],
-        )
-
-
-def feature_names(names: Any, v: Violations) -> set[str]:
-    known = {d.name for d in feature_engine.REGISTRY}
-    for i, name in enumerate(names):
-        v.check(name in known, f"feature_names[{i}]", f"unknown feature {name[:80]!r}")
-    return set(names)
-
-
-def definitions_pb(entity: int) -> list[interactions_pb2.FeatureDefinition]:
-    """The served feature definitions of an entity (every entity for 0)."""
-    wanted = {1: "customer", 2: "ticket"}.get(entity)
-    return [definition_pb(d) for d in feature_engine.REGISTRY if wanted in (None, d.entity)]
-
-
-def features_request(
-    request: interactions_pb2.GetFeaturesRequest,
-) -> tuple[list[tuple[uuid.UUID | None, IdentifierRef | None]], set[str]]:
-    """The customer references and the feature names wanted."""
-    v = Violations()
-    v.check(len(request.customers) <= MAX_BATCH, "customers", f"at most {MAX_BATCH}")
-    v.check(len(request.ticket_ids) <= MAX_BATCH, "ticket_ids", f"at most {MAX_BATCH}")
-    refs = [customer_ref(c, f"customers[{i}]", v) for i, c in enumerate(request.customers)]
-    names = feature_names(request.feature_names, v)
-    v.raise_if_any()
-    check_feature_set_version(request.feature_set_version, "feature_set_version")
-    return refs, names
-
-
-def features_response(
-    as_of: datetime,
-    customers: list[tuple[uuid.UUID | None, dict[str, float] | None]],
-    tickets: list[tuple[uuid.UUID, str, dict[str, float] | None]],
-    names: set[str],
-) -> interactions_pb2.GetFeaturesResponse:
-    return interactions_pb2.GetFeaturesResponse(
-        # Not found: no customer id (never the nil UUID) and `found` false.
-        customers=[feature_vector_pb(root, values, as_of, names) for root, values in customers],
-        tickets=[
-            feature_vector_pb(owner, values, as_of, names, ticket_id)
-            for owner, ticket_id, values in tickets
-        ],
-        feature_set_version=feature_engine.FEATURE_SET_VERSION,
-    )
-
-
-PointInTimeQuery = tuple[uuid.UUID, datetime, str]  # (customer, as of, ticket id)
-
-
-def point_in_time_request(
-    request: interactions_pb2.GetPointInTimeFeaturesRequest,
-) -> tuple[list[PointInTimeQuery], set[str]]:
-    """The queries of one GetPointInTimeFeatures message and the feature names wanted."""
-    v = Violations()
-    check_message(request, v)
-    v.check(
-        len(request.queries) <= MAX_PIT_QUERIES,
-        "queries",
-        f"at most {MAX_PIT_QUERIES} per message",
-    )
-    queries = []
-    for i, query in enumerate(request.queries):
-        customer_id = uuid_field(query.customer_id, f"queries[{i}].customer_id", v)
-        v.check(query.HasField("as_of"), f"queries[{i}].as_of", "required")
-        if (
-            customer_id is not None
-            and query.HasField("as_of")
-            and time_problem(query.as_of) is None
-        ):
-            queries.append((customer_id, to_datetime(query.as_of), query.ticket_id))
-    names = feature_names(request.feature_names, v)
-    v.raise_if_any()
-    check_feature_set_version(request.feature_set_version, "feature_set_version")
-    return queries, names
-
-
-def point_in_time_response(
-    request: interactions_pb2.GetPointInTimeFeaturesRequest,
-    queries: list[PointInTimeQuery],
-    computed: list[tuple[dict[str, float], dict[str, float] | None]],
-    names: set[str],
-) -> interactions_pb2.GetPointInTimeFeaturesResponse:
-    response = interactions_pb2.GetPointInTimeFeaturesResponse(
-        feature_set_version=feature_engine.FEATURE_SET_VERSION
-    )
-    for query, (customer_id, as_of, ticket_id), (customer, ticket) in zip(
-        request.queries, queries, computed, strict=True
-    ):
-        result = response.results.add(row_ref=query.row_ref)
-        result.customer.CopyFrom(feature_vector_pb(customer_id, customer, as_of, names))
-        if ticket_id:
-            result.ticket.CopyFrom(feature_vector_pb(customer_id, ticket, as_of, names, ticket_id))
-    return response
 
 
 def purge_request(request: interactions_pb2.PurgeInteractionsRequest) -> datetime:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -15,14 +17,16 @@ from datetime import UTC, datetime, timedelta
 from functools import reduce
 from typing import Any, Literal
 
+import prometheus_client
 import uuid_utils
 
-from converge.features import engine as feature_engine
 from converge.features.engine import (
+    BUILTIN,
     CustomerState,
     Event,
+    FeatureSet,
+    FeatureValues,
     StateVersionError,
-    build_state,
 )
 from converge.interactions.change_feed import ChangeFeed, Position, type_filter
 from converge.interactions.identity_link import IdentifierRef, IdentityLink
@@ -52,7 +56,16 @@ from converge.runtime.errors import (
 )
 from converge.runtime.values import from_tagged, to_tagged
 
+logger = logging.getLogger(__name__)
+
 _NO_OWNER = uuid.UUID(int=0)
+# The background rebuild yields to the event loop after this many customers'
+# states, so ingest and reads answer while it folds.
+REBUILD_YIELD_EVERY = 20
+STATES_REBUILT = prometheus_client.Counter(
+    "converge_interactions_states_rebuilt_total",
+    "Live feature states rebuilt in the background because the feature set changed.",
+)
 # Rejections an ingest stream lists row by row; beyond, they are only counted.
 MAX_LISTED_REJECTIONS = 1000
 # Batches a stream may have read and prepared while earlier ones commit.
@@ -329,11 +342,14 @@ class InteractionsService:
         identity: IdentityLink,
         settings: InteractionsSettings,
         changes: ChangeFeed,
+        feature_set: FeatureSet = BUILTIN,
     ) -> None:
         self.store = store
         self.identity = identity
         self.settings = settings
         self.changes = changes
+        # The features served and kept live (the setting `feature_set`).
+        self.feature_set = feature_set
         self.custom_types: dict[str, tuple[InteractionTypeSpec, StoredType]] = {}
 
     async def load_types(self) -> None:
@@ -468,6 +484,7 @@ class InteractionsService:
         stored_rows: bool,
     ) -> None:
         now = datetime.now(UTC)
+        features = self.feature_set
 
         async def fold(
             states: dict[uuid.UUID, dict[str, Any] | None],
@@ -478,11 +495,15 @@ class InteractionsService:
             rebuilt: set[uuid.UUID] = set()
             for customer, kept in states.items():
                 try:
-                    live[customer] = CustomerState.from_json(kept) if kept else CustomerState()
+                    live[customer] = (
+                        features.state_from_json(kept) if kept else features.new_state()
+                    )
                 except StateVersionError:
                     # The feature set changed shape since this state was kept:
                     # rebuild it from the interactions (the fresh ones included).
-                    live[customer] = build_state(event_of(r) for r in await events_of(customer))
+                    live[customer] = features.build_state(
+                        event_of(r) for r in await events_of(customer)
+                    )
                     rebuilt.add(customer)
             for start in range(0, len(fresh), SLICE):
                 for row in fresh[start : start + SLICE]:
@@ -524,6 +545,57 @@ class InteractionsService:
                 results[index] = IngestResult(
                     "duplicate", row=duplicates.get(key) or _as_record(first, new.get(key))
                 )
+
+    # --- feature set changes -----------------------------------------------------------
+    async def rebuild_stale_states(self) -> int:
+        """Rebuilds, from their interactions, the live states kept under
+        another state version than the served feature set's, in batches of
+        customers, while ingest and reads go on: each state is written over
+        the version it was read at (compare and set), so one an ingest wrote
+        meanwhile (which rebuilt it itself, with its new rows) is left as the
+        ingest wrote it. Reads of a state not rebuilt yet rebuild it on
+        demand. Returns the number of states rebuilt."""
+        features = self.feature_set
+        version = features.state_version
+        batch = self.settings.state_rebuild_batch
+        after, rebuilt, started = _NO_OWNER, 0, time.monotonic()
+        while True:
+            stale = await self.store.stale_states(version, after, batch)
+            if not stale:
+                break
+            if not rebuilt:
+                logger.info("rebuilding live feature states for feature set %s", features.version)
+            after = stale[-1][0]
+            versions = dict(stale)
+            rows = await self.store.events_before(list(versions), datetime.max.replace(tzinfo=UTC))
+            events: dict[uuid.UUID, list[StoredInteraction]] = {c: [] for c in versions}
+            for row in rows:
+                events[row.customer_id].append(row)
+            now = datetime.now(UTC)
+            states: dict[uuid.UUID, dict[str, Any]] = {}
+            for done, (customer, customer_rows) in enumerate(events.items(), 1):
+                state = features.build_state(event_of(r) for r in customer_rows)
+                state.tidy(now)
+                states[customer] = state.to_json()
+                if done % REBUILD_YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+            written = await self.store.replace_states(states, versions)
+            STATES_REBUILT.inc(len(written))
+            rebuilt += len(written)
+            logger.info(
+                "rebuilt %d live feature states (%d in this batch; %d left to an ingest)",
+                rebuilt,
+                len(written),
+                len(states) - len(written),
+            )
+        if rebuilt:
+            logger.info(
+                "live feature states follow feature set %s: %d rebuilt in %.1f s",
+                features.version,
+                rebuilt,
+                time.monotonic() - started,
+            )
+        return rebuilt
 
     # --- reads ----------------------------------------------------------------------
     async def customer_id_of(
@@ -605,32 +677,29 @@ class InteractionsService:
 
     async def _state(self, customer: uuid.UUID, kept: dict[str, Any]) -> CustomerState:
         try:
-            return CustomerState.from_json(kept)
-        except StateVersionError:  # kept by an older feature set: rebuild, don't fail
+            return self.feature_set.state_from_json(kept)
+        except StateVersionError:  # kept by another feature set: rebuild, don't fail
             rows = await self.store.events_before([customer], datetime.max.replace(tzinfo=UTC))
-            return build_state(event_of(r) for r in rows)
+            return self.feature_set.build_state(event_of(r) for r in rows)
 
     async def live_features(
         self,
         roots: Sequence[uuid.UUID],
         ticket_ids: Sequence[str],
         include_open_tickets: bool,
-    ) -> tuple[
-        datetime, list[dict[str, float]], list[tuple[uuid.UUID, str, dict[str, float] | None]]
-    ]:
+    ) -> tuple[datetime, list[FeatureValues], list[tuple[uuid.UUID, str, FeatureValues | None]]]:
         now = datetime.now(UTC)
+        features = self.feature_set
         ticket_owners = await self._ticket_owners(ticket_ids)
         states = await self.live_states([*roots, *ticket_owners.values()])
         customers = [
-            feature_engine.customer_features(states[r] or CustomerState(), now) for r in roots
+            features.customer_features(states[r] or features.new_state(), now) for r in roots
         ]
-        tickets: list[tuple[uuid.UUID, str, dict[str, float] | None]] = []
+        tickets: list[tuple[uuid.UUID, str, FeatureValues | None]] = []
         for ticket_id in ticket_ids:
             owner = ticket_owners.get(ticket_id)
             state = states.get(owner) if owner else None
-            values = (
-                feature_engine.ticket_features(state, ticket_id, now) if state and owner else None
-            )
+            values = features.ticket_features(state, ticket_id, now) if state and owner else None
             tickets.append((owner or uuid.UUID(int=0), ticket_id, values))
         if include_open_tickets:
             seen = set(ticket_ids)
@@ -641,7 +710,7 @@ class InteractionsService:
                         seen.add(ticket_id)
                         assert state is not None
                         tickets.append(
-                            (root, ticket_id, feature_engine.ticket_features(state, ticket_id, now))
+                            (root, ticket_id, features.ticket_features(state, ticket_id, now))
                         )
         return now, customers, tickets
 
@@ -652,15 +721,15 @@ class InteractionsService:
         include_open_tickets: bool,
     ) -> tuple[
         datetime,
-        list[tuple[uuid.UUID | None, dict[str, float] | None]],
-        list[tuple[uuid.UUID, str, dict[str, float] | None]],
+        list[tuple[uuid.UUID | None, FeatureValues | None]],
+        list[tuple[uuid.UUID, str, FeatureValues | None]],
     ]:
         """Live features of each referenced customer ((None, None) for one not
         found) and of the tickets, as of one time."""
         resolved = await self.roots_of_refs(refs)
         roots = [root or uuid.UUID(int=0) for root in resolved]
         as_of, values, tickets = await self.live_features(roots, ticket_ids, include_open_tickets)
-        customers: list[tuple[uuid.UUID | None, dict[str, float] | None]] = [
+        customers: list[tuple[uuid.UUID | None, FeatureValues | None]] = [
             (root, found) if root is not None else (None, None)
             for root, found in zip(resolved, values, strict=True)
         ]
@@ -675,17 +744,16 @@ class InteractionsService:
 
     async def point_in_time(
         self, queries: Sequence[tuple[uuid.UUID, datetime, str]], as_recorded: bool
-    ) -> list[tuple[dict[str, float], dict[str, float] | None]]:
+    ) -> list[tuple[FeatureValues, FeatureValues | None]]:
         """Features as of each (customer, time, ticket): only interactions that
         occurred strictly before the time count."""
+        features = self.feature_set
         roots = await self.store.roots(list({c for c, _, _ in queries}))
         groups: dict[uuid.UUID, list[int]] = {}
         for index, (customer, _, _) in enumerate(queries):
             groups.setdefault(roots.get(customer, customer), []).append(index)
         members = await self.store.members(list(groups))
-        results: list[tuple[dict[str, float], dict[str, float] | None]] = [({}, None)] * len(
-            queries
-        )
+        results: list[tuple[FeatureValues, FeatureValues | None]] = [({}, None)] * len(queries)
         for root, indexes in groups.items():
             latest = max(queries[i][1] for i in indexes)
             rows = await self.store.events_before(members.get(root, [root]), latest)
@@ -697,12 +765,10 @@ class InteractionsService:
                         for r in rows
                         if r.occurred_at < as_of and r.recorded_at <= as_of
                     ]
-                    results[i] = feature_engine.features_at_cutoffs(
-                        known, [as_of], [queries[i][2]]
-                    )[0]
+                    results[i] = features.features_at_cutoffs(known, [as_of], [queries[i][2]])[0]
                 continue
             events = [event_of(r) for r in rows]
-            computed = feature_engine.features_at_cutoffs(
+            computed = features.features_at_cutoffs(
                 events, [queries[i][1] for i in indexes], [queries[i][2] for i in indexes]
             )
             for i, value in zip(indexes, computed, strict=True):

@@ -8,19 +8,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from converge.features import engine as feature_engine
 from converge.interactions.convert import (
-    check_feature_set_version,
-    definitions_pb,
     erase_request,
     export_request,
     export_response,
-    features_request,
-    features_response,
     ingest_response,
     interaction_pb,
-    point_in_time_request,
-    point_in_time_response,
     purge_request,
     read_ingest_message,
     record_request,
@@ -31,6 +24,13 @@ from converge.interactions.convert import (
     timeline_response,
     type_pb,
     type_spec_of,
+)
+from converge.interactions.feature_convert import (
+    definitions_response,
+    features_request,
+    features_response,
+    point_in_time_request,
+    point_in_time_response,
 )
 from converge.interactions.service import InteractionsService
 from converge.runtime.cursors import commit_cursor
@@ -120,21 +120,16 @@ class InteractionsServicer(interactions_pb2_grpc.InteractionsServiceServicer):
         request: interactions_pb2.ListFeatureDefinitionsRequest,
         context: grpc.aio.ServicerContext,
     ) -> interactions_pb2.ListFeatureDefinitionsResponse:
-        check_feature_set_version(request.feature_set_version, "feature_set_version")
-        return interactions_pb2.ListFeatureDefinitionsResponse(
-            feature_set_version=feature_engine.FEATURE_SET_VERSION,
-            definitions=definitions_pb(request.entity),
-            served_versions=[feature_engine.FEATURE_SET_VERSION],
-        )
+        return definitions_response(request, self.service.feature_set)
 
     async def GetFeatures(
         self, request: interactions_pb2.GetFeaturesRequest, context: grpc.aio.ServicerContext
     ) -> interactions_pb2.GetFeaturesResponse:
-        refs, names = features_request(request)
+        refs, names = features_request(request, self.service.feature_set)
         as_of, customers, tickets = await self.service.features(
             refs, list(request.ticket_ids), request.include_open_tickets
         )
-        return features_response(as_of, customers, tickets, names)
+        return features_response(as_of, customers, tickets, names, self.service.feature_set.version)
 
     async def GetPointInTimeFeatures(
         self,
@@ -142,9 +137,10 @@ class InteractionsServicer(interactions_pb2_grpc.InteractionsServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[interactions_pb2.GetPointInTimeFeaturesResponse]:
         async for request in request_iterator:
-            queries, names = point_in_time_request(request)
+            features = self.service.feature_set
+            queries, names = point_in_time_request(request, features)
             computed = await self.service.point_in_time(queries, request.as_recorded)
-            yield point_in_time_response(request, queries, computed, names)
+            yield point_in_time_response(request, queries, computed, names, features.version)
 
     async def PurgeInteractions(
         self, request: interactions_pb2.PurgeInteractionsRequest, context: grpc.aio.ServicerContext

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from converge.features.config import FeatureSetError, load_feature_set
 from converge.runtime.settings import ServiceSettings
 
 
@@ -67,3 +68,28 @@ class InteractionsSettings(ServiceSettings):
         gt=0,
         description="Seconds between the change feed's reads when no notification came.",
     )
+    # Which features are served and kept live. Changing it rebuilds the live
+    # states in the background at the next start (see service.py,
+    # rebuild_stale_states); ingest and reads go on meanwhile.
+    feature_set: str = Field(
+        default="",
+        description="The feature set served: a shipped set's name (itsm_incidents, "
+        "cdnow_purchases, telco_customers) or the path of a YAML file; empty serves the "
+        "built-in set.",
+    )
+    state_rebuild_batch: int = Field(
+        default=500,
+        ge=1,
+        le=10_000,
+        description="Customers whose live state the background rebuild redoes per transaction.",
+    )
+
+    @field_validator("feature_set")
+    @classmethod
+    def _loads(cls, value: str) -> str:
+        """Loaded once here so that a wrong file stops the start, naming its line."""
+        try:
+            load_feature_set(value)
+        except FeatureSetError as error:
+            raise ValueError(str(error)) from None
+        return value

@@ -86,6 +86,23 @@ RETURNING s.customer_id, s.xmin
 """
 STATE_VERSIONS = "SELECT customer_id, xmin FROM customer_state WHERE customer_id = ANY($1::uuid[])"
 
+# States kept under another state version than the one served (a changed
+# feature set), in customer order after a cursor, for the background rebuild.
+# (An empty placeholder exists only inside an ingest's transaction.)
+STALE_STATES = """
+SELECT customer_id, xmin FROM customer_state
+WHERE customer_id > $1 AND length(state) > 0
+  AND convert_from(state, 'UTF8')::jsonb ->> 'version' IS DISTINCT FROM $2
+ORDER BY customer_id
+LIMIT $3
+"""
+# Locks states in the order ingests lock them (see LOCK_STATES), so a rebuild
+# and an ingest wait for each other and never deadlock.
+LOCK_STATES_IN_ORDER = """
+SELECT customer_id FROM customer_state WHERE customer_id = ANY($1::uuid[])
+ORDER BY customer_id FOR UPDATE
+"""
+
 # A customer and every customer merged into it, recursively, as followed from
 # the identity service; the root is the customer the links end at.
 ROOTS = """
@@ -782,6 +799,32 @@ class InteractionsStore:
                     limit,
                 )
             )
+
+    async def stale_states(
+        self, state_version: str, after: uuid.UUID, limit: int
+    ) -> list[tuple[uuid.UUID, int]]:
+        """Up to `limit` customers after `after` whose kept state is of
+        another state version, each with the version (row xmin) read."""
+        async with self.pool.acquire() as connection:
+            rows = await connection.fetch(STALE_STATES, after, state_version, limit)
+        return [(r["customer_id"], r["xmin"]) for r in rows]
+
+    async def replace_states(
+        self, states: dict[uuid.UUID, dict[str, Any]], versions: dict[uuid.UUID, int]
+    ) -> set[uuid.UUID]:
+        """Writes each state over the version it was read at (compare and
+        set): a state an ingest rewrote since is left as that ingest wrote it
+        (ingest rebuilds a stale state itself, with its own rows). Returns the
+        customers written."""
+        customers = sorted(states)
+        dumped = await _dump_states(states, customers)
+        async with self.pool.acquire() as connection, connection.transaction():
+            await connection.execute(LOCK_STATES_IN_ORDER, customers)
+            written = await connection.fetch(
+                WRITE_STATES, customers, dumped, [versions[c] for c in customers]
+            )
+        self.state_cache.forget(customers)
+        return {r["customer_id"] for r in written}
 
     async def events_before(
         self, members: Sequence[uuid.UUID], until: datetime

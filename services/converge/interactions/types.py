@@ -85,6 +85,31 @@ def _type(
 
 _TICKET: tuple[RequiredField, ...] = ("ticket_id",)
 _PRODUCT: tuple[RequiredField, ...] = ("product_id",)
+# The fields service desks keep on every incident, declared (optional text)
+# on every ticket type, so that an export's updates can carry the values the
+# ticket has at that moment and feature sets can read them ("the ticket's
+# own attributes at the cutoff"). Other attributes still need a custom type.
+SERVICE_DESK_ATTRIBUTES: tuple[tuple[str, str], ...] = (
+    ("category", "What the ticket is about."),
+    ("subcategory", "The subcategory, within the category."),
+    ("symptom", "The symptom reported."),
+    ("location", "Where the problem is."),
+    ("assignment_group", "The group the ticket is assigned to now."),
+    ("contact_type", "How the ticket came in, as the service desk names it."),
+    ("impact", "The impact, as the service desk rates it."),
+    ("urgency", "The urgency, as the service desk rates it."),
+    ("configuration_item", "The configuration item (system, device) concerned."),
+)
+
+
+def _ticket_type(name: str, description: str, *attributes: AttributeSpec) -> InteractionTypeSpec:
+    declared = {a.name for a in attributes}
+    common = tuple(
+        _attr(field, "string", text, required=False)
+        for field, text in SERVICE_DESK_ATTRIBUTES
+        if field not in declared
+    )
+    return _type(name, description, *attributes, *common, required_fields=_TICKET)
 
 
 def _conversation(medium: str) -> InteractionTypeSpec:
@@ -130,47 +155,41 @@ def _marketing(event: str) -> InteractionTypeSpec:
 
 
 _BUILT_IN_LIST: tuple[InteractionTypeSpec, ...] = (
-    _type(
+    _ticket_type(
         "ticket.opened",
         "A support ticket was opened.",
         _attr("priority", "string", "Initial priority.", allowed=PRIORITIES),
         _attr("category", "string", "What the ticket is about.", required=False),
         _attr("sla_due_at", "timestamp", "When the SLA runs out.", required=False),
-        required_fields=_TICKET,
     ),
-    _type(
+    _ticket_type(
         "ticket.updated",
         "A support ticket was updated.",
         _attr("by", "string", "Who updated it.", required=False, allowed=("customer", "agent")),
-        required_fields=_TICKET,
     ),
-    _type(
+    _ticket_type(
         "ticket.priority_changed",
         "A support ticket's priority changed.",
         _attr("priority", "string", "The new priority.", allowed=PRIORITIES),
         _attr("previous_priority", "string", "The priority before.", allowed=PRIORITIES),
-        required_fields=_TICKET,
     ),
-    _type(
+    _ticket_type(
         "ticket.reassigned",
         "A support ticket moved to another team.",
         _attr("team", "string", "The team now assigned."),
         _attr("previous_team", "string", "The team before.", required=False),
-        required_fields=_TICKET,
     ),
-    _type(
+    _ticket_type(
         "ticket.escalated",
         "A support ticket was escalated.",
         _attr("level", "number", "The escalation level reached.", required=False),
-        required_fields=_TICKET,
     ),
-    _type("ticket.reopened", "A resolved support ticket was reopened.", required_fields=_TICKET),
-    _type("ticket.resolved", "A support ticket was resolved.", required_fields=_TICKET),
-    _type(
+    _ticket_type("ticket.reopened", "A resolved support ticket was reopened."),
+    _ticket_type("ticket.resolved", "A support ticket was resolved."),
+    _ticket_type(
         "ticket.sla_breached",
         "A support ticket breached its SLA.",
         _attr("sla", "string", "Which SLA.", allowed=("first_response", "resolution")),
-        required_fields=_TICKET,
     ),
     _conversation("chat"),
     _conversation("call"),
