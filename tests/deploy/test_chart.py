@@ -209,7 +209,7 @@ def test_no_secret_value_appears_in_any_manifest(value_set: Any) -> None:
     assert "postgresql://" not in text and "password:" not in text.lower()
     secret = values["database"]["existingSecret"]
     for name, spec in pod_specs(manifests):
-        for container in spec["containers"]:
+        for container in [*spec.get("initContainers", []), *spec["containers"]]:
             for env in container.get("env", []):
                 if env["name"] in {
                     "DATABASE_URL",
