@@ -4,6 +4,7 @@ manifest validated strictly against the schemas of a current Kubernetes."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -178,11 +179,16 @@ def test_each_configmap_is_settings_its_service_accepts(
 
 
 def test_services_call_each_other_through_dns_round_robin_targets(value_set: Any) -> None:
-    _, _, manifests = value_set
+    _, values, manifests = value_set
     configs = by_component(manifests, "ConfigMap")
     if "interactions" in configs:
         target = configs["interactions"]["data"]["CONVERGE_INTERACTIONS_IDENTITY_ADDRESS"]
         assert target == f"dns:///{RELEASE}-converge-identity.{NAMESPACE}.svc.cluster.local:50051"
+    if "identity" in configs:
+        peers = json.loads(configs["identity"]["data"]["CONVERGE_IDENTITY_PEER_SERVICES"])
+        assert sorted(peers) == sorted(set(enabled_services(values)) - {"identity"})
+        for peer, address in peers.items():
+            assert address.startswith(f"dns:///{RELEASE}-converge-{peer}.")
 
 
 # --- security ----------------------------------------------------------------------

@@ -127,8 +127,8 @@ imagePullSecrets:
 {{- $callers := dict
   "identity" (list "interactions" "scoring" "recommendation" "retraining" "test")
   "interactions" (list "identity" "scoring" "recommendation" "retraining" "test")
-  "scoring" (list "recommendation" "test")
-  "recommendation" (list "test")
+  "scoring" (list "identity" "recommendation" "test")
+  "recommendation" (list "identity" "test")
   "mlflow" (list "scoring" "retraining" "test")
   "postgresql" (list "identity" "interactions" "scoring" "recommendation" "mlflow" "migrations")
 }}
