@@ -30,6 +30,16 @@ Registry features of CATEGORY aggregation (ticket priority, channel,
 category) become categorical columns with the definition's categories plus
 "other". Missing values are NaN, never 0.
 
+By definitions (what `converge models train` runs): `build_defined` (the
+services) and `build_defined_events` (in-process) take a
+`converge.models.definitions.Definitions`, hold only the label types
+compactly (`converge.models.history`), take the end of history from the data
+unless told, raise `TooLittleData` saying what to change, ask the features
+point in time in batches of `PIT_BATCH` straight into arrays, and return a
+`BuildReport` (cutoffs, counts, the ticket closing policy's counts) with the
+frame. Every frame's categorical columns take their categories from the
+input schema learned in `assemble_columns`.
+
 Entity ids: the customer key (churn), the ticket id (escalation),
 "<customer key>:<product>" (cross-sell). The frame also carries `customer`
 and `ticket_id` / `product` columns that are not features.
