@@ -300,6 +300,10 @@ class FeatureSet:
         self.by_name = {d.name: d for d in self.definitions}
         self.version = f"{name}-{_digest([asdict(d) for d in self.definitions])}"
         self.customer_names = tuple(d.name for d in self.definitions if d.entity == "customer")
+        # The features whose values are text (CATEGORY), the others are numbers.
+        self.category_names = frozenset(
+            d.name for d in self.definitions if d.aggregation == "category"
+        )
         self.ticket_names = tuple(d.name for d in self.definitions if d.entity == "ticket")
         self._collect_selectors()
         self.max_window = max([d.window_days or 0 for d in self.definitions] + [1])

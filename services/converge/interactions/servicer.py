@@ -129,7 +129,7 @@ class InteractionsServicer(interactions_pb2_grpc.InteractionsServiceServicer):
         as_of, customers, tickets = await self.service.features(
             refs, list(request.ticket_ids), request.include_open_tickets
         )
-        return features_response(as_of, customers, tickets, names, self.service.feature_set.version)
+        return features_response(as_of, customers, tickets, names, self.service.feature_set)
 
     async def GetPointInTimeFeatures(
         self,
@@ -140,7 +140,7 @@ class InteractionsServicer(interactions_pb2_grpc.InteractionsServiceServicer):
             features = self.service.feature_set
             queries, names = point_in_time_request(request, features)
             computed = await self.service.point_in_time(queries, request.as_recorded)
-            yield point_in_time_response(request, queries, computed, names, features.version)
+            yield point_in_time_response(request, queries, computed, names, features)
 
     async def PurgeInteractions(
         self, request: interactions_pb2.PurgeInteractionsRequest, context: grpc.aio.ServicerContext
