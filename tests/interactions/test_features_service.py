@@ -56,6 +56,8 @@ def _random_history(rng: random.Random, customer: common_pb2.CustomerRef, tag: s
             fields = {"ticket_id": f"{tag}-T{rng.randrange(3)}"}
             if kind == "ticket.opened":
                 attributes = {"priority": text(rng.choice(["low", "normal", "high", "urgent"]))}
+                if rng.random() < 0.7:
+                    attributes["category"] = text(rng.choice(["network", "billing", "Quantum"]))
         elif kind == "conversation.call":
             attributes = {"direction": text("inbound")}
             fields = {"sentiment": rng.uniform(-1, 1)}
@@ -152,6 +154,7 @@ async def test_live_features_equal_point_in_time_features_at_the_same_moment(pla
     assert len(pit.results) == len(customers)
     for vector, result in zip(live.customers, pit.results, strict=True):
         assert dict(vector.values) == dict(result.customer.values)
+        assert dict(vector.category_values) == dict(result.customer.category_values)
         assert len(vector.values) > 20
 
     ticket_queries = [
@@ -167,6 +170,10 @@ async def test_live_features_equal_point_in_time_features_at_the_same_moment(pla
     [pit_tickets] = [r async for r in replies]
     for vector, result in zip(live.tickets, pit_tickets.results, strict=True):
         assert dict(vector.values) == dict(result.ticket.values)
+        assert dict(vector.category_values) == dict(result.ticket.category_values)
+    # Categorical features (text) are served both ways too; configured sets
+    # with filters: test_feature_sets_service.py.
+    assert any("ticket_category" in t.category_values for t in live.tickets)
 
 
 async def test_an_event_after_a_cutoff_cannot_reach_that_cutoffs_features(platform) -> None:
