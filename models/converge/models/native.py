@@ -161,10 +161,7 @@ class NativeModel:
                 # Unseen values become "other" where training grouped rare
                 # values there, else NaN (pandas no longer does it silently).
                 unseen = ~values.isin(levels) & values.notna()
-                if OTHER in levels:
-                    values = values.where(~unseen, OTHER)
-                else:
-                    values = values.where(~unseen)
+                values = values.where(~unseen, OTHER) if OTHER in levels else values.where(~unseen)
                 columns[name] = pd.Categorical(values, categories=list(levels))
             elif not pd.api.types.is_numeric_dtype(values.dtype) or pd.api.types.is_bool_dtype(
                 values.dtype
