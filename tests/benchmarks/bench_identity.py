@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import asyncpg
 import grpc
 
+from converge.connectors.importer import ROWS_PER_MESSAGE
 from converge.v1 import common_pb2, identity_pb2, identity_pb2_grpc
 from tests.benchmarks.harness import BenchEnv, closed_loop, percentile
 
@@ -36,7 +37,10 @@ def _row(i: int, tag: str) -> identity_pb2.BulkResolveRequest:
 
 
 def _rows(count: int, tag: str) -> Iterator[identity_pb2.BulkResolveRequest]:
-    return (_row(i, tag) for i in range(count))
+    """The rows in messages of ROWS_PER_MESSAGE, as `converge import` sends them."""
+    for start in range(0, count, ROWS_PER_MESSAGE):
+        end = min(start + ROWS_PER_MESSAGE, count)
+        yield identity_pb2.BulkResolveRequest(rows=[_row(i, tag) for i in range(start, end)])
 
 
 async def _raw_asyncpg_inserts(database: str, count: int) -> float:

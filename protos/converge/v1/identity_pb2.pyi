@@ -1040,6 +1040,7 @@ class BulkResolveRequest(_message.Message):
     RESOLVE_FIELD_NUMBER: _builtins.int
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     PROFILE_EFFECTIVE_AT_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
     row_ref: _builtins.str
     """Caller's row number or key, echoed in rejections."""
     @_builtins.property
@@ -1059,6 +1060,14 @@ class BulkResolveRequest(_message.Message):
         this time on). Unset: now. Not in the future (5 minutes of clock skew).
         """
 
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___BulkResolveRequest]:
+        """More rows in the same message, resolved after this message's own row
+        (when its `resolve` is set), each as if sent alone: one message per row
+        caps a Python gRPC stream at a few thousand rows a second. A row inside
+        `rows` has no `rows` of its own (such a row is rejected).
+        """
+
     def __init__(
         self,
         *,
@@ -1066,10 +1075,11 @@ class BulkResolveRequest(_message.Message):
         resolve: Global___ResolveRequest | None = ...,
         update_mask: _field_mask_pb2.FieldMask | None = ...,
         profile_effective_at: _timestamp_pb2.Timestamp | None = ...,
+        rows: _abc.Iterable[Global___BulkResolveRequest] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["profile_effective_at", b"profile_effective_at", "resolve", b"resolve", "update_mask", b"update_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["profile_effective_at", b"profile_effective_at", "resolve", b"resolve", "row_ref", b"row_ref", "update_mask", b"update_mask"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["profile_effective_at", b"profile_effective_at", "resolve", b"resolve", "row_ref", b"row_ref", "rows", b"rows", "update_mask", b"update_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

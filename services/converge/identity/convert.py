@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -174,13 +175,27 @@ def _profile_field(
     return _tagged(profile.attributes[attribute], f"{path}.attributes[{attribute}]", violations)
 
 
+@functools.lru_cache(maxsize=4096)
+def _is_attribute_name(name: str) -> bool:
+    """(Cached: a bulk import names the same few attributes on every row.)"""
+    return _ATTRIBUTE_NAME.match(name) is not None
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_profile_path(name: str) -> bool:
+    """A field an update mask may name: a built-in field or "attributes.<name>"."""
+    return name in BUILTIN_PROFILE_FIELDS or (
+        name.startswith("attributes.") and _is_attribute_name(name.removeprefix("attributes."))
+    )
+
+
 def _check_attribute_names(
     profile: identity_pb2.Profile, path: str, violations: Violations
 ) -> None:
     if len(profile.attributes) > MAX_ATTRIBUTES:
         violations.add(f"{path}.attributes", f"at most {MAX_ATTRIBUTES} attributes")
     for name in profile.attributes:
-        if not _ATTRIBUTE_NAME.match(name):
+        if not _is_attribute_name(name):
             violations.add(
                 f"{path}.attributes[{name[:64]}]", "name must match [a-z][a-z0-9_]{0,62}"
             )
@@ -191,13 +206,26 @@ def parse_profile(
 ) -> ProfileFields:
     """Every field set in the message (creation, resolve)."""
     _check_attribute_names(profile, path, violations)
-    names = [
-        *_STRING_FIELDS,
-        "signup_date",
-        "lifetime_value",
-        *(f"attributes.{a}" for a in profile.attributes),
-    ]
+    names = [*_STRING_FIELDS, "signup_date", "lifetime_value"]
     fields = {name: _profile_field(profile, name, path, violations) for name in names}
+    for attribute, value in profile.attributes.items():
+        # Valid values the common way, without building their field path (a
+        # bulk import checks millions); anything else takes `_tagged`.
+        which = value.WhichOneof("value")
+        tagged: TaggedValue | None
+        if which == "bool_value":
+            tagged = {"b": value.bool_value}
+        elif which == "number_value" and math.isfinite(value.number_value):
+            tagged = {"n": value.number_value}
+        elif (
+            which == "string_value"
+            and len(text := value.string_value) <= MAX_ATTRIBUTE_TEXT
+            and "\x00" not in text
+        ):
+            tagged = {"s": text}
+        else:
+            tagged = _tagged(value, f"{path}.attributes[{attribute}]", violations)
+        fields[f"attributes.{attribute}"] = tagged
     return {name: value for name, value in fields.items() if value is not None}
 
 
@@ -289,8 +317,57 @@ def parse_resolve(
     return identifiers, profile, actor, idempotency
 
 
+def bulk_rows(
+    item: identity_pb2.BulkResolveRequest,
+) -> Iterator[tuple[identity_pb2.BulkResolveRequest, bool]]:
+    """The rows one BulkResolve message carries, each with whether it came
+    inside `rows`: the message's own row (when it has a resolve, or carries
+    nothing else: then refused as a row without identifiers), then `rows`."""
+    if item.HasField("resolve") or not item.rows:
+        yield item, False
+    for row in item.rows:
+        yield row, True
+
+
+def _masked_fields(
+    profile: ProfileFields, paths: Sequence[str], mask_path: str, violations: Violations
+) -> ProfileFields:
+    """The fields of an already parsed profile that an update mask names
+    (a named field left unset is not changed); unknown names are violations."""
+    for i, name in enumerate(paths):
+        if not _is_profile_path(name):
+            violations.add(f"{mask_path}.paths[{i}]", f"unknown profile field {name[:80]!r}")
+    return {name: profile[name] for name in paths if name in profile}
+
+
+def _fingerprinted_row(item: identity_pb2.BulkResolveRequest) -> identity_pb2.BulkResolveRequest:
+    """What a row's idempotency key must match on a re-send: the row without
+    its row_ref (a re-sent row is the same row whatever its number) and with
+    its update mask (a changed mask makes it another request).
+
+    Built as before rows could share a message (keys stored then still
+    match): the mask and effective time present even when empty. A row that
+    is only itself is changed in place rather than copied, once its
+    row_ref and effective time have been read: a copy of each row's
+    profile cost more than the rest of its checks."""
+    if item.rows:
+        return identity_pb2.BulkResolveRequest(
+            resolve=item.resolve,
+            update_mask=item.update_mask,
+            profile_effective_at=item.profile_effective_at,
+        )
+    item.ClearField("row_ref")
+    item.update_mask.SetInParent()
+    item.profile_effective_at.SetInParent()
+    return item
+
+
 def parse_bulk_row(
-    item: identity_pb2.BulkResolveRequest, received: int, settings: IdentitySettings
+    item: identity_pb2.BulkResolveRequest,
+    received: int,
+    settings: IdentitySettings,
+    *,
+    nested: bool = False,
 ) -> tuple[str, BulkRow | InvalidArgument]:
     """One row of a bulk resolve with its reference (its number in the stream
     when it has none), or why it is refused."""
@@ -298,34 +375,21 @@ def parse_bulk_row(
     v = Violations()
     # Echoed in the answer: a huge one would make it too big to send.
     v.check(len(item.row_ref) <= MAX_ROW_REF, "row_ref", f"longer than {MAX_ROW_REF}")
-    # A re-sent row is the same row whatever its row_ref; a changed
-    # update mask makes it a different request.
+    v.check(not (nested and item.rows), "rows", "a row inside rows carries no rows")
+    has_effective_at = item.HasField("profile_effective_at")
     identifiers, profile, actor, idempotency = parse_resolve(
-        item.resolve,
-        "resolve",
-        v,
-        settings,
-        identity_pb2.BulkResolveRequest(
-            resolve=item.resolve,
-            update_mask=item.update_mask,
-            profile_effective_at=item.profile_effective_at,
-        ),
+        item.resolve, "resolve", v, settings, _fingerprinted_row(item)
     )
     effective_at = None
-    if item.HasField("profile_effective_at"):
+    if has_effective_at:
         effective_at = parse_time(item.profile_effective_at, "profile_effective_at", v)
         if effective_at is not None and effective_at > datetime.now(UTC) + MAX_CLOCK_SKEW:
             v.add("profile_effective_at", "must not be in the future")
     upsert = None
     if item.update_mask.paths:
-        changes = parse_profile_mask(
-            item.resolve.profile,
-            list(item.update_mask.paths),
-            "resolve.profile",
-            "update_mask",
-            v,
-        )
-        upsert = {k: val for k, val in changes.items() if val is not None}
+        # (The profile is parsed and checked once, above: an import's rows
+        # name every field twice, in the profile and in the mask.)
+        upsert = _masked_fields(profile, item.update_mask.paths, "update_mask", v)
     if v.found:
         return row_ref, InvalidArgument(v.found)
     return row_ref, BulkRow(

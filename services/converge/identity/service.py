@@ -307,9 +307,13 @@ class IdentityService:
         Each row comes with its reference, or as why its checks refused it; a
         row refused is listed with its reference and the stream goes on."""
         summary = BulkSummary()
-        batch: list[tuple[str, BulkRow]] = []
 
-        async def flush() -> None:
+        async def flush(
+            batch: list[tuple[str, BulkRow]], refused: list[tuple[str, str, str]]
+        ) -> None:
+            summary.rejections.extend(refused)
+            if not batch:
+                return
             outcomes = await self.resolve_batch([row for _, row in batch])
             for (row_ref, _), outcome in zip(batch, outcomes, strict=True):
                 if isinstance(outcome.error, ConvergeError):
@@ -322,30 +326,61 @@ class IdentityService:
                 summary.created += outcome.created
                 summary.matched += not outcome.created
                 summary.merged += outcome.merges
-            batch.clear()
 
-        async for row_ref, row in rows:
-            summary.received += 1
-            if isinstance(row, InvalidArgument):
-                summary.rejections.append((row_ref, violated_field(row), row.message))
-                continue
-            batch.append((row_ref, row))
-            if len(batch) >= BULK_BATCH:
-                await flush()
-        if batch:
-            await flush()
+        # A batch is written while the next one is read and checked, so the
+        # database's work and this process's overlap; batches are still
+        # written one at a time, in stream order.
+        writing: asyncio.Future[None] | None = None
+        batch: list[tuple[str, BulkRow]] = []
+        refused: list[tuple[str, str, str]] = []
+        try:
+            async for row_ref, row in rows:
+                summary.received += 1
+                if isinstance(row, InvalidArgument):
+                    refused.append((row_ref, violated_field(row), row.message))
+                    continue
+                batch.append((row_ref, row))
+                if len(batch) >= BULK_BATCH:
+                    if writing is not None:
+                        await writing
+                    writing = asyncio.ensure_future(flush(batch, refused))
+                    batch, refused = [], []
+            if writing is not None:
+                await writing
+            await flush(batch, refused)
+        finally:
+            if writing is not None and not writing.done():
+                writing.cancel()  # the stream broke off: its batch rolls back
+                await asyncio.gather(writing, return_exceptions=True)
         return summary
 
     async def resolve_batch(self, rows: Sequence[BulkRow]) -> list[BulkOutcome]:
-        """Resolves many rows: those that only bring new identifiers (the bulk of
-        an import) are created together in one transaction; the rest, and every
-        row of a batch that raced with another writer, go one by one."""
-        outcomes: dict[int, BulkOutcome] = {}
-        for index in await self._create_fresh_rows(rows):
+        """Resolves many rows with the effects of resolving them one by one, in
+        order, but set-based where it can: rows sent before are answered from
+        their saved results in one read; rows that only bring new identifiers
+        (the bulk of a first import) are created together, and rows that only
+        touch customers known by every identifier (a re-import with changed
+        values) are updated together, each group in one transaction. The rest,
+        and every row of a group that raced with another writer, go one by one."""
+        outcomes = await self._replayed_rows(rows)
+        pending = [i for i in range(len(rows)) if i not in outcomes]
+        for index in await self._create_fresh_rows(rows, pending):
             outcomes[index] = BulkOutcome(created=True)
-        for index, row in enumerate(rows):
-            if index in outcomes:
-                continue
+        pending = [i for i in pending if i not in outcomes]
+        for index in await self._update_known_rows(rows, pending):
+            outcomes[index] = BulkOutcome()
+        rest = [i for i in range(len(rows)) if i not in outcomes]
+        outcomes.update(
+            zip(rest, await self.resolve_one_by_one([rows[i] for i in rest]), strict=True)
+        )
+        return [outcomes[i] for i in range(len(rows))]
+
+    async def resolve_one_by_one(self, rows: Sequence[BulkRow]) -> list[BulkOutcome]:
+        """Resolves rows in order, each in a transaction of its own, as
+        Resolve would: what `resolve_batch` leaves to it, and what its
+        set-based paths must equal."""
+        outcomes: list[BulkOutcome] = []
+        for row in rows:
             try:
                 result = await self._resolve_core(
                     sorted(set(row.identifiers)),
@@ -357,7 +392,7 @@ class IdentityService:
                     row.effective_at,
                 )
             except ConvergeError as error:
-                outcomes[index] = BulkOutcome(error=error)
+                outcomes.append(BulkOutcome(error=error))
                 continue
             except Exception as error:
                 if translate(error) is not None:
@@ -365,13 +400,15 @@ class IdentityService:
                 # One row the checks let through and the database refused: that
                 # row is rejected, the rest of the stream goes on.
                 logger.exception("bulk resolve: a row failed unexpectedly")
-                outcomes[index] = BulkOutcome(error=InternalError("this row could not be stored"))
+                outcomes.append(BulkOutcome(error=InternalError("this row could not be stored")))
                 continue
-            outcomes[index] = BulkOutcome(
-                created=bool(result["created"]) and not result.get("replayed", False),
-                merges=len(result["merge_ids"]),
+            outcomes.append(
+                BulkOutcome(
+                    created=bool(result["created"]) and not result.get("replayed", False),
+                    merges=len(result["merge_ids"]),
+                )
             )
-        return [outcomes[i] for i in range(len(rows))]
+        return outcomes
 
     async def batch_resolve(
         self, rows: Sequence[BulkRow]
@@ -393,21 +430,42 @@ class IdentityService:
             results.append((outcome, survivor, found))
         return results
 
-    async def _create_fresh_rows(self, rows: Sequence[BulkRow]) -> set[int]:
-        """Creates, in one transaction, the rows none of whose identifiers is
-        known or shared with another row of the batch; returns their indexes."""
+    async def _replayed_rows(self, rows: Sequence[BulkRow]) -> dict[int, BulkOutcome]:
+        """The rows whose idempotency key a finished request already used: its
+        result again (a re-run of an import), or the refusal of a key reused
+        for other content, as `_run` answers them one by one."""
+        keys = {row.idempotency.key for row in rows if row.idempotency is not None}
+        if not keys:
+            return {}
+        async with self.store.connection() as tx:
+            saved = await tx.saved_results("Resolve", sorted(keys))
+        outcomes: dict[int, BulkOutcome] = {}
+        for index, row in enumerate(rows):
+            if row.idempotency is None or row.idempotency.key not in saved:
+                continue
+            fingerprint, result = saved[row.idempotency.key]
+            if fingerprint != row.idempotency.fingerprint:
+                outcomes[index] = BulkOutcome(error=_fingerprint_mismatch())
+            elif result is not None:  # (None: still running; one by one waits for it)
+                outcomes[index] = BulkOutcome(merges=len(result["merge_ids"]))
+        return outcomes
+
+    async def _create_fresh_rows(self, rows: Sequence[BulkRow], pending: Sequence[int]) -> set[int]:
+        """Creates, in one transaction, the pending rows none of whose
+        identifiers is known or shared with another pending row; returns their
+        indexes."""
         # A key given to two rows of the batch is a replay or a refusal, decided
         # one by one; here both would be created under it.
-        key_uses = Counter(row.idempotency.key for row in rows if row.idempotency is not None)
+        key_uses = _key_uses(rows, pending)
         owner_row: dict[NormalizedIdentifier, int] = {}
-        for index, row in enumerate(rows):
-            for identifier in row.identifiers:
+        for index in pending:
+            for identifier in rows[index].identifiers:
                 shared = owner_row.get(identifier, index) != index
                 owner_row[identifier] = -1 if shared else index
         candidates = [
             i
-            for i, row in enumerate(rows)
-            if not row.lookup_only
+            for i in pending
+            if not (row := rows[i]).lookup_only
             and all(owner_row[x] == i for x in row.identifiers)
             and (row.idempotency is None or key_uses[row.idempotency.key] == 1)
         ]
@@ -455,6 +513,82 @@ class IdentityService:
                 raise
             return set()  # a row the database refuses: one by one finds which
         return set(candidates)
+
+    async def _update_known_rows(self, rows: Sequence[BulkRow], pending: Sequence[int]) -> set[int]:
+        """Resolves, in one transaction, the pending rows all of whose
+        identifiers belong to one customer already (nothing to attach, nothing
+        to merge): their profile upserts in row order, then their results
+        saved. A customer that another pending row also names is left to the
+        one-by-one path with all its rows, so every customer's changes keep
+        the rows' order. Returns the indexes done."""
+        key_uses = _key_uses(rows, pending)
+        candidates = [
+            i
+            for i in pending
+            if not rows[i].lookup_only
+            and ((key := rows[i].idempotency) is None or key_uses[key.key] == 1)
+        ]
+        if not candidates:
+            return set()
+        try:
+            async with self.store.transaction() as tx:
+                roots = await tx.find_roots(
+                    sorted({x for i in pending for x in rows[i].identifiers})
+                )
+                chosen: dict[int, str] = {}
+                for i in candidates:
+                    found = {roots.get(x) for x in rows[i].identifiers}
+                    if len(found) == 1 and (root := found.pop()) is not None:
+                        chosen[i] = root
+                others = {
+                    roots[x]
+                    for i in pending
+                    if i not in chosen
+                    for x in rows[i].identifiers
+                    if x in roots
+                }
+                # The merge protection a row would meet one by one: such a
+                # customer's rows are refused there, with the reason.
+                clusters = await tx.cluster_identifiers(set(chosen.values()), self.unique_kinds)
+                for root, identifiers in clusters.items():
+                    try:
+                        self._check_unique_kinds({root: identifiers})
+                    except FailedPrecondition:
+                        others.add(root)
+                chosen = {i: root for i, root in chosen.items() if root not in others}
+                if not chosen:
+                    return set()
+                locked = await tx.lock_customers(chosen.values())
+                if len(locked) != len(set(chosen.values())) or any(
+                    c.merged_into is not None for c in locked.values()
+                ):
+                    raise RetryableConflict()  # merged or erased since we looked
+                keys = {i: key for i in chosen if (key := rows[i].idempotency) is not None}
+                claimed = await tx.claim_idempotency_keys(
+                    "Resolve",
+                    [k.key for k in keys.values()],
+                    [k.fingerprint for k in keys.values()],
+                )
+                if len(claimed) != len(keys):
+                    raise RetryableConflict()  # a concurrent request took a key
+                await tx.update_known_profiles(
+                    [
+                        (root, rows[i].upsert or {}, rows[i].effective_at, rows[i].actor.name)
+                        for i, root in sorted(chosen.items())
+                    ]
+                )
+                await tx.save_idempotency_results(
+                    "Resolve",
+                    [key.key for key in keys.values()],
+                    [_resolve_result(chosen[i], False, [], []) for i in keys],
+                )
+        except (RetryableConflict, FailedPrecondition):
+            return set()  # raced with another writer: one by one
+        except Exception as error:
+            if translate(error) is not None:
+                raise
+            return set()  # a row the database refuses: one by one finds which
+        return set(chosen)
 
     async def _resolve_in(
         self,
@@ -845,6 +979,11 @@ def _resolve_result(
         "merge_ids": merge_ids,
         "attached": [[int(i.kind), i.source, i.value] for i in attached],
     }
+
+
+def _key_uses(rows: Sequence[BulkRow], indexes: Sequence[int]) -> Counter[str]:
+    """How many of the rows at `indexes` carry each idempotency key."""
+    return Counter(key.key for i in indexes if (key := rows[i].idempotency) is not None)
 
 
 def _already_attached(

@@ -149,9 +149,10 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
     ) -> identity_pb2.BulkResolveResponse:
         async def rows() -> AsyncIterator[tuple[str, BulkRow | InvalidArgument]]:
             received = 0
-            async for item in request_iterator:
-                received += 1
-                yield convert.parse_bulk_row(item, received, self.settings)
+            async for message in request_iterator:
+                for item, nested in convert.bulk_rows(message):
+                    received += 1
+                    yield convert.parse_bulk_row(item, received, self.settings, nested=nested)
 
         summary = await self.service.bulk_resolve(rows())
         return convert.bulk_resolve_response_pb(summary)

@@ -285,16 +285,10 @@ SELECT * FROM unnest($1::smallint[], $2::text[], $3::text[], $4::uuid[])
 ON CONFLICT (kind, source, value) DO NOTHING
 """
 
-BULK_INSERT_PROFILE_CHANGES = """
-INSERT INTO profile_changes (customer_id, field, value, effective_at, actor)
-SELECT customer_id, field, value, coalesce(effective_at, now()), $4
-FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $5::timestamptz[])
-    AS q(customer_id, field, value, effective_at)
-"""
-
+# Events in the order given (followers read them in event_id order).
 BULK_INSERT_EVENTS = """
 INSERT INTO identity_events (event_type, customer_id)
-SELECT $1, customer_id FROM unnest($2::uuid[]) AS q(customer_id)
+SELECT $1, customer_id FROM unnest($2::uuid[]) WITH ORDINALITY AS q(customer_id, n) ORDER BY n
 """
 
 BULK_CLAIM_IDEMPOTENCY_KEYS = """
@@ -309,6 +303,41 @@ UPDATE idempotency_keys k SET result = q.result
 FROM unnest($2::text[], $3::jsonb[]) AS q(key, result)
 WHERE k.method = $1 AND k.key = q.key
 """
+
+# Saved results of keys, for answering a batch's re-sent rows in one read.
+SELECT_IDEMPOTENCY_RESULTS = """
+SELECT key, fingerprint, result FROM idempotency_keys WHERE method = $1 AND key = ANY($2::text[])
+"""
+
+# The identifiers of kinds $2 held anywhere in each root's cluster (the root
+# and every customer merged into it): merge protection for a whole batch.
+CLUSTER_IDENTIFIERS = """
+WITH RECURSIVE members AS (
+    SELECT customer_id AS root, customer_id FROM customers WHERE customer_id = ANY($1::uuid[])
+    UNION ALL
+    SELECT m.root, c.customer_id FROM customers c JOIN members m ON c.merged_into = m.customer_id
+)
+SELECT m.root, i.kind, i.source, i.value
+FROM members m JOIN identifiers i USING (customer_id)
+WHERE i.kind = ANY($2::smallint[])
+"""
+
+# REFRESH_PROFILE for many customers in one statement.
+REFRESH_PROFILES = """
+UPDATE customers c SET updated_at = now(), profile = (
+    SELECT coalesce(jsonb_object_agg(field, value) FILTER (WHERE value IS NOT NULL), '{}'::jsonb)
+    FROM (
+        SELECT DISTINCT ON (field) field, value FROM profile_changes p
+        WHERE p.customer_id = c.customer_id AND p.effective_at <= now()
+        ORDER BY field, effective_at DESC, change_id DESC
+    ) latest)
+WHERE c.customer_id = ANY($1::uuid[])
+"""
+
+TRANSACTION_TIME = "SELECT now()"
+
+# COPY's columns for profile changes (change_id and recorded_at take their defaults).
+PROFILE_CHANGE_COLUMNS = ("customer_id", "field", "value", "effective_at", "actor")
 
 NIL_UUID = uuid.UUID(int=0)
 
@@ -519,6 +548,65 @@ class IdentityTransaction:
     ) -> None:
         await self.connection.execute(BULK_SAVE_IDEMPOTENCY_RESULTS, method, keys, results)
 
+    async def saved_results(
+        self, method: str, keys: Sequence[str]
+    ) -> dict[str, tuple[bytes, dict[str, Any] | None]]:
+        """Each key already used: its request's fingerprint and saved result
+        (None while the request that claimed it is still running)."""
+        rows = await self.connection.fetch(SELECT_IDEMPOTENCY_RESULTS, method, list(keys))
+        return {r["key"]: (bytes(r["fingerprint"]), r["result"]) for r in rows}
+
+    async def cluster_identifiers(
+        self, roots: Iterable[str], kinds: Iterable[IdentifierKind]
+    ) -> dict[str, list[NormalizedIdentifier]]:
+        """The identifiers of the given kinds in each root's cluster."""
+        rows = await self.connection.fetch(
+            CLUSTER_IDENTIFIERS, [uuid.UUID(r) for r in roots], [int(k) for k in kinds]
+        )
+        found: dict[str, list[NormalizedIdentifier]] = {}
+        for r in rows:
+            found.setdefault(str(r["root"]), []).append(
+                NormalizedIdentifier(IdentifierKind(r["kind"]), r["source"], r["value"])
+            )
+        return found
+
+    async def copy_profile_changes(
+        self, changes: Sequence[tuple[uuid.UUID, ProfileFields, datetime | None, str]]
+    ) -> None:
+        """Writes many customers' profile changes with COPY, in the order
+        given (so change_id keeps it); a change without a time takes effect
+        at the transaction's time, as `record_profile_changes` does."""
+        now: datetime = await self.connection.fetchval(TRANSACTION_TIME)
+        await self.connection.copy_records_to_table(
+            "profile_changes",
+            records=[
+                (customer_id, field, value, effective_at or now, actor)
+                for customer_id, fields, effective_at, actor in changes
+                for field, value in fields.items()
+            ],
+            columns=PROFILE_CHANGE_COLUMNS,
+        )
+
+    async def update_known_profiles(
+        self, updates: Sequence[tuple[str, ProfileFields, datetime | None, str]]
+    ) -> None:
+        """Upserts profiles of existing customers, in order: each update as
+        `record_profile_changes` would in a transaction of its own (its
+        history, the current profiles refreshed, one PROFILE_CHANGED each)."""
+        written = [
+            (uuid.UUID(customer_id), dict(fields), at, actor)
+            for customer_id, fields, at, actor in updates
+            if fields
+        ]
+        if not written:
+            return
+        await self.copy_profile_changes(written)
+        await self.connection.execute(REFRESH_PROFILES, list({c for c, _, _, _ in written}))
+        await self.connection.execute(
+            BULK_INSERT_EVENTS, EVENT_PROFILE_CHANGED, [c for c, _, _, _ in written]
+        )
+        self._announced.update(str(c) for c, _, _, _ in written)
+
     async def insert_new_customers(
         self,
         customers: Sequence[
@@ -527,7 +615,7 @@ class IdentityTransaction:
         actor: str,
     ) -> None:
         """Creates customers with their identifiers and profiles (effective at
-        the time given, else now) in four statements.
+        the time given, else now) in a few statements, the history by COPY.
 
         Raises RetryableConflict when a concurrent writer took an identifier.
         """
@@ -542,18 +630,8 @@ class IdentityTransaction:
         )
         if _row_count(status) != len(flat):
             raise RetryableConflict()
-        changes = [
-            (cid, f, v, at)
-            for cid, profile, at in zip(ids, profiles, effective, strict=True)
-            for f, v in profile.items()
-        ]
-        await self.connection.execute(
-            BULK_INSERT_PROFILE_CHANGES,
-            [c for c, _, _, _ in changes],
-            [f for _, f, _, _ in changes],
-            [v for _, _, v, _ in changes],
-            actor,
-            [at for _, _, _, at in changes],
+        await self.copy_profile_changes(
+            [(c, p, at, actor) for c, p, at in zip(ids, profiles, effective, strict=True)]
         )
         await self.connection.execute(BULK_INSERT_EVENTS, EVENT_CREATED, ids)
 
