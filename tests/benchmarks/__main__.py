@@ -21,7 +21,9 @@ BENCHMARKS = ["tests.benchmarks.bench_identity", "tests.benchmarks.bench_interac
 BENCHMARKS.append("tests.benchmarks.bench_followers")
 BENCHMARKS.append("tests.benchmarks.bench_contention")
 BENCHMARKS.append("tests.benchmarks.bench_models")
+BENCHMARKS.append("tests.benchmarks.bench_product_path")
 BENCHMARKS.append("tests.benchmarks.bench_cli")
+BENCHMARKS.append("tests.benchmarks.bench_import")
 
 
 async def run_all(selected: list[str]) -> dict[str, float]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import grpc
 import pytest
 
@@ -107,3 +108,34 @@ async def test_a_changed_row_upserts_its_new_values_on_the_same_customer(
     assert after.customer_id == before.customer_id
     assert before.profile.attributes["tenure_months"].number_value == 34
     assert after.profile.attributes["tenure_months"].number_value == 35
+
+
+async def test_a_reimport_of_the_same_file_writes_nothing_and_says_so(
+    identity_address: str, telco_sample: Path, database: str
+) -> None:
+    """Every row of a re-run is a replay of its first run: no history, no
+    event, no customer touched, and the summary counts them all as matched."""
+    await run(telco_sample, identity_address)
+    tables = ("customers", "identifiers", "profile_changes", "identity_events", "merges")
+
+    async def snapshot() -> tuple[object, ...]:
+        connection = await asyncpg.connect(database)
+        try:
+            counts = [
+                await connection.fetchval(f"SELECT count(*) FROM identity.{table}")
+                for table in tables
+            ]
+            touched = await connection.fetchval("SELECT max(updated_at) FROM identity.customers")
+        finally:
+            await connection.close()
+        return (*counts, touched)
+
+    before = await snapshot()
+    again = await run(telco_sample, identity_address)
+    assert (again.profiles_sent, again.customers_created, again.customers_matched) == (
+        ROWS,
+        0,
+        ROWS,
+    )
+    assert (again.customers_merged, again.rejected) == (0, 0)
+    assert await snapshot() == before

@@ -407,11 +407,8 @@ async def _resolve_pass(
     and were sent once)."""
     seen: set[str] = set()
     refused: dict[str, Rejection] = {}
-    # The rows of the call in flight, by row_ref: a rejected one may go again
-    # without an extra identifier the mapping lets drop.
-    in_flight: dict[str, MappedRow] = {}
 
-    def requests() -> Iterator[identity_pb2.BulkResolveRequest]:
+    def unique(rows: Iterator[MappedRow]) -> Iterator[MappedRow]:
         for row in rows:
             assert row.resolve is not None
             # The same customer with the same values on several rows: send once.
@@ -419,18 +416,19 @@ async def _resolve_pass(
             if key in seen:
                 continue
             seen.add(key)
-            in_flight[row.resolve.row_ref] = row
-            yield row.resolve
+            yield row
 
-    async def call(chunk: Iterator[identity_pb2.BulkResolveRequest]) -> None:
-        guarded = _Guarded(chunk)
+    async def call(chunk: list[MappedRow]) -> None:
+        # The rows of the call, by row_ref: a rejected one may go again
+        # without an extra identifier the mapping lets drop.
+        in_flight = {row.resolve.row_ref: row for row in chunk if row.resolve is not None}
         try:
-            response: identity_pb2.BulkResolveResponse = await stub.BulkResolve(guarded)
+            response: identity_pb2.BulkResolveResponse = await stub.BulkResolve(
+                _resolve_messages([row.resolve for row in chunk if row.resolve is not None])
+            )
         except grpc.aio.AioRpcError as e:
             raise _service_error("identity", address, e) from e
-        if guarded.error is not None:
-            raise guarded.error
-        summary.profiles_sent += guarded.count
+        summary.profiles_sent += len(chunk)
         summary.customers_created += response.created
         summary.customers_matched += response.matched
         summary.customers_merged += response.merged
@@ -463,16 +461,40 @@ async def _resolve_pass(
             summary.rejection_reasons["[identity] (more rows, not listed by the service)"] += (
                 unlisted
             )
-        in_flight.clear()
         if retry:
-            for row in retry:
-                assert row.resolve is not None
-                in_flight[row.resolve.row_ref] = row
             summary.profiles_sent -= len(retry)  # each row counts as sent once
-            await call(iter([row.resolve for row in retry if row.resolve is not None]))
+            await call(retry)
 
-    await _in_calls(requests(), min(batch_size, LISTED_REJECTIONS), call)
+    await _in_prefetched_calls(unique(rows), min(batch_size, LISTED_REJECTIONS), call)
     return refused
+
+
+def _resolve_messages(
+    rows: Sequence[identity_pb2.BulkResolveRequest],
+) -> Iterator[identity_pb2.BulkResolveRequest]:
+    """Packs rows into messages of ROWS_PER_MESSAGE (BulkResolveRequest.rows)."""
+    for start in range(0, len(rows), ROWS_PER_MESSAGE):
+        yield identity_pb2.BulkResolveRequest(rows=rows[start : start + ROWS_PER_MESSAGE])
+
+
+async def _in_prefetched_calls(
+    rows: Iterator[T], batch_size: int, call: Callable[[list[T]], Awaitable[None]]
+) -> None:
+    """Feeds rows to successive calls of at most `batch_size` rows, reading
+    and mapping the next call's rows in a thread while a call is answered:
+    the file's side and the service's side of an import then overlap
+    instead of taking turns. Calls stay in file order, one at a time."""
+    chunk = list(itertools.islice(rows, batch_size))
+    while chunk:
+        following = asyncio.ensure_future(
+            asyncio.to_thread(lambda: list(itertools.islice(rows, batch_size)))
+        )
+        try:
+            await call(chunk)
+        except BaseException:
+            await asyncio.gather(following, return_exceptions=True)  # (never left running)
+            raise
+        chunk = await following
 
 
 def _without_droppable(

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from google.protobuf import field_mask_pb2, json_format, timestamp_pb2
+from google.protobuf import json_format, timestamp_pb2
 
 from converge.connectors.mapping import (
     MAX_KEY_LENGTH,
@@ -40,6 +40,12 @@ from converge.connectors.reader import Record, RecordFile
 from converge.v1 import common_pb2, identity_pb2, interactions_pb2
 
 MAX_IDENTIFIER_LENGTH = 256
+# Bounds of the per-import caches of converted and encoded values: columns
+# with a value per row (names, amounts) stop filling them and are converted
+# each time, so memory stays flat however large the file.
+_CACHED_CELLS = 4096
+_CACHED_ENCODINGS = 65536
+_NOT_CACHED: Any = object()
 _TYPE_NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
 _TRUE = frozenset({"true", "t", "yes", "y", "1"})
 _FALSE = frozenset({"false", "f", "no", "n", "0"})
@@ -144,8 +150,29 @@ class RowMapper:
     # Per interaction of the mapping: its occurred_at and channel, both
     # required whatever the mapping says.
     _required: list[tuple[ValueSpec, ValueSpec]] = field(init=False)
+    # Who the identity service records as having made the changes.
+    _actor: common_pb2.Actor = field(init=False)
+    # Per value path, the values of cells converted so far (see `_value`).
+    _cells: dict[str, dict[str | None, object]] = field(default_factory=dict)
+    # Profile fields and attributes in wire form, by name and value (see `_resolve`).
+    _encoded: dict[tuple[str, type, Converted], bytes] = field(default_factory=dict)
+    # The profile's text fields and attributes: (field mask name, value path, spec).
+    _text_fields: list[tuple[str, str, ValueSpec]] = field(init=False)
+    _attributes: list[tuple[str, str, ValueSpec]] = field(init=False)
 
     def __post_init__(self) -> None:
+        profile = self.mapping.profile
+        self._text_fields = [
+            (name, f"profile.{name}", spec)
+            for name, spec in (profile.text_fields() if profile is not None else {}).items()
+        ]
+        self._attributes = [
+            (f"attributes.{name}", f"profile.attributes.{name}", spec)
+            for name, spec in (profile.attributes if profile is not None else {}).items()
+        ]
+        self._actor = common_pb2.Actor(
+            name=f"converge-import/{self.mapping.source}", reason="file import"
+        )
         self._missing = frozenset(v.strip() for v in self.mapping.missing_values) | {""}
         self._required = [
             (
@@ -286,6 +313,23 @@ class RowMapper:
         return "".join(parts)
 
     def _value(self, spec: ValueSpec, path: str, row: _Row) -> Converted | None:
+        cells = self._cells.get(path)
+        if cells is None:
+            pure = spec.when is None and not spec.cases and spec.previous is None
+            cells = self._cells[path] = {} if pure and spec.template is None else _NOT_CACHED
+        if cells is _NOT_CACHED:
+            return self._compute_value(spec, path, row)
+        # A value read from one cell (or a constant) depends on that cell
+        # only, and exports repeat their values a lot: each is converted once.
+        raw = row.values.get(spec.column) if spec.column is not None else None
+        found = cells.get(raw, _NOT_CACHED)
+        if found is _NOT_CACHED:
+            found = self._compute_value(spec, path, row)  # (a RowError is not kept)
+            if len(cells) < _CACHED_CELLS:
+                cells[raw] = found
+        return found  # type: ignore[return-value]
+
+    def _compute_value(self, spec: ValueSpec, path: str, row: _Row) -> Converted | None:
         raw: Scalar | None = None
         origin = path
         if spec.when is not None and not self._holds(spec.when, row, f"{path}.when"):
@@ -405,36 +449,42 @@ class RowMapper:
             if found is not None and found not in identifiers:
                 identifiers.append(found)
                 extra_specs.append(i)
-        profile = identity_pb2.Profile()
+        # Built in place, field by field: protobuf copies a message given to
+        # a constructor or CopyFrom, which cost more than the mapping itself.
+        request = identity_pb2.BulkResolveRequest(row_ref=str(row.record.line))
+        resolve = request.resolve
+        resolve.identifiers.extend(identifiers)
+        profile = resolve.profile
         mask: list[str] = []
+        # The text fields and attributes as their wire form, cached by value
+        # and parsed at once: setting map entries one by one costs more than
+        # everything else the row needs.
+        encoded: list[bytes] = []
         spec = mapping.profile
         if spec is not None:
-            for name, value_spec in spec.text_fields().items():
-                text = self._value(value_spec, f"profile.{name}", row)
+            for name, value_path, value_spec in self._text_fields:
+                text = self._value(value_spec, value_path, row)
                 if text is not None:
-                    setattr(profile, name, str(text))
+                    encoded.append(self._encode(name, str(text)))
                     mask.append(name)
             if spec.signup_date is not None:
                 when = self._value(spec.signup_date, "profile.signup_date", row)
                 if isinstance(when, datetime):
-                    profile.signup_date.CopyFrom(_timestamp(when))
+                    profile.signup_date.FromDatetime(when)
                     mask.append("signup_date")
             if spec.lifetime_value is not None:
                 money = self._amount(spec.lifetime_value, "profile.lifetime_value", row)
                 if money is not None:
                     profile.lifetime_value.CopyFrom(money)
                     mask.append("lifetime_value")
-            for name, attribute in spec.attributes.items():
-                value = self._value(attribute, f"profile.attributes.{name}", row)
+            for name, value_path, value_spec in self._attributes:
+                value = self._value(value_spec, value_path, row)
                 if value is not None:
-                    profile.attributes[name].CopyFrom(_attribute(value))
-                    mask.append(f"attributes.{name}")
-        resolve = identity_pb2.ResolveRequest(
-            identifiers=identifiers,
-            profile=profile,
-            lookup_only=mapping.customer.lookup_only,
-            actor=common_pb2.Actor(name=f"converge-import/{mapping.source}", reason="file import"),
-        )
+                    encoded.append(self._encode(name, value))
+                    mask.append(name)
+            profile.MergeFromString(b"".join(encoded))
+        resolve.lookup_only = mapping.customer.lookup_only
+        resolve.actor.CopyFrom(self._actor)
         # Same identifiers and values, same key: a re-run replays the first
         # result; a changed row gets a new key and its values are upserted.
         # When the values became true is part of the row: the same values
@@ -452,14 +502,28 @@ class RowMapper:
         if len(key) > MAX_KEY_LENGTH:
             key = f"{mapping.source}:{digest[:40]}"
         resolve.idempotency_key = key
-        request = identity_pb2.BulkResolveRequest(
-            row_ref=str(row.record.line),
-            resolve=resolve,
-            update_mask=field_mask_pb2.FieldMask(paths=mask),
-        )
+        request.update_mask.paths.extend(mask)
         if since is not None:
             request.profile_effective_at.CopyFrom(since)
         return request, tuple(extra_specs)
+
+    def _encode(self, path: str, value: Converted) -> bytes:
+        """A Profile holding only the field at `path` (a text field or
+        "attributes.<name>") set to `value`, serialized; such pieces
+        concatenated are the serialized Profile holding them all."""
+        key = (path, type(value), value)
+        found = self._encoded.get(key)
+        if found is None:
+            if path.startswith("attributes."):
+                one = identity_pb2.Profile()
+                _set_attribute(one.attributes[path.removeprefix("attributes.")], value)
+            else:
+                one = identity_pb2.Profile()
+                setattr(one, path, str(value))
+            found = one.SerializeToString()
+            if len(self._encoded) < _CACHED_ENCODINGS:
+                self._encoded[key] = found
+        return found
 
     def _ingest(
         self,
@@ -623,6 +687,18 @@ def _timestamp(when: datetime) -> timestamp_pb2.Timestamp:
     ts = timestamp_pb2.Timestamp()
     ts.FromDatetime(when)
     return ts
+
+
+def _set_attribute(target: common_pb2.AttributeValue, value: Converted) -> None:
+    """Sets `value` into an attribute in place (what `_attribute` builds, without a copy)."""
+    if isinstance(value, bool):
+        target.bool_value = value
+    elif isinstance(value, float):
+        target.number_value = value
+    elif isinstance(value, datetime):
+        target.timestamp_value.FromDatetime(value)
+    else:
+        target.string_value = value
 
 
 def _attribute(value: Converted) -> common_pb2.AttributeValue:
