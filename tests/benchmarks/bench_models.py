@@ -1,9 +1,8 @@
 """Models: AUC / PR AUC / ECE of the three predictions on simulated data
-(5,000 customers, in-process builder, default training config), the real-data
-AUCs (Telco, CDNOW, ITSM sample: imported through the connectors into
-identity and interactions run as processes), and the training time for a
-churn set from 100,000 simulated customers beside plain `lgb.train` on the
-same matrix with the same parameters and number of rounds."""
+(5,000 customers, in-process builder, default training config), and the
+training time for a churn set from 100,000 simulated customers beside plain
+`lgb.train` on the same matrix with the same parameters and number of rounds.
+The real datasets' figures come from the product path (bench_product_path.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +14,6 @@ import numpy as np
 import pandas as pd
 
 from converge.features.engine import FEATURE_SET_VERSION
-from converge.models import realdata
 from converge.models.dataset import TrainingFrame, time_split
 from converge.models.evaluation import evaluate
 from converge.models.native import Calibrator, NativeModel
@@ -48,29 +46,6 @@ def _simulated() -> dict[str, float]:
         figures[f"models.{prediction}.sim.auc"] = result.roc_auc
         figures[f"models.{prediction}.sim.pr_auc"] = result.pr_auc
         figures[f"models.{prediction}.sim.ece"] = result.ece
-    return figures
-
-
-async def _real(env: BenchEnv) -> dict[str, float]:
-    figures: dict[str, float] = {}
-    checks = (
-        ("models.churn.telco.auc", realdata.telco_churn, realdata.TELCO),
-        ("models.churn.cdnow.auc", realdata.cdnow_churn, realdata.CDNOW),
-        ("models.escalation.itsm_sample.auc", realdata.itsm_escalation, realdata.ITSM),
-    )
-    for key, check, relative in checks:
-        if not (realdata.DATA_DIR / relative).exists():
-            figures[key] = float("nan")
-            continue
-        database = await env.new_database()
-        identity = await env.start("identity", database, log_level="WARNING")
-        interactions = await env.start(
-            "interactions", database, log_level="WARNING", identity_address=identity.address
-        )
-        result = await check(identity.address, interactions.address)
-        figures[key] = result.auc
-        env.stop_all()
-        env.processes.clear()
     return figures
 
 
@@ -142,7 +117,6 @@ def _training_overhead() -> dict[str, float]:
 
 async def run(env: BenchEnv) -> dict[str, float]:
     figures = _simulated()
-    figures.update(await _real(env))
     figures.update(_training_overhead())
     order = [
         "models.churn.sim.auc",
@@ -154,9 +128,6 @@ async def run(env: BenchEnv) -> dict[str, float]:
         "models.cross_sell.sim.auc",
         "models.cross_sell.sim.pr_auc",
         "models.cross_sell.sim.ece",
-        "models.churn.telco.auc",
-        "models.churn.cdnow.auc",
-        "models.escalation.itsm_sample.auc",
         "models.train_100k.vs_plain_lightgbm",
         "models.train_100k.pipeline_s",
         "models.train_100k.plain_lightgbm_s",
