@@ -127,7 +127,7 @@ async def world_state(connection: asyncpg.Connection, world: str) -> dict[str, A
     ids = list(names)
     changes = await connection.fetch(
         "SELECT customer_id, field, value, effective_at, actor, merge_id IS NOT NULL AS taken "
-        "FROM identity.profile_changes WHERE customer_id = ANY($1) ORDER BY change_id",
+        "FROM identity.profile_changes WHERE customer_id = ANY($1) ORDER BY change_id, position",
         ids,
     )
     events = await connection.fetch(

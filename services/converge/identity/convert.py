@@ -444,12 +444,29 @@ def parse_customers_after(page: common_pb2.PageRequest, v: Violations) -> str:
     return after
 
 
-def parse_change_token(page: common_pb2.PageRequest, v: Violations) -> int:
-    """The profile change a ListProfileChanges page starts after (0 from the first)."""
+# A bare change id (the tokens given out before a change's fields were stored
+# together) resumes after every field of that change.
+_WHOLE_CHANGE = 2**63 - 1
+
+
+def parse_change_token(page: common_pb2.PageRequest, v: Violations) -> tuple[int, int]:
+    """The (change, field position) a ListProfileChanges page starts after
+    ((0, 0) from the first)."""
     token = decode_page_token(page.page_token, v, "page")
-    valid = not token or bool(_SEQUENCE_NUMBER.fullmatch(token))
+    change, _, position = token.partition(":")
+    valid = not token or (
+        bool(_SEQUENCE_NUMBER.fullmatch(change))
+        and (not position or bool(_SEQUENCE_NUMBER.fullmatch(position)))
+    )
     v.check(valid, "page.page_token", "not a token this service issued")
-    return int(token) if token and valid else 0
+    if not token or not valid:
+        return (0, 0)
+    return (int(change), int(position) if position else _WHOLE_CHANGE)
+
+
+def encode_change_token(after: tuple[int, int] | None) -> str:
+    """The page token of the position a next page starts after ("" when none)."""
+    return encode_page_token(f"{after[0]}:{after[1]}" if after else "")
 
 
 def parse_effective_range(interval: common_pb2.TimeRange) -> tuple[datetime, datetime]:

@@ -173,14 +173,21 @@ class IdentityService:
         return customers, (ids[-1] if more and ids else "")
 
     async def list_profile_changes(
-        self, customer_id: str, start: datetime, end: datetime, after_change: int, limit: int
-    ) -> tuple[list[ProfileChange], int]:
+        self,
+        customer_id: str,
+        start: datetime,
+        end: datetime,
+        after: tuple[int, int],
+        limit: int,
+    ) -> tuple[list[ProfileChange], tuple[int, int] | None]:
+        """A page of field changes after the position `after`, and the position
+        the next page starts after (None on the last page)."""
         async with self.store.reading() as tx:
             root = await self.root_of_customer(tx, customer_id)
-            rows = await tx.list_profile_changes(root, start, end, after_change, limit + 1)
+            rows = await tx.list_profile_changes(root, start, end, after, limit + 1)
         more = len(rows) > limit
         rows = rows[:limit]
-        return [change for _, change in rows], (rows[-1][0] if more and rows else 0)
+        return [change for _, change in rows], (rows[-1][0] if more and rows else None)
 
     async def list_merges(self, customer_id: str, include_undone: bool) -> list[Merge]:
         async with self.store.reading() as tx:
@@ -933,7 +940,7 @@ class IdentityService:
                         member,
                         datetime.min.replace(tzinfo=UTC),
                         datetime.max.replace(tzinfo=UTC),
-                        0,
+                        (0, 0),
                         1_000_000,
                     )
                     changes.extend(change for _, change in rows)

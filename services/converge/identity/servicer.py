@@ -120,9 +120,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         )
         return identity_pb2.ListProfileChangesResponse(
             changes=[convert.change_pb(c) for c in changes],
-            page=common_pb2.PageResponse(
-                next_page_token=convert.encode_page_token(str(last) if last else "")
-            ),
+            page=common_pb2.PageResponse(next_page_token=convert.encode_change_token(last)),
         )
 
     async def Resolve(

@@ -141,9 +141,19 @@ DETACH_IDENTIFIER = """
 DELETE FROM identifiers WHERE kind = $1 AND source = $2 AND value = $3 RETURNING customer_id
 """
 
-INSERT_PROFILE_CHANGES = """
-INSERT INTO profile_changes (customer_id, field, value, effective_at, actor, merge_id)
-SELECT $1, field, value, coalesce($4, now()), $5, $6 FROM unnest($2::text[], $3::jsonb[]) AS q(field, value)
+# One change of a profile, its fields together (see migration 0003). The
+# customer's row is held first, as a foreign key would: erasure cannot delete
+# the customer under it, and a customer already erased writes nothing (0 rows).
+INSERT_PROFILE_UPDATE = """
+WITH held AS (SELECT customer_id FROM customers WHERE customer_id = $1 FOR KEY SHARE)
+INSERT INTO profile_updates (customer_id, fields, effective_at, actor, merge_id)
+SELECT customer_id, $2::jsonb, coalesce($3, now()), $4, $5 FROM held
+"""
+
+# Holds existing customers (as INSERT_PROFILE_UPDATE does) before their history
+# is written by COPY; returns those that still exist.
+HOLD_CUSTOMERS = """
+SELECT customer_id FROM customers WHERE customer_id = ANY($1::uuid[]) FOR KEY SHARE
 """
 
 IDENTIFIERS_OF = "SELECT kind, source, value FROM identifiers WHERE customer_id = ANY($1::uuid[])"
@@ -169,7 +179,7 @@ MARK_UNMERGED = """
 UPDATE merges SET unmerged_at = now(), unmerged_by = $2 WHERE merge_id = $1 RETURNING *
 """
 
-DELETE_MERGE_TAKEOVERS = "DELETE FROM profile_changes WHERE merge_id = $1"
+DELETE_MERGE_TAKEOVERS = "DELETE FROM profile_updates WHERE merge_id = $1"
 
 LIST_MERGES = """
 SELECT * FROM merges
@@ -247,9 +257,10 @@ INSERT INTO preference_changes (customer_id, field, value, source, actor) VALUES
 """
 
 LIST_PROFILE_CHANGES = """
-SELECT field, value, effective_at, recorded_at, actor, change_id FROM profile_changes
-WHERE customer_id = $1 AND effective_at >= $2 AND effective_at < $3 AND change_id > $4
-ORDER BY change_id LIMIT $5
+SELECT field, value, effective_at, recorded_at, actor, change_id, position FROM profile_changes
+WHERE customer_id = $1 AND effective_at >= $2 AND effective_at < $3
+  AND (change_id, position) > ($4, $5)
+ORDER BY change_id, position LIMIT $6
 """
 
 LIST_CUSTOMERS = """
@@ -264,6 +275,13 @@ ORDER BY customer_id LIMIT $7
 """
 
 DELETE_CUSTOMERS = "DELETE FROM customers WHERE customer_id = ANY($1::uuid[])"
+# Erasure locks the customers before deleting their history (no foreign key
+# cascades it, migration 0003): a write of history waits for the erasure, then
+# finds the customer gone and writes nothing.
+LOCK_CUSTOMERS_FOR_ERASURE = """
+SELECT customer_id FROM customers WHERE customer_id = ANY($1::uuid[]) ORDER BY customer_id FOR UPDATE
+"""
+DELETE_PROFILE_HISTORY = "DELETE FROM profile_updates WHERE customer_id = ANY($1::uuid[])"
 DELETE_IDEMPOTENCY_RESULTS = """
 DELETE FROM idempotency_keys WHERE result ->> 'customer_id' = ANY($1::text[])
 """
@@ -336,8 +354,8 @@ WHERE c.customer_id = ANY($1::uuid[])
 
 TRANSACTION_TIME = "SELECT now()"
 
-# COPY's columns for profile changes (change_id and recorded_at take their defaults).
-PROFILE_CHANGE_COLUMNS = ("customer_id", "field", "value", "effective_at", "actor")
+# COPY's columns for profile updates (change_id and recorded_at take their defaults).
+PROFILE_UPDATE_COLUMNS = ("customer_id", "fields", "effective_at", "actor")
 
 NIL_UUID = uuid.UUID(int=0)
 
@@ -578,13 +596,13 @@ class IdentityTransaction:
         at the transaction's time, as `record_profile_changes` does."""
         now: datetime = await self.connection.fetchval(TRANSACTION_TIME)
         await self.connection.copy_records_to_table(
-            "profile_changes",
+            "profile_updates",
             records=[
-                (customer_id, field, value, effective_at or now, actor)
+                (customer_id, list(fields.items()), effective_at or now, actor)
                 for customer_id, fields, effective_at, actor in changes
-                for field, value in fields.items()
+                if fields
             ],
-            columns=PROFILE_CHANGE_COLUMNS,
+            columns=PROFILE_UPDATE_COLUMNS,
         )
 
     async def update_known_profiles(
@@ -600,6 +618,10 @@ class IdentityTransaction:
         ]
         if not written:
             return
+        wanted = {c for c, _, _, _ in written}
+        held = await self.connection.fetch(HOLD_CUSTOMERS, list(wanted))
+        if len(held) != len(wanted):
+            raise RetryableConflict()  # erased since it was found: decide again
         await self.copy_profile_changes(written)
         await self.connection.execute(REFRESH_PROFILES, list({c for c, _, _, _ in written}))
         await self.connection.execute(
@@ -699,15 +721,16 @@ class IdentityTransaction:
         refreshes the current profile from the history."""
         if not changes:
             return
-        await self.connection.execute(
-            INSERT_PROFILE_CHANGES,
+        status = await self.connection.execute(
+            INSERT_PROFILE_UPDATE,
             uuid.UUID(customer_id),
-            list(changes),
-            list(changes.values()),
+            list(changes.items()),
             effective_at,
             actor,
             uuid.UUID(merge_id) if merge_id else None,
         )
+        if _row_count(status) != 1:
+            raise RetryableConflict()  # erased since it was found: decide again
         await self.connection.execute(REFRESH_PROFILE, uuid.UUID(customer_id))
         if merge_id is None:  # (a merge's takeovers are announced by MERGED)
             await self._announce_change(customer_id)
@@ -719,14 +742,21 @@ class IdentityTransaction:
         return profile
 
     async def list_profile_changes(
-        self, customer_id: str, start: datetime, end: datetime, after_change: int, limit: int
-    ) -> list[tuple[int, ProfileChange]]:
+        self,
+        customer_id: str,
+        start: datetime,
+        end: datetime,
+        after: tuple[int, int],
+        limit: int,
+    ) -> list[tuple[tuple[int, int], ProfileChange]]:
+        """Field changes in order, after the (change_id, position) `after`;
+        each with its own position."""
         rows = await self.connection.fetch(
-            LIST_PROFILE_CHANGES, uuid.UUID(customer_id), start, end, after_change, limit
+            LIST_PROFILE_CHANGES, uuid.UUID(customer_id), start, end, *after, limit
         )
         return [
             (
-                r["change_id"],
+                (r["change_id"], r["position"]),
                 ProfileChange(
                     r["field"], r["value"], r["effective_at"], r["recorded_at"], r["actor"]
                 ),
@@ -840,6 +870,9 @@ class IdentityTransaction:
         )
 
     async def delete_customers(self, customer_ids: Sequence[str]) -> int:
+        ids = [uuid.UUID(c) for c in customer_ids]
+        await self.connection.execute(LOCK_CUSTOMERS_FOR_ERASURE, ids)
+        await self.connection.execute(DELETE_PROFILE_HISTORY, ids)
         await self.connection.execute(DELETE_IDEMPOTENCY_RESULTS, list(customer_ids))
         await self.connection.execute(
             FORGET_REMOVED_IDENTIFIERS, [uuid.UUID(c) for c in customer_ids]
