@@ -19,6 +19,7 @@ from converge.models.dataset import (
     Split,
     SplitError,
     TrainingFrame,
+    stratified_folds,
     stratified_split,
     time_split,
 )
@@ -89,6 +90,34 @@ def test_stratified_split_keeps_the_base_rate_and_refuses_repeated_entities() ->
     assert sum(p.n_examples for p in split) == snapshot.n_examples
     with pytest.raises(SplitError, match="time_split"):
         stratified_split(make_frame(n_cutoffs=3, rows_per_cutoff=100))
+
+
+def test_cross_validation_folds_test_every_row_once_and_keep_the_base_rate() -> None:
+    frame = make_frame(n_cutoffs=1, rows_per_cutoff=2000, seed=5)
+    snapshot = replace(
+        frame, frame=frame.frame.assign(entity_id=[f"e{i}" for i in range(frame.n_examples)])
+    )
+    folds = stratified_folds(snapshot, 5, seed=3)
+    rate = snapshot.n_positives / snapshot.n_examples
+    tested: list[str] = []
+    for split in folds:
+        parts = [set(part.frame["entity_id"]) for part in split]
+        assert not (parts[0] & parts[1]) and not (parts[0] & parts[2])
+        assert not (parts[1] & parts[2])
+        assert sum(len(p) for p in parts) == snapshot.n_examples
+        assert abs(split.test.n_positives / split.test.n_examples - rate) < 0.01
+        assert (
+            abs(split.valid.n_examples / (snapshot.n_examples - split.test.n_examples) - 0.15)
+            < 0.01
+        )
+        tested += list(split.test.frame["entity_id"])
+    assert sorted(tested) == sorted(snapshot.frame["entity_id"])  # each row tested exactly once
+    again = stratified_folds(snapshot, 5, seed=3)
+    assert [list(s.test.frame["entity_id"]) for s in again] == [
+        list(s.test.frame["entity_id"]) for s in folds
+    ]
+    with pytest.raises(SplitError, match="split by time"):
+        stratified_folds(make_frame(n_cutoffs=3, rows_per_cutoff=100), 5)
 
 
 def test_training_frame_requires_tz_aware_cutoffs_and_category_dtype() -> None:

@@ -222,6 +222,9 @@ class Cutoffs(_Model):
 class SplitRule(_Model):
     method: Literal["auto", "time", "stratified"] = "auto"
     gap: Literal["horizon", "none"] = "horizon"
+    # Snapshot (stratified) splits only: evaluate by k-fold cross-validation,
+    # pooling every fold's out-of-fold predictions; 1 is one split.
+    folds: int = Field(default=1, ge=1, le=20)
 
 
 class Definitions(_Model):

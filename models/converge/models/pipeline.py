@@ -147,11 +147,13 @@ def check(prediction: str) -> Prediction:
     return prediction  # type: ignore[return-value]
 
 
-def split_frame(frame: TrainingFrame, defs: Definitions, report: BuildReport) -> Split:
+def split_frame(frame: TrainingFrame, defs: Definitions, report: BuildReport) -> list[Split]:
     """Train, validation and test parts as the definitions say: `auto` splits
     by time when the rows have more than one cutoff, else stratified (a
-    snapshot); too few examples in a part says what to change."""
-    from converge.models.dataset import stratified_split, time_split
+    snapshot), in `split.folds` cross-validation folds when more than one;
+    too few examples in a part says what to change. The first split is the
+    one whose model is registered."""
+    from converge.models.dataset import stratified_folds, stratified_split, time_split
     from converge.models.history import TooLittleData
     from converge.models.training import shortfalls
     from converge.models.trainingset import too_little_message
@@ -159,17 +161,28 @@ def split_frame(frame: TrainingFrame, defs: Definitions, report: BuildReport) ->
     method = defs.split.method
     if method == "auto":
         method = "time" if frame.n_cutoffs > 1 else "stratified"
+    if defs.split.folds > 1 and method != "stratified":
+        raise cli.UsageError(
+            f"{defs.origin or 'the definitions'}: split.folds applies to snapshot (stratified) "
+            "splits only; rows at several cutoffs are split by time"
+        )
     if method == "stratified":
-        split = stratified_split(frame, seed=0)
+        folds = defs.split.folds
+        splits = (
+            stratified_folds(frame, folds, seed=0)
+            if folds > 1
+            else [stratified_split(frame, seed=0)]
+        )
     else:
         gap = defs.horizon(frame.prediction) if defs.split.gap == "horizon" else timedelta(0)
-        split = time_split(frame, gap=gap)
-    missing = shortfalls(split.train, split.valid)
-    if missing:
-        raise TooLittleData(
-            too_little_message(report, defs, f"after a {method} split: {'; '.join(missing)}")
-        )
-    return split
+        splits = [time_split(frame, gap=gap)]
+    for split in splits:
+        missing = shortfalls(split.train, split.valid)
+        if missing:
+            raise TooLittleData(
+                too_little_message(report, defs, f"after a {method} split: {'; '.join(missing)}")
+            )
+    return splits
 
 
 def _source_args(parser: argparse.ArgumentParser) -> None:
@@ -267,7 +280,9 @@ def _who(args: argparse.Namespace) -> str:
 def _build_and_train(
     args: argparse.Namespace, ctx: cli.Context, prediction: str, until: datetime | None
 ) -> tuple[Any, Any, Split, list[Path], BuildReport]:
-    from converge.models.evaluation import evaluate, save_plots
+    import numpy as np
+
+    from converge.models.evaluation import evaluate, evaluate_scores, save_plots
     from converge.models.training import train
 
     with _progress(ctx.console) as bar:
@@ -287,8 +302,10 @@ def _build_and_train(
 
         frame, report = build_frame(args, prediction, until, step)
         bar.update(task, description=f"{prediction}: training on {frame.n_examples} rows")
-        split = split_frame(frame, definitions_of(args), report)
+        splits = split_frame(frame, definitions_of(args), report)
+        split = splits[0]
         rows = frame.n_examples
+        fold = ""
 
         def round_done(done: int, most: int, auc: float) -> None:
             # Early stopping usually ends well before `most` rounds.
@@ -296,11 +313,24 @@ def _build_and_train(
                 task,
                 completed=done,
                 total=most,
-                description=f"{prediction}: training on {rows} rows, validation AUC {auc:.3f}",
+                description=f"{prediction}: training on {rows} rows{fold}, "
+                f"validation AUC {auc:.3f}",
             )
 
         model = train(split.train, split.valid, progress=round_done)
         result = evaluate(model, split.test)
+        if len(splits) > 1:
+            # Cross-validation: the first fold's model is the one registered;
+            # the figures are those of every fold's out-of-fold predictions.
+            labels = [split.test.labels]
+            scores = [model.predict_proba(split.test.frame)]
+            for k, other in enumerate(splits[1:], start=2):
+                fold = f" (fold {k} of {len(splits)})"
+                fold_model = train(other.train, other.valid, progress=round_done)
+                labels.append(other.test.labels)
+                scores.append(fold_model.predict_proba(other.test.frame))
+            result = evaluate_scores(np.concatenate(labels), np.concatenate(scores))
+            report.cross_validation_folds = len(splits)
     plots_dir = Path(tempfile.mkdtemp(prefix=f"converge-{prediction}-plots-"))
     plots = save_plots(model, result, plots_dir, title=prediction)
     return model, result, split, plots, report
@@ -315,7 +345,12 @@ def _summary(
     for label, value in (
         ("training rows", split.train.n_examples),
         ("validation rows", split.valid.n_examples),
-        ("test rows", result.n),
+        (
+            "test rows"
+            if report.cross_validation_folds == 1
+            else f"test rows ({report.cross_validation_folds} folds)",
+            result.n,
+        ),
         ("test positives", result.n_positive),
         ("ROC AUC", f"{result.roc_auc:.4f}"),
         ("PR AUC", f"{result.pr_auc:.4f}"),
@@ -466,7 +501,7 @@ def _cmd_compare(args: argparse.Namespace, ctx: cli.Context) -> int:
         try:
             with ctx.console.status("Building a recent test frame..."):
                 built, report = build_frame(args, args.prediction, _end(args))
-                frame = split_frame(built, definitions_of(args), report).test
+                frame = split_frame(built, definitions_of(args), report)[0].test
         except ServiceUnavailable as e:
             return _unreachable(ctx, e)
     results = {v.version: evaluate(v.model, frame) for v in (first, second)}

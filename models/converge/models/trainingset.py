@@ -632,6 +632,8 @@ class BuildReport:
     products: tuple[str, ...] = ()
     tickets: TicketCount | None = None
     snapshot: bool = False
+    # More than 1: the figures pool this many cross-validation folds.
+    cross_validation_folds: int = 1
 
     @property
     def negatives(self) -> int:
@@ -664,6 +666,11 @@ class BuildReport:
             out["products"] = ",".join(self.products)
         if self.tickets is not None:
             out.update(self.tickets.as_dict())
+        if self.cross_validation_folds > 1:
+            out["evaluation"] = (
+                f"stratified {self.cross_validation_folds}-fold cross-validation, "
+                "out-of-fold predictions of every row pooled"
+            )
         return out
 
 
