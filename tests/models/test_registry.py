@@ -285,3 +285,48 @@ def test_cli_plugs_into_a_top_level_parser_and_takes_extra_commands(
     assert args.run(args) == 0 and seen == ["escalation"]
     with pytest.raises(SystemExit):
         top.parse_args(["models", "promote", "churn"])  # the version is required
+
+
+def test_promote_with_rollout_restarts_scoring_unless_it_hot_swaps(
+    tracking_uri: str,
+    small_split: Split,
+    small_model: TrainedModel,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`converge models promote --rollout` against a local HTTP server that
+    records what the official Kubernetes client sends (no API server can run
+    on this machine): the scoring Deployment's pod template is patched after
+    the promotion, and left alone when its replicas swap models themselves."""
+    from tests.deploy.fake_kubernetes import fake_kubernetes
+    from tests.deploy.test_platform import DEPLOYMENTS, SCORING, deployment, listing
+
+    registry = ModelRegistry(tracking_uri)
+    v1 = register(registry, small_model, small_split)
+    v2 = register(registry, small_model, small_split)
+    frame_path = tmp_path / "recent.parquet"
+    small_split.test.frame.to_parquet(frame_path)
+    with fake_kubernetes() as fake:
+        kubeconfig = fake.kubeconfig(tmp_path)
+        rollout = ["--rollout", "--release", "prod", "--kubeconfig", str(kubeconfig)]
+        common = ["--tracking-uri", tracking_uri, "--json", "--requested-by", "dana"]
+        fake.on("GET", DEPLOYMENTS, (200, listing(deployment("scoring", hot_swap="false"))))
+        fake.on("PATCH", SCORING, (200, deployment("scoring", generation=2)))
+        done = deployment("scoring", generation=2, replicas=3, updatedReplicas=3,
+                          availableReplicas=3)  # fmt: skip
+        fake.on("GET", SCORING, (200, done))
+        code = cli.main(["promote", "churn", v1.version, "--frame", str(frame_path), *common,
+                         *rollout])  # fmt: skip
+        answer = json.loads(capsys.readouterr().out)
+        assert code == cli.EXIT_OK and answer["promoted"] is True
+        assert answer["rollout"]["restarted"] is True
+        (patch,) = fake.sent("PATCH", SCORING)
+        annotations = patch.body["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["converge.io/restart-reason"] == f"promoted {answer['name']} v1"
+
+        fake.on("GET", DEPLOYMENTS, (200, listing(deployment("scoring", hot_swap="true"))))
+        code = cli.main(["promote", "churn", v2.version, "--frame", str(frame_path), *common,
+                         "--allow-schema-change", *rollout])  # fmt: skip
+        answer = json.loads(capsys.readouterr().out)
+        assert code == cli.EXIT_OK and answer["rollout"]["restarted"] is False
+        assert len(fake.sent("PATCH", SCORING)) == 1  # no second restart

@@ -219,7 +219,8 @@ def _populate(parser: argparse.ArgumentParser) -> None:
         description="Evaluates the version and the champion on the same frame; promotes "
         "only if the version's AUC is not lower than the champion's by more than "
         "--margin-auc, its ECE not higher by more than --margin-ece, and its feature "
-        "schema is the champion's. Exit 0 promoted, 1 refused.",
+        "schema is the champion's. Exit 0 promoted, 1 refused (or promoted but the "
+        "--rollout failed), 3 the cluster unreachable.",
     )
     _prediction_arg(p)
     p.add_argument("version", help="the candidate version")
@@ -232,6 +233,16 @@ def _populate(parser: argparse.ArgumentParser) -> None:
         help="accept a different feature schema (a new feature set); the candidate must then "
         "beat no skill",
     )
+    p.add_argument(
+        "--rollout",
+        action="store_true",
+        help="once promoted, restart the cluster's scoring Deployment and wait for it "
+        "(skipped when its replicas hot-swap models: annotation converge.io/model-hot-swap); "
+        "needs the platform extra",
+    )
+    p.add_argument("--release", default=None, help="the Helm release (with --rollout)")
+    p.add_argument("--kubeconfig", default=None, help="kubeconfig file (with --rollout)")
+    p.add_argument("--namespace", default=None, help="namespace (with --rollout)")
     _who_args(p)
     p.set_defaults(run=_runner(_cmd_promote))
 
@@ -458,8 +469,12 @@ def _cmd_promote(args: argparse.Namespace, ctx: Context) -> int:
             reason=args.reason,
             allow_schema_change=args.allow_schema_change,
         )
+    rolled: dict[str, Any] | None = None
+    code = EXIT_OK if decision.promoted else EXIT_REFUSED
+    if decision.promoted and args.rollout:
+        code, rolled = _rollout_scoring(args, ctx, f"promoted {decision.name} v{decision.version}")
     if args.json:
-        ctx.emit(decision.to_dict())
+        ctx.emit({**decision.to_dict(), **({"rollout": rolled} if rolled is not None else {})})
     else:
         verdict = "[green]PROMOTED[/green]" if decision.promoted else "[red]REFUSED[/red]"
         ctx.console.print(f"{decision.name} v{decision.version}: {verdict}")
@@ -476,7 +491,41 @@ def _cmd_promote(args: argparse.Namespace, ctx: Context) -> int:
         ctx.console.print(table)
         for reason in decision.reasons:
             ctx.console.print(f"  - {reason}")
-    return EXIT_OK if decision.promoted else EXIT_REFUSED
+        if rolled is not None:
+            ctx.console.print(f"rollout: {rolled['detail']}", highlight=False)
+    return code
+
+
+def _rollout_scoring(
+    args: argparse.Namespace, ctx: Context, reason: str
+) -> tuple[int, dict[str, Any]]:
+    """Restarts the scoring replicas so they load the new champion, unless
+    they swap models themselves (`converge.platform.rollout`): the exit code
+    and what happened."""
+    try:
+        from converge.platform import PlatformError, Unreachable, connect, rollout
+
+        result = rollout(
+            connect(args.kubeconfig, None, args.namespace),
+            "scoring",
+            args.release,
+            reason=reason,
+            progress=(lambda _: None)
+            if args.json
+            else (lambda detail: ctx.console.print(f"  {detail}", highlight=False)),
+        )
+    except ImportError as e:  # the platform extra (kubernetes) is not installed
+        return EXIT_REFUSED, {"done": False, "detail": f"promoted, but cannot roll out: {e}"}
+    except Unreachable as e:
+        return EXIT_UNREACHABLE, {"done": False, "detail": f"cluster unreachable: {e}"}
+    except PlatformError as e:
+        return EXIT_REFUSED, {"done": False, "detail": f"rollout failed: {e}"}
+    return EXIT_OK, {
+        "done": True,
+        "deployment": result.deployment,
+        "restarted": result.restarted,
+        "detail": result.detail,
+    }
 
 
 def _cmd_rollback(args: argparse.Namespace, ctx: Context) -> int:
