@@ -139,3 +139,31 @@ async def test_a_reimport_of_the_same_file_writes_nothing_and_says_so(
     )
     assert (again.customers_merged, again.rejected) == (0, 0)
     assert await snapshot() == before
+
+
+async def test_rows_streamed_in_one_call_are_each_rejected_with_their_line(
+    identity_address: str, tmp_path: Path
+) -> None:
+    """The identity pass streams calls of up to 5,000 rows, 500 a message,
+    mapped while they are sent: 1,200 rows identity refuses (an id longer
+    than identifiers may be) go in one call, and every one is counted and
+    known by its line, none left unlisted."""
+    lines = (
+        shared_dataset("telco_churn/Telco-Customer-Churn.csv")
+        .read_text(encoding="utf-8")
+        .splitlines(keepends=True)
+    )
+    body = [f"{'X' * 300}{n}{line[line.index(',') :]}" for n, line in enumerate(lines[1:1201])]
+    export = tmp_path / "refused.csv"
+    export.write_text(lines[0] + "".join(body), encoding="utf-8")
+
+    summary = await import_file(
+        export,
+        load_mapping("telco_customers"),
+        origin="telco_customers",
+        identity_address=identity_address,
+        interactions_address="127.0.0.1:1",
+    )
+    assert (summary.read, summary.rejected, summary.customers_created) == (1200, 1200, 0)
+    assert not any("not listed" in reason for reason in summary.rejection_reasons)
+    assert [r.line for r in summary.rejections] == list(range(2, 2 + len(summary.rejections)))

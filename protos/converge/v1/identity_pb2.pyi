@@ -1139,7 +1139,9 @@ class BulkResolveResponse(_message.Message):
     """Rows rejected; see `rejections`."""
     @_builtins.property
     def rejections(self) -> _containers.RepeatedCompositeFieldContainer[Global___BulkRejection]:
-        """The rejected rows with reasons (at most 1000 listed)."""
+        """The rejected rows with reasons (at most 5000 listed; 1000 before, when
+        callers sent at most 1000 rows a call).
+        """
 
     def __init__(
         self,

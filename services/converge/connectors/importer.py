@@ -27,7 +27,7 @@ import asyncio
 import itertools
 import re
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,7 +44,7 @@ DEFAULT_BATCH = 5000
 # Identity lists at most this many rejected rows per BulkResolve call
 # (identity.proto, BulkResolveResponse.rejections): the identity pass keeps
 # its calls this small, so every rejected row is known by its line.
-LISTED_REJECTIONS = 1000
+LISTED_REJECTIONS = 5000
 MAX_EXAMPLES = 20
 # The field identity names for a refused identifier of a row.
 _IDENTIFIER_FIELD = re.compile(r"^resolve\.identifiers\[(\d+)\]")
@@ -418,17 +418,25 @@ async def _resolve_pass(
             seen.add(key)
             yield row
 
-    async def call(chunk: list[MappedRow]) -> None:
+    async def call(pieces: AsyncIterator[list[MappedRow]]) -> None:
         # The rows of the call, by row_ref: a rejected one may go again
         # without an extra identifier the mapping lets drop.
-        in_flight = {row.resolve.row_ref: row for row in chunk if row.resolve is not None}
+        in_flight: dict[str, MappedRow] = {}
+        sent = 0
+
+        async def messages() -> AsyncIterator[identity_pb2.BulkResolveRequest]:
+            nonlocal sent
+            async for piece in pieces:
+                in_flight.update((row.resolve.row_ref, row) for row in piece if row.resolve)
+                sent += len(piece)
+                for message in _resolve_messages([r.resolve for r in piece if r.resolve]):
+                    yield message
+
         try:
-            response: identity_pb2.BulkResolveResponse = await stub.BulkResolve(
-                _resolve_messages([row.resolve for row in chunk if row.resolve is not None])
-            )
+            response: identity_pb2.BulkResolveResponse = await stub.BulkResolve(messages())
         except grpc.aio.AioRpcError as e:
             raise _service_error("identity", address, e) from e
-        summary.profiles_sent += len(chunk)
+        summary.profiles_sent += sent
         summary.customers_created += response.created
         summary.customers_matched += response.matched
         summary.customers_merged += response.merged
@@ -463,9 +471,9 @@ async def _resolve_pass(
             )
         if retry:
             summary.profiles_sent -= len(retry)  # each row counts as sent once
-            await call(retry)
+            await call(_at_once(retry))
 
-    await _in_prefetched_calls(unique(rows), min(batch_size, LISTED_REJECTIONS), call)
+    await _in_streamed_calls(unique(rows), min(batch_size, LISTED_REJECTIONS), call)
     return refused
 
 
@@ -477,24 +485,54 @@ def _resolve_messages(
         yield identity_pb2.BulkResolveRequest(rows=rows[start : start + ROWS_PER_MESSAGE])
 
 
-async def _in_prefetched_calls(
-    rows: Iterator[T], batch_size: int, call: Callable[[list[T]], Awaitable[None]]
+async def _at_once(rows: list[T]) -> AsyncIterator[list[T]]:
+    """Rows already at hand, as the stream of one piece `_in_streamed_calls` gives."""
+    yield rows
+
+
+async def _in_streamed_calls(
+    rows: Iterator[T], call_rows: int, call: Callable[[AsyncIterator[list[T]]], Awaitable[None]]
 ) -> None:
-    """Feeds rows to successive calls of at most `batch_size` rows, reading
-    and mapping the next call's rows in a thread while a call is answered:
-    the file's side and the service's side of an import then overlap
-    instead of taking turns. Calls stay in file order, one at a time."""
-    chunk = list(itertools.islice(rows, batch_size))
-    while chunk:
-        following = asyncio.ensure_future(
-            asyncio.to_thread(lambda: list(itertools.islice(rows, batch_size)))
-        )
-        try:
-            await call(chunk)
-        except BaseException:
-            await asyncio.gather(following, return_exceptions=True)  # (never left running)
-            raise
-        chunk = await following
+    """Feeds rows to successive calls of at most `call_rows` rows, each call
+    a stream of pieces of ROWS_PER_MESSAGE rows read and mapped in a thread
+    one piece ahead of the one being sent. The service checks a piece while
+    it writes the one before, so mapping, checking and writing overlap for
+    the whole call; with calls of 1,000 rows each call's last batch was
+    written with nothing else going on. Calls stay in file order, one at a
+    time."""
+
+    piece_rows = min(ROWS_PER_MESSAGE, call_rows)
+
+    def take() -> list[T]:
+        return list(itertools.islice(rows, piece_rows))
+
+    def none_pending() -> asyncio.Future[list[T]]:
+        taken: asyncio.Future[list[T]] = asyncio.get_running_loop().create_future()
+        taken.set_result([])
+        return taken
+
+    following: asyncio.Future[list[T]] = asyncio.ensure_future(asyncio.to_thread(take))
+
+    async def pieces(first: list[T]) -> AsyncIterator[list[T]]:
+        nonlocal following
+        piece, sent = first, 0
+        while piece:
+            sent += len(piece)
+            # Read ahead while this piece is sent (and, after the call's last
+            # piece, while the call is answered: the next call starts with it).
+            following = asyncio.ensure_future(asyncio.to_thread(take))
+            yield piece
+            if sent + piece_rows > call_rows or len(piece) < piece_rows:
+                return
+            piece = await following
+            following = none_pending()
+
+    try:
+        while first := await following:
+            following = none_pending()
+            await call(pieces(first))
+    finally:
+        await asyncio.gather(following, return_exceptions=True)  # (never left running)
 
 
 def _without_droppable(

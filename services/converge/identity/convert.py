@@ -54,7 +54,10 @@ MAX_ATTRIBUTE_TEXT = 2048
 MAX_IDEMPOTENCY_KEY = 128
 MAX_BATCH = 1000
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
-MAX_LISTED_REJECTIONS = 1000
+# Rejected rows a BulkResolve answer lists (all are counted): converge import
+# streams calls of this many rows, so every rejected row is known by its
+# line; at most about 2 MB of answer (row_ref is at most MAX_ROW_REF).
+MAX_LISTED_REJECTIONS = 5000
 MAX_ROW_REF = 128
 MAX_CLOCK_SKEW = timedelta(minutes=5)
 _ATTRIBUTE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
