@@ -387,6 +387,23 @@ def test_mapping_errors_name_the_bad_key(old: str, new: str, expected: str) -> N
     assert str(caught.value).startswith("mine.yaml: ")
 
 
+def test_mapping_errors_name_the_line_of_the_mapping() -> None:
+    # Issue 13 item 6: an error names the line of the mapping as well as its
+    # key, down to an entry of a `map` and across several problems at once.
+    text = MINIMAL.replace(
+        "  channel: {value: WEB}\n",
+        "  channel:\n    column: c\n    map:\n      Web: WEB\n      Phone: FAX\n",
+    ).replace("  product_id: {column: sku}\n", "  product_id: {value: [1]}\n  colour: red\n")
+    with pytest.raises(MappingError) as caught:
+        parse_mapping(text, "mine.yaml")
+    assert caught.value.problems == [
+        "line 13, interaction.channel.map['Phone']: unknown channel 'FAX' (one of WEB, MOBILE,"
+        " EMAIL, CHAT, PHONE, SOCIAL, IN_STORE, SERVICE_DESK, PRODUCT, AGENT_DESKTOP, SMS)",
+        "line 14, interaction.product_id.value: must be text, a number or true/false",
+        "line 15, interaction.colour: unknown key",
+    ], caught.value.problems
+
+
 def test_a_column_the_file_lacks_is_named_with_its_key(tmp_path: Path) -> None:
     path = tmp_path / "orders.csv"
     path.write_text("email,at,sku,price,order\n")

@@ -43,10 +43,10 @@ def test_a_wrong_key_is_named_with_its_line() -> None:
         "    window_days: 3\n"  # 15
     )
     assert problems == [
-        f"line 8: features[0].window_days: Input should be less than or equal to "
+        f"line 8, features[0].window_days: Input should be less than or equal to "
         f"{MAX_WINDOW_DAYS} (got 900)",
-        "line 9: features[0].colour: unknown key",
-        "line 15: features[1].window_days: only count, sum, mean and trend of customers have "
+        "line 9, features[0].colour: unknown key",
+        "line 15, features[1].window_days: only count, sum, mean and trend of customers have "
         "a window (ticket features read the ticket's own interactions)",
     ]
 
@@ -55,21 +55,21 @@ def test_a_wrong_key_is_named_with_its_line() -> None:
     ("feature", "expected"),
     [
         # A rule across keys names the key; its line is the feature's when the key is absent.
-        ("    aggregation: sum\n    window_days: 7\n", "line 4: features[0].attribute: required"),
-        ("    aggregation: count\n", "line 4: features[0].window_days: required for count"),
+        ("    aggregation: sum\n    window_days: 7\n", "line 4, features[0].attribute: required"),
+        ("    aggregation: count\n", "line 4, features[0].window_days: required for count"),
         (
             "    aggregation: count\n    window_days: 7\n    where: {priority: []}\n",
-            "line 9: features[0].where.priority: list at least one value",
+            "line 9, features[0].where.priority: list at least one value",
         ),
         (
             "    aggregation: count\n    window_days: 7\n    channel: pigeon\n",
-            "line 9: features[0].channel: unknown channel",
+            "line 9, features[0].channel: unknown channel",
         ),
         (
             "    aggregation: count\n    window_days: 7\n    types: [Ticket Opened]\n",
-            "line 9: features[0].types: 'Ticket Opened' is not an interaction type name",
+            "line 9, features[0].types: 'Ticket Opened' is not an interaction type name",
         ),
-        ("    aggregation: distinct_count\n", "line 7: features[0].aggregation: Input should be"),
+        ("    aggregation: distinct_count\n", "line 7, features[0].aggregation: Input should be"),
     ],
 )
 def test_each_rule_names_the_key_and_line(feature: str, expected: str) -> None:
@@ -87,23 +87,23 @@ def test_names_must_follow_their_entity_and_not_repeat_a_built_in_one() -> None:
         "  - name: calls_7d\n    description: x\n    entity: ticket\n    aggregation: count\n"
     )
     assert problem == (
-        'line 4: features[0].name: ticket features start with "ticket_", customer features do not'
+        'line 4, features[0].name: ticket features start with "ticket_", customer features do not'
     )
     [problem] = _problems(
         "version: 1\nname: mine\nfeatures:\n"
         "  - name: open_tickets\n    description: x\n    entity: customer\n"
         "    aggregation: count\n    window_days: 7\n"
     )
-    assert problem == "line 4: features[0].name: 'open_tickets' is already a built-in feature"
+    assert problem == "line 4, features[0].name: 'open_tickets' is already a built-in feature"
 
 
 def test_yaml_problems_and_the_format_version_are_reported() -> None:
     [problem] = _problems("version: 1\nname: a\nname: b\n")
     assert "duplicate key 'name'" in problem and "line 3" in problem
     [problem] = _problems("version: 2\nname: mine\n")
-    assert problem.startswith("line 1: version: Input should be 1")
+    assert problem.startswith("line 1, version: Input should be 1")
     [problem] = _problems("version: 1\nname: mine\nbuiltin: false\nfeatures: []\n")
-    assert problem.startswith("line 4: features: list at least one feature")
+    assert problem.startswith("line 4, features: list at least one feature")
 
 
 def test_a_missing_file_names_the_shipped_sets() -> None:

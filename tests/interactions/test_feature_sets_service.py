@@ -232,8 +232,8 @@ def test_a_wrong_feature_set_stops_the_start_naming_the_setting_and_the_line(
     assert stopped.value.code == 2
     message = capsys.readouterr().err
     assert "CONVERGE_INTERACTIONS_FEATURE_SET" in message
-    assert f"{path}: line 4: features[0].description: required key missing" in message
-    assert "line 5: features[0].colour: unknown key" in message
+    assert f"{path}: line 4, features[0].description: required key missing" in message
+    assert "line 5, features[0].colour: unknown key" in message
 
 
 async def _state_versions(database: str) -> dict[str, str]:

@@ -28,31 +28,25 @@ file (and reports its errors) before any of them.
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, date, datetime, timedelta
-from importlib import resources
 from importlib.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from converge.models.predictions import Prediction
+from converge.runtime import config_files
+from converge.runtime.config_files import ConfigFileError
 
 Scalar = str | int | float | bool
 HOLDING_DEFAULT = ("purchase", "subscription.started")
 ESCALATION_DEFAULT = ("ticket.escalated", "ticket.sla_breached")
 
 
-class DefinitionError(ValueError):
+class DefinitionError(ConfigFileError, ValueError):
     """A definitions file that cannot be used; each problem names its line
-    and key."""
-
-    def __init__(self, origin: str, problems: list[str]) -> None:
-        self.origin = origin
-        self.problems = problems
-        super().__init__(f"{origin}: " + "; ".join(problems))
+    and key. (Also a ValueError, as callers catch it so.)"""
 
 
 class _Model(BaseModel):
@@ -253,132 +247,34 @@ class Definitions(_Model):
         return None
 
 
-# --- loading with lines -----------------------------------------------------------------
-
-
-class _Loader(yaml.SafeLoader):  # type: ignore[misc]
-    """YAML 1.2 booleans only (PyYAML's YAML 1.1 turns yes/no/on/off into
-    booleans), duplicate keys refused."""
-
-    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return dict(super().construct_mapping(node, deep=deep))
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-
-
-def _line_of(root: Any, loc: tuple[int | str, ...]) -> int | None:
-    """The 1-based line of the deepest node of `loc` present in the file (the
-    key's line for a mapping entry)."""
-    node, line = root, getattr(root, "start_mark", None)
-    found = line.line + 1 if line is not None else None
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                if key.value == part or (part == "in_" and key.value == "in"):
-                    found, node = key.start_mark.line + 1, value
-                    break
-            else:
-                return found
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
-            if part >= len(node.value):
-                return found
-            node = node.value[part]
-            found = node.start_mark.line + 1
-        else:
-            return found
-    return found
-
-
-def _key(loc: tuple[int | str, ...]) -> str:
-    path = ""
-    for part in loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        else:
-            name = "in" if part == "in_" else str(part)
-            path += f".{name}" if path else name
-    return path
+# --- loading ----------------------------------------------------------------------
 
 
 def parse_definitions(text: str, origin: str = "<definitions>") -> Definitions:
     """Parses a definitions file, or raises DefinitionError naming, for every
     problem, its line and key."""
-    try:
-        root = yaml.compose(text, Loader=_Loader)
-        data = yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        raise DefinitionError(origin, [f"{where}not valid YAML: {e}"]) from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise DefinitionError(
-            origin, ["line 1: must be a mapping of keys (churn, escalation, ...)"]
-        )
-    try:
-        parsed = Definitions.model_validate(data)
-    except ValidationError as e:
-        problems = []
-        for error in e.errors():
-            # Union members report one error each ("products.literal[...]"):
-            # keep the path up to the last real key.
-            loc = tuple(
-                p for p in error["loc"] if not (isinstance(p, str) and ("[" in p or p == "date"))
-            )
-            line = _line_of(root, loc)
-            message = str(error["msg"]).removeprefix("Value error, ")
-            if error["type"] == "extra_forbidden":
-                message = "unknown key"
-            elif "input" in error and not isinstance(error["input"], dict | list):
-                message += f" (got {error['input']!r})"
-            where = f"line {line}, " if line is not None else ""
-            problems.append(f"{where}{_key(loc) or 'top level'}: {message}")
-        raise DefinitionError(origin, list(dict.fromkeys(problems))) from None
+    data, root = config_files.parse_yaml(
+        text, origin, DefinitionError, expected="churn, escalation, ...", empty={}
+    )
+    parsed = config_files.validate(
+        Definitions, data, root, origin, DefinitionError, aliases={"in_": "in"}
+    )
     return parsed.model_copy(update={"origin": origin})
 
 
 def shipped_definitions() -> dict[str, Traversable]:
     """The definitions shipped with Converge, by name ("default")."""
-    folder = resources.files("converge.models") / "definitions"
-    return {
-        entry.name.removesuffix(".yaml"): entry
-        for entry in sorted(folder.iterdir(), key=lambda e: e.name)
-        if entry.name.endswith(".yaml")
-    }
+    return config_files.shipped("converge.models", "definitions")
 
 
 def load_definitions(ref: str | Path | None = None) -> Definitions:
     """A definitions file by path or by the name of a shipped one (None: the
     built-in `default`)."""
-    ref = "default" if ref is None else ref
-    path = Path(ref)
-    if path.is_file():
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise DefinitionError(str(path), [f"cannot read it: {e}"]) from None
-        return parse_definitions(text, str(path))
-    shipped = shipped_definitions()
-    name = str(ref).removesuffix(".yaml")
-    if name in shipped:
-        return parse_definitions(shipped[name].read_text(encoding="utf-8"), f"{name} (shipped)")
-    raise DefinitionError(
-        str(ref),
-        [f"no such file, and no shipped definitions of that name (shipped: {', '.join(shipped)})"],
+    text, origin = config_files.read(
+        "default" if ref is None else ref,
+        "converge.models",
+        "definitions",
+        "definitions",
+        DefinitionError,
     )
+    return parse_definitions(text, origin)

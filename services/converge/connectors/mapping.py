@@ -19,7 +19,8 @@ clamped; a time may be tried against several formats; `when` on a value or
 an interaction makes it conditional; `interactions` (a list) makes several
 interactions of one row.
 
-Errors name the key at fault: `interaction.attributes.priority.map: ...`.
+Errors name the line and the key at fault:
+`line 12, interaction.attributes.priority.map: ...`.
 Unknown keys are errors too, so a typo never silently does nothing.
 """
 
@@ -31,15 +32,15 @@ import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import yaml  # type: ignore[import-untyped]
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from converge.runtime import config_files
+from converge.runtime.config_files import ConfigFileError
 from converge.v1 import common_pb2
 
 # Placeholders every template may use besides the file's columns.
@@ -62,13 +63,9 @@ ValueType = Literal["string", "number", "bool", "timestamp"]
 Scalar = str | int | float | bool
 
 
-class MappingError(Exception):
-    """A mapping that cannot be used; each problem names the key at fault."""
-
-    def __init__(self, origin: str, problems: list[str]) -> None:
-        self.origin = origin
-        self.problems = problems
-        super().__init__(f"{origin}: " + "; ".join(problems))
+class MappingError(ConfigFileError):
+    """A mapping that cannot be used; each problem names the key at fault
+    (and, for the file's own keys, its line)."""
 
 
 def _text(value: Any) -> Any:
@@ -787,113 +784,22 @@ class Mapping(_Model):
 
 
 # --- loading ----------------------------------------------------------------------
-class _Loader(yaml.SafeLoader):  # type: ignore[misc]
-    """YAML 1.2 booleans (only true/false: PyYAML's YAML 1.1 would turn the
-    values Yes, No, On, Off into booleans), dates left as text, and duplicate
-    keys refused."""
-
-    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return dict(super().construct_mapping(node, deep=deep))
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [
-        (tag, regexp)
-        for tag, regexp in resolvers
-        if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp")
-    ]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-
-
-def _location(loc: tuple[int | str, ...]) -> str:
-    path = ""
-    for part in loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        else:
-            path += f".{part}" if path else str(part)
-    return path
-
-
-def _describe(error: Any) -> str:
-    loc = tuple(error["loc"])
-    if loc and loc[-1] in _UNION_TAGS:
-        # A scalar union (text, number or boolean) reports each member; say it once.
-        shown = error.get("input")
-        return f"{_location(loc[:-1])}: must be text, a number or true/false (got {shown!r})"
-    where = _location(loc)
-    kind = error["type"]
-    if kind == "extra_forbidden":
-        message = "unknown key"
-    elif kind == "missing":
-        message = "required key missing"
-    elif kind == "value_error":
-        message = str(error["msg"]).removeprefix("Value error, ")
-        # Checks across keys say which key they mean: "<key>: <problem>".
-        key = _KEY_PREFIX.match(message)
-        if key:
-            where = f"{where}.{key.group(1)}" if where else key.group(1)
-            message = key.group(2)
-    else:
-        message = str(error["msg"])
-        if "input" in error:
-            shown = error["input"]
-            if not isinstance(shown, dict | list):
-                message += f" (got {shown!r})"
-    return f"{where}: {message}" if where else message
-
-
 def parse_mapping(text: str, origin: str = "<mapping>") -> Mapping:
-    """Parses mapping text, or raises MappingError naming every bad key."""
-    try:
-        data = yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
-    except yaml.YAMLError as e:
-        raise MappingError(origin, [f"not valid YAML: {e}"]) from None
-    if not isinstance(data, dict):
-        raise MappingError(origin, ["must be a YAML mapping of keys (version, source, file, ...)"])
-    try:
-        return Mapping.model_validate(data)
-    except ValidationError as e:
-        problems = list(dict.fromkeys(_describe(error) for error in e.errors()))
-        raise MappingError(origin, problems) from None
+    """Parses mapping text, or raises MappingError naming every bad key and its line."""
+    data, root = config_files.parse_yaml(
+        text, origin, MappingError, expected="version, source, file, ..."
+    )
+    return config_files.validate(Mapping, data, root, origin, MappingError)
 
 
 def shipped_mappings() -> dict[str, Traversable]:
     """The mappings shipped with Converge, by name ("itsm_incidents")."""
-    folder = resources.files("converge.connectors") / "mappings"
-    return {
-        entry.name.removesuffix(".yaml"): entry
-        for entry in sorted(folder.iterdir(), key=lambda e: e.name)
-        if entry.name.endswith(".yaml")
-    }
+    return config_files.shipped("converge.connectors", "mappings")
 
 
 def load_mapping(ref: str | Path) -> Mapping:
     """Loads a mapping from a file path or by the name of a shipped mapping."""
-    path = Path(ref)
-    if path.is_file():
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise MappingError(str(path), [f"cannot read it: {e}"]) from None
-        return parse_mapping(text, str(path))
-    shipped = shipped_mappings()
-    name = str(ref).removesuffix(".yaml")
-    if name in shipped:
-        return parse_mapping(shipped[name].read_text(encoding="utf-8"), f"{name} (shipped)")
-    raise MappingError(
-        str(ref),
-        [f"no such file, and no shipped mapping of that name (shipped: {', '.join(shipped)})"],
+    text, origin = config_files.read(
+        ref, "converge.connectors", "mappings", "mapping", MappingError
     )
+    return parse_mapping(text, origin)

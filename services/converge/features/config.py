@@ -27,16 +27,16 @@ service loads the set.
 from __future__ import annotations
 
 import re
-from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml  # type: ignore[import-untyped]
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from converge.features.definitions import CHANNEL_NAMES, FeatureDefinition, Prediction
 from converge.features.engine import BUILTIN, MAX_WINDOW_DAYS, FeatureSet
+from converge.runtime import config_files
+from converge.runtime.config_files import ConfigFileError
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -51,13 +51,8 @@ _ALL_PREDICTIONS: tuple[Prediction, ...] = ("churn", "escalation", "cross_sell")
 Scalar = str | int | float | bool
 
 
-class FeatureSetError(Exception):
+class FeatureSetError(ConfigFileError):
     """A feature set that cannot be used; each problem names its line and key."""
-
-    def __init__(self, origin: str, problems: list[str]) -> None:
-        self.origin = origin
-        self.problems = problems
-        super().__init__(f"{origin}: " + "; ".join(problems))
 
 
 class _Model(BaseModel):
@@ -213,109 +208,12 @@ class FeatureSetSpec(_Model):
 
 
 # --- loading ----------------------------------------------------------------------
-class _Loader(yaml.SafeLoader):  # type: ignore[misc]
-    """YAML 1.2 booleans (only true/false), dates left as text, and duplicate
-    keys refused (as the connectors' mappings read YAML)."""
-
-    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return dict(super().construct_mapping(node, deep=deep))
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [
-        (tag, regexp)
-        for tag, regexp in resolvers
-        if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp")
-    ]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-_KEY_PREFIX = re.compile(r"^([A-Za-z_][\w.]*(?:\[\d+\][\w.]*)*): (.*)$", re.DOTALL)
-_PATH_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
-
-
-def _line_of(root: Any, loc: tuple[int | str, ...]) -> int:
-    """The line (1-based) of the deepest YAML node `loc` reaches: the key's
-    own line when it names one, else its nearest parent's."""
-    node: Any = root
-    line: int = root.start_mark.line + 1
-    for part in loc:
-        if isinstance(node, yaml.MappingNode) and isinstance(part, str):
-            for key_node, value_node in node.value:
-                if key_node.value == part:
-                    node, line = value_node, int(key_node.start_mark.line) + 1
-                    break
-            else:
-                return line
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
-            if part >= len(node.value):
-                return line
-            node = node.value[part]
-            line = int(node.start_mark.line) + 1
-        else:
-            return line
-    return line
-
-
-def _location(loc: tuple[int | str, ...]) -> str:
-    path = ""
-    for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path
-
-
-def _problem(root: Any, error: Any) -> str:
-    loc: tuple[int | str, ...] = tuple(error["loc"])
-    if loc and loc[-1] in ("str", "int", "float", "bool", "list[union[str,int,float,bool]]"):
-        loc = loc[:-1]  # (a union member pydantic names; the key is the union's)
-        message = "must be text, a number, true/false or a list of them"
-    elif error["type"] == "extra_forbidden":
-        message = "unknown key"
-    elif error["type"] == "missing":
-        message = "required key missing"
-    else:
-        message = str(error["msg"]).removeprefix("Value error, ")
-        key = _KEY_PREFIX.match(message)
-        if error["type"] == "value_error" and key:  # "<key>: <problem>", from a cross-key check
-            loc = loc + tuple(
-                int(index) if index else name for name, index in _PATH_PART.findall(key.group(1))
-            )
-            message = key.group(2)
-        elif "input" in error and not isinstance(error["input"], dict | list):
-            message += f" (got {error['input']!r})"
-    where = _location(loc)
-    line = _line_of(root, loc)
-    return f"line {line}: {where}: {message}" if where else f"line {line}: {message}"
-
-
 def parse_feature_set(text: str, origin: str = "<feature set>") -> FeatureSet:
     """Parses feature-set YAML, or raises FeatureSetError naming every bad key and its line."""
-    try:
-        loader = _Loader(text)
-        try:
-            root = loader.get_single_node()
-            data = loader.construct_document(root) if root is not None else None
-        finally:
-            loader.dispose()
-    except yaml.YAMLError as e:
-        raise FeatureSetError(origin, [f"not valid YAML: {e}"]) from None
-    if not isinstance(data, dict):
-        raise FeatureSetError(origin, ["must be a YAML mapping of keys (version, name, features)"])
-    try:
-        spec = FeatureSetSpec.model_validate(data)
-    except ValidationError as e:
-        problems = list(dict.fromkeys(_problem(root, error) for error in e.errors()))
-        raise FeatureSetError(origin, problems) from None
+    data, root = config_files.parse_yaml(
+        text, origin, FeatureSetError, expected="version, name, features"
+    )
+    spec = config_files.validate(FeatureSetSpec, data, root, origin, FeatureSetError)
     try:
         return spec.feature_set()
     except ValueError as e:  # (the engine's own checks, which the spec should already make)
@@ -324,12 +222,7 @@ def parse_feature_set(text: str, origin: str = "<feature set>") -> FeatureSet:
 
 def shipped_feature_sets() -> dict[str, Traversable]:
     """The feature sets shipped with Converge, by name ("itsm_incidents")."""
-    folder = resources.files("converge.features") / "sets"
-    return {
-        entry.name.removesuffix(".yaml"): entry
-        for entry in sorted(folder.iterdir(), key=lambda e: e.name)
-        if entry.name.endswith(".yaml")
-    }
+    return config_files.shipped("converge.features", "sets")
 
 
 def load_feature_set(ref: str | Path) -> FeatureSet:
@@ -337,18 +230,7 @@ def load_feature_set(ref: str | Path) -> FeatureSet:
     built-in set for "" or "builtin"."""
     if str(ref) in ("", "builtin"):
         return BUILTIN
-    path = Path(ref)
-    if path.is_file():
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise FeatureSetError(str(path), [f"cannot read it: {e}"]) from None
-        return parse_feature_set(text, str(path))
-    shipped = shipped_feature_sets()
-    name = str(ref).removesuffix(".yaml")
-    if name in shipped:
-        return parse_feature_set(shipped[name].read_text(encoding="utf-8"), f"{name} (shipped)")
-    raise FeatureSetError(
-        str(ref),
-        [f"no such file, and no shipped feature set of that name (shipped: {', '.join(shipped)})"],
+    text, origin = config_files.read(
+        ref, "converge.features", "sets", "feature set", FeatureSetError
     )
+    return parse_feature_set(text, origin)
