@@ -147,9 +147,7 @@ class IdentityService:
     ) -> list[Customer | None]:
         async with self.store.reading() as tx:
             roots = await tx.roots_of(customer_ids)
-            loaded: dict[str, Customer | None] = {}
-            for root in set(roots.values()):
-                loaded[root] = await tx.load_customer(root, as_of)
+            loaded = await tx.load_customers(sorted(set(roots.values())), as_of)
         return [loaded.get(roots.get(c, "")) for c in customer_ids]
 
     async def list_customers(
