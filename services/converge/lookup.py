@@ -65,8 +65,8 @@ async def fetch(
 ) -> CustomerView:
     """Reads the customer from identity, then its timeline and live features
     from interactions. Raises grpc.aio.AioRpcError as the services answer."""
-    import grpc
 
+    from converge.runtime.channels import aio_channel
     from converge.v1 import (
         common_pb2,
         identity_pb2,
@@ -76,8 +76,8 @@ async def fetch(
     )
 
     async with (
-        grpc.aio.insecure_channel(identity) as identity_channel,
-        grpc.aio.insecure_channel(interactions) as interactions_channel,
+        aio_channel(identity) as identity_channel,
+        aio_channel(interactions) as interactions_channel,
     ):
         found = await identity_pb2_grpc.IdentityServiceStub(identity_channel).GetCustomer(
             identity_pb2.GetCustomerRequest(customer=ref), timeout=TIMEOUT_S

@@ -909,8 +909,8 @@ async def feed(
     the signup date and for plan changes at their effective time, then IngestInteractions with 500 rows per message, each
     row addressed by the customer id identity returned. `progress(done,
     total)` is called after each interactions message."""
-    import grpc
 
+    from converge.runtime.channels import aio_channel
     from converge.runtime.values import from_plain, money_from_float, timestamp
     from converge.v1 import (
         common_pb2,
@@ -921,8 +921,8 @@ async def feed(
     )
 
     async with (
-        grpc.aio.insecure_channel(identity_address) as ich,
-        grpc.aio.insecure_channel(interactions_address) as xch,
+        aio_channel(identity_address) as ich,
+        aio_channel(interactions_address) as xch,
     ):
         identity = identity_pb2_grpc.IdentityServiceStub(ich)
         interactions = interactions_pb2_grpc.InteractionsServiceStub(xch)

@@ -425,10 +425,11 @@ async def stream_events(
     """Every stored interaction of `types`, by customer id (StreamInteractions)."""
     import grpc
 
+    from converge.runtime.channels import aio_channel
     from converge.v1 import interactions_pb2, interactions_pb2_grpc
 
     out: dict[str, list[Event]] = {}
-    async with grpc.aio.insecure_channel(interactions_address) as channel:
+    async with aio_channel(interactions_address) as channel:
         stub = interactions_pb2_grpc.InteractionsServiceStub(channel)
         try:
             async for message in stub.StreamInteractions(
@@ -458,11 +459,12 @@ async def profiles_as_of(
     """Profiles as they were at `as_of` (None: now), BatchGetCustomers by 1000."""
     import grpc
 
+    from converge.runtime.channels import aio_channel
     from converge.runtime.values import timestamp
     from converge.v1 import identity_pb2, identity_pb2_grpc
 
     out: dict[str, Profile] = {}
-    async with grpc.aio.insecure_channel(identity_address) as channel:
+    async with aio_channel(identity_address) as channel:
         stub = identity_pb2_grpc.IdentityServiceStub(channel)
         for lo in range(0, len(customer_ids), 1000):
             request = identity_pb2.BatchGetCustomersRequest(
@@ -488,6 +490,7 @@ async def point_in_time_features(
     id, as_of, ticket id) queries, through GetPointInTimeFeatures."""
     import grpc
 
+    from converge.runtime.channels import aio_channel
     from converge.runtime.values import timestamp
     from converge.v1 import interactions_pb2, interactions_pb2_grpc
 
@@ -505,7 +508,7 @@ async def point_in_time_features(
     customer: list[dict[str, float]] = []
     ticket: list[dict[str, float] | None] = []
     version = FEATURE_SET_VERSION
-    async with grpc.aio.insecure_channel(interactions_address, options=_CHANNEL_OPTIONS) as channel:
+    async with aio_channel(interactions_address, options=_CHANNEL_OPTIONS) as channel:
         stub = interactions_pb2_grpc.InteractionsServiceStub(channel)
         try:
             async for answer in stub.GetPointInTimeFeatures(iter(requests())):  # type: ignore[arg-type]
@@ -735,11 +738,12 @@ async def history_from_services(
     """The label-type interactions, held compactly (StreamInteractions)."""
     import grpc
 
+    from converge.runtime.channels import aio_channel
     from converge.v1 import interactions_pb2, interactions_pb2_grpc
 
     history = History(defs, prediction)
     wanted = label_attributes(defs, prediction)
-    async with grpc.aio.insecure_channel(interactions_address) as channel:
+    async with aio_channel(interactions_address) as channel:
         stub = interactions_pb2_grpc.InteractionsServiceStub(channel)
         try:
             async for message in stub.StreamInteractions(
@@ -774,6 +778,7 @@ async def point_in_time_columns(
     text values into lists; no per-row dicts are kept."""
     import grpc
 
+    from converge.runtime.channels import aio_channel
     from converge.runtime.values import timestamp
     from converge.v1 import interactions_pb2, interactions_pb2_grpc
 
@@ -806,7 +811,7 @@ async def point_in_time_columns(
 
     version = FEATURE_SET_VERSION
     done = 0
-    async with grpc.aio.insecure_channel(interactions_address, options=_CHANNEL_OPTIONS) as channel:
+    async with aio_channel(interactions_address, options=_CHANNEL_OPTIONS) as channel:
         stub = interactions_pb2_grpc.InteractionsServiceStub(channel)
         try:
             async for answer in stub.GetPointInTimeFeatures(iter(requests())):  # type: ignore[arg-type]
@@ -940,10 +945,11 @@ async def list_profiles(identity_address: str) -> list[tuple[str, Profile]]:
     it) is the same on every run."""
     import grpc
 
+    from converge.runtime.channels import aio_channel
     from converge.v1 import common_pb2, identity_pb2, identity_pb2_grpc
 
     found: list[tuple[str, str, Profile]] = []
-    async with grpc.aio.insecure_channel(identity_address) as channel:
+    async with aio_channel(identity_address) as channel:
         stub = identity_pb2_grpc.IdentityServiceStub(channel)
         token = ""
         while True:

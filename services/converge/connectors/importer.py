@@ -38,6 +38,7 @@ from converge.connectors import DEFAULT_IDENTITY, DEFAULT_INTERACTIONS
 from converge.connectors.mapping import MAX_KEY_LENGTH, Mapping
 from converge.connectors.reader import RecordFile
 from converge.connectors.transform import MappedRow, RejectedRow, SkippedRow, map_records
+from converge.runtime.channels import aio_channel
 from converge.v1 import identity_pb2, identity_pb2_grpc, interactions_pb2, interactions_pb2_grpc
 
 DEFAULT_BATCH = 5000
@@ -284,7 +285,7 @@ async def _in_calls(
 
 
 async def _connect(service: str, address: str, within_s: float) -> grpc.aio.Channel:
-    channel = grpc.aio.insecure_channel(address)
+    channel = aio_channel(address)
     try:
         await asyncio.wait_for(channel.channel_ready(), within_s)
     except (TimeoutError, grpc.aio.AioRpcError) as e:

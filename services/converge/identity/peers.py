@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 import grpc
 
 from converge.identity.domain import PeerErasure, PeerExport
+from converge.runtime.channels import aio_channel
 from converge.v1 import privacy_pb2, privacy_pb2_grpc
 
 
@@ -20,7 +21,7 @@ class PeerServices:
         self._peers: dict[str, privacy_pb2_grpc.DataSubjectServiceAsyncStub] = {}
         self._channels: list[grpc.aio.Channel] = []
         for name, target in targets.items():
-            channel = grpc.aio.insecure_channel(target)
+            channel = aio_channel(target)
             self._channels.append(channel)
             self._peers[name] = privacy_pb2_grpc.DataSubjectServiceStub(channel)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import grpc
 
 from converge.interactions.store import InteractionsStore
+from converge.runtime.channels import aio_channel
 from converge.runtime.errors import (
     ConvergeError,
     FailedPrecondition,
@@ -82,7 +83,7 @@ class IdentityLink:
         self.timeout_s = timeout_s
         self.store = store
         self.connected = False
-        self._channel = grpc.aio.insecure_channel(address) if address else None
+        self._channel = aio_channel(address) if address else None
         self._stub = identity_pb2_grpc.IdentityServiceStub(self._channel) if self._channel else None
         # Raw identifier as sent -> the customer it is attached to. An owner
         # changes when its identifier is removed (IDENTIFIER_REMOVED drops the
