@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -25,6 +24,7 @@ from converge.runtime.database import create_pool, load_migrations, migrate
 from converge.v1 import common_pb2, identity_pb2
 from tests.conftest import database_url
 from tests.identity.test_profiles import update
+from tests.waiting import wait_until
 
 FIELDS = ("plan", "segment", "region", "display_name", "attributes.tier")
 PAST = datetime(2019, 3, 1, tzinfo=UTC)
@@ -129,20 +129,19 @@ async def test_pages_stop_inside_a_change_and_a_bare_change_token_resumes_after_
 
 
 async def wait_until_blocked(database: str, application_name: str) -> None:
-    """Waits (with a deadline) until a session of that name waits on a lock."""
+    """Waits (on the condition, with a deadline) until a session of that name
+    waits on a lock."""
     connection = await asyncpg.connect(database)
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            waiting = await connection.fetchval(
+        await wait_until(
+            lambda: connection.fetchval(
                 "SELECT count(*) FROM pg_stat_activity "
                 "WHERE application_name = $1 AND wait_event_type = 'Lock'",
                 application_name,
-            )
-            if waiting:
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"{application_name} never waited on a lock")
+            ),
+            what=f"{application_name} waiting on a lock",
+            timeout_s=30,
+        )
     finally:
         await connection.close()
 

@@ -999,15 +999,26 @@ async def _build_snapshot(
     # One nominal cutoff: the profiles are read as they are; the date only
     # measures tenure.
     at = until or defs.explicit_end() or now_utc()
-    rows, profiles = snapshot_rows(await list_profiles(identity_address), defs, at)
+    current = await list_profiles(identity_address)
+    return _snapshot_frame(current, defs, prediction, at, source, minimum)
+
+
+def _snapshot_frame(
+    current: Sequence[tuple[str, Profile]],
+    defs: Definitions,
+    prediction: Prediction,
+    at: datetime,
+    source: str,
+    minimum: int,
+) -> tuple[TrainingFrame, BuildReport]:
+    """The frame of a profile snapshot at `at`, from (customer, profile) pairs."""
+    rows, kept = snapshot_rows(current, defs, at)
     report = _report(defs, prediction, None)
-    report.snapshot = True
-    report.cutoffs = (at,)
-    report.rows = len(rows)
-    report.positives = sum(r.label for r in rows)
+    report.snapshot, report.cutoffs = True, (at,)
+    report.rows, report.positives = len(rows), sum(r.label for r in rows)
     check_enough(report, defs, minimum)
     frame = assemble_columns(
-        prediction, rows, {}, profiles, "profile-only", source, _excluded(defs, prediction)
+        prediction, rows, {}, kept, "profile-only", source, _excluded(defs, prediction)
     )
     return frame, report
 
@@ -1027,15 +1038,7 @@ def build_defined_events(
     if defs.snapshot(prediction):
         at = until or defs.explicit_end() or now_utc()
         current = [(c, profile_at(h, at) or {}) for c, h in sorted(profiles.items())]
-        rows, kept = snapshot_rows(current, defs, at)
-        report = _report(defs, prediction, None)
-        report.snapshot, report.cutoffs = True, (at,)
-        report.rows, report.positives = len(rows), sum(r.label for r in rows)
-        check_enough(report, defs, minimum)
-        frame = assemble_columns(
-            prediction, rows, {}, kept, "profile-only", source, _excluded(defs, prediction)
-        )
-        return frame, report
+        return _snapshot_frame(current, defs, prediction, at, source, minimum)
     history = History(defs, prediction)
     for customer, events in events_by_customer.items():
         for e in events:
