@@ -66,15 +66,31 @@ async def erasing(database: str) -> AsyncIterator[Erasing]:
         grpc.aio.insecure_channel(identity.address) as identity_channel,
         grpc.aio.insecure_channel(interactions.address) as interactions_channel,
     ):
-        # Interactions tried identity before it listened; the connection (shared
-        # by channels to one address in a process) is retried: wait for it.
-        await asyncio.wait_for(identity_channel.channel_ready(), 60)
-        yield Erasing(
+        erasing = Erasing(
             identity_pb2_grpc.IdentityServiceStub(identity_channel),
             interactions_pb2_grpc.InteractionsServiceStub(interactions_channel),
         )
+        # Interactions tried identity before it listened, and its own channel
+        # (not the test's) reconnects with back-off: wait until interactions
+        # itself reaches identity, or the first calls fail UNAVAILABLE.
+        await wait_until(lambda: _reaches_identity(erasing), what="interactions reaching identity")
+        yield erasing
     await identity.stop(grace=1)
     await interactions.stop(grace=1)
+
+
+async def _reaches_identity(erasing: Erasing) -> bool:
+    """Whether interactions can resolve an identifier through identity now."""
+    try:
+        await erasing.interactions.ListInteractions(
+            interactions_pb2.ListInteractionsRequest(customer=email_ref("nobody@example.com"))
+        )
+    except grpc.aio.AioRpcError as error:
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            return False
+        # NOT_FOUND for an unknown identifier: identity answered.
+        assert error.code() == grpc.StatusCode.NOT_FOUND, error
+    return True
 
 
 def _by_id(customer_id: str) -> common_pb2.CustomerRef:
