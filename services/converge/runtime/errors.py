@@ -38,10 +38,16 @@ class ConvergeError(Exception):
         """`google.rpc` detail messages sent with the status."""
         return []
 
+    def rpc_status(self) -> status_pb2.Status:
+        """The error as a `google.rpc.Status` (code, message, details): what a
+        failed call carries, and what a response carries for each of its items
+        that failed (a rejected row of a batch), so both read alike."""
+        code_value: int = self.code.value[0]
+        return status_pb2.Status(code=code_value, message=self.message, details=self.details())
+
     def to_status(self, request_id: str | None = None) -> grpc.Status:
         """The status sent to the caller, with details and the request id."""
-        code_value: int = self.code.value[0]
-        detail = status_pb2.Status(code=code_value, message=self.message, details=self.details())
+        detail = self.rpc_status()
         if request_id:
             info = error_details_pb2.RequestInfo(request_id=request_id)
             packed = any_pb2.Any()
@@ -140,10 +146,44 @@ class ResourceExhausted(ConvergeError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class DeadlineExceeded(ConvergeError):
+    """The caller's deadline passed before the work could be done (or begun)."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 class InternalError(ConvergeError):
     """Something unexpected; details are logged, never sent."""
 
     code = grpc.StatusCode.INTERNAL
+
+
+def field_status(field_path: str, reason: str) -> status_pb2.Status:
+    """The per-item status of an item refused because of one field:
+    INVALID_ARGUMENT, the reason as its message, a BadRequest naming the field."""
+    return InvalidArgument([FieldViolation(field_path, reason)], message=reason).rpc_status()
+
+
+@dataclass(frozen=True)
+class ItemError:
+    """A per-item `google.rpc.Status` as a caller reads it: its code, the
+    field at fault ("" when no field is) and why, for people."""
+
+    code: grpc.StatusCode
+    field: str
+    reason: str
+
+
+def read_status(status: status_pb2.Status) -> ItemError:
+    """Reads a per-item status: the first BadRequest field violation gives the
+    field and the reason; without one the status message is the reason."""
+    code = next((c for c in grpc.StatusCode if c.value[0] == status.code), grpc.StatusCode.UNKNOWN)
+    for detail in status.details:
+        bad_request = error_details_pb2.BadRequest()
+        if detail.Unpack(bad_request) and bad_request.field_violations:
+            violation = bad_request.field_violations[0]
+            return ItemError(code, violation.field, violation.description or status.message)
+    return ItemError(code, "", status.message)
 
 
 @dataclass

@@ -1,6 +1,11 @@
-"""The server interceptor every service runs: request ids, metrics, the cap on
-concurrent streams and the one mapping from exceptions to gRPC statuses. Auth
-will slot in beside it."""
+"""The server interceptor every service runs: request ids, the caller's
+deadline (see `deadlines`), metrics, the caps on concurrent calls and streams,
+and the one mapping from exceptions to gRPC statuses. Auth will slot in beside it.
+
+The caps are ours, not grpc's `maximum_concurrent_rpcs`: grpc's limiter also
+counts health and reflection calls, so a loaded server would fail its probes,
+and it answers before any interceptor runs (no metric, no request id).
+"""
 
 from __future__ import annotations
 
@@ -13,9 +18,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+import prometheus_client
 from google.protobuf.message import DecodeError
 
-from converge.runtime import errors
+from converge.runtime import deadlines, errors
 from converge.runtime.logs import request_id_var
 from converge.runtime.metrics import GRPC_SERVER_HANDLED, GRPC_SERVER_HANDLING_SECONDS
 
@@ -23,8 +29,19 @@ logger = logging.getLogger(__name__)
 
 REQUEST_ID_METADATA_KEY = "x-request-id"
 
-# Streams that are part of the server itself, not of a service: probes and
-# tools must still get through when the services' streams are at their cap.
+CALLS_IN_FLIGHT = prometheus_client.Gauge(
+    "converge_grpc_server_calls_in_flight",
+    "Calls counted against the server's caps, open now: unary calls and streams.",
+    ["kind"],
+)
+CALLS_REFUSED = prometheus_client.Counter(
+    "converge_grpc_server_calls_refused_total",
+    "Calls answered RESOURCE_EXHAUSTED at once because the server's cap of their kind was full.",
+    ["kind"],
+)
+
+# Calls that are part of the server itself, not of a service: probes and
+# tools must still get through when the services' calls are at their cap.
 _UNCAPPED_SERVICES = frozenset(
     {
         "grpc.health.v1.Health",
@@ -107,6 +124,7 @@ class _Call:
         # be reset in the context that set it, and a stream the client
         # abandons is closed later by the garbage collector from another one.
         request_id_var.set(self.request_id)
+        deadlines.start_call(context.time_remaining())
         context.set_trailing_metadata(((REQUEST_ID_METADATA_KEY, self.request_id),))
 
     async def fail(self, exc: BaseException) -> None:
@@ -132,12 +150,56 @@ class _Call:
         return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
 
 
-class RuntimeInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps every handler, whatever its streaming shape."""
+class _Places:
+    """A cap on calls of one kind open at once on the server: a call beyond it
+    is refused at once, never queued. One for unary calls, one for streams."""
 
-    def __init__(self, max_concurrent_streams: int = 2000) -> None:
-        self.max_concurrent_streams = max_concurrent_streams
-        self.open_streams = 0
+    def __init__(self, kind: str, limit: int) -> None:
+        self.kind = kind
+        self.limit = limit
+        self.open = 0
+        self._in_flight = CALLS_IN_FLIGHT.labels(kind)
+        self._refused = CALLS_REFUSED.labels(kind)
+
+    def take(self, context: grpc.aio.ServicerContext) -> Callable[[], None]:
+        """Counts one more open call, or refuses it beyond the cap; returns
+        what gives the place back."""
+        if self.open >= self.limit:
+            self._refused.inc()
+            raise errors.ResourceExhausted(
+                f"too many concurrent {self.kind} on this server (at most {self.limit}); "
+                "retry later or on another replica"
+            )
+        self.open += 1
+        self._in_flight.inc()
+        released = False
+
+        def release(*_: object) -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.open -= 1
+                self._in_flight.dec()
+
+        # Also when the call ends: a stream the client abandons may be closed
+        # only later, by the garbage collector, and must not hold its place.
+        # (grpc-stubs types the callback as a class grpc does not export.)
+        context.add_done_callback(release)  # type: ignore[arg-type]
+        return release
+
+
+class RuntimeInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every handler, whatever its streaming shape.
+
+    Unary calls count against `max_concurrent_calls`; calls that stream in
+    either direction (they stay open far longer) against
+    `max_concurrent_streams`. Health and reflection count against neither."""
+
+    def __init__(
+        self, *, max_concurrent_calls: int = 1000, max_concurrent_streams: int = 2000
+    ) -> None:
+        self.calls = _Places("calls", max_concurrent_calls)
+        self.streams = _Places("streams", max_concurrent_streams)
 
     async def intercept_service(
         self,
@@ -148,9 +210,12 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         details = handler_call_details
+        capped = _split_method(details.method)[0] not in _UNCAPPED_SERVICES
+        calls = self.calls if capped else None
+        streams = self.streams if capped else None
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary_response(handler.unary_unary, details),
+                self._wrap_unary_response(handler.unary_unary, details, calls),
                 request_deserializer=_guarded_deserializer(
                     handler.request_deserializer, streamed=False
                 ),
@@ -158,7 +223,7 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary_response(handler.stream_unary, details),
+                self._wrap_unary_response(handler.stream_unary, details, streams),
                 request_deserializer=_guarded_deserializer(
                     handler.request_deserializer, streamed=True
                 ),
@@ -166,7 +231,7 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream_response(handler.unary_stream, details),
+                self._wrap_stream_response(handler.unary_stream, details, streams),
                 request_deserializer=_guarded_deserializer(
                     handler.request_deserializer, streamed=False
                 ),
@@ -174,20 +239,24 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
             )
         assert handler.stream_stream is not None
         return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream_response(handler.stream_stream, details),
+            self._wrap_stream_response(handler.stream_stream, details, streams),
             request_deserializer=_guarded_deserializer(handler.request_deserializer, streamed=True),
             response_serializer=handler.response_serializer,
         )
 
+    @staticmethod
     def _wrap_unary_response(
-        self, behavior: Callable[..., Any], details: grpc.HandlerCallDetails
+        behavior: Callable[..., Any], details: grpc.HandlerCallDetails, places: _Places | None
     ) -> Callable[..., Awaitable[Any]]:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
             call = _Call(details, context)
             code = grpc.StatusCode.OK
+            release = _no_release
             try:
                 if isinstance(request, _Undecodable):
                     raise _undecodable(request.message_name)
+                if places is not None:
+                    release = places.take(context)
                 return await behavior(request, context)
             except grpc.aio.AbortError:
                 code = call.code_after_abort()
@@ -198,18 +267,19 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
                     await call.fail(exc)
                 raise
             finally:
+                release()
                 call.finish(code)
 
         return handle
 
+    @classmethod
     def _wrap_stream_response(
-        self, behavior: Callable[..., Any], details: grpc.HandlerCallDetails
+        cls, behavior: Callable[..., Any], details: grpc.HandlerCallDetails, places: _Places | None
     ) -> Callable[..., Any]:
         if not inspect.isasyncgenfunction(behavior):
             # A handler that writes with `context.write()` (the stock health
             # Watch does) rather than yielding.
-            return self._wrap_unary_response(behavior, details)
-        capped = _split_method(details.method)[0] not in _UNCAPPED_SERVICES
+            return cls._wrap_unary_response(behavior, details, places)
 
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             call = _Call(details, context)
@@ -218,8 +288,8 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
             try:
                 if isinstance(request, _Undecodable):
                     raise _undecodable(request.message_name)
-                if capped:
-                    release = self._take_stream_place(context)
+                if places is not None:
+                    release = places.take(context)
                 async for response in behavior(request, context):
                     yield response
             except grpc.aio.AbortError:
@@ -241,29 +311,6 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
                 call.finish(code)
 
         return handle
-
-    def _take_stream_place(self, context: grpc.aio.ServicerContext) -> Callable[[], None]:
-        """Counts one more open stream, or refuses it beyond the cap; returns
-        what gives the place back."""
-        if self.open_streams >= self.max_concurrent_streams:
-            raise errors.ResourceExhausted(
-                f"too many concurrent streams on this server (at most "
-                f"{self.max_concurrent_streams}); retry later or on another replica"
-            )
-        self.open_streams += 1
-        released = False
-
-        def release(*_: object) -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self.open_streams -= 1
-
-        # Also when the call ends: a stream the client abandons may be closed
-        # only later, by the garbage collector, and must not hold its place.
-        # (grpc-stubs types the callback as a class grpc does not export.)
-        context.add_done_callback(release)  # type: ignore[arg-type]
-        return release
 
 
 def _no_release() -> None:

@@ -5,7 +5,25 @@ Start order: settings -> logging -> PostgreSQL (external or embedded) -> pool
 -> migrations -> servicers -> bind -> SERVING, then health follows the
 database and the service's own checks (see `health`). Stop order (SIGTERM):
 health NOT_SERVING for good -> stop accepting and let in-flight calls finish
-within the grace period -> shutdown hooks -> pool -> embedded PostgreSQL. Exit 0.
+within the grace period -> shutdown hooks -> CPU executor (its running jobs
+finish) -> pool -> embedded PostgreSQL. Exit 0.
+
+What serving under load gets from the runtime, through `ServiceContext`:
+
+- Back-pressure: beyond `max_concurrent_calls` unary calls (or
+  `max_concurrent_streams` streams) in flight, a new call is answered
+  RESOURCE_EXHAUSTED at once, never queued; health and reflection always answer.
+- CPU work off the event loop: `await context.executor.run(fn, *args)` runs
+  `fn` on one of `cpu_workers` threads; beyond `cpu_queue_limit` waiting jobs,
+  RESOURCE_EXHAUSTED (see `executor`).
+- Deadlines: `context.time_remaining()` is the time left before the current
+  call's caller stops waiting (None without a deadline). Give a downstream call
+  `timeout=context.downstream_timeout(budget_s)` (the time left, at most the
+  service's own budget), and call `context.check_deadline()` between steps to
+  stop work nobody waits for: it raises DEADLINE_EXCEEDED once the deadline
+  passed. gRPC itself cancels the handler's task when the caller gives up;
+  these are for work between awaits and for sizing downstream calls (see
+  `deadlines`, usable from service code that holds no context).
 """
 
 from __future__ import annotations
@@ -27,9 +45,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 
+from converge.runtime import deadlines
 from converge.runtime.channels import SERVER_OPTIONS
 from converge.runtime.database import create_pool, load_migrations, migrate, pending_migrations
 from converge.runtime.embedded_postgres import EmbeddedPostgres
+from converge.runtime.executor import CpuExecutor, usable_cpu_count
 from converge.runtime.health import HealthCheck, HealthWatcher
 from converge.runtime.interceptors import RuntimeInterceptor
 from converge.runtime.logs import configure_logging
@@ -52,6 +72,7 @@ class ServiceContext:
 
     settings: ServiceSettings
     pool: asyncpg.Pool
+    executor: CpuExecutor
     shutdown_hooks: list[ShutdownHook] = field(default_factory=list)
     health_checks: dict[str, HealthCheck] = field(default_factory=dict)
 
@@ -64,6 +85,23 @@ class ServiceContext:
         true, beside the runtime's own database check; `name` appears in the
         log when it fails."""
         self.health_checks[name] = check
+
+    @staticmethod
+    def time_remaining() -> float | None:
+        """Seconds left before the current call's caller stops waiting, or None
+        when it set no deadline (or outside a call)."""
+        return deadlines.time_remaining()
+
+    @staticmethod
+    def check_deadline(doing: str = "the call") -> None:
+        """Raises DeadlineExceeded (DEADLINE_EXCEEDED) once the caller's deadline passed."""
+        deadlines.check_deadline(doing)
+
+    @staticmethod
+    def downstream_timeout(at_most_s: float | None = None) -> float | None:
+        """The timeout for a downstream call: the caller's time left, at most
+        `at_most_s`; DeadlineExceeded when none is left."""
+        return deadlines.downstream_timeout(at_most_s)
 
 
 # Adds a service's servicers to the server; returns the full names of the gRPC
@@ -106,6 +144,11 @@ class ServiceRuntime:
         assert self._context is not None, "service not started"
         return self._context.pool
 
+    @property
+    def executor(self) -> CpuExecutor:
+        assert self._context is not None, "service not started"
+        return self._context.executor
+
     async def start(self) -> None:
         settings = self.settings
         if settings.database_url is not None:
@@ -121,7 +164,9 @@ class ServiceRuntime:
             max_size=settings.db_pool_max_size,
             command_timeout=settings.db_command_timeout_s,
         )
-        self._context = ServiceContext(settings=settings, pool=pool)
+        workers = settings.cpu_workers or usable_cpu_count()
+        executor = CpuExecutor(workers, settings.cpu_queue_limit, name=self.spec.name)
+        self._context = ServiceContext(settings=settings, pool=pool, executor=executor)
         migrations = load_migrations(self.spec.migrations)
         async with pool.acquire() as connection:
             if settings.migrate_on_start:
@@ -136,7 +181,12 @@ class ServiceRuntime:
                 )
 
         server = grpc.aio.server(
-            interceptors=[RuntimeInterceptor(settings.max_concurrent_streams)],
+            interceptors=[
+                RuntimeInterceptor(
+                    max_concurrent_calls=settings.max_concurrent_calls,
+                    max_concurrent_streams=settings.max_concurrent_streams,
+                )
+            ],
             options=[("grpc.so_reuseport", 0), *SERVER_OPTIONS],
         )
         service_names = list(await self.spec.register(server, self._context))
@@ -174,7 +224,11 @@ class ServiceRuntime:
         )
         await self._health_watcher.start()
         logger.info(
-            "%s serving on %s (metrics port %s)", self.spec.name, self.address, self.metrics_port
+            "%s serving on %s (metrics port %s, %d CPU workers)",
+            self.spec.name,
+            self.address,
+            self.metrics_port,
+            executor.workers,
         )
 
     async def wait_for_termination(self) -> None:
@@ -195,6 +249,7 @@ class ServiceRuntime:
                     await hook()
                 except Exception:
                     logger.exception("shutdown hook failed")
+            await self._context.executor.close()
             await self._context.pool.close()
         if self._metrics is not None:
             self._metrics.close()

@@ -60,10 +60,38 @@ class ServiceSettings(BaseSettings):
             "never race; a service that finds migrations pending then refuses to start."
         ),
     )
+    max_concurrent_calls: int = Field(
+        default=1000,
+        ge=1,
+        description=(
+            "Unary calls in flight at once on this server; beyond it a new one is answered "
+            "RESOURCE_EXHAUSTED at once instead of queueing. Health and reflection are not counted."
+        ),
+    )
     max_concurrent_streams: int = Field(
         default=2000,
         ge=1,
-        description="Server-streaming calls open at once; beyond it, RESOURCE_EXHAUSTED.",
+        description=(
+            "Streaming calls (either direction) open at once; beyond it, RESOURCE_EXHAUSTED. "
+            "Health Watch and reflection are not counted."
+        ),
+    )
+    cpu_workers: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Threads of the executor that runs CPU-heavy work (model predictions) off the "
+            "event loop. Unset: the CPUs the process may use (its affinity, lowered to the "
+            "container's CPU quota)."
+        ),
+    )
+    cpu_queue_limit: int = Field(
+        default=64,
+        ge=0,
+        description=(
+            "Jobs that may wait for a CPU worker; beyond it a call needing one is answered "
+            "RESOURCE_EXHAUSTED rather than queued without bound."
+        ),
     )
 
     @classmethod
