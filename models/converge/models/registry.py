@@ -54,23 +54,23 @@ at a time per prediction (the CLI, a retraining job), not concurrently.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import secrets
+import shutil
 import tempfile
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from converge.models import native
+from converge.models import native, serving_artifacts
 from converge.models.dataset import PREDICTIONS, Prediction, TrainingFrame, check_prediction
 from converge.models.evaluation import Evaluation, EvaluationError, evaluate
 from converge.models.native import NATIVE_ARTIFACT, NativeModel
@@ -265,26 +265,6 @@ class _Event:
 
 # --- the registry -------------------------------------------------------------------
 
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def _uses_store(
-    method: Callable[Concatenate[ModelRegistry, P], R],
-) -> Callable[Concatenate[ModelRegistry, P], R]:
-    """Runs a registry method with MLflow's global tracking URI pointed at
-    this registry's store: MLflow resolves some references (a model version's
-    `models:/m-...` source, logged models) through the global URI even when
-    called through a client, and would otherwise look in (and create)
-    ./mlflow.db."""
-
-    @functools.wraps(method)
-    def wrapper(self: ModelRegistry, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        with self._fluent():
-            return method(self, *args, **kwargs)
-
-    return wrapper
-
 
 class ModelRegistry:
     """Converge's view of one MLflow tracking store and registry."""
@@ -308,29 +288,6 @@ class ModelRegistry:
 
     # --- plumbing ---------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _fluent(self) -> Iterator[None]:
-        """MLflow's fluent API (runs, log_model) pointed at this store for the
-        duration, then back to exactly what it was: `set_tracking_uri` also
-        writes the MLFLOW_TRACKING_URI environment variable, so both are
-        restored. Registration goes through `self.client`, never the fluent
-        registry URI."""
-        import mlflow
-        from mlflow.tracking._tracking_service import utils as tracking_utils
-
-        saved = getattr(tracking_utils, "_tracking_uri", None)
-        saved_env = os.environ.get("MLFLOW_TRACKING_URI")
-        mlflow.set_tracking_uri(self.tracking_uri)
-        try:
-            yield
-        finally:
-            mlflow.set_tracking_uri(saved)
-            if saved_env is None:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
-            else:
-                os.environ["MLFLOW_TRACKING_URI"] = saved_env
-
-    @_uses_store
     def check_reachable(self, timeout_s: float = 5.0) -> None:
         """Raises `RegistryUnavailable` when the store cannot be used."""
         uri = self.tracking_uri
@@ -384,7 +341,6 @@ class ModelRegistry:
 
     # --- logging a training -----------------------------------------------------------
 
-    @_uses_store
     def log_training(
         self,
         trained: NativeModel,
@@ -402,7 +358,9 @@ class ModelRegistry:
         the training configuration (when `trained` has one).
         """
         import mlflow
-        from mlflow.models import infer_signature
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+        from mlflow.models import Model, infer_signature
+        from mlflow.tracking.context import registry as context_registry
         from mlflow.types.schema import AnyType, ColSpec, Schema
 
         prediction = check_prediction(trained.prediction)
@@ -464,39 +422,87 @@ class ModelRegistry:
             ]
         )
         requirements = _pip_requirements()
+        served = serving_artifacts.build(trained, frames)
+        assert served.thresholds is not None
+        all_params.update(
+            {
+                "risk_threshold_medium": served.thresholds.medium,
+                "risk_threshold_high": served.thresholds.high,
+                "risk_threshold_critical": served.thresholds.critical,
+            }
+        )
+        metrics = evaluation.metrics("test_")
+        if stats is not None and np.isfinite(stats.valid_auc_raw):
+            metrics["valid_auc_raw"] = stats.valid_auc_raw
+            metrics["train_seconds"] = stats.seconds
+        metadata = {
+            "converge_prediction": prediction,
+            "converge_feature_set_version": trained.feature_set_version,
+        }
 
-        with tempfile.TemporaryDirectory() as tmp, _integer_hint_silenced():
-            native_dir = trained.save(Path(tmp) / NATIVE_ARTIFACT)
-            with mlflow.start_run(
-                experiment_id=experiment_id, run_name=f"{prediction}-{stamp}", tags=tags
-            ) as run:
-                mlflow.log_params({k: _param(v) for k, v in all_params.items()})
-                metrics = evaluation.metrics("test_")
-                if stats is not None and np.isfinite(stats.valid_auc_raw):
-                    metrics["valid_auc_raw"] = stats.valid_auc_raw
-                    metrics["train_seconds"] = stats.seconds
-                mlflow.log_metrics(metrics)
-                mlflow.log_dict(evaluation.to_dict(), "evaluation.json")
-                if trained.input_schema is not None:
-                    # Beside the run as well as inside the model, for people reading the run.
-                    mlflow.log_dict(dict(trained.input_schema), native.SCHEMA_FILE)
-                for plot in plots:
-                    mlflow.log_artifact(str(plot), artifact_path="plots")
-                for part, frame in frames.items():
-                    _log_frame(frame, part)
-                info = mlflow.pyfunc.log_model(
-                    name=MODEL_ARTIFACT,
+        # Everything through `self.client`, never MLflow's fluent API: the
+        # fluent calls (start_run, log_model) read and write the process-wide
+        # tracking URI, which a server with threads must not share. This is
+        # what `mlflow.pyfunc.log_model` does, step for step (MLflow 3's
+        # `Model.log`), with this registry's client.
+        client = self.client
+        run = client.create_run(
+            experiment_id,
+            run_name=f"{prediction}-{stamp}",
+            tags=context_registry.resolve_tags(tags),
+        )
+        run_id = run.info.run_id
+        logged = None
+        try:
+            _log_batches(client, run_id, {k: _param(v) for k, v in all_params.items()}, metrics)
+            client.log_dict(run_id, evaluation.to_dict(), "evaluation.json")
+            if trained.input_schema is not None:
+                # Beside the run as well as inside the model, for people reading the run.
+                client.log_dict(run_id, dict(trained.input_schema), native.SCHEMA_FILE)
+            for plot in plots:
+                client.log_artifact(run_id, str(plot), artifact_path="plots")
+            client.log_inputs(run_id, datasets=[_frame_input(f, p) for p, f in frames.items()])
+            logged = client.create_logged_model(
+                experiment_id,
+                name=MODEL_ARTIFACT,
+                source_run_id=run_id,
+                params={k: str(_param(v)) for k, v in all_params.items()},
+                tags=context_registry.resolve_tags(),
+            )
+            client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+            with tempfile.TemporaryDirectory() as tmp, _integer_hint_silenced():
+                native_dir = trained.save(Path(tmp) / NATIVE_ARTIFACT)
+                serving_dir = served.save(Path(tmp) / serving_artifacts.SERVING_ARTIFACT)
+                model_dir = Path(tmp) / MODEL_ARTIFACT
+                mlflow.pyfunc.save_model(
+                    path=str(model_dir),
                     python_model=native.__file__,
-                    artifacts={NATIVE_ARTIFACT: str(native_dir)},
+                    artifacts={
+                        NATIVE_ARTIFACT: str(native_dir),
+                        serving_artifacts.SERVING_ARTIFACT: str(serving_dir),
+                    },
                     signature=signature,
                     input_example=example,
                     pip_requirements=requirements,
-                    metadata={
-                        "converge_prediction": prediction,
-                        "converge_feature_set_version": trained.feature_set_version,
-                    },
+                    metadata=metadata,
+                    mlflow_model=Model(
+                        artifact_path=logged.artifact_location,
+                        model_uuid=logged.model_id,
+                        run_id=run_id,
+                        model_id=logged.model_id,
+                    ),
                 )
-                run_id = run.info.run_id
+                # Saving a model from code imports it, which may leave bytecode behind.
+                for pycache in list(model_dir.rglob("__pycache__")):
+                    shutil.rmtree(pycache, ignore_errors=True)
+                client.log_model_artifacts(logged.model_id, str(model_dir))
+            client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        except BaseException:
+            if logged is not None:
+                client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+            client.set_terminated(run_id, "FAILED")
+            raise
+        client.set_terminated(run_id, "FINISHED")
         version_tags = {
             **tags,
             "converge.run_id": run_id,
@@ -504,19 +510,25 @@ class ModelRegistry:
                 native.feature_schema(trained.feature_names, trained.categorical_features)
             ),
             **{f"converge.{k}": f"{v:.6g}" for k, v in evaluation.metrics("test_").items()},
+            serving_artifacts.THRESHOLDS_TAG: json.dumps(
+                served.thresholds.to_dict(), sort_keys=True
+            ),
         }
         summary = description or (
             f"{prediction}: test AUC {evaluation.roc_auc:.3f}, ECE {evaluation.ece:.3f} on "
             f"{evaluation.n} rows ({evaluation.window[0]} .. {evaluation.window[1]})"
         )
         self._ensure_registered(name, prediction)
+        # The source is the logged model's own location, not `models:/<id>`:
+        # MLflow's SQL store resolves a `models:/` source through the global
+        # tracking URI (a TODO in its `create_model_version`), not this client's.
         mv = self.client.create_model_version(
             name,
-            source=info.model_uri,
+            source=logged.artifact_location,
             run_id=run_id,
             tags=version_tags,
             description=summary,
-            model_id=getattr(info, "model_id", None),
+            model_id=logged.model_id,
         )
         version = str(mv.version)
         return RegisteredVersion(prediction, name, version, run_id, f"models:/{name}/{version}")
@@ -538,17 +550,38 @@ class ModelRegistry:
 
     # --- loading ----------------------------------------------------------------------
 
-    def _download(self, name: str, version: str) -> Path:
-        """The version's model directory (a local path; for a local store,
-        the stored files themselves)."""
-        import mlflow
+    def download_version(self, prediction: str, version: str, destination: Path) -> Path:
+        """Copies a version's model directory (MLmodel, `native`, `serving`)
+        into `destination`, a local directory the caller owns and removes;
+        returns the model directory. Through this registry's client and
+        tracking URI only (a server downloads versions all day: nothing is
+        left behind in a temporary directory MLflow would pick)."""
+        name = registered_model_name(prediction)
+        return self._download(name, version, destination)
 
-        uri = self.client.get_model_version_download_uri(name, str(version))
+    def _download(self, name: str, version: str, destination: Path, path: str = "") -> Path:
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        try:
+            uri = self.client.get_model_version_download_uri(name, str(version))
+        except MlflowException as e:
+            raise ModelNotFound(f"{name} has no version {version}") from e
+        if path:
+            uri = f"{uri.rstrip('/')}/{path}"
+        destination.mkdir(parents=True, exist_ok=True)
         return Path(
-            mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=self.tracking_uri)
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(destination), tracking_uri=self.tracking_uri
+            )
         )
 
-    @_uses_store
+    def version_info(self, prediction: str, version: str) -> tuple[str, str, dict[str, str]]:
+        """A version's (version, run id, tags); raises `ModelNotFound`."""
+        name = registered_model_name(prediction)
+        mv = self._version(name, version)
+        return str(mv.version), str(mv.run_id or ""), dict(mv.tags)
+
     def load_version(self, prediction: str, version: str, num_threads: int = 2) -> LoadedModel:
         """The native model of one version (see `load_champion`)."""
         from mlflow.models import Model
@@ -556,10 +589,12 @@ class ModelRegistry:
         p = check_prediction(prediction)
         name = REGISTERED_MODEL_NAMES[p]
         mv = self._version(name, version)
-        root = self._download(name, str(mv.version))
-        flavor = Model.load(str(root)).flavors["python_function"]
-        relative = flavor["artifacts"][NATIVE_ARTIFACT]["path"]
-        model = NativeModel.load(root / relative, num_threads=num_threads)
+        with tempfile.TemporaryDirectory(prefix="converge-model-") as tmp:
+            root = self._download(name, str(mv.version), Path(tmp))
+            flavor = Model.load(str(root)).flavors["python_function"]
+            relative = flavor["artifacts"][NATIVE_ARTIFACT]["path"]
+            # Read into memory (booster, calibrator, schema): the files go with `tmp`.
+            model = NativeModel.load(root / relative, num_threads=num_threads)
         return LoadedModel(
             model=model,
             prediction=p,
@@ -571,7 +606,6 @@ class ModelRegistry:
             tags=dict(mv.tags),
         )
 
-    @_uses_store
     def load_champion(
         self, prediction: str, alias: str = CHAMPION, num_threads: int = 2
     ) -> LoadedModel:
@@ -599,7 +633,10 @@ class ModelRegistry:
         """The logged signature's input columns (name, type, required)."""
         from mlflow.models import Model
 
-        signature = Model.load(str(self._download(name, version))).signature
+        with tempfile.TemporaryDirectory(prefix="converge-mlmodel-") as tmp:
+            signature = Model.load(
+                str(self._download(name, version, Path(tmp), "MLmodel"))
+            ).signature
         if signature is None:
             return []
         return list(signature.inputs.to_dict())
@@ -652,7 +689,6 @@ class ModelRegistry:
         key = f"{EVENT_TAG}{seq:06d}.{secrets.token_hex(3)}"
         self.client.set_registered_model_tag(name, key, json.dumps(event, sort_keys=True))
 
-    @_uses_store
     def alias_history(self, prediction: str, alias: str | None = None) -> list[AliasPeriod]:
         """Which version each alias pointed at, from when to when, oldest first."""
         name = registered_model_name(prediction)
@@ -669,7 +705,6 @@ class ModelRegistry:
         periods.extend(_period(e, None) for e in open_period.values())
         return sorted(periods, key=lambda p: (p.from_time, p.alias))
 
-    @_uses_store
     def version_at(self, prediction: str, when: datetime, alias: str = CHAMPION) -> str | None:
         """The version `alias` pointed at, at time `when` (None if none)."""
         for period in self.alias_history(prediction, alias):
@@ -679,7 +714,6 @@ class ModelRegistry:
 
     # --- promotion and rollback -------------------------------------------------------
 
-    @_uses_store
     def promote(
         self,
         prediction: str,
@@ -898,7 +932,6 @@ class ModelRegistry:
             name, "converge.last_promotion", json.dumps(decision.to_dict(), sort_keys=True)
         )
 
-    @_uses_store
     def rollback(self, prediction: str, requested_by: str, reason: str = "") -> RollbackResult:
         """Moves `champion` back to the version that was champion before the
         current one (by the alias history: promotions push, rollbacks pop)."""
@@ -947,7 +980,6 @@ class ModelRegistry:
 
     # --- listing ----------------------------------------------------------------------
 
-    @_uses_store
     def list_models(self) -> list[ModelSummary]:
         """One line per prediction: versions, champion and challenger."""
         out = []
@@ -986,7 +1018,6 @@ class ModelRegistry:
             )
         return out
 
-    @_uses_store
     def versions(self, prediction: str) -> list[dict[str, Any]]:
         """Every version of a prediction's model with its key tags, newest first."""
         name = registered_model_name(prediction)
@@ -1041,23 +1072,42 @@ def _param(value: Any) -> Any:
     return value
 
 
-def _log_frame(frame: TrainingFrame, part: str) -> None:
+def _frame_input(frame: TrainingFrame, part: str) -> Any:
+    """One part of the data as the run's dataset input (an MLflow `DatasetInput`)."""
     import mlflow
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     context = {"train": "training", "valid": "validation", "test": "testing"}.get(part, part)
     columns = [*frame.feature_names, "entity_id", "cutoff", "label"]
     dataset = mlflow.data.from_pandas(
         frame.frame.loc[:, columns], targets="label", name=f"{frame.prediction}-{part}"
     )
-    mlflow.log_input(
-        dataset,
-        context=context,
-        tags={
-            "converge.window": f"{frame.window[0].isoformat()} .. {frame.window[1].isoformat()}",
-            "converge.feature_set_version": frame.feature_set_version[:200],
-            "converge.source": frame.source[:200],
-        },
+    tags = {
+        "converge.window": f"{frame.window[0].isoformat()} .. {frame.window[1].isoformat()}",
+        "converge.feature_set_version": frame.feature_set_version[:200],
+        "converge.source": frame.source[:200],
+        MLFLOW_DATASET_CONTEXT: context,
+    }
+    return DatasetInput(
+        dataset=dataset._to_mlflow_entity(),
+        tags=[InputTag(key=k, value=v) for k, v in tags.items()],
     )
+
+
+def _log_batches(
+    client: Any, run_id: str, params: Mapping[str, Any], metrics: Mapping[str, float]
+) -> None:
+    """Params and metrics in batches MLflow accepts (100 params, 1,000 metrics)."""
+    from mlflow.entities import Metric, Param
+
+    stamp = int(_now().timestamp() * 1000)
+    items = [Param(k, str(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+    values = [Metric(k, float(v), stamp, 0) for k, v in metrics.items()]
+    for i in range(0, len(values), 1000):
+        client.log_batch(run_id, metrics=values[i : i + 1000])
 
 
 @contextlib.contextmanager
