@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from google import rpc as google_rpc
 from grpc_tools import protoc
 
 PROTO_ROOT = Path(__file__).resolve().parent
@@ -28,10 +29,14 @@ def generate(out: Path) -> None:
     # mypy-protobuf's plugins live beside this interpreter, maybe not on PATH.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     well_known = Path(protoc.__file__).parent / "_proto"
+    # google/rpc/*.proto (per-item errors are `google.rpc.Status`) ship with
+    # googleapis-common-protos, the package whose generated code they import.
+    googleapis = Path(next(iter(google_rpc.__path__))).parent.parent
     args = [
         "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
         f"-I{well_known}",
+        f"-I{googleapis}",
         f"--python_out={out}",
         f"--grpc_python_out={out}",
         f"--mypy_out={out}",

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from converge.v1 import common_pb2, identity_pb2, interactions_pb2
+    from converge.v1 import common_pb2, identity_pb2, interactions_pb2, predictions_pb2
 
 EXIT_OK, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_FOUND = 0, 2, 3, 4
 TIMEOUT_S = 10.0
@@ -34,7 +34,7 @@ class CustomerView:
 
     customer: identity_pb2.Customer
     timeline: list[interactions_pb2.Interaction]
-    features: interactions_pb2.FeatureVector | None
+    features: predictions_pb2.FeatureVector | None
 
 
 def parse_ref(text: str) -> common_pb2.CustomerRef:

@@ -9,6 +9,7 @@ from google.protobuf import field_mask_pb2, timestamp_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from converge.runtime.errors import read_status
 from converge.v1 import common_pb2, identity_pb2
 from tests.identity.helpers import CRM, DESK, EMAIL, PHONE, ident
 
@@ -121,8 +122,10 @@ async def test_bulk_resolve_counts_rows_and_names_rejected_rows_and_fields(ident
     assert summary.matched == 10
     assert summary.rejected == 10
     assert summary.merged == 0
-    assert {r.row_ref: r.field for r in summary.rejections} == EXPECTED_REJECTIONS
-    assert all(r.reason for r in summary.rejections)
+    assert {r.row_ref: read_status(r.error).field for r in summary.rejections} == (
+        EXPECTED_REJECTIONS
+    )
+    assert all(read_status(r.error).reason for r in summary.rejections)
     assert await customer_count(identity) == 180
 
     # Rows sharing an email resolved to one customer, which gained the phone.
@@ -242,7 +245,9 @@ async def test_a_resent_row_with_a_changed_update_mask_is_not_taken_for_a_replay
     replay = await identity.BulkResolve(iter([row(["segment"])]))
     changed = await identity.BulkResolve(iter([row(["segment", "plan"])]))
     assert (first.created, replay.rejected) == (1, 0)
-    assert changed.rejected == 1 and changed.rejections[0].field.endswith("idempotency_key")
+    assert changed.rejected == 1 and read_status(changed.rejections[0].error).field.endswith(
+        "idempotency_key"
+    )
 
 
 def bad_rows(run: str) -> dict[str, tuple[identity_pb2.BulkResolveRequest, str]]:
@@ -305,7 +310,7 @@ async def test_bad_rows_are_rejected_one_by_one_and_the_stream_goes_on(identity)
         reply = await identity.BulkResolve(stream(sent))
         assert reply.received == len(sent)
         assert (reply.created, reply.matched) == ((7, 0) if attempt == 0 else (0, 7))
-        rejected = {r.row_ref: r.field for r in reply.rejections}
+        rejected = {r.row_ref: read_status(r.error).field for r in reply.rejections}
         assert rejected == {ref[:128]: field for ref, (_, field) in bad.items()}
     assert await customer_count(identity) == 7
 

@@ -35,6 +35,7 @@ from converge.identity.service import IdentityService
 from converge.identity.settings import IdentitySettings
 from converge.identity.store import IdentityStore
 from converge.runtime.database import create_pool
+from converge.runtime.errors import read_status
 from converge.v1 import identity_pb2
 from tests.identity.helpers import CRM, EMAIL, ident
 from tests.identity.test_bulk import row
@@ -263,4 +264,4 @@ async def test_several_rows_in_one_message_are_each_a_row(identity) -> None:
     alone = row("r0", ident(EMAIL, f"other-{email}"))
     reply = await identity.BulkResolve(iter([alone, carrier]))
     assert (reply.received, reply.created, reply.rejected) == (4, 3, 1)
-    assert [(r.row_ref, r.field) for r in reply.rejections] == [("r3", "rows")]
+    assert [(r.row_ref, read_status(r.error).field) for r in reply.rejections] == [("r3", "rows")]

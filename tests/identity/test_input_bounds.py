@@ -10,6 +10,7 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2, timestamp_pb2
 
+from converge.runtime.errors import read_status
 from converge.runtime.fields import MAX_MONEY_UNITS
 from converge.v1 import common_pb2, identity_pb2
 from tests.identity.helpers import EMAIL, field_violations, ident, unique_email
@@ -84,7 +85,7 @@ async def test_unstorable_profiles_are_refused_at_create_and_resolve(
 
     reply = await identity.BulkResolve(rows())
     assert (reply.rejected, reply.created) == (1, 0)
-    assert reply.rejections[0].field == bulk_field  # (checked row by row there)
+    assert read_status(reply.rejections[0].error).field == bulk_field  # (checked row by row there)
     listed = await identity.ListCustomers(identity_pb2.ListCustomersRequest())
     assert list(listed.customers) == []
 

@@ -7,6 +7,7 @@ import asyncio
 import grpc
 import pytest
 
+from converge.runtime.errors import read_status
 from converge.v1 import common_pb2, identity_pb2
 from tests.identity.helpers import (
     CRM,
@@ -264,7 +265,14 @@ async def test_batch_resolve_answers_each_item_in_order_with_its_own_errors(iden
     )
     created, bad, matched, missing, repeated = reply.results
     assert created.created and created.resolved_identifiers[0].identifier.value == new_email
-    assert (bad.error_code, bad.error_field) == ("INVALID_ARGUMENT", "identifiers[0].value")
+    bad_error = read_status(bad.error)
+    assert (bad_error.code, bad_error.field) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "identifiers[0].value",
+    )
+    assert bad_error.reason and not bad.customer_id
+    assert not created.HasField("error") and not matched.HasField("error")
     assert (matched.customer_id, matched.created) == (known.customer.customer_id, False)
-    assert missing.error_code == "NOT_FOUND" and not missing.customer_id
+    assert read_status(missing.error).code == grpc.StatusCode.NOT_FOUND
+    assert not missing.customer_id
     assert repeated.customer_id == created.customer_id and not repeated.created

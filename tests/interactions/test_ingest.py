@@ -8,6 +8,7 @@ import uuid
 import grpc
 import pytest
 
+from converge.runtime.errors import read_status
 from converge.v1 import common_pb2, identity_pb2, interactions_pb2
 from tests.identity.helpers import field_violations
 from tests.interactions.builders import email_ref, interaction, number, record, text
@@ -130,7 +131,7 @@ async def test_bulk_ingest_stores_good_rows_reports_bad_ones_and_resends_safely(
     assert (first.received, first.stored, first.duplicates, first.rejected) == (300, 294, 0, 6)
     assert first.customers_created == 30
     assert {r.row_ref for r in first.rejections} == {str(i) for i in range(300) if i % 50 == 7}
-    assert {r.field for r in first.rejections} == {"interaction.type"}
+    assert {read_status(r.error).field for r in first.rejections} == {"interaction.type"}
     again = await platform.interactions.IngestInteractions(rows())
     assert (again.stored, again.duplicates, again.rejected, again.customers_created) == (
         0,

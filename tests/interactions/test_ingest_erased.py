@@ -17,6 +17,7 @@ from converge.identity.app import SPEC as IDENTITY
 from converge.identity.settings import IdentitySettings
 from converge.interactions.app import SPEC as INTERACTIONS
 from converge.interactions.settings import InteractionsSettings
+from converge.runtime.errors import read_status
 from converge.runtime.server import ServiceRuntime
 from converge.v1 import (
     common_pb2,
@@ -221,8 +222,8 @@ async def test_ingests_racing_forget_leave_nothing_and_the_id_is_refused_after(
     )
     assert (reply.stored, reply.rejected) == (0, 1)
     assert reply.rejections[0].row_ref == "late"
-    assert reply.rejections[0].field == "interaction.customer"
-    assert "not found" in reply.rejections[0].reason
+    assert read_status(reply.rejections[0].error).field == "interaction.customer"
+    assert "not found" in read_status(reply.rejections[0].error).reason
     assert await _remains(database, customer_id) == {"rows": 0, "states": 0}
 
     # The person's identifier is free again: it resolves to a new customer,
@@ -264,7 +265,7 @@ async def test_an_id_identity_never_issued_gets_no_rows_nor_features(platform) -
         )
     )
     assert (reply.stored, reply.rejected) == (1, 1)
-    assert [(r.row_ref, r.field) for r in reply.rejections] == [
+    assert [(r.row_ref, read_status(r.error).field) for r in reply.rejections] == [
         ("stranger", "interaction.customer")
     ]
     live = await platform.interactions.GetFeatures(

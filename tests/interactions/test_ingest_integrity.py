@@ -19,6 +19,7 @@ from converge.identity.settings import IdentitySettings
 from converge.interactions.app import SPEC as INTERACTIONS
 from converge.interactions.settings import InteractionsSettings
 from converge.interactions.store import INGEST_DEADLOCK_RETRIES
+from converge.runtime.errors import read_status
 from converge.runtime.server import ServiceRuntime
 from converge.v1 import (
     common_pb2,
@@ -202,7 +203,9 @@ async def test_a_row_the_database_refuses_is_rejected_alone_and_the_stream_goes_
         assert reply.received == 500
         assert reply.rejected == len(bad)
         assert {r.row_ref for r in reply.rejections} == bad
-        assert all(r.idempotency_key == r.row_ref and r.reason for r in reply.rejections)
+        assert all(
+            r.idempotency_key == r.row_ref and read_status(r.error).reason for r in reply.rejections
+        )
         if attempt == 0:
             assert (reply.stored, reply.duplicates) == (496, 0)
         else:

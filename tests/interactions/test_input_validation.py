@@ -18,6 +18,7 @@ from google.protobuf import timestamp_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from converge.runtime.errors import read_status
 from converge.runtime.fields import MAX_MONEY_UNITS
 from converge.v1 import common_pb2, interactions_pb2
 from tests.identity.helpers import field_violations
@@ -106,7 +107,8 @@ async def test_unstorable_fields_are_refused_by_record_and_by_ingest(
     reply = await platform.interactions.IngestInteractions(rows())
     assert (reply.stored, reply.rejected) == (0, 1)
     assert reply.rejections[0].row_ref == "r1"
-    assert reply.rejections[0].field == field
+    rejection = read_status(reply.rejections[0].error)
+    assert (rejection.code, rejection.field) == (grpc.StatusCode.INVALID_ARGUMENT, field)
     assert await stored_count(platform) == 0
 
 

@@ -12,6 +12,7 @@ from converge.v1 import (
     common_pb2,
     identity_pb2,
     interactions_pb2,
+    predictions_pb2,
     privacy_pb2,
     recommendation_pb2,
     scoring_pb2,
@@ -44,6 +45,7 @@ def test_api_follows_the_proto_conventions() -> None:
         common_pb2,
         identity_pb2,
         interactions_pb2,
+        predictions_pb2,
         privacy_pb2,
         recommendation_pb2,
         scoring_pb2,
@@ -79,3 +81,17 @@ def test_every_proto_element_is_commented() -> None:
             if declares and not lines[number - 1].strip().startswith("//"):
                 missing.append(f"{path.name}:{number + 1}: {stripped}")
     assert not missing, "uncommented proto elements:\n" + "\n".join(missing)
+
+
+def test_prediction_messages_are_shared_not_owned_by_scoring() -> None:
+    # Moved into predictions.proto under the same package: full names (and so
+    # the wire and JSON forms) are unchanged.
+    shared = predictions_pb2.DESCRIPTOR
+    by_name = {**shared.message_types_by_name, **shared.enum_types_by_name}
+    moved = ("FeatureVector", "ModelRef", "ModelAlias", "RiskBand", "ReasonCode")
+    for name in (*moved, "ScoredPrediction", "PredictionKind"):
+        assert by_name[name].full_name == f"converge.v1.{name}"
+    # Recommendation needs only the shared vocabulary, not the scoring service.
+    imported = {d.name for d in recommendation_pb2.DESCRIPTOR.dependencies}
+    assert "converge/v1/scoring.proto" not in imported
+    assert "converge/v1/interactions.proto" not in imported

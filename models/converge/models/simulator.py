@@ -911,6 +911,7 @@ async def feed(
     total)` is called after each interactions message."""
 
     from converge.runtime.channels import aio_channel
+    from converge.runtime.errors import read_status
     from converge.runtime.values import from_plain, money_from_float, timestamp
     from converge.v1 import (
         common_pb2,
@@ -1065,7 +1066,7 @@ async def feed(
         response = await interactions.IngestInteractions(requests())
         stored, rejected = int(response.stored + response.duplicates), int(response.rejected)
         if rejected:
-            first = response.rejections[0] if response.rejections else None
+            first = read_status(response.rejections[0].error) if response.rejections else None
             raise RuntimeError(
                 f"the interactions service rejected {rejected} simulated rows"
                 + (f" (first: {first.field}: {first.reason})" if first else "")

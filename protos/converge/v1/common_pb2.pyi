@@ -160,34 +160,6 @@ CONTACT_CHANNEL_IN_APP: ContactChannel.ValueType  # 5
 """A message inside the web or mobile app."""
 Global___ContactChannel: _TypeAlias = ContactChannel  # noqa: Y015
 
-class _PredictionKind:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _PredictionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PredictionKind.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    PREDICTION_KIND_UNSPECIFIED: _PredictionKind.ValueType  # 0
-    """Not set."""
-    PREDICTION_KIND_CHURN: _PredictionKind.ValueType  # 1
-    """Will this customer leave in the next 30 days."""
-    PREDICTION_KIND_ESCALATION: _PredictionKind.ValueType  # 2
-    """Will this open ticket escalate or breach its SLA in the next 72 hours."""
-    PREDICTION_KIND_CROSS_SELL: _PredictionKind.ValueType  # 3
-    """Will this customer buy this product in the next 14 days."""
-
-class PredictionKind(_PredictionKind, metaclass=_PredictionKindEnumTypeWrapper):
-    """The three things Converge predicts."""
-
-PREDICTION_KIND_UNSPECIFIED: PredictionKind.ValueType  # 0
-"""Not set."""
-PREDICTION_KIND_CHURN: PredictionKind.ValueType  # 1
-"""Will this customer leave in the next 30 days."""
-PREDICTION_KIND_ESCALATION: PredictionKind.ValueType  # 2
-"""Will this open ticket escalate or breach its SLA in the next 72 hours."""
-PREDICTION_KIND_CROSS_SELL: PredictionKind.ValueType  # 3
-"""Will this customer buy this product in the next 14 days."""
-Global___PredictionKind: _TypeAlias = PredictionKind  # noqa: Y015
-
 @_typing.final
 class Identifier(_message.Message):
     """One way a source system knows a customer."""

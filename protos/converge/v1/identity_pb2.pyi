@@ -12,6 +12,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.rpc import status_pb2 as _status_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -967,25 +968,22 @@ class BatchResolveResult(_message.Message):
     CUSTOMER_ID_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
     RESOLVED_IDENTIFIERS_FIELD_NUMBER: _builtins.int
-    ERROR_CODE_FIELD_NUMBER: _builtins.int
-    ERROR_FIELD_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
     """The surviving customer; empty when the item failed."""
     created: _builtins.bool
     """True when the customer was created by this item."""
-    error_code: _builtins.str
-    """The gRPC status code name when the item failed ("INVALID_ARGUMENT",
-    "NOT_FOUND", "FAILED_PRECONDITION"); empty on success.
-    """
-    error_field: _builtins.str
-    """The field at fault, as in a BadRequest field violation, relative to the item."""
-    error: _builtins.str
-    """Why the item failed, for people."""
     @_builtins.property
     def resolved_identifiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___CustomerIdentifier]:
         """The item's identifiers, normalised, each with the customer it belongs to,
         as in `ResolveResponse.resolved_identifiers`.
+        """
+
+    @_builtins.property
+    def error(self) -> _status_pb2.Status:
+        """Why the item failed, as a `Resolve` call with it would have failed
+        (INVALID_ARGUMENT with a `google.rpc.BadRequest` detail naming the field
+        relative to the item, NOT_FOUND, FAILED_PRECONDITION); unset on success.
         """
 
     def __init__(
@@ -994,13 +992,11 @@ class BatchResolveResult(_message.Message):
         customer_id: _builtins.str = ...,
         created: _builtins.bool = ...,
         resolved_identifiers: _abc.Iterable[Global___CustomerIdentifier] | None = ...,
-        error_code: _builtins.str = ...,
-        error_field: _builtins.str = ...,
-        error: _builtins.str = ...,
+        error: _status_pb2.Status | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "customer_id", b"customer_id", "error", b"error", "error_code", b"error_code", "error_field", b"error_field", "resolved_identifiers", b"resolved_identifiers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "customer_id", b"customer_id", "error", b"error", "resolved_identifiers", b"resolved_identifiers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1092,24 +1088,28 @@ class BulkRejection(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ROW_REF_FIELD_NUMBER: _builtins.int
-    FIELD_FIELD_NUMBER: _builtins.int
-    REASON_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     row_ref: _builtins.str
     """The caller's row reference."""
-    field: _builtins.str
-    """The field at fault, as in a BadRequest field violation."""
-    reason: _builtins.str
-    """Why it was rejected."""
+    @_builtins.property
+    def error(self) -> _status_pb2.Status:
+        """Why it was rejected: `message` the reason for people; INVALID_ARGUMENT
+        with a `google.rpc.BadRequest` detail naming the field at fault when a
+        field is (relative to the `BulkResolveRequest`, for example
+        "resolve.identifiers[1].value"), FAILED_PRECONDITION when the row was
+        refused for another reason (an unknown identifier under `lookup_only`, a
+        merge the policy forbids).
+        """
+
     def __init__(
         self,
         *,
         row_ref: _builtins.str = ...,
-        field: _builtins.str = ...,
-        reason: _builtins.str = ...,
+        error: _status_pb2.Status | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["field", b"field", "reason", b"reason", "row_ref", b"row_ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "row_ref", b"row_ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -7,12 +7,14 @@ features the models learn from.
 
 from collections import abc as _abc
 from converge.v1 import common_pb2 as _common_pb2
+from converge.v1 import predictions_pb2 as _predictions_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.rpc import status_pb2 as _status_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -590,29 +592,30 @@ class IngestRejection(_message.Message):
 
     ROW_REF_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
-    FIELD_FIELD_NUMBER: _builtins.int
-    REASON_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     row_ref: _builtins.str
     """The caller's row reference."""
     idempotency_key: _builtins.str
     """The row's idempotency key."""
-    field: _builtins.str
-    """The field at fault, as in a BadRequest field violation, for example
-    "interaction.attributes.score".
-    """
-    reason: _builtins.str
-    """Why it was rejected."""
+    @_builtins.property
+    def error(self) -> _status_pb2.Status:
+        """Why it was rejected: code INVALID_ARGUMENT, `message` the reason for
+        people, and a `google.rpc.BadRequest` detail naming the field at fault,
+        for example "interaction.attributes.score". A customer id identity never
+        issued or that was erased is rejected so too, with the field
+        "interaction.customer" (`RecordInteraction` answers it NOT_FOUND).
+        """
+
     def __init__(
         self,
         *,
         row_ref: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
-        field: _builtins.str = ...,
-        reason: _builtins.str = ...,
+        error: _status_pb2.Status | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["field", b"field", "idempotency_key", b"idempotency_key", "reason", b"reason", "row_ref", b"row_ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "idempotency_key", b"idempotency_key", "row_ref", b"row_ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1168,7 +1171,7 @@ class FeatureDefinition(_message.Message):
         """
 
     @_builtins.property
-    def used_by(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.PredictionKind.ValueType]:
+    def used_by(self) -> _containers.RepeatedScalarFieldContainer[_predictions_pb2.PredictionKind.ValueType]:
         """The predictions whose models use it, for information."""
 
     @_builtins.property
@@ -1191,7 +1194,7 @@ class FeatureDefinition(_message.Message):
         unit: _builtins.str = ...,
         categories: _abc.Iterable[_builtins.str] | None = ...,
         may_be_missing: _builtins.bool = ...,
-        used_by: _abc.Iterable[_common_pb2.PredictionKind.ValueType] | None = ...,
+        used_by: _abc.Iterable[_predictions_pb2.PredictionKind.ValueType] | None = ...,
         filters: _abc.Iterable[Global___AttributeFilter] | None = ...,
         min_category_count: _builtins.int = ...,
     ) -> None: ...
@@ -1296,107 +1299,6 @@ class ListFeatureDefinitionsResponse(_message.Message):
 Global___ListFeatureDefinitionsResponse: _TypeAlias = ListFeatureDefinitionsResponse  # noqa: Y015
 
 @_typing.final
-class FeatureVector(_message.Message):
-    """Feature values of one customer or one ticket at one time."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    @_typing.final
-    class ValuesEntry(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
-
-        KEY_FIELD_NUMBER: _builtins.int
-        VALUE_FIELD_NUMBER: _builtins.int
-        key: _builtins.str
-        value: _builtins.float
-        def __init__(
-            self,
-            *,
-            key: _builtins.str = ...,
-            value: _builtins.float = ...,
-        ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-    @_typing.final
-    class CategoryValuesEntry(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
-
-        KEY_FIELD_NUMBER: _builtins.int
-        VALUE_FIELD_NUMBER: _builtins.int
-        key: _builtins.str
-        value: _builtins.str
-        def __init__(
-            self,
-            *,
-            key: _builtins.str = ...,
-            value: _builtins.str = ...,
-        ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
-    TICKET_ID_FIELD_NUMBER: _builtins.int
-    VALUES_FIELD_NUMBER: _builtins.int
-    AS_OF_FIELD_NUMBER: _builtins.int
-    FEATURE_SET_VERSION_FIELD_NUMBER: _builtins.int
-    FOUND_FIELD_NUMBER: _builtins.int
-    CATEGORY_VALUES_FIELD_NUMBER: _builtins.int
-    customer_id: _builtins.str
-    """The customer (the survivor after merges); empty when it was not found."""
-    ticket_id: _builtins.str
-    """The ticket, for ticket features; empty for customer features."""
-    feature_set_version: _builtins.str
-    """The feature-set version the values follow."""
-    found: _builtins.bool
-    """False when the customer or ticket is unknown; `values` is then empty.
-    A known customer without interactions is found, with zero counts.
-    """
-    @_builtins.property
-    def values(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
-        """Values by feature name; a feature that may be missing and has no value is
-        left out (read it as NaN).
-        """
-
-    @_builtins.property
-    def as_of(self) -> _timestamp_pb2.Timestamp:
-        """The time the values describe: now for live features, the asked time for
-        point-in-time features.
-        """
-
-    @_builtins.property
-    def category_values(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Values of CATEGORY features as their raw text; a model maps them onto the
-        categories it learned at training time; a feature without a value is
-        left out.
-        """
-
-    def __init__(
-        self,
-        *,
-        customer_id: _builtins.str = ...,
-        ticket_id: _builtins.str = ...,
-        values: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
-        as_of: _timestamp_pb2.Timestamp | None = ...,
-        feature_set_version: _builtins.str = ...,
-        found: _builtins.bool = ...,
-        category_values: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "category_values", b"category_values", "customer_id", b"customer_id", "feature_set_version", b"feature_set_version", "found", b"found", "ticket_id", b"ticket_id", "values", b"values"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___FeatureVector: _TypeAlias = FeatureVector  # noqa: Y015
-
-@_typing.final
 class GetFeaturesRequest(_message.Message):
     """Reads live features."""
 
@@ -1454,11 +1356,11 @@ class GetFeaturesResponse(_message.Message):
     feature_set_version: _builtins.str
     """The feature-set version used."""
     @_builtins.property
-    def customers(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureVector]:
+    def customers(self) -> _containers.RepeatedCompositeFieldContainer[_predictions_pb2.FeatureVector]:
         """One vector per requested customer, in request order."""
 
     @_builtins.property
-    def tickets(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureVector]:
+    def tickets(self) -> _containers.RepeatedCompositeFieldContainer[_predictions_pb2.FeatureVector]:
         """Ticket vectors: the requested tickets in request order, then the open
         tickets of the customers (without repeats).
         """
@@ -1466,8 +1368,8 @@ class GetFeaturesResponse(_message.Message):
     def __init__(
         self,
         *,
-        customers: _abc.Iterable[Global___FeatureVector] | None = ...,
-        tickets: _abc.Iterable[Global___FeatureVector] | None = ...,
+        customers: _abc.Iterable[_predictions_pb2.FeatureVector] | None = ...,
+        tickets: _abc.Iterable[_predictions_pb2.FeatureVector] | None = ...,
         feature_set_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
@@ -1528,19 +1430,19 @@ class PointInTimeFeatures(_message.Message):
     row_ref: _builtins.str
     """The caller's row key."""
     @_builtins.property
-    def customer(self) -> Global___FeatureVector:
+    def customer(self) -> _predictions_pb2.FeatureVector:
         """The customer's features as of the query's time."""
 
     @_builtins.property
-    def ticket(self) -> Global___FeatureVector:
+    def ticket(self) -> _predictions_pb2.FeatureVector:
         """The ticket's features as of that time; unset when no ticket was asked for."""
 
     def __init__(
         self,
         *,
         row_ref: _builtins.str = ...,
-        customer: Global___FeatureVector | None = ...,
-        ticket: Global___FeatureVector | None = ...,
+        customer: _predictions_pb2.FeatureVector | None = ...,
+        ticket: _predictions_pb2.FeatureVector | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["customer", b"customer", "ticket", b"ticket"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...

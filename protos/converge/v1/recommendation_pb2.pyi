@@ -5,8 +5,7 @@ The recommendation service: next best actions, alerts and the decision log."""
 
 from collections import abc as _abc
 from converge.v1 import common_pb2 as _common_pb2
-from converge.v1 import interactions_pb2 as _interactions_pb2
-from converge.v1 import scoring_pb2 as _scoring_pb2
+from converge.v1 import predictions_pb2 as _predictions_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -436,11 +435,11 @@ class RecommendedAction(_message.Message):
         """
 
     @_builtins.property
-    def reasons(self) -> _containers.RepeatedCompositeFieldContainer[_scoring_pb2.ReasonCode]:
+    def reasons(self) -> _containers.RepeatedCompositeFieldContainer[_predictions_pb2.ReasonCode]:
         """Why it is proposed: policy reasons, then the prediction's top reasons."""
 
     @_builtins.property
-    def prediction(self) -> _scoring_pb2.ScoredPrediction:
+    def prediction(self) -> _predictions_pb2.ScoredPrediction:
         """The prediction it rests on; unset for DO_NOTHING."""
 
     @_builtins.property
@@ -460,8 +459,8 @@ class RecommendedAction(_message.Message):
         contact_channel: _common_pb2.ContactChannel.ValueType = ...,
         expected_value: _common_pb2.Money | None = ...,
         priority: Global___ActionPriority.ValueType = ...,
-        reasons: _abc.Iterable[_scoring_pb2.ReasonCode] | None = ...,
-        prediction: _scoring_pb2.ScoredPrediction | None = ...,
+        reasons: _abc.Iterable[_predictions_pb2.ReasonCode] | None = ...,
+        prediction: _predictions_pb2.ScoredPrediction | None = ...,
         display_text: _builtins.str = ...,
         valid_until: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
@@ -937,11 +936,11 @@ class Decision(_message.Message):
         """The request's context, for RECOMMEND."""
 
     @_builtins.property
-    def models(self) -> _containers.RepeatedCompositeFieldContainer[_scoring_pb2.ModelRef]:
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[_predictions_pb2.ModelRef]:
         """The model versions that scored."""
 
     @_builtins.property
-    def features(self) -> _containers.RepeatedCompositeFieldContainer[_interactions_pb2.FeatureVector]:
+    def features(self) -> _containers.RepeatedCompositeFieldContainer[_predictions_pb2.FeatureVector]:
         """The features used (customer, then tickets), context features applied."""
 
     @_builtins.property
@@ -949,7 +948,7 @@ class Decision(_message.Message):
         """The caller's context features."""
 
     @_builtins.property
-    def predictions(self) -> _containers.RepeatedCompositeFieldContainer[_scoring_pb2.ScoredPrediction]:
+    def predictions(self) -> _containers.RepeatedCompositeFieldContainer[_predictions_pb2.ScoredPrediction]:
         """The scores, with reasons."""
 
     @_builtins.property
@@ -983,10 +982,10 @@ class Decision(_message.Message):
         context: _abc.Mapping[_builtins.str, _common_pb2.AttributeValue] | None = ...,
         interaction_id: _builtins.str = ...,
         policy_version: _builtins.str = ...,
-        models: _abc.Iterable[_scoring_pb2.ModelRef] | None = ...,
-        features: _abc.Iterable[_interactions_pb2.FeatureVector] | None = ...,
+        models: _abc.Iterable[_predictions_pb2.ModelRef] | None = ...,
+        features: _abc.Iterable[_predictions_pb2.FeatureVector] | None = ...,
         context_features: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
-        predictions: _abc.Iterable[_scoring_pb2.ScoredPrediction] | None = ...,
+        predictions: _abc.Iterable[_predictions_pb2.ScoredPrediction] | None = ...,
         actions: _abc.Iterable[Global___RecommendedAction] | None = ...,
         suppressed: _abc.Iterable[Global___SuppressedAction] | None = ...,
         alert_ids: _abc.Iterable[_builtins.str] | None = ...,
@@ -1511,7 +1510,7 @@ class Alert(_message.Message):
     CUSTOMER_ID_FIELD_NUMBER: _builtins.int
     TICKET_ID_FIELD_NUMBER: _builtins.int
     PRODUCT_ID_FIELD_NUMBER: _builtins.int
-    SCORE_FIELD_NUMBER: _builtins.int
+    PROBABILITY_FIELD_NUMBER: _builtins.int
     RISK_BAND_FIELD_NUMBER: _builtins.int
     REASONS_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
@@ -1540,10 +1539,12 @@ class Alert(_message.Message):
     """The ticket, for escalation risk; empty otherwise."""
     product_id: _builtins.str
     """The product, for cross-sell moments; empty otherwise."""
-    score: _builtins.float
-    """The calibrated probability behind it, from 0 to 1 (the latest, when updated)."""
-    risk_band: _scoring_pb2.RiskBand.ValueType
-    """The band of the score."""
+    probability: _builtins.float
+    """The calibrated probability behind it, from 0 to 1 (the latest, when
+    updated); named as in `ScoredPrediction.probability`.
+    """
+    risk_band: _predictions_pb2.RiskBand.ValueType
+    """The band of the probability."""
     status: Global___AlertStatus.ValueType
     """Where it is in its life."""
     assignee: _builtins.str
@@ -1567,7 +1568,7 @@ class Alert(_message.Message):
     dismiss_reason: Global___AlertDismissReason.ValueType
     """Why it was dismissed; UNSPECIFIED unless dismissed."""
     @_builtins.property
-    def reasons(self) -> _containers.RepeatedCompositeFieldContainer[_scoring_pb2.ReasonCode]:
+    def reasons(self) -> _containers.RepeatedCompositeFieldContainer[_predictions_pb2.ReasonCode]:
         """Why, largest contribution first."""
 
     @_builtins.property
@@ -1597,9 +1598,9 @@ class Alert(_message.Message):
         customer_id: _builtins.str = ...,
         ticket_id: _builtins.str = ...,
         product_id: _builtins.str = ...,
-        score: _builtins.float = ...,
-        risk_band: _scoring_pb2.RiskBand.ValueType = ...,
-        reasons: _abc.Iterable[_scoring_pb2.ReasonCode] | None = ...,
+        probability: _builtins.float = ...,
+        risk_band: _predictions_pb2.RiskBand.ValueType = ...,
+        reasons: _abc.Iterable[_predictions_pb2.ReasonCode] | None = ...,
         status: Global___AlertStatus.ValueType = ...,
         assignee: _builtins.str = ...,
         dedup_key: _builtins.str = ...,
@@ -1617,7 +1618,7 @@ class Alert(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "due_by", b"due_by", "recommended_action", b"recommended_action", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_id", b"alert_id", "assignee", b"assignee", "created_at", b"created_at", "cursor", b"cursor", "customer_id", b"customer_id", "decision_id", b"decision_id", "dedup_key", b"dedup_key", "dismiss_reason", b"dismiss_reason", "due_by", b"due_by", "escalated_to_team", b"escalated_to_team", "kind", b"kind", "occurrences", b"occurrences", "priority", b"priority", "product_id", b"product_id", "reasons", b"reasons", "recommended_action", b"recommended_action", "risk_band", b"risk_band", "score", b"score", "status", b"status", "status_note", b"status_note", "team", b"team", "ticket_id", b"ticket_id", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_id", b"alert_id", "assignee", b"assignee", "created_at", b"created_at", "cursor", b"cursor", "customer_id", b"customer_id", "decision_id", b"decision_id", "dedup_key", b"dedup_key", "dismiss_reason", b"dismiss_reason", "due_by", b"due_by", "escalated_to_team", b"escalated_to_team", "kind", b"kind", "occurrences", b"occurrences", "priority", b"priority", "probability", b"probability", "product_id", b"product_id", "reasons", b"reasons", "recommended_action", b"recommended_action", "risk_band", b"risk_band", "status", b"status", "status_note", b"status_note", "team", b"team", "ticket_id", b"ticket_id", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2042,14 +2043,14 @@ class DismissAlertRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ALERT_ID_FIELD_NUMBER: _builtins.int
-    REASON_FIELD_NUMBER: _builtins.int
+    DISMISS_REASON_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
     alert_id: _builtins.str
     """The alert."""
-    reason: Global___AlertDismissReason.ValueType
-    """Why. Required."""
+    dismiss_reason: Global___AlertDismissReason.ValueType
+    """Why; named as in `Alert.dismiss_reason`. Required."""
     note: _builtins.str
     """More detail, for people; no personal data."""
     idempotency_key: _builtins.str
@@ -2062,14 +2063,14 @@ class DismissAlertRequest(_message.Message):
         self,
         *,
         alert_id: _builtins.str = ...,
-        reason: Global___AlertDismissReason.ValueType = ...,
+        dismiss_reason: Global___AlertDismissReason.ValueType = ...,
         note: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
         actor: _common_pb2.Actor | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "alert_id", b"alert_id", "idempotency_key", b"idempotency_key", "note", b"note", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "alert_id", b"alert_id", "dismiss_reason", b"dismiss_reason", "idempotency_key", b"idempotency_key", "note", b"note"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -23,11 +23,12 @@ _sym_db = _symbol_database.Default()
 
 
 from converge.v1 import common_pb2 as converge_dot_v1_dot_common__pb2
-from converge.v1 import interactions_pb2 as converge_dot_v1_dot_interactions__pb2
+from converge.v1 import predictions_pb2 as converge_dot_v1_dot_predictions__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63onverge/v1/scoring.proto\x12\x0b\x63onverge.v1\x1a\x18\x63onverge/v1/common.proto\x1a\x1e\x63onverge/v1/interactions.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"~\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12&\n\x05\x61lias\x18\x04 \x01(\x0e\x32\x17.converge.v1.ModelAlias\x12\x1b\n\x13\x66\x65\x61ture_set_version\x18\x05 \x01(\t\"m\n\nReasonCode\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07\x66\x65\x61ture\x18\x02 \x01(\t\x12\x12\n\x05value\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x0c\x63ontribution\x18\x04 \x01(\x01\x12\x0c\n\x04text\x18\x05 \x01(\tB\x08\n\x06_value\"w\n\x10ShadowPrediction\x12$\n\x05model\x18\x01 \x01(\x0b\x32\x15.converge.v1.ModelRef\x12\x13\n\x0bprobability\x18\x02 \x01(\x01\x12(\n\trisk_band\x18\x03 \x01(\x0e\x32\x15.converge.v1.RiskBand\"\xd2\x02\n\x10ScoredPrediction\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.converge.v1.PredictionKind\x12\x11\n\tticket_id\x18\x02 \x01(\t\x12\x12\n\nproduct_id\x18\x03 \x01(\t\x12\x13\n\x0bprobability\x18\x04 \x01(\x01\x12(\n\trisk_band\x18\x05 \x01(\x0e\x32\x15.converge.v1.RiskBand\x12$\n\x05model\x18\x06 \x01(\x0b\x32\x15.converge.v1.ModelRef\x12(\n\x07reasons\x18\x07 \x03(\x0b\x32\x17.converge.v1.ReasonCode\x12\x15\n\rfallback_used\x18\x08 \x01(\x08\x12\x17\n\x0f\x66\x61llback_reason\x18\t \x01(\t\x12-\n\x06shadow\x18\n \x01(\x0b\x32\x1d.converge.v1.ShadowPrediction\"\xa4\x03\n\x0cScoreRequest\x12*\n\x08\x63ustomer\x18\x01 \x01(\x0b\x32\x18.converge.v1.CustomerRef\x12\x30\n\x0bpredictions\x18\x02 \x03(\x0e\x32\x1b.converge.v1.PredictionKind\x12\x11\n\tticket_id\x18\x03 \x01(\t\x12\x1d\n\x15\x63\x61ndidate_product_ids\x18\x04 \x03(\t\x12H\n\x10\x63ontext_features\x18\x05 \x03(\x0b\x32..converge.v1.ScoreRequest.ContextFeaturesEntry\x12\x13\n\x0bmax_reasons\x18\x06 \x01(\x05\x12\x14\n\x0comit_reasons\x18\x07 \x01(\x08\x12\x16\n\x0einclude_shadow\x18\x08 \x01(\x08\x12\x18\n\x10include_features\x18\t \x01(\x08\x12%\n\x07\x63hannel\x18\n \x01(\x0e\x32\x14.converge.v1.Channel\x1a\x36\n\x14\x43ontextFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc7\x01\n\rScoreResponse\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x32\n\x0bpredictions\x18\x02 \x03(\x0b\x32\x1d.converge.v1.ScoredPrediction\x12,\n\x08\x66\x65\x61tures\x18\x03 \x03(\x0b\x32\x1a.converge.v1.FeatureVector\x12\x10\n\x08score_id\x18\x04 \x01(\t\x12-\n\tscored_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"N\n\x11ScoreBatchRequest\x12\x0f\n\x07row_ref\x18\x01 \x01(\t\x12(\n\x05score\x18\x02 \x01(\x0b\x32\x19.converge.v1.ScoreRequest\"0\n\x0fScoreBatchError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x8b\x01\n\x12ScoreBatchResponse\x12\x0f\n\x07row_ref\x18\x01 \x01(\t\x12+\n\x05score\x18\x02 \x01(\x0b\x32\x1a.converge.v1.ScoreResponseH\x00\x12-\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1c.converge.v1.ScoreBatchErrorH\x00\x42\x08\n\x06result\"D\n\x12RiskBandThresholds\x12\x0e\n\x06medium\x18\x01 \x01(\x01\x12\x0c\n\x04high\x18\x02 \x01(\x01\x12\x10\n\x08\x63ritical\x18\x03 \x01(\x01\"\x90\x02\n\x0bLoadedModel\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.converge.v1.PredictionKind\x12$\n\x05model\x18\x02 \x01(\x0b\x32\x15.converge.v1.ModelRef\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.converge.v1.ModelState\x12-\n\tloaded_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x33\n\nthresholds\x18\x06 \x01(\x0b\x32\x1f.converge.v1.RiskBandThresholds\x12\x15\n\rfeature_count\x18\x07 \x01(\x05\"W\n\x11ListModelsRequest\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.converge.v1.PredictionKind\x12\x17\n\x0finclude_refused\x18\x02 \x01(\x08\"O\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.converge.v1.LoadedModel\x12\x0f\n\x07replica\x18\x02 \x01(\t\"B\n\x15GetModelStatusRequest\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.converge.v1.PredictionKind\"\xc4\x02\n\x16GetModelStatusResponse\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.converge.v1.PredictionKind\x12*\n\x08\x63hampion\x18\x02 \x01(\x0b\x32\x18.converge.v1.LoadedModel\x12,\n\nchallenger\x18\x03 \x01(\x0b\x32\x18.converge.v1.LoadedModel\x12\x17\n\x0f\x66\x61llback_active\x18\x04 \x01(\x08\x12\x17\n\x0f\x66\x61llback_reason\x18\x05 \x01(\t\x12)\n\x07refused\x18\x06 \x03(\x0b\x32\x18.converge.v1.LoadedModel\x12\x37\n\x13registry_checked_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07replica\x18\x08 \x01(\t\"|\n\x13ReloadModelsRequest\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.converge.v1.PredictionKind\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12!\n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x12.converge.v1.Actor\"\xa7\x01\n\x14ReloadModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.converge.v1.LoadedModel\x12)\n\nswapped_in\x18\x02 \x03(\x0b\x32\x15.converge.v1.ModelRef\x12)\n\x07refused\x18\x03 \x03(\x0b\x32\x18.converge.v1.LoadedModel\x12\x0f\n\x07replica\x18\x04 \x01(\t\"l\n\x08\x44riftBin\x12\r\n\x05lower\x18\x01 \x01(\x01\x12\r\n\x05upper\x18\x02 \x01(\x01\x12\r\n\x05label\x18\x03 \x01(\t\x12\x19\n\x11\x62\x61seline_fraction\x18\x04 \x01(\x01\x12\x18\n\x10\x63urrent_fraction\x18\x05 \x01(\x01\"\xb6\x01\n\x0c\x46\x65\x61tureDrift\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\x0b\n\x03psi\x18\x02 \x01(\x01\x12&\n\x05level\x18\x03 \x01(\x0e\x32\x17.converge.v1.DriftLevel\x12#\n\x04\x62ins\x18\x04 \x03(\x0b\x32\x15.converge.v1.DriftBin\x12\x1c\n\x14\x63urrent_missing_rate\x18\x05 \x01(\x01\x12\x1d\n\x15\x62\x61seline_missing_rate\x18\x06 \x01(\x01\"\xc9\x01\n\x15GetDriftReportRequest\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.converge.v1.PredictionKind\x12&\n\x06window\x18\x02 \x01(\x0b\x32\x16.converge.v1.TimeRange\x12/\n\x0f\x62\x61seline_window\x18\x03 \x01(\x0b\x32\x16.converge.v1.TimeRange\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x15\n\rfeature_names\x18\x05 \x03(\t\"\xfd\x02\n\x16GetDriftReportResponse\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.converge.v1.PredictionKind\x12$\n\x05model\x18\x02 \x01(\x0b\x32\x15.converge.v1.ModelRef\x12&\n\x06window\x18\x03 \x01(\x0b\x32\x16.converge.v1.TimeRange\x12/\n\x0f\x62\x61seline_window\x18\x04 \x01(\x0b\x32\x16.converge.v1.TimeRange\x12\x17\n\x0f\x63urrent_samples\x18\x05 \x01(\x03\x12\x18\n\x10\x62\x61seline_samples\x18\x06 \x01(\x03\x12(\n\x05score\x18\x07 \x01(\x0b\x32\x19.converge.v1.FeatureDrift\x12+\n\x08\x66\x65\x61tures\x18\x08 \x03(\x0b\x32\x19.converge.v1.FeatureDrift\x12/\n\x0b\x63omputed_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp*z\n\x08RiskBand\x12\x19\n\x15RISK_BAND_UNSPECIFIED\x10\x00\x12\x11\n\rRISK_BAND_LOW\x10\x01\x12\x14\n\x10RISK_BAND_MEDIUM\x10\x02\x12\x12\n\x0eRISK_BAND_HIGH\x10\x03\x12\x16\n\x12RISK_BAND_CRITICAL\x10\x04*_\n\nModelAlias\x12\x1b\n\x17MODEL_ALIAS_UNSPECIFIED\x10\x00\x12\x18\n\x14MODEL_ALIAS_CHAMPION\x10\x01\x12\x1a\n\x16MODEL_ALIAS_CHALLENGER\x10\x02*\x8e\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x17\n\x13MODEL_STATE_SERVING\x10\x02\x12\x18\n\x14MODEL_STATE_DRAINING\x10\x03\x12\x17\n\x13MODEL_STATE_REFUSED\x10\x04*\x99\x01\n\nDriftLevel\x12\x1b\n\x17\x44RIFT_LEVEL_UNSPECIFIED\x10\x00\x12!\n\x1d\x44RIFT_LEVEL_INSUFFICIENT_DATA\x10\x01\x12\x14\n\x10\x44RIFT_LEVEL_NONE\x10\x02\x12\x18\n\x14\x44RIFT_LEVEL_MODERATE\x10\x03\x12\x1b\n\x17\x44RIFT_LEVEL_SIGNIFICANT\x10\x04\x32\xfd\x03\n\x0eScoringService\x12>\n\x05Score\x12\x19.converge.v1.ScoreRequest\x1a\x1a.converge.v1.ScoreResponse\x12Q\n\nScoreBatch\x12\x1e.converge.v1.ScoreBatchRequest\x1a\x1f.converge.v1.ScoreBatchResponse(\x01\x30\x01\x12M\n\nListModels\x12\x1e.converge.v1.ListModelsRequest\x1a\x1f.converge.v1.ListModelsResponse\x12Y\n\x0eGetModelStatus\x12\".converge.v1.GetModelStatusRequest\x1a#.converge.v1.GetModelStatusResponse\x12S\n\x0cReloadModels\x12 .converge.v1.ReloadModelsRequest\x1a!.converge.v1.ReloadModelsResponse\x12Y\n\x0eGetDriftReport\x12\".converge.v1.GetDriftReportRequest\x1a#.converge.v1.GetDriftReportResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63onverge/v1/scoring.proto\x12\x0b\x63onverge.v1\x1a\x18\x63onverge/v1/common.proto\x1a\x1d\x63onverge/v1/predictions.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xa4\x03\n\x0cScoreRequest\x12*\n\x08\x63ustomer\x18\x01 \x01(\x0b\x32\x18.converge.v1.CustomerRef\x12\x30\n\x0bpredictions\x18\x02 \x03(\x0e\x32\x1b.converge.v1.PredictionKind\x12\x11\n\tticket_id\x18\x03 \x01(\t\x12\x1d\n\x15\x63\x61ndidate_product_ids\x18\x04 \x03(\t\x12H\n\x10\x63ontext_features\x18\x05 \x03(\x0b\x32..converge.v1.ScoreRequest.ContextFeaturesEntry\x12\x13\n\x0bmax_reasons\x18\x06 \x01(\x05\x12\x14\n\x0comit_reasons\x18\x07 \x01(\x08\x12\x16\n\x0einclude_shadow\x18\x08 \x01(\x08\x12\x18\n\x10include_features\x18\t \x01(\x08\x12%\n\x07\x63hannel\x18\n \x01(\x0e\x32\x14.converge.v1.Channel\x1a\x36\n\x14\x43ontextFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc7\x01\n\rScoreResponse\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x32\n\x0bpredictions\x18\x02 \x03(\x0b\x32\x1d.converge.v1.ScoredPrediction\x12,\n\x08\x66\x65\x61tures\x18\x03 \x03(\x0b\x32\x1a.converge.v1.FeatureVector\x12\x10\n\x08score_id\x18\x04 \x01(\t\x12-\n\tscored_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"N\n\x11ScoreBatchRequest\x12\x0f\n\x07row_ref\x18\x01 \x01(\t\x12(\n\x05score\x18\x02 \x01(\x0b\x32\x19.converge.v1.ScoreRequest\"\x87\x01\n\x12ScoreBatchResponse\x12\x0f\n\x07row_ref\x18\x01 \x01(\t\x12+\n\x05score\x18\x02 \x01(\x0b\x32\x1a.converge.v1.ScoreResponseH\x00\x12#\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x08\n\x06resultJ\x04\x08\x03\x10\x04\"D\n\x12RiskBandThresholds\x12\x0e\n\x06medium\x18\x01 \x01(\x01\x12\x0c\n\x04high\x18\x02 \x01(\x01\x12\x10\n\x08\x63ritical\x18\x03 \x01(\x01\"\x90\x02\n\x0bLoadedModel\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.converge.v1.PredictionKind\x12$\n\x05model\x18\x02 \x01(\x0b\x32\x15.converge.v1.ModelRef\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.converge.v1.ModelState\x12-\n\tloaded_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x33\n\nthresholds\x18\x06 \x01(\x0b\x32\x1f.converge.v1.RiskBandThresholds\x12\x15\n\rfeature_count\x18\x07 \x01(\x05\"W\n\x11ListModelsRequest\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.converge.v1.PredictionKind\x12\x17\n\x0finclude_refused\x18\x02 \x01(\x08\"O\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.converge.v1.LoadedModel\x12\x0f\n\x07replica\x18\x02 \x01(\t\"B\n\x15GetModelStatusRequest\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.converge.v1.PredictionKind\"\xc4\x02\n\x16GetModelStatusResponse\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.converge.v1.PredictionKind\x12*\n\x08\x63hampion\x18\x02 \x01(\x0b\x32\x18.converge.v1.LoadedModel\x12,\n\nchallenger\x18\x03 \x01(\x0b\x32\x18.converge.v1.LoadedModel\x12\x17\n\x0f\x66\x61llback_active\x18\x04 \x01(\x08\x12\x17\n\x0f\x66\x61llback_reason\x18\x05 \x01(\t\x12)\n\x07refused\x18\x06 \x03(\x0b\x32\x18.converge.v1.LoadedModel\x12\x37\n\x13registry_checked_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07replica\x18\x08 \x01(\t\"|\n\x13ReloadModelsRequest\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.converge.v1.PredictionKind\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12!\n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x12.converge.v1.Actor\"\xa7\x01\n\x14ReloadModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.converge.v1.LoadedModel\x12)\n\nswapped_in\x18\x02 \x03(\x0b\x32\x15.converge.v1.ModelRef\x12)\n\x07refused\x18\x03 \x03(\x0b\x32\x18.converge.v1.LoadedModel\x12\x0f\n\x07replica\x18\x04 \x01(\t\"l\n\x08\x44riftBin\x12\r\n\x05lower\x18\x01 \x01(\x01\x12\r\n\x05upper\x18\x02 \x01(\x01\x12\r\n\x05label\x18\x03 \x01(\t\x12\x19\n\x11\x62\x61seline_fraction\x18\x04 \x01(\x01\x12\x18\n\x10\x63urrent_fraction\x18\x05 \x01(\x01\"\xb6\x01\n\x0c\x46\x65\x61tureDrift\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\x0b\n\x03psi\x18\x02 \x01(\x01\x12&\n\x05level\x18\x03 \x01(\x0e\x32\x17.converge.v1.DriftLevel\x12#\n\x04\x62ins\x18\x04 \x03(\x0b\x32\x15.converge.v1.DriftBin\x12\x1c\n\x14\x63urrent_missing_rate\x18\x05 \x01(\x01\x12\x1d\n\x15\x62\x61seline_missing_rate\x18\x06 \x01(\x01\"\xc9\x01\n\x15GetDriftReportRequest\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.converge.v1.PredictionKind\x12&\n\x06window\x18\x02 \x01(\x0b\x32\x16.converge.v1.TimeRange\x12/\n\x0f\x62\x61seline_window\x18\x03 \x01(\x0b\x32\x16.converge.v1.TimeRange\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x15\n\rfeature_names\x18\x05 \x03(\t\"\xfd\x02\n\x16GetDriftReportResponse\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.converge.v1.PredictionKind\x12$\n\x05model\x18\x02 \x01(\x0b\x32\x15.converge.v1.ModelRef\x12&\n\x06window\x18\x03 \x01(\x0b\x32\x16.converge.v1.TimeRange\x12/\n\x0f\x62\x61seline_window\x18\x04 \x01(\x0b\x32\x16.converge.v1.TimeRange\x12\x17\n\x0f\x63urrent_samples\x18\x05 \x01(\x03\x12\x18\n\x10\x62\x61seline_samples\x18\x06 \x01(\x03\x12(\n\x05score\x18\x07 \x01(\x0b\x32\x19.converge.v1.FeatureDrift\x12+\n\x08\x66\x65\x61tures\x18\x08 \x03(\x0b\x32\x19.converge.v1.FeatureDrift\x12/\n\x0b\x63omputed_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x8e\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x17\n\x13MODEL_STATE_SERVING\x10\x02\x12\x18\n\x14MODEL_STATE_DRAINING\x10\x03\x12\x17\n\x13MODEL_STATE_REFUSED\x10\x04*\x99\x01\n\nDriftLevel\x12\x1b\n\x17\x44RIFT_LEVEL_UNSPECIFIED\x10\x00\x12!\n\x1d\x44RIFT_LEVEL_INSUFFICIENT_DATA\x10\x01\x12\x14\n\x10\x44RIFT_LEVEL_NONE\x10\x02\x12\x18\n\x14\x44RIFT_LEVEL_MODERATE\x10\x03\x12\x1b\n\x17\x44RIFT_LEVEL_SIGNIFICANT\x10\x04\x32\xfd\x03\n\x0eScoringService\x12>\n\x05Score\x12\x19.converge.v1.ScoreRequest\x1a\x1a.converge.v1.ScoreResponse\x12Q\n\nScoreBatch\x12\x1e.converge.v1.ScoreBatchRequest\x1a\x1f.converge.v1.ScoreBatchResponse(\x01\x30\x01\x12M\n\nListModels\x12\x1e.converge.v1.ListModelsRequest\x1a\x1f.converge.v1.ListModelsResponse\x12Y\n\x0eGetModelStatus\x12\".converge.v1.GetModelStatusRequest\x1a#.converge.v1.GetModelStatusResponse\x12S\n\x0cReloadModels\x12 .converge.v1.ReloadModelsRequest\x1a!.converge.v1.ReloadModelsResponse\x12Y\n\x0eGetDriftReport\x12\".converge.v1.GetDriftReportRequest\x1a#.converge.v1.GetDriftReportResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,58 +37,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SCOREREQUEST_CONTEXTFEATURESENTRY']._loaded_options = None
   _globals['_SCOREREQUEST_CONTEXTFEATURESENTRY']._serialized_options = b'8\001'
-  _globals['_RISKBAND']._serialized_start=3820
-  _globals['_RISKBAND']._serialized_end=3942
-  _globals['_MODELALIAS']._serialized_start=3944
-  _globals['_MODELALIAS']._serialized_end=4039
-  _globals['_MODELSTATE']._serialized_start=4042
-  _globals['_MODELSTATE']._serialized_end=4184
-  _globals['_DRIFTLEVEL']._serialized_start=4187
-  _globals['_DRIFTLEVEL']._serialized_end=4340
-  _globals['_MODELREF']._serialized_start=133
-  _globals['_MODELREF']._serialized_end=259
-  _globals['_REASONCODE']._serialized_start=261
-  _globals['_REASONCODE']._serialized_end=370
-  _globals['_SHADOWPREDICTION']._serialized_start=372
-  _globals['_SHADOWPREDICTION']._serialized_end=491
-  _globals['_SCOREDPREDICTION']._serialized_start=494
-  _globals['_SCOREDPREDICTION']._serialized_end=832
-  _globals['_SCOREREQUEST']._serialized_start=835
-  _globals['_SCOREREQUEST']._serialized_end=1255
-  _globals['_SCOREREQUEST_CONTEXTFEATURESENTRY']._serialized_start=1201
-  _globals['_SCOREREQUEST_CONTEXTFEATURESENTRY']._serialized_end=1255
-  _globals['_SCORERESPONSE']._serialized_start=1258
-  _globals['_SCORERESPONSE']._serialized_end=1457
-  _globals['_SCOREBATCHREQUEST']._serialized_start=1459
-  _globals['_SCOREBATCHREQUEST']._serialized_end=1537
-  _globals['_SCOREBATCHERROR']._serialized_start=1539
-  _globals['_SCOREBATCHERROR']._serialized_end=1587
-  _globals['_SCOREBATCHRESPONSE']._serialized_start=1590
-  _globals['_SCOREBATCHRESPONSE']._serialized_end=1729
-  _globals['_RISKBANDTHRESHOLDS']._serialized_start=1731
-  _globals['_RISKBANDTHRESHOLDS']._serialized_end=1799
-  _globals['_LOADEDMODEL']._serialized_start=1802
-  _globals['_LOADEDMODEL']._serialized_end=2074
-  _globals['_LISTMODELSREQUEST']._serialized_start=2076
-  _globals['_LISTMODELSREQUEST']._serialized_end=2163
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2165
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2244
-  _globals['_GETMODELSTATUSREQUEST']._serialized_start=2246
-  _globals['_GETMODELSTATUSREQUEST']._serialized_end=2312
-  _globals['_GETMODELSTATUSRESPONSE']._serialized_start=2315
-  _globals['_GETMODELSTATUSRESPONSE']._serialized_end=2639
-  _globals['_RELOADMODELSREQUEST']._serialized_start=2641
-  _globals['_RELOADMODELSREQUEST']._serialized_end=2765
-  _globals['_RELOADMODELSRESPONSE']._serialized_start=2768
-  _globals['_RELOADMODELSRESPONSE']._serialized_end=2935
-  _globals['_DRIFTBIN']._serialized_start=2937
-  _globals['_DRIFTBIN']._serialized_end=3045
-  _globals['_FEATUREDRIFT']._serialized_start=3048
-  _globals['_FEATUREDRIFT']._serialized_end=3230
-  _globals['_GETDRIFTREPORTREQUEST']._serialized_start=3233
-  _globals['_GETDRIFTREPORTREQUEST']._serialized_end=3434
-  _globals['_GETDRIFTREPORTRESPONSE']._serialized_start=3437
-  _globals['_GETDRIFTREPORTRESPONSE']._serialized_end=3818
-  _globals['_SCORINGSERVICE']._serialized_start=4343
-  _globals['_SCORINGSERVICE']._serialized_end=4852
+  _globals['_MODELSTATE']._serialized_start=3090
+  _globals['_MODELSTATE']._serialized_end=3232
+  _globals['_DRIFTLEVEL']._serialized_start=3235
+  _globals['_DRIFTLEVEL']._serialized_end=3388
+  _globals['_SCOREREQUEST']._serialized_start=158
+  _globals['_SCOREREQUEST']._serialized_end=578
+  _globals['_SCOREREQUEST_CONTEXTFEATURESENTRY']._serialized_start=524
+  _globals['_SCOREREQUEST_CONTEXTFEATURESENTRY']._serialized_end=578
+  _globals['_SCORERESPONSE']._serialized_start=581
+  _globals['_SCORERESPONSE']._serialized_end=780
+  _globals['_SCOREBATCHREQUEST']._serialized_start=782
+  _globals['_SCOREBATCHREQUEST']._serialized_end=860
+  _globals['_SCOREBATCHRESPONSE']._serialized_start=863
+  _globals['_SCOREBATCHRESPONSE']._serialized_end=998
+  _globals['_RISKBANDTHRESHOLDS']._serialized_start=1000
+  _globals['_RISKBANDTHRESHOLDS']._serialized_end=1068
+  _globals['_LOADEDMODEL']._serialized_start=1071
+  _globals['_LOADEDMODEL']._serialized_end=1343
+  _globals['_LISTMODELSREQUEST']._serialized_start=1345
+  _globals['_LISTMODELSREQUEST']._serialized_end=1432
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1434
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1513
+  _globals['_GETMODELSTATUSREQUEST']._serialized_start=1515
+  _globals['_GETMODELSTATUSREQUEST']._serialized_end=1581
+  _globals['_GETMODELSTATUSRESPONSE']._serialized_start=1584
+  _globals['_GETMODELSTATUSRESPONSE']._serialized_end=1908
+  _globals['_RELOADMODELSREQUEST']._serialized_start=1910
+  _globals['_RELOADMODELSREQUEST']._serialized_end=2034
+  _globals['_RELOADMODELSRESPONSE']._serialized_start=2037
+  _globals['_RELOADMODELSRESPONSE']._serialized_end=2204
+  _globals['_DRIFTBIN']._serialized_start=2206
+  _globals['_DRIFTBIN']._serialized_end=2314
+  _globals['_FEATUREDRIFT']._serialized_start=2317
+  _globals['_FEATUREDRIFT']._serialized_end=2499
+  _globals['_GETDRIFTREPORTREQUEST']._serialized_start=2502
+  _globals['_GETDRIFTREPORTREQUEST']._serialized_end=2703
+  _globals['_GETDRIFTREPORTRESPONSE']._serialized_start=2706
+  _globals['_GETDRIFTREPORTRESPONSE']._serialized_end=3087
+  _globals['_SCORINGSERVICE']._serialized_start=3391
+  _globals['_SCORINGSERVICE']._serialized_end=3900
 # @@protoc_insertion_point(module_scope)

@@ -5,12 +5,13 @@ The scoring service: churn, escalation and cross-sell predictions with reasons."
 
 from collections import abc as _abc
 from converge.v1 import common_pb2 as _common_pb2
-from converge.v1 import interactions_pb2 as _interactions_pb2
+from converge.v1 import predictions_pb2 as _predictions_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.rpc import status_pb2 as _status_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -21,64 +22,6 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
-
-class _RiskBand:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _RiskBandEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RiskBand.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    RISK_BAND_UNSPECIFIED: _RiskBand.ValueType  # 0
-    """Not set."""
-    RISK_BAND_LOW: _RiskBand.ValueType  # 1
-    """Below the model's medium threshold."""
-    RISK_BAND_MEDIUM: _RiskBand.ValueType  # 2
-    """At or above the medium threshold."""
-    RISK_BAND_HIGH: _RiskBand.ValueType  # 3
-    """At or above the high threshold."""
-    RISK_BAND_CRITICAL: _RiskBand.ValueType  # 4
-    """At or above the critical threshold."""
-
-class RiskBand(_RiskBand, metaclass=_RiskBandEnumTypeWrapper):
-    """A band of a calibrated probability, from the model's thresholds.
-    For cross-sell the band reads as propensity (HIGH: worth offering).
-    """
-
-RISK_BAND_UNSPECIFIED: RiskBand.ValueType  # 0
-"""Not set."""
-RISK_BAND_LOW: RiskBand.ValueType  # 1
-"""Below the model's medium threshold."""
-RISK_BAND_MEDIUM: RiskBand.ValueType  # 2
-"""At or above the medium threshold."""
-RISK_BAND_HIGH: RiskBand.ValueType  # 3
-"""At or above the high threshold."""
-RISK_BAND_CRITICAL: RiskBand.ValueType  # 4
-"""At or above the critical threshold."""
-Global___RiskBand: _TypeAlias = RiskBand  # noqa: Y015
-
-class _ModelAlias:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _ModelAliasEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelAlias.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    MODEL_ALIAS_UNSPECIFIED: _ModelAlias.ValueType  # 0
-    """Not set (the built-in rule fallback has no alias)."""
-    MODEL_ALIAS_CHAMPION: _ModelAlias.ValueType  # 1
-    """`champion`: the version that answers."""
-    MODEL_ALIAS_CHALLENGER: _ModelAlias.ValueType  # 2
-    """`challenger`: scored in shadow only, never answers."""
-
-class ModelAlias(_ModelAlias, metaclass=_ModelAliasEnumTypeWrapper):
-    """The registry alias a model version was loaded through."""
-
-MODEL_ALIAS_UNSPECIFIED: ModelAlias.ValueType  # 0
-"""Not set (the built-in rule fallback has no alias)."""
-MODEL_ALIAS_CHAMPION: ModelAlias.ValueType  # 1
-"""`champion`: the version that answers."""
-MODEL_ALIAS_CHALLENGER: ModelAlias.ValueType  # 2
-"""`challenger`: scored in shadow only, never answers."""
-Global___ModelAlias: _TypeAlias = ModelAlias  # noqa: Y015
 
 class _ModelState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -145,192 +88,6 @@ DRIFT_LEVEL_SIGNIFICANT: DriftLevel.ValueType  # 4
 Global___DriftLevel: _TypeAlias = DriftLevel  # noqa: Y015
 
 @_typing.final
-class ModelRef(_message.Message):
-    """Names one model version."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    NAME_FIELD_NUMBER: _builtins.int
-    VERSION_FIELD_NUMBER: _builtins.int
-    RUN_ID_FIELD_NUMBER: _builtins.int
-    ALIAS_FIELD_NUMBER: _builtins.int
-    FEATURE_SET_VERSION_FIELD_NUMBER: _builtins.int
-    name: _builtins.str
-    """Registered model name, for example "converge-churn"; for the rule
-    fallback "converge-rules-<prediction>".
-    """
-    version: _builtins.str
-    """Registry version, for example "7"; the rules' version for the fallback."""
-    run_id: _builtins.str
-    """MLflow run id that produced it; empty for the fallback."""
-    alias: Global___ModelAlias.ValueType
-    """The alias it was loaded through."""
-    feature_set_version: _builtins.str
-    """The feature-set version it was trained on."""
-    def __init__(
-        self,
-        *,
-        name: _builtins.str = ...,
-        version: _builtins.str = ...,
-        run_id: _builtins.str = ...,
-        alias: Global___ModelAlias.ValueType = ...,
-        feature_set_version: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "feature_set_version", b"feature_set_version", "name", b"name", "run_id", b"run_id", "version", b"version"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ModelRef: _TypeAlias = ModelRef  # noqa: Y015
-
-@_typing.final
-class ReasonCode(_message.Message):
-    """One readable reason behind a score or a recommendation."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    CODE_FIELD_NUMBER: _builtins.int
-    FEATURE_FIELD_NUMBER: _builtins.int
-    VALUE_FIELD_NUMBER: _builtins.int
-    CONTRIBUTION_FIELD_NUMBER: _builtins.int
-    TEXT_FIELD_NUMBER: _builtins.int
-    code: _builtins.str
-    """Stable machine code, for example "nps_last.low" or, for policy reasons,
-    "policy.threshold.churn".
-    """
-    feature: _builtins.str
-    """The feature it rests on; empty for reasons that are not about a feature."""
-    value: _builtins.float
-    """The feature's value; unset when missing or not about a feature."""
-    contribution: _builtins.float
-    """The feature's contribution to the score in log-odds (LightGBM
-    `pred_contrib`); positive raises the probability. Zero for policy reasons.
-    """
-    text: _builtins.str
-    """A sentence for people, in English, for example "NPS of 3 (low) raises
-    churn risk". Never contains personal data.
-    """
-    def __init__(
-        self,
-        *,
-        code: _builtins.str = ...,
-        feature: _builtins.str = ...,
-        value: _builtins.float | None = ...,
-        contribution: _builtins.float = ...,
-        text: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_value", b"_value", "value", b"value"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_value", b"_value", "code", b"code", "contribution", b"contribution", "feature", b"feature", "text", b"text", "value", b"value"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType__value: _TypeAlias = _typing.Literal["value"]  # noqa: Y015
-    _WhichOneofArgType__value: _TypeAlias = _typing.Literal["_value", b"_value"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__value) -> _WhichOneofReturnType__value | None: ...
-
-Global___ReasonCode: _TypeAlias = ReasonCode  # noqa: Y015
-
-@_typing.final
-class ShadowPrediction(_message.Message):
-    """The challenger's answer to the same question, for comparison only."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    MODEL_FIELD_NUMBER: _builtins.int
-    PROBABILITY_FIELD_NUMBER: _builtins.int
-    RISK_BAND_FIELD_NUMBER: _builtins.int
-    probability: _builtins.float
-    """Its calibrated probability, from 0 to 1."""
-    risk_band: Global___RiskBand.ValueType
-    """Its band."""
-    @_builtins.property
-    def model(self) -> Global___ModelRef:
-        """The challenger version."""
-
-    def __init__(
-        self,
-        *,
-        model: Global___ModelRef | None = ...,
-        probability: _builtins.float = ...,
-        risk_band: Global___RiskBand.ValueType = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "probability", b"probability", "risk_band", b"risk_band"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ShadowPrediction: _TypeAlias = ShadowPrediction  # noqa: Y015
-
-@_typing.final
-class ScoredPrediction(_message.Message):
-    """One prediction with its reasons."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    KIND_FIELD_NUMBER: _builtins.int
-    TICKET_ID_FIELD_NUMBER: _builtins.int
-    PRODUCT_ID_FIELD_NUMBER: _builtins.int
-    PROBABILITY_FIELD_NUMBER: _builtins.int
-    RISK_BAND_FIELD_NUMBER: _builtins.int
-    MODEL_FIELD_NUMBER: _builtins.int
-    REASONS_FIELD_NUMBER: _builtins.int
-    FALLBACK_USED_FIELD_NUMBER: _builtins.int
-    FALLBACK_REASON_FIELD_NUMBER: _builtins.int
-    SHADOW_FIELD_NUMBER: _builtins.int
-    kind: _common_pb2.PredictionKind.ValueType
-    """What was predicted."""
-    ticket_id: _builtins.str
-    """The ticket, for escalation."""
-    product_id: _builtins.str
-    """The product, for cross-sell."""
-    probability: _builtins.float
-    """Calibrated probability, from 0 to 1 (churn within 30 days, escalation or
-    SLA breach within 72 hours, purchase within 14 days).
-    """
-    risk_band: Global___RiskBand.ValueType
-    """The band the probability falls in."""
-    fallback_used: _builtins.bool
-    """True when the built-in rules answered (no model trained yet, or none
-    loadable); the probability is then a rule estimate, not calibrated.
-    """
-    fallback_reason: _builtins.str
-    """Why the fallback was used, for people; empty otherwise."""
-    @_builtins.property
-    def model(self) -> Global___ModelRef:
-        """The model version that answered."""
-
-    @_builtins.property
-    def reasons(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReasonCode]:
-        """The top reasons, largest absolute contribution first."""
-
-    @_builtins.property
-    def shadow(self) -> Global___ShadowPrediction:
-        """The challenger's answer, when asked for and a challenger is loaded."""
-
-    def __init__(
-        self,
-        *,
-        kind: _common_pb2.PredictionKind.ValueType = ...,
-        ticket_id: _builtins.str = ...,
-        product_id: _builtins.str = ...,
-        probability: _builtins.float = ...,
-        risk_band: Global___RiskBand.ValueType = ...,
-        model: Global___ModelRef | None = ...,
-        reasons: _abc.Iterable[Global___ReasonCode] | None = ...,
-        fallback_used: _builtins.bool = ...,
-        fallback_reason: _builtins.str = ...,
-        shadow: Global___ShadowPrediction | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "shadow", b"shadow"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallback_reason", b"fallback_reason", "fallback_used", b"fallback_used", "kind", b"kind", "model", b"model", "probability", b"probability", "product_id", b"product_id", "reasons", b"reasons", "risk_band", b"risk_band", "shadow", b"shadow", "ticket_id", b"ticket_id"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ScoredPrediction: _TypeAlias = ScoredPrediction  # noqa: Y015
-
-@_typing.final
 class ScoreRequest(_message.Message):
     """Scores one customer."""
 
@@ -383,7 +140,7 @@ class ScoreRequest(_message.Message):
         """The customer, by id or identifier (never created). Required."""
 
     @_builtins.property
-    def predictions(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.PredictionKind.ValueType]:
+    def predictions(self) -> _containers.RepeatedScalarFieldContainer[_predictions_pb2.PredictionKind.ValueType]:
         """The predictions wanted; empty means every one the other fields allow:
         churn always, escalation when `ticket_id` is set, cross-sell when
         `candidate_product_ids` is set.
@@ -404,7 +161,7 @@ class ScoreRequest(_message.Message):
         self,
         *,
         customer: _common_pb2.CustomerRef | None = ...,
-        predictions: _abc.Iterable[_common_pb2.PredictionKind.ValueType] | None = ...,
+        predictions: _abc.Iterable[_predictions_pb2.PredictionKind.ValueType] | None = ...,
         ticket_id: _builtins.str = ...,
         candidate_product_ids: _abc.Iterable[_builtins.str] | None = ...,
         context_features: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
@@ -438,11 +195,11 @@ class ScoreResponse(_message.Message):
     score_id: _builtins.str
     """Id of this answer; it keys the prediction log entry when sampled."""
     @_builtins.property
-    def predictions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScoredPrediction]:
+    def predictions(self) -> _containers.RepeatedCompositeFieldContainer[_predictions_pb2.ScoredPrediction]:
         """In order: churn, escalation, then cross-sell per candidate in request order."""
 
     @_builtins.property
-    def features(self) -> _containers.RepeatedCompositeFieldContainer[_interactions_pb2.FeatureVector]:
+    def features(self) -> _containers.RepeatedCompositeFieldContainer[_predictions_pb2.FeatureVector]:
         """The features used (customer, then ticket), when asked for."""
 
     @_builtins.property
@@ -453,8 +210,8 @@ class ScoreResponse(_message.Message):
         self,
         *,
         customer_id: _builtins.str = ...,
-        predictions: _abc.Iterable[Global___ScoredPrediction] | None = ...,
-        features: _abc.Iterable[_interactions_pb2.FeatureVector] | None = ...,
+        predictions: _abc.Iterable[_predictions_pb2.ScoredPrediction] | None = ...,
+        features: _abc.Iterable[_predictions_pb2.FeatureVector] | None = ...,
         score_id: _builtins.str = ...,
         scored_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
@@ -495,32 +252,6 @@ class ScoreBatchRequest(_message.Message):
 Global___ScoreBatchRequest: _TypeAlias = ScoreBatchRequest  # noqa: Y015
 
 @_typing.final
-class ScoreBatchError(_message.Message):
-    """Why one item of a batch failed."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    CODE_FIELD_NUMBER: _builtins.int
-    MESSAGE_FIELD_NUMBER: _builtins.int
-    code: _builtins.int
-    """The gRPC status code the item would have failed a `Score` call with."""
-    message: _builtins.str
-    """Why, for people."""
-    def __init__(
-        self,
-        *,
-        code: _builtins.int = ...,
-        message: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ScoreBatchError: _TypeAlias = ScoreBatchError  # noqa: Y015
-
-@_typing.final
 class ScoreBatchResponse(_message.Message):
     """The answer to one item of a batch."""
 
@@ -536,15 +267,18 @@ class ScoreBatchResponse(_message.Message):
         """The scores."""
 
     @_builtins.property
-    def error(self) -> Global___ScoreBatchError:
-        """The failure."""
+    def error(self) -> _status_pb2.Status:
+        """The failure, as a `Score` call with the item would have failed: its
+        code, message and details (a `google.rpc.BadRequest` naming the field
+        for INVALID_ARGUMENT, relative to `ScoreBatchRequest.score`).
+        """
 
     def __init__(
         self,
         *,
         row_ref: _builtins.str = ...,
         score: Global___ScoreResponse | None = ...,
-        error: Global___ScoreBatchError | None = ...,
+        error: _status_pb2.Status | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "result", b"result", "score", b"score"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -599,7 +333,7 @@ class LoadedModel(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     THRESHOLDS_FIELD_NUMBER: _builtins.int
     FEATURE_COUNT_FIELD_NUMBER: _builtins.int
-    kind: _common_pb2.PredictionKind.ValueType
+    kind: _predictions_pb2.PredictionKind.ValueType
     """The prediction it serves."""
     state: Global___ModelState.ValueType
     """Its state."""
@@ -608,7 +342,7 @@ class LoadedModel(_message.Message):
     feature_count: _builtins.int
     """Number of features it uses."""
     @_builtins.property
-    def model(self) -> Global___ModelRef:
+    def model(self) -> _predictions_pb2.ModelRef:
         """The version."""
 
     @_builtins.property
@@ -622,8 +356,8 @@ class LoadedModel(_message.Message):
     def __init__(
         self,
         *,
-        kind: _common_pb2.PredictionKind.ValueType = ...,
-        model: Global___ModelRef | None = ...,
+        kind: _predictions_pb2.PredictionKind.ValueType = ...,
+        model: _predictions_pb2.ModelRef | None = ...,
         state: Global___ModelState.ValueType = ...,
         loaded_at: _timestamp_pb2.Timestamp | None = ...,
         error: _builtins.str = ...,
@@ -646,14 +380,14 @@ class ListModelsRequest(_message.Message):
 
     KIND_FIELD_NUMBER: _builtins.int
     INCLUDE_REFUSED_FIELD_NUMBER: _builtins.int
-    kind: _common_pb2.PredictionKind.ValueType
+    kind: _predictions_pb2.PredictionKind.ValueType
     """Only this prediction; UNSPECIFIED means all."""
     include_refused: _builtins.bool
     """Also list refused versions."""
     def __init__(
         self,
         *,
-        kind: _common_pb2.PredictionKind.ValueType = ...,
+        kind: _predictions_pb2.PredictionKind.ValueType = ...,
         include_refused: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
@@ -699,12 +433,12 @@ class GetModelStatusRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     KIND_FIELD_NUMBER: _builtins.int
-    kind: _common_pb2.PredictionKind.ValueType
+    kind: _predictions_pb2.PredictionKind.ValueType
     """The prediction. Required."""
     def __init__(
         self,
         *,
-        kind: _common_pb2.PredictionKind.ValueType = ...,
+        kind: _predictions_pb2.PredictionKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -728,7 +462,7 @@ class GetModelStatusResponse(_message.Message):
     REFUSED_FIELD_NUMBER: _builtins.int
     REGISTRY_CHECKED_AT_FIELD_NUMBER: _builtins.int
     REPLICA_FIELD_NUMBER: _builtins.int
-    kind: _common_pb2.PredictionKind.ValueType
+    kind: _predictions_pb2.PredictionKind.ValueType
     """The prediction."""
     fallback_active: _builtins.bool
     """True when the built-in rules answer."""
@@ -755,7 +489,7 @@ class GetModelStatusResponse(_message.Message):
     def __init__(
         self,
         *,
-        kind: _common_pb2.PredictionKind.ValueType = ...,
+        kind: _predictions_pb2.PredictionKind.ValueType = ...,
         champion: Global___LoadedModel | None = ...,
         challenger: Global___LoadedModel | None = ...,
         fallback_active: _builtins.bool = ...,
@@ -781,7 +515,7 @@ class ReloadModelsRequest(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
-    kind: _common_pb2.PredictionKind.ValueType
+    kind: _predictions_pb2.PredictionKind.ValueType
     """Only this prediction; UNSPECIFIED means all."""
     idempotency_key: _builtins.str
     """Accepted for uniformity; a reload is idempotent by nature."""
@@ -792,7 +526,7 @@ class ReloadModelsRequest(_message.Message):
     def __init__(
         self,
         *,
-        kind: _common_pb2.PredictionKind.ValueType = ...,
+        kind: _predictions_pb2.PredictionKind.ValueType = ...,
         idempotency_key: _builtins.str = ...,
         actor: _common_pb2.Actor | None = ...,
     ) -> None: ...
@@ -821,7 +555,7 @@ class ReloadModelsResponse(_message.Message):
         """The models now loaded, as in `ListModelsResponse`."""
 
     @_builtins.property
-    def swapped_in(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelRef]:
+    def swapped_in(self) -> _containers.RepeatedCompositeFieldContainer[_predictions_pb2.ModelRef]:
         """Versions swapped in by this call."""
 
     @_builtins.property
@@ -832,7 +566,7 @@ class ReloadModelsResponse(_message.Message):
         self,
         *,
         models: _abc.Iterable[Global___LoadedModel] | None = ...,
-        swapped_in: _abc.Iterable[Global___ModelRef] | None = ...,
+        swapped_in: _abc.Iterable[_predictions_pb2.ModelRef] | None = ...,
         refused: _abc.Iterable[Global___LoadedModel] | None = ...,
         replica: _builtins.str = ...,
     ) -> None: ...
@@ -937,7 +671,7 @@ class GetDriftReportRequest(_message.Message):
     BASELINE_WINDOW_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     FEATURE_NAMES_FIELD_NUMBER: _builtins.int
-    kind: _common_pb2.PredictionKind.ValueType
+    kind: _predictions_pb2.PredictionKind.ValueType
     """The prediction. Required."""
     model_version: _builtins.str
     """The model version whose predictions to examine; empty means the champion."""
@@ -958,7 +692,7 @@ class GetDriftReportRequest(_message.Message):
     def __init__(
         self,
         *,
-        kind: _common_pb2.PredictionKind.ValueType = ...,
+        kind: _predictions_pb2.PredictionKind.ValueType = ...,
         window: _common_pb2.TimeRange | None = ...,
         baseline_window: _common_pb2.TimeRange | None = ...,
         model_version: _builtins.str = ...,
@@ -987,14 +721,14 @@ class GetDriftReportResponse(_message.Message):
     SCORE_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
     COMPUTED_AT_FIELD_NUMBER: _builtins.int
-    kind: _common_pb2.PredictionKind.ValueType
+    kind: _predictions_pb2.PredictionKind.ValueType
     """The prediction."""
     current_samples: _builtins.int
     """Logged predictions in the window."""
     baseline_samples: _builtins.int
     """Samples in the baseline."""
     @_builtins.property
-    def model(self) -> Global___ModelRef:
+    def model(self) -> _predictions_pb2.ModelRef:
         """The model version examined."""
 
     @_builtins.property
@@ -1020,8 +754,8 @@ class GetDriftReportResponse(_message.Message):
     def __init__(
         self,
         *,
-        kind: _common_pb2.PredictionKind.ValueType = ...,
-        model: Global___ModelRef | None = ...,
+        kind: _predictions_pb2.PredictionKind.ValueType = ...,
+        model: _predictions_pb2.ModelRef | None = ...,
         window: _common_pb2.TimeRange | None = ...,
         baseline_window: _common_pb2.TimeRange | None = ...,
         current_samples: _builtins.int = ...,

@@ -39,6 +39,7 @@ from converge.connectors.mapping import MAX_KEY_LENGTH, Mapping
 from converge.connectors.reader import RecordFile
 from converge.connectors.transform import MappedRow, RejectedRow, SkippedRow, map_records
 from converge.runtime.channels import aio_channel
+from converge.runtime.errors import read_status
 from converge.v1 import identity_pb2, identity_pb2_grpc, interactions_pb2, interactions_pb2_grpc
 
 DEFAULT_BATCH = 5000
@@ -378,9 +379,10 @@ def _count_rejections(
     """Adds a service's rejections to the summary; the service lists only so
     many, the rest are counted under one reason."""
     for r in listed:
+        error = read_status(r.error)
         summary.reject(
-            Rejection(_line(r.row_ref), service, r.field, r.reason, r.reason),
-            _reason_key(service, r.field, r.reason),
+            Rejection(_line(r.row_ref), service, error.field, error.reason, error.reason),
+            _reason_key(service, error.field, error.reason),
         )
     unlisted = rejected - len(listed)
     if unlisted > 0:
@@ -444,23 +446,20 @@ async def _resolve_pass(
         retry: list[MappedRow] = []
         for rejection in response.rejections:
             row = in_flight.get(rejection.row_ref)
-            lighter = _without_droppable(row, rejection, mapping) if row is not None else None
+            error = read_status(rejection.error)
+            lighter = _without_droppable(row, error.field, mapping) if row is not None else None
             if lighter is not None and row is not None:
                 summary.identifiers_dropped += 1
                 summary.warning_reasons[
-                    f"[identity] {rejection.field}: {rejection.reason} (identifier dropped)"
+                    f"[identity] {error.field}: {error.reason} (identifier dropped)"
                 ] += 1
                 retry.append(lighter)
                 continue
             summary.profiles_rejected += 1
             found = Rejection(
-                _line(rejection.row_ref),
-                "identity",
-                rejection.field,
-                rejection.reason,
-                rejection.reason,
+                _line(rejection.row_ref), "identity", error.field, error.reason, error.reason
             )
-            summary.reject(found, _reason_key("identity", rejection.field, rejection.reason))
+            summary.reject(found, _reason_key("identity", error.field, error.reason))
             if row is not None:
                 assert row.resolve is not None
                 refused[row.resolve.resolve.idempotency_key] = found
@@ -536,15 +535,13 @@ async def _in_streamed_calls(
         await asyncio.gather(following, return_exceptions=True)  # (never left running)
 
 
-def _without_droppable(
-    row: MappedRow, rejection: identity_pb2.BulkRejection, mapping: Mapping
-) -> MappedRow | None:
+def _without_droppable(row: MappedRow, field_path: str, mapping: Mapping) -> MappedRow | None:
     """The row without the extra identifier identity refused, when the mapping
     lets that one drop (`on_invalid: drop`); None when the row stands rejected.
 
     The lighter row is a different request, so it gets its own idempotency
     key (derived from the first, so a re-run sends the same one again)."""
-    found = _IDENTIFIER_FIELD.match(rejection.field)
+    found = _IDENTIFIER_FIELD.match(field_path)
     if found is None or row.resolve is None:
         return None
     position = int(found[1])

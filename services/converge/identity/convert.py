@@ -15,6 +15,8 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from google.rpc import status_pb2
+
 from converge.identity.domain import (
     BUILTIN_PROFILE_FIELDS,
     Actor,
@@ -36,10 +38,16 @@ from converge.identity.domain import (
     TaggedValue,
 )
 from converge.identity.identifiers import IdentifierError, NormalizedIdentifier, normalize
-from converge.identity.service import violated_field
 from converge.identity.settings import IdentitySettings
 from converge.runtime.cursors import commit_cursor
-from converge.runtime.errors import ConvergeError, FieldViolation, InvalidArgument, Violations
+from converge.runtime.errors import (
+    ConvergeError,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    Violations,
+    field_status,
+)
 from converge.runtime.fields import MAX_MONEY_UNITS, money_problem, parse_time, parse_uuid
 from converge.runtime.values import from_plain, from_tagged, timestamp, to_datetime
 from converge.v1 import common_pb2, identity_pb2
@@ -419,9 +427,7 @@ def parse_batch_resolve(
         v = Violations()
         identifiers, profile, actor, idempotency = parse_resolve(item, "", v, settings)
         if v.found:
-            results[index].error_code = "INVALID_ARGUMENT"
-            results[index].error_field = v.found[0].field
-            results[index].error = v.found[0].description
+            results[index].error.CopyFrom(field_status(v.found[0].field, v.found[0].description))
             continue
         rows.append(
             (
@@ -748,14 +754,20 @@ def batch_resolve_response_pb(
     for (index, _), (outcome, survivor, owners) in zip(rows, resolved, strict=True):
         result = results[index]
         if isinstance(outcome.error, ConvergeError):
-            result.error_code = outcome.error.code.name
-            result.error_field = violated_field(outcome.error)
-            result.error = outcome.error.message
+            result.error.CopyFrom(outcome.error.rpc_status())
             continue
         result.customer_id = survivor
         result.created = outcome.created
         result.resolved_identifiers.extend(customer_identifier_pb(a) for a in owners)
     return identity_pb2.BatchResolveResponse(results=results)
+
+
+def _rejection_status(field_path: str, reason: str) -> status_pb2.Status:
+    # A bulk row names the field at fault when a field is; a row refused
+    # otherwise (unknown under lookup_only, a forbidden merge) names none.
+    return (
+        field_status(field_path, reason) if field_path else FailedPrecondition(reason).rpc_status()
+    )
 
 
 def bulk_resolve_response_pb(summary: BulkSummary) -> identity_pb2.BulkResolveResponse:
@@ -766,7 +778,7 @@ def bulk_resolve_response_pb(summary: BulkSummary) -> identity_pb2.BulkResolveRe
         merged=summary.merged,
         rejected=len(summary.rejections),
         rejections=[
-            identity_pb2.BulkRejection(row_ref=r, field=f, reason=why)
+            identity_pb2.BulkRejection(row_ref=r, error=_rejection_status(f, why))
             for r, f, why in summary.rejections[:MAX_LISTED_REJECTIONS]
         ],
     )

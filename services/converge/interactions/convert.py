@@ -29,7 +29,7 @@ from converge.interactions.types import (
     validate_type_spec,
 )
 from converge.runtime.cursors import parse_commit_cursor
-from converge.runtime.errors import FieldViolation, InvalidArgument, Violations
+from converge.runtime.errors import FieldViolation, InvalidArgument, Violations, field_status
 from converge.runtime.fields import (
     EARLIEST_SECONDS,
     EARLIEST_TIME,
@@ -576,7 +576,9 @@ def ingest_response(summary: IngestStreamSummary) -> interactions_pb2.IngestInte
         customers_created=summary.customers_created,
         rejections=[
             interactions_pb2.IngestRejection(
-                row_ref=r.row_ref, idempotency_key=r.idempotency_key, field=r.field, reason=r.reason
+                row_ref=r.row_ref,
+                idempotency_key=r.idempotency_key,
+                error=field_status(r.field, r.reason),
             )
             for r in summary.rejections
         ],

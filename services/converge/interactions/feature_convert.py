@@ -18,7 +18,7 @@ from converge.interactions.identity_link import IdentifierRef
 from converge.runtime.errors import FailedPrecondition, Violations
 from converge.runtime.fields import check_message, time_problem
 from converge.runtime.values import timestamp, to_datetime
-from converge.v1 import common_pb2, interactions_pb2
+from converge.v1 import common_pb2, interactions_pb2, predictions_pb2
 
 MAX_PIT_QUERIES = 10_000
 _AGGREGATIONS = {
@@ -43,7 +43,9 @@ def definition_pb(definition: FeatureDefinition) -> interactions_pb2.FeatureDefi
         unit=definition.unit,
         categories=definition.categories,
         may_be_missing=definition.may_be_missing,
-        used_by=[common_pb2.PredictionKind.ValueType(_PREDICTIONS[p]) for p in definition.used_by],
+        used_by=[
+            predictions_pb2.PredictionKind.ValueType(_PREDICTIONS[p]) for p in definition.used_by
+        ],
         filters=[
             interactions_pb2.AttributeFilter(attribute=attribute, values=values)
             for attribute, values in definition.filters
@@ -75,7 +77,7 @@ def feature_vector_pb(
     names: set[str],
     features: FeatureSet,
     ticket_id: str = "",
-) -> interactions_pb2.FeatureVector:
+) -> predictions_pb2.FeatureVector:
     numbers: Mapping[str, float | str] = values or {}
     if names:
         numbers = {name: value for name, value in numbers.items() if name in names}
@@ -83,7 +85,7 @@ def feature_vector_pb(
     if not features.category_names.isdisjoint(numbers):
         texts = {n: v for n, v in numbers.items() if isinstance(v, str)}
         numbers = {n: v for n, v in numbers.items() if n not in texts}
-    return interactions_pb2.FeatureVector(
+    return predictions_pb2.FeatureVector(
         customer_id="" if customer_id is None else str(customer_id),
         ticket_id=ticket_id,
         as_of=timestamp(as_of),

@@ -23,6 +23,7 @@ from converge.runtime.errors import (
     InvalidArgument,
     NotFound,
     Unavailable,
+    read_status,
 )
 from converge.runtime.values import to_datetime
 from converge.v1 import common_pb2, identity_pb2, identity_pb2_grpc
@@ -58,17 +59,15 @@ def _outcome(
 ) -> tuple[uuid.UUID | None, bool, ConvergeError | None]:
     """One batch item as (owner, created, error), identity's field paths
     re-pathed to ours (`identifiers[0].value` -> `customer.identifier.value`)."""
-    if result.error_code == "INVALID_ARGUMENT":
-        path = result.error_field.replace("identifiers[0]", "customer.identifier", 1)
-        return (
-            None,
-            False,
-            InvalidArgument([FieldViolation(path or "customer.identifier", result.error)]),
-        )
-    if result.error_code == "NOT_FOUND":
-        return None, False, NotFound("customer with identifier", "given")
-    if result.error_code:
-        return None, False, FailedPrecondition(f"identity refused the identifier: {result.error}")
+    if result.HasField("error"):
+        error = read_status(result.error)
+        if error.code == grpc.StatusCode.INVALID_ARGUMENT:
+            path = error.field.replace("identifiers[0]", "customer.identifier", 1)
+            violation = FieldViolation(path or "customer.identifier", error.reason)
+            return None, False, InvalidArgument([violation])
+        if error.code == grpc.StatusCode.NOT_FOUND:
+            return None, False, NotFound("customer with identifier", "given")
+        return None, False, FailedPrecondition(f"identity refused the identifier: {error.reason}")
     owner = (
         result.resolved_identifiers[0].customer_id
         if result.resolved_identifiers
