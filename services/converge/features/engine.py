@@ -129,6 +129,7 @@ __all__ = [
     "FeatureValues",
     "Prediction",
     "StateVersionError",
+    "StoredState",
     "build_state",
     "customer_features",
     "features_at_cutoffs",
@@ -283,6 +284,14 @@ class _Plan(NamedTuple):
     product: int  # 0: none, 1: holds the product, 2: cancels it
 
 
+# The operations of a compiled read (FeatureSet._customer_step), and a step:
+# (feature name, operation, state key, second key, window days, µs per unit).
+_COUNT, _SUM, _MEAN, _TREND, _LAST, _SINCE, _TEXT, _TENURE, _OPEN, _HELD, _USAGE_CHANGE = range(11)
+_Step = tuple[str, int, str, str, int, int]
+# A ticket feature: built in (by name), or a set's own count, latest value or text.
+_T_BUILTIN, _T_COUNT, _T_LAST, _T_TEXT = range(4)
+
+
 # --- the set -----------------------------------------------------------------------
 
 
@@ -326,11 +335,18 @@ class FeatureSet:
             for t in self._known_types
             for c in range(len(CHANNEL_NAMES))
         }
-        self._customer_evaluators = tuple(
-            (d.name, self._evaluator(d)) for d in self.definitions if d.entity == "customer"
+        # The reads compiled once: one step per feature, in definition order,
+        # and the windows cut into bands of day offsets (see _window_totals).
+        self._customer_plan = tuple(
+            self._customer_step(d) for d in self.definitions if d.entity == "customer"
         )
-        self._ticket_evaluators = tuple(
-            (d.name, self._ticket_evaluator(d)) for d in self.definitions if d.entity == "ticket"
+        self._ticket_plan = tuple(
+            self._ticket_step(d) for d in self.definitions if d.entity == "ticket"
+        )
+        self._bands = tuple(sorted(self._snapshots))
+        self._band_of = tuple(
+            next(i for i, w in enumerate(self._bands) if offset < w)
+            for offset in range(self._bands[-1] if self._bands else 0)
         )
         self._day_key_cache: dict[int, tuple[str, ...]] = {}
 
@@ -474,100 +490,140 @@ class FeatureSet:
         )
 
     # --- reading -----------------------------------------------------------------
-    def _evaluator(self, d: FeatureDefinition) -> _Evaluator:
-        """How one customer feature is read from a state."""
+    def stored_state(self, d: Mapping[str, Any]) -> StoredState:
+        """The state `CustomerState.to_json` described, as parsed, to read
+        features from without building a `CustomerState` (the read path of
+        live serving: a stored state is read far more often than changed).
+        Raises StateVersionError as `state_from_json` does."""
+        if d.get("version") != self.state_version:
+            raise StateVersionError(
+                f"state version {d.get('version')!r} is not {self.state_version!r}; rebuild it"
+            )
+        return StoredState(
+            d["days"], d["first"], d["times"], d["lasts"], d["products"], d["tickets"], d["texts"]
+        )
+
+    def _customer_step(self, d: FeatureDefinition) -> _Step:
+        """How one customer feature is read from a state: (name, operation,
+        state key, second key, window, time unit)."""
         per = _US_PER_HOUR if d.unit == "hours" else _US_PER_DAY
-        if d.name == "tenure_days" and self._is_special(d):
-            return lambda r: None if r.state.first is None else (r.now - r.state.first) / per
-        if d.name == "open_tickets" and self._is_special(d):
-            return lambda r: float(_open_tickets(r.state))
-        if d.name == "products_held" and self._is_special(d):
-            return lambda r: float(sum(1 for _, how in r.state.products.values() if how == 1))
+        if self._is_special(d):
+            op = {"tenure_days": _TENURE, "open_tickets": _OPEN, "products_held": _HELD}[d.name]
+            return (d.name, op, "", "", 0, per)
         key = self.keys[self._selector_kind(d), _selector(d)]
         window = d.window_days or 0
         if d.name == "usage_change_30d" and d in _BUILTIN_SPECIALS:
-            return lambda r: float(2 * r.windows[30].get(key, 0) - r.windows[60].get(key, 0))
+            return (d.name, _USAGE_CHANGE, key, "", window, per)
         if d.aggregation == "count":
-            return lambda r: float(r.windows[window].get(key, 0))
-        if d.aggregation == "sum":
-            return lambda r: r.windows[window].get("s:" + key, 0) / _NANO
-        if d.aggregation == "mean":
+            return (d.name, _COUNT, key, "", window, per)
+        if d.aggregation in ("sum", "mean", "trend"):
+            op = {"sum": _SUM, "mean": _MEAN, "trend": _TREND}[d.aggregation]
+            return (d.name, op, "n:" + key, "s:" + key, window, per)
+        latest = {"last": _LAST, "time_since": _SINCE, "category": _TEXT}.get(d.aggregation)
+        if latest is None:
+            raise ValueError(f"feature {d.name} has no computation")
+        return (d.name, latest, key, "", window, per)
 
-            def mean(r: _Reading) -> float | None:
-                n = r.windows[window].get("n:" + key, 0)
-                return r.windows[window]["s:" + key] / (n * _NANO) if n else None
-
-            return mean
-        if d.aggregation == "trend":
-            return lambda r: _slope(r, key, window)
-        if d.aggregation == "last":
-
-            def last(r: _Reading) -> float | None:
-                latest = r.state.lasts.get(key)
-                return None if latest is None else latest[1] / _NANO
-
-            return last
-        if d.aggregation == "time_since":
-
-            def since(r: _Reading) -> float | None:
-                t = r.state.times.get(key)
-                return None if t is None else (r.now - t) / per
-
-            return since
-        if d.aggregation == "category":
-
-            def text(r: _Reading) -> str | None:
-                latest = r.state.texts.get(key)
-                return None if latest is None else str(latest[1])
-
-            return text
-        raise ValueError(f"feature {d.name} has no computation")
-
-    def _ticket_evaluator(self, d: FeatureDefinition) -> _TicketEvaluator:
+    def _ticket_step(self, d: FeatureDefinition) -> tuple[str, int, str]:
         if self._is_special(d):
-            name = d.name
-            return lambda ticket, builtin: builtin[name]
+            return (d.name, _T_BUILTIN, d.name)
         key = self.keys[self._selector_kind(d), _selector(d)]
-        if d.aggregation == "count":
-            return lambda ticket, builtin: float(ticket.extra.get(key, 0))
-        if d.aggregation == "last":
+        op = {"count": _T_COUNT, "last": _T_LAST}.get(d.aggregation, _T_TEXT)
+        return (d.name, op, key)
 
-            def last(ticket: _Ticket, builtin: Mapping[str, float | None]) -> float | None:
-                latest = ticket.extra.get(key)
-                return None if latest is None else latest[1] / _NANO
+    def _window_totals(
+        self, days: Mapping[str, Mapping[str, int]], today: int
+    ) -> dict[int, dict[str, int]]:
+        """Per window read, each key's total over the days of that window.
+        Each present bucket is added once, into the band of its day offset
+        (days 0-6, 7-29, ... for windows 7, 30, ...), and the bands are
+        accumulated: no walk over every day of the longest window."""
+        band_of, limit = self._band_of, len(self._band_of)
+        bands: list[dict[str, int]] = [{} for _ in self._bands]
+        for day_key, bucket in days.items():
+            offset = today - int(day_key)
+            if 0 <= offset < limit:
+                band = bands[band_of[offset]]
+                for key, value in bucket.items():
+                    band[key] = band.get(key, 0) + value
+        totals: dict[int, dict[str, int]] = {}
+        running: dict[str, int] = {}
+        for window, band in zip(self._bands, bands, strict=True):
+            for key, value in band.items():
+                running[key] = running.get(key, 0) + value
+            totals[window] = running
+            running = dict(running)
+        return totals
 
-            return last
-
-        def text(ticket: _Ticket, builtin: Mapping[str, float | None]) -> str | None:
-            latest = ticket.extra.get(key)
-            return None if latest is None else str(latest[1])
-
-        return text
-
-    def customer_features(self, state: CustomerState, as_of: datetime) -> FeatureValues:
+    def customer_features(
+        self, state: CustomerState | StoredState, as_of: datetime
+    ) -> FeatureValues:
         """The customer features of `state` read at `as_of`; features without a
         value (and that may be missing) are left out."""
-        today = _day(as_of)
-        reading = _Reading(state, _micros(as_of), today, _window_totals(self, state.days, today))
+        delta = as_of - _EPOCH
+        today = delta.days
+        now = (today * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+        days = state.days
+        windows = self._window_totals(days, today)
         values: FeatureValues = {}
-        for name, evaluate in self._customer_evaluators:
-            value = evaluate(reading)
-            if value is not None:
-                values[name] = value
+        for name, op, key, key2, window, per in self._customer_plan:
+            if op == _COUNT:
+                values[name] = float(windows[window].get(key, 0))
+            elif op == _SINCE:
+                t = state.times.get(key)
+                if t is not None:
+                    values[name] = (now - t) / per
+            elif op == _SUM:
+                values[name] = windows[window].get(key2, 0) / _NANO
+            elif op == _MEAN:
+                totals = windows[window]
+                n = totals.get(key, 0)
+                if n:
+                    values[name] = totals[key2] / (n * _NANO)
+            elif op == _LAST:
+                latest = state.lasts.get(key)
+                if latest is not None:
+                    values[name] = latest[1] / _NANO
+            elif op == _TEXT:
+                text = state.texts.get(key)
+                if text is not None:
+                    values[name] = str(text[1])
+            elif op == _TREND:
+                slope = _slope(days, today, key, key2, window)
+                if slope is not None:
+                    values[name] = slope
+            elif op == _USAGE_CHANGE:
+                values[name] = float(2 * windows[30].get(key, 0) - windows[60].get(key, 0))
+            elif op == _TENURE:
+                if state.first is not None:
+                    values[name] = (now - state.first) / per
+            elif op == _OPEN:
+                values[name] = float(state.open_ticket_count())
+            else:  # _HELD
+                values[name] = float(sum(1 for _, how in state.products.values() if how == 1))
         return values
 
     def ticket_features(
-        self, state: CustomerState, ticket_id: str, as_of: datetime
+        self, state: CustomerState | StoredState, ticket_id: str, as_of: datetime
     ) -> FeatureValues | None:
         """The features of one ticket of the customer read at `as_of`; None when
         no ticket.* interaction of that ticket is in the state."""
-        ticket = state.tickets.get(ticket_id)
+        ticket = state.ticket(ticket_id)
         if ticket is None or not ticket.known:
             return None
-        builtin = _ticket_values(ticket, state, _micros(as_of))
+        builtin = _ticket_values(ticket, state.open_ticket_count(), _micros(as_of))
         values: FeatureValues = {}
-        for name, evaluate in self._ticket_evaluators:
-            value = evaluate(ticket, builtin)
+        for name, op, key in self._ticket_plan:
+            value: float | str | None
+            if op == _T_BUILTIN:
+                value = builtin[key]
+            elif op == _T_COUNT:
+                value = float(ticket.extra.get(key, 0))
+            else:
+                latest = ticket.extra.get(key)
+                if latest is None:
+                    continue
+                value = latest[1] / _NANO if op == _T_LAST else str(latest[1])
             if value is not None:
                 values[name] = value
         return values
@@ -762,6 +818,37 @@ def _max_opt(a: _T | None, b: _T | None) -> _T | None:
     if b is None:
         return a
     return max(a, b)
+
+
+@dataclass(slots=True, frozen=True)
+class StoredState:
+    """A stored live state as parsed from its JSON (`FeatureSet.stored_state`),
+    read as it is: the same fields as a `CustomerState`, tickets left as
+    parsed until one is asked for. Reading features from it gives exactly
+    what reading the `CustomerState` it describes gives."""
+
+    days: Mapping[str, Mapping[str, int]]
+    first: int | None
+    times: Mapping[str, int]
+    lasts: Mapping[str, Sequence[int]]
+    products: Mapping[str, Sequence[int]]
+    tickets: Mapping[str, Mapping[str, Any]]  # ticket id -> `_Ticket.to_json()`
+    texts: Mapping[str, Sequence[Any]]
+
+    def open_ticket_count(self) -> int:
+        return sum(1 for t in self.tickets.values() if _open_status(t["status"]))
+
+    def open_ticket_ids(self) -> list[str]:
+        """The customer's open tickets (opened or reopened, not resolved), sorted."""
+        return sorted(k for k, t in self.tickets.items() if _open_status(t["status"]))
+
+    def ticket(self, ticket_id: str) -> _Ticket | None:
+        raw = self.tickets.get(ticket_id)
+        return None if raw is None else _Ticket.from_json(raw)
+
+
+def _open_status(status: Sequence[int] | None) -> bool:
+    return status is not None and status[1] != _STATUS_RESOLVED
 
 
 @dataclass(slots=True)
@@ -985,6 +1072,12 @@ class CustomerState:
         """The customer's open tickets (opened or reopened, not resolved), sorted."""
         return sorted(k for k, tk in self.tickets.items() if tk.open)
 
+    def open_ticket_count(self) -> int:
+        return sum(1 for ticket in self.tickets.values() if ticket.open)
+
+    def ticket(self, ticket_id: str) -> _Ticket | None:
+        return self.tickets.get(ticket_id)
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable form, sharing this state's dicts (serialise it
         before changing the state); see `FeatureSet.state_from_json`."""
@@ -1060,62 +1153,30 @@ def _keep_latest(
 # --- reading features --------------------------------------------------------------
 
 
-class _Reading(NamedTuple):
-    state: CustomerState
-    now: int  # as_of, µs
-    today: int  # day(as_of)
-    windows: dict[int, dict[str, int]]  # window days -> key -> total
-
-
-def _window_totals(
-    features: FeatureSet, days: Mapping[str, Mapping[str, int]], today: int
-) -> dict[int, dict[str, int]]:
-    running: dict[str, int] = {}
-    totals: dict[int, dict[str, int]] = {}
-    snapshots = features._snapshots
-    for offset, day_key in enumerate(features.day_keys(today)):
-        bucket = days.get(day_key)
-        if bucket:
-            for key, value in bucket.items():
-                running[key] = running.get(key, 0) + value
-        if offset + 1 in snapshots:
-            totals[offset + 1] = dict(running)
-    return totals
-
-
-def _slope(r: _Reading, key: str, window: int) -> float | None:
-    """Least-squares slope per day of the values under `key` (each event one
-    point at its day), exact until the final division."""
-    n_key, s_key = "n:" + key, "s:" + key
+def _slope(
+    days: Mapping[str, Mapping[str, int]], today: int, n_key: str, s_key: str, window: int
+) -> float | None:
+    """Least-squares slope per day of the values under `s_key` (each event
+    one point at its day), exact until the final division."""
     n = sx = sxx = sy = sxy = 0
-    day_keys = r.state.features.day_keys(r.today)
-    for offset in range(window):
-        bucket = r.state.days.get(day_keys[offset])
-        if bucket is None:
-            continue
-        count = bucket.get(n_key, 0)
-        if count:
-            total = bucket[s_key]
-            n += count
-            sx -= count * offset
-            sxx += count * offset * offset
-            sy += total
-            sxy -= offset * total
+    for day_key, bucket in days.items():
+        offset = today - int(day_key)
+        if 0 <= offset < window:
+            count = bucket.get(n_key, 0)
+            if count:
+                total = bucket[s_key]
+                n += count
+                sx -= count * offset
+                sxx += count * offset * offset
+                sy += total
+                sxy -= offset * total
     denominator = n * sxx - sx * sx
     if denominator == 0:
         return None
     return (n * sxy - sx * sy) / (denominator * _NANO)
 
 
-def _open_tickets(state: CustomerState) -> int:
-    return sum(1 for ticket in state.tickets.values() if ticket.open)
-
-
-_Evaluator = Callable[[_Reading], float | str | None]
-_TicketEvaluator = Callable[["_Ticket", Mapping[str, float | None]], float | str | None]
-
-
-def _ticket_values(ticket: _Ticket, state: CustomerState, now: int) -> dict[str, float | None]:
+def _ticket_values(ticket: _Ticket, open_tickets: int, now: int) -> dict[str, float | None]:
     """Every built-in ticket feature read from the fixed sub-state by name, None where it has no value."""
     opened = ticket.opened
     sla_left = None
@@ -1135,7 +1196,7 @@ def _ticket_values(ticket: _Ticket, state: CustomerState, now: int) -> dict[str,
         "ticket_sla_breaches": float(counts[_BREACHED]),
         "ticket_last_sentiment": None if ticket.sentiment is None else ticket.sentiment[1],
         "ticket_sla_hours_left": sla_left,
-        "ticket_customer_open_tickets": float(_open_tickets(state)),
+        "ticket_customer_open_tickets": float(open_tickets),
     }
 
 
