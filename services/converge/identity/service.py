@@ -39,6 +39,7 @@ from converge.identity.identifiers import IdentifierKind, NormalizedIdentifier
 from converge.identity.settings import IdentitySettings, SurvivorPolicy
 from converge.identity.store import (
     EVENT_FORGOTTEN,
+    FreshCustomer,
     IdentityStore,
     IdentityTransaction,
     RetryableConflict,
@@ -60,6 +61,9 @@ logger = logging.getLogger(__name__)
 MAX_ATTEMPTS = 8
 # Rows of a bulk resolve handled per transaction.
 BULK_BATCH = 500
+# While a batch is written, the next one's reading lets the write go on
+# every this many rows (a few milliseconds of checks).
+BULK_STEP_ASIDE = 25
 
 
 def _fingerprint_mismatch(field: str = "idempotency_key") -> InvalidArgument:
@@ -334,13 +338,18 @@ class IdentityService:
 
         # A batch is written while the next one is read and checked, so the
         # database's work and this process's overlap; batches are still
-        # written one at a time, in stream order.
+        # written one at a time, in stream order. Reading a message's rows
+        # never waits on anything, so it would hold the event loop for the
+        # whole message while each of the write's statements, answered long
+        # since, waited for it: the reading steps aside every few rows.
         writing: asyncio.Future[None] | None = None
         batch: list[tuple[str, BulkRow]] = []
         refused: list[tuple[str, str, str]] = []
         try:
             async for row_ref, row in rows:
                 summary.received += 1
+                if summary.received % BULK_STEP_ASIDE == 0 and writing is not None:
+                    await asyncio.sleep(0)
                 if isinstance(row, InvalidArgument):
                     refused.append((row_ref, violated_field(row), row.message))
                     continue
@@ -474,50 +483,44 @@ class IdentityService:
             and all(owner_row[x] == i for x in row.identifiers)
             and (row.idempotency is None or key_uses[row.idempotency.key] == 1)
         ]
+        # The merge protection a new customer meets one by one: a row it
+        # refuses goes there, to be refused with the reason.
+        candidates = [i for i in candidates if self._unique_kinds_hold(rows[i].identifiers)]
         if len(candidates) < 2:
             return set()
+        fresh: list[FreshCustomer] = []
+        for i in candidates:
+            row = rows[i]
+            customer_id = uuid.uuid4()
+            key = row.idempotency
+            fresh.append(
+                FreshCustomer(
+                    customer_id,
+                    sorted(set(row.identifiers)),
+                    {**row.profile, **(row.upsert or {})},
+                    row.effective_at,
+                    None if key is None else key.key,
+                    None if key is None else key.fingerprint,
+                    None
+                    if key is None
+                    else _resolve_result(str(customer_id), True, [], row.identifiers),
+                )
+            )
+        actors = {rows[i].actor.name for i in candidates}
         try:
             async with self.store.transaction() as tx:
-                known = await tx.find_roots([x for i in candidates for x in rows[i].identifiers])
-                candidates = [
-                    i for i in candidates if not any(x in known for x in rows[i].identifiers)
-                ]
-                keys = {i: key for i in candidates if (key := rows[i].idempotency) is not None}
-                claimed = await tx.claim_idempotency_keys(
-                    "Resolve",
-                    [k.key for k in keys.values()],
-                    [k.fingerprint for k in keys.values()],
+                # Rows with a known identifier, or whose key another request
+                # holds (a re-run it replays), are left to one by one.
+                created = await tx.insert_fresh_customers(
+                    fresh, actors.pop() if len(actors) == 1 else "bulk"
                 )
-                # A key used before means a re-run: the one-by-one path replays it.
-                candidates = [i for i in candidates if i not in keys or keys[i].key in claimed]
-                for i in candidates:
-                    self._check_unique_kinds({"new": list(rows[i].identifiers)})
-                created = [
-                    (
-                        str(uuid.uuid4()),
-                        sorted(set(rows[i].identifiers)),
-                        {**rows[i].profile, **(rows[i].upsert or {})},
-                        rows[i].effective_at,
-                    )
-                    for i in candidates
-                ]
-                actors = {rows[i].actor.name for i in candidates}
-                await tx.insert_new_customers(created, actors.pop() if len(actors) == 1 else "bulk")
-                saved = [
-                    (keys[i].key, _resolve_result(customer_id, True, [], rows[i].identifiers))
-                    for i, (customer_id, _, _, _) in zip(candidates, created, strict=True)
-                    if i in keys
-                ]
-                await tx.save_idempotency_results(
-                    "Resolve", [key for key, _ in saved], [result for _, result in saved]
-                )
-        except (RetryableConflict, FailedPrecondition):
-            return set()  # raced with another writer, or a row is refused: one by one
+        except RetryableConflict:
+            return set()  # raced with another writer: one by one
         except Exception as error:
             if translate(error) is not None:
                 raise
             return set()  # a row the database refuses: one by one finds which
-        return set(candidates)
+        return {candidates[position] for position in created}
 
     async def _update_known_rows(self, rows: Sequence[BulkRow], pending: Sequence[int]) -> set[int]:
         """Resolves, in one transaction, the pending rows all of whose
@@ -573,6 +576,7 @@ class IdentityService:
                     "Resolve",
                     [k.key for k in keys.values()],
                     [k.fingerprint for k in keys.values()],
+                    [_resolve_result(chosen[i], False, [], []) for i in keys],
                 )
                 if len(claimed) != len(keys):
                     raise RetryableConflict()  # a concurrent request took a key
@@ -581,11 +585,6 @@ class IdentityService:
                         (root, rows[i].upsert or {}, rows[i].effective_at, rows[i].actor.name)
                         for i, root in sorted(chosen.items())
                     ]
-                )
-                await tx.save_idempotency_results(
-                    "Resolve",
-                    [key.key for key in keys.values()],
-                    [_resolve_result(chosen[i], False, [], []) for i in keys],
                 )
         except (RetryableConflict, FailedPrecondition):
             return set()  # raced with another writer: one by one
@@ -676,6 +675,17 @@ class IdentityService:
             ordered[0] if self.settings.merge_survivor is SurvivorPolicy.OLDEST else ordered[-1]
         )
         return chosen.customer_id
+
+    def _unique_kinds_hold(self, identifiers: Sequence[NormalizedIdentifier]) -> bool:
+        """Whether one new customer with these identifiers passes the merge
+        protection (`_check_unique_kinds` without the error)."""
+        seen: dict[tuple[IdentifierKind, str], str] = {}
+        for identifier in identifiers:
+            if identifier.kind in self.unique_kinds:
+                value = seen.setdefault((identifier.kind, identifier.source), identifier.value)
+                if value != identifier.value:
+                    return False
+        return True
 
     def _check_unique_kinds(self, groups: dict[str, list[NormalizedIdentifier]]) -> None:
         """Merge protection: no customer may end up with two values of a unique kind."""

@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg
+import orjson
 
 from converge.identity.domain import (
     AttachedIdentifier,
@@ -302,17 +304,53 @@ INSERT INTO erasures (erasure_id, actor, reason, customers, services, complete)
 VALUES ($1, $2, $3, $4, $5, $6)
 """
 
-# Bulk creation of customers none of whose identifiers is known yet: one
-# statement per table for a whole batch instead of one transaction per row.
-BULK_INSERT_CUSTOMERS = """
-INSERT INTO customers (customer_id, profile)
-SELECT * FROM unnest($1::uuid[], $2::jsonb[])
-"""
-
-BULK_INSERT_IDENTIFIERS = """
-INSERT INTO identifiers (kind, source, value, customer_id)
-SELECT * FROM unnest($1::smallint[], $2::text[], $3::text[], $4::uuid[])
-ON CONFLICT (kind, source, value) DO NOTHING
+# Bulk creation of customers none of whose identifiers is known yet, in one
+# statement for a whole batch: the rows with a known identifier are left out,
+# each key is claimed with its result at once (a key another request holds
+# leaves its row out too), then the customers, their identifiers, their first
+# profile change and their CREATED events are written; history and events in
+# the rows' order (change_id and event_id keep it). One round trip instead of
+# nine, and no second write of each key to save its result. The caller checks
+# `attached` against `expected` (an identifier a concurrent writer took) and
+# rolls back when they differ.
+INSERT_FRESH_CUSTOMERS = """
+WITH input AS (
+    SELECT * FROM unnest($1::uuid[], $2::jsonb[], $3::text[], $4::timestamptz[], $5::text[],
+                         $6::bytea[], $7::jsonb[])
+        WITH ORDINALITY AS q(customer_id, profile, fields, effective_at, key, fingerprint, result, n)
+), identifier AS (
+    SELECT * FROM unnest($8::smallint[], $9::text[], $10::text[], $11::uuid[])
+        AS q(kind, source, value, customer_id)
+), unknown AS (
+    SELECT input.* FROM input
+    WHERE NOT EXISTS (SELECT FROM identifier x JOIN identifiers i USING (kind, source, value)
+                      WHERE x.customer_id = input.customer_id)
+), claimed AS (
+    INSERT INTO idempotency_keys (method, key, fingerprint, result)
+    SELECT 'Resolve', key, fingerprint, result FROM unknown WHERE key IS NOT NULL
+    ON CONFLICT (method, key) DO NOTHING
+    RETURNING key
+), fresh AS (
+    SELECT * FROM unknown WHERE key IS NULL OR key IN (SELECT key FROM claimed)
+), new_customers AS (
+    INSERT INTO customers (customer_id, profile) SELECT customer_id, profile FROM fresh
+    RETURNING customer_id
+), new_identifiers AS (
+    INSERT INTO identifiers (kind, source, value, customer_id)
+    SELECT x.kind, x.source, x.value, x.customer_id FROM identifier x JOIN fresh USING (customer_id)
+    ON CONFLICT (kind, source, value) DO NOTHING
+    RETURNING customer_id
+), history AS (
+    INSERT INTO profile_updates (customer_id, fields, effective_at, actor)
+    SELECT customer_id, fields::jsonb, coalesce(effective_at, now()), $12 FROM fresh
+    WHERE fields IS NOT NULL ORDER BY n
+), events AS (
+    INSERT INTO identity_events (event_type, customer_id)
+    SELECT $13, customer_id FROM fresh ORDER BY n
+)
+SELECT ARRAY(SELECT customer_id FROM new_customers) AS created,
+       (SELECT count(*) FROM new_identifiers) AS attached,
+       (SELECT count(*) FROM identifier JOIN fresh USING (customer_id)) AS expected
 """
 
 # Events in the order given (followers read them in event_id order).
@@ -321,17 +359,14 @@ INSERT INTO identity_events (event_type, customer_id)
 SELECT $1, customer_id FROM unnest($2::uuid[]) WITH ORDINALITY AS q(customer_id, n) ORDER BY n
 """
 
+# A key is claimed with its result: the set-based paths know each row's
+# result before they write it, and a claim that fails rolls them back.
 BULK_CLAIM_IDEMPOTENCY_KEYS = """
-INSERT INTO idempotency_keys (method, key, fingerprint)
-SELECT $1, key, fingerprint FROM unnest($2::text[], $3::bytea[]) AS q(key, fingerprint)
+INSERT INTO idempotency_keys (method, key, fingerprint, result)
+SELECT $1, key, fingerprint, result FROM unnest($2::text[], $3::bytea[], $4::jsonb[])
+    AS q(key, fingerprint, result)
 ON CONFLICT (method, key) DO NOTHING
 RETURNING key
-"""
-
-BULK_SAVE_IDEMPOTENCY_RESULTS = """
-UPDATE idempotency_keys k SET result = q.result
-FROM unnest($2::text[], $3::jsonb[]) AS q(key, result)
-WHERE k.method = $1 AND k.key = q.key
 """
 
 # Saved results of keys, for answering a batch's re-sent rows in one read.
@@ -370,6 +405,21 @@ TRANSACTION_TIME = "SELECT now()"
 PROFILE_UPDATE_COLUMNS = ("customer_id", "fields", "effective_at", "actor")
 
 NIL_UUID = uuid.UUID(int=0)
+
+
+@dataclass(frozen=True)
+class FreshCustomer:
+    """A customer `insert_fresh_customers` creates: its new id, identifiers
+    and first profile (effective at `effective_at`, else now), and the
+    idempotency key (with its request's fingerprint and result) it claims."""
+
+    customer_id: uuid.UUID
+    identifiers: Sequence[NormalizedIdentifier]
+    profile: ProfileFields
+    effective_at: datetime | None
+    key: str | None
+    fingerprint: bytes | None
+    result: dict[str, Any] | None
 
 
 class RetryableConflict(Exception):
@@ -545,16 +595,19 @@ class IdentityTransaction:
 
     # --- bulk ------------------------------------------------------------------
     async def claim_idempotency_keys(
-        self, method: str, keys: Sequence[str], fingerprints: Sequence[bytes]
+        self,
+        method: str,
+        keys: Sequence[str],
+        fingerprints: Sequence[bytes],
+        results: Sequence[dict[str, Any]],
     ) -> set[str]:
-        """Claims the keys not used before; returns those claimed."""
-        rows = await self.connection.fetch(BULK_CLAIM_IDEMPOTENCY_KEYS, method, keys, fingerprints)
+        """Claims the keys not used before, each with its request's result
+        (saved at once: the caller writes the effect in the same
+        transaction); returns those claimed."""
+        rows = await self.connection.fetch(
+            BULK_CLAIM_IDEMPOTENCY_KEYS, method, keys, fingerprints, results
+        )
         return {r["key"] for r in rows}
-
-    async def save_idempotency_results(
-        self, method: str, keys: Sequence[str], results: Sequence[dict[str, Any]]
-    ) -> None:
-        await self.connection.execute(BULK_SAVE_IDEMPOTENCY_RESULTS, method, keys, results)
 
     async def saved_results(
         self, method: str, keys: Sequence[str]
@@ -619,33 +672,43 @@ class IdentityTransaction:
         )
         self._announced.update(str(c) for c, _, _, _ in written)
 
-    async def insert_new_customers(
-        self,
-        customers: Sequence[
-            tuple[str, Sequence[NormalizedIdentifier], ProfileFields, datetime | None]
-        ],
-        actor: str,
-    ) -> None:
-        """Creates customers with their identifiers and profiles (effective at
-        the time given, else now) in a few statements, the history by COPY.
+    async def insert_fresh_customers(
+        self, customers: Sequence[FreshCustomer], actor: str
+    ) -> list[int]:
+        """Creates the customers none of whose identifiers is known and whose
+        idempotency key (if any) no other request holds, with their
+        identifiers, first profile change (effective at the time given, else
+        the transaction's) and saved result, in one statement; returns the
+        positions of those created, in order.
 
-        Raises RetryableConflict when a concurrent writer took an identifier.
-        """
-        ids = [uuid.UUID(customer_id) for customer_id, _, _, _ in customers]
-        profiles = [dict(profile) for _, _, profile, _ in customers]
-        effective = [at for _, _, _, at in customers]
-        await self.connection.execute(BULK_INSERT_CUSTOMERS, ids, profiles)
-        owners = [cid for cid, (_, found, _, _) in zip(ids, customers, strict=True) for _ in found]
-        flat = [identifier for _, found, _, _ in customers for identifier in found]
-        status = await self.connection.execute(
-            BULK_INSERT_IDENTIFIERS, *_identifier_arrays(flat), owners
+        Raises RetryableConflict when a concurrent writer took an identifier
+        (the transaction must then end)."""
+        ids = [customer.customer_id for customer in customers]
+        owners = [c.customer_id for c in customers for _ in c.identifiers]
+        flat = [identifier for c in customers for identifier in c.identifiers]
+        row = await self._fetch_one(
+            INSERT_FRESH_CUSTOMERS,
+            ids,
+            [c.profile for c in customers],
+            # (As JSON text: asyncpg would take a list inside an array
+            # parameter for one more dimension of the array.)
+            [
+                orjson.dumps(list(c.profile.items())).decode() if c.profile else None
+                for c in customers
+            ],
+            [c.effective_at for c in customers],
+            [c.key for c in customers],
+            [c.fingerprint for c in customers],
+            [c.result for c in customers],
+            *_identifier_arrays(flat),
+            owners,
+            actor,
+            EVENT_CREATED,
         )
-        if _row_count(status) != len(flat):
+        if row["attached"] != row["expected"]:
             raise RetryableConflict()
-        await self.copy_profile_changes(
-            [(c, p, at, actor) for c, p, at in zip(ids, profiles, effective, strict=True)]
-        )
-        await self.connection.execute(BULK_INSERT_EVENTS, EVENT_CREATED, ids)
+        position = {customer_id: i for i, customer_id in enumerate(ids)}
+        return sorted(position[customer_id] for customer_id in row["created"])
 
     # --- customers and identifiers ------------------------------------------
     async def insert_customer(self, customer_id: str) -> None:
