@@ -27,6 +27,7 @@ from converge.features.engine import (
     FeatureSet,
     FeatureValues,
     StateVersionError,
+    StoredState,
 )
 from converge.interactions.change_feed import ChangeFeed, Position, type_filter
 from converge.interactions.identity_link import IdentifierRef, IdentityLink
@@ -34,6 +35,7 @@ from converge.interactions.settings import InteractionsSettings
 from converge.interactions.store import (
     EventsOf,
     InteractionsStore,
+    LiveRead,
     StoredAs,
     StoredInteraction,
     StoredType,
@@ -612,20 +614,7 @@ class InteractionsService:
     ) -> list[uuid.UUID | None]:
         """The surviving customer of each reference, in two round trips for any
         number of them; None for an identifier nobody has."""
-        ids: list[uuid.UUID | None] = [customer_id for customer_id, _ in refs]
-        by_identifier = [(i, ref) for i, (cid, ref) in enumerate(refs) if cid is None and ref]
-        if by_identifier:
-            resolved = await self.identity.owners_of(
-                [ref for _, ref in by_identifier], create=False
-            )
-            for (index, _), (owner, _, error) in zip(by_identifier, resolved, strict=True):
-                if error is not None and not isinstance(error, NotFound):
-                    raise error
-                ids[index] = owner
-        given = [customer_id for customer_id, _ in refs if customer_id is not None]
-        if given and self.identity.checks_customers:  # (never issued, or erased)
-            missing = await self.identity.missing_customers(given)
-            ids = [None if i in missing else i for i in ids]
+        ids = await self._customer_ids(refs)
         known = [i for i in ids if i is not None]
         if not known:
             return [None] * len(ids)
@@ -659,22 +648,6 @@ class InteractionsService:
         order, each with its position; with `follow`, new ones as they come."""
         return self.changes.rows_after(cursor, type_filter(types), follow)
 
-    async def live_states(
-        self, roots: Sequence[uuid.UUID]
-    ) -> dict[uuid.UUID, CustomerState | None]:
-        """The live feature state of each customer, merged customers folded in;
-        None for a customer with no interactions at all."""
-        members = await self.store.members(list(set(roots)))
-        raw = await self.store.states([m for ms in members.values() for m in ms])
-        result: dict[uuid.UUID, CustomerState | None] = {}
-        for root in roots:
-            states = [await self._state(m, raw[m]) for m in members.get(root, [root]) if m in raw]
-            merged = reduce(lambda a, b: a.merge(b), states) if states else None
-            if merged is not None and len(states) > 1:
-                merged.tidy(datetime.now(UTC))  # (each member's state is bounded, not their sum)
-            result[root] = merged
-        return result
-
     async def _state(self, customer: uuid.UUID, kept: dict[str, Any]) -> CustomerState:
         try:
             return self.feature_set.state_from_json(kept)
@@ -682,25 +655,53 @@ class InteractionsService:
             rows = await self.store.events_before([customer], datetime.max.replace(tzinfo=UTC))
             return self.feature_set.build_state(event_of(r) for r in rows)
 
-    async def live_features(
+    async def features(
         self,
-        roots: Sequence[uuid.UUID],
+        refs: Sequence[tuple[uuid.UUID | None, IdentifierRef | None]],
         ticket_ids: Sequence[str],
         include_open_tickets: bool,
-    ) -> tuple[datetime, list[FeatureValues], list[tuple[uuid.UUID, str, FeatureValues | None]]]:
+    ) -> tuple[
+        datetime,
+        list[tuple[uuid.UUID | None, FeatureValues | None]],
+        list[tuple[uuid.UUID, str, FeatureValues | None]],
+    ]:
+        """Live features of each referenced customer ((None, None) for one not
+        found) and of the tickets, as of one time. Everything is read in one
+        statement (two with tickets); a customer's stored state is read as
+        parsed, a merged customer's states are merged first."""
+        ids = await self._customer_ids(refs)
+        reads = await self.store.live_reads([i for i in ids if i is not None], ticket_ids)
         now = datetime.now(UTC)
         features = self.feature_set
-        ticket_owners = await self._ticket_owners(ticket_ids)
-        states = await self.live_states([*roots, *ticket_owners.values()])
-        customers = [
-            features.customer_features(states[r] or features.new_state(), now) for r in roots
-        ]
+        states: dict[uuid.UUID, CustomerState | StoredState | None] = {}
+
+        async def state_of(root: uuid.UUID, read: LiveRead) -> CustomerState | StoredState | None:
+            if root not in states:
+                states[root] = await self._live_state(root, read.states)
+            return states[root]
+
+        customers: list[tuple[uuid.UUID | None, FeatureValues | None]] = []
+        roots: list[uuid.UUID] = []
+        for customer_id in ids:
+            read = reads.customers.get(customer_id) if customer_id is not None else None
+            if read is None or read.erased:
+                customers.append((None, None))
+                continue
+            state = await state_of(read.root, read)
+            roots.append(read.root)
+            customers.append(
+                (read.root, features.customer_features(state or features.new_state(), now))
+            )
         tickets: list[tuple[uuid.UUID, str, FeatureValues | None]] = []
         for ticket_id in ticket_ids:
-            owner = ticket_owners.get(ticket_id)
-            state = states.get(owner) if owner else None
-            values = features.ticket_features(state, ticket_id, now) if state and owner else None
-            tickets.append((owner or uuid.UUID(int=0), ticket_id, values))
+            owner = reads.ticket_owners.get(ticket_id)
+            read = reads.customers.get(owner) if owner is not None else None
+            if read is None:
+                tickets.append((uuid.UUID(int=0), ticket_id, None))
+                continue
+            state = await state_of(read.root, read)
+            values = features.ticket_features(state, ticket_id, now) if state else None
+            tickets.append((read.root, ticket_id, values))
         if include_open_tickets:
             seen = set(ticket_ids)
             for root in roots:
@@ -714,33 +715,46 @@ class InteractionsService:
                         )
         return now, customers, tickets
 
-    async def features(
-        self,
-        refs: Sequence[tuple[uuid.UUID | None, IdentifierRef | None]],
-        ticket_ids: Sequence[str],
-        include_open_tickets: bool,
-    ) -> tuple[
-        datetime,
-        list[tuple[uuid.UUID | None, FeatureValues | None]],
-        list[tuple[uuid.UUID, str, FeatureValues | None]],
-    ]:
-        """Live features of each referenced customer ((None, None) for one not
-        found) and of the tickets, as of one time."""
-        resolved = await self.roots_of_refs(refs)
-        roots = [root or uuid.UUID(int=0) for root in resolved]
-        as_of, values, tickets = await self.live_features(roots, ticket_ids, include_open_tickets)
-        customers: list[tuple[uuid.UUID | None, FeatureValues | None]] = [
-            (root, found) if root is not None else (None, None)
-            for root, found in zip(resolved, values, strict=True)
-        ]
-        return as_of, customers, tickets
+    async def _customer_ids(
+        self, refs: Sequence[tuple[uuid.UUID | None, IdentifierRef | None]]
+    ) -> list[uuid.UUID | None]:
+        """The customer each reference names (identifiers resolved, never
+        created); None for an identifier nobody has or an id identity never
+        issued. Erasures and merges are left to the store's reads."""
+        ids: list[uuid.UUID | None] = [customer_id for customer_id, _ in refs]
+        by_identifier = [(i, ref) for i, (cid, ref) in enumerate(refs) if cid is None and ref]
+        if by_identifier:
+            resolved = await self.identity.owners_of(
+                [ref for _, ref in by_identifier], create=False
+            )
+            for (index, _), (owner, _, error) in zip(by_identifier, resolved, strict=True):
+                if error is not None and not isinstance(error, NotFound):
+                    raise error
+                ids[index] = owner
+        given = [customer_id for customer_id, _ in refs if customer_id is not None]
+        if given and self.identity.checks_customers:  # (never issued, or erased)
+            missing = await self.identity.missing_customers(given)
+            ids = [None if i in missing else i for i in ids]
+        return ids
 
-    async def _ticket_owners(self, ticket_ids: Sequence[str]) -> dict[str, uuid.UUID]:
-        if not ticket_ids:
-            return {}
-        owners = await self.store.ticket_owners(ticket_ids)
-        roots = await self.store.roots(list(set(owners.values())))
-        return {t: roots.get(c, c) for t, c in owners.items()}
+    async def _live_state(
+        self, root: uuid.UUID, kept: dict[uuid.UUID, dict[str, Any]]
+    ) -> CustomerState | StoredState | None:
+        """The live state of a customer from its members' kept states: one
+        state read as stored; several (a merged customer) merged; None for a
+        customer with no interactions at all."""
+        if len(kept) == 1:
+            [(member, only)] = kept.items()
+            try:
+                return self.feature_set.stored_state(only)
+            except StateVersionError:
+                return await self._state(member, only)
+        states = [await self._state(m, state) for m, state in kept.items()]
+        if not states:
+            return None
+        merged = reduce(lambda a, b: a.merge(b), states)
+        merged.tidy(datetime.now(UTC))  # (each member's state is bounded, not their sum)
+        return merged
 
     async def point_in_time(
         self, queries: Sequence[tuple[uuid.UUID, datetime, str]], as_recorded: bool

@@ -131,6 +131,32 @@ SELECT_STATES = (
     "SELECT customer_id, state, xmin FROM customer_state WHERE customer_id = ANY($1::uuid[])"
 )
 
+# What GetFeatures reads, in one statement (a round trip, and a pool release
+# that resets the connection, cost more than the reading): for each customer
+# asked, whether it is erased, the customer it was merged into (ROOTS), and
+# the kept state of that root and of every customer merged into it (MEMBERS),
+# one row per (customer asked, member); a member without a state gives a null.
+LIVE_READS = """
+WITH RECURSIVE up AS (
+    SELECT c AS start, c AS cur, 0 AS depth FROM unnest($1::uuid[]) AS c
+    UNION ALL
+    SELECT up.start, l.surviving_customer_id, up.depth + 1
+    FROM up JOIN customer_links l ON l.merged_customer_id = up.cur WHERE up.depth < 64
+),
+rooted AS (SELECT DISTINCT ON (start) start, cur AS root FROM up ORDER BY start, depth DESC),
+members AS (
+    SELECT root, root AS member FROM (SELECT DISTINCT root FROM rooted) AS r
+    UNION ALL
+    SELECT m.root, l.merged_customer_id FROM members m
+    JOIN customer_links l ON l.surviving_customer_id = m.member
+)
+SELECT r.start, r.root, e.customer_id IS NOT NULL AS erased, m.member, s.state
+FROM rooted r
+JOIN members m ON m.root = r.root
+LEFT JOIN erased_customers e ON e.customer_id = r.start
+LEFT JOIN customer_state s ON s.customer_id = m.member
+"""
+
 TIMELINE = """
 SELECT * FROM interactions
 WHERE customer_id = ANY($1::uuid[])
@@ -322,6 +348,27 @@ class SyncStatus:
     cursor: str
     last_event_at: datetime | None
     applied_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class LiveRead:
+    """What live features read of one customer: whether it is erased, the
+    customer it was merged into (itself when none), and the kept states (as
+    parsed) of that root and of the customers merged into it, by customer."""
+
+    root: uuid.UUID
+    erased: bool
+    states: dict[uuid.UUID, dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class LiveReads:
+    """`LiveRead`s by customer asked for (the tickets' owners included), and
+    the customer each ticket asked for was first recorded for (a ticket
+    nobody has: absent)."""
+
+    customers: dict[uuid.UUID, LiveRead]
+    ticket_owners: dict[str, uuid.UUID]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -767,6 +814,30 @@ class InteractionsStore:
         for row in rows:
             found.setdefault(row["root"], []).append(row["member"])
         return found
+
+    async def live_reads(
+        self, customer_ids: Sequence[uuid.UUID], ticket_ids: Sequence[str] = ()
+    ) -> LiveReads:
+        """What live features read of `customer_ids` and of the tickets'
+        owners, on one connection: one statement (two with tickets)."""
+        async with self.pool.acquire() as connection:
+            owners: dict[str, uuid.UUID] = {}
+            if ticket_ids:
+                rows = await connection.fetch(TICKET_OWNERS, list(ticket_ids))
+                owners = {r["ticket_id"]: r["customer_id"] for r in rows}
+            rows = await connection.fetch(LIVE_READS, list({*customer_ids, *owners.values()}))
+        parsed: dict[uuid.UUID, dict[str, Any]] = {}  # (a member's state parsed once)
+        reads: dict[uuid.UUID, LiveRead] = {}
+        for start, root, erased, member, raw in rows:
+            read = reads.get(start)
+            if read is None:
+                read = reads[start] = LiveRead(root, erased, {})
+            if raw is not None:
+                state = parsed.get(member)
+                if state is None:
+                    state = parsed[member] = orjson.loads(raw)
+                read.states[member] = state
+        return LiveReads(reads, owners)
 
     async def states(self, customer_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, dict[str, Any]]:
         async with self.pool.acquire() as connection:
