@@ -1,0 +1,80 @@
+"""The scoring service's object graph, built in one place: settings -> feature
+source (interactions, identity) and model slots (the MLflow registry) ->
+service -> servicer, with health (SERVING once the registry was read, so
+every prediction has its champion or its fallback decided) and shutdown
+hooks; and `SPEC`, what the shared runtime runs (`python -m
+converge.scoring`, the tests)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from importlib.resources import files
+
+import grpc
+
+from converge.models.registry import tracking_uri_default
+from converge.runtime.server import ServiceContext, ServiceSpec
+from converge.scoring.features import FeatureSource
+from converge.scoring.models import ModelSlots, RegistrySource, ServingModel, check_version
+from converge.scoring.service import ScoringService
+from converge.scoring.servicer import ScoringServicer
+from converge.scoring.settings import ScoringSettings
+from converge.v1 import scoring_pb2, scoring_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+
+def replica_name() -> str:
+    """The pod's name in a cluster (HOSTNAME), the host's name elsewhere."""
+    return os.environ.get("HOSTNAME") or socket.gethostname()
+
+
+async def register(server: grpc.aio.Server, context: ServiceContext) -> list[str]:
+    settings = context.settings
+    assert isinstance(settings, ScoringSettings)
+    features = FeatureSource(
+        settings.interactions_address,
+        settings.identity_address,
+        timeout_s=settings.features_timeout_s,
+        max_batch=settings.coalesce_max_batch,
+        max_in_flight=settings.coalesce_max_in_flight,
+    )
+    context.on_shutdown(features.close)
+    try:
+        catalogue = await features.catalogue()
+        logger.info("interactions serves feature set %s", catalogue.version)
+    except Exception as error:  # (checked again at each load; scoring starts anyway)
+        logger.warning("interactions unreachable at start, versions load unchecked: %s", error)
+
+    def check(model: ServingModel) -> None:
+        # Against the feature set interactions serves, once it is known.
+        known = features.known_catalogue
+        check_version(
+            model,
+            known.features if known is not None else None,
+            known.version if known is not None else None,
+        )
+
+    tracking_uri = settings.tracking_uri or tracking_uri_default(settings.data_dir)
+    source = RegistrySource(tracking_uri, settings.lightgbm_threads)
+    slots = ModelSlots(source, check, poll_interval_s=settings.model_poll_interval_s)
+    await slots.start()
+    context.on_shutdown(slots.close)
+    context.add_health_check("model registry read", lambda: slots.ready)
+    service = ScoringService(
+        features,
+        slots,
+        context.executor,
+        max_batch=settings.coalesce_max_batch,
+        max_in_flight=settings.coalesce_max_in_flight,
+        replica=replica_name(),
+    )
+    scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringServicer(service), server)
+    return [scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name]
+
+
+SPEC = ServiceSpec(
+    name="scoring", migrations=files("converge.scoring") / "migrations", register=register
+)

@@ -1,0 +1,449 @@
+"""The scoring rules, in plain Python types (no gRPC here).
+
+Score: resolve the features (the customer, the ticket for escalation, the
+candidates for cross-sell) -> apply the caller's context features (they
+replace or fill live ones; a name the served feature set lacks is refused,
+naming it) -> one input row per prediction with `InputSchema.vector`, the
+transform training uses -> the champion's calibrated probability and
+per-input contributions -> the risk band from the version's thresholds ->
+reasons. Predictions come in order: churn, escalation, then cross-sell per
+candidate in request order. Before any version serves, the rule fallback
+(`converge.models.fallback`) answers and says so.
+
+Rows of concurrent calls go to their model in one predict call
+(`batching.Coalescer` per loaded version), in the executor: the event loop
+never waits on LightGBM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TypeVar
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+
+from converge.models import fallback
+from converge.models.fallback import Reason
+from converge.models.predictions import PREDICTIONS, Prediction
+from converge.runtime.errors import (
+    ConvergeError,
+    FieldViolation,
+    InvalidArgument,
+    Unavailable,
+    Violations,
+)
+from converge.runtime.executor import CpuExecutor
+from converge.scoring.batching import Coalescer
+from converge.scoring.features import CustomerKey, FeatureSource, FeatureValue, LiveFeatures
+from converge.scoring.models import (
+    DEFAULT_THRESHOLDS,
+    ModelRef,
+    ModelSlots,
+    ReloadOutcome,
+    Serving,
+    ServingModel,
+    Slot,
+)
+from converge.scoring.reasons import explain, reason_count
+
+FloatMatrix = npt.NDArray[np.float64]
+MAX_CANDIDATES = 100
+# Items of one ScoreBatch stream scored at once: enough for their rows to
+# share reads and predicts, few enough that the stream is read no faster
+# than it is scored.
+BATCH_WINDOW = 32
+
+
+@dataclass(frozen=True)
+class ScoreQuery:
+    """One Score request, checked for shape by the servicer's conversion."""
+
+    customer: CustomerKey
+    predictions: tuple[Prediction, ...] = ()  # empty: every one the fields allow
+    ticket_id: str = ""
+    candidate_product_ids: tuple[str, ...] = ()
+    context_features: Mapping[str, float] = field(default_factory=dict)
+    max_reasons: int = 0
+    omit_reasons: bool = False
+    include_shadow: bool = False
+    timeout_s: float = math.inf  # the caller's time left
+
+
+@dataclass(frozen=True)
+class ShadowScore:
+    model: ModelRef
+    probability: float
+    band: str
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One prediction of a Score answer."""
+
+    prediction: Prediction
+    ticket_id: str
+    product_id: str
+    probability: float
+    band: str  # "low", "medium", "high", "critical"
+    model: ModelRef
+    reasons: tuple[Reason, ...]
+    fallback_reason: str  # empty when a model answered
+    shadow: ShadowScore | None = None
+    # The row the model read (None for the rules): what training would have
+    # built for the same entity at the same moment.
+    inputs: FloatMatrix | None = None
+
+    @property
+    def fallback_used(self) -> bool:
+        return bool(self.fallback_reason)
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    customer_id: str
+    predictions: tuple[Scored, ...]
+    features: LiveFeatures  # after the context features were applied
+    score_id: str
+    scored_at: datetime
+
+
+@dataclass(frozen=True)
+class _Item:
+    prediction: Prediction
+    ticket_id: str = ""
+    product_id: str = ""
+
+
+Outcome = ScoreResult | ConvergeError
+KeyT = TypeVar("KeyT")
+
+
+class NotBuiltYet(ConvergeError):
+    """An RPC of the contract that this version does not implement yet."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class ScoringService:
+    def __init__(
+        self,
+        features: FeatureSource,
+        slots: ModelSlots,
+        executor: CpuExecutor,
+        *,
+        max_batch: int,
+        max_in_flight: int,
+        replica: str,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.features = features
+        self.slots = slots
+        self.executor = executor
+        self.max_batch = max_batch
+        self.max_in_flight = max_in_flight
+        self.replica = replica
+        self.clock = clock
+        # One sharing point per loaded version; dropped with the version.
+        self._predictors: weakref.WeakKeyDictionary[
+            ServingModel, Coalescer[FloatMatrix, tuple[FloatMatrix, FloatMatrix]]
+        ] = weakref.WeakKeyDictionary()
+
+    # --- Score ------------------------------------------------------------------------
+
+    async def score(self, query: ScoreQuery) -> ScoreResult:
+        items = self._items(query)
+        predictions = tuple(dict.fromkeys(i.prediction for i in items))
+        catalogue = await self.features.catalogue(_bounded(query.timeout_s))
+        self._check_context(query.context_features, catalogue.features)
+        ticket_id = query.ticket_id if "escalation" in predictions else ""
+        live = await self.features.read(query.customer, ticket_id, query.timeout_s)
+        live = _with_context(live, query.context_features, catalogue.features)
+        limit = 0 if query.omit_reasons else reason_count(query.max_reasons)
+        with self.slots.lease(predictions) as lease:
+            champions = [lease.champions[i.prediction] for i in items]
+            rows = [
+                serving.model.schema.vector(
+                    live.customer, live.ticket, live.profile, live.as_of, item.product_id
+                )
+                if serving is not None
+                else None
+                for item, serving in zip(items, champions, strict=True)
+            ]
+            outputs = await self._predict_all(champions, rows, query.timeout_s)
+            shadows: list[ShadowScore | None] = [None] * len(items)
+            if query.include_shadow:
+                shadows = await self._shadow(items, lease.challengers, live, query.timeout_s)
+            scored = []
+            for n, item in enumerate(items):
+                serving = champions[n]
+                if serving is None:
+                    scored.append(
+                        self._by_rules(item, live, lease.fallback_reasons[item.prediction], limit)
+                    )
+                    continue
+                probability, contributions = outputs[n]  # type: ignore[misc]
+                model = serving.model
+                row = rows[n]
+                assert row is not None
+                scored.append(
+                    Scored(
+                        prediction=item.prediction,
+                        ticket_id=item.ticket_id,
+                        product_id=item.product_id,
+                        probability=probability,
+                        band=model.thresholds.band(probability),
+                        model=model.ref,
+                        reasons=explain(
+                            item.prediction,
+                            model.schema,
+                            row[0],
+                            contributions,
+                            catalogue.features,
+                            limit,
+                        )
+                        if limit
+                        else (),
+                        fallback_reason="",
+                        shadow=shadows[n],
+                        inputs=row[0],
+                    )
+                )
+        return ScoreResult(
+            customer_id=live.customer_id,
+            predictions=tuple(scored),
+            features=live,
+            score_id=uuid.uuid4().hex,
+            scored_at=self.clock(),
+        )
+
+    def _items(self, query: ScoreQuery) -> list[_Item]:
+        v = Violations()
+        wanted: Sequence[Prediction] = query.predictions or [
+            p
+            for p in PREDICTIONS
+            if p == "churn"
+            or (p == "escalation" and query.ticket_id)
+            or (p == "cross_sell" and query.candidate_product_ids)
+        ]
+        if "escalation" in wanted and not query.ticket_id:
+            v.add("ticket_id", "required to score escalation")
+        if "cross_sell" in wanted and not query.candidate_product_ids:
+            v.add("candidate_product_ids", "required to score cross-sell")
+        if len(query.candidate_product_ids) > MAX_CANDIDATES:
+            v.add("candidate_product_ids", f"at most {MAX_CANDIDATES}")
+        for i, product in enumerate(query.candidate_product_ids):
+            v.check(bool(product), f"candidate_product_ids[{i}]", "empty")
+        v.raise_if_any()
+        items: list[_Item] = []
+        for prediction in PREDICTIONS:  # (the answer's order, whatever the request's)
+            if prediction not in wanted:
+                continue
+            if prediction == "cross_sell":
+                items += [_Item(prediction, product_id=p) for p in query.candidate_product_ids]
+            elif prediction == "escalation":
+                items.append(_Item(prediction, ticket_id=query.ticket_id))
+            else:
+                items.append(_Item(prediction))
+        return items
+
+    def _check_context(self, context: Mapping[str, float], known: Mapping[str, object]) -> None:
+        violations = [
+            FieldViolation(
+                f'context_features["{name[:80]}"]', "not a feature of the served feature set"
+            )
+            for name in context
+            if name not in known
+        ]
+        violations += [
+            FieldViolation(f'context_features["{name[:80]}"]', "not a finite number")
+            for name, value in context.items()
+            if name in known and not math.isfinite(value)
+        ]
+        if violations:
+            raise InvalidArgument(violations)
+
+    # --- predicting -------------------------------------------------------------------
+
+    async def _predict_all(
+        self,
+        models: Sequence[Serving | None],
+        rows: Sequence[FloatMatrix | None],
+        timeout_s: float,
+    ) -> list[tuple[float, FloatMatrix] | None]:
+        """Each row through its model; rows for the same version go together
+        (cross-sell candidates, and other calls' rows arriving meanwhile)."""
+        groups: dict[int, list[int]] = {}
+        for n, serving in enumerate(models):
+            if serving is not None:
+                groups.setdefault(id(serving), []).append(n)
+        out: list[tuple[float, FloatMatrix] | None] = [None] * len(rows)
+
+        async def one_model(positions: list[int]) -> None:
+            serving = models[positions[0]]
+            assert serving is not None
+            matrix = np.vstack([rows[n] for n in positions])  # type: ignore[misc]
+            probabilities, contributions = await self._predict(serving.model, matrix, timeout_s)
+            for k, n in enumerate(positions):
+                out[n] = (float(probabilities[k]), contributions[k])
+
+        await asyncio.gather(*(one_model(p) for p in groups.values()))
+        return out
+
+    async def _predict(
+        self, model: ServingModel, matrix: FloatMatrix, timeout_s: float
+    ) -> tuple[FloatMatrix, FloatMatrix]:
+        predictor = self._predictors.get(model)
+        if predictor is None:
+            predictor = Coalescer(
+                self._batch_predictor(model),
+                max_batch=self.max_batch,
+                max_in_flight=self.max_in_flight,
+            )
+            self._predictors[model] = predictor
+        try:
+            return await predictor.submit(matrix, _bounded(timeout_s))
+        except TimeoutError:
+            raise Unavailable("scoring is overloaded: the model did not answer in time") from None
+
+    def _batch_predictor(
+        self, model: ServingModel
+    ) -> Callable[[Sequence[FloatMatrix], float], Awaitable[list[tuple[FloatMatrix, FloatMatrix]]]]:
+        # A weak reference: the sharing point must not keep a replaced version alive.
+        ref = weakref.ref(model)
+        executor = self.executor
+
+        def work(matrices: Sequence[FloatMatrix]) -> list[tuple[FloatMatrix, FloatMatrix]]:
+            target = ref()
+            assert target is not None, "a version is predicted only while leased"
+            probabilities, contributions = target.predict_with_contributions(np.vstack(matrices))
+            out = []
+            start = 0
+            for matrix in matrices:
+                end = start + len(matrix)
+                out.append((probabilities[start:end], contributions[start:end]))
+                start = end
+            return out
+
+        async def run(
+            matrices: Sequence[FloatMatrix], time_left_s: float
+        ) -> list[tuple[FloatMatrix, FloatMatrix]]:
+            return await executor.run(work, matrices)
+
+        return run
+
+    async def _shadow(
+        self,
+        items: Sequence[_Item],
+        challengers: Mapping[Prediction, Serving | None],
+        live: LiveFeatures,
+        timeout_s: float,
+    ) -> list[ShadowScore | None]:
+        models = [challengers.get(i.prediction) for i in items]
+        rows = [
+            s.model.schema.vector(
+                live.customer, live.ticket, live.profile, live.as_of, i.product_id
+            )
+            if s is not None
+            else None
+            for i, s in zip(items, models, strict=True)
+        ]
+        outputs = await self._predict_all(models, rows, timeout_s)
+        shadows: list[ShadowScore | None] = []
+        for serving, output in zip(models, outputs, strict=True):
+            if serving is None or output is None:
+                shadows.append(None)
+                continue
+            probability = output[0]
+            model = serving.model
+            shadows.append(ShadowScore(model.ref, probability, model.thresholds.band(probability)))
+        return shadows
+
+    def _by_rules(self, item: _Item, live: LiveFeatures, why: str, limit: int) -> Scored:
+        values: dict[str, FeatureValue | None] = {**live.customer, **(live.ticket or {})}
+        rules = fallback.score(item.prediction, values)
+        return Scored(
+            prediction=item.prediction,
+            ticket_id=item.ticket_id,
+            product_id=item.product_id,
+            probability=rules.probability,
+            band=DEFAULT_THRESHOLDS.band(rules.probability),
+            model=ModelRef(rules.model_name, rules.version),
+            reasons=rules.reasons[:limit],
+            fallback_reason=why,
+        )
+
+    # --- ScoreBatch -------------------------------------------------------------------
+
+    async def score_stream(
+        self, queries: AsyncIterator[tuple[KeyT, ScoreQuery | ConvergeError]]
+    ) -> AsyncIterator[tuple[KeyT, Outcome]]:
+        """Scores a stream of (key, query) in order; a query that failed its
+        conversion, or whose scoring fails, answers with its error and the
+        stream goes on. At most BATCH_WINDOW items are read ahead of the
+        answers, so the stream is read no faster than it is scored."""
+        window: list[tuple[KeyT, asyncio.Task[Outcome]]] = []
+        try:
+            async for key, query in queries:
+                window.append((key, asyncio.ensure_future(self._outcome(query))))
+                while len(window) >= BATCH_WINDOW or (window and window[0][1].done()):
+                    first_key, first = window.pop(0)
+                    yield first_key, await first
+            for key, task in window:
+                yield key, await task
+            window = []
+        finally:
+            for _, task in window:
+                task.cancel()
+
+    async def _outcome(self, query: ScoreQuery | ConvergeError) -> Outcome:
+        if isinstance(query, ConvergeError):
+            return query
+        try:
+            return await self.score(query)
+        except ConvergeError as error:
+            return error
+
+    # --- models -----------------------------------------------------------------------
+
+    def model_status(self, prediction: Prediction) -> Slot:
+        return self.slots.status(prediction)
+
+    async def reload(self, predictions: Sequence[Prediction]) -> ReloadOutcome:
+        return await self.slots.refresh(predictions or PREDICTIONS)
+
+
+def _bounded(timeout_s: float) -> float:
+    return timeout_s if math.isfinite(timeout_s) else 3600.0
+
+
+def _with_context(
+    live: LiveFeatures, context: Mapping[str, float], known: Mapping[str, object]
+) -> LiveFeatures:
+    """The features with the caller's values in place of (or beside) the live ones."""
+    if not context:
+        return live
+    customer = dict(live.customer)
+    ticket = dict(live.ticket) if live.ticket is not None else None
+    for name, value in context.items():
+        info = known.get(name)
+        if getattr(info, "entity", "customer") == "ticket" and ticket is not None:
+            ticket[name] = value
+        else:
+            customer[name] = value
+    return LiveFeatures(
+        customer_id=live.customer_id,
+        as_of=live.as_of,
+        feature_set_version=live.feature_set_version,
+        customer=customer,
+        ticket_id=live.ticket_id,
+        ticket=ticket,
+        profile=live.profile,
+    )
