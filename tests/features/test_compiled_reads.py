@@ -69,3 +69,19 @@ def test_pruned_live_states_read_as_the_reference(evs: list[Event], now: datetim
     state = BUILTIN.build_state(evs)
     state.prune(now)
     _compare(BUILTIN, state, now, ["t1", "t2"])
+
+
+@PROPERTY
+@given(builtin.event_lists, builtin.times, st.integers(0, 86_400 * 1_000_000 - 1), st.data())
+def test_a_day_reading_gives_the_features_at_any_moment_of_its_day(
+    evs: list[Event], start: datetime, first_us: int, data: st.DataObject
+) -> None:
+    state = BUILTIN.build_state(evs)
+    midnight = start.replace(hour=0, minute=0, second=0, microsecond=0)
+    read_at = midnight + timedelta(microseconds=first_us)
+    later = midnight + timedelta(microseconds=data.draw(st.integers(0, 86_400 * 1_000_000 - 1)))
+    reading = BUILTIN.day_reading(state, read_at)
+    assert reading.values == BUILTIN.customer_features(state, read_at)
+    assert reading.at(later) == BUILTIN.customer_features(state, later)
+    assert reading.at(midnight + timedelta(days=1)) is None
+    assert reading.at(midnight - timedelta(microseconds=1)) is None

@@ -122,6 +122,7 @@ __all__ = [
     "Aggregation",
     "AttrValue",
     "CustomerState",
+    "DayReading",
     "Entity",
     "Event",
     "FeatureDefinition",
@@ -349,6 +350,7 @@ class FeatureSet:
             for offset in range(self._bands[-1] if self._bands else 0)
         )
         self._day_key_cache: dict[int, tuple[str, ...]] = {}
+        self._offset_cache: dict[int, tuple[dict[str, int], dict[str, int]]] = {}
 
     @classmethod
     def builtin(cls) -> FeatureSet:
@@ -531,6 +533,21 @@ class FeatureSet:
         op = {"count": _T_COUNT, "last": _T_LAST}.get(d.aggregation, _T_TEXT)
         return (d.name, op, key)
 
+    def _day_offsets(self, today: int) -> tuple[dict[str, int], dict[str, int]]:
+        """By bucket key, the day offsets from `today` within the longest
+        window, and the band each falls in: the same for every customer read
+        at one time, made once (parsing a bucket's key cost as much as
+        adding it up)."""
+        cached = self._offset_cache.get(today)
+        if cached is None:
+            if len(self._offset_cache) >= 8:
+                self._offset_cache.clear()
+            offsets = {str(today - offset): offset for offset in range(self.max_window)}
+            limit = len(self._band_of)
+            bands = {key: self._band_of[o] for key, o in offsets.items() if o < limit}
+            cached = self._offset_cache[today] = (offsets, bands)
+        return cached
+
     def _window_totals(
         self, days: Mapping[str, Mapping[str, int]], today: int
     ) -> dict[int, dict[str, int]]:
@@ -538,12 +555,12 @@ class FeatureSet:
         Each present bucket is added once, into the band of its day offset
         (days 0-6, 7-29, ... for windows 7, 30, ...), and the bands are
         accumulated: no walk over every day of the longest window."""
-        band_of, limit = self._band_of, len(self._band_of)
+        band_of = self._day_offsets(today)[1]
         bands: list[dict[str, int]] = [{} for _ in self._bands]
         for day_key, bucket in days.items():
-            offset = today - int(day_key)
-            if 0 <= offset < limit:
-                band = bands[band_of[offset]]
+            index = band_of.get(day_key)
+            if index is not None:
+                band = bands[index]
                 for key, value in bucket.items():
                     band[key] = band.get(key, 0) + value
         totals: dict[int, dict[str, int]] = {}
@@ -560,6 +577,24 @@ class FeatureSet:
     ) -> FeatureValues:
         """The customer features of `state` read at `as_of`; features without a
         value (and that may be missing) are left out."""
+        return self._read_customer(state, as_of, None)
+
+    def day_reading(self, state: CustomerState | StoredState, as_of: datetime) -> DayReading:
+        """The customer features of `state` read at `as_of`, in a form that
+        gives them at any other moment of the same UTC day (`DayReading.at`)
+        without reading the state again."""
+        counting: list[tuple[str, int, int]] = []
+        values = self._read_customer(state, as_of, counting)
+        return DayReading(_day(as_of), values, tuple(counting))
+
+    def _read_customer(
+        self,
+        state: CustomerState | StoredState,
+        as_of: datetime,
+        counting: list[tuple[str, int, int]] | None,
+    ) -> FeatureValues:
+        """`customer_features`; with `counting`, also appends there the
+        features that count time from an instant (name, instant, µs a unit)."""
         delta = as_of - _EPOCH
         today = delta.days
         now = (today * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
@@ -573,6 +608,8 @@ class FeatureSet:
                 t = state.times.get(key)
                 if t is not None:
                     values[name] = (now - t) / per
+                    if counting is not None:
+                        counting.append((name, t, per))
             elif op == _SUM:
                 values[name] = windows[window].get(key2, 0) / _NANO
             elif op == _MEAN:
@@ -589,7 +626,7 @@ class FeatureSet:
                 if text is not None:
                     values[name] = str(text[1])
             elif op == _TREND:
-                slope = _slope(days, today, key, key2, window)
+                slope = _slope(days, self._day_offsets(today)[0], key, key2, window)
                 if slope is not None:
                     values[name] = slope
             elif op == _USAGE_CHANGE:
@@ -597,6 +634,8 @@ class FeatureSet:
             elif op == _TENURE:
                 if state.first is not None:
                     values[name] = (now - state.first) / per
+                    if counting is not None:
+                        counting.append((name, state.first, per))
             elif op == _OPEN:
                 values[name] = float(state.open_ticket_count())
             else:  # _HELD
@@ -818,6 +857,30 @@ def _max_opt(a: _T | None, b: _T | None) -> _T | None:
     if b is None:
         return a
     return max(a, b)
+
+
+@dataclass(slots=True, frozen=True)
+class DayReading:
+    """A customer's features read from a state at one moment, and what makes
+    them the features at any other moment of the same UTC day: every feature
+    but the ones that count time from an instant (time since, tenure) is a
+    function of the state and the day alone."""
+
+    day: int  # days since 1970-01-01 (UTC)
+    values: FeatureValues  # as read
+    counting: tuple[tuple[str, int, int], ...]  # (name, instant µs, µs a unit)
+
+    def at(self, as_of: datetime) -> FeatureValues | None:
+        """The features at `as_of`, as `FeatureSet.customer_features` reads
+        them from the same state; None on another day."""
+        delta = as_of - _EPOCH
+        if delta.days != self.day:
+            return None
+        now = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+        values = dict(self.values)  # (keys already in place: their order is kept)
+        for name, instant, per in self.counting:
+            values[name] = (now - instant) / per
+        return values
 
 
 @dataclass(slots=True, frozen=True)
@@ -1154,14 +1217,19 @@ def _keep_latest(
 
 
 def _slope(
-    days: Mapping[str, Mapping[str, int]], today: int, n_key: str, s_key: str, window: int
+    days: Mapping[str, Mapping[str, int]],
+    offsets: Mapping[str, int],
+    n_key: str,
+    s_key: str,
+    window: int,
 ) -> float | None:
     """Least-squares slope per day of the values under `s_key` (each event
-    one point at its day), exact until the final division."""
+    one point at its day, `offsets` its days back from the day read), exact
+    until the final division."""
     n = sx = sxx = sy = sxy = 0
     for day_key, bucket in days.items():
-        offset = today - int(day_key)
-        if 0 <= offset < window:
+        offset = offsets.get(day_key, window)
+        if offset < window:
             count = bucket.get(n_key, 0)
             if count:
                 total = bucket[s_key]

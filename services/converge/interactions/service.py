@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -23,6 +24,7 @@ import uuid_utils
 from converge.features.engine import (
     BUILTIN,
     CustomerState,
+    DayReading,
     Event,
     FeatureSet,
     FeatureValues,
@@ -337,6 +339,47 @@ class TimelineQuery:
     limit: int
 
 
+class FeatureCache:
+    """Customer features read today, by customer, with the version (row
+    xmin) of the stored state they were read from; the least recently used
+    dropped beyond `capacity`. Scoring reads the same customers' features
+    again and again, mostly while their state is unchanged: a stored state
+    still at the version of a reading held here gives the same features at
+    any moment of the same UTC day (`DayReading.at`), so it is neither sent
+    nor parsed nor read again. Any write of the state changes its version."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[uuid.UUID, tuple[int, DayReading]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def readings(
+        self, customer_ids: Iterable[uuid.UUID], now: datetime
+    ) -> dict[uuid.UUID, tuple[int, DayReading]]:
+        """The readings of `now`'s day held for these customers, with their versions."""
+        found = {}
+        for customer_id in customer_ids:
+            entry = self._entries.get(customer_id)
+            if entry is not None and entry[1].at(now) is not None:
+                self._entries.move_to_end(customer_id)
+                found[customer_id] = entry
+        return found
+
+    def forget(self, customer_ids: Iterable[uuid.UUID]) -> None:
+        for customer_id in customer_ids:
+            self._entries.pop(customer_id, None)
+
+    def put(self, customer_id: uuid.UUID, version: int, reading: DayReading) -> None:
+        if self.capacity <= 0:
+            return
+        self._entries[customer_id] = (version, reading)
+        self._entries.move_to_end(customer_id)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+
 class InteractionsService:
     def __init__(
         self,
@@ -352,6 +395,9 @@ class InteractionsService:
         self.changes = changes
         # The features served and kept live (the setting `feature_set`).
         self.feature_set = feature_set
+        self.feature_cache = FeatureCache(settings.feature_cache_size)
+        # (An erased customer's features are never served, and not kept either.)
+        store.erasure_hooks.append(self.feature_cache.forget)
         self.custom_types: dict[str, tuple[InteractionTypeSpec, StoredType]] = {}
 
     async def load_types(self) -> None:
@@ -668,10 +714,18 @@ class InteractionsService:
         """Live features of each referenced customer ((None, None) for one not
         found) and of the tickets, as of one time. Everything is read in one
         statement (two with tickets); a customer's stored state is read as
-        parsed, a merged customer's states are merged first."""
-        ids = await self._customer_ids(refs)
-        reads = await self.store.live_reads([i for i in ids if i is not None], ticket_ids)
+        parsed, a merged customer's states are merged first. Without tickets,
+        a customer whose stored state is still at the version whose features
+        were read earlier today is answered from those (`FeatureCache`): the
+        state is neither sent nor read again."""
         now = datetime.now(UTC)
+        ids = await self._customer_ids(refs)
+        asked = [i for i in ids if i is not None]
+        tickets_wanted = bool(ticket_ids) or include_open_tickets
+        readings = {} if tickets_wanted else self.feature_cache.readings(asked, now)
+        reads = await self.store.live_reads(
+            asked, ticket_ids, {c: version for c, (version, _) in readings.items()}
+        )
         features = self.feature_set
         states: dict[uuid.UUID, CustomerState | StoredState | None] = {}
 
@@ -680,6 +734,24 @@ class InteractionsService:
                 states[root] = await self._live_state(root, read.states)
             return states[root]
 
+        async def values_of(root: uuid.UUID, read: LiveRead) -> FeatureValues:
+            if len(read.versions) == 1:
+                [(member, version)] = read.versions.items()
+                if member not in read.states:  # (at the version of the reading we hold)
+                    values = readings[member][1].at(now)
+                    assert values is not None  # (readings holds today's only)
+                    return values
+                state = await state_of(root, read)
+                assert state is not None
+                reading = features.day_reading(state, now)
+                if isinstance(state, StoredState):  # (not one rebuilt from the interactions)
+                    self.feature_cache.put(member, version, reading)
+                return dict(reading.values)  # (the cached one stays as read)
+            if read.states.keys() != read.versions.keys():  # (merged since: read all again)
+                read = (await self.store.live_reads([root])).customers[root]
+            state = await state_of(root, read)
+            return features.customer_features(state or features.new_state(), now)
+
         customers: list[tuple[uuid.UUID | None, FeatureValues | None]] = []
         roots: list[uuid.UUID] = []
         for customer_id in ids:
@@ -687,11 +759,8 @@ class InteractionsService:
             if read is None or read.erased:
                 customers.append((None, None))
                 continue
-            state = await state_of(read.root, read)
             roots.append(read.root)
-            customers.append(
-                (read.root, features.customer_features(state or features.new_state(), now))
-            )
+            customers.append((read.root, await values_of(read.root, read)))
         tickets: list[tuple[uuid.UUID, str, FeatureValues | None]] = []
         for ticket_id in ticket_ids:
             owner = reads.ticket_owners.get(ticket_id)

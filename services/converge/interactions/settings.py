@@ -46,6 +46,13 @@ class InteractionsSettings(ServiceSettings):
         description="Live feature states kept in memory between ingest batches (about 10 KB "
         "each); 0 reads every state from the database for every batch.",
     )
+    feature_cache_size: int = Field(
+        default=20_000,
+        ge=0,
+        description="Customers whose live features read today are kept in memory, to answer "
+        "GetFeatures without reading their state again while it is unchanged (about 8 KB "
+        "each); 0 reads every state for every call.",
+    )
     # gRPC clients refuse a message over 4 MB by default: a timeline page of
     # 100 large rows, or one customer's whole export, could pass it. Pages
     # stop below this bound instead (always at least one row, and one row is

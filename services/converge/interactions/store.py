@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -135,7 +135,9 @@ SELECT_STATES = (
 # that resets the connection, cost more than the reading): for each customer
 # asked, whether it is erased, the customer it was merged into (ROOTS), and
 # the kept state of that root and of every customer merged into it (MEMBERS),
-# one row per (customer asked, member); a member without a state gives a null.
+# one row per (customer asked, member), with the state's version (row xmin);
+# a member without a state gives nulls. A state at the version the caller
+# says it knows ($2, $3: its features are in memory) is not sent again.
 LIVE_READS = """
 WITH RECURSIVE up AS (
     SELECT c AS start, c AS cur, 0 AS depth FROM unnest($1::uuid[]) AS c
@@ -150,11 +152,13 @@ members AS (
     SELECT m.root, l.merged_customer_id FROM members m
     JOIN customer_links l ON l.surviving_customer_id = m.member
 )
-SELECT r.start, r.root, e.customer_id IS NOT NULL AS erased, m.member, s.state
+SELECT r.start, r.root, e.customer_id IS NOT NULL AS erased, m.member, s.xmin,
+       CASE WHEN k.version = s.xmin THEN NULL ELSE s.state END AS state
 FROM rooted r
 JOIN members m ON m.root = r.root
 LEFT JOIN erased_customers e ON e.customer_id = r.start
 LEFT JOIN customer_state s ON s.customer_id = m.member
+LEFT JOIN unnest($2::uuid[], $3::xid[]) AS k(member, version) ON k.member = m.member
 """
 
 TIMELINE = """
@@ -353,11 +357,14 @@ class SyncStatus:
 @dataclass(frozen=True, slots=True)
 class LiveRead:
     """What live features read of one customer: whether it is erased, the
-    customer it was merged into (itself when none), and the kept states (as
-    parsed) of that root and of the customers merged into it, by customer."""
+    customer it was merged into (itself when none), and the kept states of
+    that root and of the customers merged into it: each one's version (row
+    xmin), and the state as parsed unless it is at the version the caller
+    knew."""
 
     root: uuid.UUID
     erased: bool
+    versions: dict[uuid.UUID, int]
     states: dict[uuid.UUID, dict[str, Any]]
 
 
@@ -816,22 +823,34 @@ class InteractionsStore:
         return found
 
     async def live_reads(
-        self, customer_ids: Sequence[uuid.UUID], ticket_ids: Sequence[str] = ()
+        self,
+        customer_ids: Sequence[uuid.UUID],
+        ticket_ids: Sequence[str] = (),
+        known: Mapping[uuid.UUID, int] | None = None,
     ) -> LiveReads:
         """What live features read of `customer_ids` and of the tickets'
-        owners, on one connection: one statement (two with tickets)."""
+        owners, on one connection: one statement (two with tickets). The
+        states at the version `known` gives for their customer are not sent."""
+        known = known or {}
         async with self.pool.acquire() as connection:
             owners: dict[str, uuid.UUID] = {}
             if ticket_ids:
                 rows = await connection.fetch(TICKET_OWNERS, list(ticket_ids))
                 owners = {r["ticket_id"]: r["customer_id"] for r in rows}
-            rows = await connection.fetch(LIVE_READS, list({*customer_ids, *owners.values()}))
+            rows = await connection.fetch(
+                LIVE_READS,
+                list({*customer_ids, *owners.values()}),
+                list(known),
+                list(known.values()),
+            )
         parsed: dict[uuid.UUID, dict[str, Any]] = {}  # (a member's state parsed once)
         reads: dict[uuid.UUID, LiveRead] = {}
-        for start, root, erased, member, raw in rows:
+        for start, root, erased, member, version, raw in rows:
             read = reads.get(start)
             if read is None:
-                read = reads[start] = LiveRead(root, erased, {})
+                read = reads[start] = LiveRead(root, erased, {}, {})
+            if version is not None:
+                read.versions[member] = version
             if raw is not None:
                 state = parsed.get(member)
                 if state is None:

@@ -1,0 +1,156 @@
+"""GetFeatures' read path: everything read in one statement, a stored state
+read as parsed, and features read earlier today answered again from memory
+(FeatureCache) only while the stored state is at the version they were read
+from; merges and writes since are always seen."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import grpc
+import pytest
+
+from converge.features.engine import BUILTIN, FeatureValues
+from converge.interactions.app import SPEC
+from converge.interactions.change_feed import ChangeFeed
+from converge.interactions.identity_link import IdentityLink
+from converge.interactions.service import FeatureCache, InteractionsService
+from converge.interactions.settings import InteractionsSettings
+from converge.interactions.store import InteractionsStore
+from converge.runtime.server import ServiceRuntime
+from converge.v1 import common_pb2, interactions_pb2, interactions_pb2_grpc
+from tests.interactions.builders import interaction, record
+
+
+@dataclass
+class Served:
+    """The interactions service over gRPC, and a second service object on
+    the same database whose cache the test can look into."""
+
+    stub: interactions_pb2_grpc.InteractionsServiceStub
+    store: InteractionsStore
+    service: InteractionsService
+
+
+@pytest.fixture
+async def served(database: str) -> AsyncIterator[Served]:
+    settings = InteractionsSettings(database_url=database, port=0, identity_address="")
+    runtime = ServiceRuntime(SPEC, settings)
+    await runtime.start()
+    store = InteractionsStore(runtime.pool)
+    identity = IdentityLink("", 1.0, store)  # (no identity service: ids as given)
+    service = InteractionsService(store, identity, settings, ChangeFeed(store, 1.0), BUILTIN)
+    channel = grpc.aio.insecure_channel(runtime.address)
+    yield Served(interactions_pb2_grpc.InteractionsServiceStub(channel), store, service)
+    await channel.close()
+    await runtime.stop(grace=1)
+
+
+async def _record(served: Served, customer: uuid.UUID, key: str, days_ago: float) -> None:
+    ref = common_pb2.CustomerRef(customer_id=str(customer))
+    await served.stub.RecordInteraction(record(interaction(ref, days_ago=days_ago), key))
+
+
+async def _features(served: Served, *customers: uuid.UUID) -> tuple[datetime, list[object]]:
+    as_of, found, _ = await served.service.features([(c, None) for c in customers], [], False)
+    return as_of, [values for _, values in found]
+
+
+async def _expected(served: Served, members: list[uuid.UUID], as_of: datetime) -> FeatureValues:
+    """The features as read from the stored states without any cache."""
+    kept = await served.store.states(members)
+    states = [BUILTIN.state_from_json(kept[m]) for m in members if m in kept]
+    state = states[0]
+    for other in states[1:]:
+        state = state.merge(other)
+    return BUILTIN.customer_features(state, as_of)
+
+
+async def test_an_unchanged_state_is_not_sent_again_and_reads_the_same(served: Served) -> None:
+    customer = uuid.uuid4()
+    for day in (1, 3, 20):
+        await _record(served, customer, f"c-{day}", day)
+    as_of, [first] = await _features(served, customer)
+    assert first == await _expected(served, [customer], as_of)
+    [(version, _)] = served.service.feature_cache.readings([customer], as_of).values()
+
+    reads = await served.store.live_reads([customer], known={customer: version})
+    assert reads.customers[customer].versions == {customer: version}
+    assert reads.customers[customer].states == {}  # (known: not sent)
+
+    as_of, [again] = await _features(served, customer)
+    assert again == await _expected(served, [customer], as_of)
+    assert again is not None and again["count_7d_all"] == 2.0
+
+
+async def test_a_write_since_the_cached_read_is_seen(served: Served) -> None:
+    customer = uuid.uuid4()
+    await _record(served, customer, "w-1", 2)
+    _, [before] = await _features(served, customer)
+    assert before is not None and before["count_7d_all"] == 1.0
+    await _record(served, customer, "w-2", 1)
+    as_of, [after] = await _features(served, customer)
+    assert after is not None and after["count_7d_all"] == 2.0
+    assert after == await _expected(served, [customer], as_of)
+
+
+async def test_a_merge_since_the_cached_reads_gives_the_merged_features(served: Served) -> None:
+    survivor, merged = uuid.uuid4(), uuid.uuid4()
+    await _record(served, survivor, "s-1", 2)
+    await _record(served, merged, "m-1", 3)
+    await _record(served, merged, "m-2", 40)
+    await _features(served, survivor, merged)  # (both cached)
+    await served.store.apply_merge(merged, survivor, uuid.uuid4(), "cursor-1", datetime.now(UTC))
+
+    as_of, found, _ = await served.service.features([(survivor, None), (merged, None)], [], False)
+    expected = await _expected(served, [survivor, merged], as_of)
+    assert found == [(survivor, expected), (survivor, expected)]
+    assert expected["count_7d_all"] == 2.0 and expected["count_90d_all"] == 3.0
+
+
+async def test_features_over_grpc_equal_the_stored_states_features(served: Served) -> None:
+    customers = [uuid.uuid4() for _ in range(3)]
+    for i, customer in enumerate(customers):
+        for day in range(i + 1):
+            await _record(served, customer, f"g-{i}-{day}", day + 0.5)
+    request = interactions_pb2.GetFeaturesRequest(
+        customers=[common_pb2.CustomerRef(customer_id=str(c)) for c in customers]
+        + [common_pb2.CustomerRef(customer_id=str(uuid.uuid4()))]  # (no interactions)
+    )
+    for _ in range(2):  # (read, then read again while unchanged)
+        reply = await served.stub.GetFeatures(request)
+        as_of = reply.customers[0].as_of.ToDatetime(tzinfo=UTC)
+        for customer, vector in zip(customers, reply.customers, strict=False):
+            assert vector.found and vector.customer_id == str(customer)
+            assert dict(vector.values) == await _expected(served, [customer], as_of)
+        assert reply.customers[3].found and reply.customers[3].values["count_90d_all"] == 0.0
+
+
+def test_the_least_recently_read_customer_goes_first_beyond_capacity() -> None:
+    state = BUILTIN.new_state()
+    now = datetime.now(UTC)
+    reading = BUILTIN.day_reading(state, now)
+    cache = FeatureCache(capacity=2)
+    first, second, third = (uuid.UUID(int=i) for i in range(1, 4))
+    cache.put(first, 1, reading)
+    cache.put(second, 1, reading)
+    assert cache.readings([first], now) == {first: (1, reading)}  # (now the most recent)
+    cache.put(third, 1, reading)
+    assert set(cache.readings([first, second, third], now)) == {first, third}
+    disabled = FeatureCache(capacity=0)
+    disabled.put(first, 1, reading)
+    assert len(disabled) == 0
+
+
+async def test_an_erased_customers_features_are_dropped_and_never_served(served: Served) -> None:
+    customer = uuid.uuid4()
+    await _record(served, customer, "e-1", 1)
+    as_of, [values] = await _features(served, customer)
+    assert values is not None and served.service.feature_cache.readings([customer], as_of)
+    await served.service.erase([customer])
+    assert served.service.feature_cache.readings([customer], as_of) == {}
+    _, [gone] = await _features(served, customer)
+    assert gone is None
