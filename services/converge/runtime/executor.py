@@ -143,11 +143,19 @@ class CpuExecutor:
                 f"the server's CPU workers are busy ({self.workers} running, "
                 f"{self.queue_limit} waiting); retry later or on another replica"
             )
-        CPU_QUEUED_JOBS.inc()
         # The job runs in a copy of the caller's context: its request id and deadline.
         context = contextvars.copy_context()
         job = functools.partial(fn, *args, **kwargs)
-        future: concurrent.futures.Future[T] = self._pool.submit(context.run, self._job, job)
+        CPU_QUEUED_JOBS.inc()
+        try:
+            future: concurrent.futures.Future[T] = self._pool.submit(context.run, self._job, job)
+        except RuntimeError:  # `close` began between the check above and now
+            CPU_QUEUED_JOBS.dec()
+            with self._lock:
+                self._admitted -= 1
+            raise errors.Unavailable(
+                "the server is shutting down; retry on another replica"
+            ) from None
         future.add_done_callback(self._forget_if_cancelled)
         # Awaiting through asyncio: a caller cancelled while its job still
         # waits cancels the job too.
