@@ -36,6 +36,7 @@ SERVICE = "converge.test.Load"
 HOLD = f"/{SERVICE}/Hold"
 CRUNCH = f"/{SERVICE}/Crunch"
 DEADLINE = f"/{SERVICE}/Deadline"
+COLLECT = f"/{SERVICE}/Collect"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # Only a failing test ever waits this long: a gate nobody opens.
@@ -65,6 +66,16 @@ class Load:
             self.holding -= 1
         return b"held"
 
+    async def collect(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> bytes:
+        self.holding += 1
+        try:
+            await self.release.wait()
+        finally:
+            self.holding -= 1
+        return b"collected"
+
     async def crunch(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         result = await self.executor.run(self.job)
         self.executor_closed_after_job.append(self.executor.closed)
@@ -87,6 +98,7 @@ class Load:
             "Hold": grpc.unary_unary_rpc_method_handler(self.hold),
             "Crunch": grpc.unary_unary_rpc_method_handler(self.crunch),
             "Deadline": grpc.unary_unary_rpc_method_handler(self.deadline),
+            "Collect": grpc.stream_unary_rpc_method_handler(self.collect),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         return [SERVICE]
@@ -158,6 +170,31 @@ async def test_unary_calls_beyond_the_cap_are_resource_exhausted_and_health_stil
             b"held",
             b"held",
         ]
+
+
+async def test_client_streams_count_against_the_streams_cap_not_the_calls_cap(
+    database: str,
+) -> None:
+    load = Load()
+    async with (
+        serving(database, load, max_concurrent_streams=1, max_concurrent_calls=1) as runtime,
+        grpc.aio.insecure_channel(runtime.address) as channel,
+    ):
+        collect = channel.stream_unary(COLLECT)
+        open_stream = collect(iter([b"row"]), timeout=GATE_TIMEOUT_S)
+        await until(lambda: load.holding == 1, "the client stream to be open")
+
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await collect(iter([b"row"]), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "too many concurrent streams on this server (at most 1)" in (
+            refused.value.details() or ""
+        )
+        # The unary call's own place is free while the stream holds its one.
+        assert json.loads(await channel.unary_unary(DEADLINE)(b"", timeout=30))
+
+        load.release.set()
+        assert await open_stream == b"collected"
 
 
 async def test_cpu_work_runs_on_a_worker_thread_while_the_loop_keeps_answering(
