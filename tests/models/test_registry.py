@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from converge.models.registry import (
     ModelRegistry,
     NothingToRollBack,
     RegisteredVersion,
+    ServingState,
     tracking_uri_default,
 )
 from converge.models.training import TrainedModel, train
@@ -330,3 +331,127 @@ def test_promote_with_rollout_restarts_scoring_unless_it_hot_swaps(
         answer = json.loads(capsys.readouterr().out)
         assert code == cli.EXIT_OK and answer["rollout"]["restarted"] is False
         assert len(fake.sent("PATCH", SCORING)) == 1  # no second restart
+
+
+# --- what watchers serve ------------------------------------------------------------
+
+
+def same_again(registry: ModelRegistry) -> None:
+    """Another version of version 1's files and tags (a cheap new version)."""
+    first = registry.client.get_model_version("converge-churn", "1")
+    registry.client.create_model_version(
+        "converge-churn",
+        source=registry.client.get_model_version_download_uri("converge-churn", "1"),
+        run_id=first.run_id,
+        tags=dict(first.tags),
+    )
+
+
+def test_a_watcher_never_sees_a_promotion_half_done(
+    tracking_uri: str, small_split: Split, small_model: TrainedModel
+) -> None:
+    """A thread polls `serving_state` while promotions and rollbacks run:
+    every state it sees is one a move committed, in order."""
+    import threading
+
+    registry = ModelRegistry(tracking_uri)
+    register(registry, small_model, small_split)
+    for _ in range(3):  # more versions of the same model: cheap, and the gates pass
+        same_again(registry)
+    assert registry.serving_state("churn") == ServingState(
+        "churn", "converge-churn", None, None, generation=0, source="aliases"
+    )
+
+    seen: list[ServingState] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    polled = threading.Event()
+
+    def watch() -> None:
+        try:
+            while not stop.is_set():
+                seen.append(registry.serving_state("churn"))
+                polled.set()
+        except BaseException as e:
+            errors.append(e)
+
+    committed = [(None, None)]
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        assert polled.wait(timeout=60)
+        for version in ("1", "2", "3", "4"):
+            decision = registry.promote("churn", version, small_split.test, requested_by="ann")
+            assert decision.promoted, decision.reasons
+            state = registry.serving_state("churn")
+            committed.append((state.champion, state.challenger))
+        for _ in range(2):
+            registry.rollback("churn", requested_by="bob")
+            state = registry.serving_state("churn")
+            committed.append((state.champion, state.challenger))
+        polled.clear()
+        assert polled.wait(timeout=60)  # one more read after the last move
+    finally:
+        stop.set()
+        watcher.join(timeout=60)
+    assert not errors, errors
+    assert committed == [
+        (None, None), ("1", None), ("2", "1"), ("3", "2"), ("4", "3"), ("3", None), ("2", None)
+    ]  # fmt: skip
+    observed = [(s.champion, s.challenger) for s in seen]
+    assert set(observed) <= set(committed), set(observed) - set(committed)
+    generations = [s.generation for s in seen]
+    assert generations == sorted(generations)
+    assert observed[-1] == ("2", None) and len(seen) > len(committed)
+
+
+def test_serving_state_holds_the_state_before_an_unfinished_move(
+    tracking_uri: str, small_split: Split, small_model: TrainedModel
+) -> None:
+    """Each intermediate state of a promotion, made by hand as a writer that
+    stopped there would leave it: the aliases alone show a state nobody
+    chose; `serving_state` shows the state before until the commit."""
+    registry = ModelRegistry(tracking_uri)
+    register(registry, small_model, small_split)
+    client = registry.client
+    same_again(registry)
+    same_again(registry)
+    for version in ("1", "2"):
+        assert registry.promote("churn", version, small_split.test, requested_by="ann").promoted
+    before = registry.serving_state("churn")
+    assert (before.champion, before.challenger, before.moving) == ("2", "1", False)
+
+    # The writer said "moving" and moved the champion, then stopped.
+    registry._write_commit(
+        "converge-churn",
+        {"seq": before.generation + 1, "phase": "moving", "champion": "3", "challenger": "2",
+         "before": {"champion": "2", "challenger": "1"}, "at": datetime.now(UTC).isoformat(),
+         "who": "ann"},
+    )  # fmt: skip
+    client.set_registered_model_alias("converge-churn", CHAMPION, "3")
+    aliases = client.get_registered_model("converge-churn").aliases
+    assert (str(aliases[CHAMPION]), str(aliases[CHALLENGER])) == ("3", "1")  # nobody chose this
+    held = registry.serving_state("churn")
+    assert (held.champion, held.challenger, held.moving) == ("2", "1", True)
+    assert held.generation == before.generation
+
+    # An hour later nobody finished it: the writer is gone, the aliases answer.
+    registry._write_commit(
+        "converge-churn",
+        {"seq": before.generation + 1, "phase": "moving", "champion": "3", "challenger": "2",
+         "before": {"champion": "2", "challenger": "1"},
+         "at": (datetime.now(UTC) - timedelta(hours=1)).isoformat(), "who": "ann"},
+    )  # fmt: skip
+    abandoned = registry.serving_state("churn")
+    assert (abandoned.champion, abandoned.challenger, abandoned.source) == ("3", "1", "aliases")
+
+    # The next promotion commits normally from there.
+    assert registry.promote("churn", "1", small_split.test, requested_by="ann").promoted
+    after = registry.serving_state("churn")
+    assert (after.champion, after.challenger, after.source) == ("1", "3", "converge")
+    assert after.generation > before.generation
+
+    # Aliases moved in the MLflow UI are followed (no Converge move under way).
+    client.set_registered_model_alias("converge-churn", CHAMPION, "2")
+    outside = registry.serving_state("churn")
+    assert (outside.champion, outside.challenger, outside.source) == ("2", "3", "aliases")

@@ -16,7 +16,8 @@ On disk (`NativeModel.save` / `NativeModel.load`), a directory with:
 
 - `booster.txt`: the LightGBM text model, cut at the best iteration;
 - `model.json`: feature names in order, categorical levels, the calibrator,
-  the prediction, the feature-set version and the best iteration;
+  the prediction, the feature-set version, the best iteration and the
+  booster file's SHA-256 (checked before LightGBM parses the file);
 - `input_schema.json` (models trained since input schemas exist): the
   `converge.features.transform.InputSchema` training learned, the exact
   inputs and categories, kept as plain JSON here (this file imports nothing
@@ -32,6 +33,7 @@ identically in training, evaluation and serving. Values are compared as they are
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -202,7 +204,9 @@ class NativeModel:
     def save(self, directory: Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         self.booster.save_model(str(directory / BOOSTER_FILE))
-        (directory / META_FILE).write_text(json.dumps(self.metadata(), indent=2, sort_keys=True))
+        meta = self.metadata()
+        meta["booster_sha256"] = _sha256(directory / BOOSTER_FILE)
+        (directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         if self.input_schema is not None:
             (directory / SCHEMA_FILE).write_text(json.dumps(self.input_schema, indent=2))
         return directory
@@ -214,6 +218,14 @@ class NativeModel:
             raise ValueError(
                 f"{directory / META_FILE}: format version {meta.get('format_version')!r}, "
                 f"this code reads {FORMAT_VERSION}"
+            )
+        # LightGBM's parser aborts the whole process on some damaged files (a
+        # tree shorter than the sizes its header gives): check the bytes first.
+        expected = meta.get("booster_sha256")
+        if expected is not None and _sha256(directory / BOOSTER_FILE) != expected:
+            raise ValueError(
+                f"{directory / BOOSTER_FILE} is not the file that was saved (its SHA-256 differs "
+                f"from {META_FILE}'s): damaged or altered"
             )
         booster = lgb.Booster(model_file=str(directory / BOOSTER_FILE))
         schema_file = directory / SCHEMA_FILE
@@ -230,6 +242,10 @@ class NativeModel:
             extra=meta.get("extra", {}),
             input_schema=schema,
         )
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def feature_schema(feature_names: Sequence[str], categorical: Sequence[str]) -> dict[str, Any]:

@@ -11,7 +11,9 @@ file on disk, with the registry included. With `MLFLOW_TRACKING_URI` set
 Runs. `log_training` makes one run per training, in the experiment named
 like the registered model: parameters, `test_*` metrics, the plots, the
 training, validation and test frames as dataset inputs, tags for the
-prediction, feature-set version and windows. The model is logged as an MLflow
+prediction, feature-set version and windows, and what serving needs
+(`serving_artifacts`: risk-band thresholds, a check sample, a drift sample,
+inside the model). The model is logged as an MLflow
 pyfunc model ("model from code": `converge/models/native.py`, with the
 booster and calibrator as its `native` artifact), with a signature and an
 input example, so `mlflow.pyfunc.load_model(uri).predict(df)` returns the
@@ -41,11 +43,23 @@ logged with a time can be traced to the version that was champion then.
 Moves made outside Converge (the MLflow UI) are not in it. `rollback` moves
 `champion` back along the history: promotions push, rollbacks pop.
 
-Loading for serving. `load_champion` resolves `models:/<name>@champion`,
-downloads the version's files and builds the `NativeModel` (booster and
-calibrator) directly, not through pyfunc (no schema enforcement or pandas
-round trip per call, which matters at scoring latency), and reports the
-version and run id it resolved.
+Serving state. MLflow moves one alias per call; a promotion moves two. Every
+Converge move goes through a commit point, the registered-model tag
+`converge.serving` ("moving" with the states before and after, the alias
+moves, then "settled"), and `serving_state` reads champion and challenger as
+one committed state: a watcher polling it never sees a move half-done (see
+`serving_state` for aliases moved outside Converge and abandoned moves).
+
+Loading for serving. `converge.models.handle.ModelHandle` loads one version
+(booster, calibrator, input schema and the serving files of
+`serving_artifacts`), checks it and predicts on numpy matrices.
+`load_version` / `load_champion` give the `NativeModel` for the command line
+and the promotion gates.
+
+No global state. Every call goes through this registry's `MlflowClient`
+(tracking and registry URI given): MLflow's fluent API reads and writes the
+process-wide tracking URI and `MLFLOW_TRACKING_URI`, which threads of a
+server cannot share, so it is not used, training's logging included.
 
 Writers: promotion and rollback read then write the registry; run them one
 at a time per prediction (the CLI, a retraining job), not concurrently.
@@ -64,7 +78,7 @@ import urllib.request
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,6 +105,12 @@ PROMOTION_TAG = "converge.promotion."
 DEFAULT_MARGIN_AUC = 0.01
 DEFAULT_MARGIN_ECE = 0.02
 MODEL_ARTIFACT = "model"
+# The registered-model tag watchers read as the commit point of alias moves.
+SERVING_TAG = "converge.serving"
+# A "moving" commit point older than this was abandoned by its writer (alias
+# moves take well under a second, over a slow tracking server seconds).
+MOVE_TIMEOUT = timedelta(minutes=10)
+_CONFIRM_TRIES = 5
 
 
 # --- errors -------------------------------------------------------------------------
@@ -250,6 +270,89 @@ class LoadedModel:
 
         data = self.model.input_schema
         return InputSchema.from_dict(data) if data is not None else None
+
+
+@dataclass(frozen=True)
+class ServingState:
+    """Which versions a prediction's watchers serve, read as one.
+
+    `generation` grows with every Converge move (0 before the first);
+    `moving` says a move is under way and this is the state before it;
+    `source` is "converge" (the commit point) or "aliases" (no commit point,
+    or aliases moved outside Converge)."""
+
+    prediction: Prediction
+    name: str
+    champion: str | None
+    challenger: str | None
+    generation: int
+    moving: bool = False
+    source: str = "converge"
+
+
+@dataclass(frozen=True)
+class _Move:
+    alias: str
+    version: str | None  # None: remove the alias
+    action: str
+    why: str
+
+
+@dataclass(frozen=True)
+class _Commit:
+    """The parsed `converge.serving` tag."""
+
+    seq: int
+    phase: str  # "moving" or "settled"
+    champion: str | None
+    challenger: str | None
+    before_champion: str | None
+    before_challenger: str | None
+    at: datetime
+
+    @classmethod
+    def read(cls, tags: Mapping[str, str]) -> _Commit | None:
+        text = tags.get(SERVING_TAG)
+        if text is None:
+            return None
+        try:
+            data = json.loads(text)
+            before = data.get("before") or {}
+            return cls(
+                seq=int(data["seq"]),
+                phase=str(data["phase"]),
+                champion=data.get("champion"),
+                challenger=data.get("challenger"),
+                before_champion=before.get(CHAMPION),
+                before_challenger=before.get(CHALLENGER),
+                at=datetime.fromisoformat(data["at"]),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None  # written by hand: the aliases answer
+
+    def abandoned(self, now: datetime) -> bool:
+        return now - self.at > MOVE_TIMEOUT
+
+    def state(self, prediction: Prediction, name: str, before: bool = False) -> ServingState:
+        if before:
+            return ServingState(
+                prediction,
+                name,
+                self.before_champion,
+                self.before_challenger,
+                generation=self.seq - 1,
+                moving=True,
+            )
+        return ServingState(prediction, name, self.champion, self.challenger, generation=self.seq)
+
+
+def _commit_tag(registered: Any) -> str | None:
+    return dict(registered.tags).get(SERVING_TAG)
+
+
+def _alias_pair(registered: Any) -> tuple[str | None, str | None]:
+    aliases = {a: str(v) for a, v in (getattr(registered, "aliases", None) or {}).items()}
+    return aliases.get(CHAMPION), aliases.get(CHALLENGER)
 
 
 @dataclass(frozen=True)
@@ -689,6 +792,99 @@ class ModelRegistry:
         key = f"{EVENT_TAG}{seq:06d}.{secrets.token_hex(3)}"
         self.client.set_registered_model_tag(name, key, json.dumps(event, sort_keys=True))
 
+    # --- what watchers serve ---------------------------------------------------------
+
+    def serving_state(self, prediction: str) -> ServingState:
+        """The champion and challenger versions as one consistent read, for a
+        watcher (the scoring service) to poll: always a state a promotion or
+        rollback committed, never one half-way through it.
+
+        MLflow moves one alias per call and has no transaction over two, so
+        Converge's moves go through a commit point, the registered-model tag
+        `converge.serving` (one row, written atomically): first "moving"
+        with the state before and after, then the aliases, then "settled"
+        with the state after (`_transition`). A watcher that reads "moving"
+        serves the state before; "settled" whose versions equal the aliases
+        is the state after. Aliases that differ from a settled commit point
+        were moved outside Converge (the MLflow UI): the aliases are the
+        truth then, read between two equal commit points, so that no
+        Converge move overlapped the read. A "moving" older than
+        `MOVE_TIMEOUT` was abandoned (its writer died): the aliases again.
+        Usually one `get_registered_model` call; three when the aliases
+        must be confirmed."""
+        p = check_prediction(prediction)
+        name = REGISTERED_MODEL_NAMES[p]
+        first = self._registered(name)
+        for _ in range(_CONFIRM_TRIES):
+            if first is None:
+                return ServingState(p, name, None, None, generation=0)
+            commit = _Commit.read(first.tags)
+            if commit is not None and commit.phase == "moving" and not commit.abandoned(_now()):
+                return commit.state(p, name, before=True)
+            if (
+                commit is not None
+                and commit.phase == "settled"
+                and _alias_pair(first) == (commit.champion, commit.challenger)
+            ):
+                return commit.state(p, name)
+            middle = self._registered(name)
+            last = self._registered(name)
+            if middle is not None and last is not None and _commit_tag(first) == _commit_tag(last):
+                champion, challenger = _alias_pair(middle)
+                return ServingState(
+                    p,
+                    name,
+                    champion,
+                    challenger,
+                    generation=0 if commit is None else commit.seq,
+                    source="aliases",
+                )
+            first = last  # a Converge move committed meanwhile: read it again
+        raise RegistryError(f"{name}: the serving state kept changing while it was read")
+
+    def _transition(self, prediction: Prediction, moves: Sequence[_Move], who: str) -> None:
+        """Moves the aliases as one step for watchers (see `serving_state`):
+        the commit point says "moving" (before and after), the aliases move,
+        each move goes into the alias history, and the commit point says
+        "settled". The champion moves first, so that tools reading the
+        aliases alone (MLflow's UI, `models:/<name>@champion`) see the new
+        champion no later than its demoted predecessor as challenger."""
+        name = REGISTERED_MODEL_NAMES[prediction]
+        before = self.serving_state(prediction)
+        after = {CHAMPION: before.champion, CHALLENGER: before.challenger}
+        for move in moves:
+            after[move.alias] = move.version
+        seq = before.generation + 1
+        at = _now().isoformat()
+        self._write_commit(
+            name,
+            {
+                "seq": seq,
+                "phase": "moving",
+                "champion": after[CHAMPION],
+                "challenger": after[CHALLENGER],
+                "before": {CHAMPION: before.champion, CHALLENGER: before.challenger},
+                "at": at,
+                "who": who,
+            },
+        )
+        for move in sorted(moves, key=lambda m: m.alias != CHAMPION):
+            self._move_alias(name, move.alias, move.version, move.action, who, move.why)
+        self._write_commit(
+            name,
+            {
+                "seq": seq + 1,
+                "phase": "settled",
+                "champion": after[CHAMPION],
+                "challenger": after[CHALLENGER],
+                "at": _now().isoformat(),
+                "who": who,
+            },
+        )
+
+    def _write_commit(self, name: str, commit: Mapping[str, Any]) -> None:
+        self.client.set_registered_model_tag(name, SERVING_TAG, json.dumps(commit, sort_keys=True))
+
     def alias_history(self, prediction: str, alias: str | None = None) -> list[AliasPeriod]:
         """Which version each alias pointed at, from when to when, oldest first."""
         name = registered_model_name(prediction)
@@ -852,22 +1048,21 @@ class ModelRegistry:
         )
         if passed:
             why = f"promoted by {requested_by}" + (f": {reason}" if reason else "")
-            self._move_alias(name, CHAMPION, version, "promote", requested_by, why)
+            moves = [_Move(CHAMPION, version, "promote", why)]
             if champion_version is not None:
-                self._move_alias(
-                    name,
-                    CHALLENGER,
-                    champion_version,
-                    "demote",
-                    requested_by,
-                    f"previous champion, replaced by v{version}",
+                moves.append(
+                    _Move(
+                        CHALLENGER,
+                        champion_version,
+                        "demote",
+                        f"previous champion, replaced by v{version}",
+                    )
                 )
             else:
                 challenger = self._alias(name, CHALLENGER)
                 if challenger is not None and str(challenger.version) == version:
-                    self._move_alias(
-                        name, CHALLENGER, None, "clear", requested_by, "became champion"
-                    )
+                    moves.append(_Move(CHALLENGER, None, "clear", "became champion"))
+            self._transition(p, moves, requested_by)
         self._record_decision(decision)
         return decision
 
@@ -964,10 +1159,11 @@ class ModelRegistry:
         why = f"rollback from v{current_version} by {requested_by}" + (
             f": {reason}" if reason else ""
         )
-        self._move_alias(name, CHAMPION, target, "rollback", requested_by, why)
+        moves = [_Move(CHAMPION, target, "rollback", why)]
         challenger = self._alias(name, CHALLENGER)
         if challenger is not None and str(challenger.version) in (target, current_version):
-            self._move_alias(name, CHALLENGER, None, "clear", requested_by, why)
+            moves.append(_Move(CHALLENGER, None, "clear", why))
+        self._transition(p, moves, requested_by)
         at = _now()
         for key, value in {
             "rolled_back_at": at.isoformat(),
