@@ -70,6 +70,11 @@ class MappedRow:
     # For each of `resolve`'s identifiers after the first, the index of the
     # mapping's `extra_identifiers` entry it came from (to apply its `on_invalid`).
     extra_specs: tuple[int, ...] = ()
+    # `resolve` serialized inside a BulkResolveRequest's `rows`: such pieces
+    # joined are a BulkResolveRequest carrying them all (protobuf merges
+    # concatenated messages by appending repeated fields), which the importer
+    # sends as they are instead of copying every row into a new message.
+    resolve_wire: bytes = b""
 
     @property
     def ingest(self) -> interactions_pb2.IngestInteractionsRequest | None:
@@ -159,6 +164,10 @@ class RowMapper:
     # The profile's text fields and attributes: (field mask name, value path, spec).
     _text_fields: list[tuple[str, str, ValueSpec]] = field(init=False)
     _attributes: list[tuple[str, str, ValueSpec]] = field(init=False)
+    # Per profile value path whose value depends on its cell only: the cell's
+    # text -> the field's wire form (None: the field is left out), so a value
+    # seen before costs one lookup (see `_piece`).
+    _pieces: dict[str, dict[str | None, bytes | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         profile = self.mapping.profile
@@ -188,7 +197,15 @@ class RowMapper:
             return RejectedRow(
                 record.line, "row", "malformed row", f"line {record.line}: {record.error}"
             )
-        values = {k: self._clean(v) for k, v in record.values.items()}
+        missing = self._missing
+        values: dict[str, str | None] = {}
+        # Each cell stripped, and the mapping's missing values made None.
+        for name, value in record.values.items():
+            if value is not None:
+                value = value.strip()
+                if value in missing:
+                    value = None
+            values[name] = value
         key = tuple(values.get(c) for c in self.mapping.group_by)
         group = self._groups.setdefault(key, _Group())
         group.seq += 1
@@ -218,25 +235,19 @@ class RowMapper:
         group.previous = values
         return mapped
 
-    def _clean(self, value: str | None) -> str | None:
-        if value is None:
-            return None
-        value = value.strip()
-        return None if value in self._missing else value
-
     def _map_row(self, row: _Row) -> MappedRow:
         mapping = self.mapping
         identifier = self._identifier(mapping.customer.identifier, "customer.identifier", row, True)
         assert identifier is not None
-        resolve, extra_specs = (
-            self._resolve(identifier, row) if mapping.needs_identity else (None, ())
+        resolve, extra_specs, wire = (
+            self._resolve(identifier, row) if mapping.needs_identity else (None, (), b"")
         )
         ingests = tuple(
             ingest
             for index, (path, spec) in enumerate(mapping.interaction_specs)
             if (ingest := self._ingest(index, path, spec, identifier, row)) is not None
         )
-        return MappedRow(row.record.line, identifier, resolve, ingests, extra_specs)
+        return MappedRow(row.record.line, identifier, resolve, ingests, extra_specs, wire)
 
     # --- conditions -----------------------------------------------------------------
     def _holds(self, c: Condition, row: _Row, path: str) -> bool:
@@ -438,9 +449,10 @@ class RowMapper:
     # --- requests -----------------------------------------------------------------
     def _resolve(
         self, identifier: common_pb2.Identifier, row: _Row
-    ) -> tuple[identity_pb2.BulkResolveRequest, tuple[int, ...]]:
-        """The row's BulkResolve item, and which `extra_identifiers` entry
-        each of its identifiers after the first came from."""
+    ) -> tuple[identity_pb2.BulkResolveRequest, tuple[int, ...], bytes]:
+        """The row's BulkResolve item, which `extra_identifiers` entry each
+        of its identifiers after the first came from, and the item's wire
+        form inside a BulkResolveRequest (`MappedRow.resolve_wire`)."""
         mapping = self.mapping
         identifiers = [identifier]
         extra_specs: list[int] = []
@@ -449,9 +461,11 @@ class RowMapper:
             if found is not None and found not in identifiers:
                 identifiers.append(found)
                 extra_specs.append(i)
-        # Built in place, field by field: protobuf copies a message given to
-        # a constructor or CopyFrom, which cost more than the mapping itself.
-        request = identity_pb2.BulkResolveRequest(row_ref=str(row.record.line))
+        # Built in place, field by field, inside the envelope it is sent in:
+        # protobuf copies a message given to a constructor or CopyFrom, which
+        # cost more than the mapping itself.
+        envelope = identity_pb2.BulkResolveRequest()
+        request = envelope.rows.add(row_ref=str(row.record.line))
         resolve = request.resolve
         resolve.identifiers.extend(identifiers)
         profile = resolve.profile
@@ -463,9 +477,9 @@ class RowMapper:
         spec = mapping.profile
         if spec is not None:
             for name, value_path, value_spec in self._text_fields:
-                text = self._value(value_spec, value_path, row)
-                if text is not None:
-                    encoded.append(self._encode(name, str(text)))
+                piece = self._piece(name, value_path, value_spec, row, text=True)
+                if piece is not None:
+                    encoded.append(piece)
                     mask.append(name)
             if spec.signup_date is not None:
                 when = self._value(spec.signup_date, "profile.signup_date", row)
@@ -478,9 +492,9 @@ class RowMapper:
                     profile.lifetime_value.CopyFrom(money)
                     mask.append("lifetime_value")
             for name, value_path, value_spec in self._attributes:
-                value = self._value(value_spec, value_path, row)
-                if value is not None:
-                    encoded.append(self._encode(name, value))
+                piece = self._piece(name, value_path, value_spec, row, text=False)
+                if piece is not None:
+                    encoded.append(piece)
                     mask.append(name)
             profile.MergeFromString(b"".join(encoded))
         resolve.lookup_only = mapping.customer.lookup_only
@@ -505,7 +519,30 @@ class RowMapper:
         request.update_mask.paths.extend(mask)
         if since is not None:
             request.profile_effective_at.CopyFrom(since)
-        return request, tuple(extra_specs)
+        return request, tuple(extra_specs), envelope.SerializeToString()
+
+    def _piece(
+        self, name: str, value_path: str, spec: ValueSpec, row: _Row, *, text: bool
+    ) -> bytes | None:
+        """The wire form of a profile field (`_encode` of its `_value`, as
+        text for a text field); None when the value is missing. A value read
+        from one cell is looked up by the cell's text, as `_value` caches it."""
+        cells = self._pieces.get(value_path)
+        if cells is None and value_path not in self._pieces:
+            pure = spec.when is None and not spec.cases and spec.previous is None
+            if pure and spec.template is None:
+                cells = self._pieces[value_path] = {}
+        raw = None
+        if cells is not None:
+            raw = row.values.get(spec.column) if spec.column is not None else None
+            found = cells.get(raw, _NOT_CACHED)
+            if found is not _NOT_CACHED:
+                return found  # type: ignore[no-any-return]
+        value = self._value(spec, value_path, row)  # (a RowError is not kept)
+        piece = None if value is None else self._encode(name, str(value) if text else value)
+        if cells is not None and len(cells) < _CACHED_CELLS:
+            cells[raw] = piece
+        return piece
 
     def _encode(self, path: str, value: Converted) -> bytes:
         """A Profile holding only the field at `path` (a text field or
