@@ -1,10 +1,12 @@
-"""Generates the Python code of the v1 API from the .proto files.
+"""Generates the Python code of the v1 API (and of the vendored Open Inference
+Protocol) from the .proto files.
 
     python protos/generate.py            # into protos/ (what `make protos` does)
     python protos/generate.py --out DIR  # elsewhere (the staleness test)
 
 The code lands beside the sources, so its Python path equals the proto package
-(`converge.v1`) and no import is ever rewritten. Never edit the output.
+(`converge.v1`; `inference` for the Open Inference Protocol, vendored as
+published in `inference/`) and no import is ever rewritten. Never edit the output.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ PROTO_ROOT = Path(__file__).resolve().parent
 
 
 def proto_files() -> list[Path]:
-    return sorted(PROTO_ROOT.glob("converge/**/*.proto"))
+    return sorted([*PROTO_ROOT.glob("converge/**/*.proto"), *PROTO_ROOT.glob("inference/*.proto")])
 
 
 def generate(out: Path) -> None:
