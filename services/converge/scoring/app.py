@@ -13,11 +13,14 @@ import socket
 from importlib.resources import files
 
 import grpc
+from inference import open_inference_grpc_pb2, open_inference_grpc_pb2_grpc
 
 from converge.models.registry import tracking_uri_default
 from converge.runtime.server import ServiceContext, ServiceSpec
 from converge.scoring.features import FeatureSource
+from converge.scoring.inference import OpenInference
 from converge.scoring.models import ModelSlots, RegistrySource, ServingModel, check_version
+from converge.scoring.oip_servicer import OpenInferenceServicer
 from converge.scoring.service import ScoringService
 from converge.scoring.servicer import ScoringServicer
 from converge.scoring.settings import ScoringSettings
@@ -72,7 +75,14 @@ async def register(server: grpc.aio.Server, context: ServiceContext) -> list[str
         replica=replica_name(),
     )
     scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringServicer(service), server)
-    return [scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name]
+    # The Open Inference Protocol on the same port, over the same service.
+    open_inference_grpc_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        OpenInferenceServicer(OpenInference(service, lambda: slots.ready)), server
+    )
+    return [
+        scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name,
+        open_inference_grpc_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+    ]
 
 
 SPEC = ServiceSpec(
