@@ -9,6 +9,12 @@ bench_cli) is left out. Beside it: the CPU seconds the command (client: read,
 map, send) and the identity service (server: check, resolve, write) spent,
 to see which side a slow import waits on. Then the same file again, which
 changes nothing and says so.
+
+Beside them, in the same run, the floors the import sits on: the same file
+only read and mapped (no network; what the command's own CPU allows), and the
+same profiles written by hand with COPY into plain tables (a customer with
+its profile, its identifier, one history row: no checks, no idempotency, no
+events, no merges), which is what the database alone allows.
 """
 
 from __future__ import annotations
@@ -20,11 +26,16 @@ import json
 import math
 import os
 import time
+import uuid
 from pathlib import Path
 
+import asyncpg
+from google.protobuf import json_format
 from rich.console import Console
 
 from converge import cli
+from converge.connectors.mapping import load_mapping
+from converge.connectors.transform import MappedRow, map_file
 from tests.benchmarks.harness import BenchEnv
 from tests.conftest import SHARED_DATA
 
@@ -50,6 +61,55 @@ def _converge_import(identity: str) -> dict[str, object]:
     return summary
 
 
+def _mapped_rows_per_s() -> tuple[float, list[MappedRow]]:
+    """The Telco file read and mapped with the shipped mapping, in this
+    process: rows per second, and the rows."""
+    mapping = load_mapping("telco_customers")
+    started = time.perf_counter()
+    rows = [r for r in map_file(TELCO, mapping) if isinstance(r, MappedRow)]
+    return len(rows) / (time.perf_counter() - started), rows
+
+
+async def _raw_copy_rows_per_s(database: str, rows: list[MappedRow]) -> float:
+    """The same profiles COPYed into plain tables in one transaction: rows per second."""
+    customers, identifiers, history = [], [], []
+    for row in rows:
+        assert row.resolve is not None
+        customer_id = uuid.uuid4()
+        profile = json.dumps(json_format.MessageToDict(row.resolve.resolve.profile))
+        customers.append((customer_id, profile))
+        identifiers.append((int(row.identifier.type), "", row.identifier.value, customer_id))
+        history.append((customer_id, profile))
+    connection = await asyncpg.connect(database)
+    try:
+        await connection.execute(
+            """
+            CREATE TABLE raw_customers (customer_id uuid PRIMARY KEY, profile jsonb NOT NULL,
+                                        created_at timestamptz NOT NULL DEFAULT now());
+            CREATE TABLE raw_identifiers (kind smallint, source text, value text, customer_id uuid,
+                                          PRIMARY KEY (kind, source, value));
+            CREATE TABLE raw_history (customer_id uuid NOT NULL, fields jsonb NOT NULL,
+                                      effective_at timestamptz NOT NULL DEFAULT now());
+            """
+        )
+        started = time.perf_counter()
+        async with connection.transaction():
+            await connection.copy_records_to_table(
+                "raw_customers", records=customers, columns=["customer_id", "profile"]
+            )
+            await connection.copy_records_to_table(
+                "raw_identifiers",
+                records=identifiers,
+                columns=["kind", "source", "value", "customer_id"],
+            )
+            await connection.copy_records_to_table(
+                "raw_history", records=history, columns=["customer_id", "fields"]
+            )
+        return len(rows) / (time.perf_counter() - started)
+    finally:
+        await connection.close()
+
+
 async def run(env: BenchEnv) -> dict[str, float]:
     if not TELCO.exists():
         Console(stderr=True).print(
@@ -73,8 +133,14 @@ async def run(env: BenchEnv) -> dict[str, float]:
     again = await asyncio.to_thread(_converge_import, identity.address)
     again_elapsed = time.perf_counter() - started
     assert (again["customers_created"], again["customers_matched"]) == (0, TELCO_ROWS), again
+
+    map_rate, mapped = await asyncio.to_thread(_mapped_rows_per_s)
+    raw_copy_rate = await _raw_copy_rows_per_s(database, mapped)
     return {
         "connectors.import_profiles.rows_per_s": TELCO_ROWS / elapsed,
+        "connectors.import_profiles.map_only_rows_per_s": map_rate,
+        "connectors.import_profiles.raw_copy_rows_per_s": raw_copy_rate,
+        "connectors.import_profiles.vs_raw_copy": TELCO_ROWS / elapsed / raw_copy_rate,
         "connectors.import_profiles.client_cpu_s": client_cpu,
         "connectors.import_profiles.server_cpu_s": server_cpu,
         "connectors.import_profiles.reimport_rows_per_s": TELCO_ROWS / again_elapsed,
