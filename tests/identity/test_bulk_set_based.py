@@ -248,6 +248,29 @@ async def test_rows_of_a_known_customer_are_upserted_in_row_order_in_one_transac
     assert len(changed) == 1  # five rows, one transaction (one event each, in order)
 
 
+async def test_new_customers_are_created_together_beside_a_row_the_merge_protection_refuses(
+    service: IdentityService, database: str
+) -> None:
+    world = f"w{uuid.uuid4().hex[:8]}"
+    fresh = [Spec((("EMAIL", n),), (("plan", "a"),), None, None, f"k{n}", False) for n in range(3)]
+    two_crm_ids = Spec((("CRM_ID", 1), ("CRM_ID", 2)), (), None, None, None, False)
+    outcomes = await service.resolve_batch([bulk_row(s, world) for s in [*fresh, two_crm_ids]])
+    assert [o.created for o in outcomes[:3]] == [True] * 3
+    assert type(outcomes[3].error).__name__ == "FailedPrecondition"
+    connection = await asyncpg.connect(database)
+    try:
+        created = await connection.fetch(
+            "SELECT DISTINCT e.xid::text FROM identity.identity_events e "
+            "JOIN identity.identifiers i USING (customer_id) "
+            "WHERE i.value LIKE $1 AND e.event_type = 1",
+            f"{world}%",
+        )
+    finally:
+        await connection.close()
+    # One transaction for the three (the refused row alone went one by one).
+    assert len(created) == 1
+
+
 async def test_several_rows_in_one_message_are_each_a_row(identity) -> None:
     email = f"{uuid.uuid4().hex[:8]}@example.com"
     carrier = identity_pb2.BulkResolveRequest(
