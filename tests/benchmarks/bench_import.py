@@ -6,9 +6,9 @@ loop), against the identity service started as a real process as every
 benchmark starts it; the rows per second are the command's wall time from
 parsing its arguments to its summary, so Python's own start (measured by
 bench_cli) is left out. Beside it: the CPU seconds the command (client: read,
-map, send) and the identity service (server: check, resolve, write) spent,
-to see which side a slow import waits on. Then the same file again, which
-changes nothing and says so.
+map, send), the identity service (server: check, resolve, write) and
+PostgreSQL spent, to see which side a slow import waits on. Then the same
+file again, which changes nothing and says so.
 
 Beside them, in the same run, the floors the import sits on: the same file
 only read and mapped (no network; what the command's own CPU allows), and the
@@ -47,6 +47,28 @@ def _process_cpu_s(pid: int) -> float:
     """User and system CPU seconds of a process so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _postgres_cpu_s(work_dir: Path) -> float:
+    """User and system CPU seconds so far of the bench's PostgreSQL server
+    (the one whose command line names `work_dir`) and of its backends (Linux /proc)."""
+    parents: dict[int, int] = {}
+    servers: list[int] = []
+    cpu: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue  # (ended meanwhile)
+        pid = int(entry.name)
+        parents[pid] = int(fields[1])
+        cpu[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        if b"postgres" in command and str(work_dir).encode() in command:
+            servers.append(pid)
+    return sum(c for pid, c in cpu.items() if pid in servers or parents[pid] in servers)
 
 
 def _converge_import(identity: str) -> dict[str, object]:
@@ -122,11 +144,13 @@ async def run(env: BenchEnv) -> dict[str, float]:
     pid = identity.process.pid
 
     server_before, client_before = _process_cpu_s(pid), time.process_time()
+    postgres_before = _postgres_cpu_s(env.work_dir)
     started = time.perf_counter()
     summary = await asyncio.to_thread(_converge_import, identity.address)
     elapsed = time.perf_counter() - started
     server_cpu = _process_cpu_s(pid) - server_before
     client_cpu = time.process_time() - client_before
+    postgres_cpu = _postgres_cpu_s(env.work_dir) - postgres_before
     assert (summary["customers_created"], summary["rejected"]) == (TELCO_ROWS, 0), summary
 
     started = time.perf_counter()
@@ -143,5 +167,6 @@ async def run(env: BenchEnv) -> dict[str, float]:
         "connectors.import_profiles.vs_raw_copy": TELCO_ROWS / elapsed / raw_copy_rate,
         "connectors.import_profiles.client_cpu_s": client_cpu,
         "connectors.import_profiles.server_cpu_s": server_cpu,
+        "connectors.import_profiles.postgres_cpu_s": postgres_cpu,
         "connectors.import_profiles.reimport_rows_per_s": TELCO_ROWS / again_elapsed,
     }
