@@ -19,11 +19,18 @@ SERVER_NAME = "converge-scoring"
 Context = grpc.aio.ServicerContext
 
 
+def _server_version() -> str:
+    try:
+        return metadata.version("converge")
+    except metadata.PackageNotFoundError:  # (sources on the path, not installed)
+        return "0+unknown"
+
+
 @checked_requests
 class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     def __init__(self, inference: OpenInference) -> None:
         self.inference = inference
-        self.version = metadata.version("converge")
+        self.version = _server_version()
 
     async def ServerLive(
         self,
