@@ -32,7 +32,7 @@ from converge.runtime.executor import CpuExecutor
 from converge.runtime.server import ServiceRuntime
 from converge.scoring.app import SPEC as SCORING
 from converge.scoring.features import CustomerKey, FeatureSource
-from converge.scoring.models import ModelSlots, RegistrySource, check_version
+from converge.scoring.models import ModelSlots, RegistrySource
 from converge.scoring.service import ScoreQuery, ScoringService
 from converge.v1 import common_pb2, scoring_pb2, scoring_pb2_grpc
 from tests.conftest import Platform
@@ -78,9 +78,7 @@ async def service_layer(platform: Platform, tracking_uri: str) -> AsyncIterator[
     )
     catalogue = await features.catalogue()
     slots = ModelSlots(
-        RegistrySource(tracking_uri, 1),
-        lambda m: check_version(m, catalogue.features, catalogue.version),
-        poll_interval_s=3600,
+        RegistrySource(tracking_uri, 1, catalogue.known_features), poll_interval_s=3600
     )
     executor = CpuExecutor(2, 64, name="scoring-test")
     service = ScoringService(

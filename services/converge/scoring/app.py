@@ -15,11 +15,12 @@ from importlib.resources import files
 import grpc
 from inference import open_inference_grpc_pb2, open_inference_grpc_pb2_grpc
 
+from converge.models.handle import KnownFeatures
 from converge.models.registry import tracking_uri_default
 from converge.runtime.server import ServiceContext, ServiceSpec
 from converge.scoring.features import FeatureSource
 from converge.scoring.inference import OpenInference
-from converge.scoring.models import ModelSlots, RegistrySource, ServingModel, check_version
+from converge.scoring.models import ModelSlots, RegistrySource
 from converge.scoring.oip_servicer import OpenInferenceServicer
 from converge.scoring.service import ScoringService
 from converge.scoring.servicer import ScoringServicer
@@ -51,18 +52,14 @@ async def register(server: grpc.aio.Server, context: ServiceContext) -> list[str
     except Exception as error:  # (checked again at each load; scoring starts anyway)
         logger.warning("interactions unreachable at start, versions load unchecked: %s", error)
 
-    def check(model: ServingModel) -> None:
-        # Against the feature set interactions serves, once it is known.
+    def served_features() -> KnownFeatures | None:
+        # What versions are checked against: the set interactions serves, once known.
         known = features.known_catalogue
-        check_version(
-            model,
-            known.features if known is not None else None,
-            known.version if known is not None else None,
-        )
+        return known.known_features() if known is not None else None
 
     tracking_uri = settings.tracking_uri or tracking_uri_default(settings.data_dir)
-    source = RegistrySource(tracking_uri, settings.lightgbm_threads)
-    slots = ModelSlots(source, check, poll_interval_s=settings.model_poll_interval_s)
+    source = RegistrySource(tracking_uri, settings.lightgbm_threads, served_features)
+    slots = ModelSlots(source, poll_interval_s=settings.model_poll_interval_s)
     await slots.start()
     context.on_shutdown(slots.close)
     context.add_health_check("model registry read", lambda: slots.ready)

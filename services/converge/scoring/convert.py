@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from google.rpc import status_pb2
 
 from converge.models.fallback import Reason
+from converge.models.handle import ModelRef
 from converge.models.predictions import PREDICTIONS, Prediction
 from converge.runtime.errors import ConvergeError, InvalidArgument, Violations
 from converge.runtime.values import timestamp
@@ -18,7 +19,6 @@ from converge.scoring.features import CustomerKey, LiveFeatures
 from converge.scoring.models import (
     CHALLENGER,
     CHAMPION,
-    ModelRef,
     Refused,
     ReloadOutcome,
     Serving,

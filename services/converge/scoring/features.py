@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from converge.models.handle import KnownFeatures
 from converge.runtime.channels import aio_channel
 from converge.runtime.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
 from converge.runtime.values import to_datetime
@@ -84,6 +85,11 @@ class FeatureCatalogue:
 
     version: str
     features: Mapping[str, FeatureInfo]
+    categorical: frozenset[str] = frozenset()
+
+    def known_features(self) -> KnownFeatures:
+        """What a model version is checked against."""
+        return KnownFeatures(self.version, frozenset(self.features), self.categorical)
 
 
 @dataclass(frozen=True)
@@ -225,6 +231,11 @@ class FeatureSource:
                     )
                     for d in answer.definitions
                 },
+                frozenset(
+                    d.name
+                    for d in answer.definitions
+                    if d.aggregation == interactions_pb2.FEATURE_AGGREGATION_CATEGORY
+                ),
             )
         return self._catalogue
 

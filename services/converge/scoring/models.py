@@ -21,21 +21,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import math
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 import prometheus_client
 
 from converge.features.transform import InputSchema
+from converge.models.handle import KnownFeatures, ModelRef
 from converge.models.predictions import PREDICTIONS, Prediction
+from converge.models.serving_artifacts import RiskThresholds
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,6 @@ FloatMatrix = npt.NDArray[np.float64]
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 MAX_REFUSED = 10
-THRESHOLDS_TAG = "converge.risk_band_thresholds"
 
 MODELS_REFUSED = prometheus_client.Counter(
     "converge_scoring_models_refused_total",
@@ -61,53 +60,8 @@ REGISTRY_FAILURES = prometheus_client.Counter(
 )
 
 
-@dataclass(frozen=True)
-class ModelRef:
-    """Names one model version (mirrors `converge.v1.ModelRef`); `alias` is ""
-    for the rule fallback."""
-
-    name: str
-    version: str
-    run_id: str = ""
-    alias: str = ""
-    feature_set_version: str = ""
-
-
-@dataclass(frozen=True)
-class RiskThresholds:
-    """Lowest probability of each band above LOW."""
-
-    medium: float
-    high: float
-    critical: float
-
-    def band(self, probability: float) -> str:
-        if probability >= self.critical:
-            return "critical"
-        if probability >= self.high:
-            return "high"
-        if probability >= self.medium:
-            return "medium"
-        return "low"
-
-    @classmethod
-    def from_json(cls, text: str) -> RiskThresholds:
-        data = json.loads(text)
-        found = cls(float(data["medium"]), float(data["high"]), float(data["critical"]))
-        if not 0 <= found.medium <= found.high <= found.critical <= 1:
-            raise ValueError(f"thresholds must rise within [0, 1]: {text}")
-        return found
-
-
-# Used for versions registered without thresholds (before training stored
-# them with each version), and by the rule fallback. Judgement, documented:
-# a fifth of the way to certain is worth a look, even odds is high, four in
-# five critical.
-DEFAULT_THRESHOLDS = RiskThresholds(medium=0.2, high=0.5, critical=0.8)
-
-
 class ServingModel(Protocol):
-    """What scoring needs of a loaded version."""
+    """What scoring needs of a loaded version (`converge.models.handle.ModelHandle`)."""
 
     @property
     def ref(self) -> ModelRef: ...
@@ -115,6 +69,8 @@ class ServingModel(Protocol):
     def schema(self) -> InputSchema: ...
     @property
     def thresholds(self) -> RiskThresholds: ...
+
+    def unload(self) -> None: ...
 
     def predict_with_contributions(self, matrix: FloatMatrix) -> tuple[FloatMatrix, FloatMatrix]:
         """Calibrated probabilities (n,) and per-input contributions in
@@ -127,145 +83,55 @@ class ServingModel(Protocol):
 
 
 class ModelSource(Protocol):
-    """Where versions come from; both methods block (run them in the executor)."""
+    """Where versions come from; both methods block (run them in a thread)."""
 
-    def alias_version(self, prediction: Prediction, alias: str) -> str | None:
-        """The version the alias names, None when unset; raises when the
-        registry cannot be reached."""
+    def serving_state(self, prediction: Prediction) -> tuple[str | None, str | None]:
+        """The (champion, challenger) versions, read as one committed state;
+        raises when the registry cannot be reached."""
         ...
 
     def load(self, prediction: Prediction, version: str, alias: str) -> ServingModel:
-        """The version loaded into memory; raises when it cannot be."""
+        """The version loaded and checked; raises when it cannot be, or must not serve."""
         ...
 
 
 # --- the registry's versions --------------------------------------------------------
 
 
-@dataclass(frozen=True, eq=False)
-class NativeVersion:
-    """A registered version held as its native LightGBM booster and calibrator
-    (`converge.models.native.NativeModel`), fed the float matrix of
-    `InputSchema.matrix` directly: no pandas frame per call."""
-
-    ref: ModelRef
-    schema: InputSchema
-    thresholds: RiskThresholds
-    booster: Any  # lightgbm.Booster
-    calibrator: Any  # converge.models.native.Calibrator
-    num_threads: int
-
-    def predict_with_contributions(self, matrix: FloatMatrix) -> tuple[FloatMatrix, FloatMatrix]:
-        contributions = np.asarray(
-            self.booster.predict(matrix, pred_contrib=True, num_threads=self.num_threads),
-            dtype=np.float64,
-        )
-        # For a binary objective the contributions and the bias add up to the
-        # booster's log-odds: one tree walk gives both the score and its reasons.
-        raw = 1.0 / (1.0 + np.exp(-contributions.sum(axis=1)))
-        return self.calibrator.apply(raw), contributions
-
-    def predict(self, matrix: FloatMatrix) -> FloatMatrix:
-        raw = self.booster.predict(matrix, num_threads=self.num_threads)
-        return np.asarray(self.calibrator.apply(raw), dtype=np.float64)
-
-
 class RegistrySource:
-    """The MLflow registry as a `ModelSource` (through `converge.models.registry`).
+    """The MLflow registry as a `ModelSource`: versions read through
+    `ModelRegistry.serving_state` (never a promotion half-done) and held as
+    `ModelHandle`s, checked against the feature set interactions serves
+    (`served_features()`, None while unknown: then against the built-in or
+    shipped set the version names)."""
 
-    Until the shared model handle lands (models/converge/models/handle.py),
-    loading goes through `ModelRegistry.load_version`, which points MLflow's
-    global tracking URI at this store for the duration; one scoring process
-    uses one store, so the swap is harmless here, but loads are serialised by
-    `ModelSlots` anyway."""
-
-    def __init__(self, tracking_uri: str, num_threads: int) -> None:
+    def __init__(
+        self,
+        tracking_uri: str,
+        num_threads: int,
+        served_features: Callable[[], KnownFeatures | None] = lambda: None,
+    ) -> None:
         from converge.models.registry import ModelRegistry
 
         self.registry = ModelRegistry(tracking_uri=tracking_uri)
         self.num_threads = num_threads
+        self.served_features = served_features
 
-    def alias_version(self, prediction: Prediction, alias: str) -> str | None:
-        from mlflow.exceptions import MlflowException
-
-        from converge.models.registry import REGISTERED_MODEL_NAMES, RegistryUnavailable
-
-        name = REGISTERED_MODEL_NAMES[prediction]
-        try:
-            if self.registry._registered(name) is None:
-                return None
-            version = self.registry.client.get_model_version_by_alias(name, alias)
-        except MlflowException as error:
-            if "alias" in str(error).lower() or "not found" in str(error).lower():
-                return None
-            raise RegistryUnavailable(str(error)) from error
-        except Exception as error:  # the store itself (file, network) is gone
-            raise RegistryUnavailable(f"{type(error).__name__}: {error}") from error
-        return str(version.version)
+    def serving_state(self, prediction: Prediction) -> tuple[str | None, str | None]:
+        state = self.registry.serving_state(prediction)
+        return state.champion, state.challenger
 
     def load(self, prediction: Prediction, version: str, alias: str) -> ServingModel:
-        loaded = self.registry.load_version(prediction, version, num_threads=self.num_threads)
-        schema = loaded.input_schema
-        if schema is None:
-            raise ValueError(
-                "the version carries no input schema (input_schema.json): it was trained before "
-                "serving could feed it; retrain it"
-            )
-        thresholds = DEFAULT_THRESHOLDS
-        if THRESHOLDS_TAG in loaded.tags:
-            thresholds = RiskThresholds.from_json(loaded.tags[THRESHOLDS_TAG])
-        model = loaded.model
-        if tuple(model.feature_names) != schema.names:
-            raise ValueError(
-                "the booster's inputs differ from its input schema: "
-                f"{len(model.feature_names)} against {len(schema.names)}"
-            )
-        return NativeVersion(
-            ref=ModelRef(
-                loaded.name, loaded.version, loaded.run_id, alias, model.feature_set_version
-            ),
-            schema=schema,
-            thresholds=thresholds,
-            booster=model.booster,
-            calibrator=model.calibrator,
-            num_threads=self.num_threads,
-        )
+        from converge.models.handle import ModelHandle
 
-
-def check_version(
-    model: ServingModel,
-    served_features: Mapping[str, Any] | None,
-    served_version: str | None,
-) -> None:
-    """Raises `ValueError` saying why `model` must not serve: it was trained
-    on another feature set than the one interactions serves, it reads inputs
-    nothing provides, or it does not give a finite probability for a row of
-    missing values. (The served set is skipped while interactions is unknown.)"""
-    ref = model.ref
-    if served_version is not None and ref.feature_set_version != served_version:
-        raise ValueError(
-            f"trained on feature set {ref.feature_set_version!r}, interactions serves "
-            f"{served_version!r}"
+        handle = ModelHandle(
+            self.registry, prediction, version, alias=alias, num_threads=self.num_threads
         )
-    if served_features is not None:
-        unknown = [
-            name
-            for name in model.schema.names
-            if not name.startswith("profile_")
-            and name != "candidate_product"
-            and name not in served_features
-        ]
-        if unknown:
-            raise ValueError(f"inputs the served feature set lacks: {', '.join(unknown[:10])}")
-    probe = np.full((1, len(model.schema.names)), np.nan, dtype=np.float64)
-    probabilities, contributions = model.predict_with_contributions(probe)
-    if probabilities.shape != (1,) or not math.isfinite(float(probabilities[0])):
-        raise ValueError("the version gives no finite probability for a row of missing values")
-    if contributions.shape != (1, len(model.schema.names) + 1):
-        raise ValueError(
-            f"the booster reads {contributions.shape[1] - 1} inputs, its schema names "
-            f"{len(model.schema.names)}"
-        )
+        handle.load()
+        report = handle.check(self.served_features())
+        for note in report.notes:
+            logger.warning("%s version %s: %s", prediction, version, note)
+        return handle
 
 
 # --- the slots ----------------------------------------------------------------------
@@ -323,24 +189,18 @@ class ReloadOutcome:
     refused: tuple[Refused, ...]
 
 
-# Checks a freshly loaded version; raises ValueError to refuse it.
-Checker = Callable[[ServingModel], None]
-
-
 class ModelSlots:
     """Every prediction's slot, kept in line with the registry."""
 
     def __init__(
         self,
         source: ModelSource,
-        checker: Checker,
         *,
         poll_interval_s: float,
         shadow: bool = True,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.source = source
-        self.checker = checker
         self.poll_interval_s = poll_interval_s
         self.shadow = shadow
         self.clock = clock
@@ -385,6 +245,8 @@ class ModelSlots:
     def _drop_drained(self) -> None:
         for slot in self.slots.values():
             if slot.draining:
+                for finished in [s for s in slot.draining if s.in_flight == 0]:
+                    finished.model.unload()
                 slot.draining = [s for s in slot.draining if s.in_flight > 0]
 
     # --- keeping up with the registry -------------------------------------------------
@@ -420,30 +282,29 @@ class ModelSlots:
             all_read = True
             for prediction in predictions:
                 slot = self.slots[prediction]
+                try:
+                    champion, challenger = await asyncio.to_thread(
+                        self.source.serving_state, prediction
+                    )
+                except Exception as error:
+                    all_read = False
+                    REGISTRY_FAILURES.inc()
+                    logger.warning(
+                        "registry unreachable reading %s; serving what is loaded: %s",
+                        prediction,
+                        error,
+                    )
+                    if slot.champion is None:
+                        slot.no_model_reason = f"the model registry cannot be reached: {error}"
+                    continue
+                wanted = {CHAMPION: champion, CHALLENGER: challenger}
                 for alias in aliases:
-                    try:
-                        version = await asyncio.to_thread(
-                            self.source.alias_version, prediction, alias
-                        )
-                    except Exception as error:
-                        all_read = False
-                        REGISTRY_FAILURES.inc()
-                        logger.warning(
-                            "registry unreachable reading %s@%s; serving what is loaded: %s",
-                            prediction,
-                            alias,
-                            error,
-                        )
-                        if slot.champion is None:
-                            slot.no_model_reason = f"the model registry cannot be reached: {error}"
-                        continue
-                    outcome = await self._follow(slot, alias, version)
+                    outcome = await self._follow(slot, alias, wanted[alias])
                     if isinstance(outcome, Refused):
                         refused.append(outcome)
                     elif outcome is not None:
                         swapped.append(outcome)
-                if all_read:
-                    slot.checked_at = self.clock()
+                slot.checked_at = self.clock()
             if all_read:
                 self.checked = True
             return ReloadOutcome(tuple(swapped), tuple(refused))
@@ -467,11 +328,11 @@ class ModelSlots:
             # A thread of its own, not the CPU workers': a load is mostly I/O,
             # takes seconds, and must never be refused because calls keep the
             # workers busy (that would refuse a good version under load).
-            model = await asyncio.to_thread(self._load_and_check, slot.prediction, version, alias)
+            model = await asyncio.to_thread(self.source.load, slot.prediction, version, alias)
         except Exception as error:
             refusal = Refused(
                 slot.prediction,
-                ModelRef(_registered_name(slot.prediction), version, alias=alias),
+                ModelRef(_registered_name(slot.prediction), version, "", alias, ""),
                 f"{type(error).__name__}: {error}",
                 self.clock(),
             )
@@ -496,11 +357,6 @@ class ModelSlots:
         )
         return model.ref
 
-    def _load_and_check(self, prediction: Prediction, version: str, alias: str) -> ServingModel:
-        model = self.source.load(prediction, version, alias)
-        self.checker(model)
-        return model
-
     def _place(self, slot: Slot, alias: str, serving: Serving | None) -> None:
         old = slot.champion if alias == CHAMPION else slot.challenger
         # One reference assignment each: a call that leased the old version
@@ -511,15 +367,13 @@ class ModelSlots:
             slot.challenger = serving
         if old is not None and old.in_flight > 0:
             slot.draining.append(old)
+        elif old is not None:
+            old.model.unload()
 
     # --- status -----------------------------------------------------------------------
 
     def status(self, prediction: Prediction) -> Slot:
         return self.slots[prediction]
-
-
-def with_alias(ref: ModelRef, alias: str) -> ModelRef:
-    return replace(ref, alias=alias)
 
 
 def _registered_name(prediction: Prediction) -> str:

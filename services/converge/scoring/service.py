@@ -32,6 +32,7 @@ import numpy.typing as npt
 
 from converge.models import fallback
 from converge.models.fallback import Reason
+from converge.models.handle import DEFAULT_THRESHOLDS, ModelRef
 from converge.models.predictions import PREDICTIONS, Prediction
 from converge.runtime.errors import (
     ConvergeError,
@@ -44,8 +45,6 @@ from converge.runtime.executor import CpuExecutor
 from converge.scoring.batching import Coalescer
 from converge.scoring.features import CustomerKey, FeatureSource, FeatureValue, LiveFeatures
 from converge.scoring.models import (
-    DEFAULT_THRESHOLDS,
-    ModelRef,
     ModelSlots,
     ReloadOutcome,
     Serving,
@@ -375,7 +374,7 @@ class ScoringService:
             product_id=item.product_id,
             probability=rules.probability,
             band=DEFAULT_THRESHOLDS.band(rules.probability),
-            model=ModelRef(rules.model_name, rules.version),
+            model=ModelRef(rules.model_name, rules.version, "", "", ""),
             reasons=rules.reasons[:limit],
             fallback_reason=why,
         )
