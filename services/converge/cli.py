@@ -368,6 +368,118 @@ def _print_summary(
             console.print(JSON.from_data(sample, indent=None))
 
 
+# --- converge score ---------------------------------------------------------------
+DEFAULT_SCORING = "127.0.0.1:50053"
+EXIT_NOT_FOUND = 4
+
+
+def register_score_command(subparsers: Subparsers) -> None:
+    """`converge score CUSTOMER [--ticket T] [--products P,...] [--json]`."""
+    from converge.lookup import parse_ref
+
+    parser = subparsers.add_parser(
+        "score",
+        help="score one customer: churn, escalation of a ticket, cross-sell, with reasons",
+        description=(
+            "Ask the scoring service for one customer's scores and the reasons behind them: "
+            "churn always, escalation with --ticket, cross-sell with --products. CUSTOMER is "
+            "a customer id or TYPE:VALUE (email:ada@example.com); it is never created. "
+            "Exit codes: 0 scored, 2 bad request, 3 the service unreachable, 4 no such "
+            "customer or ticket."
+        ),
+    )
+    parser.add_argument("customer", type=parse_ref, metavar="CUSTOMER")
+    parser.add_argument("--ticket", default="", metavar="T", help="an open ticket to score")
+    parser.add_argument(
+        "--products",
+        default="",
+        metavar="P,...",
+        help="candidate products for cross-sell, comma separated",
+    )
+    parser.add_argument(
+        "--reasons", type=_positive, default=3, metavar="N", help="reasons per score (default 3)"
+    )
+    parser.add_argument(
+        "--scoring",
+        type=_address,
+        default=DEFAULT_SCORING,
+        metavar="HOST:PORT",
+        help=f"the scoring service (default {DEFAULT_SCORING})",
+    )
+    parser.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="(default 5)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(run=_run_score)
+
+
+def _run_score(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf import json_format
+    from rich.console import Console
+
+    from converge.runtime.channels import channel
+    from converge.v1 import scoring_pb2, scoring_pb2_grpc
+
+    err = Console(stderr=True)
+    request = scoring_pb2.ScoreRequest(
+        customer=args.customer,
+        ticket_id=args.ticket,
+        candidate_product_ids=[p.strip() for p in args.products.split(",") if p.strip()],
+        max_reasons=min(args.reasons, 20),
+    )
+    try:
+        with channel(args.scoring) as connection:
+            stub = scoring_pb2_grpc.ScoringServiceStub(connection)
+            answer = stub.Score(request, timeout=args.timeout)
+    except grpc.RpcError as e:
+        code = e.code()  # type: ignore[attr-defined]
+        details = e.details()  # type: ignore[attr-defined]
+        if code == grpc.StatusCode.NOT_FOUND:
+            err.print(f"[red]Not found:[/] {details}", highlight=False)
+            return EXIT_NOT_FOUND
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            err.print(
+                f"[red]The scoring service at {args.scoring} cannot answer:[/] {details}",
+                highlight=False,
+            )
+            return EXIT_UNREACHABLE
+        err.print(f"[red]{code.name}:[/] {details}", highlight=False)
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps(json_format.MessageToDict(answer), indent=2, sort_keys=True))
+    else:
+        _print_scores(answer, Console())
+    return EXIT_OK
+
+
+def _print_scores(answer: Any, console: Console) -> None:
+    from rich import box
+    from rich.table import Table
+
+    from converge.v1 import predictions_pb2
+
+    table = Table(title=f"Scores of customer {answer.customer_id}", box=box.SIMPLE)
+    for column in ("prediction", "for", "probability", "band", "model", "reasons"):
+        table.add_column(column, justify="right" if column == "probability" else "left")
+    for scored in answer.predictions:
+        kind = predictions_pb2.PredictionKind.Name(scored.kind).removeprefix("PREDICTION_KIND_")
+        band = predictions_pb2.RiskBand.Name(scored.risk_band).removeprefix("RISK_BAND_")
+        model = f"{scored.model.name} v{scored.model.version}"
+        if scored.fallback_used:
+            model += " (rules)"
+        table.add_row(
+            kind.lower(),
+            scored.ticket_id or scored.product_id,
+            f"{scored.probability:.1%}",
+            band.lower(),
+            model,
+            "\n".join(r.text for r in scored.reasons),
+        )
+    console.print(table)
+    fallbacks = {s.fallback_reason for s in answer.predictions if s.fallback_used}
+    for reason in sorted(fallbacks):
+        console.print(f"[yellow]Rules answered:[/] {reason}", highlight=False)
+
+
 # --- the command table ------------------------------------------------------------
 # Each entry adds subcommands: a registrar function, or "module:function" imported
 # when the parser is built (so `converge models` can live in its own package).
@@ -376,6 +488,7 @@ SUBCOMMANDS: tuple[Registrar | str, ...] = (
     "converge.lookup:register",
     "converge.models.cli:add_subcommands",
     "converge.platform:register",
+    register_score_command,
 )
 
 
