@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Mapping
 from datetime import datetime
 
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from converge.features.engine import FeatureDefinition, FeatureSet, FeatureValues
 from converge.interactions.convert import MAX_BATCH, customer_ref, uuid_field
@@ -70,31 +70,34 @@ def definitions_response(
     )
 
 
-def feature_vector_pb(
+def fill_feature_vector(
+    vector: predictions_pb2.FeatureVector,
     customer_id: uuid.UUID | None,
     values: FeatureValues | None,
-    as_of: datetime,
+    as_of: timestamp_pb2.Timestamp,
     names: set[str],
     features: FeatureSet,
     ticket_id: str = "",
-) -> predictions_pb2.FeatureVector:
+) -> None:
+    """Fills an empty vector in place: a vector built apart and then put into
+    a response is copied whole, maps included (a GetFeatures of 100 customers
+    spent four times longer building its response that way)."""
     numbers: Mapping[str, float | str] = values or {}
     if names:
         numbers = {name: value for name, value in numbers.items() if name in names}
-    texts: dict[str, str] = {}
+    if customer_id is not None:
+        vector.customer_id = str(customer_id)
+    if ticket_id:
+        vector.ticket_id = ticket_id
+    vector.as_of.CopyFrom(as_of)
+    vector.feature_set_version = features.version
+    vector.found = values is not None
     if not features.category_names.isdisjoint(numbers):
         texts = {n: v for n, v in numbers.items() if isinstance(v, str)}
+        vector.category_values.update(texts)
         numbers = {n: v for n, v in numbers.items() if n not in texts}
-    return predictions_pb2.FeatureVector(
-        customer_id="" if customer_id is None else str(customer_id),
-        ticket_id=ticket_id,
-        as_of=timestamp(as_of),
-        feature_set_version=features.version,
-        found=values is not None,
-        # (the maps filled at once: half the time of key by key)
-        values=numbers,  # type: ignore[arg-type]  # (no text left in it)
-        category_values=texts,
-    )
+    # (the map filled at once: half the time of key by key; no text left in it)
+    vector.values.update(numbers)  # type: ignore[arg-type]
 
 
 def check_feature_set_version(version: str, path: str, features: FeatureSet) -> None:
@@ -134,17 +137,14 @@ def features_response(
     names: set[str],
     features: FeatureSet,
 ) -> interactions_pb2.GetFeaturesResponse:
-    return interactions_pb2.GetFeaturesResponse(
-        # Not found: no customer id (never the nil UUID) and `found` false.
-        customers=[
-            feature_vector_pb(root, values, as_of, names, features) for root, values in customers
-        ],
-        tickets=[
-            feature_vector_pb(owner, values, as_of, names, features, ticket_id)
-            for owner, ticket_id, values in tickets
-        ],
-        feature_set_version=features.version,
-    )
+    response = interactions_pb2.GetFeaturesResponse(feature_set_version=features.version)
+    at = timestamp(as_of)
+    # Not found: no customer id (never the nil UUID) and `found` false.
+    for root, values in customers:
+        fill_feature_vector(response.customers.add(), root, values, at, names, features)
+    for owner, ticket_id, values in tickets:
+        fill_feature_vector(response.tickets.add(), owner, values, at, names, features, ticket_id)
+    return response
 
 
 PointInTimeQuery = tuple[uuid.UUID, datetime, str]  # (customer, as of, ticket id)
@@ -189,9 +189,8 @@ def point_in_time_response(
         request.queries, queries, computed, strict=True
     ):
         result = response.results.add(row_ref=query.row_ref)
-        result.customer.CopyFrom(feature_vector_pb(customer_id, customer, as_of, names, features))
+        at = timestamp(as_of)
+        fill_feature_vector(result.customer, customer_id, customer, at, names, features)
         if ticket_id:
-            result.ticket.CopyFrom(
-                feature_vector_pb(customer_id, ticket, as_of, names, features, ticket_id)
-            )
+            fill_feature_vector(result.ticket, customer_id, ticket, at, names, features, ticket_id)
     return response
