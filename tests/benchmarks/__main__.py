@@ -24,6 +24,7 @@ BENCHMARKS.append("tests.benchmarks.bench_models")
 BENCHMARKS.append("tests.benchmarks.bench_product_path")
 BENCHMARKS.append("tests.benchmarks.bench_cli")
 BENCHMARKS.append("tests.benchmarks.bench_import")
+BENCHMARKS.append("tests.benchmarks.bench_scoring")
 
 
 async def run_all(selected: list[str]) -> dict[str, float]:

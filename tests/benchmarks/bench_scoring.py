@@ -1,0 +1,691 @@
+"""Scoring: Score and ScoreBatch of the scoring service beside three
+references, side by side in one run, all driven by one load generator
+(`tests/benchmarks/load.py`: 4 channels, closed-loop callers, pre-built
+requests).
+
+The ground: a simulated world (`converge.models.simulator`) of `CUSTOMERS`
+customers ending today; each prediction's model trained on it the fastest
+honest way (the built-in definitions, in-process frames, a short training config), logged and registered through
+`ModelRegistry.log_training` into a fresh MLflow SQLite store (with
+everything serving checks) and promoted through the gates; churn registered
+a second time (the same booster, a new version) for the swap. Then
+`SCORED_WORLD` new customers of the same population (another seed, the same
+days) are resolved in a real identity service and their interactions
+ingested into a real interactions service (`simulator.feed`), so Score
+reads live features of customers the models never saw.
+
+Figures:
+
+- `scoring.raw_booster.rows_per_s`: the model ceiling. The churn champion's
+  raw `lightgbm.Booster.predict` on its serving input matrix (the test
+  part's rows as `serving_artifacts.input_matrix` builds them), in batches
+  of the scoring service's coalescing size, with its LightGBM thread count
+  (`ScoringSettings` defaults); `..contrib_rows_per_s` the same with
+  `pred_contrib` (what reasons need).
+- `scoring.grpc_echo.c16.calls_per_s`: the transport ceiling. A bare
+  grpc.aio server in its own process answering Score with fixed bytes (a
+  real Score answer when the service runs) at 16 callers.
+- `scoring.mlflow_serve.c16.calls_per_s`: `mlflow models serve` of the same
+  churn version (`--env-manager local`, its default single worker), its
+  `/invocations` JSON (one row of the model's inputs per call, `dataframe_split`)
+  at 16 callers over HTTP keep-alive connections.
+- When the scoring service exists (`converge.scoring.app`): Score of all three
+  predictions (churn, the customer's latest ticket, two products they do not
+  hold) with reasons at 1, 16 and 64 callers; ScoreBatch of churn with
+  reasons over one stream (customers per second), against the raw booster;
+  and the failed calls while a promotion swaps the churn champion under 16
+  callers (promoted through the registry, the service picks it up at its
+  poll; the run ends once `GetModelStatus` reports the new version).
+- `scoring.oip.c16.calls_per_s` when the Open Inference Protocol endpoint
+  exists: see `_oip_figures`, the seam.
+
+The bench reports; it asserts nothing about the targets, it prints them
+beside the figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+
+from converge.v1 import common_pb2, scoring_pb2
+from tests.benchmarks.harness import BenchEnv
+from tests.benchmarks.load import (
+    SCORE_METHOD,
+    LoadResult,
+    drive,
+    grpc_target,
+    start_echo,
+)
+from tests.conftest import free_port
+from tests.waiting import wait_until
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from converge.models.dataset import Split
+    from converge.models.native import NativeModel
+    from converge.models.registry import RegisteredVersion
+    from converge.models.simulator import World
+
+CUSTOMERS = 500  # the world the models train on
+SEED = 14
+SCORED_WORLD = 300  # the customers ingested into the services and scored
+SCORED_CUSTOMERS = 100  # distinct Score requests, sent in turn
+CANDIDATE_PRODUCTS = 2
+RECENT_TICKET = timedelta(days=30)
+WARMUP_S = 1.0
+WINDOW_S = 4.0
+BATCH_ITEMS = 600
+BATCH_WARMUP_ITEMS = 64
+RAW_BATCH = 64  # ScoringSettings.coalesce_max_batch's default
+RAW_THREADS = 1  # ScoringSettings.lightgbm_threads' default
+RAW_SECONDS = 1.5
+SWAP_AFTER_S = 1.0  # calls measured once the service reports the new version
+POLL_INTERVAL_S = "0.5"
+MLFLOW_ROWS = 64
+REQUESTED_BY = "bench"
+
+TARGETS: tuple[tuple[str, str, Any], ...] = (
+    # (figure, target for people, met(figures) or None)
+    ("scoring.score.c1.p99_ms", "under 5 ms", lambda f, v: v < 5.0),
+    ("scoring.vs_grpc_echo", "at least 0.40", lambda f, v: v >= 0.40),
+    ("scoring.vs_mlflow_serve", "at least 20", lambda f, v: v >= 20.0),
+    ("scoring.score_batch.vs_raw_booster", "at least 0.25", lambda f, v: v >= 0.25),
+    ("scoring.swap.failed_calls", "0", lambda f, v: v == 0),
+    ("scoring.oip.vs_score", "at least 0.80", lambda f, v: v >= 0.80),
+)
+
+
+# --- the models ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Trained:
+    """The registry's store and what the bench registered in it."""
+
+    tracking_uri: str
+    world: World
+    versions: dict[str, RegisteredVersion]  # prediction -> its champion
+    churn_split: Split
+    spare_churn_version: str  # registered, no alias: the version the swap promotes
+
+
+def _train_and_register(tracking_uri: str, end: datetime) -> Trained:
+    """Trains the three predictions' models on a simulated world ending at
+    `end` and registers each as champion, as `converge models train` and
+    `promote` would (the built-in definitions, the promotion gates), with a
+    shorter training (a higher learning rate, fewer rounds) to stay quick."""
+    from converge.models.definitions import load_definitions
+    from converge.models.evaluation import evaluate
+    from converge.models.pipeline import SIM_DAYS, split_frame
+    from converge.models.registry import ModelRegistry
+    from converge.models.simulator import simulate
+    from converge.models.training import TrainingConfig, train
+    from converge.models.trainingset import build_defined_events
+
+    world = simulate(CUSTOMERS, SEED, end - timedelta(days=SIM_DAYS), end)
+    events, profiles = world.events_by_customer(), world.profile_histories()
+    defs = load_definitions(None)
+    # As `converge models train --simulated` does: the world spans SIM_DAYS.
+    weeks = min(defs.cutoffs.weeks, SIM_DAYS // 7 - 9)
+    defs = defs.model_copy(update={"cutoffs": defs.cutoffs.model_copy(update={"weeks": weeks})})
+    config = TrainingConfig(learning_rate=0.1, max_rounds=300, early_stopping_rounds=30)
+    registry = ModelRegistry(tracking_uri)
+    versions: dict[str, RegisteredVersion] = {}
+    churn_split = None
+    spare = ""
+    for prediction in ("churn", "escalation", "cross_sell"):
+        frame, report = build_defined_events(events, profiles, defs, prediction)  # type: ignore[arg-type]
+        split = split_frame(frame, defs, report)[0]
+        model = train(split.train, split.valid, config)
+        result = evaluate(model, split.test)
+        parts = {"train": split.train, "valid": split.valid, "test": split.test}
+        registered = registry.log_training(model, result, parts, requested_by=REQUESTED_BY)
+        decision = registry.promote(prediction, registered.version, split.test, REQUESTED_BY)
+        if not decision.promoted:
+            raise RuntimeError(f"{prediction}: not promoted: {decision.reasons}")
+        versions[prediction] = registered
+        if prediction == "churn":
+            churn_split = split
+            # The same model once more: a new version the swap promotes; its
+            # figures equal the champion's, so the gates pass it.
+            spare = registry.log_training(model, result, parts, requested_by=REQUESTED_BY).version
+    assert churn_split is not None
+    return Trained(tracking_uri, world, versions, churn_split, spare)
+
+
+def _churn_champion(trained: Trained) -> NativeModel:
+    """The churn champion as serving loads it: natively, from the registry."""
+    from converge.models.registry import ModelRegistry
+
+    return ModelRegistry(trained.tracking_uri).load_champion("churn", num_threads=RAW_THREADS).model
+
+
+def _raw_booster(model: NativeModel, frame: pd.DataFrame) -> dict[str, float]:
+    """Rows per second of the model's booster on the serving input matrix of
+    `frame`'s rows, in batches of `RAW_BATCH`, without and with
+    contributions."""
+    import numpy as np
+
+    from converge.models.serving_artifacts import input_matrix
+
+    matrix = input_matrix(model, frame)
+    batches = [matrix[i : i + RAW_BATCH] for i in range(0, len(matrix) - RAW_BATCH + 1, RAW_BATCH)]
+    booster = model.booster
+
+    def rate(contrib: bool) -> float:
+        rows, index = 0, 0
+        booster.predict(batches[0], num_threads=RAW_THREADS, pred_contrib=contrib)  # warm-up
+        started = time.perf_counter()
+        while time.perf_counter() - started < RAW_SECONDS:
+            out = booster.predict(
+                batches[index % len(batches)], num_threads=RAW_THREADS, pred_contrib=contrib
+            )
+            rows += len(out)
+            index += 1
+        elapsed = time.perf_counter() - started
+        assert np.isfinite(out).all()
+        return rows / elapsed
+
+    return {
+        "scoring.raw_booster.rows_per_s": rate(False),
+        "scoring.raw_booster.contrib_rows_per_s": rate(True),
+    }
+
+
+# --- the customers in the services ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ingested:
+    world: World  # the customers scored (not those the models trained on)
+    identity_address: str
+    interactions_address: str
+    customer_ids: dict[str, str]  # CRM id -> customer id
+
+
+async def _ingest(env: BenchEnv, trained: Trained) -> Ingested:
+    """New customers of the same simulated population (another seed, the same
+    days), resolved in identity and their interactions ingested: the
+    customers the models score live."""
+    from converge.models.simulator import feed, simulate
+
+    world = await asyncio.to_thread(
+        simulate, SCORED_WORLD, SEED + 1, trained.world.start, trained.world.end
+    )
+
+    identity = await env.start("identity", await env.new_database(), log_level="WARNING")
+    interactions = await env.start(
+        "interactions",
+        await env.new_database(),
+        log_level="WARNING",
+        identity_address=identity.address,
+    )
+    summary = await feed(world, identity.address, interactions.address)
+    return Ingested(world, identity.address, interactions.address, dict(summary.customer_ids))
+
+
+def _score_requests(ingested: Ingested) -> list[scoring_pb2.ScoreRequest]:
+    """All three predictions with reasons for `SCORED_CUSTOMERS` customers:
+    churn, escalation of the customer's latest ticket (opened within
+    `RECENT_TICKET`, so the live state still holds it), cross-sell of two
+    products the customer did not hold at the start."""
+    from converge.models.simulator import PRODUCTS, ticket_id
+
+    world = ingested.world
+    recent_us = int((world.end - RECENT_TICKET).timestamp() * 1e6)
+    requests: list[scoring_pb2.ScoreRequest] = []
+    for chunk in world.chunks():
+        latest: dict[int, tuple[int, int]] = {}  # customer -> (opened, ticket number)
+        for number, customer, opened in zip(
+            chunk.ticket_ids, chunk.ticket_customer, chunk.ticket_opened_us, strict=True
+        ):
+            if opened >= recent_us:
+                latest[int(customer)] = max(
+                    latest.get(int(customer), (0, 0)), (int(opened), int(number))
+                )
+        for customer, (_, number) in sorted(latest.items()):
+            held = chunk.held_initially[customer - chunk.first]
+            candidates = [p for p, h in zip(PRODUCTS, held, strict=True) if not h]
+            if len(candidates) < CANDIDATE_PRODUCTS:
+                continue
+            requests.append(
+                scoring_pb2.ScoreRequest(
+                    customer=common_pb2.CustomerRef(
+                        customer_id=ingested.customer_ids[world.crm_id(customer)]
+                    ),
+                    ticket_id=ticket_id(number),
+                    candidate_product_ids=candidates[:CANDIDATE_PRODUCTS],
+                    channel=common_pb2.CHANNEL_CHAT,
+                )
+            )
+            if len(requests) == SCORED_CUSTOMERS:
+                return requests
+    return requests
+
+
+# --- the references ---------------------------------------------------------------
+
+
+def _canned_score_response() -> bytes:
+    """A Score answer of a realistic size (three predictions, three reasons
+    each), for the echo when the scoring service is not there to give a real one."""
+    response = scoring_pb2.ScoreResponse(
+        customer_id="0b9a3f0e-1d2c-4b5a-9e8f-7a6b5c4d3e2f", score_id="0" * 26
+    )
+    for kind in (1, 2, 3):
+        prediction = response.predictions.add(kind=kind, probability=0.4321, risk_band=2)  # type: ignore[arg-type]
+        prediction.model.name, prediction.model.version = "converge-churn", "1"
+        prediction.model.run_id, prediction.model.feature_set_version = "a" * 32, "builtin-v1"
+        for _ in range(3):
+            prediction.reasons.add(
+                code="nps_last.low",
+                feature="nps_last",
+                value=3.0,
+                contribution=0.41,
+                text="NPS of 3 (low) raises churn risk",
+            )
+    response.scored_at.FromDatetime(datetime(2026, 1, 1, tzinfo=UTC))
+    return response.SerializeToString()
+
+
+async def _echo(
+    work_dir: Path, answer: bytes, requests: Sequence[scoring_pb2.ScoreRequest]
+) -> LoadResult:
+    response_file = work_dir / "echo-response.bin"
+    response_file.write_bytes(answer)
+    echo = start_echo(response_file)
+    try:
+        with grpc_target(echo.address) as target:
+            return await drive(
+                target.unary(SCORE_METHOD, requests, scoring_pb2.ScoreResponse),
+                callers=16,
+                warmup_s=WARMUP_S,
+                window_s=WINDOW_S,
+            )
+    finally:
+        echo.stop()
+
+
+class _HttpFailure(Exception):
+    pass
+
+
+def _invocation_bodies(model: NativeModel, frame: pd.DataFrame) -> list[bytes]:
+    """`/invocations` bodies of one row each: the model's inputs as its logged
+    signature takes them (categories as text, missing as null)."""
+    import pandas as pd
+
+    frame = frame.head(MLFLOW_ROWS)
+    columns = list(model.feature_names)
+    bodies = []
+    for _, row in frame.iterrows():
+        values: list[Any] = []
+        for name in columns:
+            value = row[name]
+            if value is None or (not isinstance(value, str) and pd.isna(value)):
+                values.append(None)
+            elif name in model.categorical_levels:
+                values.append(str(value))
+            else:
+                values.append(float(value))
+        bodies.append(
+            json.dumps({"dataframe_split": {"columns": columns, "data": [values]}}).encode()
+        )
+    return bodies
+
+
+@dataclass(frozen=True)
+class MlflowServer:
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+
+@contextlib.contextmanager
+def _mlflow_serve(trained: Trained, log: Path) -> Iterator[MlflowServer]:
+    """`mlflow models serve` of the churn champion's version, in a process
+    group of its own (its uvicorn worker is a child), stopped on leaving.
+    Started early, so that its start (seconds of imports) overlaps the
+    ingest rather than adding to the run; it idles until it is driven."""
+    port = free_port()
+    bin_dir = Path(sys.executable).parent
+    # It runs `uvicorn` by name: the venv's, found on the PATH.
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": trained.tracking_uri,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    command = [
+        str(bin_dir / "mlflow"),
+        *("models", "serve", "-m", trained.versions["churn"].model_uri),
+        *("--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)),
+    ]
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=log.parent,
+        )
+    try:
+        yield MlflowServer(process, port, log)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
+
+
+async def _mlflow_reference(server: MlflowServer, bodies: list[bytes]) -> LoadResult:
+    """16 callers on the server's `/invocations`, once its `/ping` answers."""
+    process, port = server.process, server.port
+
+    async def ping() -> int:
+        if process.poll() is not None:
+            raise RuntimeError(f"mlflow models serve exited:\n{server.log.read_text()[-3000:]}")
+
+        def get() -> int:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                    return int(r.status)
+            except (urllib.error.URLError, OSError):
+                return 0
+
+        return await asyncio.to_thread(get)
+
+    await wait_until(ping, lambda s: s == 200, timeout_s=300, what="mlflow models serve /ping")
+    connections: dict[int, http.client.HTTPConnection] = {}
+    headers = {"Content-Type": "application/json"}
+
+    def call(caller: int, sequence: int) -> object:
+        connection = connections.get(caller)
+        if connection is None:
+            connection = connections[caller] = http.client.HTTPConnection(
+                "127.0.0.1", port, timeout=30
+            )
+        connection.request("POST", "/invocations", bodies[sequence % len(bodies)], headers)
+        response = connection.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise _HttpFailure(f"{response.status}: {body[:200]!r}")
+        return body
+
+    try:
+        return await drive(call, callers=16, warmup_s=WARMUP_S, window_s=WINDOW_S)
+    finally:
+        for connection in connections.values():
+            connection.close()
+
+
+# --- the scoring service ----------------------------------------------------------
+
+
+def scoring_service_exists() -> bool:
+    return importlib.util.find_spec("converge.scoring.app") is not None
+
+
+async def _scoring_figures(
+    env: BenchEnv,
+    trained: Trained,
+    ingested: Ingested,
+    requests: list[scoring_pb2.ScoreRequest],
+    raw: dict[str, float],
+) -> tuple[dict[str, float], bytes]:
+    """Score at 1, 16 and 64 callers, ScoreBatch, the swap. Returns the
+    figures and the bytes of one real Score answer (for the echo)."""
+    import grpc
+
+    from converge.v1 import predictions_pb2, scoring_pb2_grpc
+
+    service = await env.start(
+        "scoring",
+        await env.new_database(),
+        log_level="WARNING",
+        interactions_address=ingested.interactions_address,
+        identity_address=ingested.identity_address,
+        tracking_uri=trained.tracking_uri,
+        model_poll_interval_s=POLL_INTERVAL_S,
+    )
+    figures: dict[str, float] = {}
+    with grpc.insecure_channel(service.address) as channel:
+        stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+        answer = stub.Score(requests[0], timeout=10)
+        if len(answer.predictions) != 2 + CANDIDATE_PRODUCTS:
+            raise RuntimeError(f"Score answered {len(answer.predictions)} predictions: {answer}")
+
+    with grpc_target(service.address) as target:
+        score = target.unary(SCORE_METHOD, requests, scoring_pb2.ScoreResponse)
+        by_callers: dict[int, LoadResult] = {}
+        for callers in (1, 16, 64):
+            by_callers[callers] = await drive(
+                score, callers=callers, warmup_s=WARMUP_S, window_s=WINDOW_S
+            )
+    figures["scoring.score.c1.p50_ms"] = by_callers[1].p(50)
+    figures["scoring.score.c1.p99_ms"] = by_callers[1].p(99)
+    figures["scoring.score.c16.p50_ms"] = by_callers[16].p(50)
+    figures["scoring.score.c16.p99_ms"] = by_callers[16].p(99)
+    figures["scoring.score.c64.p99_ms"] = by_callers[64].p(99)
+    figures["scoring.score.c16.calls_per_s"] = by_callers[16].calls_per_s
+    figures["scoring.score.c64.calls_per_s"] = by_callers[64].calls_per_s
+    figures["scoring.score.failed_calls"] = float(sum(r.failed for r in by_callers.values()))
+
+    # ScoreBatch: churn with reasons for each customer in turn, one stream.
+    churn = predictions_pb2.PREDICTION_KIND_CHURN
+    items = [
+        scoring_pb2.ScoreBatchRequest(
+            row_ref=str(i),
+            score=scoring_pb2.ScoreRequest(
+                customer=requests[i % len(requests)].customer, predictions=[churn]
+            ),
+        )
+        for i in range(BATCH_ITEMS)
+    ]
+    with grpc.insecure_channel(service.address) as channel:
+        stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+
+        def stream(sent: list[scoring_pb2.ScoreBatchRequest]) -> tuple[float, int]:
+            started = time.perf_counter()
+            answered = errors = 0
+            for reply in stub.ScoreBatch(iter(sent), timeout=120):
+                answered += 1
+                errors += reply.HasField("error")
+            if answered != len(sent):
+                raise RuntimeError(f"ScoreBatch answered {answered} of {len(sent)}")
+            return answered / (time.perf_counter() - started), errors
+
+        await asyncio.to_thread(stream, items[:BATCH_WARMUP_ITEMS])
+        batch_rate, batch_errors = await asyncio.to_thread(stream, items)
+    figures["scoring.score_batch.customers_per_s"] = batch_rate
+    figures["scoring.score_batch.failed_items"] = float(batch_errors)
+    figures["scoring.score_batch.vs_raw_booster"] = (
+        batch_rate / raw["scoring.raw_booster.rows_per_s"]
+    )
+    figures.update(await _swap(service.address, trained, requests))
+    return figures, answer.SerializeToString()
+
+
+async def _swap(
+    address: str, trained: Trained, scored: Sequence[scoring_pb2.ScoreRequest]
+) -> dict[str, float]:
+    """16 callers score while the churn champion moves to the spare version
+    in the registry; the run ends `SWAP_AFTER_S` after the service reports
+    the new version, and every failed call of the run counts."""
+    import grpc
+
+    from converge.models.registry import ModelRegistry
+    from converge.v1 import predictions_pb2, scoring_pb2_grpc
+
+    churn = predictions_pb2.PREDICTION_KIND_CHURN
+    swapped = threading.Event()
+    registry = ModelRegistry(trained.tracking_uri)
+    # Churn only: every call of the run is on the model that moves.
+    requests = [scoring_pb2.ScoreRequest(customer=r.customer, predictions=[churn]) for r in scored]
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+
+        async def champion() -> str:
+            status = await stub.GetModelStatus(
+                scoring_pb2.GetModelStatusRequest(kind=churn), timeout=5
+            )
+            return str(status.champion.model.version)
+
+        async def promote() -> float:
+            # Starts with the callers; the service sees the move at its next
+            # poll after the promotion (which loads and evaluates both
+            # versions, seconds): well inside the load.
+            decision = await asyncio.to_thread(
+                registry.promote,
+                "churn",
+                trained.spare_churn_version,
+                trained.churn_split.test,
+                REQUESTED_BY,
+                reason="bench: swap under load",
+            )
+            if not decision.promoted:
+                swapped.set()
+                raise RuntimeError(f"the spare churn version was refused: {decision.reasons}")
+            promoted_at = time.perf_counter()
+            await wait_until(
+                champion,
+                lambda v: v == trained.spare_churn_version,
+                timeout_s=120,
+                what="the scoring service serving the promoted churn version",
+            )
+            swapped.set()
+            return time.perf_counter() - promoted_at
+
+        with grpc_target(address) as target:
+            load, seen_after_s = await asyncio.gather(
+                drive(
+                    target.unary(SCORE_METHOD, requests, scoring_pb2.ScoreResponse),
+                    callers=16,
+                    warmup_s=WARMUP_S,
+                    window_s=SWAP_AFTER_S,
+                    until=swapped,
+                ),
+                promote(),
+            )
+    return {
+        "scoring.swap.failed_calls": float(load.failed),
+        "scoring.swap.calls": float(load.calls_total),
+        "scoring.swap.seen_after_s": seen_after_s,
+    }
+
+
+async def _oip_figures() -> dict[str, float]:
+    """The seam for `scoring.oip.c16.calls_per_s`: the Open Inference
+    Protocol's `inference.GRPCInferenceService/ModelInfer` on the scoring
+    service's port, driven like Score (16 callers, `GrpcTarget.unary` with
+    pre-built ModelInferRequests naming the customer), and
+    `scoring.oip.vs_score` over `scoring.score.c16.calls_per_s`. Empty until
+    that endpoint exists."""
+    return {}
+
+
+# --- the run ----------------------------------------------------------------------
+
+
+def _targets_table(figures: dict[str, float]) -> Table:
+    table = Table(title="Scoring: figures beside their targets")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("target")
+    table.add_column("met")
+    for name, target, met in TARGETS:
+        value = figures.get(name)
+        if value is None or math.isnan(value):
+            table.add_row(name, "not measured", target, "-")
+        else:
+            table.add_row(name, f"{value:,.3f}", target, "yes" if met(figures, value) else "NO")
+    return table
+
+
+@contextlib.contextmanager
+def _stage(console: Console, what: str) -> Iterator[None]:
+    started = time.perf_counter()
+    yield
+    console.print(f"scoring: {what} in {time.perf_counter() - started:.1f} s")
+
+
+async def run(env: BenchEnv) -> dict[str, float]:
+    console = Console(stderr=True)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    work_dir = Path(tempfile.mkdtemp(prefix="scoring-", dir=env.work_dir))
+    tracking_uri = f"sqlite:///{work_dir / 'mlflow' / 'mlflow.db'}"
+    end = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    with _stage(console, "models trained and registered"):
+        trained = await asyncio.to_thread(_train_and_register, tracking_uri, end)
+    with _mlflow_serve(trained, work_dir / "mlflow-serve.log") as mlflow_server:
+        with _stage(console, "customers resolved and interactions ingested"):
+            ingested = await _ingest(env, trained)
+        return await measure(env, console, work_dir, trained, ingested, mlflow_server)
+
+
+async def measure(
+    env: BenchEnv,
+    console: Console,
+    work_dir: Path,
+    trained: Trained,
+    ingested: Ingested,
+    mlflow_server: MlflowServer,
+) -> dict[str, float]:
+    requests = _score_requests(ingested)
+    with _stage(console, "raw booster"):
+        champion = _churn_champion(trained)
+        figures = _raw_booster(champion, trained.churn_split.test.frame)
+        bodies = _invocation_bodies(champion, trained.churn_split.test.frame)
+    answer = _canned_score_response()
+    if scoring_service_exists():
+        with _stage(console, "Score, ScoreBatch and the swap"):
+            scoring, answer = await _scoring_figures(env, trained, ingested, requests, figures)
+        figures.update(scoring)
+        figures.update(await _oip_figures())
+    else:
+        console.print(
+            "[yellow]scoring: converge.scoring.app does not exist yet; Score, ScoreBatch "
+            "and swap figures left out (references only)[/yellow]"
+        )
+    with _stage(console, "gRPC echo"):
+        echo = await _echo(work_dir, answer, requests)
+    figures["scoring.grpc_echo.c16.calls_per_s"] = echo.calls_per_s
+    figures["scoring.grpc_echo.c16.p99_ms"] = echo.p(99)
+    figures["scoring.grpc_echo.c16.client_cpu_us_per_call"] = echo.client_cpu_us_per_call
+    with _stage(console, "mlflow models serve"):
+        mlflow = await _mlflow_reference(mlflow_server, bodies)
+    figures["scoring.mlflow_serve.c16.calls_per_s"] = mlflow.calls_per_s
+    figures["scoring.mlflow_serve.c16.p99_ms"] = mlflow.p(99)
+    figures["scoring.mlflow_serve.c16.failed_calls"] = float(mlflow.failed)
+    if "scoring.score.c16.calls_per_s" in figures:
+        score_c16 = figures["scoring.score.c16.calls_per_s"]
+        figures["scoring.vs_mlflow_serve"] = score_c16 / mlflow.calls_per_s
+        figures["scoring.vs_grpc_echo"] = score_c16 / echo.calls_per_s
+    console.print(_targets_table(figures))
+    return figures
