@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from datetime import timedelta
 from importlib.resources import files
 
 import grpc
@@ -22,10 +23,12 @@ from converge.scoring.features import FeatureSource
 from converge.scoring.inference import OpenInference
 from converge.scoring.models import ModelSlots, RegistrySource
 from converge.scoring.oip_servicer import OpenInferenceServicer
+from converge.scoring.prediction_log import PredictionLog
 from converge.scoring.service import ScoringService
-from converge.scoring.servicer import ScoringServicer
+from converge.scoring.servicer import ScoringDataSubjects, ScoringServicer
 from converge.scoring.settings import ScoringSettings
-from converge.v1 import scoring_pb2, scoring_pb2_grpc
+from converge.scoring.store import ScoringStore
+from converge.v1 import privacy_pb2, privacy_pb2_grpc, scoring_pb2, scoring_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +66,20 @@ async def register(server: grpc.aio.Server, context: ServiceContext) -> list[str
     await slots.start()
     context.on_shutdown(slots.close)
     context.add_health_check("model registry read", lambda: slots.ready)
+    log = PredictionLog(
+        ScoringStore(context.pool),
+        slots,
+        context.executor,
+        sample_rate=settings.prediction_log_sample_rate,
+        queue_size=settings.prediction_log_queue_size,
+        batch_size=settings.prediction_log_batch_size,
+        flush_interval_s=settings.prediction_log_flush_interval_s,
+        retention=timedelta(days=settings.prediction_log_retention_days),
+        purge_interval_s=settings.prediction_log_purge_interval_s,
+    )
+    log.start()
+    # (after the calls finished, before the pool closes: what is queued is written)
+    context.on_shutdown(log.close)
     service = ScoringService(
         features,
         slots,
@@ -70,14 +87,19 @@ async def register(server: grpc.aio.Server, context: ServiceContext) -> list[str
         max_batch=settings.coalesce_max_batch,
         max_in_flight=settings.coalesce_max_in_flight,
         replica=replica_name(),
+        prediction_log=log,
     )
-    scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringServicer(service), server)
+    scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringServicer(service, log), server)
+    privacy_pb2_grpc.add_DataSubjectServiceServicer_to_server(
+        ScoringDataSubjects(log, settings.max_page_bytes), server
+    )
     # The Open Inference Protocol on the same port, over the same service.
     open_inference_grpc_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         OpenInferenceServicer(OpenInference(service, lambda: slots.ready)), server
     )
     return [
         scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name,
+        privacy_pb2.DESCRIPTOR.services_by_name["DataSubjectService"].full_name,
         open_inference_grpc_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
     ]
 

@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
 
+from google.protobuf import struct_pb2
 from google.rpc import status_pb2
 
 from converge.models.fallback import Reason
 from converge.models.handle import ModelRef
 from converge.models.predictions import PREDICTIONS, Prediction
 from converge.runtime.errors import ConvergeError, InvalidArgument, Violations
+from converge.runtime.fields import parse_time, parse_uuid
 from converge.runtime.values import timestamp
+from converge.scoring import drift
 from converge.scoring.features import CustomerKey, LiveFeatures
 from converge.scoring.models import (
     CHALLENGER,
@@ -24,8 +28,10 @@ from converge.scoring.models import (
     Serving,
     Slot,
 )
+from converge.scoring.prediction_log import DriftQuery, DriftReport
 from converge.scoring.service import Scored, ScoreQuery, ScoreResult
-from converge.v1 import common_pb2, predictions_pb2, scoring_pb2
+from converge.scoring.store import StoredPrediction
+from converge.v1 import common_pb2, predictions_pb2, privacy_pb2, scoring_pb2
 
 MAX_KEY = 256
 MAX_CANDIDATES = 100
@@ -162,6 +168,7 @@ def score_query(
         omit_reasons=request.omit_reasons,
         include_shadow=request.include_shadow,
         timeout_s=math.inf if timeout_s is None else timeout_s,
+        channel=channel_name(request.channel),
     )
 
 
@@ -329,4 +336,194 @@ def reload_response(
         swapped_in=[model_ref_pb(r) for r in outcome.swapped_in],
         refused=[refused_pb(r) for r in outcome.refused],
         replica=replica,
+    )
+
+
+# --- the prediction log: drift reports and data subject rights ------------------------
+
+_DRIFT_LEVELS = {
+    drift.DriftLevel.INSUFFICIENT_DATA: scoring_pb2.DRIFT_LEVEL_INSUFFICIENT_DATA,
+    drift.DriftLevel.NONE: scoring_pb2.DRIFT_LEVEL_NONE,
+    drift.DriftLevel.MODERATE: scoring_pb2.DRIFT_LEVEL_MODERATE,
+    drift.DriftLevel.SIGNIFICANT: scoring_pb2.DRIFT_LEVEL_SIGNIFICANT,
+}
+MAX_DRIFT_FEATURES = 1000
+
+
+def channel_name(number: int) -> str:
+    """A Channel as the log stores it ("web", "chat"; "" when unset or unknown)."""
+    if number == common_pb2.CHANNEL_UNSPECIFIED or number not in common_pb2.Channel.values():
+        return ""
+    return (
+        common_pb2.Channel.Name(common_pb2.Channel.ValueType(number))
+        .removeprefix("CHANNEL_")
+        .lower()
+    )
+
+
+def _time_range(
+    message: scoring_pb2.GetDriftReportRequest, name: str, v: Violations
+) -> tuple[datetime | None, datetime | None]:
+    if not message.HasField(name):  # type: ignore[arg-type]
+        return None, None
+    window: common_pb2.TimeRange = getattr(message, name)
+    start = parse_time(window.start, f"{name}.start", v) if window.HasField("start") else None
+    end = parse_time(window.end, f"{name}.end", v) if window.HasField("end") else None
+    if start is not None and end is not None and start >= end:
+        v.add(name, "start must be before end")
+    return start, end
+
+
+def drift_query(request: scoring_pb2.GetDriftReportRequest) -> DriftQuery:
+    v = Violations()
+    kind = _KINDS.get(request.kind)
+    v.check(kind is not None, "kind", "required: set a known prediction kind")
+    start, end = _time_range(request, "window", v)
+    baseline_start, baseline_end = _time_range(request, "baseline_window", v)
+    v.check(len(request.model_version) <= MAX_KEY, "model_version", f"at most {MAX_KEY} characters")
+    names = list(request.feature_names)
+    v.check(len(names) <= MAX_DRIFT_FEATURES, "feature_names", f"at most {MAX_DRIFT_FEATURES}")
+    for i, name in enumerate(names[:MAX_DRIFT_FEATURES]):
+        v.check(
+            0 < len(name) <= MAX_KEY,
+            f"feature_names[{i}]",
+            f"required, at most {MAX_KEY} characters",
+        )
+    v.raise_if_any()
+    assert kind is not None
+    return DriftQuery(
+        prediction=kind,
+        window_start=start,
+        window_end=end,
+        baseline_start=baseline_start,
+        baseline_end=baseline_end,
+        # Either bound set means a baseline window (an empty message too).
+        has_baseline_window=request.HasField("baseline_window"),
+        model_version=request.model_version,
+        feature_names=tuple(names),
+    )
+
+
+def _feature_drift_pb(found: drift.Drift) -> scoring_pb2.FeatureDrift:
+    return scoring_pb2.FeatureDrift(
+        feature=found.name,
+        psi=found.psi,
+        level=_DRIFT_LEVELS[found.level],
+        bins=[
+            scoring_pb2.DriftBin(
+                lower=b.lower,
+                upper=b.upper,
+                label=b.label,
+                baseline_fraction=b.baseline_fraction,
+                current_fraction=b.current_fraction,
+            )
+            for b in found.bins
+        ],
+        current_missing_rate=found.current_missing_rate,
+        baseline_missing_rate=found.baseline_missing_rate,
+    )
+
+
+def _time_range_pb(bounds: tuple[datetime, datetime]) -> common_pb2.TimeRange:
+    return common_pb2.TimeRange(start=timestamp(bounds[0]), end=timestamp(bounds[1]))
+
+
+def drift_response(report: DriftReport) -> scoring_pb2.GetDriftReportResponse:
+    response = scoring_pb2.GetDriftReportResponse(
+        kind=predictions_pb2.PredictionKind.ValueType(_KIND_NUMBERS[report.prediction]),
+        window=_time_range_pb(report.window),
+        current_samples=report.current_samples,
+        baseline_samples=report.baseline_samples,
+        score=_feature_drift_pb(report.score),
+        features=[_feature_drift_pb(f) for f in report.features],
+        computed_at=timestamp(report.computed_at),
+    )
+    if report.model is not None:
+        response.model.CopyFrom(model_ref_pb(report.model))
+    else:
+        response.model.version = report.model_version
+    if report.baseline_window is not None:
+        response.baseline_window.CopyFrom(_time_range_pb(report.baseline_window))
+    return response
+
+
+def _customer_ids(values: Sequence[str], v: Violations) -> list[uuid.UUID]:
+    """The customer ids of a data subject request (at least one)."""
+    v.check(bool(values), "customer_ids", "at least one customer id")
+    ids = [parse_uuid(c, f"customer_ids[{i}]", v) for i, c in enumerate(values)]
+    return [uuid.UUID(i) for i in ids if i is not None]
+
+
+def erase_request(request: privacy_pb2.EraseCustomerDataRequest) -> list[uuid.UUID]:
+    v = Violations()
+    ids = _customer_ids(request.customer_ids, v)
+    v.raise_if_any()
+    return ids
+
+
+# An export page token names the last log row sent (its seq). Opaque to
+# callers; the prefix tells a token of another kind apart.
+_EXPORT_TOKEN_PREFIX = "prediction-log-after:"
+
+
+def export_request(request: privacy_pb2.ExportCustomerDataRequest) -> tuple[list[uuid.UUID], int]:
+    """The customers of an export and the log row its page starts after."""
+    v = Violations()
+    ids = _customer_ids(request.customer_ids, v)
+    after = 0
+    if request.page_token:
+        digits = request.page_token.removeprefix(_EXPORT_TOKEN_PREFIX)
+        valid = digits != request.page_token and digits.isascii() and digits.isdigit()
+        v.check(valid and len(digits) <= 18, "page_token", "not a token this service issued")
+        after = int(digits) if valid and len(digits) <= 18 else 0
+    v.raise_if_any()
+    return ids, after
+
+
+def _logged_record_pb(row: StoredPrediction) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(
+        {
+            "score_id": row.score_id,
+            "position": row.position,
+            "customer_id": str(row.customer_id),
+            "prediction": row.prediction,
+            "ticket_id": row.ticket_id,
+            "product_id": row.product_id,
+            "model_name": row.model_name,
+            "model_version": row.model_version,
+            "features": dict(row.features),
+            "probability": row.probability,
+            "band": row.band,
+            "channel": row.channel,
+            "scored_at": row.scored_at.isoformat(),
+        }
+    )
+    return struct
+
+
+async def export_response(
+    rows: AsyncIterator[StoredPrediction], after: int, max_bytes: int, exported_at: datetime
+) -> privacy_pb2.ExportCustomerDataResponse:
+    """One export page of `rows` (read only as far as the page's byte bound),
+    with the token of the next page when the bound stopped it. A record
+    bigger than the bound still goes alone on its page, so paging moves on."""
+    records: list[struct_pb2.Struct] = []
+    size = 0
+    token = ""
+    async for row in rows:
+        record = _logged_record_pb(row)
+        # The record's bytes, and its repeated field's tag and length prefix.
+        record_size = record.ByteSize() + 1 + max(1, (record.ByteSize().bit_length() + 6) // 7)
+        if records and size + record_size > max_bytes:
+            token = f"{_EXPORT_TOKEN_PREFIX}{after}"
+            break
+        records.append(record)
+        size += record_size
+        after = row.seq
+    return privacy_pb2.ExportCustomerDataResponse(
+        service="scoring",
+        sections=[privacy_pb2.ExportedRecords(kind="prediction_log", records=records)],
+        exported_at=timestamp(exported_at),
+        next_page_token=token,
     )

@@ -24,12 +24,13 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 import numpy as np
 import numpy.typing as npt
 
+from converge.features.transform import InputSchema
 from converge.models import fallback
 from converge.models.fallback import Reason
 from converge.models.handle import DEFAULT_THRESHOLDS, ModelRef
@@ -74,6 +75,7 @@ class ScoreQuery:
     omit_reasons: bool = False
     include_shadow: bool = False
     timeout_s: float = math.inf  # the caller's time left
+    channel: str = ""  # where the request comes from, for the prediction log
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,15 @@ class NotBuiltYet(ConvergeError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
 
+class PredictionSink(Protocol):
+    """Where answers go to be sampled into the prediction log
+    (`converge.scoring.prediction_log.PredictionLog`); must never wait."""
+
+    def offer(
+        self, result: ScoreResult, channel: str, schemas: Mapping[ModelRef, InputSchema]
+    ) -> None: ...
+
+
 class ScoringService:
     def __init__(
         self,
@@ -142,8 +153,10 @@ class ScoringService:
         max_in_flight: int,
         replica: str,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        prediction_log: PredictionSink | None = None,
     ) -> None:
         self.features = features
+        self.prediction_log = prediction_log
         self.slots = slots
         self.executor = executor
         self.max_batch = max_batch
@@ -215,13 +228,17 @@ class ScoringService:
                         inputs=row[0],
                     )
                 )
-        return ScoreResult(
+            schemas = {s.model.ref: s.model.schema for s in champions if s is not None}
+        result = ScoreResult(
             customer_id=live.customer_id,
             predictions=tuple(scored),
             features=live,
             score_id=uuid.uuid4().hex,
             scored_at=self.clock(),
         )
+        if self.prediction_log is not None:
+            self.prediction_log.offer(result, query.channel, schemas)
+        return result
 
     def _items(self, query: ScoreQuery) -> list[_Item]:
         v = Violations()

@@ -13,6 +13,11 @@ from converge.runtime.fields import checked_requests
 from converge.scoring.convert import (
     batch_item,
     batch_response,
+    drift_query,
+    drift_response,
+    erase_request,
+    export_request,
+    export_response,
     loaded_models,
     model_status_response,
     optional_kinds,
@@ -21,14 +26,16 @@ from converge.scoring.convert import (
     score_query,
     score_response,
 )
-from converge.scoring.service import NotBuiltYet, ScoreQuery, ScoringService
-from converge.v1 import scoring_pb2, scoring_pb2_grpc
+from converge.scoring.prediction_log import PredictionLog
+from converge.scoring.service import ScoreQuery, ScoringService
+from converge.v1 import privacy_pb2, privacy_pb2_grpc, scoring_pb2, scoring_pb2_grpc
 
 
 @checked_requests
 class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
-    def __init__(self, service: ScoringService) -> None:
+    def __init__(self, service: ScoringService, log: PredictionLog) -> None:
         self.service = service
+        self.log = log
 
     async def Score(
         self, request: scoring_pb2.ScoreRequest, context: grpc.aio.ServicerContext
@@ -81,7 +88,27 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
     async def GetDriftReport(
         self, request: scoring_pb2.GetDriftReportRequest, context: grpc.aio.ServicerContext
     ) -> scoring_pb2.GetDriftReportResponse:
-        raise NotBuiltYet(
-            "GetDriftReport is not implemented yet: the sampled prediction log it reads "
-            "is still to come (issue 14, item 5)"
+        report = await self.log.drift_report(drift_query(request))
+        return drift_response(report)
+
+
+class ScoringDataSubjects(privacy_pb2_grpc.DataSubjectServiceServicer):
+    """Erasure and export of what scoring holds on a customer: its prediction log."""
+
+    def __init__(self, log: PredictionLog, max_page_bytes: int) -> None:
+        self.log = log
+        self.max_page_bytes = max_page_bytes
+
+    async def EraseCustomerData(
+        self, request: privacy_pb2.EraseCustomerDataRequest, context: grpc.aio.ServicerContext
+    ) -> privacy_pb2.EraseCustomerDataResponse:
+        erased = await self.log.erase(erase_request(request))
+        return privacy_pb2.EraseCustomerDataResponse(service="scoring", erased_counts=erased)
+
+    async def ExportCustomerData(
+        self, request: privacy_pb2.ExportCustomerDataRequest, context: grpc.aio.ServicerContext
+    ) -> privacy_pb2.ExportCustomerDataResponse:
+        ids, after = export_request(request)
+        return await export_response(
+            self.log.export(ids, after), after, self.max_page_bytes, self.log.clock()
         )

@@ -63,6 +63,34 @@ class ScoringSettings(ServiceSettings):
         default=0.0,
         ge=0.0,
         le=1.0,
-        description="Share of predictions written to the prediction log (not built yet: "
-        "accepted and ignored until it is).",
+        description="Share of Score answers written to the prediction log (all their "
+        "predictions, with their inputs), for drift reports; 0 logs nothing.",
+    )
+    prediction_log_queue_size: int = Field(
+        default=10_000,
+        ge=1,
+        description="Predictions waiting to be written at most; past it new samples are "
+        "dropped (and counted) rather than slowing Score.",
+    )
+    prediction_log_batch_size: int = Field(
+        default=500, ge=1, description="Predictions written in one COPY."
+    )
+    prediction_log_flush_interval_s: float = Field(
+        default=1.0, gt=0, description="Longest wait before queued predictions are written."
+    )
+    prediction_log_retention_days: float = Field(
+        default=90.0,
+        gt=0,
+        description="Days a logged prediction is kept; older ones are purged.",
+    )
+    prediction_log_purge_interval_s: float = Field(
+        default=3600.0, gt=0, description="Seconds between retention purges."
+    )
+    # gRPC clients refuse a message over 4 MB by default: an export page stays
+    # well under it.
+    max_page_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        le=3 * 1024 * 1024,
+        description="Serialized bytes of records per ExportCustomerData page.",
     )
