@@ -453,10 +453,32 @@ def _unavailable(service: str, address: str, e: Any) -> BaseException:
     return error
 
 
+def source_key(customer: Any) -> str:
+    """A customer's key that the source gave it (`converge.v1.Customer`): its
+    smallest identifier as "type:value". Customer ids are minted at import,
+    so they differ from one import of the same export to the next; the
+    source's identifiers do not, and training rows ordered by them (and the
+    splits and LightGBM's row sampling that follow the order) are the same on
+    every run. The id itself only for a customer with no identifier."""
+    return min(
+        (f"{i.identifier.type}:{i.identifier.value}" for i in customer.identifiers),
+        default=customer.customer_id,
+    )
+
+
 async def profiles_as_of(
     identity_address: str, customer_ids: Sequence[str], as_of: datetime | None
 ) -> dict[str, Profile]:
     """Profiles as they were at `as_of` (None: now), BatchGetCustomers by 1000."""
+    profiles, _ = await profiles_and_keys_as_of(identity_address, customer_ids, as_of)
+    return profiles
+
+
+async def profiles_and_keys_as_of(
+    identity_address: str, customer_ids: Sequence[str], as_of: datetime | None
+) -> tuple[dict[str, Profile], dict[str, str]]:
+    """Profiles as they were at `as_of` (None: now) and each customer's
+    `source_key`, BatchGetCustomers by 1000."""
     import grpc
 
     from converge.runtime.channels import aio_channel
@@ -464,6 +486,7 @@ async def profiles_as_of(
     from converge.v1 import identity_pb2, identity_pb2_grpc
 
     out: dict[str, Profile] = {}
+    keys: dict[str, str] = {}
     async with aio_channel(identity_address) as channel:
         stub = identity_pb2_grpc.IdentityServiceStub(channel)
         for lo in range(0, len(customer_ids), 1000):
@@ -478,7 +501,8 @@ async def profiles_as_of(
                 raise _unavailable("identity", identity_address, e) from e
             for customer in answer.customers:
                 out[customer.customer_id] = profile_from_pb(customer)
-    return out
+                keys[customer.customer_id] = source_key(customer)
+    return out, keys
 
 
 async def point_in_time_features(
@@ -826,7 +850,10 @@ async def point_in_time_columns(
                     progress(done, n)
         except grpc.aio.AioRpcError as e:
             raise _unavailable("interactions", interactions_address, e) from e
-    columns: dict[str, Column] = {**numbers, **texts}
+    # By name: the service's maps arrive in no fixed order, and the column
+    # order is the model's input order (LightGBM samples features by position).
+    merged: dict[str, Column] = {**numbers, **texts}
+    columns = {name: merged[name] for name in sorted(merged)}
     return columns, version
 
 
@@ -837,10 +864,13 @@ def _expand(columns: Mapping[str, Column], index: np.ndarray) -> dict[str, Colum
     return out
 
 
-async def _profiles_for(identity_address: str, rows: Sequence[LabelRow]) -> list[Profile | None]:
+async def _profiles_for(
+    identity_address: str, rows: Sequence[LabelRow]
+) -> tuple[list[Profile | None], dict[str, str]]:
     """Each row's profile as it was just before its cutoff; with many
     distinct cutoffs (one per ticket) as it was at the start of the cutoff's
-    day (a day staler, never later), so the calls stay few."""
+    day (a day staler, never later), so the calls stay few. And each
+    customer's `source_key`."""
     distinct = {r.cutoff for r in rows}
     coarse = len(distinct) > 64
 
@@ -851,13 +881,34 @@ async def _profiles_for(identity_address: str, rows: Sequence[LabelRow]) -> list
     for i, r in enumerate(rows):
         by_time.setdefault(when(r.cutoff), []).append(i)
     profiles: list[Profile | None] = [None] * len(rows)
+    keys: dict[str, str] = {}
     for at, positions in sorted(by_time.items()):
-        found = await profiles_as_of(
+        found, found_keys = await profiles_and_keys_as_of(
             identity_address, sorted({rows[i].customer for i in positions}), at
         )
+        keys.update(found_keys)
         for i in positions:
             profiles[i] = found.get(rows[i].customer)
-    return profiles
+    return profiles, keys
+
+
+def stable_order(rows: Sequence[LabelRow], keys: Mapping[str, str]) -> np.ndarray:
+    """The positions of `rows` sorted by what the source gave them: cutoff,
+    the customer's `source_key` (its id where `keys` lacks it), ticket id
+    (the source's ticket number), product. The rows of one export then come
+    in one order however the import minted customer ids, and so do the
+    splits drawn from it and LightGBM's bagging and feature sampling, which
+    follow row order: the same data and definitions give the same model."""
+    order = sorted(
+        range(len(rows)),
+        key=lambda i: (
+            rows[i].cutoff,
+            keys.get(rows[i].customer, rows[i].customer),
+            rows[i].ticket_id,
+            rows[i].product,
+        ),
+    )
+    return np.asarray(order, dtype=np.int64)
 
 
 def _report(defs: Definitions, prediction: Prediction, history: History | None) -> BuildReport:
@@ -931,7 +982,11 @@ async def build_defined(
     del queries
     if index is not None:
         columns = _expand(columns, index)
-    profiles = await _profiles_for(identity_address, rows)
+    profiles, keys = await _profiles_for(identity_address, rows)
+    order = stable_order(rows, keys)
+    rows = [rows[i] for i in order]
+    profiles = [profiles[i] for i in order]
+    columns = _expand(columns, order)
     frame = assemble_columns(
         prediction, rows, columns, profiles, version, source, _excluded(defs, prediction)
     )
@@ -962,11 +1017,9 @@ async def list_profiles(identity_address: str) -> list[tuple[str, Profile]]:
             except grpc.aio.AioRpcError as e:
                 raise _unavailable("identity", identity_address, e) from e
             for customer in answer.customers:
-                key = min(
-                    (f"{i.identifier.type}:{i.identifier.value}" for i in customer.identifiers),
-                    default=customer.customer_id,
+                found.append(
+                    (source_key(customer), customer.customer_id, profile_from_pb(customer))
                 )
-                found.append((key, customer.customer_id, profile_from_pb(customer)))
             token = answer.page.next_page_token
             if not token:
                 return [(customer_id, profile) for _, customer_id, profile in sorted(found)]
