@@ -35,6 +35,7 @@ from converge.models.training import (
     MINIMUMS,
     InsufficientData,
     TrainedModel,
+    TrainingConfig,
     search,
     train,
 )
@@ -153,17 +154,25 @@ def test_calibrated_probabilities_mean_what_they_say(
 ) -> None:
     """ECE under 0.05 on 4,000 test rows (the true probabilities themselves
     score about 0.01 there: sampling noise), while the booster's raw output,
-    inflated by the class weighting, is clearly off."""
-    assert big_model.calibrator.method == "isotonic"
-    assert big_model.stats is not None and big_model.stats.scale_pos_weight > 2
-    result = evaluate(big_model, big_split.test)
-    assert result.ece < 0.05
-    raw_ece, _ = expected_calibration_error(
-        big_split.test.labels, big_model.predict_raw(big_split.test.frame)
+    inflated by the class weighting, is clearly off: by Platt scaling (about
+    400 validation positives, under the isotonic minimum of 1,000) and by
+    isotonic regression when its minimum is lowered."""
+    assert big_split.valid.n_positives < TrainingConfig().isotonic_min_positives
+    isotonic = train(
+        big_split.train, big_split.valid, FAST.model_copy(update={"isotonic_min_positives": 200})
     )
-    assert raw_ece > 0.05
-    mean_p = big_model.predict_proba(big_split.test.frame).mean()
-    assert abs(mean_p - result.base_rate) < 0.02
+    assert big_model.calibrator.method == "sigmoid"
+    assert isotonic.calibrator.method == "isotonic"
+    for model in (big_model, isotonic):
+        assert model.stats is not None and model.stats.scale_pos_weight > 2
+        result = evaluate(model, big_split.test)
+        assert result.ece < 0.05, model.calibrator.method
+        raw_ece, _ = expected_calibration_error(
+            big_split.test.labels, model.predict_raw(big_split.test.frame)
+        )
+        assert raw_ece > 0.05
+        mean_p = model.predict_proba(big_split.test.frame).mean()
+        assert abs(mean_p - result.base_rate) < 0.02
 
 
 def test_few_validation_positives_use_platt_scaling(small_split: Split) -> None:
@@ -331,3 +340,26 @@ def test_fallback_reads_only_features_the_interactions_service_defines() -> None
     defined = {d.name for d in REGISTRY}
     for prediction in ("churn", "escalation", "cross_sell"):
         assert set(fallback.features_used(prediction)) <= defined, prediction
+
+
+def test_tree_size_and_learning_rate_adapt_to_the_training_rows(small_split: Split) -> None:
+    """Unset, they follow the number of training rows (small data: simpler
+    trees, smaller steps); set, they are kept; a trained model records what
+    it used."""
+    default = TrainingConfig()
+    small, medium, large = (
+        default.for_rows(1_800),
+        default.for_rows(20_000),
+        default.for_rows(200_000),
+    )
+    assert (small.num_leaves, small.min_data_in_leaf, small.learning_rate) == (7, 18, 0.02)
+    assert (medium.num_leaves, medium.min_data_in_leaf, medium.learning_rate) == (15, 40, 0.05)
+    assert (large.num_leaves, large.min_data_in_leaf, large.learning_rate) == (31, 40, 0.05)
+    assert default.for_rows(300).min_data_in_leaf == 10
+    chosen = TrainingConfig(num_leaves=63, min_data_in_leaf=5, learning_rate=0.3).for_rows(1_800)
+    assert (chosen.num_leaves, chosen.min_data_in_leaf, chosen.learning_rate) == (63, 5, 0.3)
+    with pytest.raises(ValueError, match="for_rows"):
+        default.lightgbm_params(1.0)
+    model = train(small_split.train, small_split.valid, FAST)
+    assert model.config == FAST.for_rows(small_split.train.n_examples)
+    assert model.config.num_leaves == 7 and model.config.learning_rate == FAST.learning_rate

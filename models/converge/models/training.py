@@ -4,7 +4,10 @@
 
 1. checks the minimums (`MINIMUMS`; below them it raises `InsufficientData`
    and the platform answers with `fallback`);
-2. trains a binary LightGBM model, categorical features passed natively,
+2. trains a binary LightGBM model, its tree size and learning rate chosen
+   from the number of training rows unless the config sets them
+   (`TrainingConfig.for_rows`: small data wants simpler trees), reproducibly
+   (fixed seed, deterministic mode), categorical features passed natively,
    positives weighted by `scale_pos_weight` (by default the square root of
    negatives / positives: it helps the trees find rare positives without
    distorting scores as much as the full ratio), early stopping on the
@@ -14,8 +17,13 @@
    hence inflated) probabilities to calibrated ones. The rule:
    **isotonic regression** when the validation part has at least
    `config.isotonic_min_positives` positives and as many negatives (default
-   200: fewer make isotonic steps too coarse and noisy), else
-   **Platt scaling** (a two-parameter logistic fit on the booster's log-odds).
+   1,000: below about a thousand calibration examples isotonic regression
+   overfits where Platt scaling does not, Niculescu-Mizil and Caruana,
+   "Predicting good probabilities with supervised learning", ICML 2005; and
+   its flat steps tie scores the booster ranked apart, which cost IBM Telco
+   0.003 AUC at 200), else **Platt scaling** (a two-parameter logistic fit
+   on the booster's log-odds, strictly monotone: the booster's ranking and
+   so its AUC are kept).
 
 Early stopping and calibration share the validation part: the number of
 rounds is one integer chosen there, a small optimism that the test part,
@@ -108,14 +116,51 @@ def check_sufficient(train: TrainingFrame, valid: TrainingFrame) -> None:
 # --- configuration ------------------------------------------------------------------
 
 
+# Tree size and learning rate by the number of training rows, where the
+# config leaves them unset (`TrainingConfig.for_rows`): small data wants
+# simpler trees. Measured through the product path: on IBM Telco (about 4,800
+# training rows a fold) 31 leaves gave 0.840 AUC and 7 leaves at a rate of
+# 0.02 about 0.848; on the ServiceNow sample (about 1,800 training tickets)
+# a leaf minimum of 40 rows lost 0.05 AUC against about 20, and 31 leaves
+# stopped after 4 to 14 rounds. Large sets (CDNOW churn, 100,000+ rows)
+# keep the former defaults.
+SMALL_DATA_ROWS = 10_000
+MEDIUM_DATA_ROWS = 50_000
+
+
+def adaptive_num_leaves(n_train: int) -> int:
+    """7 leaves below `SMALL_DATA_ROWS` training rows, 15 below
+    `MEDIUM_DATA_ROWS`, else 31 (LightGBM's default)."""
+    if n_train < SMALL_DATA_ROWS:
+        return 7
+    return 15 if n_train < MEDIUM_DATA_ROWS else 31
+
+
+def adaptive_min_data_in_leaf(n_train: int) -> int:
+    """1% of the training rows, at least 10 and at most 40: a leaf of 40 rows
+    is a fine grain on 100,000 rows and a coarse one on 1,800."""
+    return min(40, max(10, round(n_train / 100)))
+
+
+def adaptive_learning_rate(n_train: int) -> float:
+    """0.02 below `SMALL_DATA_ROWS` training rows (smaller steps average
+    more trees, and few rows make each tree noisy; a few hundred rounds cost
+    a second there), else 0.05."""
+    return 0.02 if n_train < SMALL_DATA_ROWS else 0.05
+
+
 class TrainingConfig(BaseModel):
-    """LightGBM and calibration settings. The defaults work untuned."""
+    """LightGBM and calibration settings. The defaults work untuned.
+
+    `learning_rate`, `num_leaves` and `min_data_in_leaf` left as None (the
+    default) adapt to the number of training rows (`for_rows`, the
+    `adaptive_*` rules above); a value given is used as it is."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    learning_rate: float = Field(default=0.05, gt=0, le=1)
-    num_leaves: int = Field(default=31, ge=2, le=4096)
-    min_data_in_leaf: int = Field(default=40, ge=1)
+    learning_rate: float | None = Field(default=None, gt=0, le=1)
+    num_leaves: int | None = Field(default=None, ge=2, le=4096)
+    min_data_in_leaf: int | None = Field(default=None, ge=1)
     feature_fraction: float = Field(default=0.8, gt=0, le=1)
     bagging_fraction: float = Field(default=0.8, gt=0, le=1)
     bagging_freq: int = Field(default=1, ge=0)
@@ -124,11 +169,31 @@ class TrainingConfig(BaseModel):
     early_stopping_rounds: int = Field(default=100, ge=1)
     # How positives are weighted: sqrt(neg/pos), neg/pos, or not at all.
     imbalance: Literal["sqrt_ratio", "ratio", "none"] = "sqrt_ratio"
-    isotonic_min_positives: int = Field(default=200, ge=1)
+    isotonic_min_positives: int = Field(default=1000, ge=1)
     num_threads: int = Field(default=2, ge=1)
     seed: int = 42
 
+    def for_rows(self, n_train: int) -> TrainingConfig:
+        """This config with every unset size-dependent setting chosen for
+        `n_train` training rows (what a trained model records)."""
+        return self.model_copy(
+            update={
+                "learning_rate": self.learning_rate or adaptive_learning_rate(n_train),
+                "num_leaves": self.num_leaves or adaptive_num_leaves(n_train),
+                "min_data_in_leaf": self.min_data_in_leaf or adaptive_min_data_in_leaf(n_train),
+            }
+        )
+
     def lightgbm_params(self, scale_pos_weight: float) -> dict[str, Any]:
+        """LightGBM's parameters, reproducible: a fixed `seed` (LightGBM
+        derives its bagging, feature-sampling and other seeds from it),
+        `deterministic` and `force_col_wise` as LightGBM documents for the
+        same model from the same data, rows and thread count (the rows'
+        order comes from the training-set builder, which sorts them by
+        source keys). Unset size-dependent settings must be resolved first
+        (`for_rows`)."""
+        if self.learning_rate is None or self.num_leaves is None or self.min_data_in_leaf is None:
+            raise ValueError("resolve the size-dependent settings first: config.for_rows(n)")
         return {
             "objective": "binary",
             "metric": ["auc", "binary_logloss"],
@@ -248,7 +313,7 @@ def train(
     """Trains, early-stops on `frame_valid` and calibrates on it; `progress`
     hears of every boosting round (training can take minutes on a real
     company's history, and a silent command looks stuck)."""
-    config = config or TrainingConfig()
+    config = (config or TrainingConfig()).for_rows(frame_train.n_examples)
     _check_same_schema(frame_train, frame_valid, "validation")
     check_sufficient(frame_train, frame_valid)
     started = time.perf_counter()
