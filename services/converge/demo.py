@@ -55,6 +55,9 @@ from converge.v1 import (
     identity_pb2_grpc,
     interactions_pb2,
     interactions_pb2_grpc,
+    predictions_pb2,
+    scoring_pb2,
+    scoring_pb2_grpc,
 )
 
 
@@ -87,7 +90,7 @@ SERVICES: tuple[DemoService, ...] = (
         data_peers=("interactions", "scoring", "recommendation"),
     ),
     DemoService("interactions", port=50052, metrics_port=9152, needs=("identity",)),
-    DemoService("scoring", port=50053, metrics_port=9153),
+    DemoService("scoring", port=50053, metrics_port=9153, needs=("identity", "interactions")),
     DemoService("recommendation", port=50054, metrics_port=9154),
 )
 
@@ -654,12 +657,18 @@ class Scenario:
         channel: grpc.Channel,
         demo: Demo,
         interactions_channel: grpc.Channel | None = None,
+        scoring_channel: grpc.Channel | None = None,
     ) -> None:
         self.console = console
         self.identity = identity_pb2_grpc.IdentityServiceStub(channel)
         self.interactions = (
             interactions_pb2_grpc.InteractionsServiceStub(interactions_channel)
             if interactions_channel is not None
+            else None
+        )
+        self.scoring = (
+            scoring_pb2_grpc.ScoringServiceStub(scoring_channel)
+            if scoring_channel is not None
             else None
         )
         self.demo = demo
@@ -694,6 +703,8 @@ class Scenario:
                 ("6. A rough week: every channel records what happened", self.record_week),
                 ("7. Live features, as the models will see them", self.live_features),
             ]
+        if self.interactions is not None and self.scoring is not None:
+            steps.append(("8. Scores, and the reasons behind them", self.scores))
         for title, step in steps:
             if self.demo.stop_requested:
                 break
@@ -929,6 +940,46 @@ class Scenario:
                     table.add_row(name, f"{value:,.2f}")
         self.console.print(table)
 
+    def scores(self) -> None:
+        """Churn, escalation of Ada's open ticket and cross-sell, as an agent
+        would ask mid-conversation: the trained champions once `converge
+        models train` and `promote` ran, the documented rules before."""
+        assert self.interactions is not None and self.scoring is not None
+        ada = common_pb2.CustomerRef(identifier=self.email)
+        features = self.interactions.GetFeatures(
+            interactions_pb2.GetFeaturesRequest(customers=[ada], include_open_tickets=True),
+            timeout=RPC_TIMEOUT_S,
+            metadata=self.metadata(),
+        )
+        ticket = next((t.ticket_id for t in features.tickets), "")
+        answer = self.scoring.Score(
+            scoring_pb2.ScoreRequest(
+                customer=ada, ticket_id=ticket, candidate_product_ids=["broadband-plus"]
+            ),
+            timeout=RPC_TIMEOUT_S,
+            metadata=self.metadata(),
+        )
+        table = Table(title="Score (scoring service)")
+        for column in ("prediction", "probability", "band", "model", "reasons"):
+            table.add_column(column)
+        for scored in answer.predictions:
+            kind = predictions_pb2.PredictionKind.Name(scored.kind)
+            band = predictions_pb2.RiskBand.Name(scored.risk_band)
+            table.add_row(
+                _enum_label(kind, "PREDICTION_KIND_"),
+                f"{scored.probability:.1%}",
+                _enum_label(band, "RISK_BAND_"),
+                f"{scored.model.name} {scored.model.version}",
+                "\n".join(r.text for r in scored.reasons),
+            )
+        self.console.print(table)
+        if any(s.fallback_used for s in answer.predictions):
+            self.console.print(
+                "Rules answer until models are trained and promoted "
+                "(`converge models train`, `converge models promote`); the service "
+                "picks them up at its next registry poll."
+            )
+
 
 # Entry point ------------------------------------------------------------------
 
@@ -969,6 +1020,7 @@ def run(demo: Demo, once: bool) -> int:
     identity = next((r for r in demo.running if r.service.name == "identity"), None)
     scenario_ok = True
     interactions = next((r for r in demo.running if r.service.name == "interactions"), None)
+    scoring = next((r for r in demo.running if r.service.name == "scoring"), None)
     if identity is not None:
         demo.print_how_to_call(identity)
         with contextlib.ExitStack() as channels:
@@ -978,7 +1030,14 @@ def run(demo: Demo, once: bool) -> int:
                 if interactions is not None
                 else None
             )
-            scenario_ok = Scenario(demo.console, channel, demo, interactions_channel).run()
+            scoring_channel = (
+                channels.enter_context(grpc.insecure_channel(scoring.address))
+                if scoring is not None
+                else None
+            )
+            scenario_ok = Scenario(
+                demo.console, channel, demo, interactions_channel, scoring_channel
+            ).run()
     if once or demo.stop_requested:
         return EXIT_OK if scenario_ok or demo.stop_requested else EXIT_FAILED
     return demo.serve_until_stopped()

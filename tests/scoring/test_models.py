@@ -4,7 +4,9 @@ versions, and ScoreBatch against one-by-one Score."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
 
 import grpc
 import prometheus_client
@@ -220,3 +222,31 @@ async def test_list_models_shows_the_champions(
     ]
     assert listed.models[0].feature_count > 0
     assert listed.replica
+
+
+async def test_an_unreachable_registry_at_a_poll_changes_nothing_and_the_next_poll_recovers(
+    platform: Platform, start_scoring: StartScoring, tracking_uri: str, versions: Versions
+) -> None:
+    customer = await make_customer(platform)
+    set_champion(tracking_uri, "churn", versions.churn)
+    scoring = await start_scoring()
+    request = scoring_pb2.ScoreRequest(customer=by_email(customer.email), predictions=[CHURN])
+    store = Path(tracking_uri.removeprefix("sqlite:///"))
+    failures_before = prometheus_client.REGISTRY.get_sample_value(
+        "converge_scoring_registry_failures_total"
+    )
+
+    os.rename(store, store.with_suffix(".away"))  # (the store cannot be read)
+    during = await scoring.stub.ReloadModels(scoring_pb2.ReloadModelsRequest(kind=CHURN))
+    answer = (await scoring.stub.Score(request)).predictions[0]
+    os.rename(store.with_suffix(".away"), store)
+    set_champion(tracking_uri, "churn", versions.churn_flipped)
+    after = await scoring.stub.ReloadModels(scoring_pb2.ReloadModelsRequest(kind=CHURN))
+
+    assert not during.swapped_in and not during.refused
+    assert (answer.model.version, answer.fallback_used) == (versions.churn, False)
+    assert (
+        prometheus_client.REGISTRY.get_sample_value("converge_scoring_registry_failures_total")
+        == (failures_before or 0) + 1
+    )
+    assert [r.version for r in after.swapped_in] == [versions.churn_flipped]

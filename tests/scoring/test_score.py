@@ -3,6 +3,8 @@ models from a real MLflow store, real LightGBM."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -255,3 +257,44 @@ async def test_a_request_without_a_customer_names_the_field(
         await scoring.stub.Score(scoring_pb2.ScoreRequest())
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert bad_fields(caught.value) == ["customer"]
+
+
+async def test_converge_score_prints_the_scores_and_reasons(
+    platform: Platform,
+    start_scoring: StartScoring,
+    tracking_uri: str,
+    versions: Versions,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from converge import cli
+
+    monkeypatch.setenv("COLUMNS", "240")  # (rich wraps to the terminal's width)
+    customer = await make_customer(platform)
+    champions_everywhere(tracking_uri, versions)
+    scoring = await start_scoring()
+    address = scoring.runtime.address
+    base = ["score", f"email:{customer.email}", "--scoring", address]
+    capsys.readouterr()
+
+    # (the command blocks on its own channel: off this test's event loop, which serves)
+    as_json = await asyncio.to_thread(
+        cli.main, [*base, "--ticket", customer.ticket_id, "--products", "tv,phone", "--json"]
+    )
+    printed = json.loads(capsys.readouterr().out)
+    as_table = await asyncio.to_thread(cli.main, base)
+    table = capsys.readouterr().out
+    unknown = await asyncio.to_thread(
+        cli.main, ["score", "email:nobody@scoring.example", "--scoring", address]
+    )
+
+    assert (as_json, as_table, unknown) == (0, 0, 4)
+    assert printed["customerId"] == customer.customer_id
+    assert [p["kind"] for p in printed["predictions"]] == [
+        "PREDICTION_KIND_CHURN",
+        "PREDICTION_KIND_ESCALATION",
+        "PREDICTION_KIND_CROSS_SELL",
+        "PREDICTION_KIND_CROSS_SELL",
+    ]
+    assert all(p["reasons"] for p in printed["predictions"])
+    assert "churn" in table and "converge-churn" in table and "churn risk" in table

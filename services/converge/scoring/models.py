@@ -26,7 +26,8 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -36,6 +37,9 @@ from converge.features.transform import InputSchema
 from converge.models.handle import KnownFeatures, ModelRef
 from converge.models.predictions import PREDICTIONS, Prediction
 from converge.models.serving_artifacts import RiskThresholds
+
+if TYPE_CHECKING:
+    from converge.models.registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -111,15 +115,38 @@ class RegistrySource:
         num_threads: int,
         served_features: Callable[[], KnownFeatures | None] = lambda: None,
     ) -> None:
-        from converge.models.registry import ModelRegistry
-
-        self.registry = ModelRegistry(tracking_uri=tracking_uri)
+        self.tracking_uri = tracking_uri
         self.num_threads = num_threads
         self.served_features = served_features
+        self._store_seen = False
+        self._registry: ModelRegistry | None = None
+
+    @property
+    def registry(self) -> ModelRegistry:
+        # Made at first use, in the loading thread: MLflow's client opens
+        # (and for a new SQLite file, creates and migrates) the store.
+        if self._registry is None:
+            from converge.models.registry import ModelRegistry
+
+            self._registry = ModelRegistry(tracking_uri=self.tracking_uri)
+        return self._registry
 
     def serving_state(self, prediction: Prediction) -> tuple[str | None, str | None]:
+        if self._store_missing():
+            if self._store_seen:  # (gone after it was there: unreachable, keep serving)
+                raise RuntimeError(f"the MLflow store {self.tracking_uri} is gone")
+            return None, None
+        self._store_seen = True
         state = self.registry.serving_state(prediction)
         return state.champion, state.challenger
+
+    def _store_missing(self) -> bool:
+        """True for a local SQLite store nobody has created yet (no model was
+        ever trained here). Scoring only reads the registry: it never creates
+        the store, which would cost a first start MLflow's migrations (tens of
+        seconds) for an empty registry; the next polls look again."""
+        uri = self.tracking_uri
+        return uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists()
 
     def load(self, prediction: Prediction, version: str, alias: str) -> ServingModel:
         from converge.models.handle import ModelHandle
