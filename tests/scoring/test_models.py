@@ -250,3 +250,31 @@ async def test_an_unreachable_registry_at_a_poll_changes_nothing_and_the_next_po
         == (failures_before or 0) + 1
     )
     assert [r.version for r in after.swapped_in] == [versions.churn_flipped]
+
+
+async def test_the_challenger_scores_in_shadow_when_asked_and_never_answers(
+    platform: Platform, start_scoring: StartScoring, tracking_uri: str, versions: Versions
+) -> None:
+    from mlflow import MlflowClient
+
+    customer = await make_customer(platform)
+    set_champion(tracking_uri, "churn", versions.churn)
+    MlflowClient(tracking_uri=tracking_uri).set_registered_model_alias(
+        "converge-churn", "challenger", versions.churn_flipped
+    )
+    scoring = await start_scoring()
+    request = scoring_pb2.ScoreRequest(customer=by_email(customer.email), predictions=[CHURN])
+
+    plain = (await scoring.stub.Score(request)).predictions[0]
+    request.include_shadow = True
+    shadowed = (await scoring.stub.Score(request)).predictions[0]
+
+    assert not plain.HasField("shadow")
+    assert (shadowed.model.version, shadowed.probability) == (
+        plain.model.version,
+        plain.probability,
+    )
+    assert shadowed.shadow.model.version == versions.churn_flipped
+    assert shadowed.shadow.model.alias == predictions_pb2.MODEL_ALIAS_CHALLENGER
+    assert shadowed.shadow.probability != shadowed.probability
+    assert shadowed.shadow.risk_band != predictions_pb2.RISK_BAND_UNSPECIFIED
