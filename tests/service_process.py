@@ -32,7 +32,7 @@ class ServiceProcess:
 
 
 async def start_service(
-    name: str, database_url: str, log_dir: Path, **settings: str
+    name: str, database_url: str, log_dir: Path, ready_timeout_s: float = 60.0, **settings: str
 ) -> ServiceProcess:
     port, metrics_port = free_port(), free_port()
     prefix = f"CONVERGE_{name.upper()}_"
@@ -52,7 +52,7 @@ async def start_service(
             stderr=subprocess.STDOUT,
         )
     service = ServiceProcess(process, port, metrics_port, log)
-    await wait_until_serving(service)
+    await wait_until_serving(service, ready_timeout_s)
     return service
 
 

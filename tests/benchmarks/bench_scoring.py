@@ -36,8 +36,10 @@ Figures:
   and the failed calls while a promotion swaps the churn champion under 16
   callers (promoted through the registry, the service picks it up at its
   poll; the run ends once `GetModelStatus` reports the new version).
-- `scoring.oip.c16.calls_per_s` when the Open Inference Protocol endpoint
-  exists: see `_oip_figures`, the seam.
+- `scoring.oip.c16.calls_per_s`: the Open Inference Protocol's ModelInfer
+  on the same port (model "churn", one customer a call) at 16 callers, and
+  `scoring.oip.vs_score` over Score asking the same (churn alone, no
+  reasons), measured back to back.
 
 The bench reports; it asserts nothing about the targets, it prints them
 beside the figures.
@@ -102,8 +104,10 @@ BATCH_WARMUP_ITEMS = 64
 RAW_BATCH = 64  # ScoringSettings.coalesce_max_batch's default
 RAW_THREADS = 1  # ScoringSettings.lightgbm_threads' default
 RAW_SECONDS = 1.5
+OIP_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 SWAP_AFTER_S = 1.0  # calls measured once the service reports the new version
 POLL_INTERVAL_S = "0.5"
+SCORING_READY_TIMEOUT_S = 240.0
 MLFLOW_ROWS = 64
 REQUESTED_BY = "bench"
 
@@ -116,6 +120,11 @@ TARGETS: tuple[tuple[str, str, Any], ...] = (
     ("scoring.swap.failed_calls", "0", lambda f, v: v == 0),
     ("scoring.oip.vs_score", "at least 0.80", lambda f, v: v >= 0.80),
 )
+
+
+def _ratio(a: float, b: float) -> float:
+    """a / b; NaN (shown as n/a) when b is zero, as when no call completed."""
+    return a / b if b else float("nan")
 
 
 # --- the models ---------------------------------------------------------------------
@@ -459,7 +468,7 @@ async def _scoring_figures(
     requests: list[scoring_pb2.ScoreRequest],
     raw: dict[str, float],
 ) -> tuple[dict[str, float], bytes]:
-    """Score at 1, 16 and 64 callers, ScoreBatch, the swap. Returns the
+    """Score at 1, 16 and 64 callers, ScoreBatch, ModelInfer, the swap. Returns the
     figures and the bytes of one real Score answer (for the echo)."""
     import grpc
 
@@ -468,7 +477,10 @@ async def _scoring_figures(
     service = await env.start(
         "scoring",
         await env.new_database(),
-        log_level="WARNING",
+        # It loads and checks three models before it serves: on this shared
+        # 2-core machine that took over a minute when other work ran.
+        ready_timeout_s=SCORING_READY_TIMEOUT_S,
+        log_level="INFO",
         interactions_address=ingested.interactions_address,
         identity_address=ingested.identity_address,
         tracking_uri=trained.tracking_uri,
@@ -525,9 +537,10 @@ async def _scoring_figures(
         batch_rate, batch_errors = await asyncio.to_thread(stream, items)
     figures["scoring.score_batch.customers_per_s"] = batch_rate
     figures["scoring.score_batch.failed_items"] = float(batch_errors)
-    figures["scoring.score_batch.vs_raw_booster"] = (
-        batch_rate / raw["scoring.raw_booster.rows_per_s"]
+    figures["scoring.score_batch.vs_raw_booster"] = _ratio(
+        batch_rate, raw["scoring.raw_booster.rows_per_s"]
     )
+    figures.update(await _oip_figures(service.address, requests))
     figures.update(await _swap(service.address, trained, requests))
     return figures, answer.SerializeToString()
 
@@ -600,14 +613,61 @@ async def _swap(
     }
 
 
-async def _oip_figures() -> dict[str, float]:
-    """The seam for `scoring.oip.c16.calls_per_s`: the Open Inference
-    Protocol's `inference.GRPCInferenceService/ModelInfer` on the scoring
-    service's port, driven like Score (16 callers, `GrpcTarget.unary` with
-    pre-built ModelInferRequests naming the customer), and
-    `scoring.oip.vs_score` over `scoring.score.c16.calls_per_s`. Empty until
-    that endpoint exists."""
-    return {}
+async def _oip_figures(
+    address: str, scored: Sequence[scoring_pb2.ScoreRequest]
+) -> dict[str, float]:
+    """The Open Inference Protocol's ModelInfer (model "churn", one customer
+    per call, by `customer_id`) at 16 callers, beside Score asking the same
+    (churn alone, no reasons: what an OIP answer carries), in one run each,
+    back to back."""
+    from inference import open_inference_grpc_pb2 as oip
+
+    from converge.v1 import predictions_pb2
+
+    infer = [
+        oip.ModelInferRequest(
+            model_name="churn",
+            inputs=[
+                oip.ModelInferRequest.InferInputTensor(
+                    name="customer_id",
+                    datatype="BYTES",
+                    shape=[1, 1],
+                    contents=oip.InferTensorContents(
+                        bytes_contents=[r.customer.customer_id.encode()]
+                    ),
+                )
+            ],
+        )
+        for r in scored
+    ]
+    churn_only = [
+        scoring_pb2.ScoreRequest(
+            customer=r.customer,
+            predictions=[predictions_pb2.PREDICTION_KIND_CHURN],
+            omit_reasons=True,
+        )
+        for r in scored
+    ]
+    with grpc_target(address) as target:
+        oip_run = await drive(
+            target.unary(OIP_INFER_METHOD, infer, oip.ModelInferResponse),
+            callers=16,
+            warmup_s=WARMUP_S,
+            window_s=WINDOW_S,
+        )
+        score_run = await drive(
+            target.unary(SCORE_METHOD, churn_only, scoring_pb2.ScoreResponse),
+            callers=16,
+            warmup_s=WARMUP_S,
+            window_s=WINDOW_S,
+        )
+    return {
+        "scoring.oip.c16.calls_per_s": oip_run.calls_per_s,
+        "scoring.oip.c16.p99_ms": oip_run.p(99),
+        "scoring.oip.failed_calls": float(oip_run.failed),
+        "scoring.score.churn_no_reasons.c16.calls_per_s": score_run.calls_per_s,
+        "scoring.oip.vs_score": _ratio(oip_run.calls_per_s, score_run.calls_per_s),
+    }
 
 
 # --- the run ----------------------------------------------------------------------
@@ -667,7 +727,6 @@ async def measure(
         with _stage(console, "Score, ScoreBatch and the swap"):
             scoring, answer = await _scoring_figures(env, trained, ingested, requests, figures)
         figures.update(scoring)
-        figures.update(await _oip_figures())
     else:
         console.print(
             "[yellow]scoring: converge.scoring.app does not exist yet; Score, ScoreBatch "
@@ -683,9 +742,12 @@ async def measure(
     figures["scoring.mlflow_serve.c16.calls_per_s"] = mlflow.calls_per_s
     figures["scoring.mlflow_serve.c16.p99_ms"] = mlflow.p(99)
     figures["scoring.mlflow_serve.c16.failed_calls"] = float(mlflow.failed)
+    for what, result in (("gRPC echo", echo), ("mlflow models serve", mlflow)):
+        if result.failed:
+            console.print(f"[red]scoring: {what}: failed calls {dict(result.failures)}[/red]")
     if "scoring.score.c16.calls_per_s" in figures:
         score_c16 = figures["scoring.score.c16.calls_per_s"]
-        figures["scoring.vs_mlflow_serve"] = score_c16 / mlflow.calls_per_s
-        figures["scoring.vs_grpc_echo"] = score_c16 / echo.calls_per_s
+        figures["scoring.vs_mlflow_serve"] = _ratio(score_c16, mlflow.calls_per_s)
+        figures["scoring.vs_grpc_echo"] = _ratio(score_c16, echo.calls_per_s)
     console.print(_targets_table(figures))
     return figures

@@ -34,8 +34,10 @@ class BenchEnv:
             await admin.close()
         return database_url(self.postgres_url, name)
 
-    async def start(self, service: str, database: str, **settings: str) -> ServiceProcess:
-        process = await start_service(service, database, self.work_dir, **settings)
+    async def start(
+        self, service: str, database: str, ready_timeout_s: float = 60.0, **settings: str
+    ) -> ServiceProcess:
+        process = await start_service(service, database, self.work_dir, ready_timeout_s, **settings)
         self.processes.append(process)
         return process
 

@@ -2,9 +2,10 @@
 gRPC echo server that gives the transport ceiling.
 
 `drive` runs `callers` closed-loop callers (each sends its next call when
-the previous one answers) on the running event loop, for a warm-up and then
-a measured window: calls that complete inside the window count towards the
-rate and the latency percentiles, and every failure of the whole run
+the previous one answers), for a warm-up and then a measured window: calls
+that complete inside the window count towards the rate and the latency
+percentiles (completions, not starts: a target slower than the window still
+gets a rate), and every failure of the whole run
 (warm-up included) is counted by its kind, so a run that ends on a
 condition (a model swap seen by the server) still counts all of them. The
 callers do as little Python per call as possible: the request messages are
@@ -61,7 +62,7 @@ class LoadResult:
 
     callers: int
     window_s: float
-    latencies_ms: list[float]  # calls that completed inside the window
+    latencies_ms: list[float]  # of the calls that completed inside the window
     failures: collections.Counter[str] = field(default_factory=collections.Counter)
     calls_total: int = 0  # warm-up and the window, failed or not
     client_cpu_s: float = 0.0  # this process's CPU over the whole run
@@ -143,7 +144,7 @@ def drive_threads(
                     failures[_failure_kind(e)] += 1
             else:
                 ended = clock()
-                if window.start <= begun and ended < window.end:
+                if window.start <= ended < window.end:
                     mine.append((ended - begun) * 1000)
             sequence += callers
 
@@ -212,7 +213,7 @@ async def drive_aio(
                 failures[_failure_kind(e)] += 1
             else:
                 ended = clock()
-                if window.start <= begun and ended < window.end:
+                if window.start <= ended < window.end:
                     latencies.append((ended - begun) * 1000)
             sequence += callers
 
