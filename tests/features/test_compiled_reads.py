@@ -83,5 +83,6 @@ def test_a_day_reading_gives_the_features_at_any_moment_of_its_day(
     reading = BUILTIN.day_reading(state, read_at)
     assert reading.values == BUILTIN.customer_features(state, read_at)
     assert reading.at(later) == BUILTIN.customer_features(state, later)
+    assert reading.covers(later) and not reading.covers(midnight + timedelta(days=1))
     assert reading.at(midnight + timedelta(days=1)) is None
     assert reading.at(midnight - timedelta(microseconds=1)) is None

@@ -870,6 +870,10 @@ class DayReading:
     values: FeatureValues  # as read
     counting: tuple[tuple[str, int, int], ...]  # (name, instant µs, µs a unit)
 
+    def covers(self, as_of: datetime) -> bool:
+        """Whether `as_of` is on this reading's day."""
+        return (as_of - _EPOCH).days == self.day
+
     def at(self, as_of: datetime) -> FeatureValues | None:
         """The features at `as_of`, as `FeatureSet.customer_features` reads
         them from the same state; None on another day."""

@@ -362,7 +362,7 @@ class FeatureCache:
         found = {}
         for customer_id in customer_ids:
             entry = self._entries.get(customer_id)
-            if entry is not None and entry[1].at(now) is not None:
+            if entry is not None and entry[1].covers(now):
                 self._entries.move_to_end(customer_id)
                 found[customer_id] = entry
         return found
