@@ -214,7 +214,7 @@ class FeatureSource:
             try:
                 answer = await self._interactions.ListFeatureDefinitions(
                     interactions_pb2.ListFeatureDefinitionsRequest(),
-                    timeout=timeout_s or self.timeout_s,
+                    timeout=min(timeout_s or self.timeout_s, self.timeout_s),
                 )
             except grpc.aio.AioRpcError as error:
                 raise _dependency_error("interactions", error) from error
