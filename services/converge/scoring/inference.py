@@ -105,5 +105,7 @@ class OpenInference:
         raise Unavailable("the model was swapped twice during the call: retry")
 
     async def _score_rows(self, rows: tuple[ScoreQuery, ...]) -> list[Scored]:
+        if len(rows) == 1:  # (the common call: no task to gather)
+            return [(await self.service.score(rows[0])).predictions[0]]
         results = await asyncio.gather(*(self.service.score(row) for row in rows))
         return [result.predictions[0] for result in results]
