@@ -25,6 +25,7 @@ BENCHMARKS.append("tests.benchmarks.bench_product_path")
 BENCHMARKS.append("tests.benchmarks.bench_cli")
 BENCHMARKS.append("tests.benchmarks.bench_import")
 BENCHMARKS.append("tests.benchmarks.bench_scoring")
+BENCHMARKS.append("tests.benchmarks.bench_prediction_log")
 
 
 async def run_all(selected: list[str]) -> dict[str, float]:
