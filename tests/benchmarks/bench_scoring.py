@@ -5,10 +5,11 @@ requests).
 
 The ground: a simulated world (`converge.models.simulator`) of `CUSTOMERS`
 customers ending today; each prediction's model trained on it the fastest
-honest way (the built-in definitions, in-process frames, a short training config), logged and registered through
-`ModelRegistry.log_training` into a fresh MLflow SQLite store (with
-everything serving checks) and promoted through the gates; churn registered
-a second time (the same booster, a new version) for the swap. Then
+honest way (the built-in definitions, in-process frames, a short training
+config), logged and registered through `ModelRegistry.log_training` into a
+fresh MLflow SQLite store (with everything serving checks) and promoted
+through the gates; churn registered a second time (the same booster, a new
+version) for the swap. Then
 `SCORED_WORLD` new customers of the same population (another seed, the same
 days) are resolved in a real identity service and their interactions
 ingested into a real interactions service (`simulator.feed`), so Score
@@ -23,19 +24,20 @@ Figures:
   (`ScoringSettings` defaults); `..contrib_rows_per_s` the same with
   `pred_contrib` (what reasons need).
 - `scoring.grpc_echo.c16.calls_per_s`: the transport ceiling. A bare
-  grpc.aio server in its own process answering Score with fixed bytes (a
-  real Score answer when the service runs) at 16 callers.
+  grpc.aio server in its own process answering Score with the bytes of a
+  real Score answer (taken from the service), at 16 callers.
 - `scoring.mlflow_serve.c16.calls_per_s`: `mlflow models serve` of the same
   churn version (`--env-manager local`, its default single worker), its
-  `/invocations` JSON (one row of the model's inputs per call, `dataframe_split`)
-  at 16 callers over HTTP keep-alive connections.
-- When the scoring service exists (`converge.scoring.app`): Score of all three
-  predictions (churn, the customer's latest ticket, two products they do not
-  hold) with reasons at 1, 16 and 64 callers; ScoreBatch of churn with
-  reasons over one stream (customers per second), against the raw booster;
-  and the failed calls while a promotion swaps the churn champion under 16
-  callers (promoted through the registry, the service picks it up at its
-  poll; the run ends once `GetModelStatus` reports the new version).
+  `/invocations` JSON (one row of the model's inputs per call,
+  `dataframe_split`) at 16 callers over HTTP keep-alive connections.
+- The scoring service as a process of its own (`python -m converge.scoring`):
+  Score of all three predictions (churn, the customer's latest ticket, two
+  products they do not hold) with reasons at 1, 16 and 64 callers;
+  ScoreBatch of churn with reasons over one stream (customers per second),
+  against the raw booster; and the failed calls while a promotion swaps the
+  churn champion under 16 callers (promoted through the registry, the
+  service picks it up at its poll; the run ends `SWAP_AFTER_S` after
+  `GetModelStatus` reports the new version).
 - `scoring.oip.c16.calls_per_s`: the Open Inference Protocol's ModelInfer
   on the same port (model "churn", one customer a call) at 16 callers, and
   `scoring.oip.vs_score` over Score asking the same (churn alone, no
@@ -50,7 +52,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
-import importlib.util
 import json
 import math
 import os
@@ -298,28 +299,6 @@ def _score_requests(ingested: Ingested) -> list[scoring_pb2.ScoreRequest]:
 # --- the references ---------------------------------------------------------------
 
 
-def _canned_score_response() -> bytes:
-    """A Score answer of a realistic size (three predictions, three reasons
-    each), for the echo when the scoring service is not there to give a real one."""
-    response = scoring_pb2.ScoreResponse(
-        customer_id="0b9a3f0e-1d2c-4b5a-9e8f-7a6b5c4d3e2f", score_id="0" * 26
-    )
-    for kind in (1, 2, 3):
-        prediction = response.predictions.add(kind=kind, probability=0.4321, risk_band=2)  # type: ignore[arg-type]
-        prediction.model.name, prediction.model.version = "converge-churn", "1"
-        prediction.model.run_id, prediction.model.feature_set_version = "a" * 32, "builtin-v1"
-        for _ in range(3):
-            prediction.reasons.add(
-                code="nps_last.low",
-                feature="nps_last",
-                value=3.0,
-                contribution=0.41,
-                text="NPS of 3 (low) raises churn risk",
-            )
-    response.scored_at.FromDatetime(datetime(2026, 1, 1, tzinfo=UTC))
-    return response.SerializeToString()
-
-
 async def _echo(
     work_dir: Path, answer: bytes, requests: Sequence[scoring_pb2.ScoreRequest]
 ) -> LoadResult:
@@ -457,10 +436,6 @@ async def _mlflow_reference(server: MlflowServer, bodies: list[bytes]) -> LoadRe
 # --- the scoring service ----------------------------------------------------------
 
 
-def scoring_service_exists() -> bool:
-    return importlib.util.find_spec("converge.scoring.app") is not None
-
-
 async def _scoring_figures(
     env: BenchEnv,
     trained: Trained,
@@ -480,7 +455,7 @@ async def _scoring_figures(
         # It loads and checks three models before it serves: on this shared
         # 2-core machine that took over a minute when other work ran.
         ready_timeout_s=SCORING_READY_TIMEOUT_S,
-        log_level="INFO",
+        log_level="WARNING",
         interactions_address=ingested.interactions_address,
         identity_address=ingested.identity_address,
         tracking_uri=trained.tracking_uri,
@@ -508,6 +483,12 @@ async def _scoring_figures(
     figures["scoring.score.c16.calls_per_s"] = by_callers[16].calls_per_s
     figures["scoring.score.c64.calls_per_s"] = by_callers[64].calls_per_s
     figures["scoring.score.failed_calls"] = float(sum(r.failed for r in by_callers.values()))
+    for callers, result in by_callers.items():
+        if result.failed:
+            Console(stderr=True).print(
+                f"[red]scoring: Score at {callers} callers: failed calls "
+                f"{dict(result.failures)}[/red]"
+            )
 
     # ScoreBatch: churn with reasons for each customer in turn, one stream.
     churn = predictions_pb2.PREDICTION_KIND_CHURN
@@ -539,6 +520,10 @@ async def _scoring_figures(
     figures["scoring.score_batch.failed_items"] = float(batch_errors)
     figures["scoring.score_batch.vs_raw_booster"] = _ratio(
         batch_rate, raw["scoring.raw_booster.rows_per_s"]
+    )
+    # The same over the booster computing contributions too, as reasons need.
+    figures["scoring.score_batch.vs_raw_booster_contrib"] = _ratio(
+        batch_rate, raw["scoring.raw_booster.contrib_rows_per_s"]
     )
     figures.update(await _oip_figures(service.address, requests))
     figures.update(await _swap(service.address, trained, requests))
@@ -722,16 +707,9 @@ async def measure(
         champion = _churn_champion(trained)
         figures = _raw_booster(champion, trained.churn_split.test.frame)
         bodies = _invocation_bodies(champion, trained.churn_split.test.frame)
-    answer = _canned_score_response()
-    if scoring_service_exists():
-        with _stage(console, "Score, ScoreBatch and the swap"):
-            scoring, answer = await _scoring_figures(env, trained, ingested, requests, figures)
-        figures.update(scoring)
-    else:
-        console.print(
-            "[yellow]scoring: converge.scoring.app does not exist yet; Score, ScoreBatch "
-            "and swap figures left out (references only)[/yellow]"
-        )
+    with _stage(console, "Score, ScoreBatch, ModelInfer and the swap"):
+        scoring, answer = await _scoring_figures(env, trained, ingested, requests, figures)
+    figures.update(scoring)
     with _stage(console, "gRPC echo"):
         echo = await _echo(work_dir, answer, requests)
     figures["scoring.grpc_echo.c16.calls_per_s"] = echo.calls_per_s
