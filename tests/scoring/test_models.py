@@ -11,9 +11,10 @@ from pathlib import Path
 import grpc
 import prometheus_client
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from converge.runtime.errors import read_status
-from converge.v1 import common_pb2, predictions_pb2, scoring_pb2
+from converge.v1 import common_pb2, predictions_pb2, scoring_pb2, scoring_pb2_grpc
 from tests.conftest import Platform
 from tests.scoring.conftest import Scoring, Versions, by_email, make_customer, set_champion
 from tests.waiting import until
@@ -216,11 +217,14 @@ async def test_list_models_shows_the_champions(
     scoring = await start_scoring()
 
     listed = await scoring.stub.ListModels(scoring_pb2.ListModelsRequest(kind=kind))  # type: ignore[arg-type]
+    async with grpc.aio.insecure_channel(scoring.runtime.address) as channel:
+        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
 
     assert [(m.model.name, m.model.version, m.state) for m in listed.models] == [
         ("converge-churn", versions.churn, scoring_pb2.MODEL_STATE_SERVING)
     ]
     assert listed.models[0].feature_count > 0
+    assert health.status == health_pb2.HealthCheckResponse.SERVING  # (the registry was read)
     assert listed.replica
 
 
@@ -278,3 +282,32 @@ async def test_the_challenger_scores_in_shadow_when_asked_and_never_answers(
     assert shadowed.shadow.model.alias == predictions_pb2.MODEL_ALIAS_CHALLENGER
     assert shadowed.shadow.probability != shadowed.probability
     assert shadowed.shadow.risk_band != predictions_pb2.RISK_BAND_UNSPECIFIED
+
+
+async def test_health_waits_for_a_registry_read_and_the_rules_say_the_registry_is_unreachable(
+    platform: Platform, database: str, tmp_path: Path
+) -> None:
+    from converge.runtime.server import ServiceRuntime
+    from converge.scoring.app import SPEC as SCORING
+    from tests.scoring.conftest import scoring_settings
+
+    customer = await make_customer(platform)
+    broken = tmp_path / "mlflow.db"
+    broken.write_text("not a database\n")  # (a store that cannot be read)
+    runtime = ServiceRuntime(SCORING, scoring_settings(platform, database, f"sqlite:///{broken}"))
+    await runtime.start()
+    try:
+        async with grpc.aio.insecure_channel(runtime.address) as channel:
+            health = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="")
+            )
+            answer = await scoring_pb2_grpc.ScoringServiceStub(channel).Score(
+                scoring_pb2.ScoreRequest(customer=by_email(customer.email), predictions=[CHURN])
+            )
+    finally:
+        await runtime.stop(grace=1)
+
+    assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    scored = answer.predictions[0]
+    assert scored.fallback_used
+    assert "registry cannot be reached" in scored.fallback_reason
