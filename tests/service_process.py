@@ -52,7 +52,12 @@ async def start_service(
             stderr=subprocess.STDOUT,
         )
     service = ServiceProcess(process, port, metrics_port, log)
-    await wait_until_serving(service, ready_timeout_s)
+    try:
+        await wait_until_serving(service, ready_timeout_s)
+    except BaseException:
+        # Nobody else holds the process yet: left running, it would outlive the run.
+        stop_process(service)
+        raise
     return service
 
 
