@@ -2,35 +2,36 @@
 gRPC echo server that gives the transport ceiling.
 
 `drive` runs `callers` closed-loop callers (each sends its next call when
-the previous one answers), for a warm-up and then a measured window: calls
+the previous one answers) for a warm-up and then a measured window. Calls
 that complete inside the window count towards the rate and the latency
 percentiles (completions, not starts: a target slower than the window still
-gets a rate), and every failure of the whole run
-(warm-up included) is counted by its kind, so a run that ends on a
-condition (a model swap seen by the server) still counts all of them. The
-callers do as little Python per call as possible: the request messages are
-built beforehand, a call is one `await` on a `grpc.aio` multi-callable of
-one of several channels (`GrpcTarget`), and the bookkeeping is two clock
-reads and an append. Every target (the echo, the scoring service, MLflow's
-HTTP server) is driven by the same `drive`, so their figures compare like
-with like.
+gets a rate); every failure of the whole run, warm-up included, is counted
+by its kind, so a run that ends on a condition (a model swap seen by the
+server) still counts all of them. The callers do as little Python per call
+as possible: the request messages are built beforehand, a call is one
+blocking call of the sync gRPC API on one of several channels
+(`GrpcTarget`), and the bookkeeping is two clock reads and an append. Every
+target (the echo, the scoring service, its Open Inference Protocol face,
+MLflow's HTTP server) is driven by the same `drive`, so their figures
+compare like with like.
 
-Why `grpc.aio` and not the sync API's blocking calls or `future()` from
-threads: `python -m tests.benchmarks.load compare ADDRESS` measures both
-against the echo server, side by side; on this machine (2 cores, the server
-on the other one) the asyncio callers sent more calls per second with less
-client CPU per call than 16 threads of blocking calls (the numbers are in
-the commit that chose it). Several channels, because one HTTP/2 connection
-serialises its frames through one transport: 4 channels spread 16 callers
-over 4 connections, as 4 front-end pods would.
+Why threads of blocking sync-API calls and not `grpc.aio` coroutines:
+`python -m tests.benchmarks.load compare ADDRESS` measures both against the
+echo server, side by side, in alternating rounds. On this machine (2 cores
+shared with other work) the threads cost 330-450 us of client CPU per call
+against 445-570 us for `grpc.aio` (whose every call goes through the event
+loop's tasks), and sent as many calls per second or more. Several channels,
+because one HTTP/2 connection serialises its frames through one transport:
+4 channels spread the callers over 4 connections, as 4 front-end pods would.
 
 The echo server (`python -m tests.benchmarks.load echo RESPONSE_FILE`)
 answers `converge.v1.ScoringService/Score` with the same bytes every time,
 whatever it is sent: a generic handler without deserialiser or serialiser,
 so it does no protobuf work at all. Fed the bytes of a real Score answer, it
 is what Score would cost if scoring took no time: the ceiling of the
-transport (grpc.aio on both ends, one Python process each). It prints its
-port (bound on port 0) on its first line of output.
+transport (a grpc.aio server in a process of its own, as the scoring
+service runs, and this generator). It prints its port (bound on port 0) on
+its first line of output.
 """
 
 from __future__ import annotations
