@@ -432,3 +432,19 @@ def test_logged_inputs_carry_names_and_category_labels() -> None:
         "nps_last": None,
         "profile_plan": None,
     }
+
+
+async def test_an_answer_written_after_its_customer_was_erased_does_not_come_back(
+    scoring_pool: ServiceRuntime,
+) -> None:
+    """A Score that resolved the customer just before the erasure offers its
+    answer just after it (here: after the erasure returned)."""
+    log = log_over(scoring_pool, Clock(T0))
+    who, other = uuid.uuid4(), uuid.uuid4()
+    assert await log.erase([who]) == {"prediction_log": 0}
+    log.offer(answer(who, T0), "web", {})
+    log.offer(answer(other, T0), "web", {})
+    assert await log.flush() == 2
+    store = ScoringStore(scoring_pool.pool)
+    assert [r async for r in store.export([who], 0)] == []
+    assert len([r async for r in store.export([other], 0)]) == 1

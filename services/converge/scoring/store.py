@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -69,6 +70,21 @@ WHERE prediction = $1 AND model_version = $2 AND scored_at >= $3 AND scored_at <
 ORDER BY scored_at DESC
 LIMIT $5
 """
+# Writers take it shared, erasures exclusive: an erasure waits for batches
+# being written and every later batch sees its tombstones.
+WRITE_LOCK = int.from_bytes(
+    hashlib.sha256(b"converge:scoring:prediction_log").digest()[:8], "big", signed=True
+)
+LOCK_SHARED = "SELECT pg_advisory_xact_lock_shared($1)"
+LOCK_EXCLUSIVE = "SELECT pg_advisory_xact_lock($1)"
+DROP_ERASED = """
+DELETE FROM prediction_log
+WHERE customer_id = ANY($1::uuid[])
+  AND customer_id IN (SELECT customer_id FROM erased_customers)
+"""
+TOMBSTONE = """
+INSERT INTO erased_customers (customer_id) SELECT unnest($1::uuid[]) ON CONFLICT DO NOTHING
+"""
 ERASE = "DELETE FROM prediction_log WHERE customer_id = ANY($1::uuid[])"
 EXPORT_PAGE = f"""
 SELECT seq, {", ".join(COLUMNS)} FROM prediction_log
@@ -85,7 +101,7 @@ class ScoringStore:
         self.pool = pool
 
     async def append(self, rows: Sequence[LoggedPrediction]) -> None:
-        """Writes `rows` in one COPY."""
+        """Writes `rows` in one COPY, less those of customers erased meanwhile."""
         if not rows:
             return
         records = [
@@ -106,10 +122,13 @@ class ScoringStore:
             )
             for r in rows
         ]
-        async with self.pool.acquire() as connection:
+        customers = list({r.customer_id for r in rows})
+        async with self.pool.acquire() as connection, connection.transaction():
+            await connection.execute(LOCK_SHARED, WRITE_LOCK)
             await connection.copy_records_to_table(
                 "prediction_log", columns=COLUMNS, records=records
             )
+            await connection.execute(DROP_ERASED, customers)
 
     async def window(
         self, prediction: str, model_version: str, start: datetime, end: datetime, limit: int
@@ -120,9 +139,13 @@ class ScoringStore:
         return [WindowRow(r["features"], r["probability"]) for r in rows]
 
     async def erase(self, customer_ids: Sequence[uuid.UUID]) -> int:
-        """Deletes the customers' logged predictions; how many there were."""
-        async with self.pool.acquire() as connection:
-            status = await connection.execute(ERASE, list(customer_ids))
+        """Deletes the customers' logged predictions, and keeps their ids so
+        that no batch written later brings any back; how many there were."""
+        ids = list(customer_ids)
+        async with self.pool.acquire() as connection, connection.transaction():
+            await connection.execute(LOCK_EXCLUSIVE, WRITE_LOCK)
+            await connection.execute(TOMBSTONE, ids)
+            status = await connection.execute(ERASE, ids)
         return _count(status)
 
     async def export(
