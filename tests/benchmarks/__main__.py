@@ -18,6 +18,7 @@ from rich.table import Table
 from tests.benchmarks.harness import open_env
 
 BENCHMARKS = ["tests.benchmarks.bench_identity", "tests.benchmarks.bench_interactions"]
+BENCHMARKS.append("tests.benchmarks.bench_get_features")
 BENCHMARKS.append("tests.benchmarks.bench_followers")
 BENCHMARKS.append("tests.benchmarks.bench_contention")
 BENCHMARKS.append("tests.benchmarks.bench_models")

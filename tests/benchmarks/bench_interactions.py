@@ -1,5 +1,6 @@
 """Interactions: streaming ingest with live features kept current, beside raw
-asyncpg COPY of the same rows into a plain table; GetFeatures latency."""
+asyncpg COPY of the same rows into a plain table. (GetFeatures latency, over
+customers with realistic histories: bench_get_features.)"""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import psutil
 
 from converge.runtime.values import timestamp, to_plain, to_tagged
 from converge.v1 import common_pb2, interactions_pb2, interactions_pb2_grpc
-from tests.benchmarks.harness import BenchEnv, closed_loop, percentile
+from tests.benchmarks.harness import BenchEnv
 from tests.service_process import ServiceProcess, stop_process
 
 # Long enough that customers' feature states reach their full size (a day
@@ -29,7 +30,6 @@ from tests.service_process import ServiceProcess, stop_process
 # 40,000-row batches they are two of between seven and eight.
 EVENTS = 300_000
 CUSTOMERS = 2_000
-FEATURE_CALLS = 400
 ROWS_PER_MESSAGE = 500
 ROUNDS = 3
 
@@ -203,37 +203,11 @@ async def run(env: BenchEnv) -> dict[str, float]:
     # machine's speed drifts by a third within minutes here, and a ratio of
     # neighbours drifts far less than either figure.
     rounds: list[tuple[_Ingest, float]] = []
-    for round_number in range(ROUNDS):
+    for _ in range(ROUNDS):
         ingest = await _ingest(env, messages)
         rounds.append((ingest, await _raw_copy(ingest.database, records)))
-        if round_number:  # (the first round's service serves the reads below)
-            stop_process(ingest.service)
+        stop_process(ingest.service)
     ingests = [ingest for ingest, _ in rounds]
-    served = ingests[0].service  # its features are read below
-
-    async with grpc.aio.insecure_channel(served.address) as channel:
-        stub = interactions_pb2_grpc.InteractionsServiceStub(channel)
-        rng = random.Random(3)
-        one = [
-            interactions_pb2.GetFeaturesRequest(
-                customers=[common_pb2.CustomerRef(customer_id=rng.choice(customers))]
-            )
-            for _ in range(FEATURE_CALLS)
-        ]
-        hundred = [
-            interactions_pb2.GetFeaturesRequest(
-                customers=[
-                    common_pb2.CustomerRef(customer_id=c) for c in rng.sample(customers, 100)
-                ]
-            )
-            for _ in range(FEATURE_CALLS // 4)
-        ]
-        await closed_loop(lambda i: stub.GetFeatures(one[i]), concurrency=1, total=50)  # warm-up
-        _, n1 = await closed_loop(lambda i: stub.GetFeatures(one[i]), concurrency=1, total=len(one))
-        _, n100 = await closed_loop(
-            lambda i: stub.GetFeatures(hundred[i]), concurrency=1, total=len(hundred)
-        )
-    stop_process(served)
 
     two_replicas_rate = await _two_replicas(env, messages)
 
@@ -263,8 +237,4 @@ async def run(env: BenchEnv) -> dict[str, float]:
         "interactions.ingest_stream.client_cpu_us_per_event": per_event(
             sum(i.client_cpu_s for i in ingests)
         ),
-        "interactions.get_features.n1.p50_ms": percentile(n1, 50),
-        "interactions.get_features.n1.p99_ms": percentile(n1, 99),
-        "interactions.get_features.n100.p50_ms": percentile(n100, 50),
-        "interactions.get_features.n100.p99_ms": percentile(n100, 99),
     }
