@@ -233,7 +233,33 @@ async def test_identity_forget_customer_reaches_the_prediction_log(
     await identity.start()
     try:
         async with grpc.aio.insecure_channel(identity.address) as channel:
-            reply = await identity_pb2_grpc.IdentityServiceStub(channel).ForgetCustomer(
+            stub = identity_pb2_grpc.IdentityServiceStub(channel)
+            # Identity's ExportCustomer carries the log's entries, page after page.
+            exported: list[Any] = []
+            token = ""
+            while True:
+                page = await stub.ExportCustomer(
+                    identity_pb2.ExportCustomerRequest(
+                        customer=common_pb2.CustomerRef(customer_id=customer.customer_id),
+                        actor=common_pb2.Actor(name="privacy-officer"),
+                        page_token=token,
+                    )
+                )
+                assert "scoring" not in page.unavailable_services
+                exported += [
+                    record
+                    for part in page.services
+                    if part.service == "scoring"
+                    for section in part.sections
+                    if section.kind == "prediction_log"
+                    for record in section.records
+                ]
+                token = page.next_page_token
+                if not token:
+                    break
+            assert len(exported) == 2
+            assert {r["customer_id"] for r in exported} == {customer.customer_id}
+            reply = await stub.ForgetCustomer(
                 identity_pb2.ForgetCustomerRequest(
                     customer=common_pb2.CustomerRef(customer_id=customer.customer_id),
                     actor=common_pb2.Actor(name="privacy-officer"),
