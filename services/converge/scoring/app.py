@@ -87,7 +87,8 @@ async def register(server: grpc.aio.Server, context: ServiceContext) -> list[str
         max_batch=settings.coalesce_max_batch,
         max_in_flight=settings.coalesce_max_in_flight,
         replica=replica_name(),
-        prediction_log=log,
+        # (no sampling: Score never reaches the log)
+        prediction_log=log if settings.prediction_log_sample_rate > 0 else None,
     )
     scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringServicer(service, log), server)
     privacy_pb2_grpc.add_DataSubjectServiceServicer_to_server(

@@ -228,7 +228,6 @@ class ScoringService:
                         inputs=row[0],
                     )
                 )
-            schemas = {s.model.ref: s.model.schema for s in champions if s is not None}
         result = ScoreResult(
             customer_id=live.customer_id,
             predictions=tuple(scored),
@@ -237,6 +236,8 @@ class ScoringService:
             scored_at=self.clock(),
         )
         if self.prediction_log is not None:
+            # Each answering version's inputs, by which the log names the row it read.
+            schemas = {s.model.ref: s.model.schema for s in champions if s is not None}
             self.prediction_log.offer(result, query.channel, schemas)
         return result
 
