@@ -48,7 +48,13 @@ from converge.runtime.errors import (
     Violations,
     field_status,
 )
-from converge.runtime.fields import MAX_MONEY_UNITS, money_problem, parse_time, parse_uuid
+from converge.runtime.fields import (
+    MAX_MONEY_UNITS,
+    money_problem,
+    parse_time,
+    parse_uuid,
+    time_problem,
+)
 from converge.runtime.values import from_plain, from_tagged, timestamp, to_datetime
 from converge.v1 import common_pb2, identity_pb2
 
@@ -215,7 +221,121 @@ def _check_attribute_names(
 def parse_profile(
     profile: identity_pb2.Profile, path: str, violations: Violations
 ) -> ProfileFields:
-    """Every field set in the message (creation, resolve)."""
+    """Every field set in the message (creation, resolve).
+
+    A valid profile takes `_valid_profile` (one pass over the fields set, no
+    field paths built: a bulk import checks millions); a profile it does not
+    accept is checked again field by field, so the violations a caller sees
+    are those of the thorough check, in its order."""
+    fields = _valid_profile(profile)
+    if fields is not None:
+        return fields
+    return _parse_profile_checked(profile, path, violations)
+
+
+@functools.lru_cache(maxsize=256)
+def _is_currency(code: str) -> bool:
+    return _CURRENCY.match(code) is not None
+
+
+def _valid_profile(profile: identity_pb2.Profile) -> ProfileFields | None:
+    """The profile's fields when every one is valid, else None (then
+    `_parse_profile_checked` names what is wrong). The same fields, values
+    and order as `_parse_profile_checked` (a test holds them equal)."""
+    fields: ProfileFields = {}
+    signup_date = lifetime_value = attributes = None
+    # ListFields: only the fields set (a string set to "" is not), in field
+    # number order; owner_team (7) comes after the two messages (5, 6), which
+    # are added after it below, as the thorough check adds them.
+    for descriptor, value in profile.ListFields():
+        name = descriptor.name
+        if name == "attributes":
+            attributes = value
+        elif name == "signup_date":
+            signup_date = value
+        elif name == "lifetime_value":
+            lifetime_value = value
+        elif len(value) <= MAX_TEXT and "\x00" not in value:
+            fields[name] = {"s": value}
+        else:
+            return None
+    if signup_date is not None:
+        if time_problem(signup_date) is not None:
+            return None
+        fields["signup_date"] = {"t": _time_text(signup_date)}
+    if lifetime_value is not None:
+        code, units, nanos = (
+            lifetime_value.currency_code,
+            lifetime_value.units,
+            lifetime_value.nanos,
+        )
+        if (
+            not _is_currency(code)
+            or not -999_999_999 <= nanos <= 999_999_999
+            or units * nanos < 0
+            or money_problem(units, nanos) is not None
+        ):
+            return None
+        fields["lifetime_value"] = {"m": {"c": code, "u": units, "n": nanos}}
+    if attributes is None:
+        return fields
+    if len(attributes) > MAX_ATTRIBUTES:
+        return None
+    for attribute in attributes:
+        if not _is_attribute_name(attribute):
+            return None
+        value = attributes[attribute]
+        which = value.WhichOneof("value")
+        if which == "string_value":
+            text = value.string_value
+            if len(text) > MAX_ATTRIBUTE_TEXT or "\x00" in text:
+                return None
+            fields[_ATTRIBUTE_PATHS[attribute]] = {"s": text}
+        elif which == "bool_value":
+            fields[_ATTRIBUTE_PATHS[attribute]] = {"b": value.bool_value}
+        elif which == "number_value":
+            number = value.number_value
+            if not math.isfinite(number):
+                return None
+            fields[_ATTRIBUTE_PATHS[attribute]] = {"n": number}
+        elif which == "timestamp_value":
+            if time_problem(value.timestamp_value) is not None:
+                return None
+            fields[_ATTRIBUTE_PATHS[attribute]] = {"t": _time_text(value.timestamp_value)}
+        else:
+            return None
+    return fields
+
+
+class _AttributePaths(dict[str, str]):
+    """ "attributes.<name>" by name, built once per name (bounded: names are
+    checked before they are looked up here, and an import names few)."""
+
+    def __missing__(self, name: str) -> str:
+        path = f"attributes.{name}"
+        if len(self) < 4096:
+            self[name] = path
+        return path
+
+
+_ATTRIBUTE_PATHS = _AttributePaths()
+
+
+def _time_text(ts: Any) -> str:
+    """A Timestamp already known to be in range, as the ISO text stored."""
+    at = parse_time(ts, "", _UNUSED_VIOLATIONS)
+    assert at is not None
+    return at.isoformat()
+
+
+# (Given to parse_time for a timestamp already checked: it adds nothing.)
+_UNUSED_VIOLATIONS = Violations()
+
+
+def _parse_profile_checked(
+    profile: identity_pb2.Profile, path: str, violations: Violations
+) -> ProfileFields:
+    """Every field set in the message, each bad one named (see `parse_profile`)."""
     _check_attribute_names(profile, path, violations)
     names = [*_STRING_FIELDS, "signup_date", "lifetime_value"]
     fields = {name: _profile_field(profile, name, path, violations) for name in names}
@@ -265,11 +385,21 @@ def parse_profile_mask(
 
 
 def parse_actor(actor: common_pb2.Actor, path: str, violations: Violations) -> Actor:
+    valid = _valid_actor(actor.name, actor.reason)
+    if valid is not None:
+        return valid
     violations.check(len(actor.name) <= MAX_TEXT, f"{path}.name", f"longer than {MAX_TEXT}")
     violations.check(len(actor.reason) <= MAX_ATTRIBUTE_TEXT, f"{path}.reason", "too long")
     _check_text(actor.name, f"{path}.name", violations)
     _check_text(actor.reason, f"{path}.reason", violations)
     return Actor(actor.name, actor.reason)
+
+
+@functools.lru_cache(maxsize=256)
+def _valid_actor(name: str, reason: str) -> Actor | None:
+    """The actor when valid, else None. (Cached: an import's rows share one.)"""
+    valid = len(name) <= MAX_TEXT and len(reason) <= MAX_ATTRIBUTE_TEXT
+    return Actor(name, reason) if valid and "\x00" not in name + reason else None
 
 
 def parse_idempotency(
@@ -345,10 +475,17 @@ def _masked_fields(
 ) -> ProfileFields:
     """The fields of an already parsed profile that an update mask names
     (a named field left unset is not changed); unknown names are violations."""
-    for i, name in enumerate(paths):
-        if not _is_profile_path(name):
-            violations.add(f"{mask_path}.paths[{i}]", f"unknown profile field {name[:80]!r}")
-    return {name: profile[name] for name in paths if name in profile}
+    names = tuple(paths)
+    for i in _unknown_mask_paths(names):
+        violations.add(f"{mask_path}.paths[{i}]", f"unknown profile field {names[i][:80]!r}")
+    return {name: profile[name] for name in names if name in profile}
+
+
+@functools.lru_cache(maxsize=256)
+def _unknown_mask_paths(names: tuple[str, ...]) -> tuple[int, ...]:
+    """The positions of the names a profile mask may not name. (Cached: an
+    import's rows carry the same mask.)"""
+    return tuple(i for i, name in enumerate(names) if not _is_profile_path(name))
 
 
 def _fingerprinted_row(item: identity_pb2.BulkResolveRequest) -> identity_pb2.BulkResolveRequest:

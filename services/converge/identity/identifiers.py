@@ -7,6 +7,7 @@ to E.164. Neither is hand-written: both are maintained for exactly this job.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from enum import IntEnum
@@ -31,6 +32,8 @@ class IdentifierKind(IntEnum):
     EXTERNAL_ID = 7
 
 
+# (A dict lookup: calling the enum costs more than the rest of a CRM id's checks.)
+_KINDS: dict[int, IdentifierKind] = {kind.value: kind for kind in IdentifierKind}
 _NEEDS_SOURCE = {IdentifierKind.SOCIAL_HANDLE, IdentifierKind.EXTERNAL_ID}
 
 
@@ -55,10 +58,9 @@ def normalize(
     kind_number: int, value: str, source: str = "", *, default_phone_region: str | None = None
 ) -> NormalizedIdentifier:
     """Validates and normalises one identifier, or raises IdentifierError."""
-    try:
-        kind = IdentifierKind(kind_number)
-    except ValueError:
-        raise IdentifierError("type", f"unknown identifier type {kind_number}") from None
+    kind = _KINDS.get(kind_number)
+    if kind is None:
+        raise IdentifierError("type", f"unknown identifier type {kind_number}")
     value = value.strip()
     if not value:
         raise IdentifierError("value", "must not be empty")
@@ -88,6 +90,10 @@ def normalize(
     return NormalizedIdentifier(kind, normalized_source, value)
 
 
+# Both parsers are costly (tens of microseconds); the same raw value is
+# normalised once while it is recent (re-imports, a file's repeated contacts).
+# Only results are cached: a refused value raises again each time.
+@functools.lru_cache(maxsize=16384)
 def _normalize_email(value: str) -> str:
     try:
         checked = validate_email(value, check_deliverability=False, allow_smtputf8=True)
@@ -96,6 +102,7 @@ def _normalize_email(value: str) -> str:
     return checked.normalized.casefold()
 
 
+@functools.lru_cache(maxsize=16384)
 def _normalize_phone(value: str, default_region: str | None) -> str:
     try:
         number = phonenumbers.parse(value, default_region)
