@@ -20,6 +20,7 @@ from converge.demo import SERVICES
 from converge.identity.settings import IdentitySettings
 from converge.interactions.settings import InteractionsSettings
 from converge.runtime.settings import ServiceSettings
+from converge.scoring.settings import ScoringSettings
 from tests.conftest import ROOT
 
 CHART = ROOT / "charts" / "converge"
@@ -36,6 +37,7 @@ PORTS = {service.name: (service.port, service.metrics_port) for service in SERVI
 SETTINGS: dict[str, type[ServiceSettings]] = {
     "identity": IdentitySettings,
     "interactions": InteractionsSettings,
+    "scoring": ScoringSettings,
 }
 # Custom resources: not in Kubernetes' own schemas, checked by shape below.
 CUSTOM_KINDS = {"ServiceMonitor"}
@@ -80,7 +82,7 @@ def pod_specs(manifests: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, 
 
 
 def enabled_services(values: dict[str, Any]) -> list[str]:
-    defaults = {"identity": True, "interactions": True, "scoring": False, "recommendation": False}
+    defaults = {"identity": True, "interactions": True, "scoring": True, "recommendation": False}
     return [n for n, on in defaults.items() if values.get(n, {}).get("enabled", on)]
 
 
@@ -408,3 +410,153 @@ def test_wrong_values_are_refused_naming_the_value(values: dict[str, Any], named
             chart.validate_schema(values)
         with pytest.raises(helm.HelmError, match=named):
             chart.render(values=values, name=RELEASE, namespace=NAMESPACE)
+
+
+# --- scoring: on by default, wired to its peers and to the release's MLflow ----------
+def grpc_callers(policy: dict[str, Any]) -> set[str]:
+    """Components of this release the policy admits to the gRPC port."""
+    rule = next(r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == "grpc")
+    return set(rule["from"][0]["podSelector"]["matchExpressions"][0]["values"])
+
+
+def http_callers(policy: dict[str, Any]) -> set[str]:
+    return set(
+        policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchExpressions"][0]["values"]
+    )
+
+
+def test_scoring_runs_by_default_with_its_peers_and_the_releases_mlflow() -> None:
+    manifests = render(REQUIRED)
+    data = by_component(manifests, "ConfigMap")["scoring"]["data"]
+    suffix = f"{NAMESPACE}.svc.cluster.local"
+    assert data["CONVERGE_SCORING_INTERACTIONS_ADDRESS"] == (
+        f"dns:///{RELEASE}-converge-interactions.{suffix}:50052"
+    )
+    assert data["CONVERGE_SCORING_IDENTITY_ADDRESS"] == (
+        f"dns:///{RELEASE}-converge-identity.{suffix}:50051"
+    )
+    assert data["MLFLOW_TRACKING_URI"] == f"http://{RELEASE}-converge-mlflow.{suffix}:5000"
+    # The runtime sizes its predict threads from the CPU quota: no fixed count here,
+    # and a CPU limit for it to read.
+    assert "CONVERGE_SCORING_CPU_WORKERS" not in data
+    deployment = by_component(manifests, "Deployment")["scoring"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "ghcr.io/converge/converge-scoring:0.1.0"
+    assert container["resources"]["requests"]["cpu"] == "1"
+    assert container["resources"]["limits"]["cpu"] == "2"
+    assert "CONVERGE_SCORING_CPU_WORKERS" not in {e["name"] for e in container["env"]}
+    assert deployment["metadata"]["annotations"]["converge.io/model-hot-swap"] == "true"
+    peers = json.loads(
+        by_component(manifests, "ConfigMap")["identity"]["data"]["CONVERGE_IDENTITY_PEER_SERVICES"]
+    )
+    assert peers["scoring"] == f"dns:///{RELEASE}-converge-scoring.{suffix}:50053", (
+        "identity erases and exports with scoring's prediction log"
+    )
+    assert "recommendation" not in peers and not any(
+        m["metadata"]["labels"]["app.kubernetes.io/component"] == "recommendation"
+        for m in manifests
+    ), "recommendation stays off"
+
+
+@pytest.mark.parametrize("name", ["default", "everything-on"])
+def test_network_policies_let_scoring_reach_its_peers_and_identity_reach_scoring(
+    name: str,
+) -> None:
+    policies = by_component(render(VALUE_SETS[name]), "NetworkPolicy")
+    for callee in ("interactions", "identity"):
+        assert "scoring" in grpc_callers(policies[callee]), f"scoring -> {callee}"
+    assert "scoring" in http_callers(policies["mlflow"]), "scoring -> mlflow (the registry)"
+    assert "identity" in grpc_callers(policies["scoring"]), "identity -> scoring (erase, export)"
+    if name == "everything-on":
+        assert "scoring" in http_callers(policies["postgresql"])
+        assert "recommendation" in grpc_callers(policies["scoring"])
+    else:
+        assert "recommendation" not in grpc_callers(policies["scoring"]), "not installed"
+
+
+def test_a_scoring_migration_job_runs_after_identity_and_interactions() -> None:
+    manifests = render(REQUIRED)
+    jobs = {
+        m["metadata"]["name"]: m
+        for m in of_kind(manifests, "Job")
+        if m["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    }
+    job = jobs[f"{RELEASE}-converge-migrate-scoring"]
+    weight = int(job["metadata"]["annotations"]["helm.sh/hook-weight"])
+    for earlier in ("identity", "interactions"):
+        other = jobs[f"{RELEASE}-converge-migrate-{earlier}"]
+        assert int(other["metadata"]["annotations"]["helm.sh/hook-weight"]) < weight
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["python", "-m", "converge.scoring", "migrate"]
+    assert container["image"] == "ghcr.io/converge/converge-scoring:0.1.0"
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_the_startup_probe_waits_for_scoring_to_load_its_models(name: str) -> None:
+    """Scoring opens its port after the registry read and the model loads (imports
+    alone take about 10 s): its startup probe allows minutes, not the two of the
+    other services, and readiness then follows the server's health."""
+    values = VALUE_SETS[name]
+    deployments = by_component(render(values), "Deployment")
+    budgets = {}
+    for service in enabled_services(values):
+        container = deployments[service]["spec"]["template"]["spec"]["containers"][0]
+        probe = container["startupProbe"]
+        budgets[service] = probe["periodSeconds"] * probe["failureThreshold"]
+        assert container["readinessProbe"]["grpc"] == {"port": PORTS[service][0]}
+    if "scoring" in budgets:
+        assert budgets["scoring"] >= 300
+        assert budgets["scoring"] > max(b for s, b in budgets.items() if s != "scoring")
+    assert budgets["identity"] == 120
+
+
+def test_the_startup_budget_is_a_value_of_each_service() -> None:
+    values = {**REQUIRED, "scoring": {"startupTimeoutSeconds": 601}}
+    container = by_component(render(values), "Deployment")["scoring"]["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    probe = container["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 601
+    assert probe["periodSeconds"] * (probe["failureThreshold"] - 1) < 601
+
+
+def test_scoring_disabled_renders_nothing_of_it() -> None:
+    manifests = render(VALUE_SETS["scoring-off"])
+    text = yaml.safe_dump_all(manifests)
+    assert "scoring" not in text, [
+        f"{m['kind']}/{m['metadata']['name']}" for m in manifests if "scoring" in yaml.safe_dump(m)
+    ]
+    configs = by_component(manifests, "ConfigMap")
+    peers = json.loads(configs["identity"]["data"]["CONVERGE_IDENTITY_PEER_SERVICES"])
+    assert sorted(peers) == ["interactions"]
+
+
+def test_scoring_takes_a_registry_or_peer_named_in_its_settings() -> None:
+    values = {
+        **REQUIRED,
+        "mlflow": {"enabled": False},
+        "scoring": {
+            "settings": {
+                "tracking_uri": "https://mlflow.example.com",
+                "identity_address": "",
+            }
+        },
+    }
+    data = by_component(render(values), "ConfigMap")["scoring"]["data"]
+    assert data["CONVERGE_SCORING_TRACKING_URI"] == "https://mlflow.example.com"
+    assert "MLFLOW_TRACKING_URI" not in data
+    assert data["CONVERGE_SCORING_IDENTITY_ADDRESS"] == "", "the setting, not the chart's target"
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        ({**REQUIRED, "mlflow": {"enabled": False}}, "scoring.settings.tracking_uri"),
+        ({**REQUIRED, "interactions": {"enabled": False}}, "scoring.settings.interactions_address"),
+    ],
+)
+def test_scoring_without_a_registry_or_interactions_is_refused(
+    values: dict[str, Any], named: str
+) -> None:
+    with pytest.raises(helm.HelmError, match=named):
+        render(values)

@@ -135,9 +135,18 @@ imagePullSecrets:
 {{- index $callers . | toJson }}
 {{- end }}
 
-{{/* Pods of this release whose component may call: a NetworkPolicy peer. Call with (list $ "identity"). */}}
+{{/* Pods of this release whose component may call: a NetworkPolicy peer.
+     A disabled service is left out, so a policy names only what the release runs.
+     Call with (list $ "identity"). */}}
 {{- define "converge.callerPeer" -}}
 {{- $root := index . 0 -}}
+{{- $services := splitList " " (include "converge.serviceNames" $root) }}
+{{- $callers := list }}
+{{- range $caller := include "converge.callers" (index . 1) | fromJsonArray }}
+{{- if or (not (has $caller $services)) (index $root.Values $caller).enabled }}
+{{- $callers = append $callers $caller }}
+{{- end }}
+{{- end -}}
 - podSelector:
     matchLabels:
       app.kubernetes.io/instance: {{ $root.Release.Name }}
@@ -145,5 +154,5 @@ imagePullSecrets:
     matchExpressions:
       - key: app.kubernetes.io/component
         operator: In
-        values: {{ include "converge.callers" (index . 1) }}
+        values: {{ $callers | toJson }}
 {{- end }}
