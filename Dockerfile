@@ -2,6 +2,7 @@
 #
 #   docker build --build-arg ROLE=identity     -t converge-identity:0.1.0 .
 #   docker build --build-arg ROLE=interactions -t converge-interactions:0.1.0 .
+#   docker build --build-arg ROLE=scoring      -t converge-scoring:0.1.0 .
 #   docker build --build-arg ROLE=models       -t converge-models:0.1.0 .   # the training job
 #   docker build --build-arg ROLE=tracking     -t converge-tracking:0.1.0 . # MLflow server (the chart runs `mlflow server`)
 #
@@ -41,6 +42,13 @@ LABEL org.opencontainers.image.title="converge-${ROLE}" \
 RUN groupadd --system --gid 10001 converge \
     && useradd --system --uid 10001 --gid converge --no-create-home \
        --home-dir /nonexistent --shell /usr/sbin/nologin converge
+# LightGBM's wheel links the system's OpenMP runtime (libgomp.so.1), which
+# the slim base leaves out: the roles that load LightGBM install it.
+RUN if [ "${ROLE}" = scoring ] || [ "${ROLE}" = models ]; then \
+      apt-get update \
+      && apt-get install -y --no-install-recommends libgomp1=12.2.0-14+deb12u1 \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi
 COPY --from=build /opt/converge /opt/converge
 # Bytecode was compiled at build time: the root filesystem can be read-only.
 ENV PATH=/opt/converge/bin:$PATH \

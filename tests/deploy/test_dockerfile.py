@@ -148,3 +148,22 @@ def test_the_build_context_leaves_out_local_state() -> None:
     allowed = {line[1:].rstrip("/") for line in ignored if line.startswith("!")}
     assert allowed >= {"requirements", *SOURCES}
     assert not allowed & {".venv", "var", "tests", ".git"}
+
+
+def test_roles_that_load_lightgbm_install_the_openmp_runtime_it_links(
+    instructions: list[Instruction],
+) -> None:
+    """LightGBM's wheel does not bundle libgomp.so.1 and the slim base lacks it:
+    without it `import lightgbm` fails and the scoring pod never starts."""
+    import lightgbm
+
+    library = Path(lightgbm.__file__).parent / "lib" / "lib_lightgbm.so"
+    assert b"libgomp.so.1" in library.read_bytes(), "LightGBM no longer links libgomp"
+    last = max(i.stage for i in instructions)
+    (install,) = [
+        i.arguments for i in instructions if i.stage == last and "libgomp1" in i.arguments
+    ]
+    assert "--no-install-recommends" in install and "rm -rf /var/lib/apt/lists" in install
+    for role in image_roles():
+        loads_lightgbm = "lightgbm" in pins(ROOT / "requirements" / f"{role}.lock")
+        assert (f'"${{ROLE}}" = {role} ' in install) == loads_lightgbm, role
