@@ -19,6 +19,7 @@ from kubernetes_validate.utils import latest_version
 from converge.demo import SERVICES
 from converge.identity.settings import IdentitySettings
 from converge.interactions.settings import InteractionsSettings
+from converge.models.registry import tracking_uri_default
 from converge.runtime.settings import ServiceSettings
 from converge.scoring.settings import ScoringSettings
 from tests.conftest import ROOT
@@ -178,6 +179,11 @@ def test_each_configmap_is_settings_its_service_accepts(
         settings = settings_class()
         assert settings.host == "0.0.0.0"
         assert settings.migrate_on_start is bool(values.get("postgresql", {}).get("enabled"))
+        if isinstance(settings, ScoringSettings):  # the registry scoring's app resolves
+            registry = settings.tracking_uri or tracking_uri_default(settings.data_dir)
+            assert (
+                registry == f"http://{RELEASE}-converge-mlflow.{NAMESPACE}.svc.cluster.local:5000"
+            )
 
 
 def test_services_call_each_other_through_dns_round_robin_targets(value_set: Any) -> None:
