@@ -541,14 +541,23 @@ def test_scoring_takes_a_registry_or_peer_named_in_its_settings() -> None:
     values = {
         **REQUIRED,
         "mlflow": {"enabled": False},
+        "interactions": {"enabled": False},
         "scoring": {
             "settings": {
                 "tracking_uri": "https://mlflow.example.com",
                 "identity_address": "",
+                "interactions_address": "interactions.shared.example.com:443",
             }
         },
     }
     data = by_component(render(values), "ConfigMap")["scoring"]["data"]
+    assert data["CONVERGE_SCORING_INTERACTIONS_ADDRESS"] == "interactions.shared.example.com:443"
+    with helm.Chart.load(CHART) as chart:
+        text = chart.render(values=values, name=RELEASE, namespace=NAMESPACE)[
+            "converge/templates/configmap.yaml"
+        ]
+    for key in ("INTERACTIONS_ADDRESS", "IDENTITY_ADDRESS"):  # (YAML keeps the last of two)
+        assert text.count(f"CONVERGE_SCORING_{key}:") == 1, key
     assert data["CONVERGE_SCORING_TRACKING_URI"] == "https://mlflow.example.com"
     assert "MLFLOW_TRACKING_URI" not in data
     assert data["CONVERGE_SCORING_IDENTITY_ADDRESS"] == "", "the setting, not the chart's target"
