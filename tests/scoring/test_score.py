@@ -150,6 +150,31 @@ async def test_scores_churn_escalation_and_cross_sell_with_reasons(
     )
 
 
+async def test_omitting_reasons_changes_no_probability_and_gives_none(
+    platform: Platform, start_scoring: StartScoring, tracking_uri: str, versions: Versions
+) -> None:
+    """Reasons cost LightGBM's contributions; probabilities never come from
+    them, so asking for reasons or not answers the same numbers to the bit."""
+    customer = await make_customer(platform)
+    champions_everywhere(tracking_uri, versions)
+    scoring = await start_scoring()
+
+    with_reasons = await scoring.stub.Score(full_request(customer))
+    without = await scoring.stub.Score(full_request(customer, omit_reasons=True))
+    together = await asyncio.gather(
+        *(scoring.stub.Score(full_request(customer, omit_reasons=n % 2 == 0)) for n in range(8))
+    )
+
+    expected = [(p.probability, p.risk_band) for p in with_reasons.predictions]
+    assert len(expected) == 4 and all(p.reasons for p in with_reasons.predictions)
+    assert [(p.probability, p.risk_band) for p in without.predictions] == expected
+    assert all(not p.reasons for p in without.predictions)
+    # Concurrent calls share predict calls, with and without reasons mixed.
+    for n, answer in enumerate(together):
+        assert [(p.probability, p.risk_band) for p in answer.predictions] == expected
+        assert all(bool(p.reasons) == (n % 2 == 1) for p in answer.predictions)
+
+
 async def test_rules_answer_before_any_model_and_say_so(
     platform: Platform, start_scoring: StartScoring
 ) -> None:

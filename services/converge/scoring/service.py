@@ -10,9 +10,13 @@ reasons. Predictions come in order: churn, escalation, then cross-sell per
 candidate in request order. Before any version serves, the rule fallback
 (`converge.models.fallback`) answers and says so.
 
-Rows of concurrent calls go to their model in one predict call
-(`batching.Coalescer` per loaded version), in the executor: the event loop
-never waits on LightGBM.
+A call's rows for every model it asks (champions and, when asked, the
+challengers) go to the executor as one job, and the rows of concurrent calls
+join them (`batching.Coalescer`): one thread hop per batch of calls, one
+predict call per model in it, so the event loop never waits on LightGBM and
+a call pays one hop, not one per model. Probabilities come from the plain
+predict; LightGBM's contributions (`pred_contrib`, about ten times the cost)
+only for the rows whose reasons are returned.
 """
 
 from __future__ import annotations
@@ -20,8 +24,7 @@ from __future__ import annotations
 import asyncio
 import math
 import uuid
-import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol, TypeVar
@@ -117,6 +120,20 @@ class ScoreResult:
 
 
 @dataclass(frozen=True)
+class _Rows:
+    """One model's input rows of one call, and whether their contributions
+    (for reasons) are wanted."""
+
+    model: ServingModel
+    matrix: FloatMatrix
+    contributions: bool
+
+
+# Per row: the calibrated probability, and its contributions when asked.
+_Predicted = tuple[float, "FloatMatrix | None"]
+
+
+@dataclass(frozen=True)
 class _Item:
     prediction: Prediction
     ticket_id: str = ""
@@ -163,10 +180,11 @@ class ScoringService:
         self.max_in_flight = max_in_flight
         self.replica = replica
         self.clock = clock
-        # One sharing point per loaded version; dropped with the version.
-        self._predictors: weakref.WeakKeyDictionary[
-            ServingModel, Coalescer[FloatMatrix, tuple[FloatMatrix, FloatMatrix]]
-        ] = weakref.WeakKeyDictionary()
+        # One sharing point for every model: a batch holds calls' rows for
+        # several versions, and lets go of them when it ends.
+        self._predictor: Coalescer[tuple[_Rows, ...], list[list[_Predicted]]] = Coalescer(
+            self._predict_batch, max_batch=max_batch, max_in_flight=max_in_flight
+        )
 
     # --- Score ------------------------------------------------------------------------
 
@@ -189,10 +207,28 @@ class ScoringService:
                 else None
                 for item, serving in zip(items, champions, strict=True)
             ]
-            outputs = await self._predict_all(champions, rows, query.timeout_s)
-            shadows: list[ShadowScore | None] = [None] * len(items)
-            if query.include_shadow:
-                shadows = await self._shadow(items, lease.challengers, live, query.timeout_s)
+            challengers: list[Serving | None] = (
+                [lease.challengers.get(i.prediction) for i in items]
+                if query.include_shadow
+                else [None] * len(items)
+            )
+            challenger_rows = [
+                serving.model.schema.vector(
+                    live.customer, live.ticket, live.profile, live.as_of, item.product_id
+                )
+                if serving is not None
+                else None
+                for item, serving in zip(items, challengers, strict=True)
+            ]
+            outputs, shadow_outputs = await self._predict_all(
+                champions, rows, challengers, challenger_rows, bool(limit), query.timeout_s
+            )
+            shadows = [
+                ShadowScore(s.model.ref, out[0], s.model.thresholds.band(out[0]))
+                if s is not None and out is not None
+                else None
+                for s, out in zip(challengers, shadow_outputs, strict=True)
+            ]
             scored = []
             for n, item in enumerate(items):
                 serving = champions[n]
@@ -221,24 +257,26 @@ class ScoringService:
                             catalogue.features,
                             limit,
                         )
-                        if limit
+                        if contributions is not None
                         else (),
                         fallback_reason="",
                         shadow=shadows[n],
                         inputs=row[0],
                     )
                 )
-        result = ScoreResult(
-            customer_id=live.customer_id,
-            predictions=tuple(scored),
-            features=live,
-            score_id=uuid.uuid4().hex,
-            scored_at=self.clock(),
-        )
-        if self.prediction_log is not None:
-            # Each answering version's inputs, by which the log names the row it read.
-            schemas = {s.model.ref: s.model.schema for s in champions if s is not None}
-            self.prediction_log.offer(result, query.channel, schemas)
+            result = ScoreResult(
+                customer_id=live.customer_id,
+                predictions=tuple(scored),
+                features=live,
+                score_id=uuid.uuid4().hex,
+                scored_at=self.clock(),
+            )
+            if self.prediction_log is not None:
+                # Each answering version's inputs, by which the log names the row
+                # it read; inside the lease: a version swapped out meanwhile is
+                # unloaded (its schema gone) once its last call leaves it.
+                schemas = {s.model.ref: s.model.schema for s in champions if s is not None}
+                self.prediction_log.offer(result, query.channel, schemas)
         return result
 
     def _items(self, query: ScoreQuery) -> list[_Item]:
@@ -291,97 +329,54 @@ class ScoringService:
 
     async def _predict_all(
         self,
-        models: Sequence[Serving | None],
+        champions: Sequence[Serving | None],
         rows: Sequence[FloatMatrix | None],
+        challengers: Sequence[Serving | None],
+        challenger_rows: Sequence[FloatMatrix | None],
+        contributions: bool,
         timeout_s: float,
-    ) -> list[tuple[float, FloatMatrix] | None]:
-        """Each row through its model; rows for the same version go together
-        (cross-sell candidates, and other calls' rows arriving meanwhile)."""
-        groups: dict[int, list[int]] = {}
-        for n, serving in enumerate(models):
-            if serving is not None:
-                groups.setdefault(id(serving), []).append(n)
-        out: list[tuple[float, FloatMatrix] | None] = [None] * len(rows)
-
-        async def one_model(positions: list[int]) -> None:
-            serving = models[positions[0]]
-            assert serving is not None
-            matrix = np.vstack([rows[n] for n in positions])  # type: ignore[misc]
-            probabilities, contributions = await self._predict(serving.model, matrix, timeout_s)
-            for k, n in enumerate(positions):
-                out[n] = (float(probabilities[k]), contributions[k])
-
-        await asyncio.gather(*(one_model(p) for p in groups.values()))
-        return out
-
-    async def _predict(
-        self, model: ServingModel, matrix: FloatMatrix, timeout_s: float
-    ) -> tuple[FloatMatrix, FloatMatrix]:
-        predictor = self._predictors.get(model)
-        if predictor is None:
-            predictor = Coalescer(
-                self._batch_predictor(model),
-                max_batch=self.max_batch,
-                max_in_flight=self.max_in_flight,
+    ) -> tuple[list[_Predicted | None], list[_Predicted | None]]:
+        """Each row through its model, as one job of the shared predictor:
+        the champions' rows with contributions when `contributions`, the
+        challengers' (shadow) rows without. Rows for the same version go
+        together (cross-sell candidates, and other calls' rows meanwhile)."""
+        wanted = [
+            (serving, row, want)
+            for servings, matrices, want in (
+                (champions, rows, contributions),
+                (challengers, challenger_rows, False),
             )
-            self._predictors[model] = predictor
-        try:
-            return await predictor.submit(matrix, _bounded(timeout_s))
-        except TimeoutError:
-            raise Unavailable("scoring is overloaded: the model did not answer in time") from None
-
-    def _batch_predictor(
-        self, model: ServingModel
-    ) -> Callable[[Sequence[FloatMatrix], float], Awaitable[list[tuple[FloatMatrix, FloatMatrix]]]]:
-        # A weak reference: the sharing point must not keep a replaced version alive.
-        ref = weakref.ref(model)
-        executor = self.executor
-
-        def work(matrices: Sequence[FloatMatrix]) -> list[tuple[FloatMatrix, FloatMatrix]]:
-            target = ref()
-            assert target is not None, "a version is predicted only while leased"
-            probabilities, contributions = target.predict_with_contributions(np.vstack(matrices))
-            out = []
-            start = 0
-            for matrix in matrices:
-                end = start + len(matrix)
-                out.append((probabilities[start:end], contributions[start:end]))
-                start = end
-            return out
-
-        async def run(
-            matrices: Sequence[FloatMatrix], time_left_s: float
-        ) -> list[tuple[FloatMatrix, FloatMatrix]]:
-            return await executor.run(work, matrices)
-
-        return run
-
-    async def _shadow(
-        self,
-        items: Sequence[_Item],
-        challengers: Mapping[Prediction, Serving | None],
-        live: LiveFeatures,
-        timeout_s: float,
-    ) -> list[ShadowScore | None]:
-        models = [challengers.get(i.prediction) for i in items]
-        rows = [
-            s.model.schema.vector(
-                live.customer, live.ticket, live.profile, live.as_of, i.product_id
-            )
-            if s is not None
-            else None
-            for i, s in zip(items, models, strict=True)
+            for serving, row in zip(servings, matrices, strict=True)
         ]
-        outputs = await self._predict_all(models, rows, timeout_s)
-        shadows: list[ShadowScore | None] = []
-        for serving, output in zip(models, outputs, strict=True):
-            if serving is None or output is None:
-                shadows.append(None)
-                continue
-            probability = output[0]
-            model = serving.model
-            shadows.append(ShadowScore(model.ref, probability, model.thresholds.band(probability)))
-        return shadows
+        groups: dict[tuple[int, bool], list[int]] = {}
+        for n, (serving, _, want) in enumerate(wanted):
+            if serving is not None:
+                groups.setdefault((id(serving.model), want), []).append(n)
+        out: list[_Predicted | None] = [None] * len(wanted)
+        if groups:
+            job = tuple(
+                _Rows(
+                    wanted[positions[0]][0].model,  # type: ignore[union-attr]
+                    _stack([wanted[n][1] for n in positions]),  # type: ignore[misc]
+                    want,
+                )
+                for (_, want), positions in groups.items()
+            )
+            try:
+                predicted = await self._predictor.submit(job, _bounded(timeout_s))
+            except TimeoutError:
+                raise Unavailable(
+                    "scoring is overloaded: the model did not answer in time"
+                ) from None
+            for positions, results in zip(groups.values(), predicted, strict=True):
+                for n, result in zip(positions, results, strict=True):
+                    out[n] = result
+        return out[: len(champions)], out[len(champions) :]
+
+    async def _predict_batch(
+        self, jobs: Sequence[tuple[_Rows, ...]], time_left_s: float
+    ) -> list[list[list[_Predicted]]]:
+        return await self.executor.run(_predict_jobs, jobs)
 
     def _by_rules(self, item: _Item, live: LiveFeatures, why: str, limit: int) -> Scored:
         values: dict[str, FeatureValue | None] = {**live.customer, **(live.ticket or {})}
@@ -435,6 +430,38 @@ class ScoringService:
 
     async def reload(self, predictions: Sequence[Prediction]) -> ReloadOutcome:
         return await self.slots.refresh(predictions or PREDICTIONS)
+
+
+def _stack(matrices: Sequence[FloatMatrix]) -> FloatMatrix:
+    return matrices[0] if len(matrices) == 1 else np.vstack(matrices)
+
+
+def _predict_jobs(jobs: Sequence[tuple[_Rows, ...]]) -> list[list[list[_Predicted]]]:
+    """The predictor's batch, in a worker thread: the rows of every job for
+    one version in one predict call (and one `pred_contrib` call for those
+    whose reasons are wanted); per job, per entry, per row its result."""
+    by_model: dict[tuple[int, bool], list[_Rows]] = {}
+    for job in jobs:
+        for entry in job:
+            by_model.setdefault((id(entry.model), entry.contributions), []).append(entry)
+    answers: dict[int, list[_Predicted]] = {}  # id(entry) -> its rows' results
+    for (_, contributions), entries in by_model.items():
+        model = entries[0].model
+        matrix = _stack([e.matrix for e in entries])
+        probabilities = model.predict(matrix)
+        contribution_rows = model.predict_with_contributions(matrix)[1] if contributions else None
+        start = 0
+        for entry in entries:
+            end = start + len(entry.matrix)
+            answers[id(entry)] = [
+                (
+                    float(probabilities[k]),
+                    contribution_rows[k] if contribution_rows is not None else None,
+                )
+                for k in range(start, end)
+            ]
+            start = end
+    return [[answers[id(entry)] for entry in job] for job in jobs]
 
 
 def _bounded(timeout_s: float) -> float:
