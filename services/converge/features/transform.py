@@ -27,6 +27,7 @@ it.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections import Counter
@@ -171,7 +172,30 @@ class InputSchema:
         merged.update(profile_values(profile, at))
         if candidate_product:
             merged[CANDIDATE] = candidate_product
-        return self.matrix({name: [merged.get(name)] for name in self.names}, 1)
+        # `matrix` of one row, written for one row: scoring builds one per
+        # prediction of every call, and the columns' machinery cost more than
+        # the values (the same codes and NaNs: test_parity holds it to that).
+        row = np.full((1, len(self.names)), np.nan, dtype=np.float64)
+        out = row[0]
+        indexes = self._code_indexes
+        for j, name in enumerate(self.names):
+            value = merged.get(name)
+            if value is None:
+                continue
+            index = indexes.get(name)
+            if index is None:
+                out[j] = float(value)
+            elif value == value:  # (NaN: missing)
+                out[j] = index.get(str(value), index[OTHER])
+        return row
+
+    @functools.cached_property
+    def _code_indexes(self) -> dict[str, dict[str, float]]:
+        """Per categorical input, each category's code (as `codes` numbers them)."""
+        return {
+            name: {level: float(i) for i, level in enumerate(levels)}
+            for name, levels in self.categories.items()
+        }
 
     # --- storing ---------------------------------------------------------------------
 
