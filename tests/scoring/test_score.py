@@ -175,6 +175,27 @@ async def test_omitting_reasons_changes_no_probability_and_gives_none(
         assert all(bool(p.reasons) == (n % 2 == 1) for p in answer.predictions)
 
 
+async def test_by_id_and_by_identifier_score_the_same_inputs(
+    platform: Platform, start_scoring: StartScoring, tracking_uri: str, versions: Versions
+) -> None:
+    """Named by id, the profile is read beside the features; by identifier,
+    after them: both paths feed the models the same row."""
+    customer = await make_customer(platform)
+    champions_everywhere(tracking_uri, versions)
+    scoring = await start_scoring()
+
+    by_identifier = await scoring.stub.Score(full_request(customer))
+    request = full_request(customer)
+    request.customer.CopyFrom(common_pb2.CustomerRef(customer_id=customer.customer_id))
+    by_id = await scoring.stub.Score(request)
+
+    assert by_id.customer_id == by_identifier.customer_id == customer.customer_id
+    # The profile is an input (plan, tenure): a missing one would move these.
+    assert [(p.probability, [r.code for r in p.reasons]) for p in by_id.predictions] == [
+        (p.probability, [r.code for r in p.reasons]) for p in by_identifier.predictions
+    ]
+
+
 async def test_rules_answer_before_any_model_and_say_so(
     platform: Platform, start_scoring: StartScoring
 ) -> None:
