@@ -99,7 +99,8 @@ def _training_overhead() -> dict[str, float]:
     x = shaper.prepare(split.train.frame)
     y = split.train.labels
     spw = _scale_pos_weight(int(y.sum()), len(y) - int(y.sum()), config.imbalance)
-    params = {**config.lightgbm_params(spw), "metric": "none"}
+    # The parameters the pipeline resolved for this many rows, as it trained.
+    params = {**config.for_rows(len(y)).lightgbm_params(spw), "metric": "none"}
     started = time.perf_counter()
     lgb.train(
         params,
