@@ -29,21 +29,28 @@ BENCHMARKS.append("tests.benchmarks.bench_scoring")
 BENCHMARKS.append("tests.benchmarks.bench_prediction_log")
 
 
-async def run_all(selected: list[str]) -> dict[str, float]:
+async def run_all(selected: list[str]) -> tuple[dict[str, float], list[str]]:
+    """The figures of every module that ran through, and the modules that
+    failed: one failing module must not cost the figures of the others."""
     env, server = open_env()
     figures: dict[str, float] = {}
+    failed: list[str] = []
     try:
         for name in selected:
             module = importlib.import_module(name)
             Console(stderr=True).print(f"[bold]running {name}[/bold]")
-            figures.update(await module.run(env))
+            try:
+                figures.update(await module.run(env))
+            except Exception:
+                Console(stderr=True).print_exception()
+                failed.append(name)
             env.stop_all()
     finally:
         env.stop_all()
         server.stop()
         # The database and the services' logs: about 1 GB after a full run.
         shutil.rmtree(env.work_dir, ignore_errors=True)
-    return figures
+    return figures, failed
 
 
 def main() -> None:
@@ -51,7 +58,7 @@ def main() -> None:
     parser.add_argument("--only", action="append", help="benchmark module suffix, e.g. identity")
     args = parser.parse_args()
     selected = [b for b in BENCHMARKS if not args.only or any(b.endswith(o) for o in args.only)]
-    figures = asyncio.run(run_all(selected))
+    figures, failed = asyncio.run(run_all(selected))
 
     table = Table(title="Converge benchmarks")
     table.add_column("figure")
@@ -64,6 +71,9 @@ def main() -> None:
     existing = json.loads(out.read_text()) if out.exists() and args.only else {}
     out.write_text(json.dumps({**existing, **figures}, indent=2, sort_keys=True) + "\n")
     Console().print(f"wrote {len(figures)} figures to {out}")
+    if failed:
+        Console(stderr=True).print(f"[red]failed: {', '.join(failed)}[/red] (traceback above)")
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
