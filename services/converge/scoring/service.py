@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol, TypeVar
 
-import grpc
 import numpy as np
 import numpy.typing as npt
 
@@ -142,12 +141,6 @@ class _Item:
 
 Outcome = ScoreResult | ConvergeError
 KeyT = TypeVar("KeyT")
-
-
-class NotBuiltYet(ConvergeError):
-    """An RPC of the contract that this version does not implement yet."""
-
-    code = grpc.StatusCode.UNIMPLEMENTED
 
 
 class PredictionSink(Protocol):
