@@ -36,6 +36,7 @@ from converge.runtime.fields import (
     LATEST_SECONDS,
     LATEST_TIME,
     MAX_MONEY_UNITS,
+    check_identifier,
     check_message,
     parse_uuid,
 )
@@ -88,16 +89,7 @@ def customer_ref(
         return uuid_field(ref.customer_id, f"{path}.customer_id", v), None
     if which == "identifier":
         identifier = ref.identifier
-        v.check(
-            identifier.type != 0 and identifier.type in common_pb2.IdentifierType.values(),
-            f"{path}.identifier.type",
-            "set a known identifier type",
-        )
-        v.check(
-            0 < len(identifier.value.strip()) <= MAX_KEY,
-            f"{path}.identifier.value",
-            f"required, at most {MAX_KEY} characters",
-        )
+        check_identifier(identifier, f"{path}.identifier", v, MAX_KEY)
         return None, IdentifierRef(identifier.type, identifier.value, identifier.source)
     v.add(path, "set customer_id or identifier")
     return None, None

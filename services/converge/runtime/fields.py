@@ -32,6 +32,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from converge.runtime.errors import Violations
+from converge.v1 import common_pb2
 
 EARLIEST_TIME = datetime(1900, 1, 1, tzinfo=UTC)
 LATEST_TIME = datetime(2200, 1, 1, tzinfo=UTC)
@@ -59,6 +60,23 @@ def parse_uuid(value: str, field: str, violations: Violations) -> str | None:
     except ValueError:
         violations.add(field, "not an id this platform issued (a UUID)")
         return None
+
+
+def check_identifier(
+    identifier: common_pb2.Identifier, path: str, violations: Violations, max_length: int
+) -> None:
+    """A customer named by an identifier in a `CustomerRef`: a known type and
+    a value; normalising it is identity's business."""
+    violations.check(
+        identifier.type != 0 and identifier.type in common_pb2.IdentifierType.values(),
+        f"{path}.type",
+        "set a known identifier type",
+    )
+    violations.check(
+        0 < len(identifier.value.strip()) <= max_length,
+        f"{path}.value",
+        f"required, at most {max_length} characters",
+    )
 
 
 def time_problem(ts: timestamp_pb2.Timestamp) -> str | None:

@@ -16,7 +16,7 @@ from converge.models.fallback import Reason
 from converge.models.handle import ModelRef
 from converge.models.predictions import PREDICTIONS, Prediction
 from converge.runtime.errors import ConvergeError, InvalidArgument, Violations
-from converge.runtime.fields import parse_time, parse_uuid
+from converge.runtime.fields import check_identifier, parse_time, parse_uuid
 from converge.runtime.values import timestamp
 from converge.scoring import drift
 from converge.scoring.features import CustomerKey, LiveFeatures
@@ -68,16 +68,7 @@ def customer_key(ref: common_pb2.CustomerRef, path: str, v: Violations) -> Custo
         return CustomerKey(customer_id=ref.customer_id.lower())
     if which == "identifier":
         identifier = ref.identifier
-        v.check(
-            identifier.type != 0 and identifier.type in common_pb2.IdentifierType.values(),
-            f"{path}.identifier.type",
-            "set a known identifier type",
-        )
-        v.check(
-            0 < len(identifier.value.strip()) <= MAX_KEY,
-            f"{path}.identifier.value",
-            f"required, at most {MAX_KEY} characters",
-        )
+        check_identifier(identifier, f"{path}.identifier", v, MAX_KEY)
         return CustomerKey(
             identifier_type=int(identifier.type),
             identifier_value=identifier.value,
