@@ -11,7 +11,7 @@ BENCH_OUT ?= bench-results.json
 PYTEST_ARGS ?=
 # The images the Dockerfile builds: a service each, `models` for the training
 # job and `tracking` for the MLflow server.
-IMAGE_ROLES := identity interactions scoring models tracking
+IMAGE_ROLES := identity interactions scoring recommendation models tracking
 LINT_PATHS := services tests protos/generate.py $(if $(wildcard models/converge),models)
 TYPED_PATHS := services protos/generate.py $(if $(wildcard models/converge),models)
 
