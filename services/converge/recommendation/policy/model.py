@@ -18,9 +18,10 @@ Reading guide for the other areas:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import time, timedelta
 from decimal import Decimal
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -273,3 +274,18 @@ class Policy(Strict):
     teams: list[Team] = Field(default_factory=list)
     alerts: list[AlertRule] = Field(default_factory=list)
     routing: list[Route] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ActivePolicy:
+    """The policy a decision applies, with the version it names in the log."""
+
+    version: str
+    policy: Policy
+
+
+class PolicySource(Protocol):
+    """Where the areas read the active policy (policy/service.py's book, which
+    follows activations on every replica; tests may pass a fixed one)."""
+
+    def active(self) -> ActivePolicy: ...
