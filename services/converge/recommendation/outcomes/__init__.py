@@ -1,0 +1,1 @@
+"""Outcomes of decisions, control groups and the measured lift of each action."""
