@@ -124,6 +124,10 @@ class _SuppressionReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Sup
     """The team that would carry it out has no capacity left."""
     SUPPRESSION_REASON_ARBITRATION: _SuppressionReason.ValueType  # 10
     """A conflicting action of higher expected value was chosen."""
+    SUPPRESSION_REASON_QUIET_HOURS: _SuppressionReason.ValueType  # 11
+    """The customer's quiet hours (their local time) are on for the channel;
+    `suppressed_until` says when they end.
+    """
 
 class SuppressionReason(_SuppressionReason, metaclass=_SuppressionReasonEnumTypeWrapper):
     """Why an action that would otherwise have been proposed was withheld."""
@@ -152,6 +156,10 @@ SUPPRESSION_REASON_TEAM_AT_CAPACITY: SuppressionReason.ValueType  # 9
 """The team that would carry it out has no capacity left."""
 SUPPRESSION_REASON_ARBITRATION: SuppressionReason.ValueType  # 10
 """A conflicting action of higher expected value was chosen."""
+SUPPRESSION_REASON_QUIET_HOURS: SuppressionReason.ValueType  # 11
+"""The customer's quiet hours (their local time) are on for the channel;
+`suppressed_until` says when they end.
+"""
 Global___SuppressionReason: _TypeAlias = SuppressionReason  # noqa: Y015
 
 class _ActionOutcome:
