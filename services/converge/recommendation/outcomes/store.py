@@ -1,0 +1,213 @@
+"""All SQL of the outcomes area (migration 0004): the outcomes recorded
+against decisions and RecordOutcome's idempotency keys. Rows leave as frozen
+dataclasses.
+
+The contact ledger is told of an outcome (`mark_outcome`: a rejection starts
+its cool-down, an undelivered contact stops counting) in the same transaction
+that records it, so the two never disagree."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Protocol
+
+import asyncpg
+
+from converge.runtime.database import Connection
+
+ARM_TREATMENT = "treatment"
+ARM_CONTROL = "control"
+
+
+class OutcomeLedger(Protocol):
+    """What the contact area's ledger offers the outcomes area (contact/store.py
+    `ContactLedger.mark_outcome`), called inside the outcome's transaction."""
+
+    async def mark_outcome(
+        self,
+        conn: Connection,
+        decision_id: str,
+        action_id: str,
+        outcome: str,
+        occurred_at: datetime | None = None,
+    ) -> object: ...
+
+
+@dataclass(frozen=True)
+class NewOutcome:
+    """An outcome to record, resolved against its decision."""
+
+    outcome_id: uuid.UUID
+    decision_id: str
+    alert_id: str
+    customer_id: uuid.UUID
+    action_id: str
+    action_name: str
+    action_kind: str
+    product_id: str
+    arm: str
+    outcome: str
+    value: Decimal | None
+    currency: str
+    occurred_at: datetime
+    recorded_at: datetime
+    interaction_id: str
+    policy_version: str
+    decided_at: datetime
+
+
+@dataclass(frozen=True)
+class StoredOutcome(NewOutcome):
+    """An outcome read back (same fields as written)."""
+
+
+@dataclass(frozen=True)
+class StoredRequest:
+    """What an idempotency key is bound to."""
+
+    idempotency_key: str
+    request_sha256: bytes
+    outcome_id: uuid.UUID
+    interaction_id: str
+
+
+COLUMNS = tuple(NewOutcome.__dataclass_fields__)
+
+INSERT_OUTCOME = f"""
+INSERT INTO decision_outcomes ({", ".join(COLUMNS)})
+VALUES ({", ".join(f"${i}" for i in range(1, len(COLUMNS) + 1))})
+"""
+# Claims the key first: of two concurrent requests with one key, the second
+# waits on the first's row and then finds it taken.
+CLAIM_KEY = """
+INSERT INTO outcome_requests
+    (idempotency_key, request_sha256, outcome_id, interaction_id, customer_id, created_at)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (idempotency_key) DO NOTHING
+"""
+FIND_KEY = """
+SELECT idempotency_key, request_sha256, outcome_id, interaction_id
+FROM outcome_requests WHERE idempotency_key = $1
+"""
+FOR_DECISIONS = f"""
+SELECT {", ".join(COLUMNS)} FROM decision_outcomes
+WHERE decision_id = ANY($1::text[])
+ORDER BY decision_id, occurred_at, outcome_id
+"""
+FOR_REPORT = f"""
+SELECT {", ".join(COLUMNS)} FROM decision_outcomes
+WHERE decided_at >= $1 AND ($2::text IS NULL OR policy_version = $2)
+ORDER BY decided_at, outcome_id
+"""
+ERASE_OUTCOMES = "DELETE FROM decision_outcomes WHERE customer_id = ANY($1::uuid[])"
+ERASE_REQUESTS = "DELETE FROM outcome_requests WHERE customer_id = ANY($1::uuid[])"
+EXPORT = f"""
+SELECT {", ".join(COLUMNS)} FROM decision_outcomes
+WHERE customer_id = ANY($1::uuid[])
+ORDER BY occurred_at, outcome_id
+"""
+
+
+class OutcomeStore:
+    def __init__(self, pool: asyncpg.Pool, ledger: OutcomeLedger | None = None) -> None:
+        self.pool = pool
+        # None until the contact area's ledger is wired (then every treatment
+        # outcome reaches it).
+        self.ledger = ledger
+
+    async def find_request(self, idempotency_key: str) -> StoredRequest | None:
+        async with self.pool.acquire() as connection:
+            row = await connection.fetchrow(FIND_KEY, idempotency_key)
+        return None if row is None else StoredRequest(**dict(row))
+
+    async def record(
+        self,
+        outcome: NewOutcome,
+        idempotency_key: str = "",
+        request_sha256: bytes = b"",
+    ) -> StoredRequest | None:
+        """Records `outcome` (and tells the contact ledger, for a proposed
+        action), binding `idempotency_key` to it when given. When the key was
+        bound meanwhile by a concurrent request, records nothing and returns
+        what the key is bound to; None when recorded."""
+        async with self.pool.acquire() as connection, connection.transaction():
+            if idempotency_key:
+                status = await connection.execute(
+                    CLAIM_KEY,
+                    idempotency_key,
+                    request_sha256,
+                    outcome.outcome_id,
+                    outcome.interaction_id,
+                    outcome.customer_id,
+                    outcome.recorded_at,
+                )
+                if status.endswith(" 0"):
+                    row = await connection.fetchrow(FIND_KEY, idempotency_key)
+                    assert row is not None  # (claimed by a committed request)
+                    return StoredRequest(**dict(row))
+            await connection.execute(INSERT_OUTCOME, *(getattr(outcome, c) for c in COLUMNS))
+            if self.ledger is not None and outcome.arm == ARM_TREATMENT:
+                await self.ledger.mark_outcome(
+                    connection,
+                    outcome.decision_id,
+                    outcome.action_id,
+                    outcome.outcome,
+                    outcome.occurred_at,
+                )
+        return None
+
+    async def for_decisions(
+        self, conn: Connection, decision_ids: Sequence[str]
+    ) -> dict[str, list[StoredOutcome]]:
+        """The outcomes of each decision, in the order they happened (the
+        decisions store reads them for `Decision.outcomes`)."""
+        rows = await conn.fetch(FOR_DECISIONS, list(decision_ids))
+        found: dict[str, list[StoredOutcome]] = {}
+        for row in rows:
+            found.setdefault(row["decision_id"], []).append(_stored(row))
+        return found
+
+    async def for_report(self, since: datetime, policy_version: str | None) -> list[StoredOutcome]:
+        """Outcomes of decisions made since `since` (of one policy version)."""
+        async with self.pool.acquire() as connection:
+            rows = await connection.fetch(FOR_REPORT, since, policy_version)
+        return [_stored(r) for r in rows]
+
+    async def erase(self, conn: Connection, customer_ids: Sequence[uuid.UUID]) -> dict[str, int]:
+        """Deletes the customers' outcomes and idempotency keys (kind -> rows)."""
+        ids = list(customer_ids)
+        outcomes = await conn.execute(ERASE_OUTCOMES, ids)
+        requests = await conn.execute(ERASE_REQUESTS, ids)
+        return {"outcomes": _count(outcomes), "outcome_requests": _count(requests)}
+
+    async def export(self, customer_ids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+        """The customers' outcomes as JSON-able records (kind -> records)."""
+        ids = [uuid.UUID(c) for c in customer_ids]
+        async with self.pool.acquire() as connection:
+            rows = await connection.fetch(EXPORT, ids)
+        return {"outcomes": [_jsonable(asdict(_stored(r))) for r in rows]}
+
+
+def _stored(row: asyncpg.Record) -> StoredOutcome:
+    return StoredOutcome(**{name: row[name] for name in COLUMNS})
+
+
+def _jsonable(record: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        if isinstance(value, datetime):
+            out[key] = value.isoformat()
+        elif isinstance(value, uuid.UUID | Decimal):
+            out[key] = str(value)
+        else:
+            out[key] = value
+    return out
+
+
+def _count(status: str) -> int:
+    # "DELETE 12"
+    return int(status.rsplit(" ", 1)[-1])
