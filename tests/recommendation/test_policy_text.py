@@ -1,0 +1,133 @@
+"""Reading a policy's YAML text (policy/validation.py, policy/service.py):
+the shipped default is valid, and every problem names its path, line and
+column, whatever the text."""
+
+from __future__ import annotations
+
+import pytest
+
+from converge.recommendation.policy.service import (
+    DEFAULT_VERSION,
+    default_policy,
+    default_policy_text,
+    load_policy_text,
+)
+from converge.recommendation.policy.validation import (
+    MAX_POLICY_BYTES,
+    PolicyProblem,
+    Severity,
+    check_policy_text,
+)
+from converge.runtime.errors import InvalidArgument
+
+DEFAULT = default_policy_text()
+
+
+def _line_of(text: str, fragment: str) -> int:
+    """The line (from 1) where `fragment` first occurs in `text`."""
+    return text[: text.index(fragment)].count("\n") + 1
+
+
+def _edited(old: str, new: str) -> str:
+    assert DEFAULT.count(old) == 1, old
+    return DEFAULT.replace(old, new)
+
+
+def _errors(text: str) -> list[PolicyProblem]:
+    checked = check_policy_text(text)
+    assert checked.policy is None
+    return list(checked.errors)
+
+
+def test_the_default_policy_is_valid_without_warnings() -> None:
+    checked = check_policy_text(DEFAULT)
+    assert checked.valid
+    assert checked.problems == ()
+    active = default_policy()
+    assert active.version == DEFAULT_VERSION
+    kinds = {a.kind for a in active.policy.actions}
+    assert kinds == {
+        "retention_offer",
+        "proactive_support_call",
+        "escalate_to_senior_agent",
+        "escalate_to_human",
+        "cross_sell_offer",
+        "do_nothing",
+    }
+    human = next(a for a in active.policy.actions if a.kind == "escalate_to_human")
+    assert not human.automated and human.contact_channels == []
+    assert {t.name for t in active.policy.teams} == {
+        "support",
+        "sales",
+        "retention",
+        "support_leads",
+        "sales_leads",
+    }
+    assert all(0.05 <= a.control_share <= 0.1 for a in active.policy.actions if a.control_share)
+
+
+def test_a_value_out_of_range_names_its_path_line_and_column() -> None:
+    text = _edited("min_probability: 0.5\n", "min_probability: 1.5\n")
+    (problem,) = _errors(text)
+    assert problem.path == "actions[0].min_probability"
+    assert problem.line == _line_of(text, "min_probability: 1.5")
+    assert problem.column == len("    min_probability: ") + 1
+    assert "1.5" in problem.message
+
+
+def test_a_misspelt_key_is_an_unknown_key_at_its_line() -> None:
+    text = _edited("    cool_down: P2D\n", "    cooldown: P2D\n")
+    (problem,) = _errors(text)
+    assert (problem.path, problem.message) == ("actions[2].cooldown", "unknown key")
+    assert (problem.line, problem.column) == (_line_of(text, "cooldown: P2D"), 5)
+
+
+def test_an_unknown_offer_is_an_error_and_the_unused_one_a_warning() -> None:
+    text = _edited("offer: credit_10\n", "offer: credit_99\n")
+    checked = check_policy_text(text)
+    assert not checked.valid
+    (error,) = checked.errors
+    assert error.path == "actions[1].offer"
+    assert error.line == _line_of(text, "offer: credit_99")
+    assert "credit_99" in error.message
+    (warning,) = checked.warnings
+    assert warning.path == "catalogue.offers[1].id"
+    assert warning.severity is Severity.WARNING
+
+
+def test_quiet_hours_unquoted_stay_times_of_day() -> None:
+    # YAML 1.1 would read 21:00 as the number 1260 (base 60): 00:21 as a time.
+    text = _edited('start: "21:00"', "start: 21:00")
+    checked = check_policy_text(text)
+    assert checked.policy is not None and checked.policy.contact.quiet_hours is not None
+    assert checked.policy.contact.quiet_hours.start.hour == 21
+
+
+def test_load_policy_text_raises_invalid_argument_naming_path_and_line() -> None:
+    text = _edited("default_time_zone: Europe/Amsterdam", "default_time_zone: Mars/Olympus")
+    with pytest.raises(InvalidArgument) as raised:
+        load_policy_text(text)
+    (violation,) = raised.value.violations
+    assert violation.field == "contact.default_time_zone"
+    assert violation.description.startswith(f"line {_line_of(text, 'Mars/Olympus')}, column ")
+    assert "Mars/Olympus" in violation.description
+
+
+def test_text_over_one_mebibyte_is_refused() -> None:
+    text = DEFAULT + "#" * (MAX_POLICY_BYTES - len(DEFAULT.encode()) + 1)
+    (problem,) = _errors(text)
+    assert "1 MiB" in problem.message
+
+
+def test_an_alias_bomb_is_refused_before_it_is_expanded() -> None:
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    for level in range(1, 9):
+        below = f"*a{level - 1}"
+        levels.append(f"a{level}: &a{level} [{', '.join([below] * 10)}]")
+    (problem,) = _errors("\n".join(levels) + "\nactions: []\n")
+    assert "aliases" in problem.message
+
+
+def test_a_recursive_alias_is_refused() -> None:
+    (problem,) = _errors("actions: &loop [*loop]\n")
+    assert "alias" in problem.message
