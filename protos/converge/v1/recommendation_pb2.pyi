@@ -2110,10 +2110,23 @@ Global___DismissAlertResponse: _TypeAlias = DismissAlertResponse  # noqa: Y015
 
 @_typing.final
 class Webhook(_message.Message):
-    """A webhook that receives a team's alert events. Each delivery is an HTTP
-    POST of one `AlertEvent` as proto3 JSON, with the header
-    `Converge-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`.
-    Failed deliveries are retried with exponential backoff, then dead-lettered.
+    """A webhook that receives a team's alert events, following the Standard
+    Webhooks specification (standardwebhooks.com), so any of its verifier
+    libraries checks deliveries. Each delivery is an HTTP POST of one
+    `AlertEvent` as proto3 JSON (content-type application/json), the same bytes
+    on every attempt, with the headers:
+    - `webhook-id`: the event's id, the same on every retry and redelivery;
+      receivers deduplicate on it.
+    - `webhook-timestamp`: the attempt's time, integer Unix seconds.
+    - `webhook-signature`: space-separated `v1,<base64 HMAC-SHA256 of
+      "<webhook-id>.<webhook-timestamp>.<body>">`, one per active secret of
+      `secret_id` (`whsec_` secrets; two or more during a key rotation).
+    A 2xx answer delivers it; redirects are not followed (a failure); 410 Gone
+    disables the webhook (its pending deliveries become dead letters); any
+    other answer, a timeout or a connection error is retried on the service's
+    schedule (by default the specification's: 5 s, 5 min, 30 min, 2 h, 5 h,
+    10 h, 14 h, 20 h, 24 h; a Retry-After pushes a retry later), then
+    dead-lettered.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
