@@ -20,11 +20,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
+from converge.recommendation.contact.convert import preferences_from_proto
+from converge.recommendation.contact.rules import ContactPreferences
 from converge.runtime.channels import aio_channel
 from converge.runtime.deadlines import downstream_timeout
 from converge.runtime.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
@@ -49,13 +51,6 @@ _UNREACHABLE = (
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.CANCELLED,
 )
-_CHANNEL_NAMES = {
-    common_pb2.CONTACT_CHANNEL_EMAIL: "email",
-    common_pb2.CONTACT_CHANNEL_SMS: "sms",
-    common_pb2.CONTACT_CHANNEL_PHONE: "phone",
-    common_pb2.CONTACT_CHANNEL_PUSH: "push",
-    common_pb2.CONTACT_CHANNEL_IN_APP: "in_app",
-}
 _PREDICTION_NAMES = {
     predictions_pb2.PREDICTION_KIND_CHURN: "churn",
     predictions_pb2.PREDICTION_KIND_ESCALATION: "escalation",
@@ -89,22 +84,6 @@ class CustomerKey:
                 source=self.identifier_source,
             )
         )
-
-
-@dataclass(frozen=True)
-class ContactPreferences:
-    """Identity's contact preferences, as the contact rules read them.
-    `consents` maps a contact channel ("email", "sms", "phone", "push",
-    "in_app") to True (granted) or False (denied); a channel absent has no
-    consent."""
-
-    consents: Mapping[str, bool] = field(default_factory=dict)
-    do_not_contact: bool = False
-    wants_human: bool = False
-    preferred_channel: str = ""  # empty when none
-
-    def granted(self, channel: str) -> bool:
-        return self.consents.get(channel, False)
 
 
 @dataclass(frozen=True)
@@ -203,19 +182,6 @@ def _features(vector: predictions_pb2.FeatureVector) -> dict[str, FeatureValue]:
     return values
 
 
-def preferences_from_pb(pb: identity_pb2.ContactPreferences) -> ContactPreferences:
-    return ContactPreferences(
-        consents={
-            _CHANNEL_NAMES[c.channel]: c.status == identity_pb2.CONSENT_STATUS_GRANTED
-            for c in pb.consents
-            if c.channel in _CHANNEL_NAMES
-        },
-        do_not_contact=pb.do_not_contact,
-        wants_human=pb.wants_human,
-        preferred_channel=_CHANNEL_NAMES.get(pb.preferred_channel, ""),
-    )
-
-
 def customer_from_pb(pb: identity_pb2.Customer) -> CustomerView:
     profile = pb.profile
     attributes: dict[str, PlainValue] = {}
@@ -230,7 +196,7 @@ def customer_from_pb(pb: identity_pb2.Customer) -> CustomerView:
         region=profile.region,
         owner_team=profile.owner_team,
         attributes=attributes,
-        preferences=preferences_from_pb(pb.contact_preferences),
+        preferences=preferences_from_proto(pb.contact_preferences),
     )
 
 

@@ -40,6 +40,22 @@ class RecommendationSettings(ServiceSettings):
     # -- Policy (policy/).
 
     # -- Decisions and contact rules (decisions/, contact/).
+    decision_retention_days: float = Field(
+        default=400.0,
+        gt=0,
+        description="Days a logged decision is kept (GetDecision replays it until then); "
+        "older ones are purged.",
+    )
+    decision_purge_interval_s: float = Field(
+        default=3600.0, gt=0, description="Seconds between purges of decisions past retention."
+    )
+    max_page_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        le=3 * 1024 * 1024,
+        description="Serialized bytes of records per ExportCustomerData page (under gRPC's "
+        "4 MB limit).",
+    )
 
     # -- Outcomes and control groups (outcomes/).
 
