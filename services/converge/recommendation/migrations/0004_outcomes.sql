@@ -26,6 +26,11 @@ CREATE TABLE decision_outcomes (
     recorded_at     timestamptz NOT NULL,
     -- The "action.outcome" interaction written to the interactions service.
     interaction_id  text NOT NULL,
+    -- The caller's other facts (tagged JSON values, as interactions store
+    -- them) and who recorded it; kept here, since the interaction type
+    -- "action.outcome" declares no further attributes.
+    attributes      jsonb NOT NULL DEFAULT '{}',
+    actor           text NOT NULL DEFAULT '',
     -- Copied from the decision so the report filters without reading it.
     policy_version  text NOT NULL,
     decided_at      timestamptz NOT NULL

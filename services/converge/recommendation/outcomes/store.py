@@ -9,7 +9,7 @@ that records it, so the two never disagree."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from converge.runtime.database import Connection
+from converge.runtime.values import PlainValue, from_tagged, to_tagged
 
 ARM_TREATMENT = "treatment"
 ARM_CONTROL = "control"
@@ -56,6 +57,8 @@ class NewOutcome:
     occurred_at: datetime
     recorded_at: datetime
     interaction_id: str
+    attributes: Mapping[str, PlainValue]
+    actor: str
     policy_version: str
     decided_at: datetime
 
@@ -149,7 +152,11 @@ class OutcomeStore:
                     row = await connection.fetchrow(FIND_KEY, idempotency_key)
                     assert row is not None  # (claimed by a committed request)
                     return StoredRequest(**dict(row))
-            await connection.execute(INSERT_OUTCOME, *(getattr(outcome, c) for c in COLUMNS))
+            values = [getattr(outcome, c) for c in COLUMNS]
+            values[COLUMNS.index("attributes")] = {
+                name: to_tagged(value) for name, value in outcome.attributes.items()
+            }
+            await connection.execute(INSERT_OUTCOME, *values)
             if self.ledger is not None and outcome.arm == ARM_TREATMENT:
                 await self.ledger.mark_outcome(
                     connection,
@@ -177,9 +184,9 @@ class OutcomeStore:
             rows = await connection.fetch(FOR_REPORT, since, policy_version)
         return [_stored(r) for r in rows]
 
-    async def erase(self, conn: Connection, customer_ids: Sequence[uuid.UUID]) -> dict[str, int]:
+    async def erase(self, conn: Connection, customer_ids: Sequence[str]) -> dict[str, int]:
         """Deletes the customers' outcomes and idempotency keys (kind -> rows)."""
-        ids = list(customer_ids)
+        ids = [uuid.UUID(c) for c in customer_ids]
         outcomes = await conn.execute(ERASE_OUTCOMES, ids)
         requests = await conn.execute(ERASE_REQUESTS, ids)
         return {"outcomes": _count(outcomes), "outcome_requests": _count(requests)}
@@ -193,13 +200,17 @@ class OutcomeStore:
 
 
 def _stored(row: asyncpg.Record) -> StoredOutcome:
-    return StoredOutcome(**{name: row[name] for name in COLUMNS})
+    fields = {name: row[name] for name in COLUMNS}
+    fields["attributes"] = {name: from_tagged(v) for name, v in row["attributes"].items()}
+    return StoredOutcome(**fields)
 
 
 def _jsonable(record: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in record.items():
-        if isinstance(value, datetime):
+        if key == "attributes":
+            out[key] = {name: to_tagged(v) for name, v in value.items()}
+        elif isinstance(value, datetime):
             out[key] = value.isoformat()
         elif isinstance(value, uuid.UUID | Decimal):
             out[key] = str(value)

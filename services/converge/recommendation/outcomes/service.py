@@ -1,0 +1,253 @@
+"""RecordOutcome's rules, in plain types: which action of which decision an
+outcome concerns (a proposed action, or one held out for its control group),
+its checks against the decision, the "action.outcome" interaction written so
+the next training learns from it, and the record attached to the decision.
+
+Order of effects: the interaction first (it returns once durable, and its
+idempotency key is derived from ours, so a retry after a failure between the
+two writes finds the same interaction), then, in one transaction, the
+outcome row, the idempotency key and the contact ledger's update.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Protocol
+
+from converge.recommendation.outcomes.store import (
+    ARM_CONTROL,
+    ARM_TREATMENT,
+    NewOutcome,
+    OutcomeStore,
+)
+from converge.runtime.errors import FieldViolation, InvalidArgument, NotFound
+from converge.runtime.values import PlainValue
+
+CONVERTED = "converted"
+# How far ahead of the service's clock an outcome may say it happened (the
+# interactions service allows the same).
+FUTURE_SKEW = timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class ProposedAction:
+    """An action the decision proposed."""
+
+    action_id: str
+    rank: int
+    action_name: str
+    kind: str  # ActionKind's name in lower case, without its prefix
+    product_id: str
+
+
+@dataclass(frozen=True)
+class HeldOutAction:
+    """An action the decision withheld because the customer is in its control group."""
+
+    action_name: str
+    kind: str
+    product_id: str
+
+
+@dataclass(frozen=True)
+class DecisionFacts:
+    """What RecordOutcome reads of a logged decision."""
+
+    decision_id: str
+    customer_id: str
+    policy_version: str
+    decided_at: datetime
+    channel: int  # common.Channel's number; 0 when the decision names none
+    proposed: tuple[ProposedAction, ...]
+    held_out: tuple[HeldOutAction, ...]
+
+
+@dataclass(frozen=True)
+class OutcomeRequest:
+    """A checked RecordOutcome request (convert.py made it)."""
+
+    decision_id: str  # "" when by alert
+    alert_id: str  # "" when by decision
+    action_id: str  # "" means the top-ranked action
+    outcome: str  # "accepted", "converted"...
+    occurred_at: datetime | None
+    channel: int
+    value: Decimal | None
+    currency: str
+    attributes: Mapping[str, PlainValue]
+    idempotency_key: str
+    fingerprint: bytes  # SHA-256 of the request without its key
+    actor: str
+
+
+@dataclass(frozen=True)
+class OutcomeInteraction:
+    """The "action.outcome" interaction to write."""
+
+    customer_id: str
+    occurred_at: datetime
+    channel: int
+    decision_id: str
+    alert_id: str
+    action_id: str
+    action_kind: str
+    outcome: str
+    product_id: str
+    value: Decimal | None
+    currency: str
+    idempotency_key: str
+
+
+@dataclass(frozen=True)
+class RecordedOutcome:
+    interaction_id: str
+    duplicate: bool
+
+
+class DecisionSource(Protocol):
+    async def decision(self, decision_id: str) -> DecisionFacts | None: ...
+
+
+class InteractionWriter(Protocol):
+    async def write(self, interaction: OutcomeInteraction) -> str:
+        """Writes it and returns its interaction id once durable."""
+        ...
+
+
+AlertDecision = Callable[[str], Awaitable[str | None]]
+
+
+def _refuse(field: str, description: str) -> InvalidArgument:
+    return InvalidArgument([FieldViolation(field, description)])
+
+
+def resolve_action(
+    decision: DecisionFacts, action_id: str
+) -> tuple[str, ProposedAction | HeldOutAction]:
+    """The arm and the action an outcome concerns: `action_id` names a
+    proposed action by its id, or an action held out for its control group
+    by its name (it was never proposed, so it has no id); empty means the
+    top-ranked proposed action. NotFound when the decision has no such action."""
+    if not action_id:
+        if not decision.proposed:
+            raise NotFound("action", f"{decision.decision_id}/(top-ranked)")
+        return ARM_TREATMENT, min(decision.proposed, key=lambda a: a.rank)
+    for proposed in decision.proposed:
+        if proposed.action_id == action_id:
+            return ARM_TREATMENT, proposed
+    held = [a for a in decision.held_out if a.action_name == action_id]
+    if held:
+        products = {a.product_id for a in held}
+        only = held[0]
+        # One control assignment per (customer, action): every product of a
+        # cross-sell action is held out together; name none when several.
+        product = only.product_id if len(products) == 1 else ""
+        return ARM_CONTROL, HeldOutAction(only.action_name, only.kind, product)
+    raise NotFound("action", f"{decision.decision_id}/{action_id}")
+
+
+class OutcomeService:
+    def __init__(
+        self,
+        store: OutcomeStore,
+        decisions: DecisionSource,
+        interactions: InteractionWriter,
+        clock: Callable[[], datetime],
+        alert_decision: AlertDecision | None = None,
+    ) -> None:
+        self.store = store
+        self.decisions = decisions
+        self.interactions = interactions
+        self.clock = clock
+        # None until the alerts area is wired: outcomes by alert are then NOT_FOUND.
+        self.alert_decision = alert_decision
+
+    async def record(self, request: OutcomeRequest) -> RecordedOutcome:
+        if request.idempotency_key:
+            bound = await self.store.find_request(request.idempotency_key)
+            if bound is not None:
+                return self._replay(bound.request_sha256, bound.interaction_id, request)
+
+        decision_id = request.decision_id or await self._decision_of_alert(request.alert_id)
+        decision = await self.decisions.decision(decision_id)
+        if decision is None:
+            raise NotFound("decision", decision_id)
+        arm, action = resolve_action(decision, request.action_id)
+        action_id = action.action_id if isinstance(action, ProposedAction) else action.action_name
+
+        now = self.clock()
+        occurred_at = request.occurred_at or now
+        if occurred_at > now + FUTURE_SKEW:
+            raise _refuse("occurred_at", "must not be more than 5 minutes in the future")
+        if occurred_at < decision.decided_at:
+            raise _refuse("occurred_at", f"before the decision ({decision.decided_at.isoformat()})")
+        channel = request.channel or decision.channel
+        if not channel:
+            raise _refuse("channel", "required: the decision names no channel")
+
+        outcome_id = uuid.uuid4()
+        # Derived from ours, so a retry reaches the same interaction.
+        interaction_key = f"outcome:{request.idempotency_key or outcome_id}"
+        interaction_id = await self.interactions.write(
+            OutcomeInteraction(
+                customer_id=decision.customer_id,
+                occurred_at=occurred_at,
+                channel=channel,
+                decision_id=decision.decision_id,
+                alert_id=request.alert_id,
+                action_id=action_id,
+                action_kind=action.kind,
+                outcome=request.outcome,
+                product_id=action.product_id,
+                value=request.value,
+                currency=request.currency,
+                idempotency_key=interaction_key,
+            )
+        )
+        bound = await self.store.record(
+            NewOutcome(
+                outcome_id=outcome_id,
+                decision_id=decision.decision_id,
+                alert_id=request.alert_id,
+                customer_id=uuid.UUID(decision.customer_id),
+                action_id=action_id,
+                action_name=action.action_name,
+                action_kind=action.kind,
+                product_id=action.product_id,
+                arm=arm,
+                outcome=request.outcome,
+                value=request.value,
+                currency=request.currency if request.value is not None else "",
+                occurred_at=occurred_at,
+                recorded_at=now,
+                interaction_id=interaction_id,
+                attributes=dict(request.attributes),
+                actor=request.actor,
+                policy_version=decision.policy_version,
+                decided_at=decision.decided_at,
+            ),
+            request.idempotency_key,
+            request.fingerprint,
+        )
+        if bound is not None:  # a concurrent request with the key won
+            return self._replay(bound.request_sha256, bound.interaction_id, request)
+        return RecordedOutcome(interaction_id, duplicate=False)
+
+    def _replay(
+        self, bound_sha256: bytes, interaction_id: str, request: OutcomeRequest
+    ) -> RecordedOutcome:
+        if bytes(bound_sha256) != request.fingerprint:
+            raise _refuse("idempotency_key", "already used for a different outcome")
+        return RecordedOutcome(interaction_id, duplicate=True)
+
+    async def _decision_of_alert(self, alert_id: str) -> str:
+        if self.alert_decision is None:
+            raise NotFound("alert", alert_id)
+        decision_id = await self.alert_decision(alert_id)
+        if decision_id is None:
+            raise NotFound("alert", alert_id)
+        return decision_id
