@@ -53,9 +53,12 @@ async def register(
     # -- Alerts (alerts/).
 
     # -- Webhooks (webhooks/).
+    from converge.recommendation.webhooks.wiring import start_webhooks
+
+    webhooks = await start_webhooks(context, settings, clock)
 
     recommendation_pb2_grpc.add_RecommendationServiceServicer_to_server(
-        RecommendationServicer(), server
+        RecommendationServicer(webhooks=webhooks.rpcs), server
     )
     return [
         recommendation_pb2.DESCRIPTOR.services_by_name["RecommendationService"].full_name,

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from converge.recommendation.webhooks.secrets import SecretsSetting
 from converge.runtime.settings import ServiceSettings
 
 
@@ -62,3 +63,59 @@ class RecommendationSettings(ServiceSettings):
     # -- Alerts (alerts/).
 
     # -- Webhooks (webhooks/).
+    webhook_secrets: SecretsSetting = Field(
+        default_factory=dict,
+        description="The webhook secret store, JSON: secret name (a webhook's secret_id) -> "
+        "one or more Standard Webhooks secrets ('whsec_' + base64 of 24 to 64 random bytes). "
+        "Several under one name during a key rotation: each delivery is signed with every one. "
+        "Read at start (rotate with a rolling restart); a value that is no whsec_ secret stops "
+        "the service.",
+    )
+    webhook_allow_http: bool = Field(
+        default=False,
+        description="Allow plain http webhook URLs (development only); https only otherwise.",
+    )
+    webhook_timeout_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="Longest wait for a receiver's answer, the whole attempt included "
+        "(the specification recommends 15 to 30 s); past it the attempt failed.",
+    )
+    webhook_retry_schedule_s: list[float] = Field(
+        default_factory=lambda: [
+            5.0,
+            300.0,
+            1800.0,
+            7200.0,
+            18000.0,
+            36000.0,
+            50400.0,
+            72000.0,
+            86400.0,
+        ],
+        min_length=0,
+        description="Delays between attempts, in seconds: after the immediate first attempt, "
+        "one retry per entry, then a dead letter. The default is the specification's example: "
+        "5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h, 20 h, 24 h (10 attempts over about 3 days).",
+    )
+    webhook_retry_jitter: float = Field(
+        default=0.1,
+        ge=0,
+        lt=1,
+        description="Each retry delay is stretched or shrunk at random by up to this fraction.",
+    )
+    webhook_max_in_flight: int = Field(
+        default=32, ge=1, description="Deliveries one replica attempts at once."
+    )
+    webhook_poll_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="How often the dispatcher looks for retries falling due (new deliveries "
+        "wake it at once through a PostgreSQL notification).",
+    )
+    webhook_delivered_retention_days: float = Field(
+        default=7, gt=0, description="Delivered deliveries are purged after this many days."
+    )
+    webhook_dead_letter_retention_days: float = Field(
+        default=30, gt=0, description="Dead letters are purged after this many days."
+    )

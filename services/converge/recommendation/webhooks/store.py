@@ -368,6 +368,28 @@ class WebhookStore:
 
     # -- The dispatcher.
 
+    async def listen(self, wake: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+        """Calls `wake()` whenever an enqueue commits, on any replica; returns
+        the function that stops listening. Holds one pooled connection."""
+        conn = await self.pool.acquire()
+
+        def notified(*_: object) -> None:
+            wake()
+
+        try:
+            await conn.add_listener(NOTIFY_CHANNEL, notified)
+        except BaseException:
+            await self.pool.release(conn)
+            raise
+
+        async def stop() -> None:
+            try:
+                await conn.remove_listener(NOTIFY_CHANNEL, notified)
+            finally:
+                await self.pool.release(conn)
+
+        return stop
+
     async def claim(self, now: datetime, limit: int, lease_s: float) -> list[ClaimedDelivery]:
         rows = await self.pool.fetch(CLAIM, now, limit, lease_s)
         return [
