@@ -45,6 +45,26 @@ async def register(
     assert isinstance(settings, RecommendationSettings)
 
     # -- Policy (policy/).
+    # The book follows activations on every replica; a fixed `policy` (tests)
+    # replaces it as what the other areas read, the RPCs still store versions.
+    from converge.recommendation.policy.service import PolicyBook, PolicyService
+    from converge.recommendation.policy.servicer import PolicyRpcs
+    from converge.recommendation.policy.store import PolicyStore
+    from converge.recommendation.policy.validation import check_policy_text
+
+    policy_store = PolicyStore(context.pool)
+    policy_book = PolicyBook(policy_store, poll_interval_s=settings.policy_poll_interval_s)
+    await policy_book.start()
+    context.on_shutdown(policy_book.stop)
+    policy_rpcs = PolicyRpcs(
+        PolicyService(
+            policy_store,
+            policy_book,
+            clock=clock,
+            check=lambda text: context.executor.run(check_policy_text, text),
+        )
+    )
+    policy = policy if policy is not None else policy_book
 
     # -- Decisions and contact rules (decisions/, contact/).
 
@@ -58,7 +78,7 @@ async def register(
     webhooks = await start_webhooks(context, settings, clock)
 
     recommendation_pb2_grpc.add_RecommendationServiceServicer_to_server(
-        RecommendationServicer(webhooks=webhooks.rpcs), server
+        RecommendationServicer(policy=policy_rpcs, webhooks=webhooks.rpcs), server
     )
     return [
         recommendation_pb2.DESCRIPTOR.services_by_name["RecommendationService"].full_name,
