@@ -39,13 +39,6 @@ class RecommendationSettings(ServiceSettings):
     )
 
     # -- Policy (policy/).
-    policy_poll_interval_s: float = Field(
-        default=30.0,
-        gt=0,
-        le=3600,
-        description="How often each replica re-reads the active policy version, a safety net: "
-        "activations reach every replica at once by LISTEN/NOTIFY.",
-    )
 
     # -- Decisions and contact rules (decisions/, contact/).
     decision_retention_days: float = Field(
@@ -68,6 +61,39 @@ class RecommendationSettings(ServiceSettings):
     # -- Outcomes and control groups (outcomes/).
 
     # -- Alerts (alerts/).
+    alerts_follow: bool = Field(
+        default=True,
+        description="Follow the interactions change stream and raise alerts (one replica leads, "
+        "the others stand by).",
+    )
+    alerts_batch_size: int = Field(
+        default=200,
+        ge=1,
+        le=5000,
+        description="Most interactions of the change stream re-scored and applied in one "
+        "transaction.",
+    )
+    alerts_standby_retry_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="How often a replica standing by tries to take over following.",
+    )
+    alerts_max_retry_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Longest wait of the follower before retrying after a failure (the wait "
+        "doubles from 0.2 s up to this).",
+    )
+    alerts_due_work_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="How often escalations, waiting alerts and retention are looked at.",
+    )
+    alerts_retention_days: int = Field(
+        default=365,
+        ge=1,
+        description="Alert events, and finished alerts untouched for longer, are deleted.",
+    )
 
     # -- Webhooks (webhooks/).
     webhook_secrets: SecretsSetting = Field(
