@@ -118,6 +118,60 @@ async def register(
     # -- Outcomes and control groups (outcomes/).
 
     # -- Alerts (alerts/).
+    from converge.recommendation.alerts.convert import event_body as alert_event_body
+    from converge.recommendation.alerts.feed import AlertFeed
+    from converge.recommendation.alerts.follower import AlertFollower, FollowerSettings
+    from converge.recommendation.alerts.service import Alerts
+    from converge.recommendation.alerts.servicer import AlertRpcs
+    from converge.recommendation.alerts.store import AlertStore
+    from converge.recommendation.decisions.service import FixedPolicy as AlertsFixedPolicy
+    from converge.recommendation.peers import Peers as AlertPeers
+    from converge.recommendation.policy.service import default_policy as alerts_default
+    from converge.recommendation.webhooks.store import WebhookStore
+
+    # TODO(policy): the policy area's book when no policy is fixed.
+    alerts_policy: PolicySource = policy or AlertsFixedPolicy(alerts_default())
+    alert_store = AlertStore(context.pool)
+    # The transactional outbox: webhook deliveries written with each event.
+    alert_store.enqueue = WebhookStore.enqueue
+    alert_store.event_body = lambda event: alert_event_body(
+        event, alerts_policy.active().policy.currency
+    )
+    alert_store.record_decision = decision_store.insert
+    alert_feed = AlertFeed(alert_store)
+    alerts = AlertRpcs(
+        Alerts(alert_store, alert_feed, clock), lambda: alerts_policy.active().policy.currency
+    )
+    # Its own peers' channels, so re-scoring batches do not queue behind Recommend calls.
+    alert_peers = AlertPeers(
+        identity_address=settings.identity_address,
+        scoring_address=settings.scoring_address,
+        interactions_address=settings.interactions_address,
+        timeout_s=settings.peer_timeout_s,
+    )
+    alert_follower = AlertFollower(
+        store=alert_store,
+        peers=alert_peers,
+        interactions_address=settings.interactions_address,
+        policy=alerts_policy,
+        clock=clock,
+        settings=FollowerSettings(
+            batch_size=settings.alerts_batch_size,
+            standby_retry_s=settings.alerts_standby_retry_s,
+            max_retry_s=settings.alerts_max_retry_s,
+            due_work_interval_s=settings.alerts_due_work_interval_s,
+            retention=timedelta(days=settings.alerts_retention_days),
+        ),
+    )
+    if settings.alerts_follow:
+        alert_follower.start()
+
+    async def close_alerts() -> None:
+        await alert_follower.close()
+        await alert_feed.close()
+        await alert_peers.close()
+
+    context.on_shutdown(close_alerts)
 
     # -- Webhooks (webhooks/).
     from converge.recommendation.webhooks.wiring import start_webhooks
@@ -131,7 +185,12 @@ async def register(
         server,
     )
     recommendation_pb2_grpc.add_RecommendationServiceServicer_to_server(
-        RecommendationServicer(policy=policy_rpcs, webhooks=webhooks.rpcs, decisions=decisions),
+        RecommendationServicer(
+            policy=policy_rpcs,
+            alerts=alerts,
+            webhooks=webhooks.rpcs,
+            decisions=decisions,
+        ),
         server,
     )
     return [
