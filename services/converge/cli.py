@@ -489,6 +489,7 @@ SUBCOMMANDS: tuple[Registrar | str, ...] = (
     "converge.models.cli:add_subcommands",
     "converge.platform:register",
     register_score_command,
+    "converge.recommendation.outcomes.cli:register",
 )
 
 

@@ -26,6 +26,7 @@ from converge.runtime.values import (
     from_plain,
     money_from_decimal,
     money_to_decimal,
+    money_to_float,
     to_plain,
 )
 from converge.v1 import common_pb2, interactions_pb2
@@ -191,12 +192,16 @@ def decision_facts(decision: pb.Decision) -> DecisionFacts:
                 action_name=a.action_name,
                 kind=kind_name(a.kind),
                 product_id=a.product_id,
+                expected_value=money_to_float(a.expected_value),
             )
             for a in decision.actions
         ),
         held_out=tuple(
             HeldOutAction(
-                action_name=s.action_name, kind=kind_name(s.kind), product_id=s.product_id
+                action_name=s.action_name,
+                kind=kind_name(s.kind),
+                product_id=s.product_id,
+                expected_value=money_to_float(s.expected_value),
             )
             for s in decision.suppressed
             if pb.SUPPRESSION_REASON_CONTROL_GROUP in s.reasons
@@ -279,3 +284,8 @@ class OutcomeInteractions:
             interaction_request(interaction), field_path="outcome"
         )
         return interaction_id
+
+
+def facts_of_body(body: bytes) -> DecisionFacts:
+    """A stored decision's facts (the decision log keeps the Decision message)."""
+    return decision_facts(pb.Decision.FromString(body))

@@ -12,17 +12,19 @@ outcome row, the idempotency key and the contact ledger's update.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Protocol
 
+from converge.recommendation.outcomes.report import ActionReport, Exposure, OutcomeRow, build_report
 from converge.recommendation.outcomes.store import (
     ARM_CONTROL,
     ARM_TREATMENT,
     NewOutcome,
     OutcomeStore,
+    StoredOutcome,
 )
 from converge.runtime.errors import FieldViolation, InvalidArgument, NotFound
 from converge.runtime.values import PlainValue
@@ -42,6 +44,7 @@ class ProposedAction:
     action_name: str
     kind: str  # ActionKind's name in lower case, without its prefix
     product_id: str
+    expected_value: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class HeldOutAction:
     action_name: str
     kind: str
     product_id: str
+    expected_value: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -146,7 +150,9 @@ def resolve_action(
         # One control assignment per (customer, action): every product of a
         # cross-sell action is held out together; name none when several.
         product = only.product_id if len(products) == 1 else ""
-        return ARM_CONTROL, HeldOutAction(only.action_name, only.kind, product)
+        return ARM_CONTROL, HeldOutAction(
+            only.action_name, only.kind, product, max(a.expected_value for a in held)
+        )
     raise NotFound("action", f"{decision.decision_id}/{action_id}")
 
 
@@ -251,3 +257,48 @@ class OutcomeService:
         if decision_id is None:
             raise NotFound("alert", alert_id)
         return decision_id
+
+
+class ReportStore(Protocol):
+    def decision_bodies(
+        self, since: datetime, policy_version: str | None
+    ) -> AsyncIterator[bytes]: ...
+    async def for_report(
+        self, since: datetime, policy_version: str | None
+    ) -> Sequence[StoredOutcome]: ...
+
+
+async def actions_report(
+    store: ReportStore,
+    facts_of: Callable[[bytes], DecisionFacts],
+    since: datetime,
+    policy_version: str | None = None,
+) -> list[ActionReport]:
+    """The report over decisions made since `since` (of one policy version):
+    each decision's proposed and held-out actions are its exposures."""
+    exposures: list[Exposure] = []
+    async for body in store.decision_bodies(since, policy_version):
+        facts = facts_of(body)
+        for proposed in facts.proposed:
+            exposures.append(_exposure(facts, proposed.action_name, ARM_TREATMENT, proposed))
+        for held in {a.action_name: a for a in facts.held_out}.values():
+            exposures.append(_exposure(facts, held.action_name, ARM_CONTROL, held))
+    outcomes = [
+        OutcomeRow(o.decision_id, o.action_name, o.arm, o.outcome)
+        for o in await store.for_report(since, policy_version)
+    ]
+    return build_report(exposures, outcomes)
+
+
+def _exposure(
+    facts: DecisionFacts, name: str, arm: str, action: ProposedAction | HeldOutAction
+) -> Exposure:
+    return Exposure(
+        decision_id=facts.decision_id,
+        customer_id=facts.customer_id,
+        action_name=name,
+        arm=arm,
+        expected_value=action.expected_value,
+        decided_at=facts.decided_at,
+        policy_version=facts.policy_version,
+    )

@@ -9,7 +9,7 @@ that records it, so the two never disagree."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -106,6 +106,13 @@ SELECT {", ".join(COLUMNS)} FROM decision_outcomes
 WHERE decided_at >= $1 AND ($2::text IS NULL OR policy_version = $2)
 ORDER BY decided_at, outcome_id
 """
+# The decision log (the decisions area's table, read only): the report's
+# exposures are the decisions' proposed and held-out actions.
+DECISION_BODIES = """
+SELECT body FROM decisions
+WHERE decided_at >= $1 AND ($2::text IS NULL OR policy_version = $2)
+ORDER BY decided_at, decision_id
+"""
 ERASE_OUTCOMES = "DELETE FROM decision_outcomes WHERE customer_id = ANY($1::uuid[])"
 ERASE_REQUESTS = "DELETE FROM outcome_requests WHERE customer_id = ANY($1::uuid[])"
 EXPORT = f"""
@@ -183,6 +190,15 @@ class OutcomeStore:
         async with self.pool.acquire() as connection:
             rows = await connection.fetch(FOR_REPORT, since, policy_version)
         return [_stored(r) for r in rows]
+
+    async def decision_bodies(
+        self, since: datetime, policy_version: str | None
+    ) -> AsyncIterator[bytes]:
+        """The stored Decision messages made since `since`, read through a
+        cursor (a year of decisions need not fit in memory at once)."""
+        async with self.pool.acquire() as connection, connection.transaction():
+            async for row in connection.cursor(DECISION_BODIES, since, policy_version):
+                yield bytes(row["body"])
 
     async def erase(self, conn: Connection, customer_ids: Sequence[str]) -> dict[str, int]:
         """Deletes the customers' outcomes and idempotency keys (kind -> rows)."""
