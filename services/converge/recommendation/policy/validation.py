@@ -160,7 +160,11 @@ def _sorted(problems: Iterable[PolicyProblem]) -> tuple[PolicyProblem, ...]:
 # --- layer 1: the text ----------------------------------------------------------
 def _parse(text: str) -> tuple[Any, Any, PolicyProblem | None]:
     """(node tree, data, None), or a problem naming where the text breaks."""
-    loader = PolicyLoader(text)
+    try:
+        loader = PolicyLoader(text)
+    except yaml.reader.ReaderError as e:  # (a character YAML does not allow)
+        line, column = _position(text, e.position)
+        return None, None, PolicyProblem(Severity.ERROR, "", line, column, f"not valid YAML: {e}")
     try:
         try:
             root = loader.get_single_node()
@@ -206,6 +210,11 @@ def _parse(text: str) -> tuple[Any, Any, PolicyProblem | None]:
         return root, data, None
     finally:
         loader.dispose()
+
+
+def _position(text: str, offset: int) -> tuple[int, int]:
+    before = text[:offset]
+    return before.count("\n") + 1, offset - (before.rfind("\n") + 1) + 1
 
 
 def _yaml_problem(error: yaml.MarkedYAMLError) -> PolicyProblem:
