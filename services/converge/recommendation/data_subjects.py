@@ -12,6 +12,7 @@ order, each area's in its own stable order, cut into pages under
 from __future__ import annotations
 
 import base64
+import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
@@ -83,8 +84,14 @@ def _ids(customer_ids: Sequence[str]) -> list[str]:
     v = Violations()
     v.check(bool(customer_ids), "customer_ids", "required: at least one customer id")
     v.check(len(customer_ids) <= 1000, "customer_ids", "at most 1000 ids")
+    ids: list[str] = []
+    for i, value in enumerate(customer_ids):
+        try:
+            ids.append(str(uuid.UUID(value)))
+        except ValueError:
+            v.add(f"customer_ids[{i}]", "not a customer id (a UUID)")
     v.raise_if_any()
-    return list(dict.fromkeys(customer_ids))
+    return list(dict.fromkeys(ids))
 
 
 class RecommendationDataSubjects(privacy_pb2_grpc.DataSubjectServiceServicer):
