@@ -1,0 +1,222 @@
+"""Recommend: the recommendation service's latency and throughput with its
+peers in the loop, every service a process of its own (`python -m
+converge.<name>`), driven by the one load generator of the benches
+(`tests/benchmarks/load.py`: 4 channels, closed-loop callers, pre-built
+requests).
+
+The ground: `CUSTOMERS` customers of the simulated population
+(`converge.models.simulator`, 180 days of history) resolved in a real
+identity service and their interactions ingested into a real interactions
+service, each granted consent on every channel (so the contact rules and
+the contact ledger do their whole work). Scoring runs as a process on its
+rule fallback (an empty MLflow store, no champion: `converge.models.fallback`
+answers): no LightGBM in the loop, which bench_scoring measures on its own.
+The recommendation service applies the documented default policy (no
+version activated) and logs every decision (no dry run): one Recommend is
+identity's GetCustomer beside scoring's Score (which reads the features from
+interactions), the policy's rules, and the decision's transaction (the
+customer's contact lock, history, the decision and its contacts written).
+
+Figures (names as issue 15 asks):
+
+- `recommendation.recommend.c1.p50_ms`, `...c1.p99_ms`: one caller.
+- `recommendation.recommend.c16.p50_ms`, `...c16.p99_ms`,
+  `...c16.calls_per_s`: 16 callers.
+- `recommendation.recommend.failed_calls`: failures of both runs.
+- `recommendation.score_alone.c1.p50_ms`, `...c16.calls_per_s`: scoring's
+  Score of what Recommend asks for (churn, escalation, cross-sell of the
+  default policy's products), same customers, measured right after, and
+  `recommendation.recommend.vs_score_alone`: Recommend's rate at 16 callers
+  over Score's, what the decision adds to the score it rests on.
+
+Targets (issue 15): p99 under 10 ms at 1 caller and under 50 ms at 16; the
+bench prints them beside the figures and asserts nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from tests.benchmarks.harness import BenchEnv
+from tests.benchmarks.load import LoadResult, drive, grpc_target
+
+CUSTOMERS = 200
+SEED = 15
+HISTORY = timedelta(days=180)
+WARMUP_S = 1.0
+WINDOW_S = 4.0
+RECOMMEND_METHOD = "/converge.v1.RecommendationService/Recommend"
+SCORE_METHOD = "/converge.v1.ScoringService/Score"
+# The default policy's cross-sell catalogue (policy/default_policy.yaml).
+PRODUCTS = ("premium_support", "extra_storage", "family_plan")
+
+TARGETS: tuple[tuple[str, str, Callable[[float], bool]], ...] = (
+    ("recommendation.recommend.c1.p99_ms", "under 10 ms", lambda v: v < 10.0),
+    ("recommendation.recommend.c16.p99_ms", "under 50 ms", lambda v: v < 50.0),
+)
+
+
+@contextlib.contextmanager
+def _stage(console: Console, what: str) -> Iterator[None]:
+    started = time.perf_counter()
+    yield
+    console.print(f"recommendation: {what} in {time.perf_counter() - started:.1f} s")
+
+
+async def _grant_consent(identity_address: str, customer_ids: list[str]) -> None:
+    """Every channel granted, as a customer would through identity."""
+    import grpc
+
+    from converge.v1 import common_pb2, identity_pb2, identity_pb2_grpc
+
+    channels = [
+        common_pb2.CONTACT_CHANNEL_EMAIL,
+        common_pb2.CONTACT_CHANNEL_SMS,
+        common_pb2.CONTACT_CHANNEL_PHONE,
+        common_pb2.CONTACT_CHANNEL_PUSH,
+        common_pb2.CONTACT_CHANNEL_IN_APP,
+    ]
+    async with grpc.aio.insecure_channel(identity_address) as channel:
+        stub = identity_pb2_grpc.IdentityServiceStub(channel)
+        for customer_id in customer_ids:
+            await stub.UpdateContactPreferences(
+                identity_pb2.UpdateContactPreferencesRequest(
+                    customer=common_pb2.CustomerRef(customer_id=customer_id),
+                    consents=[
+                        identity_pb2.ChannelConsent(
+                            channel=c,  # type: ignore[arg-type]
+                            status=identity_pb2.CONSENT_STATUS_GRANTED,
+                            source="bench",
+                        )
+                        for c in channels
+                    ],
+                ),
+                timeout=10,
+            )
+
+
+def _targets_table(figures: dict[str, float]) -> Table:
+    table = Table(title="Recommendation: figures beside their targets")
+    for column in ("figure", "value", "target", "met"):
+        table.add_column(column, justify="right" if column == "value" else "left")
+    for name, target, met in TARGETS:
+        value = figures.get(name)
+        if value is None or math.isnan(value):
+            table.add_row(name, "not measured", target, "-")
+        else:
+            table.add_row(name, f"{value:,.3f}", target, "yes" if met(value) else "NO")
+    return table
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 and not math.isnan(a) and not math.isnan(b) else float("nan")
+
+
+async def run(env: BenchEnv) -> dict[str, float]:
+    from converge.models.simulator import feed, simulate
+    from converge.v1 import common_pb2, predictions_pb2, recommendation_pb2, scoring_pb2
+
+    console = Console(stderr=True)
+    work_dir = Path(tempfile.mkdtemp(prefix="recommend-", dir=env.work_dir))
+    end = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+    with _stage(console, "customers resolved and interactions ingested"):
+        world = await asyncio.to_thread(simulate, CUSTOMERS, SEED, end - HISTORY, end)
+        identity = await env.start("identity", await env.new_database(), log_level="WARNING")
+        interactions = await env.start(
+            "interactions",
+            await env.new_database(),
+            log_level="WARNING",
+            identity_address=identity.address,
+        )
+        summary = await feed(world, identity.address, interactions.address)
+        customer_ids = sorted(summary.customer_ids.values())
+        await _grant_consent(identity.address, customer_ids)
+
+    with _stage(console, "scoring (rule fallback) and recommendation started"):
+        scoring = await env.start(
+            "scoring",
+            await env.new_database(),
+            ready_timeout_s=240.0,
+            log_level="WARNING",
+            interactions_address=interactions.address,
+            identity_address=identity.address,
+            tracking_uri=f"sqlite:///{work_dir / 'empty-mlflow.db'}",
+            prediction_log_sample_rate="0",
+        )
+        recommendation = await env.start(
+            "recommendation",
+            await env.new_database(),
+            log_level="WARNING",
+            identity_address=identity.address,
+            interactions_address=interactions.address,
+            scoring_address=scoring.address,
+            alerts_follow="false",
+        )
+
+    recommends = [
+        recommendation_pb2.RecommendRequest(
+            customer=common_pb2.CustomerRef(customer_id=c), channel=common_pb2.CHANNEL_WEB
+        )
+        for c in customer_ids
+    ]
+    scores = [
+        scoring_pb2.ScoreRequest(
+            customer=common_pb2.CustomerRef(customer_id=c),
+            predictions=[
+                predictions_pb2.PREDICTION_KIND_CHURN,
+                predictions_pb2.PREDICTION_KIND_CROSS_SELL,
+            ],
+            candidate_product_ids=list(PRODUCTS),
+            include_features=True,
+            channel=common_pb2.CHANNEL_WEB,
+        )
+        for c in customer_ids
+    ]
+    figures: dict[str, float] = {}
+    with _stage(console, "Recommend at 1 and 16 callers, Score alone beside it"):
+        with grpc_target(recommendation.address) as target:
+            call = target.unary(RECOMMEND_METHOD, recommends, recommendation_pb2.RecommendResponse)
+            call(0, 0)  # fails loudly here if Recommend cannot answer at all
+            by_callers: dict[int, LoadResult] = {}
+            for callers in (1, 16):
+                by_callers[callers] = await drive(
+                    call, callers=callers, warmup_s=WARMUP_S, window_s=WINDOW_S
+                )
+        with grpc_target(scoring.address) as target:
+            score = target.unary(SCORE_METHOD, scores, scoring_pb2.ScoreResponse)
+            score_alone = {
+                callers: await drive(score, callers=callers, warmup_s=WARMUP_S, window_s=WINDOW_S)
+                for callers in (1, 16)
+            }
+
+    for callers, result in by_callers.items():
+        figures[f"recommendation.recommend.c{callers}.p50_ms"] = result.p(50)
+        figures[f"recommendation.recommend.c{callers}.p99_ms"] = result.p(99)
+        figures[f"recommendation.recommend.c{callers}.calls_per_s"] = result.calls_per_s
+        if result.failed:
+            console.print(
+                f"[red]recommendation: Recommend at {callers} callers: failed calls "
+                f"{dict(result.failures)}[/red]"
+            )
+    figures["recommendation.recommend.failed_calls"] = float(
+        sum(r.failed for r in by_callers.values())
+    )
+    figures["recommendation.score_alone.c1.p50_ms"] = score_alone[1].p(50)
+    figures["recommendation.score_alone.c1.p99_ms"] = score_alone[1].p(99)
+    figures["recommendation.score_alone.c16.calls_per_s"] = score_alone[16].calls_per_s
+    figures["recommendation.recommend.vs_score_alone"] = _ratio(
+        by_callers[16].calls_per_s, score_alone[16].calls_per_s
+    )
+    console.print(_targets_table(figures))
+    return figures
