@@ -490,6 +490,7 @@ SUBCOMMANDS: tuple[Registrar | str, ...] = (
     "converge.platform:register",
     register_score_command,
     "converge.recommendation.outcomes.cli:register",
+    "converge.recommendation.decisions.cli:register",
 )
 
 

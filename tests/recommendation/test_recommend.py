@@ -469,3 +469,48 @@ async def test_the_fixtures_start_every_peer_and_scoring_answers_on_its_rules(
     ]
     assert all(p.fallback_used for p in answer.predictions)
     assert answer.customer_id == customer.customer_id
+
+
+# --- converge recommend --------------------------------------------------------------
+
+
+async def test_converge_recommend_prints_ranked_and_withheld_actions(
+    platform: Platform,
+    start_recommendation: StartRecommendation,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+    import json
+
+    from converge import cli
+
+    monkeypatch.setenv("COLUMNS", "240")  # (rich wraps to the terminal's width)
+    service = await start_recommendation(policy=small_policy())
+    customer = await make_customer(platform, "cli", wants_human=True)
+    address = service.runtime.address
+    base = ["recommend", f"email:{customer.email}", "--channel", "web"]
+    capsys.readouterr()
+
+    # (the command blocks on its own channel: off this test's event loop, which serves)
+    as_json = await asyncio.to_thread(
+        cli.main, [*base, "--recommendation", address, "--json", "--dry-run"]
+    )
+    printed = json.loads(capsys.readouterr().out)
+    as_table = await asyncio.to_thread(cli.main, [*base, "--recommendation", address])
+    table = capsys.readouterr().out
+    unknown = await asyncio.to_thread(
+        cli.main, ["recommend", "email:nobody@x.example", "--recommendation", address]
+    )
+    refused = await asyncio.to_thread(
+        cli.main, [*base, "--recommendation", address, "--max-actions", "50"]
+    )
+
+    assert (as_json, as_table, unknown, refused) == (0, 0, 4, 2)
+    assert printed["customerId"] == customer.customer_id
+    assert "decisionId" not in printed  # (a dry run is not logged)
+    assert [a["actionName"] for a in printed["actions"]] == ["hand_over"]
+    assert {tuple(s["reasons"]) for s in printed["suppressed"]} == {
+        ("SUPPRESSION_REASON_WANTS_HUMAN",)
+    }
+    assert "hand_over" in table and "Withheld" in table and "wants_human" in table
