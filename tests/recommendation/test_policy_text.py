@@ -131,3 +131,19 @@ def test_an_alias_bomb_is_refused_before_it_is_expanded() -> None:
 def test_a_recursive_alias_is_refused() -> None:
     (problem,) = _errors("actions: &loop [*loop]\n")
     assert "alias" in problem.message
+
+
+def test_durations_and_times_of_day_written_as_numbers_are_refused() -> None:
+    # pydantic alone reads numbers as seconds: seven seconds, 00:00:21.
+    text = _edited("    window: P30D\n", "    window: 30\n").replace('start: "21:00"', "start: 21")
+    errors = _errors(text)
+    assert [(p.path, p.line) for p in errors] == [
+        ("contact.frequency_caps[2].window", _line_of(text, "window: 30")),
+        ("contact.quiet_hours.start", _line_of(text, "start: 21")),
+    ]
+    assert "ISO 8601" in errors[0].message
+
+
+def test_a_character_yaml_refuses_is_a_problem_at_its_place() -> None:
+    (problem,) = _errors("actions: []\ndescription: a\x1fb\n")
+    assert (problem.line, problem.column) == (2, 15)

@@ -30,7 +30,7 @@ import re
 import zoneinfo
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import time, timedelta
 from typing import Any
 
 import yaml  # type: ignore[import-untyped]
@@ -134,12 +134,15 @@ def check_policy_text(text: str, known_features: frozenset[str] | None = None) -
         return _refused(
             "", line, column, "must be a YAML mapping of keys (actions, catalogue, ...)"
         )
+    numbers = _numbers_for_text(data, root)
     try:
         policy = Policy.model_validate(data)
     except ValidationError as e:
-        return PolicyCheck(None, _sorted(_shape_problems(e, root)))
+        return PolicyCheck(None, _sorted([*_shape_problems(e, root), *numbers]))
     except RecursionError:  # (nesting the node check let through: never seen, kept safe)
         return _refused("", 1, 1, "nested too deeply")
+    if numbers:
+        return PolicyCheck(None, _sorted(numbers))
     features = _known_features() if known_features is None else known_features
     checks = _SemanticChecks(root, features)
     checks.run(policy)
@@ -407,6 +410,47 @@ def _shape_problems(error: ValidationError, root: Any) -> list[PolicyProblem]:
         PolicyProblem(Severity.ERROR, place.path, place.line, place.column, "; or ".join(messages))
         for place, messages in by_place.items()
     ]
+
+
+def _numbers_for_text(data: dict[str, Any], root: Any) -> list[PolicyProblem]:
+    """Durations and times of day written as bare numbers: pydantic reads
+    them as seconds (`window: 7` would be seven seconds, `start: 21` 00:00:21),
+    which no one writing a policy means."""
+    problems: list[PolicyProblem] = []
+
+    def walk(model: type[BaseModel], value: Any, loc: Loc) -> None:
+        if not isinstance(value, dict):
+            return
+        for name, info in model.model_fields.items():
+            if name not in value:
+                continue
+            given = value[name]
+            if isinstance(given, int | float) and not isinstance(given, bool):
+                message = None
+                if _involves(info.annotation, timedelta):
+                    message = "a duration is ISO 8601 text (P7D, PT4H), not a number"
+                elif _involves(info.annotation, time):
+                    message = 'a time of day is text ("21:00"), not a number'
+                if message is not None:
+                    place = locate(root, (*loc, name))
+                    problems.append(
+                        PolicyProblem(Severity.ERROR, place.path, place.line, place.column, message)
+                    )
+            for inner in _models_in(info.annotation):
+                if isinstance(given, list):
+                    for index, item in enumerate(given):
+                        walk(inner, item, (*loc, name, index))
+                else:
+                    walk(inner, given, (*loc, name))
+
+    walk(Policy, data, ())
+    return problems
+
+
+def _involves(annotation: Any, wanted: type) -> bool:
+    if annotation is wanted:
+        return True
+    return any(_involves(argument, wanted) for argument in getattr(annotation, "__args__", ()))
 
 
 # --- layer 3: what the schema cannot see ----------------------------------------
