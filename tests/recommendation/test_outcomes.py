@@ -24,11 +24,15 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from converge.recommendation.contact.store import ContactLedger, ContactRecord
+from converge.recommendation.decisions.service import FixedPolicy
 from converge.recommendation.decisions.store import DecisionRecord, DecisionStore
+from converge.recommendation.policy.model import ActivePolicy, Policy
 from converge.runtime.values import timestamp
 from converge.v1 import common_pb2, interactions_pb2
 from converge.v1 import recommendation_pb2 as pb
-from tests.recommendation.conftest import Recommendation, make_customer
+from tests.conftest import Platform
+from tests.recommendation.conftest import Recommendation, StartRecommendation, make_customer
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -381,3 +385,88 @@ async def test_unknown_decision_action_and_alert_are_not_found(
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await recommendation.stub.RecordOutcome(request)
         assert refused.value.code() == grpc.StatusCode.NOT_FOUND, request
+
+
+async def test_outcome_of_an_alert_is_recorded_against_the_decision_behind_it(
+    start_recommendation: StartRecommendation, platform: Platform, database: str
+) -> None:
+    # Every escalation score raises a support alert suggesting the call.
+    policy = FixedPolicy(
+        ActivePolicy(
+            "alerts-1",
+            Policy.model_validate(
+                {
+                    "actions": [
+                        {
+                            "name": "support_call",
+                            "kind": "proactive_support_call",
+                            "prediction": "escalation",
+                            "value": 80,
+                            "cost": 15,
+                        }
+                    ],
+                    "teams": [{"name": "support"}],
+                    "alerts": [
+                        {
+                            "kind": "escalation_risk",
+                            "prediction": "escalation",
+                            "threshold": 0.0,
+                            "default_team": "support",
+                            "action": "support_call",
+                        }
+                    ],
+                }
+            ),
+        )
+    )
+    await make_customer(platform, f"alert{uuid.uuid4().hex[:6]}", at_risk=True)
+    service = await start_recommendation(policy=policy)
+
+    async def alerts() -> list[pb.Alert]:
+        listed = await service.stub.ListAlerts(pb.ListAlertsRequest(team="support"))
+        return list(listed.alerts)
+
+    [alert] = await wait_until(alerts, lambda found: len(found) > 0, what="a support alert")
+    service.clock.advance(hours=1)
+    answer = await service.stub.RecordOutcome(
+        pb.RecordOutcomeRequest(
+            alert_id=alert.alert_id,
+            outcome=pb.ACTION_OUTCOME_ACCEPTED,
+            channel=common_pb2.CHANNEL_PHONE,
+        )
+    )
+    stored = await platform.interactions.GetInteraction(
+        interactions_pb2.GetInteractionRequest(interaction_id=answer.interaction_id)
+    )
+    attributes = {k: v.string_value for k, v in stored.interaction.attributes.items()}
+    assert attributes == {
+        "alert_id": alert.alert_id,
+        "decision_id": alert.decision_id,
+        "action_id": "support_call",
+        "action_kind": "escalation_risk",
+        "outcome": "accepted",
+    }
+    async with service.runtime.pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT alert_id, action_name, arm FROM decision_outcomes WHERE decision_id = $1",
+            alert.decision_id,
+        )
+    assert [tuple(r) for r in rows] == [(alert.alert_id, "support_call", "treatment")]
+
+    # The alert's decision names no channel: the outcome must.
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await service.stub.RecordOutcome(
+            pb.RecordOutcomeRequest(alert_id=alert.alert_id, outcome=pb.ACTION_OUTCOME_CONVERTED)
+        )
+    assert bad_fields(refused.value) == ["channel"]
+    # Another action than the alert's suggestion is not found.
+    with pytest.raises(grpc.aio.AioRpcError) as unknown:
+        await service.stub.RecordOutcome(
+            pb.RecordOutcomeRequest(
+                alert_id=alert.alert_id,
+                action_id="retention_offer",
+                outcome=pb.ACTION_OUTCOME_CONVERTED,
+                channel=common_pb2.CHANNEL_PHONE,
+            )
+        )
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND

@@ -116,6 +116,26 @@ async def register(
     customer_data: list[CustomerData] = [decision_store, contact_ledger]
 
     # -- Outcomes and control groups (outcomes/).
+    # The decisions area's peers and log; the contact ledger is told of each
+    # outcome inside the outcome's own transaction; outcomes by alert read the
+    # alert (its decision, its suggested action) from the alerts area's store.
+    from converge.recommendation.alerts.store import AlertStore as AlertReader
+    from converge.recommendation.outcomes.convert import LoggedDecisions, OutcomeInteractions
+    from converge.recommendation.outcomes.service import OutcomeService, alert_lookup
+    from converge.recommendation.outcomes.servicer import OutcomeRpcs
+    from converge.recommendation.outcomes.store import OutcomeStore
+
+    outcome_store = OutcomeStore(context.pool, contact_ledger)
+    outcomes = OutcomeRpcs(
+        OutcomeService(
+            outcome_store,
+            LoggedDecisions(decision_store),
+            OutcomeInteractions(peers),
+            clock,
+            alerts=alert_lookup(AlertReader(context.pool)),
+        )
+    )
+    customer_data.append(outcome_store)
 
     # -- Alerts (alerts/).
     from converge.recommendation.alerts.convert import event_body as alert_event_body
@@ -188,6 +208,7 @@ async def register(
         RecommendationServicer(
             policy=policy_rpcs,
             alerts=alerts,
+            outcomes=outcomes,
             webhooks=webhooks.rpcs,
             decisions=decisions,
         ),

@@ -122,7 +122,50 @@ class InteractionWriter(Protocol):
         ...
 
 
-AlertDecision = Callable[[str], Awaitable[str | None]]
+@dataclass(frozen=True)
+class AlertFacts:
+    """What RecordOutcome reads of an alert: the decision behind it (its
+    latest) and the action it suggests to the team."""
+
+    decision_id: str
+    kind: str  # "churn_risk", "escalation_risk", "cross_sell_moment"
+    action_name: str  # the policy's suggested action; "" when none
+    product_id: str
+
+
+AlertLookup = Callable[[str], Awaitable[AlertFacts | None]]
+
+
+class _AlertRow(Protocol):
+    @property
+    def decision_id(self) -> uuid.UUID: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def action_name(self) -> str: ...
+    @property
+    def product_id(self) -> str: ...
+
+
+class _AlertReader(Protocol):
+    async def get(self, alert_id: uuid.UUID) -> _AlertRow | None: ...
+
+
+def alert_lookup(alerts: _AlertReader) -> AlertLookup:
+    """Reads alerts from the alerts area's store (alerts/store.py
+    AlertStore.get); None for an unknown alert."""
+
+    async def facts_of(alert_id: str) -> AlertFacts | None:
+        try:
+            key = uuid.UUID(alert_id)
+        except ValueError:
+            return None
+        row = await alerts.get(key)
+        if row is None:
+            return None
+        return AlertFacts(str(row.decision_id), row.kind, row.action_name, row.product_id)
+
+    return facts_of
 
 
 def _refuse(field: str, description: str) -> InvalidArgument:
@@ -163,14 +206,14 @@ class OutcomeService:
         decisions: DecisionSource,
         interactions: InteractionWriter,
         clock: Callable[[], datetime],
-        alert_decision: AlertDecision | None = None,
+        alerts: AlertLookup | None = None,
     ) -> None:
         self.store = store
         self.decisions = decisions
         self.interactions = interactions
         self.clock = clock
         # None until the alerts area is wired: outcomes by alert are then NOT_FOUND.
-        self.alert_decision = alert_decision
+        self.alerts = alerts
 
     async def record(self, request: OutcomeRequest) -> RecordedOutcome:
         if request.idempotency_key:
@@ -178,11 +221,16 @@ class OutcomeService:
             if bound is not None:
                 return self._replay(bound.request_sha256, bound.interaction_id, request)
 
-        decision_id = request.decision_id or await self._decision_of_alert(request.alert_id)
+        alert = await self._alert(request.alert_id) if request.alert_id else None
+        decision_id = alert.decision_id if alert is not None else request.decision_id
         decision = await self.decisions.decision(decision_id)
         if decision is None:
             raise NotFound("decision", decision_id)
-        arm, action = resolve_action(decision, request.action_id)
+        action: ProposedAction | HeldOutAction
+        if alert is not None and not decision.proposed:
+            arm, action = ARM_TREATMENT, _alert_action(alert, request.action_id)
+        else:
+            arm, action = resolve_action(decision, request.action_id)
         action_id = action.action_id if isinstance(action, ProposedAction) else action.action_name
 
         now = self.clock()
@@ -250,13 +298,23 @@ class OutcomeService:
             raise _refuse("idempotency_key", "already used for a different outcome")
         return RecordedOutcome(interaction_id, duplicate=True)
 
-    async def _decision_of_alert(self, alert_id: str) -> str:
-        if self.alert_decision is None:
+    async def _alert(self, alert_id: str) -> AlertFacts:
+        found = await self.alerts(alert_id) if self.alerts is not None else None
+        if found is None:
             raise NotFound("alert", alert_id)
-        decision_id = await self.alert_decision(alert_id)
-        if decision_id is None:
-            raise NotFound("alert", alert_id)
-        return decision_id
+        return found
+
+
+def _alert_action(alert: AlertFacts, action_id: str) -> ProposedAction:
+    """An alert's decision proposes no action to a customer: the outcome is
+    of the action the alert suggested to its team (named by the policy's
+    action name, else by the alert's kind); `action_id` may name it."""
+    name = alert.action_name or alert.kind
+    if action_id and action_id != name:
+        raise NotFound("action", f"alert {alert.kind}/{action_id}")
+    return ProposedAction(
+        action_id=name, rank=1, action_name=name, kind=alert.kind, product_id=alert.product_id
+    )
 
 
 class ReportStore(Protocol):
