@@ -56,6 +56,8 @@ from converge.v1 import (
     interactions_pb2,
     interactions_pb2_grpc,
     predictions_pb2,
+    recommendation_pb2,
+    recommendation_pb2_grpc,
     scoring_pb2,
     scoring_pb2_grpc,
 )
@@ -91,7 +93,12 @@ SERVICES: tuple[DemoService, ...] = (
     ),
     DemoService("interactions", port=50052, metrics_port=9152, needs=("identity",)),
     DemoService("scoring", port=50053, metrics_port=9153, needs=("identity", "interactions")),
-    DemoService("recommendation", port=50054, metrics_port=9154),
+    DemoService(
+        "recommendation",
+        port=50054,
+        metrics_port=9154,
+        needs=("identity", "interactions", "scoring"),
+    ),
 )
 
 HOST = "127.0.0.1"
@@ -658,6 +665,7 @@ class Scenario:
         demo: Demo,
         interactions_channel: grpc.Channel | None = None,
         scoring_channel: grpc.Channel | None = None,
+        recommendation_channel: grpc.Channel | None = None,
     ) -> None:
         self.console = console
         self.identity = identity_pb2_grpc.IdentityServiceStub(channel)
@@ -669,6 +677,11 @@ class Scenario:
         self.scoring = (
             scoring_pb2_grpc.ScoringServiceStub(scoring_channel)
             if scoring_channel is not None
+            else None
+        )
+        self.recommendation = (
+            recommendation_pb2_grpc.RecommendationServiceStub(recommendation_channel)
+            if recommendation_channel is not None
             else None
         )
         self.demo = demo
@@ -705,6 +718,11 @@ class Scenario:
             ]
         if self.interactions is not None and self.scoring is not None:
             steps.append(("8. Scores, and the reasons behind them", self.scores))
+        if self.interactions is not None and self.recommendation is not None:
+            steps += [
+                ("9. Next best actions for Ada, who wants a person", self.recommend_ada),
+                ("10. Grace withdraws her consent: the next call honours it", self.recommend_grace),
+            ]
         for title, step in steps:
             if self.demo.stop_requested:
                 break
@@ -980,6 +998,115 @@ class Scenario:
                 "picks them up at its next registry poll."
             )
 
+    def _recommend(
+        self, customer: common_pb2.Identifier, channel: int, ticket: str = "", dry_run: bool = False
+    ) -> recommendation_pb2.RecommendResponse:
+        from converge.recommendation.decisions.cli import print_answer
+
+        assert self.recommendation is not None
+        answer: recommendation_pb2.RecommendResponse = self.recommendation.Recommend(
+            recommendation_pb2.RecommendRequest(
+                customer=common_pb2.CustomerRef(identifier=customer),
+                channel=channel,  # type: ignore[arg-type]
+                ticket_id=ticket,
+                dry_run=dry_run,
+            ),
+            timeout=RPC_TIMEOUT_S,
+            metadata=self.metadata(),
+        )
+        print_answer(answer, self.console)
+        return answer
+
+    def recommend_ada(self) -> None:
+        """Ada asked for a person (step 4): the hand-over wins and no automated
+        action is offered, whatever else the policy would propose."""
+        assert self.interactions is not None
+        features = self.interactions.GetFeatures(
+            interactions_pb2.GetFeaturesRequest(
+                customers=[common_pb2.CustomerRef(identifier=self.email)],
+                include_open_tickets=True,
+            ),
+            timeout=RPC_TIMEOUT_S,
+            metadata=self.metadata(),
+        )
+        ticket = next((t.ticket_id for t in features.tickets), "")
+        self.console.print("Ada is in the chat about her open ticket:")
+        self._recommend(self.email, common_pb2.CHANNEL_CHAT, ticket)
+
+    def recommend_grace(self) -> None:
+        """A second customer at risk of leaving: a retention offer by email,
+        until she withdraws her email consent; the very next decision
+        withholds it (consent is read from identity on every decision)."""
+        assert self.interactions is not None
+        grace = _ident(common_pb2.IDENTIFIER_TYPE_EMAIL, f"grace.{self.tag}@example.com")
+        self.resolve(
+            [grace],
+            "crm-import",
+            identity_pb2.Profile(display_name="Grace Hopper", segment="smb", plan="basic"),
+        )
+        self._set_email_consent(grace, identity_pb2.CONSENT_STATUS_GRANTED)
+        now = datetime.now(UTC)
+        rough = [
+            ("payment.failed", 72.0, {}, common_pb2.Money(currency_code="EUR", units=30)),
+            ("payment.failed", 200.0, {}, common_pb2.Money(currency_code="EUR", units=30)),
+            ("survey.nps", 48.0, {"score": common_pb2.AttributeValue(number_value=2)}, None),
+            (
+                "complaint",
+                24.0,
+                {"category": common_pb2.AttributeValue(string_value="billing")},
+                None,
+            ),
+        ]
+        for n, (kind, hours, attributes, amount) in enumerate(rough):
+            stamp = timestamp_pb2.Timestamp()
+            stamp.FromDatetime(now - timedelta(hours=hours))
+            self.interactions.RecordInteraction(
+                interactions_pb2.RecordInteractionRequest(
+                    interaction=interactions_pb2.InteractionInput(
+                        customer=common_pb2.CustomerRef(identifier=grace),
+                        occurred_at=stamp,
+                        channel=common_pb2.CHANNEL_WEB,
+                        type=kind,
+                        source="demo",
+                        attributes=attributes,
+                        amount=amount,
+                    ),
+                    idempotency_key=f"demo-{self.tag}-grace-{n}",
+                ),
+                timeout=RPC_TIMEOUT_S,
+                metadata=self.metadata(),
+            )
+        self.console.print("What the service would propose for Grace now (a dry run, not logged):")
+        self._recommend(grace, common_pb2.CHANNEL_WEB, dry_run=True)
+        self._set_email_consent(grace, identity_pb2.CONSENT_STATUS_DENIED)
+        self.console.print("Grace withdrew her email consent; the very next call:")
+        self._recommend(grace, common_pb2.CHANNEL_WEB)
+
+    def _set_email_consent(
+        self, who: common_pb2.Identifier, status: identity_pb2.ConsentStatus.ValueType
+    ) -> None:
+        self.identity.UpdateContactPreferences(
+            identity_pb2.UpdateContactPreferencesRequest(
+                customer=common_pb2.CustomerRef(identifier=who),
+                consents=[
+                    identity_pb2.ChannelConsent(
+                        channel=common_pb2.CONTACT_CHANNEL_EMAIL,
+                        status=status,
+                        updated_at=_now(),
+                        source="web-preference-centre",
+                    )
+                ],
+                actor=common_pb2.Actor(name="web-preference-centre", reason="converge demo"),
+            ),
+            timeout=RPC_TIMEOUT_S,
+            metadata=self.metadata(),
+        )
+        self.console.print(
+            f"UpdateContactPreferences({_identifier_label(who)}): email "
+            f"{_enum_label(identity_pb2.ConsentStatus.Name(status), 'CONSENT_STATUS_')}",
+            highlight=False,
+        )
+
 
 # Entry point ------------------------------------------------------------------
 
@@ -1021,6 +1148,7 @@ def run(demo: Demo, once: bool) -> int:
     scenario_ok = True
     interactions = next((r for r in demo.running if r.service.name == "interactions"), None)
     scoring = next((r for r in demo.running if r.service.name == "scoring"), None)
+    recommendation = next((r for r in demo.running if r.service.name == "recommendation"), None)
     if identity is not None:
         demo.print_how_to_call(identity)
         with contextlib.ExitStack() as channels:
@@ -1035,8 +1163,18 @@ def run(demo: Demo, once: bool) -> int:
                 if scoring is not None
                 else None
             )
+            recommendation_channel = (
+                channels.enter_context(grpc.insecure_channel(recommendation.address))
+                if recommendation is not None
+                else None
+            )
             scenario_ok = Scenario(
-                demo.console, channel, demo, interactions_channel, scoring_channel
+                demo.console,
+                channel,
+                demo,
+                interactions_channel,
+                scoring_channel,
+                recommendation_channel,
             ).run()
     if once or demo.stop_requested:
         return EXIT_OK if scenario_ok or demo.stop_requested else EXIT_FAILED
