@@ -28,7 +28,7 @@ from converge.recommendation.decisions.service import FixedPolicy
 from converge.recommendation.decisions.store import DecisionRecord, DecisionStore
 from converge.recommendation.policy.model import ActivePolicy, Policy
 from converge.runtime.values import timestamp
-from converge.v1 import common_pb2, interactions_pb2
+from converge.v1 import common_pb2, interactions_pb2, privacy_pb2
 from converge.v1 import recommendation_pb2 as pb
 from tests.conftest import Platform
 from tests.recommendation.conftest import Recommendation, StartRecommendation, make_customer
@@ -470,3 +470,77 @@ async def test_outcome_of_an_alert_is_recorded_against_the_decision_behind_it(
             )
         )
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_outcomes_are_exported_and_erased_with_the_customer(
+    recommendation: Recommendation, log: asyncpg.Pool, decision: pb.Decision
+) -> None:
+    await recommendation.stub.RecordOutcome(
+        pb.RecordOutcomeRequest(
+            decision_id=decision.decision_id,
+            outcome=pb.ACTION_OUTCOME_ACCEPTED,
+            idempotency_key="export-me",
+            attributes={"note_code": common_pb2.AttributeValue(string_value="n1")},
+        )
+    )
+    exported = await recommendation.privacy.ExportCustomerData(
+        privacy_pb2.ExportCustomerDataRequest(customer_ids=[decision.customer_id])
+    )
+    [section] = [s for s in exported.sections if s.kind == "outcomes"]
+    [record] = section.records
+    assert record["decision_id"] == decision.decision_id
+    assert record["outcome"] == "accepted"
+    assert record["attributes"]["note_code"]["s"] == "n1"
+
+    erased = await recommendation.privacy.EraseCustomerData(
+        privacy_pb2.EraseCustomerDataRequest(customer_ids=[decision.customer_id], erasure_id="e")
+    )
+    assert erased.erased_counts["outcomes"] == 1
+    assert erased.erased_counts["outcome_requests"] == 1
+    assert await outcome_rows(log, decision.decision_id) == []
+    # The decision went with it: a later outcome is refused, nothing comes back.
+    with pytest.raises(grpc.aio.AioRpcError) as late:
+        await recommendation.stub.RecordOutcome(
+            pb.RecordOutcomeRequest(decision_id=decision.decision_id, outcome=2)
+        )
+    assert late.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_an_outcome_whose_decision_left_the_log_meanwhile_is_not_written(
+    recommendation: Recommendation, log: asyncpg.Pool, decision: pb.Decision
+) -> None:
+    # RecordOutcome read the decision, then an erasure deleted it before the
+    # outcome's transaction: the store refuses rather than keep an outcome
+    # of an erased customer.
+    from converge.recommendation.outcomes.store import DecisionGone, NewOutcome, OutcomeStore
+
+    async with log.acquire() as conn:
+        await conn.execute(
+            "DELETE FROM decisions WHERE decision_id = $1", uuid.UUID(decision.decision_id)
+        )
+    now = recommendation.clock()
+    with pytest.raises(DecisionGone):
+        await OutcomeStore(log).record(
+            NewOutcome(
+                outcome_id=uuid.uuid4(),
+                decision_id=decision.decision_id,
+                alert_id="",
+                customer_id=uuid.UUID(decision.customer_id),
+                action_id="a1",
+                action_name="retention_discount",
+                action_kind="retention_offer",
+                product_id="",
+                arm="treatment",
+                outcome="accepted",
+                value=None,
+                currency="",
+                occurred_at=now,
+                recorded_at=now,
+                interaction_id="i",
+                attributes={},
+                actor="",
+                policy_version="default",
+                decided_at=now,
+            )
+        )
+    assert await outcome_rows(log, decision.decision_id) == []

@@ -22,6 +22,7 @@ from converge.recommendation.outcomes.report import ActionReport, Exposure, Outc
 from converge.recommendation.outcomes.store import (
     ARM_CONTROL,
     ARM_TREATMENT,
+    DecisionGone,
     NewOutcome,
     OutcomeStore,
     StoredOutcome,
@@ -262,31 +263,34 @@ class OutcomeService:
                 idempotency_key=interaction_key,
             )
         )
-        bound = await self.store.record(
-            NewOutcome(
-                outcome_id=outcome_id,
-                decision_id=decision.decision_id,
-                alert_id=request.alert_id,
-                customer_id=uuid.UUID(decision.customer_id),
-                action_id=action_id,
-                action_name=action.action_name,
-                action_kind=action.kind,
-                product_id=action.product_id,
-                arm=arm,
-                outcome=request.outcome,
-                value=request.value,
-                currency=request.currency if request.value is not None else "",
-                occurred_at=occurred_at,
-                recorded_at=now,
-                interaction_id=interaction_id,
-                attributes=dict(request.attributes),
-                actor=request.actor,
-                policy_version=decision.policy_version,
-                decided_at=decision.decided_at,
-            ),
-            request.idempotency_key,
-            request.fingerprint,
-        )
+        try:
+            bound = await self.store.record(
+                NewOutcome(
+                    outcome_id=outcome_id,
+                    decision_id=decision.decision_id,
+                    alert_id=request.alert_id,
+                    customer_id=uuid.UUID(decision.customer_id),
+                    action_id=action_id,
+                    action_name=action.action_name,
+                    action_kind=action.kind,
+                    product_id=action.product_id,
+                    arm=arm,
+                    outcome=request.outcome,
+                    value=request.value,
+                    currency=request.currency if request.value is not None else "",
+                    occurred_at=occurred_at,
+                    recorded_at=now,
+                    interaction_id=interaction_id,
+                    attributes=dict(request.attributes),
+                    actor=request.actor,
+                    policy_version=decision.policy_version,
+                    decided_at=decision.decided_at,
+                ),
+                request.idempotency_key,
+                request.fingerprint,
+            )
+        except DecisionGone:
+            raise NotFound("decision", decision.decision_id) from None
         if bound is not None:  # a concurrent request with the key won
             return self._replay(bound.request_sha256, bound.interaction_id, request)
         return RecordedOutcome(interaction_id, duplicate=False)

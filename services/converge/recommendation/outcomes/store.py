@@ -92,6 +92,13 @@ INSERT INTO outcome_requests
 VALUES ($1, $2, $3, $4, $5, $6)
 ON CONFLICT (idempotency_key) DO NOTHING
 """
+# The decision must still be logged when its outcome is written, and stays
+# so until the outcome commits: an erasure of the customer (which deletes the
+# decision, then the outcomes, in one transaction) waits for the outcome and
+# then deletes it too, or ran before and the outcome is refused.
+DECISION_STILL_LOGGED = """
+SELECT 1 FROM decisions WHERE decision_id = $1::uuid FOR SHARE
+"""
 FIND_KEY = """
 SELECT idempotency_key, request_sha256, outcome_id, interaction_id
 FROM outcome_requests WHERE idempotency_key = $1
@@ -122,6 +129,10 @@ ORDER BY occurred_at, outcome_id
 """
 
 
+class DecisionGone(Exception):
+    """The outcome's decision left the log (erased or purged) meanwhile."""
+
+
 class OutcomeStore:
     def __init__(self, pool: asyncpg.Pool, ledger: OutcomeLedger | None = None) -> None:
         self.pool = pool
@@ -143,8 +154,11 @@ class OutcomeStore:
         """Records `outcome` (and tells the contact ledger, for a proposed
         action), binding `idempotency_key` to it when given. When the key was
         bound meanwhile by a concurrent request, records nothing and returns
-        what the key is bound to; None when recorded."""
+        what the key is bound to; None when recorded. DecisionGone when the
+        decision is no longer logged."""
         async with self.pool.acquire() as connection, connection.transaction():
+            if await connection.fetchval(DECISION_STILL_LOGGED, outcome.decision_id) is None:
+                raise DecisionGone(outcome.decision_id)
             if idempotency_key:
                 status = await connection.execute(
                     CLAIM_KEY,
