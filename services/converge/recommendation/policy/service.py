@@ -104,8 +104,6 @@ class PolicyBook:
         self._wake = asyncio.Event()
         self._listener: ActivationListener | None = None
         self._task: asyncio.Task[None] | None = None
-        # Versions read since start (tests and logs see the book follow).
-        self.switches = 0
 
     def active(self) -> ActivePolicy:
         return self._active
@@ -145,7 +143,6 @@ class PolicyBook:
                 return self._active
             logger.info("policy version %s active (was %s)", version, self._active.version)
             self._active = ActivePolicy(str(version), checked.policy)
-            self.switches += 1
             return self._active
 
     def _activated(self) -> None:
