@@ -88,6 +88,8 @@ async def subscribed(
             subscriber.events.append(answer.event)
 
     subscriber.task = asyncio.create_task(read())
+    # The headers come once the server fixed where the stream starts.
+    await subscriber.call.initial_metadata()
     try:
         yield subscriber
     finally:
@@ -213,6 +215,19 @@ async def test_one_interaction_over_the_threshold_raises_exactly_one_support_ale
 
         got = await rec.stub.GetAlert(pb.GetAlertRequest(alert_id=alert.alert_id))
         assert got.alert.dedup_key == alert.dedup_key
+
+    # Backed by a logged decision: the interaction that led to it, the scores, the alert.
+    async with rec.runtime.pool.acquire() as conn:
+        row = await conn.fetchrow(
+            "SELECT trigger, body FROM decisions WHERE decision_id = $1::uuid", alert.decision_id
+        )
+    assert row is not None and row["trigger"] == "interaction"
+    decision = pb.Decision.FromString(bytes(row["body"]))
+    assert list(decision.alert_ids) == [alert.alert_id]
+    assert decision.trigger == pb.DECISION_TRIGGER_INTERACTION
+    assert decision.ticket_id == customer.ticket_id
+    assert decision.interaction_id
+    assert any(p.probability == alert.probability for p in decision.predictions)
 
 
 async def test_a_replayed_stream_folds_into_the_live_alert_instead_of_raising_another(

@@ -16,7 +16,7 @@ from converge.runtime.cursors import parse_commit_cursor
 from converge.runtime.errors import Violations
 from converge.runtime.fields import parse_time, parse_uuid
 from converge.runtime.values import money_from_decimal, timestamp
-from converge.v1 import common_pb2, predictions_pb2
+from converge.v1 import common_pb2, predictions_pb2, scoring_pb2
 from converge.v1 import recommendation_pb2 as pb
 
 KIND_NAMES = {
@@ -308,3 +308,38 @@ def event_body(row: AlertEventRow, currency: str) -> bytes:
     return json_format.MessageToJson(
         event_to_pb(row, currency), indent=None, sort_keys=True
     ).encode()
+
+
+def decision_body(
+    decision_id: uuid.UUID,
+    customer_id: uuid.UUID,
+    interaction_id: str,
+    policy_version: str,
+    scores: list[bytes],
+    alert_ids: list[str],
+    decided_at: datetime,
+) -> bytes:
+    """The Decision behind an alert (trigger INTERACTION), serialized as the
+    decision log stores it: the interaction that led to it, the models, the
+    scores with reasons and the features scoring used, the alerts it backs."""
+    decision = pb.Decision(
+        decision_id=str(decision_id),
+        trigger=pb.DECISION_TRIGGER_INTERACTION,
+        customer_id=str(customer_id),
+        interaction_id=interaction_id,
+        policy_version=policy_version,
+        alert_ids=alert_ids,
+        decided_at=timestamp(decided_at),
+    )
+    models: dict[tuple[str, str], predictions_pb2.ModelRef] = {}
+    for raw in scores:
+        answer = scoring_pb2.ScoreResponse.FromString(raw)
+        decision.predictions.extend(answer.predictions)
+        decision.features.extend(answer.features)
+        for prediction in answer.predictions:
+            if prediction.ticket_id and not decision.ticket_id:
+                decision.ticket_id = prediction.ticket_id
+            ref = prediction.model
+            models.setdefault((ref.name, ref.version), ref)
+    decision.models.extend(models.values())
+    return decision.SerializeToString()

@@ -35,9 +35,11 @@ from datetime import datetime, timedelta
 import asyncpg
 import grpc
 
+from converge.recommendation.alerts.convert import decision_body
 from converge.recommendation.alerts.service import (
     Assessment,
     CustomerFacts,
+    DecisionDraft,
     Prediction,
     PredictionName,
     Reason,
@@ -257,20 +259,22 @@ class AlertFollower:
         active = self.policy.active()
         policy = active.policy
         touched: dict[uuid.UUID, set[str]] = {}
+        latest: dict[uuid.UUID, str] = {}
         for item in items:
             interaction = item.interaction
             if not interaction.customer_id:
                 continue
+            latest[uuid.UUID(interaction.customer_id)] = interaction.interaction_id
             tickets = touched.setdefault(uuid.UUID(interaction.customer_id), set())
             if interaction.ticket_id:
                 tickets.add(interaction.ticket_id)
-        assessments: list[tuple[Assessment, uuid.UUID]] = []
+        assessments: list[tuple[Assessment, DecisionDraft]] = []
         wanted = predictions_wanted(policy)
         if wanted and touched:
             erased = await self.store.erased(list(touched))
             for customer_id in erased:
                 touched.pop(customer_id, None)
-            assessments = await self._assess(policy, wanted, touched)
+            assessments = await self._assess(policy, active.version, wanted, touched, latest)
         await self.store.apply_batch(
             conn,
             items[-1].cursor,
@@ -282,8 +286,13 @@ class AlertFollower:
         self.batches += 1
 
     async def _assess(
-        self, policy: Policy, wanted: set[PredictionName], touched: dict[uuid.UUID, set[str]]
-    ) -> list[tuple[Assessment, uuid.UUID]]:
+        self,
+        policy: Policy,
+        version: str,
+        wanted: set[PredictionName],
+        touched: dict[uuid.UUID, set[str]],
+        latest: dict[uuid.UUID, str],
+    ) -> list[tuple[Assessment, DecisionDraft]]:
         customers = list(touched)
         views = await asyncio.gather(
             *(self.peers.customer(CustomerKey(customer_id=str(c))) for c in customers),
@@ -318,6 +327,7 @@ class AlertFollower:
                     )
                     owners.append(customer_id)
         predictions: dict[uuid.UUID, list[Prediction]] = {c: [] for c in facts}
+        answers: dict[uuid.UUID, list[bytes]] = {c: [] for c in facts}
         if requests:
             for customer_id, result in zip(
                 owners, await self.peers.score_batch(requests), strict=True
@@ -327,6 +337,7 @@ class AlertFollower:
                 if isinstance(result, Exception):
                     raise result
                 predictions[customer_id] += _predictions(result)
+                answers[customer_id].append(result.raw)
         open_escalation = await self.store.open_escalation(list(facts))
         return [
             (
@@ -336,11 +347,23 @@ class AlertFollower:
                     predictions[c],
                     open_escalation_probability=open_escalation.get(c, 0.0),
                 ),
-                # The decision behind the alerts this assessment raises or updates.
-                uuid.uuid4(),
+                self._draft(c, latest.get(c, ""), version, answers[c]),
             )
             for c in facts
         ]
+
+    @staticmethod
+    def _draft(
+        customer_id: uuid.UUID, interaction_id: str, version: str, answers: list[bytes]
+    ) -> DecisionDraft:
+        decision_id = uuid.uuid4()
+
+        def render(alert_ids: list[str], decided_at: datetime) -> bytes:
+            return decision_body(
+                decision_id, customer_id, interaction_id, version, answers, alert_ids, decided_at
+            )
+
+        return DecisionDraft(decision_id, customer_id, render)
 
     # --- work that falls due -----------------------------------------------------------
     async def _run_due_work(self) -> None:

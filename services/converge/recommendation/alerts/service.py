@@ -96,6 +96,18 @@ class Candidate:
 
 
 @dataclass(frozen=True)
+class DecisionDraft:
+    """The decision behind the alerts one customer's assessment raises or
+    updates: logged (trigger INTERACTION) in the batch's transaction, once the
+    alerts it backs are known. `render(alert_ids, decided_at)` is the
+    serialized Decision (built by convert.py from scoring's answers)."""
+
+    decision_id: uuid.UUID
+    customer_id: uuid.UUID
+    render: Callable[[list[str], datetime], bytes]
+
+
+@dataclass(frozen=True)
 class Assessment:
     """What one customer's fresh scores call for."""
 
@@ -379,11 +391,14 @@ class Alerts:
             now=self.clock(),
         )
 
-    async def events(
-        self, team: str, position: tuple[int, int] | None, kinds: Sequence[str]
+    async def start_position(self, position: tuple[int, int] | None) -> tuple[int, int]:
+        """Where a subscription starts: after `position`, or (None) after the
+        latest deliverable event now."""
+        return await self.store.head() if position is None else position
+
+    def events(
+        self, team: str, start: tuple[int, int], kinds: Sequence[str]
     ) -> AsyncIterator[AlertEventRow]:
-        """A team's events after `position` (None: from now on), each once, in
-        order, for as long as the caller reads."""
-        start = await self.store.head() if position is None else position
-        async for event in self.feed.events(team, start, kinds):
-            yield event
+        """A team's events after `start`, each once, in order, for as long as
+        the caller reads."""
+        return self.feed.events(team, start, kinds)

@@ -3,7 +3,9 @@ operations (service.py `Alerts`), convert the answer.
 
 The caller's team, for GetAlert and the lifecycle calls whose requests name
 no team, is the `converge-team` request header: with it, an alert of another
-team is NOT_FOUND; without it the call is an operator's (every alert)."""
+team is NOT_FOUND; without it the call is an operator's (every alert).
+SubscribeAlerts answers its headers (`converge-alert-start-cursor`) once the
+stream's start is fixed."""
 
 from __future__ import annotations
 
@@ -13,10 +15,12 @@ import grpc
 
 from converge.recommendation.alerts import convert
 from converge.recommendation.alerts.service import Alerts
+from converge.runtime.cursors import commit_cursor
 from converge.v1 import common_pb2
 from converge.v1 import recommendation_pb2 as pb
 
 TEAM_HEADER = "converge-team"
+START_HEADER = "converge-alert-start-cursor"
 
 
 def caller_team(context: grpc.aio.ServicerContext) -> str | None:
@@ -36,7 +40,11 @@ class AlertRpcs:
         self, request: pb.SubscribeAlertsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.SubscribeAlertsResponse]:
         wanted = convert.subscription(request)
-        async for event in self.alerts.events(wanted.team, wanted.position, wanted.kinds):
+        start = await self.alerts.start_position(wanted.position)
+        # Sent once the start is fixed: a client awaiting the headers knows
+        # every event committed from then on reaches it (and where it starts).
+        await context.send_initial_metadata(((START_HEADER, commit_cursor(*start)),))
+        async for event in self.alerts.events(wanted.team, start, wanted.kinds):
             yield pb.SubscribeAlertsResponse(event=convert.event_to_pb(event, self.currency()))
 
     async def list_alerts(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -28,8 +28,10 @@ from converge.recommendation.alerts.service import (
     AlertState,
     Assessment,
     Candidate,
+    DecisionDraft,
     Reason,
 )
+from converge.recommendation.decisions.store import DecisionRecord
 from converge.recommendation.outbox import OutboxEvent
 from converge.runtime.database import Connection
 from converge.runtime.errors import NotFound
@@ -240,6 +242,7 @@ class TeamLimits:
 # Hands an event to the webhooks area inside the alert's transaction
 # (webhooks.store.WebhookStore.enqueue); None until that area is wired.
 Enqueue = Callable[[Connection, Sequence[OutboxEvent]], Any]
+RecordDecision = Callable[[Connection, DecisionRecord], Awaitable[bool]]
 # Turns an event into the body webhooks post (convert.py's proto3 JSON).
 EventBody = Callable[["AlertEventRow"], bytes]
 
@@ -349,6 +352,8 @@ class AlertStore:
         # area is wired; with it, `event_body` makes the posted body.
         self.enqueue: Enqueue | None = None
         self.event_body: EventBody | None = None
+        # decisions.store.DecisionStore.insert, set in app.py.
+        self.record_decision: RecordDecision | None = None
 
     # --- the follower ------------------------------------------------------------------
     async def saved_cursor(self) -> str:
@@ -378,7 +383,7 @@ class AlertStore:
         self,
         conn: Connection,
         cursor: str,
-        assessments: Sequence[tuple[Assessment, uuid.UUID]],
+        assessments: Sequence[tuple[Assessment, DecisionDraft]],
         policy_version: str,
         teams: dict[str, TeamLimits],
         now: datetime,
@@ -398,10 +403,32 @@ class AlertStore:
                 key=lambda item: item[0].expected_value,
                 reverse=True,
             )
-            for candidate, decision_id in candidates:
-                event = await self._raise(conn, candidate, decision_id, policy_version, teams, now)
+            backed: dict[uuid.UUID, list[str]] = {}
+            for candidate, draft in candidates:
+                alert_id, event = await self._raise(
+                    conn, candidate, draft.decision_id, policy_version, teams, now
+                )
+                if alert_id is not None:
+                    backed.setdefault(draft.decision_id, []).append(str(alert_id))
                 if event is not None:
                     events.append(event)
+            # Every alert raised or updated is backed by a logged decision
+            # (trigger INTERACTION), in the same transaction.
+            if self.record_decision is not None:
+                for _, draft in assessments:
+                    alert_ids = backed.get(draft.decision_id)
+                    if alert_ids:
+                        await self.record_decision(
+                            conn,
+                            DecisionRecord(
+                                decision_id=str(draft.decision_id),
+                                customer_id=str(draft.customer_id),
+                                decided_at=now,
+                                trigger="interaction",
+                                policy_version=policy_version,
+                                body=draft.render(alert_ids, now),
+                            ),
+                        )
             for assessment, _ in assessments:
                 for key, probability in assessment.resolve:
                     note = f"auto-resolved: the probability fell to {probability:.3f}"
@@ -425,7 +452,7 @@ class AlertStore:
         policy_version: str,
         teams: dict[str, TeamLimits],
         now: datetime,
-    ) -> AlertEventRow | None:
+    ) -> tuple[uuid.UUID | None, AlertEventRow | None]:
         live = await conn.fetchrow(LIVE_BY_KEY, candidate.dedup_key, _LIVE)
         reasons = _reasons_json(candidate.reasons)
         if live is not None:
@@ -442,10 +469,10 @@ class AlertStore:
                 now,
             )
             if live["status"] == "waiting":
-                return None  # (not announced: nobody to tell yet)
-            return await self._event(conn, live["alert_id"], UPDATED, now)
+                return live["alert_id"], None  # (not announced: nobody to tell yet)
+            return live["alert_id"], await self._event(conn, live["alert_id"], UPDATED, now)
         if await conn.fetchval(DISMISSED_SINCE, candidate.dedup_key, now - candidate.dedup_window):
-            return None  # the team said no action was needed, within the window
+            return None, None  # the team said no action was needed, within the window
         limits = teams.get(candidate.team)
         waiting = False
         if limits is not None and limits.daily_capacity is not None:
@@ -477,8 +504,8 @@ class AlertStore:
             None if waiting else now,
         )
         if waiting:
-            return None
-        return await self._event(conn, alert_id, CREATED, now)
+            return alert_id, None
+        return alert_id, await self._event(conn, alert_id, CREATED, now)
 
     async def _close(
         self, conn: Connection, key: str, status: str, note: str, reason: int, now: datetime
