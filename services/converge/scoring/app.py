@@ -47,7 +47,9 @@ async def register(server: grpc.aio.Server, context: ServiceContext) -> list[str
         timeout_s=settings.features_timeout_s,
         max_batch=settings.coalesce_max_batch,
         max_in_flight=settings.coalesce_max_in_flight,
+        profile_cache_size=settings.profile_cache_size,
     )
+    features.start()
     context.on_shutdown(features.close)
     try:
         catalogue = await features.catalogue()

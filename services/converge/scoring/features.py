@@ -25,6 +25,7 @@ from converge.runtime.channels import aio_channel
 from converge.runtime.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
 from converge.runtime.values import to_datetime
 from converge.scoring.batching import Coalescer
+from converge.scoring.profiles import Profile, ProfileCache, ProfileFollower
 from converge.v1 import (
     common_pb2,
     identity_pb2,
@@ -36,7 +37,7 @@ from converge.v1 import (
 logger = logging.getLogger(__name__)
 
 FeatureValue = float | str
-Profile = Mapping[str, Any]
+
 # Statuses of a dependency that mean "not now", as opposed to a bad request.
 _UNREACHABLE = (
     grpc.StatusCode.UNAVAILABLE,
@@ -150,6 +151,7 @@ class FeatureSource:
         timeout_s: float,
         max_batch: int,
         max_in_flight: int,
+        profile_cache_size: int = 0,
     ) -> None:
         self.timeout_s = timeout_s
         self._interactions_channel = aio_channel(interactions_address)
@@ -169,12 +171,26 @@ class FeatureSource:
             self._read_profiles, max_batch=max_batch, max_in_flight=max_in_flight
         )
         self._catalogue: FeatureCatalogue | None = None
+        # Profiles kept while identity's stream says they are unchanged (see profiles.py).
+        self.profiles = ProfileCache(profile_cache_size if self._identity is not None else 0)
+        self._profile_follower = (
+            ProfileFollower(self.profiles, self._identity, self._interactions, timeout_s)
+            if self._identity is not None
+            else None
+        )
+
+    def start(self) -> None:
+        """Starts following identity's events for the profile cache."""
+        if self._profile_follower is not None:
+            self._profile_follower.start()
 
     @property
     def feature_reads(self) -> Coalescer[_Read, _Found]:
         return self._features
 
     async def close(self) -> None:
+        if self._profile_follower is not None:
+            await self._profile_follower.close()
         await self._features.close()
         await self._profiles.close()
         await self._interactions_channel.close(None)
@@ -188,11 +204,16 @@ class FeatureSource:
         profile. NOT_FOUND for an unknown customer or a ticket that is not
         the customer's; UNAVAILABLE when the answer does not come in time."""
         loop_timeout = min(timeout_s, self.timeout_s)
-        # Named by id, the profile is asked at once, beside the features: the
-        # two round trips overlap instead of adding up.
+        # Named by id, the profile comes from the cache, or is asked at once,
+        # beside the features: the two round trips overlap instead of adding up.
         early: asyncio.Future[Profile | None] | None = None
+        kept, kept_profile = False, None
         if self._identity is not None and customer.customer_id:
-            early = asyncio.ensure_future(self._profiles.submit(customer.customer_id, loop_timeout))
+            kept, kept_profile = self.profiles.get(customer.customer_id)
+            if not kept:
+                early = asyncio.ensure_future(
+                    self._profiles.submit(customer.customer_id, loop_timeout)
+                )
         try:
             try:
                 found = await self._features.submit(_Read(customer, ticket_id), loop_timeout)
@@ -201,10 +222,15 @@ class FeatureSource:
             profile: Profile | None = None
             if self._identity is not None:
                 try:
-                    if early is not None and found.customer_id == customer.customer_id:
+                    same = found.customer_id == customer.customer_id
+                    if kept and same:
+                        profile = kept_profile
+                    elif early is not None and same:
                         profile = await early
                     else:  # (by identifier, or the id now names a merged customer)
-                        profile = await self._profiles.submit(found.customer_id, loop_timeout)
+                        kept, profile = self.profiles.get(found.customer_id)
+                        if not kept:
+                            profile = await self._profiles.submit(found.customer_id, loop_timeout)
                 except TimeoutError:
                     raise Unavailable("the identity service did not answer in time") from None
         finally:
@@ -315,6 +341,7 @@ class FeatureSource:
 
         assert self._identity is not None
         unique = list(dict.fromkeys(customer_ids))
+        ticket = self.profiles.ticket()  # (before the read: events during it void it)
         try:
             answer = await self._identity.BatchGetCustomers(
                 identity_pb2.BatchGetCustomersRequest(customer_ids=unique),
@@ -323,4 +350,6 @@ class FeatureSource:
         except grpc.aio.AioRpcError as error:
             return [_dependency_error("identity", error)] * len(customer_ids)
         profiles = {c.customer_id: profile_from_pb(c) for c in answer.customers}
+        for customer_id, profile in profiles.items():
+            self.profiles.put(customer_id, profile, ticket)
         return [profiles.get(c) for c in customer_ids]

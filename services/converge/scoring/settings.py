@@ -59,6 +59,12 @@ class ScoringSettings(ServiceSettings):
         le=64,
         description="Shared reads (or predicts per model) in flight at once.",
     )
+    profile_cache_size: int = Field(
+        default=50_000,
+        ge=0,
+        description="Customers' profiles kept in memory while identity's event stream says "
+        "they are unchanged (about 1 KB each); 0 reads the profile from identity on every call.",
+    )
     # On by default, so a drift report has a window to read on day one: at 1 %,
     # the 100 samples a PSI needs come with 10,000 Score calls, and a sample
     # costs the call about 15 µs (it is written off the request path).
