@@ -28,6 +28,9 @@ Figures (names as issue 15 asks):
   default policy's products), same customers, measured right after, and
   `recommendation.recommend.vs_score_alone`: Recommend's rate at 16 callers
   over Score's, what the decision adds to the score it rests on.
+- `recommendation.recommend_dry_run.c1.p50_ms`, `...c1.p99_ms`: Recommend
+  with `dry_run` (nothing logged, no contact counted: no decision
+  transaction), one caller: the rest of p50 is the decision's writes.
 
 Targets (issue 15): p99 under 10 ms at 1 caller and under 50 ms at 16; the
 bench prints them beside the figures and asserts nothing.
@@ -170,6 +173,14 @@ async def run(env: BenchEnv) -> dict[str, float]:
         )
         for c in customer_ids
     ]
+    dry_runs = [
+        recommendation_pb2.RecommendRequest(
+            customer=common_pb2.CustomerRef(customer_id=c),
+            channel=common_pb2.CHANNEL_WEB,
+            dry_run=True,
+        )
+        for c in customer_ids
+    ]
     scores = [
         scoring_pb2.ScoreRequest(
             customer=common_pb2.CustomerRef(customer_id=c),
@@ -193,6 +204,8 @@ async def run(env: BenchEnv) -> dict[str, float]:
                 by_callers[callers] = await drive(
                     call, callers=callers, warmup_s=WARMUP_S, window_s=WINDOW_S
                 )
+            dry = target.unary(RECOMMEND_METHOD, dry_runs, recommendation_pb2.RecommendResponse)
+            dry_run = await drive(dry, callers=1, warmup_s=WARMUP_S, window_s=WINDOW_S)
         with grpc_target(scoring.address) as target:
             score = target.unary(SCORE_METHOD, scores, scoring_pb2.ScoreResponse)
             score_alone = {
@@ -212,6 +225,8 @@ async def run(env: BenchEnv) -> dict[str, float]:
     figures["recommendation.recommend.failed_calls"] = float(
         sum(r.failed for r in by_callers.values())
     )
+    figures["recommendation.recommend_dry_run.c1.p50_ms"] = dry_run.p(50)
+    figures["recommendation.recommend_dry_run.c1.p99_ms"] = dry_run.p(99)
     figures["recommendation.score_alone.c1.p50_ms"] = score_alone[1].p(50)
     figures["recommendation.score_alone.c1.p99_ms"] = score_alone[1].p(99)
     figures["recommendation.score_alone.c16.calls_per_s"] = score_alone[16].calls_per_s

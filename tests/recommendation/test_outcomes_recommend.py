@@ -147,6 +147,14 @@ async def test_outcomes_of_both_arms_make_the_actions_report(
     assert call["lift_interval"] == {"low": expected.low, "high": expected.high}
     assert report["lift_interval"].startswith("95 %, Newcombe")
 
+    # The table for people says the same.
+    code = await asyncio.to_thread(
+        main, ["actions", "report", "--database-url", database, "--since", since]
+    )
+    table = capsys.readouterr().out
+    assert code == 0
+    assert ACTION in table and "1/2 50.0%" in table and "Newcombe" in table
+
     # Another policy version: nothing of it.
     code = await asyncio.to_thread(
         main,
