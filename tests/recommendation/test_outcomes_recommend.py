@@ -60,6 +60,7 @@ async def test_outcomes_of_both_arms_make_the_actions_report(
     platform: Platform,
     database: str,
     capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Four customers; a salt that puts two in each arm (found by the same
     # function the service uses, so the split is known before any call).
@@ -147,7 +148,8 @@ async def test_outcomes_of_both_arms_make_the_actions_report(
     assert call["lift_interval"] == {"low": expected.low, "high": expected.high}
     assert report["lift_interval"].startswith("95 %, Newcombe")
 
-    # The table for people says the same.
+    # The table for people says the same (wide enough not to fold columns).
+    monkeypatch.setenv("COLUMNS", "200")
     code = await asyncio.to_thread(
         main, ["actions", "report", "--database-url", database, "--since", since]
     )
