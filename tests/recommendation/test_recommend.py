@@ -514,3 +514,39 @@ async def test_converge_recommend_prints_ranked_and_withheld_actions(
         ("SUPPRESSION_REASON_WANTS_HUMAN",)
     }
     assert "hand_over" in table and "Withheld" in table and "wants_human" in table
+
+
+async def test_a_scoring_service_that_does_not_answer_in_time_is_unavailable(
+    platform: Platform, start_recommendation: StartRecommendation
+) -> None:
+    import asyncio
+
+    # A stand-in for a stalled scoring replica (a real one cannot be made to
+    # hang on demand): a gRPC server whose Score never answers.
+    never = asyncio.Event()
+
+    async def stalled(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await never.wait()
+        return b""
+
+    handler = grpc.method_handlers_generic_handler(
+        "converge.v1.ScoringService", {"Score": grpc.unary_unary_rpc_method_handler(stalled)}
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        customer = await make_customer(platform, "stalled")
+        service = await start_recommendation(
+            scoring_address=f"127.0.0.1:{port}", peer_timeout_s=0.3
+        )
+
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await recommend(service, customer.ref)
+
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "scoring" in str(raised.value.details())
+    finally:
+        never.set()
+        await server.stop(None)
