@@ -28,6 +28,12 @@ Figures (names as issue 15 asks):
   default policy's products), same customers, measured right after, and
   `recommendation.recommend.vs_score_alone`: Recommend's rate at 16 callers
   over Score's, what the decision adds to the score it rests on.
+- `recommendation.recommend.c1.db_xacts_per_call`: PostgreSQL transactions
+  committed in the recommendation service's database per Recommend at one
+  caller (pg_stat_database.xact_commit; a statement outside a transaction
+  counts as one, a transaction as one whatever its statements): about 1
+  means the decision's writes go in its one transaction and nothing else
+  commits per call (the policy book's polling adds a little).
 - `recommendation.recommend_dry_run.c1.p50_ms`, `...c1.p99_ms`: Recommend
   with `dry_run` (nothing logged, no contact counted: no decision
   transaction), one caller: the rest of p50 is the decision's writes.
@@ -121,6 +127,24 @@ def _targets_table(figures: dict[str, float]) -> Table:
     return table
 
 
+async def _commits(database: str, *, settle: bool = False) -> float:
+    """Transactions committed in `database` so far (pg_stat_database)."""
+    import asyncpg
+
+    if settle:
+        # Backends report their counts when idle, at most once a second
+        # (PostgreSQL's PGSTAT_MIN_INTERVAL): let the last ones arrive.
+        await asyncio.sleep(1.5)
+    connection = await asyncpg.connect(database)
+    try:
+        found = await connection.fetchval(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        )
+        return float(found)
+    finally:
+        await connection.close()
+
+
 def _ratio(a: float, b: float) -> float:
     return a / b if b > 0 and not math.isnan(a) and not math.isnan(b) else float("nan")
 
@@ -157,9 +181,10 @@ async def run(env: BenchEnv) -> dict[str, float]:
             tracking_uri=f"sqlite:///{work_dir / 'empty-mlflow.db'}",
             prediction_log_sample_rate="0",
         )
+        recommendation_database = await env.new_database()
         recommendation = await env.start(
             "recommendation",
-            await env.new_database(),
+            recommendation_database,
             log_level="WARNING",
             identity_address=identity.address,
             interactions_address=interactions.address,
@@ -167,6 +192,7 @@ async def run(env: BenchEnv) -> dict[str, float]:
             alerts_follow="false",
         )
 
+    figures: dict[str, float] = {}
     recommends = [
         recommendation_pb2.RecommendRequest(
             customer=common_pb2.CustomerRef(customer_id=c), channel=common_pb2.CHANNEL_WEB
@@ -194,16 +220,21 @@ async def run(env: BenchEnv) -> dict[str, float]:
         )
         for c in customer_ids
     ]
-    figures: dict[str, float] = {}
     with _stage(console, "Recommend at 1 and 16 callers, Score alone beside it"):
         with grpc_target(recommendation.address) as target:
             call = target.unary(RECOMMEND_METHOD, recommends, recommendation_pb2.RecommendResponse)
             call(0, 0)  # fails loudly here if Recommend cannot answer at all
             by_callers: dict[int, LoadResult] = {}
             for callers in (1, 16):
+                before = await _commits(recommendation_database)
                 by_callers[callers] = await drive(
                     call, callers=callers, warmup_s=WARMUP_S, window_s=WINDOW_S
                 )
+                if callers == 1:
+                    xacts = await _commits(recommendation_database, settle=True) - before
+                    figures["recommendation.recommend.c1.db_xacts_per_call"] = _ratio(
+                        xacts, by_callers[1].calls_total
+                    )
             dry = target.unary(RECOMMEND_METHOD, dry_runs, recommendation_pb2.RecommendResponse)
             dry_run = await drive(dry, callers=1, warmup_s=WARMUP_S, window_s=WINDOW_S)
         with grpc_target(scoring.address) as target:
