@@ -57,6 +57,16 @@ class RecommendationSettings(ServiceSettings):
         description="Serialized bytes of records per ExportCustomerData page (under gRPC's "
         "4 MB limit).",
     )
+    contact_retention_days: float = Field(
+        default=90.0,
+        gt=0,
+        description="Days the contact ledger keeps a proposal at least; longer when the active "
+        "policy's longest cap window or cool-down is longer (a policy activated later with a "
+        "longer window finds its history up to this).",
+    )
+    contact_purge_interval_s: float = Field(
+        default=3600.0, gt=0, description="Seconds between purges of the contact ledger."
+    )
 
     # -- Outcomes and control groups (outcomes/).
 
