@@ -303,6 +303,14 @@ async def test_decisions_are_listed_newest_first_a_page_at_a_time(
             page=common_pb2.PageRequest(page_size=2, page_token=first.page.next_page_token),
         )
     )
+    middle = await recommendation.stub.ListDecisions(
+        pb.ListDecisionsRequest(
+            customer=customer.ref,
+            decided=common_pb2.TimeRange(
+                start=first.decisions[1].decided_at, end=first.decisions[0].decided_at
+            ),
+        )
+    )
     alerts_only = await recommendation.stub.ListDecisions(
         pb.ListDecisionsRequest(customer=customer.ref, triggers=[pb.DECISION_TRIGGER_INTERACTION])
     )
@@ -310,6 +318,7 @@ async def test_decisions_are_listed_newest_first_a_page_at_a_time(
     assert [d.decision_id for d in first.decisions] == [ids[2], ids[1]]
     assert [d.decision_id for d in second.decisions] == [ids[0]]
     assert second.page.next_page_token == ""
+    assert [d.decision_id for d in middle.decisions] == [ids[1]]  # (start included, end not)
     assert list(alerts_only.decisions) == []
 
 
@@ -360,6 +369,22 @@ async def test_the_same_idempotency_key_returns_the_first_decision(
 
     assert second == first
     assert other.decision_id != first.decision_id
+
+
+async def test_concurrent_calls_with_one_key_make_one_decision(
+    platform: Platform, recommendation: Recommendation
+) -> None:
+    import asyncio
+
+    customer = await make_customer(platform, "racing")
+
+    answers = await asyncio.gather(
+        *(recommend(recommendation, customer.ref, idempotency_key="same") for _ in range(4))
+    )
+    listed = await recommendation.stub.ListDecisions(pb.ListDecisionsRequest(customer=customer.ref))
+
+    assert len({a.decision_id for a in answers}) == 1
+    assert [d.decision_id for d in listed.decisions] == [answers[0].decision_id]
 
 
 async def test_a_key_bound_to_one_request_refuses_another(
