@@ -71,3 +71,20 @@ class Receiver:
         self._release.set()
         if self._runner is not None:
             await self._runner.cleanup()
+
+
+async def _serve_forever() -> None:
+    receiver = Receiver()
+    await receiver.start()
+    print(receiver.port, flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await receiver.close()
+
+
+if __name__ == "__main__":
+    # `python -m tests.recommendation.webhook_receiver`: a receiver in its own
+    # process answering 200 to everything (the bench); prints its port.
+    # (its record of requests grows without bound: for bench runs only)
+    asyncio.run(_serve_forever())

@@ -25,7 +25,7 @@ import random
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
-import httpx
+import aiohttp
 
 from converge.recommendation.webhooks.secrets import SecretStore, UnknownSecret
 from converge.recommendation.webhooks.service import (
@@ -41,6 +41,8 @@ from converge.recommendation.webhooks.store import ClaimedDelivery, WebhookStore
 logger = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+
+MAX_ANSWER_BYTES = 64 * 1024
 
 
 def utc_now() -> datetime:
@@ -76,21 +78,28 @@ class Sender:
     ) -> None:
         self.secrets = secrets
         self.timeout_s = timeout_s
+        self.max_connections = max_connections
         # The attempt's time in `webhook-timestamp` is the real time, whatever
         # clock schedules retries: receivers compare it with their own clock.
         self.signing_clock = signing_clock
-        self.client = httpx.AsyncClient(
-            follow_redirects=False,
-            timeout=httpx.Timeout(timeout_s),
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-            # (no proxy or netrc from the environment: deliveries go where the webhook says)
-            trust_env=False,
-        )
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        # (made on first use, inside the running loop, as aiohttp wants)
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.max_connections),
+                # (no proxy or netrc from the environment: deliveries go where
+                # the webhook says; no cookies kept between receivers)
+                trust_env=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                auto_decompress=False,
+            )
+        return self._session
 
     async def close(self) -> None:
-        await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     async def post(
         self, url: str, event_id: str, body: bytes, secret_id: str, timeout_s: float | None = None
@@ -106,26 +115,32 @@ class Sender:
         try:
             # The whole attempt is bounded, not only each phase: a receiver
             # that trickles its answer byte by byte still times out.
-            async with asyncio.timeout(limit):
-                request = self.client.build_request(
-                    "POST", url, content=body, headers=headers, timeout=httpx.Timeout(limit)
-                )
-                response = await self.client.send(request, stream=True)
-                await response.aclose()  # (the answer's body is not read)
+            async with self._client().post(
+                url,
+                data=body,
+                headers=headers,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=limit),
+            ) as response:
+                # Read a short answer to its end, so its connection is kept
+                # for the next delivery; a long one is cut (its connection
+                # closed): nobody reads it.
+                read = 0
+                async for chunk in response.content.iter_chunked(16 * 1024):
+                    read += len(chunk)
+                    if read > MAX_ANSWER_BYTES:
+                        break
+                status = response.status
+                reason = response.reason or ""
+                retry_after = response.headers.get("retry-after")
         except TimeoutError:
             return Answer(0, f"timed out after {limit:g} s")
-        except httpx.TimeoutException as error:
-            return Answer(0, f"timed out after {limit:g} s ({type(error).__name__})")
-        except httpx.HTTPError as error:
+        except aiohttp.ClientError as error:
             return Answer(0, f"{type(error).__name__}: {error}"[:500])
-        status = response.status_code
         if 200 <= status <= 299:
             return Answer(status)
-        reason = response.reason_phrase or ""
         return Answer(
-            status,
-            f"HTTP {status} {reason}".strip(),
-            retry_after_seconds(response.headers.get("retry-after"), at),
+            status, f"HTTP {status} {reason}".strip(), retry_after_seconds(retry_after, at)
         )
 
 
