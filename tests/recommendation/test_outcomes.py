@@ -544,3 +544,39 @@ async def test_an_outcome_whose_decision_left_the_log_meanwhile_is_not_written(
             )
         )
     assert await outcome_rows(log, decision.decision_id) == []
+
+
+async def test_concurrent_different_requests_with_one_key_record_one_and_write_one_interaction(
+    recommendation: Recommendation, log: asyncpg.Pool, decision: pb.Decision
+) -> None:
+    # The key is claimed before the interaction is written: whichever request
+    # claims it, the interaction written is that request's, and the others
+    # are refused without writing one.
+    requests = [
+        pb.RecordOutcomeRequest(
+            decision_id=decision.decision_id, outcome=outcome, idempotency_key="contested"
+        )
+        for outcome in [pb.ACTION_OUTCOME_ACCEPTED, pb.ACTION_OUTCOME_DECLINED] * 4
+    ]
+    answers = await asyncio.gather(
+        *(recommendation.stub.RecordOutcome(r) for r in requests), return_exceptions=True
+    )
+    recorded = [a for a in answers if isinstance(a, pb.RecordOutcomeResponse)]
+    refused = [a for a in answers if isinstance(a, grpc.aio.AioRpcError)]
+    assert len(recorded) + len(refused) == len(requests)
+    assert {e.code() for e in refused} <= {grpc.StatusCode.INVALID_ARGUMENT}
+    assert len({a.interaction_id for a in recorded}) == 1
+    assert sum(not a.duplicate for a in recorded) == 1
+    [row] = await outcome_rows(log, decision.decision_id)
+    stored = await recommendation.platform.interactions.GetInteraction(
+        interactions_pb2.GetInteractionRequest(interaction_id=recorded[0].interaction_id)
+    )
+    assert stored.interaction.attributes["outcome"].string_value == row["outcome"]
+    # Only the winner's interaction exists for this decision.
+    listed = await recommendation.platform.interactions.ListInteractions(
+        interactions_pb2.ListInteractionsRequest(
+            customer=common_pb2.CustomerRef(customer_id=decision.customer_id),
+            types=["action.outcome"],
+        )
+    )
+    assert [i.interaction_id for i in listed.interactions] == [recorded[0].interaction_id]

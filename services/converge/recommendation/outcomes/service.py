@@ -219,7 +219,10 @@ class OutcomeService:
     async def record(self, request: OutcomeRequest) -> RecordedOutcome:
         if request.idempotency_key:
             bound = await self.store.find_request(request.idempotency_key)
-            if bound is not None:
+            # (a pending claim of this same request goes on below and adopts it)
+            if bound is not None and (
+                bound.interaction_id or bytes(bound.request_sha256) != request.fingerprint
+            ):
                 return self._replay(bound.request_sha256, bound.interaction_id, request)
 
         alert = await self._alert(request.alert_id) if request.alert_id else None
@@ -245,6 +248,21 @@ class OutcomeService:
             raise _refuse("channel", "required: the decision names no channel")
 
         outcome_id = uuid.uuid4()
+        if request.idempotency_key:
+            bound = await self.store.claim(
+                request.idempotency_key,
+                request.fingerprint,
+                outcome_id,
+                uuid.UUID(decision.customer_id),
+                now,
+            )
+            if bound is not None:
+                if bound.interaction_id or bytes(bound.request_sha256) != request.fingerprint:
+                    return self._replay(bound.request_sha256, bound.interaction_id, request)
+                # The same request is pending elsewhere (or died between its
+                # writes): write the same outcome; whichever finishes first
+                # records it, the other answers it as a duplicate.
+                outcome_id = bound.outcome_id
         # Derived from ours, so a retry reaches the same interaction.
         interaction_key = f"outcome:{request.idempotency_key or outcome_id}"
         interaction_id = await self.interactions.write(
@@ -264,7 +282,7 @@ class OutcomeService:
             )
         )
         try:
-            bound = await self.store.record(
+            recorded = await self.store.record(
                 NewOutcome(
                     outcome_id=outcome_id,
                     decision_id=decision.decision_id,
@@ -287,13 +305,10 @@ class OutcomeService:
                     decided_at=decision.decided_at,
                 ),
                 request.idempotency_key,
-                request.fingerprint,
             )
         except DecisionGone:
             raise NotFound("decision", decision.decision_id) from None
-        if bound is not None:  # a concurrent request with the key won
-            return self._replay(bound.request_sha256, bound.interaction_id, request)
-        return RecordedOutcome(interaction_id, duplicate=False)
+        return RecordedOutcome(interaction_id, duplicate=not recorded)
 
     def _replay(
         self, bound_sha256: bytes, interaction_id: str, request: OutcomeRequest

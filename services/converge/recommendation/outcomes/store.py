@@ -80,17 +80,25 @@ class StoredRequest:
 
 COLUMNS = tuple(NewOutcome.__dataclass_fields__)
 
+# Written once per outcome id: a request that adopted a pending claim (see
+# CLAIM_KEY) and its first attempt cannot both write it.
 INSERT_OUTCOME = f"""
 INSERT INTO decision_outcomes ({", ".join(COLUMNS)})
 VALUES ({", ".join(f"${i}" for i in range(1, len(COLUMNS) + 1))})
+ON CONFLICT (outcome_id) DO NOTHING
 """
-# Claims the key first: of two concurrent requests with one key, the second
-# waits on the first's row and then finds it taken.
+# A key is claimed before anything is written (interaction_id '' while
+# pending): of two concurrent requests with one key, the second waits on the
+# first's row and then finds it taken, so a request refused for its key never
+# writes an interaction.
 CLAIM_KEY = """
 INSERT INTO outcome_requests
     (idempotency_key, request_sha256, outcome_id, interaction_id, customer_id, created_at)
-VALUES ($1, $2, $3, $4, $5, $6)
+VALUES ($1, $2, $3, '', $4, $5)
 ON CONFLICT (idempotency_key) DO NOTHING
+"""
+COMPLETE_KEY = """
+UPDATE outcome_requests SET interaction_id = $2 WHERE idempotency_key = $1
 """
 # The decision must still be logged when its outcome is written, and stays
 # so until the outcome commits: an erasure of the customer (which deletes the
@@ -145,39 +153,46 @@ class OutcomeStore:
             row = await connection.fetchrow(FIND_KEY, idempotency_key)
         return None if row is None else StoredRequest(**dict(row))
 
-    async def record(
+    async def claim(
         self,
-        outcome: NewOutcome,
-        idempotency_key: str = "",
-        request_sha256: bytes = b"",
+        idempotency_key: str,
+        request_sha256: bytes,
+        outcome_id: uuid.UUID,
+        customer_id: uuid.UUID,
+        now: datetime,
     ) -> StoredRequest | None:
+        """Binds the key to this request's fingerprint and outcome id, before
+        anything is written; None when claimed now, else what the key was
+        bound to before (its interaction_id '' while that request is pending
+        or died between its writes)."""
+        async with self.pool.acquire() as connection:
+            status = await connection.execute(
+                CLAIM_KEY, idempotency_key, request_sha256, outcome_id, customer_id, now
+            )
+            if status.endswith(" 1"):
+                return None
+            row = await connection.fetchrow(FIND_KEY, idempotency_key)
+        assert row is not None  # (claimed by a committed request)
+        return StoredRequest(**dict(row))
+
+    async def record(self, outcome: NewOutcome, idempotency_key: str = "") -> bool:
         """Records `outcome` (and tells the contact ledger, for a proposed
-        action), binding `idempotency_key` to it when given. When the key was
-        bound meanwhile by a concurrent request, records nothing and returns
-        what the key is bound to; None when recorded. DecisionGone when the
-        decision is no longer logged."""
+        action), completing its key's claim when given. False when this
+        outcome id was recorded already (a concurrent request with the same
+        key and request did it). DecisionGone when the decision is no longer
+        logged."""
         async with self.pool.acquire() as connection, connection.transaction():
             if await connection.fetchval(DECISION_STILL_LOGGED, outcome.decision_id) is None:
                 raise DecisionGone(outcome.decision_id)
-            if idempotency_key:
-                status = await connection.execute(
-                    CLAIM_KEY,
-                    idempotency_key,
-                    request_sha256,
-                    outcome.outcome_id,
-                    outcome.interaction_id,
-                    outcome.customer_id,
-                    outcome.recorded_at,
-                )
-                if status.endswith(" 0"):
-                    row = await connection.fetchrow(FIND_KEY, idempotency_key)
-                    assert row is not None  # (claimed by a committed request)
-                    return StoredRequest(**dict(row))
             values = [getattr(outcome, c) for c in COLUMNS]
             values[COLUMNS.index("attributes")] = {
                 name: to_tagged(value) for name, value in outcome.attributes.items()
             }
-            await connection.execute(INSERT_OUTCOME, *values)
+            status = await connection.execute(INSERT_OUTCOME, *values)
+            if status.endswith(" 0"):
+                return False
+            if idempotency_key:
+                await connection.execute(COMPLETE_KEY, idempotency_key, outcome.interaction_id)
             if self.ledger is not None and outcome.arm == ARM_TREATMENT:
                 await self.ledger.mark_outcome(
                     connection,
@@ -186,7 +201,7 @@ class OutcomeStore:
                     outcome.outcome,
                     outcome.occurred_at,
                 )
-        return None
+        return True
 
     async def for_decisions(
         self, conn: Connection, decision_ids: Sequence[str]
