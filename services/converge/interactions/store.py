@@ -133,14 +133,22 @@ SELECT_STATES = (
 
 # What GetFeatures reads, in one statement (a round trip, and a pool release
 # that resets the connection, cost more than the reading): for each customer
-# asked, whether it is erased, the customer it was merged into (ROOTS), and
-# the kept state of that root and of every customer merged into it (MEMBERS),
-# one row per (customer asked, member), with the state's version (row xmin);
-# a member without a state gives nulls. A state at the version the caller
-# says it knows ($2, $3: its features are in memory) is not sent again.
+# asked and each owner of a ticket asked ($4: the customer the ticket was
+# first recorded for, OWNERS), whether it is erased, the customer it was
+# merged into (ROOTS), and the kept state of that root and of every customer
+# merged into it (MEMBERS), one row per (customer, member), with the state's
+# version (row xmin); a member without a state gives nulls. A state at the
+# version the caller says it knows ($2, $3: its features are in memory) is
+# not sent again. Each ticket's owner comes as a row of its own, with the
+# ticket id set (null on the others).
 LIVE_READS = """
-WITH RECURSIVE up AS (
-    SELECT c AS start, c AS cur, 0 AS depth FROM unnest($1::uuid[]) AS c
+WITH RECURSIVE owners AS (
+    SELECT DISTINCT ON (ticket_id) ticket_id, customer_id FROM interactions
+    WHERE ticket_id = ANY($4::text[]) ORDER BY ticket_id, seq
+),
+up AS (
+    SELECT c AS start, c AS cur, 0 AS depth
+    FROM (SELECT unnest($1::uuid[]) UNION SELECT customer_id FROM owners) AS asked(c)
     UNION ALL
     SELECT up.start, l.surviving_customer_id, up.depth + 1
     FROM up JOIN customer_links l ON l.merged_customer_id = up.cur WHERE up.depth < 64
@@ -152,13 +160,15 @@ members AS (
     SELECT m.root, l.merged_customer_id FROM members m
     JOIN customer_links l ON l.surviving_customer_id = m.member
 )
-SELECT r.start, r.root, e.customer_id IS NOT NULL AS erased, m.member, s.xmin,
-       CASE WHEN k.version = s.xmin THEN NULL ELSE s.state END AS state
+SELECT NULL::text AS ticket_id, r.start, r.root, e.customer_id IS NOT NULL AS erased,
+       m.member, s.xmin, CASE WHEN k.version = s.xmin THEN NULL ELSE s.state END AS state
 FROM rooted r
 JOIN members m ON m.root = r.root
 LEFT JOIN erased_customers e ON e.customer_id = r.start
 LEFT JOIN customer_state s ON s.customer_id = m.member
 LEFT JOIN unnest($2::uuid[], $3::xid[]) AS k(member, version) ON k.member = m.member
+UNION ALL
+SELECT ticket_id, customer_id, NULL, NULL, NULL, NULL, NULL FROM owners
 """
 
 TIMELINE = """
@@ -829,23 +839,24 @@ class InteractionsStore:
         known: Mapping[uuid.UUID, int] | None = None,
     ) -> LiveReads:
         """What live features read of `customer_ids` and of the tickets'
-        owners, on one connection: one statement (two with tickets). The
-        states at the version `known` gives for their customer are not sent."""
+        owners, in one statement. The states at the version `known` gives for
+        their customer are not sent."""
         known = known or {}
         async with self.pool.acquire() as connection:
-            owners: dict[str, uuid.UUID] = {}
-            if ticket_ids:
-                rows = await connection.fetch(TICKET_OWNERS, list(ticket_ids))
-                owners = {r["ticket_id"]: r["customer_id"] for r in rows}
             rows = await connection.fetch(
                 LIVE_READS,
-                list({*customer_ids, *owners.values()}),
+                list(dict.fromkeys(customer_ids)),
                 list(known),
                 list(known.values()),
+                list(ticket_ids),
             )
         parsed: dict[uuid.UUID, dict[str, Any]] = {}  # (a member's state parsed once)
         reads: dict[uuid.UUID, LiveRead] = {}
-        for start, root, erased, member, version, raw in rows:
+        owners: dict[str, uuid.UUID] = {}
+        for ticket_id, start, root, erased, member, version, raw in rows:
+            if ticket_id is not None:
+                owners[ticket_id] = start
+                continue
             read = reads.get(start)
             if read is None:
                 read = reads[start] = LiveRead(root, erased, {}, {})
