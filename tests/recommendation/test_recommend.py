@@ -437,6 +437,8 @@ async def test_an_unknown_customer_is_not_found_and_never_created(
         ({"channel": 77}, "channel"),
         ({"context_features": {"nps_last": float("nan")}}, "context_features[nps_last]"),
         ({"idempotency_key": "k" * 300}, "idempotency_key"),
+        # (checked by scoring against the served features, named as scoring names it)
+        ({"context_features": {"no_such_feature": 1.0}}, 'context_features["no_such_feature"]'),
     ],
 )
 async def test_bad_requests_are_refused_naming_the_field(

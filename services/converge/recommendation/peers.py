@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from converge.recommendation.contact.convert import preferences_from_proto
 from converge.recommendation.contact.rules import ContactPreferences
@@ -168,10 +170,23 @@ def _peer_error(
         kind, key = missing
         return NotFound(kind or field_path, key or str(error.details()))
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidArgument([FieldViolation(field_path, str(error.details()))])
+        # The peer's own field paths when it named them (scoring's ScoreRequest
+        # names its fields as RecommendRequest does: context_features[...]).
+        named = _field_violations(error)
+        return InvalidArgument(named or [FieldViolation(field_path, str(error.details()))])
     if code not in _UNREACHABLE:
         logger.warning("%s answered %s: %s", service, code.name, error.details())
     return Unavailable(f"the {service} service cannot answer now ({code.name}), retry later")
+
+
+def _field_violations(error: grpc.aio.AioRpcError) -> list[FieldViolation]:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    found: list[FieldViolation] = []
+    for detail in status.details if status is not None else ():
+        bad_request = error_details_pb2.BadRequest()
+        if detail.Unpack(bad_request):
+            found += [FieldViolation(v.field, v.description) for v in bad_request.field_violations]
+    return found
 
 
 def _features(vector: predictions_pb2.FeatureVector) -> dict[str, FeatureValue]:
@@ -345,10 +360,6 @@ class Peers:
                 raise _peer_error(
                     "scoring", error, "ticket_id", ("ticket", request.ticket_id)
                 ) from error
-            if error.code() == grpc.StatusCode.INVALID_ARGUMENT and "context_features" in str(
-                error.details()
-            ):
-                raise _peer_error("scoring", error, "context_features") from error
             raise _peer_error("scoring", error, field_path, ("customer", key.describe())) from error
         return answer
 
