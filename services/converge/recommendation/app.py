@@ -17,11 +17,18 @@ from importlib.resources import files
 
 import grpc
 
+from converge.recommendation.data_subjects import CustomerData
+from converge.recommendation.peers import Peers
 from converge.recommendation.policy.model import PolicySource
 from converge.recommendation.servicer import RecommendationServicer
 from converge.recommendation.settings import RecommendationSettings
 from converge.runtime.server import Register, ServiceContext, ServiceSpec
-from converge.v1 import recommendation_pb2, recommendation_pb2_grpc
+from converge.v1 import (
+    privacy_pb2,
+    privacy_pb2_grpc,
+    recommendation_pb2,
+    recommendation_pb2_grpc,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +52,90 @@ async def register(
     assert isinstance(settings, RecommendationSettings)
 
     # -- Policy (policy/).
+    # The book follows activations on every replica; a fixed `policy` (tests)
+    # replaces it as what the other areas read, the RPCs still store versions.
+    from converge.recommendation.policy.service import PolicyBook, PolicyService
+    from converge.recommendation.policy.servicer import PolicyRpcs
+    from converge.recommendation.policy.store import PolicyStore
+    from converge.recommendation.policy.validation import check_policy_text
+
+    policy_store = PolicyStore(context.pool)
+    policy_book = PolicyBook(policy_store, poll_interval_s=settings.policy_poll_interval_s)
+    await policy_book.start()
+    context.on_shutdown(policy_book.stop)
+    policy_rpcs = PolicyRpcs(
+        PolicyService(
+            policy_store,
+            policy_book,
+            clock=clock,
+            check=lambda text: context.executor.run(check_policy_text, text),
+        )
+    )
+    policy = policy if policy is not None else policy_book
 
     # -- Decisions and contact rules (decisions/, contact/).
+    from converge.recommendation.contact.service import ContactGate
+    from converge.recommendation.contact.store import ContactLedger
+    from converge.recommendation.data_subjects import RecommendationDataSubjects
+    from converge.recommendation.decisions.convert import decision_body, decision_json
+    from converge.recommendation.decisions.service import DecisionService, RetentionPurge
+    from converge.recommendation.decisions.servicer import DecisionRpcs
+    from converge.recommendation.decisions.store import DecisionStore
+
+    # One client of each peer, for every area that calls them.
+    peers = Peers(
+        identity_address=settings.identity_address,
+        scoring_address=settings.scoring_address,
+        interactions_address=settings.interactions_address,
+        timeout_s=settings.peer_timeout_s,
+    )
+    context.on_shutdown(peers.close)
+    decision_store = DecisionStore(context.pool, render=decision_json)
+    contact_ledger = ContactLedger(context.pool)
+    decisions = DecisionRpcs(
+        DecisionService(
+            peers=peers,
+            policies=policy,
+            store=decision_store,
+            contact=ContactGate(contact_ledger),
+            pool=context.pool,
+            encode=decision_body,
+            clock=clock,
+        ),
+        decision_store,
+    )
+    decision_retention = RetentionPurge(
+        decision_store,
+        timedelta(days=settings.decision_retention_days),
+        settings.decision_purge_interval_s,
+        clock,
+    )
+    decision_retention.start()
+    context.on_shutdown(decision_retention.close)
+    # Every area's customer data (each area adds its store here, one line).
+    customer_data: list[CustomerData] = [decision_store, contact_ledger]
 
     # -- Outcomes and control groups (outcomes/).
+    # The decisions area's peers and log; the contact ledger is told of each
+    # outcome inside the outcome's own transaction; outcomes by alert read the
+    # alert (its decision, its suggested action) from the alerts area's store.
+    from converge.recommendation.alerts.store import AlertStore as AlertReader
+    from converge.recommendation.outcomes.convert import LoggedDecisions, OutcomeInteractions
+    from converge.recommendation.outcomes.service import OutcomeService, alert_lookup
+    from converge.recommendation.outcomes.servicer import OutcomeRpcs
+    from converge.recommendation.outcomes.store import OutcomeStore
+
+    outcome_store = OutcomeStore(context.pool, contact_ledger)
+    outcomes = OutcomeRpcs(
+        OutcomeService(
+            outcome_store,
+            LoggedDecisions(decision_store),
+            OutcomeInteractions(peers),
+            clock,
+            alerts=alert_lookup(AlertReader(context.pool)),
+        )
+    )
+    customer_data.append(outcome_store)
 
     # -- Alerts (alerts/).
     from converge.recommendation.alerts.convert import event_body as alert_event_body
@@ -58,7 +145,6 @@ async def register(
     from converge.recommendation.alerts.servicer import AlertRpcs
     from converge.recommendation.alerts.store import AlertStore
     from converge.recommendation.decisions.service import FixedPolicy as AlertsFixedPolicy
-    from converge.recommendation.decisions.store import DecisionStore as AlertDecisions
     from converge.recommendation.peers import Peers as AlertPeers
     from converge.recommendation.policy.service import default_policy as alerts_default
     from converge.recommendation.webhooks.store import WebhookStore
@@ -72,7 +158,7 @@ async def register(
         event, alerts_policy.active().policy.currency
     )
     # Every alert backed by a logged decision (the decisions area's log).
-    alert_store.record_decision = AlertDecisions(context.pool).insert
+    alert_store.record_decision = decision_store.insert
     alert_feed = AlertFeed(alert_store)
     alerts = AlertRpcs(
         Alerts(alert_store, alert_feed, clock), lambda: alerts_policy.active().policy.currency
@@ -113,11 +199,25 @@ async def register(
 
     webhooks = await start_webhooks(context, settings, clock)
 
+    privacy_pb2_grpc.add_DataSubjectServiceServicer_to_server(
+        RecommendationDataSubjects(
+            context.pool, customer_data, max_page_bytes=settings.max_page_bytes, clock=clock
+        ),
+        server,
+    )
     recommendation_pb2_grpc.add_RecommendationServiceServicer_to_server(
-        RecommendationServicer(alerts=alerts, webhooks=webhooks.rpcs), server
+        RecommendationServicer(
+            policy=policy_rpcs,
+            alerts=alerts,
+            outcomes=outcomes,
+            webhooks=webhooks.rpcs,
+            decisions=decisions,
+        ),
+        server,
     )
     return [
         recommendation_pb2.DESCRIPTOR.services_by_name["RecommendationService"].full_name,
+        privacy_pb2.DESCRIPTOR.services_by_name["DataSubjectService"].full_name,
     ]
 
 
