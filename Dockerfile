@@ -3,6 +3,7 @@
 #   docker build --build-arg ROLE=identity     -t converge-identity:0.1.0 .
 #   docker build --build-arg ROLE=interactions -t converge-interactions:0.1.0 .
 #   docker build --build-arg ROLE=scoring      -t converge-scoring:0.1.0 .
+#   docker build --build-arg ROLE=recommendation -t converge-recommendation:0.1.0 .
 #   docker build --build-arg ROLE=models       -t converge-models:0.1.0 .   # the training job
 #   docker build --build-arg ROLE=tracking     -t converge-tracking:0.1.0 . # MLflow server (the chart runs `mlflow server`)
 #

@@ -4,6 +4,7 @@ manifest validated strictly against the schemas of a current Kubernetes."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from converge.demo import SERVICES
 from converge.identity.settings import IdentitySettings
 from converge.interactions.settings import InteractionsSettings
 from converge.models.registry import tracking_uri_default
+from converge.recommendation.settings import RecommendationSettings
 from converge.runtime.settings import ServiceSettings
 from converge.scoring.settings import ScoringSettings
 from tests.conftest import ROOT
@@ -39,6 +41,7 @@ SETTINGS: dict[str, type[ServiceSettings]] = {
     "identity": IdentitySettings,
     "interactions": InteractionsSettings,
     "scoring": ScoringSettings,
+    "recommendation": RecommendationSettings,
 }
 # Custom resources: not in Kubernetes' own schemas, checked by shape below.
 CUSTOM_KINDS = {"ServiceMonitor"}
@@ -83,7 +86,7 @@ def pod_specs(manifests: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, 
 
 
 def enabled_services(values: dict[str, Any]) -> list[str]:
-    defaults = {"identity": True, "interactions": True, "scoring": True, "recommendation": False}
+    defaults = {"identity": True, "interactions": True, "scoring": True, "recommendation": True}
     return [n for n, on in defaults.items() if values.get(n, {}).get("enabled", on)]
 
 
@@ -232,6 +235,14 @@ def test_no_secret_value_appears_in_any_manifest(value_set: Any) -> None:
                 }:
                     assert "value" not in env, f"{name}: {env['name']} in plain text"
                     assert env["valueFrom"]["secretKeyRef"]["name"] == secret
+                if env["name"] == "CONVERGE_RECOMMENDATION_WEBHOOK_SECRETS":
+                    assert "value" not in env, f"{name}: the webhook secrets in plain text"
+                    assert env["valueFrom"]["secretKeyRef"] == {
+                        "name": values["webhookSecrets"]["existingSecret"],
+                        "key": values["webhookSecrets"].get("key", "webhook-secrets"),
+                    }
+    for config in of_kind(manifests, "ConfigMap"):
+        assert "WEBHOOK_SECRETS" not in " ".join(config["data"]), "secrets stay out of ConfigMaps"
 
 
 # --- labels and selectors ----------------------------------------------------------
@@ -458,10 +469,7 @@ def test_scoring_runs_by_default_with_its_peers_and_the_releases_mlflow() -> Non
     assert peers["scoring"] == f"dns:///{RELEASE}-converge-scoring.{suffix}:50053", (
         "identity erases and exports with scoring's prediction log"
     )
-    assert "recommendation" not in peers and not any(
-        m["metadata"]["labels"]["app.kubernetes.io/component"] == "recommendation"
-        for m in manifests
-    ), "recommendation stays off"
+    assert peers["recommendation"] == f"dns:///{RELEASE}-converge-recommendation.{suffix}:50054"
 
 
 @pytest.mark.parametrize("name", ["default", "everything-on"])
@@ -473,11 +481,9 @@ def test_network_policies_let_scoring_reach_its_peers_and_identity_reach_scoring
         assert "scoring" in grpc_callers(policies[callee]), f"scoring -> {callee}"
     assert "scoring" in http_callers(policies["mlflow"]), "scoring -> mlflow (the registry)"
     assert "identity" in grpc_callers(policies["scoring"]), "identity -> scoring (erase, export)"
+    assert "recommendation" in grpc_callers(policies["scoring"])
     if name == "everything-on":
         assert "scoring" in http_callers(policies["postgresql"])
-        assert "recommendation" in grpc_callers(policies["scoring"])
-    else:
-        assert "recommendation" not in grpc_callers(policies["scoring"]), "not installed"
 
 
 def test_a_scoring_migration_job_runs_after_identity_and_interactions() -> None:
@@ -549,6 +555,7 @@ def test_scoring_takes_a_registry_or_peer_named_in_its_settings() -> None:
                 "interactions_address": "interactions.shared.example.com:443",
             }
         },
+        "recommendation": {"enabled": False},
     }
     data = by_component(render(values), "ConfigMap")["scoring"]["data"]
     assert data["CONVERGE_SCORING_INTERACTIONS_ADDRESS"] == "interactions.shared.example.com:443"
@@ -575,3 +582,62 @@ def test_scoring_without_a_registry_or_interactions_is_refused(
 ) -> None:
     with pytest.raises(helm.HelmError, match=named):
         render(values)
+
+
+# --- recommendation: on by default, wired to its peers, webhook secrets from a Secret --
+def test_recommendation_runs_by_default_wired_to_identity_interactions_and_scoring() -> None:
+    manifests = render(REQUIRED)
+    suffix = f"{NAMESPACE}.svc.cluster.local"
+    data = by_component(manifests, "ConfigMap")["recommendation"]["data"]
+    for peer, port in (("identity", 50051), ("interactions", 50052), ("scoring", 50053)):
+        assert data[f"CONVERGE_RECOMMENDATION_{peer.upper()}_ADDRESS"] == (
+            f"dns:///{RELEASE}-converge-{peer}.{suffix}:{port}"
+        )
+    deployment = by_component(manifests, "Deployment")["recommendation"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "ghcr.io/converge/converge-recommendation:0.1.0"
+    assert container["command"] == ["python", "-m", "converge.recommendation", "serve"]
+    # No secret store named: no variable, and the service starts with none.
+    assert "CONVERGE_RECOMMENDATION_WEBHOOK_SECRETS" not in {e["name"] for e in container["env"]}
+    policies = by_component(manifests, "NetworkPolicy")
+    for callee in ("identity", "interactions", "scoring"):
+        assert "recommendation" in grpc_callers(policies[callee]), f"recommendation -> {callee}"
+    assert "identity" in grpc_callers(policies["recommendation"]), "identity -> erase, export"
+    jobs = {m["metadata"]["name"] for m in of_kind(manifests, "Job")}
+    assert f"{RELEASE}-converge-migrate-recommendation" in jobs
+
+
+def test_recommendation_reads_its_webhook_secrets_from_the_named_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    values = {**REQUIRED, "webhookSecrets": {"existingSecret": "converge-webhooks", "key": "hooks"}}
+    manifests = render(values)
+    container = by_component(manifests, "Deployment")["recommendation"]["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    (env,) = [e for e in container["env"] if e["name"] == "CONVERGE_RECOMMENDATION_WEBHOOK_SECRETS"]
+    assert env == {
+        "name": "CONVERGE_RECOMMENDATION_WEBHOOK_SECRETS",
+        "valueFrom": {"secretKeyRef": {"name": "converge-webhooks", "key": "hooks"}},
+    }
+    # What the Secret holds, the service accepts (and the ConfigMap beside it).
+    for variable in [v for v in os.environ if v.startswith("CONVERGE_")]:
+        monkeypatch.delenv(variable)
+    for key, value in by_component(manifests, "ConfigMap")["recommendation"]["data"].items():
+        monkeypatch.setenv(key, value)
+    secret = "whsec_" + base64.b64encode(bytes(range(32))).decode()
+    monkeypatch.setenv(env["name"], json.dumps({"crm": [secret]}))
+    settings = RecommendationSettings()
+    assert [s.get_secret_value() for s in settings.webhook_secrets["crm"]] == [secret]
+
+
+@pytest.mark.parametrize("peer", ["identity", "interactions", "scoring"])
+def test_recommendation_without_a_peer_is_refused_unless_named_in_its_settings(peer: str) -> None:
+    values: dict[str, Any] = {**REQUIRED, peer: {"enabled": False}}
+    if peer == "interactions":  # (scoring needs interactions too)
+        values["scoring"] = {"settings": {"interactions_address": "dns:///elsewhere:50052"}}
+    with pytest.raises(Exception, match=f"recommendation.settings.{peer}_address"):
+        render(values)
+    values["recommendation"] = {"settings": {f"{peer}_address": "dns:///elsewhere:1"}}
+    data = by_component(render(values), "ConfigMap")["recommendation"]["data"]
+    assert data[f"CONVERGE_RECOMMENDATION_{peer.upper()}_ADDRESS"] == "dns:///elsewhere:1"
