@@ -198,6 +198,7 @@ async def register(
     from converge.recommendation.webhooks.wiring import start_webhooks
 
     webhooks = await start_webhooks(context, settings, clock)
+    customer_data.append(webhooks.store)
 
     privacy_pb2_grpc.add_DataSubjectServiceServicer_to_server(
         RecommendationDataSubjects(
