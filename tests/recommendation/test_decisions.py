@@ -82,3 +82,33 @@ async def test_decisions_past_the_retention_horizon_are_purged(
     )
     kept = await service.stub.GetDecision(pb.GetDecisionRequest(decision_id=recent.decision_id))
     assert kept.decision.decision_id == recent.decision_id
+
+
+async def test_get_decision_shows_the_outcomes_recorded_since(
+    platform: Platform, start_recommendation: StartRecommendation
+) -> None:
+    service = await start_recommendation(policy=small_policy())
+    customer = await make_customer(platform, "outcome")
+    answer = await service.stub.Recommend(
+        pb.RecommendRequest(customer=customer.ref, channel=common_pb2.CHANNEL_WEB)
+    )
+    before = await service.stub.GetDecision(pb.GetDecisionRequest(decision_id=answer.decision_id))
+
+    recorded = await service.stub.RecordOutcome(
+        pb.RecordOutcomeRequest(
+            decision_id=answer.decision_id,
+            action_id=answer.actions[0].action_id,
+            outcome=pb.ACTION_OUTCOME_ACCEPTED,
+            channel=common_pb2.CHANNEL_WEB,
+            idempotency_key="accepted-1",
+        )
+    )
+    after = await service.stub.GetDecision(pb.GetDecisionRequest(decision_id=answer.decision_id))
+
+    assert list(before.decision.outcomes) == []
+    assert [(o.action_id, o.outcome, o.interaction_id) for o in after.decision.outcomes] == [
+        (answer.actions[0].action_id, pb.ACTION_OUTCOME_ACCEPTED, recorded.interaction_id)
+    ]
+    # Everything else is the decision as it was shown.
+    after.decision.ClearField("outcomes")
+    assert after.decision == before.decision
