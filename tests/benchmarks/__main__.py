@@ -27,8 +27,8 @@ BENCHMARKS.append("tests.benchmarks.bench_cli")
 BENCHMARKS.append("tests.benchmarks.bench_import")
 BENCHMARKS.append("tests.benchmarks.bench_scoring")
 BENCHMARKS.append("tests.benchmarks.bench_prediction_log")
-BENCHMARKS.append("tests.benchmarks.bench_webhooks")
 BENCHMARKS.append("tests.benchmarks.bench_recommend")
+BENCHMARKS.append("tests.benchmarks.bench_alerts")
 
 
 async def run_all(selected: list[str]) -> tuple[dict[str, float], list[str]]:

@@ -333,10 +333,15 @@ async def test_routing_sends_churn_to_the_owner_team_or_the_segment_route_and_sp
     retention = await rec.stub.ListAlerts(pb.ListAlertsRequest(team="retention"))
     assert list(retention.alerts) == []
 
+    [waiting] = [c.customer_id for c in small if c.customer_id != accounts.alerts[0].customer_id]
     async with subscribed(rec, "accounts", from_now=True) as team:
         rec.clock.advance(days=1)  # a new day: room for the waiting one
-        await until(lambda: len(team.events) >= 1, "the waiting alert announced")
-    assert team.events[0].type == pb.ALERT_EVENT_TYPE_CREATED
+        await until(
+            lambda: any(e.alert.customer_id == waiting for e in team.events),
+            "the waiting alert announced",
+        )
+    [announced] = [e for e in team.events if e.alert.customer_id == waiting]
+    assert announced.type == pb.ALERT_EVENT_TYPE_CREATED
     accounts = await rec.stub.ListAlerts(pb.ListAlertsRequest(team="accounts"))
     assert {a.customer_id for a in accounts.alerts} == {c.customer_id for c in small}
 

@@ -57,8 +57,15 @@ DISMISSED_SINCE = """
 SELECT 1 FROM alerts WHERE dedup_key = $1 AND status = 'dismissed' AND updated_at > $2 LIMIT 1
 """
 OPEN_ESCALATION = """
-SELECT coalesce(max(probability), 0) FROM alerts
-WHERE customer_id = $1 AND kind = 'escalation_risk' AND status = ANY($2::text[])
+SELECT customer_id, max(probability) AS probability FROM alerts
+WHERE customer_id = ANY($1::uuid[]) AND kind = 'escalation_risk' AND status = ANY($2::text[])
+GROUP BY customer_id
+"""
+# The live alerts among a batch's keys, locked: only keys found here can be
+# folded into, resolved or withdrawn (one query, not one per key).
+LIVE_KEYS = """
+SELECT dedup_key FROM alerts WHERE dedup_key = ANY($1::text[]) AND status = ANY($2::text[])
+FOR UPDATE
 """
 ANNOUNCED_SINCE = "SELECT count(*) FROM alerts WHERE team = $1 AND announced_at >= $2"
 INSERT_ALERT = """
@@ -373,11 +380,9 @@ class AlertStore:
 
     async def open_escalation(self, customer_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, float]:
         """The highest probability of each customer's live escalation alerts."""
-        found: dict[uuid.UUID, float] = {}
         async with self.pool.acquire() as conn:
-            for customer_id in customer_ids:
-                found[customer_id] = float(await conn.fetchval(OPEN_ESCALATION, customer_id, _LIVE))
-        return found
+            rows = await conn.fetch(OPEN_ESCALATION, list(customer_ids), _LIVE)
+        return {r["customer_id"]: float(r["probability"]) for r in rows}
 
     async def apply_batch(
         self,
@@ -429,13 +434,19 @@ class AlertStore:
                                 body=draft.render(alert_ids, now),
                             ),
                         )
+            closing = [k for a, _ in assessments for k in (*(k for k, _ in a.resolve), *a.withdraw)]
+            live = {r["dedup_key"] for r in await conn.fetch(LIVE_KEYS, closing, _LIVE)}
             for assessment, _ in assessments:
                 for key, probability in assessment.resolve:
+                    if key not in live:
+                        continue
                     note = f"auto-resolved: the probability fell to {probability:.3f}"
                     event = await self._close(conn, key, "resolved", note, 0, now)
                     if event is not None:
                         events.append(event)
                 for key in assessment.withdraw:
+                    if key not in live:
+                        continue
                     note = "withdrawn: a serious escalation of the customer is open"
                     event = await self._close(conn, key, "dismissed", note, NOT_ACTIONABLE, now)
                     if event is not None:
