@@ -39,6 +39,13 @@ class RecommendationSettings(ServiceSettings):
     )
 
     # -- Policy (policy/).
+    policy_poll_interval_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="How often each replica re-reads the active policy version, a safety net: "
+        "activations reach every replica at once by LISTEN/NOTIFY.",
+    )
 
     # -- Decisions and contact rules (decisions/, contact/).
     decision_retention_days: float = Field(
