@@ -132,7 +132,9 @@ class PolicyBook:
             stored = await self.store.get(version)
             if stored is None or stored.yaml is None:  # (a version is never deleted)
                 return self._active
-            checked = check_policy_text(stored.yaml)
+            # (Off the event loop: a policy text takes tens of milliseconds
+            # to read, and decisions keep being served meanwhile.)
+            checked = await asyncio.to_thread(check_policy_text, stored.yaml)
             if checked.policy is None:
                 logger.error(
                     "policy version %s cannot be read by this build, keeping version %s: %s",
@@ -303,6 +305,19 @@ class PolicyService:
             )
             if expected is None and expected_active != DEFAULT_VERSION:
                 expected = -1  # (names no version: never the active one)
+        # A stored text this build cannot read (a newer build's schema, say)
+        # is refused and the version in effect keeps serving. Versions never
+        # change once stored, so checking before the activation's
+        # transaction (off the event loop) checks what it activates.
+        stored = await self.store.get(number)
+        if stored is None or stored.yaml is None:
+            raise NotFound("policy version", version)
+        checked = await self.check(stored.yaml)
+        if checked.policy is None:
+            raise FailedPrecondition(
+                "the stored version is not valid for this build: "
+                + problems_summary(checked.errors),
+            )
         try:
             activation = await self.store.activate(
                 number,
@@ -311,7 +326,6 @@ class PolicyService:
                 actor.name,
                 actor.reason,
                 idempotency_key,
-                self._activatable,
             )
         except IdempotencyConflict:
             raise _key_reused() from None
@@ -335,16 +349,6 @@ class PolicyService:
         await self.book.refresh()
         previous = "" if activation.previous is None else str(activation.previous)
         return ActivationResult(_view(activation.version), previous)
-
-    def _activatable(self, text: str) -> None:
-        """Refuses a stored text this build cannot read (a newer build's
-        schema, say): the version in effect keeps serving."""
-        checked = check_policy_text(text)
-        if checked.policy is None:
-            raise FailedPrecondition(
-                "the stored version is not valid for this build: "
-                + problems_summary(checked.errors),
-            )
 
     def _default_view(self) -> PolicyVersionView:
         text = default_policy_text()

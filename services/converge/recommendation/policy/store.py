@@ -223,14 +223,12 @@ class PolicyStore:
         actor: str,
         reason: str,
         idempotency_key: str,
-        check: Callable[[str], None],
     ) -> Activation | None:
         """Makes `version` the active one and announces it; None when the
         version does not exist. `expected_active` (None: the default; the
         `ANY_ACTIVE` marker: no expectation) must match the active version,
-        else ActivationConflict. `check(yaml)` runs on the text before it
-        becomes active and may raise to refuse it. A repeated idempotency key
-        answers the first result (IdempotencyConflict for another version)."""
+        else ActivationConflict. A repeated idempotency key answers the first
+        result (IdempotencyConflict for another version)."""
         async with self.pool.acquire() as connection, connection.transaction():
             await connection.execute(LOCK, _LOCK)
             if idempotency_key:
@@ -248,7 +246,6 @@ class PolicyStore:
                 raise ActivationConflict(active)
             if active == version:
                 return Activation(_version(row), active, changed=False)
-            check(row["yaml"])
             await connection.execute(UPSERT_ACTIVE, version, at)
             await connection.execute(MARK_ACTIVATED, version, at)
             await connection.execute(
