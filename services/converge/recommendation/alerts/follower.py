@@ -70,7 +70,6 @@ _PREDICTIONS = {
 @dataclass(frozen=True)
 class FollowerSettings:
     batch_size: int = 200
-    score_concurrency: int = 16
     first_retry_s: float = 0.2
     max_retry_s: float = 10.0
     standby_retry_s: float = 2.0
@@ -330,29 +329,26 @@ class AlertFollower:
                 calls += [(customer_id, t, ["escalation"]) for t in sorted(touched[customer_id])]
         predictions: dict[uuid.UUID, list[Prediction]] = {c: [] for c in facts}
         answers: dict[uuid.UUID, list[bytes]] = {c: [] for c in facts}
-        # Concurrent Score calls rather than one ScoreBatch stream: scoring
-        # answers a stream's items one after the other, each waiting for its
-        # features, while concurrent calls overlap those waits (measured in
-        # bench_alerts: a batch of 50 customers took seconds over ScoreBatch).
-        limit = asyncio.Semaphore(self.settings.score_concurrency)
-
-        async def score(customer_id: uuid.UUID, ticket: str, kinds: list[str]) -> Scores | None:
-            async with limit:
-                try:
-                    return await self.peers.score(
-                        CustomerKey(customer_id=str(customer_id)),
-                        ticket_id=ticket,
-                        products=products if "cross_sell" in kinds else (),
-                        predictions=kinds,
-                    )
-                except NotFound:
-                    return None  # (the ticket or customer is gone: nothing to score)
-
-        results = await asyncio.gather(*(score(*call) for call in calls))
+        # One ScoreBatch stream per batch (scoring scores a window of its
+        # items concurrently); an item's NOT_FOUND (a closed or unknown ticket,
+        # a customer gone) only drops that item.
+        requests = [
+            Peers.score_request(
+                CustomerKey(customer_id=str(customer_id)),
+                ticket_id=ticket,
+                products=products if "cross_sell" in kinds else (),
+                predictions=kinds,
+            )
+            for customer_id, ticket, kinds in calls
+        ]
+        results = await self.peers.score_batch(requests) if requests else []
         for (customer_id, _, _), result in zip(calls, results, strict=True):
-            if result is not None:
-                predictions[customer_id] += _predictions(result)
-                answers[customer_id].append(result.raw)
+            if isinstance(result, NotFound):
+                continue
+            if isinstance(result, Exception):
+                raise result
+            predictions[customer_id] += _predictions(result)
+            answers[customer_id].append(result.raw)
         open_escalation = await self.store.open_escalation(list(facts))
         return [
             (
