@@ -45,7 +45,10 @@ def reasons(suppressed: Any) -> list[str]:
 
 
 def small_policy(
-    version: str = "small-1", contact: dict[str, Any] | None = None, **arbitration: Any
+    version: str = "small-1",
+    contact: dict[str, Any] | None = None,
+    automated: bool = True,
+    **arbitration: Any,
 ) -> FixedPolicy:
     """A cross-sell by email (automated, sales) over two products worth the
     same, a hand-over to a person and do_nothing; no caps, no quiet hours,
@@ -68,7 +71,7 @@ def small_policy(
                             "kind": "cross_sell_offer",
                             "prediction": "cross_sell",
                             "contact_channels": ["email"],
-                            "automated": True,
+                            "automated": automated,
                             "team_kind": "sales",
                         },
                         {
@@ -161,6 +164,28 @@ async def test_ties_are_broken_by_product_id_and_one_action_of_a_kind_is_propose
     beta = next(s for s in answer.suppressed if s.product_id == "beta")
     assert reasons(beta) == ["SUPPRESSION_REASON_ARBITRATION"]
     assert "cross_sell (alpha) was chosen" in beta.detail
+
+
+async def test_a_request_may_ask_for_fewer_actions_than_the_policy_never_more(
+    platform: Platform, start_recommendation: StartRecommendation
+) -> None:
+    # Not automated, so a customer who wants a human gets both the hand-over and the offer.
+    two = await start_recommendation(policy=small_policy(automated=False))
+    one = await start_recommendation(policy=small_policy(automated=False, max_actions=1))
+    customer = await make_customer(platform, "counts", wants_human=True)
+
+    both = await recommend(two, customer.ref)
+    fewer = await recommend(two, customer.ref, max_actions=1, dry_run=True)
+    capped = await recommend(one, customer.ref, max_actions=5, dry_run=True)
+
+    assert [a.action_name for a in both.actions] == ["hand_over", "cross_sell"]
+    assert [a.action_name for a in fewer.actions] == ["hand_over"]
+    assert [a.action_name for a in capped.actions] == ["hand_over"]
+    below = [
+        s for s in capped.suppressed if s.action_name == "cross_sell" and s.product_id == "alpha"
+    ]
+    assert [reasons(s) for s in below] == [["SUPPRESSION_REASON_ARBITRATION"]]
+    assert "ranked below the 1 action(s) asked for" in below[0].detail
 
 
 # --- the arbitration across teams ----------------------------------------------------

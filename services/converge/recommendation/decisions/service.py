@@ -66,6 +66,7 @@ logger = logging.getLogger(__name__)
 Clock = Callable[[], datetime]
 T = TypeVar("T")
 
+MAX_ACTIONS = 20
 HAND_OVER_KINDS = frozenset({"escalate_to_human", "escalate_to_senior_agent"})
 SALES = "sales"
 
@@ -525,7 +526,8 @@ class DecisionService:
                 cv[0].product_id,
             )
         )
-        limit = query.max_actions or policy.arbitration.max_actions
+        # The policy's most; a request may ask for fewer.
+        limit = min(query.max_actions or MAX_ACTIONS, policy.arbitration.max_actions)
         chosen: list[tuple[_Candidate, Verdict]] = []
         kinds_taken: dict[str, _Candidate] = {}
         for candidate, verdict in allowed:
