@@ -491,6 +491,7 @@ SUBCOMMANDS: tuple[Registrar | str, ...] = (
     register_score_command,
     "converge.recommendation.outcomes.cli:register",
     "converge.recommendation.decisions.cli:register",
+    "converge.recommendation.alerts.cli:register",
 )
 
 

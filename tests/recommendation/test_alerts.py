@@ -504,3 +504,39 @@ async def test_bad_requests_are_invalid_argument_naming_the_field(
         async for _ in stream:
             pass
     assert malformed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_the_command_line_tails_a_team_and_acknowledges_an_alert(
+    platform: Platform, scoring: Scoring, start_recommendation: StartRecommendation
+) -> None:
+    import json
+    import os
+    import sys
+
+    from converge.cli import main
+
+    rec, customer, _ = await start_with_crossing(platform, scoring, start_recommendation, "cli")
+    tail = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "converge.cli", "alerts", "tail", "--team", "support", "--json",
+        "--recommendation", rec.runtime.address,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=dict(os.environ),
+    )  # fmt: skip
+    try:
+        assert tail.stdout is not None and tail.stderr is not None
+        # It says so once it follows (from now on): then the alert is raised.
+        following = await asyncio.wait_for(tail.stderr.readline(), 60)
+        assert b"following the alerts of team support" in following
+        await platform.interactions.RecordInteraction(escalated(customer))
+        line = await asyncio.wait_for(tail.stdout.readline(), 60)
+        event = json.loads(line)
+        assert event["type"] == "ALERT_EVENT_TYPE_CREATED"
+        assert event["alert"]["ticketId"] == customer.ticket_id
+    finally:
+        tail.kill()
+        await tail.wait()
+    alert_id = event["alert"]["alertId"]
+    args = ["alerts", "ack", alert_id, "--by", "ana", "--recommendation", rec.runtime.address]
+    assert await asyncio.to_thread(main, args) == 0
+    got = await rec.stub.GetAlert(pb.GetAlertRequest(alert_id=alert_id))
+    assert got.alert.status == pb.ALERT_STATUS_ACKNOWLEDGED
+    assert await asyncio.to_thread(main, [*args, "--team", "sales"]) == 4

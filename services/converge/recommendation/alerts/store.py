@@ -627,7 +627,8 @@ class AlertStore:
                 seen = await conn.fetchrow(REQUEST_SEEN, idempotency_key)
                 if seen is not None and seen["alert_id"] == alert_id:
                     row = await conn.fetchrow(GET_ALERT, alert_id)
-                    assert row is not None
+                    if row is None or not visible(_alert(row)):
+                        raise NotFound("alert", str(alert_id))
                     return _alert(row)
             row = await conn.fetchrow(GET_ALERT_FOR_UPDATE, alert_id)
             if row is None or not visible(_alert(row)):
