@@ -37,7 +37,11 @@ Figures:
   against the raw booster; and the failed calls while a promotion swaps the
   churn champion under 16 callers (promoted through the registry, the
   service picks it up at its poll; the run ends `SWAP_AFTER_S` after
-  `GetModelStatus` reports the new version).
+  `GetModelStatus` reports the new version). Where the time goes:
+  `scoring.score.c16.cpu_ms_per_call.<process>`, the CPU each process of
+  the chain (scoring, interactions, identity, this run's PostgreSQL) spent
+  per Score call at 16 callers: on a machine shared with other work,
+  latency is mostly waiting for a core, CPU per call is what a change moves.
 - `scoring.oip.c16.calls_per_s`: the Open Inference Protocol's ModelInfer
   on the same port (model "churn", one customer a call) at 16 callers, and
   `scoring.oip.vs_score` over Score asking the same (churn alone, no
@@ -436,6 +440,29 @@ async def _mlflow_reference(server: MlflowServer, bodies: list[bytes]) -> LoadRe
 # --- the scoring service ----------------------------------------------------------
 
 
+def _cpu_s(pid: int) -> float:
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+def _postgres_cpu_s(work_dir: Path) -> float:
+    """CPU of this run's PostgreSQL (its postmaster names the run's directory,
+    and its backends are its children), not of other work on the machine."""
+    import psutil
+
+    total = 0.0
+    for process in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            command = process.info["cmdline"] or []
+            if command and command[0].endswith("postgres") and str(work_dir) in " ".join(command):
+                for member in [process, *process.children()]:
+                    with contextlib.suppress(psutil.Error):
+                        total += _cpu_s(member.pid)
+    return total
+
+
 async def _scoring_figures(
     env: BenchEnv,
     trained: Trained,
@@ -468,13 +495,35 @@ async def _scoring_figures(
         if len(answer.predictions) != 2 + CANDIDATE_PRODUCTS:
             raise RuntimeError(f"Score answered {len(answer.predictions)} predictions: {answer}")
 
+    # Where the time goes: each process's CPU per call at 16 callers.
+    pids = {"scoring": service.process.pid}
+    for process in env.processes:
+        for name, address in (
+            ("interactions", ingested.interactions_address),
+            ("identity", ingested.identity_address),
+        ):
+            if process.address == address:
+                pids[name] = process.process.pid
+
+    def cpu_now() -> dict[str, float]:
+        spent = {name: _cpu_s(pid) for name, pid in pids.items()}
+        spent["postgres"] = _postgres_cpu_s(env.work_dir)
+        return spent
+
     with grpc_target(service.address) as target:
         score = target.unary(SCORE_METHOD, requests, scoring_pb2.ScoreResponse)
         by_callers: dict[int, LoadResult] = {}
         for callers in (1, 16, 64):
+            before = cpu_now()
             by_callers[callers] = await drive(
                 score, callers=callers, warmup_s=WARMUP_S, window_s=WINDOW_S
             )
+            if callers == 16 and by_callers[16].calls_total:
+                after = cpu_now()
+                for name, spent in after.items():
+                    figures[f"scoring.score.c16.cpu_ms_per_call.{name}"] = (
+                        (spent - before[name]) / by_callers[16].calls_total * 1000
+                    )
     figures["scoring.score.c1.p50_ms"] = by_callers[1].p(50)
     figures["scoring.score.c1.p99_ms"] = by_callers[1].p(99)
     figures["scoring.score.c16.p50_ms"] = by_callers[16].p(50)
