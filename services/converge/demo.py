@@ -105,6 +105,8 @@ HOST = "127.0.0.1"
 HEALTH_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
 RPC_TIMEOUT_S = 10.0
+# How long the demo waits for an alert to arrive (step 11).
+ALERT_WAIT_S = 20.0
 LOG_TAIL_LINES = 30
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -722,6 +724,7 @@ class Scenario:
             steps += [
                 ("9. Next best actions for Ada, who wants a person", self.recommend_ada),
                 ("10. Grace withdraws her consent: the next call honours it", self.recommend_grace),
+                ("11. Ada's ticket escalates: support hears of it live", self.alerts_live),
             ]
         for title, step in steps:
             if self.demo.stop_requested:
@@ -1081,6 +1084,82 @@ class Scenario:
         self._set_email_consent(grace, identity_pb2.CONSENT_STATUS_DENIED)
         self.console.print("Grace withdrew her email consent; the very next call:")
         self._recommend(grace, common_pb2.CHANNEL_WEB)
+
+    def alerts_live(self) -> None:
+        """Follows the support teams' and sales' alert streams (as `converge
+        alerts tail` does) while Ada's ticket is escalated and reopened: the
+        re-scored escalation risk crosses the policy's threshold and the alert
+        arrives live, once, with its reasons, at the team the policy routes it
+        to (Ada is an enterprise customer: the default policy sends her
+        escalations to support_leads). Sales alerts come the same way when a
+        cross-sell score crosses its threshold; the demo's rule-based scores
+        stay below the default policy's 0.8."""
+        import queue
+        import threading
+
+        assert self.interactions is not None and self.recommendation is not None
+        ticket = f"INC-{self.tag.upper()}"
+        teams = ("support", "support_leads", "sales")
+        streams = [
+            self.recommendation.SubscribeAlerts(
+                recommendation_pb2.SubscribeAlertsRequest(team=team, from_now=True),
+                timeout=ALERT_WAIT_S,
+                metadata=self.metadata(),
+            )
+            for team in teams
+        ]
+        for stream in streams:
+            stream.initial_metadata()  # (following from now on)
+        arrived: queue.Queue[Any] = queue.Queue()
+
+        def read(stream: Any) -> None:
+            with contextlib.suppress(grpc.RpcError):
+                for answer in stream:
+                    arrived.put(answer.event)
+
+        readers = [threading.Thread(target=read, args=(s,), daemon=True) for s in streams]
+        for reader in readers:
+            reader.start()
+        self.console.print(f"Following the alerts of {', '.join(teams)} from now on.")
+        started = time.monotonic()
+        for n, kind in enumerate(("ticket.escalated", "ticket.reopened")):
+            self.interactions.RecordInteraction(
+                interactions_pb2.RecordInteractionRequest(
+                    interaction=interactions_pb2.InteractionInput(
+                        customer=common_pb2.CustomerRef(identifier=self.phone),
+                        occurred_at=_now(),
+                        channel=common_pb2.CHANNEL_SERVICE_DESK,
+                        type=kind,
+                        ticket_id=ticket,
+                        source="demo",
+                    ),
+                    idempotency_key=f"demo-{self.tag}-alert-{n}",
+                ),
+                timeout=RPC_TIMEOUT_S,
+                metadata=self.metadata(),
+            )
+            self.console.print(f"RecordInteraction({kind}, {ticket})", highlight=False)
+        from converge.recommendation.alerts.cli import _print_event
+
+        try:
+            while True:
+                left = ALERT_WAIT_S - (time.monotonic() - started)
+                event = arrived.get(timeout=max(left, 0.01))
+                if event.alert.ticket_id == ticket:
+                    self.console.print(
+                        f"{event.alert.team} received it {time.monotonic() - started:.2f} s "
+                        "after the first interaction was sent:"
+                    )
+                    _print_event(event, self.console)
+                    break
+        except queue.Empty:
+            self.console.print(
+                f"[yellow]no alert for {ticket} within {ALERT_WAIT_S:.0f} s[/] (its escalation "
+                "score stayed under the policy's threshold)"
+            )
+        finally:
+            for stream in streams:
+                stream.cancel()  # type: ignore[no-untyped-call]
 
     def _set_email_consent(
         self, who: common_pb2.Identifier, status: identity_pb2.ConsentStatus.ValueType

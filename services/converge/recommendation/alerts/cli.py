@@ -142,7 +142,7 @@ def _print_event(event: Any, console: Console) -> None:
     console.print(
         f"[bold]{at} {what}[/bold] {kind} p={alert.probability:.2f} customer {alert.customer_id}"
         + (f" ({subject})" if subject else "")
-        + f" -> {alert.team} [{status}]"
+        + f" -> {alert.team} \\[{status}]"
         + (f" escalated to {alert.escalated_to_team}" if alert.escalated_to_team else "")
         + f"  alert {alert.alert_id}  cursor {event.cursor}"
     )
