@@ -551,3 +551,25 @@ def test_a_secret_that_is_no_whsec_secret_stops_the_service(
     monkeypatch.setenv("CONVERGE_RECOMMENDATION_WEBHOOK_SECRETS", f'{{"crm": "{NEW_SECRET}"}}')
     accepted = load_settings(RecommendationSettings)
     assert [s.get_secret_value() for s in accepted.webhook_secrets["crm"]] == [NEW_SECRET]
+
+
+async def test_two_replicas_share_the_deliveries_without_posting_one_twice(
+    start_service: StartWebhooks, receiver: Receiver
+) -> None:
+    first = await start_service()
+    second = await start_service()
+    await first.create(receiver)
+    events = [alert_event() for _ in range(200)]
+    for start in range(0, 200, 50):
+        await first.enqueue(*events[start : start + 50])
+    await until(lambda: len(receiver.received) >= 200, "every delivery posted")
+    await wait_until(
+        lambda: first.runtime.pool.fetchval(
+            "SELECT count(*) FROM webhook_deliveries WHERE state = 'delivered'"
+        ),
+        lambda n: n == 200,
+        what="every delivery recorded",
+    )
+    posted = [r.webhook_id for r in receiver.received]
+    assert sorted(posted) == sorted(e.event_id for e in events), "each event once"
+    assert first.area.dispatcher.attempted + second.area.dispatcher.attempted == 200
