@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib.resources import files
 
@@ -13,9 +14,9 @@ import asyncpg
 import pytest
 
 from converge.recommendation.contact.rules import Candidate, Consent, ContactPreferences
-from converge.recommendation.contact.service import ContactGate, purge_expired
+from converge.recommendation.contact.service import ContactGate, ContactRetention, purge_expired
 from converge.recommendation.contact.store import ContactLedger, ContactRecord
-from converge.recommendation.policy.model import ActionSpec, FrequencyCap, Policy
+from converge.recommendation.policy.model import ActionSpec, ActivePolicy, FrequencyCap, Policy
 from converge.runtime.database import create_pool, load_migrations, migrate
 from tests.waiting import wait_until
 
@@ -236,3 +237,27 @@ async def test_record_refuses_a_withheld_verdict(ledger: ContactLedger, pool: as
         assert not verdict.allowed
         with pytest.raises(ValueError, match="withheld"):
             await gate.record(conn, alice, "d1", [("a1", verdict)], NOW)
+
+
+async def test_the_retention_task_follows_the_active_policy_and_the_services_clock(
+    ledger: ContactLedger, pool: asyncpg.Pool
+) -> None:
+    @dataclass
+    class Switchable:
+        current: ActivePolicy
+
+        def active(self) -> ActivePolicy:
+            return self.current
+
+    alice = str(uuid.uuid4())
+    async with pool.acquire() as conn:
+        await ledger.record(conn, [contact(alice, "d1", at=NOW - 20 * DAY)])
+    # The default rules look back 30 days (the rejection cool-down): kept.
+    policies = Switchable(ActivePolicy("1", Policy(actions=[])))
+    now = NOW
+    retention = ContactRetention(ledger, policies, DAY, 3600, lambda: now)
+    assert await retention.purge_once() == 0
+    # A policy that looks back 10 days only: purged.
+    short = Policy(actions=[], contact={"cool_down_after_rejection": 10 * DAY})
+    policies.current = ActivePolicy("2", short)
+    assert await retention.purge_once() == 1

@@ -8,8 +8,10 @@ customer cannot both pass a cap)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
 from converge.recommendation.contact.rules import (
@@ -20,7 +22,7 @@ from converge.recommendation.contact.rules import (
     history_horizon,
 )
 from converge.recommendation.contact.store import ContactLedger, ContactRecord
-from converge.recommendation.policy.model import Policy
+from converge.recommendation.policy.model import Policy, PolicySource
 from converge.runtime.database import Connection
 
 logger = logging.getLogger(__name__)
@@ -103,3 +105,46 @@ async def purge_expired(
     if purged:
         logger.info("purged %d contact ledger rows", purged)
     return purged
+
+
+class ContactRetention:
+    """Purges the ledger every `interval_s` (the first purge at start), on the
+    service's clock, keeping what the active policy can still count and at
+    least `floor`."""
+
+    def __init__(
+        self,
+        ledger: ContactLedger,
+        policies: PolicySource,
+        floor: timedelta,
+        interval_s: float,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.ledger = ledger
+        self.policies = policies
+        self.floor = floor
+        self.interval_s = interval_s
+        self.clock = clock
+        self._task: asyncio.Task[None] | None = None
+
+    async def purge_once(self) -> int:
+        return await purge_expired(
+            self.ledger, self.policies.active().policy, self.floor, self.clock()
+        )
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="contact-retention")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.purge_once()
+            except Exception:  # (the next round tries again; serving goes on)
+                logger.exception("contact ledger retention purge failed")
+            await asyncio.sleep(self.interval_s)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
