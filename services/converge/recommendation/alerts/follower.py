@@ -77,6 +77,19 @@ class FollowerSettings:
     retention: timedelta = timedelta(days=365)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A batch scored and assessed, ready to be stored with its cursor."""
+
+    cursor: str
+    assessments: list[tuple[Assessment, DecisionDraft]]
+    policy_version: str
+    teams: dict[str, TeamLimits]
+    now: datetime
+    interactions: int
+    scoring_ms: float
+
+
 def team_limits(policy: Policy, now: datetime) -> dict[str, TeamLimits]:
     return {
         team.name: TeamLimits(
@@ -225,8 +238,15 @@ class AlertFollower:
 
         reader = asyncio.create_task(read(), name="alerts-follower-reader")
         self.last_error = None
+        # A pipeline of two: batch N is stored while batch N+1 is read and
+        # scored (storing waits for the one before it, so cursors advance in
+        # order); a failure of either stops the follower, which resumes from
+        # the saved cursor.
+        storing: asyncio.Task[None] | None = None
         try:
             while True:
+                if storing is not None and storing.done():
+                    storing.result()  # (raises its failure now)
                 first = await queue.get()
                 batch = [first]
                 while len(batch) < self.settings.batch_size and not queue.empty():
@@ -236,13 +256,21 @@ class AlertFollower:
                     b for b in batch if isinstance(b, interactions_pb2.StreamInteractionsResponse)
                 ]
                 if items:
-                    await self.apply(conn, items)
-                    self._retry_s = self.settings.first_retry_s
+                    prepared = await self.prepare(items)
+                    if storing is not None:
+                        await storing
+                    storing = asyncio.create_task(self.store_batch(conn, prepared))
                 if failure is not None:
+                    if storing is not None:
+                        await storing
                     if isinstance(failure, EOFError):
                         return
                     raise failure
         finally:
+            if storing is not None and not storing.done():
+                storing.cancel()
+                with contextlib.suppress(BaseException):
+                    await storing
             reader.cancel()
             stream.cancel()
             with contextlib.suppress(BaseException):
@@ -256,6 +284,10 @@ class AlertFollower:
     ) -> None:
         """Re-scores who the batch touched and applies the verdict with the
         batch's last cursor, in one transaction."""
+        await self.store_batch(conn, await self.prepare(items))
+
+    async def prepare(self, items: list[interactions_pb2.StreamInteractionsResponse]) -> Prepared:
+        """Re-scores the customers and tickets a batch touched, and assesses them."""
         started = time.perf_counter()
         now = self.clock()
         active = self.policy.active()
@@ -277,22 +309,29 @@ class AlertFollower:
             for customer_id in erased:
                 touched.pop(customer_id, None)
             assessments = await self._assess(policy, active.version, wanted, touched, latest)
-        scored = time.perf_counter()
+        return Prepared(
+            cursor=items[-1].cursor,
+            assessments=assessments,
+            policy_version=active.version,
+            teams=team_limits(policy, now),
+            now=now,
+            interactions=len(items),
+            scoring_ms=(time.perf_counter() - started) * 1000,
+        )
+
+    async def store_batch(self, conn: asyncpg.pool.PoolConnectionProxy, batch: Prepared) -> None:
+        """Applies a prepared batch with its cursor, in one transaction."""
+        started = time.perf_counter()
         await self.store.apply_batch(
-            conn,
-            items[-1].cursor,
-            assessments,
-            active.version,
-            team_limits(policy, now),
-            now,
+            conn, batch.cursor, batch.assessments, batch.policy_version, batch.teams, batch.now
         )
         self.batches += 1
+        self._retry_s = self.settings.first_retry_s
         logger.debug(
-            "alerts batch: %d interactions, %d customers, %.0f ms scoring, %.0f ms storing",
-            len(items),
-            len(touched),
-            (scored - started) * 1000,
-            (time.perf_counter() - scored) * 1000,
+            "alerts batch: %d interactions, %.0f ms scoring, %.0f ms storing",
+            batch.interactions,
+            batch.scoring_ms,
+            (time.perf_counter() - started) * 1000,
         )
 
     async def _assess(
