@@ -13,7 +13,9 @@ falls."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from converge.v1 import (
 )
 from tests.conftest import Platform
 from tests.recommendation.conftest import Scoring
+from tests.recommendation.webhook_receiver import Receiver
 from tests.service_process import ServiceProcess, start_service, stop_process
 from tests.waiting import until, wait_until
 
@@ -81,6 +84,9 @@ async def _trigger_customers(platform: Platform) -> list[tuple[str, str]]:
     return made
 
 
+SECRET = "whsec_" + base64.b64encode(b"alerts-crash-test-secret-32-bytes").decode()
+
+
 async def _start(
     database: str, tmp_path: Path, platform: Platform, scoring: Scoring, run: int
 ) -> ServiceProcess:
@@ -94,6 +100,8 @@ async def _start(
         interactions_address=platform.interactions_address,
         scoring_address=scoring.address,
         alerts_standby_retry_s="0.2",
+        webhook_secrets=json.dumps({"crash": SECRET}),
+        webhook_allow_http="true",
     )
 
 
@@ -131,10 +139,18 @@ async def test_a_killed_and_restarted_service_raises_each_alert_once_and_resumes
     platform: Platform, scoring: Scoring, database: str, tmp_path: Path
 ) -> None:
     triggers = await _trigger_customers(platform)
+    receiver = Receiver()
+    await receiver.start()
     service = await _start(database, tmp_path, platform, scoring, 1)
     restarted: ServiceProcess | None = None
     reader = Reader()
     try:
+        async with grpc.aio.insecure_channel(service.address) as channel:
+            await recommendation_pb2_grpc.RecommendationServiceStub(channel).CreateWebhook(
+                pb.CreateWebhookRequest(
+                    team="support", url=receiver.url(), secret_id="crash", idempotency_key="w1"
+                )
+            )
         await reader.follow(service.address)
 
         async def reopen(i: int) -> None:
@@ -195,9 +211,25 @@ async def test_a_killed_and_restarted_service_raises_each_alert_once_and_resumes
                 "FROM recommendation.alert_events GROUP BY alert_id"
             )
             assert all(r["created"] == 1 for r in events_per_alert)
+            # Webhooks: every delivery of the outbox reaches the receiver at
+            # least once, and a delivery id never comes with two bodies.
+            deliveries = await conn.fetch(
+                "SELECT event_id, body FROM recommendation.webhook_deliveries"
+            )
+            assert len(deliveries) == len(reader.events)
+            ids = {r["event_id"] for r in deliveries}
+            await until(
+                lambda: ids <= {r.webhook_id for r in receiver.received}, "every webhook delivery"
+            )
+            bodies: dict[str, set[bytes]] = {}
+            for got in receiver.received:
+                bodies.setdefault(got.webhook_id, set()).add(got.body)
+            assert all(len(b) == 1 for b in bodies.values())
+            assert all(bodies[r["event_id"]] == {bytes(r["body"])} for r in deliveries)
         finally:
             await conn.close()
     finally:
+        await receiver.close()
         if reader.task is not None:
             reader.task.cancel()
             with contextlib.suppress(BaseException):
