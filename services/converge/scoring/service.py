@@ -58,10 +58,6 @@ from converge.scoring.reasons import explain, reason_count
 
 FloatMatrix = npt.NDArray[np.float64]
 MAX_CANDIDATES = 100
-# Items of one ScoreBatch stream scored at once: enough for their rows to
-# share reads and predicts, few enough that the stream is read no faster
-# than it is scored.
-BATCH_WINDOW = 32
 
 
 @dataclass(frozen=True)
@@ -173,6 +169,10 @@ class ScoringService:
         self.max_in_flight = max_in_flight
         self.replica = replica
         self.clock = clock
+        # Items of one ScoreBatch stream scored at once: enough to fill every
+        # shared read (and predict) the coalescers allow in flight, few enough
+        # that the stream is read no faster than it is scored.
+        self.batch_window = max_batch * max_in_flight
         # One sharing point for every model: a batch holds calls' rows for
         # several versions, and lets go of them when it ends.
         self._predictor: Coalescer[tuple[_Rows, ...], list[list[_Predicted]]] = Coalescer(
@@ -392,13 +392,13 @@ class ScoringService:
     ) -> AsyncIterator[tuple[KeyT, Outcome]]:
         """Scores a stream of (key, query) in order; a query that failed its
         conversion, or whose scoring fails, answers with its error and the
-        stream goes on. At most BATCH_WINDOW items are read ahead of the
+        stream goes on. At most `batch_window` items are read ahead of the
         answers, so the stream is read no faster than it is scored."""
         window: list[tuple[KeyT, asyncio.Task[Outcome]]] = []
         try:
             async for key, query in queries:
                 window.append((key, asyncio.ensure_future(self._outcome(query))))
-                while len(window) >= BATCH_WINDOW or (window and window[0][1].done()):
+                while len(window) >= self.batch_window or (window and window[0][1].done()):
                     first_key, first = window.pop(0)
                     yield first_key, await first
             for key, task in window:
