@@ -14,8 +14,9 @@ answers): no LightGBM in the loop, which bench_scoring measures on its own.
 The recommendation service applies the documented default policy (no
 version activated) and logs every decision (no dry run): one Recommend is
 identity's GetCustomer beside scoring's Score (which reads the features from
-interactions), the policy's rules, and the decision's transaction (the
-customer's contact lock, history, the decision and its contacts written).
+interactions) beside the customer's contact history, the policy's rules, and
+the decision's write in one round trip (under the customer's contact lock:
+the history checked unchanged, the decision and its contacts written).
 
 Figures (names as issue 15 asks):
 
@@ -31,9 +32,12 @@ Figures (names as issue 15 asks):
 - `recommendation.recommend.c1.db_xacts_per_call`: PostgreSQL transactions
   committed in the recommendation service's database per Recommend at one
   caller (pg_stat_database.xact_commit; a statement outside a transaction
-  counts as one, a transaction as one whatever its statements): about 1
-  means the decision's writes go in its one transaction and nothing else
-  commits per call (the policy book's polling adds a little).
+  counts as one, a transaction as one whatever its statements): about 2
+  means the contact history read beside the peers (one statement) and the
+  decision's write (one statement, migration 0007's commit_decision: lock,
+  history check, decision and contacts) and nothing else per call; a little
+  more when a decision was stale and read again, and the policy book's
+  polling adds a little.
 - `recommendation.recommend_dry_run.c1.p50_ms`, `...c1.p99_ms`: Recommend
   with `dry_run` (nothing logged, no contact counted: no decision
   transaction), one caller: the rest of p50 is the decision's writes.

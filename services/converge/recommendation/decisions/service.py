@@ -16,14 +16,19 @@ One decision:
    every reason to withhold it: the arbitration across teams (sales), its
    control group (outcomes/control.py), the contact rules (contact/: consent,
    do-not-contact, caps, cool-downs, quiet hours, open tickets, wants a
-   human), read and applied under the customer's contact lock.
+   human), applied to the customer's contact history, read beside the peers.
 4. The allowed ones are ranked (hand-overs for a customer who wants a human
    first, then expected value, priority, name, product); one per kind; those
    worth less than the policy's minimum are dropped; at most `max_actions`.
    Nothing left: DO_NOTHING.
-5. The decision is logged and its proposals counted in the contact ledger, in
-   one transaction under the lock (a dry run writes nothing). What is
-   answered is what was logged: the response is read from the stored bytes.
+5. The decision is logged and its proposals counted in the contact ledger in
+   one statement (one round trip, its own transaction: migration 0007's
+   commit_decision) under the customer's contact lock, if the history is still
+   the one the rules read; if another decision or outcome changed it in
+   between, the decision is made again on the new history (after
+   OPTIMISTIC_ATTEMPTS, in one transaction holding the lock throughout). A dry
+   run writes nothing and takes no lock. What is answered is what was logged:
+   the response is read from the stored bytes.
 """
 
 from __future__ import annotations
@@ -38,9 +43,22 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Protocol, TypeVar
 
-from converge.recommendation.contact.rules import Candidate, ContactPreferences, Verdict
+from converge.recommendation.contact import rules as contact_rules
+from converge.recommendation.contact.rules import (
+    Candidate,
+    ContactPreferences,
+    Verdict,
+    history_horizon,
+)
 from converge.recommendation.decisions import arbitration
-from converge.recommendation.decisions.store import DecisionRecord, DecisionStore
+from converge.recommendation.decisions.store import (
+    Committed,
+    ContactHistory,
+    DecisionRecord,
+    DecisionStore,
+    ProposedContact,
+    is_uuid,
+)
 from converge.recommendation.outcomes.control import in_control_group
 from converge.recommendation.peers import (
     CustomerKey,
@@ -69,6 +87,10 @@ T = TypeVar("T")
 MAX_ACTIONS = 20
 HAND_OVER_KINDS = frozenset({"escalate_to_human", "escalate_to_senior_agent"})
 SALES = "sales"
+# Optimistic decisions tried before one is made under the customer's lock: a
+# decision is stale only when another one (or an outcome) changed the same
+# customer's contact history between its read and its write.
+OPTIMISTIC_ATTEMPTS = 2
 
 
 @dataclass(frozen=True)
@@ -290,7 +312,11 @@ class DecisionService:
         products = sorted(
             {p for a in actions if a.kind == "cross_sell_offer" for p in self._products(a, policy)}
         )
-        customer, scores = await _both(
+        # Taken before the peers are asked: the contact history the rules need
+        # (since `now` less the policy's longest look-back) is read beside them.
+        now = self.clock()
+        since = now - history_horizon(policy.contact, policy.actions)
+        asked = (
             self.peers.customer(query.customer),
             self.peers.score(
                 query.customer,
@@ -300,41 +326,67 @@ class DecisionService:
                 channel=query.channel_number,
             ),
         )
+        history: ContactHistory | None = None
+        if is_uuid(query.customer.customer_id):
+            (customer, scores), history = await _both(
+                _both(*asked), self.store.contact_history(query.customer.customer_id, since)
+            )
+        else:  # (by identifier: the customer's id is identity's answer)
+            customer, scores = await _both(*asked)
         if scores.customer_id != customer.customer_id:
             # (merged in between: the survivor scoring named is the customer)
             customer = await self.peers.customer(CustomerKey(customer_id=scores.customer_id))
-        now = self.clock()
         candidates = self._candidates(actions, policy, query, customer, scores)
         decision_id = "" if query.dry_run else str(uuid.uuid4())
-        async with self.pool.acquire() as conn:
+        for _ in range(OPTIMISTIC_ATTEMPTS):
+            if history is None or history.customer_id != customer.customer_id:
+                history = await self.store.contact_history(customer.customer_id, since)
+            verdicts = self._verdicts(history, customer, scores, policy, candidates, now)
+            draft = self._decide(
+                decision_id, active.version, policy, query, customer, scores, candidates,
+                verdicts, now,
+            )  # fmt: skip
+            body = self.encode(draft)
             if query.dry_run:
-                verdicts = await self._assess(conn, customer, scores, policy, candidates, now)
-                draft = self._decide(
-                    decision_id, active.version, policy, query, customer, scores, candidates,
-                    verdicts, now,
-                )  # fmt: skip
-                return self.encode(draft)
+                return body
+            committed = await self.store.commit(
+                self._record(draft, body, query), _contacts(draft, verdicts), history
+            )
+            if committed is Committed.WRITTEN:
+                return body
+            if committed is Committed.ERASED:
+                raise NotFound("customer", query.customer.describe())
+            if committed is Committed.KEY_TAKEN:
+                return await self._replay_winner(query)
+            history = None  # (stale: another decision or outcome came first; read again)
+        # Still contended: decide under the customer's lock (waits, never stale).
+        return await self._decide_locked(
+            active.version, policy, query, customer, scores, candidates, decision_id, now
+        )
+
+    async def _decide_locked(
+        self,
+        policy_version: str,
+        policy: Policy,
+        query: RecommendQuery,
+        customer: CustomerView,
+        scores: Scores,
+        candidates: Sequence[_Candidate],
+        decision_id: str,
+        now: datetime,
+    ) -> bytes:
+        """One transaction under the customer's contact lock: history, rules,
+        the decision and its contacts (several round trips, never stale)."""
+        async with self.pool.acquire() as conn:
             try:
                 async with conn.transaction():
                     verdicts = await self._assess(conn, customer, scores, policy, candidates, now)
                     draft = self._decide(
-                        decision_id, active.version, policy, query, customer, scores, candidates,
+                        decision_id, policy_version, policy, query, customer, scores, candidates,
                         verdicts, now,
                     )  # fmt: skip
                     body = self.encode(draft)
-                    written = await self.store.insert(
-                        conn,
-                        DecisionRecord(
-                            decision_id=decision_id,
-                            customer_id=customer.customer_id,
-                            decided_at=now,
-                            trigger="recommend",
-                            policy_version=active.version,
-                            body=body,
-                            idempotency_key=query.idempotency_key or None,
-                            request_sha256=query.request_sha256 if query.idempotency_key else None,
-                        ),
-                    )
+                    written = await self.store.insert(conn, self._record(draft, body, query))
                     if not written:
                         if query.idempotency_key:
                             raise _KeyTaken
@@ -352,11 +404,27 @@ class DecisionService:
                         now,
                     )
             except _KeyTaken:
-                earlier = await self.store.by_idempotency_key(query.idempotency_key)
-                if earlier is None:  # (the other call's customer was erased)
-                    raise NotFound("customer", query.customer.describe()) from None
-                return self._replay(earlier, query)
+                return await self._replay_winner(query)
         return body
+
+    @staticmethod
+    def _record(draft: DecisionDraft, body: bytes, query: RecommendQuery) -> DecisionRecord:
+        return DecisionRecord(
+            decision_id=draft.decision_id,
+            customer_id=draft.customer_id,
+            decided_at=draft.decided_at,
+            trigger="recommend",
+            policy_version=draft.policy_version,
+            body=body,
+            idempotency_key=query.idempotency_key or None,
+            request_sha256=query.request_sha256 if query.idempotency_key else None,
+        )
+
+    async def _replay_winner(self, query: RecommendQuery) -> bytes:
+        earlier = await self.store.by_idempotency_key(query.idempotency_key)
+        if earlier is None:  # (the other call's customer was erased)
+            raise NotFound("customer", query.customer.describe()) from None
+        return self._replay(earlier, query)
 
     def _replay(self, earlier: DecisionRecord, query: RecommendQuery) -> bytes:
         if earlier.request_sha256 != query.request_sha256:
@@ -469,6 +537,29 @@ class DecisionService:
                     )
                 found.append(candidate)
         return found
+
+    @staticmethod
+    def _verdicts(
+        history: ContactHistory,
+        customer: CustomerView,
+        scores: Scores,
+        policy: Policy,
+        candidates: Sequence[_Candidate],
+        now: datetime,
+    ) -> list[Verdict]:
+        """The contact rules over a history read beforehand (what ContactGate
+        applies under the lock, contact/service.py)."""
+        open_tickets = scores.feature(policy.contact.open_tickets_feature)
+        time_zone = customer.attributes.get("time_zone")
+        return contact_rules.assess(
+            [c.contact for c in candidates],
+            customer.preferences,
+            history.entries,
+            policy.contact,
+            time_zone=time_zone if isinstance(time_zone, str) else None,
+            open_tickets=float(open_tickets) if isinstance(open_tickets, int | float) else None,
+            now=now,
+        )
 
     async def _assess(
         self,
@@ -583,6 +674,26 @@ class DecisionService:
 
 def _key(action_name: str, product_id: str) -> str:
     return f"{action_name}:{product_id}" if product_id else action_name
+
+
+def _contacts(draft: DecisionDraft, verdicts: Sequence[Verdict]) -> list[ProposedContact]:
+    """The proposed actions the contact rules allowed (every one but DO_NOTHING)
+    as the ledger records them: in-conversation actions too (channel None),
+    their cool-downs and rejections count."""
+    allowed = {v.candidate.key: v for v in verdicts if v.allowed}
+    found = []
+    for proposed in draft.actions:
+        verdict = allowed.get(_key(proposed.action_name, proposed.product_id))
+        if verdict is not None:
+            found.append(
+                ProposedContact(
+                    action_id=proposed.action_id,
+                    action_name=verdict.candidate.action_name,
+                    action_kind=verdict.candidate.kind,
+                    channel=verdict.channel,
+                )
+            )
+    return found
 
 
 def _label(candidate: _Candidate) -> str:

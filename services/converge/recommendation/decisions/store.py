@@ -7,6 +7,7 @@ backs (alerts). Reads take their own connection from the pool."""
 
 from __future__ import annotations
 
+import enum
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any
 
 import asyncpg
 
+from converge.recommendation.contact.store import LedgerEntry
 from converge.runtime.database import Connection
 
 # A decision whose customer was erased is not written (see the tombstones).
@@ -26,6 +28,21 @@ WHERE NOT EXISTS (SELECT 1 FROM decision_erased_customers WHERE customer_id = $2
 ON CONFLICT (idempotency_key) DO NOTHING
 RETURNING decision_id
 """
+# Recommend's optimistic read (0007): the contact history the rules need and
+# its digest, from one snapshot; an empty history is one row of nulls.
+_CONTACT_HISTORY = """
+SELECT contact_history_digest($1, $2) AS digest, h.*
+FROM (SELECT 1) AS one
+LEFT JOIN (
+    SELECT customer_id, decision_id, action_id, action_name, action_kind, channel,
+           proposed_at, declined_at, not_delivered
+    FROM contact_ledger
+    WHERE customer_id = $1 AND (proposed_at > $2 OR declined_at > $2)
+) AS h ON true
+ORDER BY h.proposed_at
+"""
+# ... and its write, in one round trip (0007's commit_decision).
+_COMMIT = "SELECT commit_decision($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
 _COLUMNS = (
     "decision_id, customer_id, decided_at, trigger, policy_version, idempotency_key, "
     "request_sha256, body"
@@ -78,6 +95,40 @@ class DecisionRecord:
     body: bytes
     idempotency_key: str | None = None
     request_sha256: bytes | None = None
+
+
+@dataclass(frozen=True)
+class ContactHistory:
+    """A customer's contact history since a time, with the digest that
+    `commit` compares under the customer's lock."""
+
+    customer_id: str
+    entries: tuple[LedgerEntry, ...]
+    since: datetime
+    digest: str
+
+
+@dataclass(frozen=True)
+class ProposedContact:
+    """A contact a decision proposes (its action, the channel; None: in the
+    conversation), recorded by `commit` with the decision."""
+
+    action_id: str
+    action_name: str
+    action_kind: str
+    channel: str | None
+
+
+class Committed(enum.Enum):
+    """What `commit` did."""
+
+    WRITTEN = "written"
+    # The history changed since it was read: nothing written, decide again.
+    STALE = "stale"
+    # The idempotency key is bound to another decision: nothing written.
+    KEY_TAKEN = "key_taken"
+    # The customer was erased: nothing written.
+    ERASED = "erased"
 
 
 @dataclass(frozen=True)
@@ -143,6 +194,62 @@ class DecisionStore:
             record.body,
         )
         return written is not None
+
+    async def contact_history(self, customer_id: str, since: datetime) -> ContactHistory:
+        """The customer's contact history since `since` (proposals made or
+        declined after it, oldest first) and its digest, read without a lock
+        or a transaction: `commit` checks under the lock that it still holds."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(_CONTACT_HISTORY, uuid.UUID(customer_id), since)
+        return ContactHistory(
+            customer_id=customer_id,
+            entries=tuple(
+                LedgerEntry(
+                    customer_id=str(row["customer_id"]),
+                    decision_id=row["decision_id"],
+                    action_id=row["action_id"],
+                    action_name=row["action_name"],
+                    action_kind=row["action_kind"],
+                    channel=row["channel"] or None,
+                    proposed_at=row["proposed_at"],
+                    declined_at=row["declined_at"],
+                    not_delivered=row["not_delivered"],
+                )
+                for row in rows
+                if row["decision_id"] is not None
+            ),
+            since=since,
+            digest=rows[0]["digest"],
+        )
+
+    async def commit(
+        self,
+        record: DecisionRecord,
+        contacts: Sequence[ProposedContact],
+        history: ContactHistory,
+    ) -> Committed:
+        """Writes a decision and its contacts in one statement (its own
+        transaction, one round trip) if, under the customer's contact lock,
+        the history since `history.since` is still `history`; else nothing."""
+        async with self.pool.acquire() as conn:
+            status = await conn.fetchval(
+                _COMMIT,
+                uuid.UUID(record.decision_id),
+                uuid.UUID(record.customer_id),
+                record.decided_at,
+                record.trigger,
+                record.policy_version,
+                record.idempotency_key,
+                record.request_sha256,
+                record.body,
+                history.since,
+                history.digest,
+                [c.action_id for c in contacts],
+                [c.action_name for c in contacts],
+                [c.action_kind for c in contacts],
+                [c.channel or "" for c in contacts],
+            )
+        return Committed(status)
 
     async def by_idempotency_key(
         self, key: str, conn: Connection | None = None
