@@ -22,6 +22,7 @@ RecordOutcome, the service's ManualClock moved between calls.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -35,6 +36,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from converge.recommendation.contact.convert import channel_name
 from converge.recommendation.contact.rules import (
     Candidate,
     Consent,
@@ -44,14 +46,21 @@ from converge.recommendation.contact.rules import (
 )
 from converge.recommendation.contact.service import ContactGate
 from converge.recommendation.contact.store import ContactLedger
+from converge.recommendation.decisions.service import FixedPolicy
 from converge.recommendation.policy.model import (
     ActionSpec,
+    ActivePolicy,
     ContactRules,
     FrequencyCap,
     Policy,
     QuietHours,
 )
 from converge.runtime.database import create_pool, load_migrations, migrate
+from converge.runtime.values import timestamp
+from converge.v1 import common_pb2, recommendation_pb2
+from tests.conftest import Platform
+from tests.interactions.builders import interaction, record, text
+from tests.recommendation.conftest import StartRecommendation, make_customer, set_preferences
 
 CHANNELS = ("email", "sms", "phone", "push", "in_app")
 ZONES = (
@@ -359,3 +368,192 @@ async def test_no_decision_ever_breaks_the_contact_policy(
 ) -> None:
     decisions = await play(pool, policy, script, granted)
     event("decisions: " + ("none" if not decisions else "1-3" if decisions < 4 else "4 or more"))
+
+
+# --- level 2: end to end through the real services ------------------------------------
+
+E2E_POLICY = Policy.model_validate(
+    {
+        "catalogue": {
+            "offers": [{"id": "credit", "value": 100, "cost": 1}],
+            "products": [{"id": "storage", "value": 100, "cost": 1}],
+        },
+        # min_probability 0 and positive values: every action is a candidate
+        # whatever scoring's rule fallback answers, so the contact rules decide.
+        "actions": [
+            {"name": "retention", "kind": "retention_offer", "prediction": "churn",
+             "offer": "credit", "contact_channels": ["sms", "phone", "email"]},
+            {"name": "cross_sell", "kind": "cross_sell_offer", "prediction": "cross_sell",
+             "products": ["storage"], "contact_channels": ["email", "sms"], "cool_down": "PT6H"},
+            {"name": "nudge", "kind": "proactive_support_call", "prediction": "churn",
+             "value": 100, "cost": 1, "contact_channels": ["push", "in_app"], "automated": True},
+            {"name": "bot_chat", "kind": "proactive_support_call", "prediction": "churn",
+             "value": 100, "cost": 1, "automated": True},
+            {"name": "hand_over", "kind": "escalate_to_human", "value": 50, "cost": 10},
+            {"name": "do_nothing", "kind": "do_nothing"},
+        ],
+        "arbitration": {"max_actions": 4, "complaints_feature": None,
+                        "retention_first_churn_probability": 1.0,
+                        "serious_escalation_probability": 1.0},
+        "contact": {
+            "frequency_caps": [
+                {"channel": "email", "max_contacts": 2, "window": "P2D"},
+                {"channel": "sms", "max_contacts": 1, "window": "PT12H"},
+                {"channel": "any", "max_contacts": 3, "window": "P1D"},
+            ],
+            "cool_down_after_rejection": "P1D",
+            "quiet_hours": {"start": "21:00", "end": "08:00", "channels": ["sms", "phone", "push"]},
+            "default_time_zone": "Europe/Paris",
+        },
+    }
+)  # fmt: skip
+E2E_ACTIONS = {a.name: a for a in E2E_POLICY.actions}
+
+e2e_steps = st.one_of(
+    st.tuples(st.just("advance"), st.integers(1, 36 * 60)),
+    st.tuples(st.just("consent"), st.sampled_from(CHANNELS), st.booleans()),
+    st.tuples(st.just("do_not_contact"), st.booleans()),
+    st.tuples(st.just("wants_human"), st.booleans()),
+    st.tuples(st.just("ticket"), st.booleans()),  # opened / the open one resolved
+    st.tuples(st.just("outcome"), st.integers(0, 100), st.sampled_from(["declined", "not_delivered"])),
+)  # fmt: skip
+
+
+def check_answer(
+    world: World,
+    answer: recommendation_pb2.RecommendResponse,
+    open_tickets: int,
+    wants_human: bool,
+    dnc: bool,
+) -> None:
+    """Safety only (what scoring proposes is not the oracle's business):
+    nothing the service proposed breaks a promise."""
+    rules = E2E_POLICY.contact
+    where = f"at {world.now.isoformat()}: {answer}"
+    assert answer.actions, where
+    handed_over = [p for p in _counted(world) if p.action == "hand_over"]
+    rejection = rules.cool_down_after_rejection
+    hand_over_declined = any(
+        p.declined_at is not None and world.now - rejection < p.declined_at for p in handed_over
+    )
+    if wants_human and not hand_over_declined:
+        assert answer.actions[0].action_name == "hand_over", where
+    for action in answer.actions:
+        spec = E2E_ACTIONS[action.action_name]
+        assert not (wants_human and spec.automated), where
+        assert not (open_tickets and spec.kind in OFFER_KINDS), where
+        mine = [p for p in _counted(world) if p.action == spec.name]
+        if spec.cool_down is not None:
+            assert not any(world.now - spec.cool_down < p.at for p in mine), where
+        rejection = rules.cool_down_after_rejection
+        assert not any(
+            p.declined_at is not None and world.now - rejection < p.declined_at for p in mine
+        ), where
+        channel = channel_name(action.contact_channel)
+        assert (channel is None) is (not spec.contact_channels), where
+        if channel is not None:
+            assert not dnc, where
+            assert channel_allowed(world, rules, channel), where
+
+
+@settings(
+    max_examples=int(os.environ.get("CONVERGE_CONTACT_E2E_EXAMPLES", "6")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    script=st.lists(st.tuples(e2e_steps, st.booleans()), min_size=1, max_size=12),
+    time_zone=st.none() | st.sampled_from(ZONES[:3]),
+)
+async def test_no_recommendation_ever_breaks_the_contact_policy_end_to_end(
+    platform: Platform,
+    start_recommendation: StartRecommendation,
+    script: list[Any],
+    time_zone: str | None,
+) -> None:
+    """Real Recommend, identity, interactions and scoring; preferences changed
+    through UpdateContactPreferences, outcomes through RecordOutcome, the
+    service's ManualClock moved between calls. (One service for every
+    example: each example is a new customer.)"""
+    service = _E2E_SERVICES.get(id(start_recommendation))
+    if service is None:
+        service = await start_recommendation(policy=FixedPolicy(ActivePolicy("e2e", E2E_POLICY)))
+        _E2E_SERVICES[id(start_recommendation)] = service
+    pb = recommendation_pb2
+    numbers = {
+        name: common_pb2.ContactChannel.Value(f"CONTACT_CHANNEL_{name.upper()}")
+        for name in CHANNELS
+    }
+    tag = uuid.uuid4().hex[:10]
+    customer = await make_customer(platform, tag, consents={}, time_zone=time_zone)
+    # Outcomes become interactions at the service's clock, which interactions
+    # refuses in its future: each example's life starts 20 days back (at most
+    # 12 moves of 36 hours follow). Moving the clock back between examples is
+    # harmless: each example is a new customer.
+    service.clock.now = datetime.now(UTC) - timedelta(days=20)
+    world = World(now=service.clock.now, time_zone=time_zone)
+    dnc = wants_human = False
+    tickets: list[str] = []
+    opened = 0
+    for step, decide in script:
+        kind = step[0]
+        if kind == "advance":
+            service.clock.advance(minutes=step[1])
+            world.now = service.clock.now
+        elif kind == "consent":
+            await set_preferences(
+                platform, customer.customer_id, consents={numbers[step[1]]: step[2]}
+            )
+            consents = {
+                **world.preferences.consents,
+                step[1]: Consent.GRANTED if step[2] else Consent.DENIED,
+            }
+            world.preferences = replace(world.preferences, consents=consents)
+        elif kind == "do_not_contact":
+            await set_preferences(platform, customer.customer_id, do_not_contact=step[1])
+            dnc = step[1]
+            world.preferences = replace(world.preferences, do_not_contact=dnc)
+        elif kind == "wants_human":
+            await set_preferences(platform, customer.customer_id, wants_human=step[1])
+            wants_human = step[1]
+            world.preferences = replace(world.preferences, wants_human=wants_human)
+        elif kind == "ticket":
+            opening = step[1] or not tickets
+            opened += opening
+            ticket = f"T-{tag}-{opened}" if opening else tickets.pop()
+            if opening:
+                tickets.append(ticket)
+            await platform.interactions.RecordInteraction(record(interaction(
+                customer.ref, "ticket.opened" if opening else "ticket.resolved",
+                at=datetime.now(UTC), ticket_id=ticket,
+                attributes={"priority": text("normal")} if opening else None,
+            )))  # fmt: skip
+        elif kind == "outcome" and world.log:
+            proposal = world.log[step[1] % len(world.log)]
+            outcome = (
+                pb.ACTION_OUTCOME_DECLINED
+                if step[2] == "declined"
+                else pb.ACTION_OUTCOME_NOT_DELIVERED
+            )
+            await service.stub.RecordOutcome(pb.RecordOutcomeRequest(
+                decision_id=proposal.decision_id, action_id=proposal.action_id,
+                outcome=outcome, occurred_at=timestamp(world.now),
+            ))  # fmt: skip
+            if step[2] == "declined":
+                proposal.declined_at = max(proposal.declined_at or world.now, world.now)
+            else:
+                proposal.not_delivered = True
+        if decide:
+            answer = await service.stub.Recommend(
+                pb.RecommendRequest(customer=customer.ref, channel=common_pb2.CHANNEL_WEB)
+            )
+            check_answer(world, answer, len(tickets), wants_human, dnc)
+            for action in answer.actions:
+                if action.kind != pb.ACTION_KIND_DO_NOTHING:
+                    world.log.append(Proposal(
+                        answer.decision_id, action.action_id, action.action_name,
+                        channel_name(action.contact_channel), world.now,
+                    ))  # fmt: skip
+
+
+_E2E_SERVICES: dict[int, Any] = {}
