@@ -545,21 +545,24 @@ async def test_the_command_line_tails_a_team_and_acknowledges_an_alert(
 async def test_an_erased_customer_loses_their_alerts_and_never_gets_one_again(
     platform: Platform, scoring: Scoring, start_recommendation: StartRecommendation
 ) -> None:
-    from converge.recommendation.alerts.store import AlertStore
+    from converge.v1 import privacy_pb2
+    from tests.recommendation.test_data_subjects import export_all
 
     rec = await start_recommendation(policy=escalation_policy(0.0))
     gone = await make_customer(platform, "erased", at_risk=True)
     await caught_up(rec)
-    store = AlertStore(rec.runtime.pool)
-    exported = await store.export([gone.customer_id])
+    exported = await export_all(rec, gone.customer_id)
     assert [a["customer_id"] for a in exported["alerts"]] == [gone.customer_id]
     assert exported["alert_events"]
-    async with rec.runtime.pool.acquire() as conn, conn.transaction():
-        counts = await store.erase(conn, [gone.customer_id])
-    assert counts["alerts"] == 1 and counts["alert_events"] >= 1
+    erased = await rec.privacy.EraseCustomerData(
+        privacy_pb2.EraseCustomerDataRequest(customer_ids=[gone.customer_id], erasure_id="e-1")
+    )
+    assert erased.erased_counts["alerts"] == 1
+    assert erased.erased_counts["alert_events"] >= 1
     # An interaction of theirs read after the erasure raises nothing (the tombstone).
     await platform.interactions.RecordInteraction(escalated(gone))
     await caught_up(rec)
     listed = await rec.stub.ListAlerts(pb.ListAlertsRequest(team="support"))
     assert [a for a in listed.alerts if a.customer_id == gone.customer_id] == []
-    assert (await store.export([gone.customer_id])) == {"alerts": [], "alert_events": []}
+    after = await export_all(rec, gone.customer_id)
+    assert not after.get("alerts") and not after.get("alert_events")

@@ -193,6 +193,8 @@ async def register(
         await alert_peers.close()
 
     context.on_shutdown(close_alerts)
+    # Alerts and their events take part in ForgetCustomer and ExportCustomer.
+    customer_data.append(alert_store)
 
     # -- Webhooks (webhooks/).
     from converge.recommendation.webhooks.wiring import start_webhooks
