@@ -15,6 +15,7 @@ import asyncpg
 import pytest
 
 from converge.recommendation.contact.store import ContactLedger, ContactRecord
+from converge.recommendation.decisions import service as decision_service
 from converge.recommendation.decisions.store import (
     Committed,
     DecisionRecord,
@@ -22,6 +23,11 @@ from converge.recommendation.decisions.store import (
     ProposedContact,
 )
 from converge.runtime.database import create_pool, load_migrations, migrate
+from converge.v1 import common_pb2
+from converge.v1 import recommendation_pb2 as pb
+from tests.conftest import Platform
+from tests.recommendation.conftest import StartRecommendation, make_customer
+from tests.recommendation.test_recommend import reasons, recommend, small_policy
 
 NOW = datetime(2026, 12, 2, 10, 0, tzinfo=UTC)
 SINCE = NOW - timedelta(days=30)
@@ -193,3 +199,41 @@ async def test_of_two_decisions_on_one_read_history_only_one_is_written(
         store.commit(a_record(customer), [EMAIL], history),
     )
     assert sorted(r.value for r in results) == ["stale", "written"]
+
+
+# --- through Recommend (real gRPC, identity and scoring running) ----------------------
+
+
+@pytest.mark.parametrize("optimistic_attempts", [2, 0], ids=["optimistic", "under-the-lock"])
+async def test_concurrent_recommends_for_one_customer_propose_a_capped_contact_once(
+    platform: Platform,
+    start_recommendation: StartRecommendation,
+    monkeypatch: pytest.MonkeyPatch,
+    optimistic_attempts: int,
+) -> None:
+    """Six calls at once read the same empty history; the one-round-trip write
+    makes every later one stale, so each decides again on the history with the
+    first's contact (0 attempts: every call takes the transaction holding the
+    customer's lock, the fallback). Exactly one email passes the cap."""
+    monkeypatch.setattr(decision_service, "OPTIMISTIC_ATTEMPTS", optimistic_attempts)
+    service = await start_recommendation(
+        policy=small_policy(
+            contact={"frequency_caps": [{"channel": "email", "max_contacts": 1, "window": "P7D"}]}
+        )
+    )
+    customer = await make_customer(platform, "contended")
+
+    answers = await asyncio.gather(*(recommend(service, customer.ref) for _ in range(6)))
+
+    offered = [a for a in answers if [x.action_name for x in a.actions] == ["cross_sell"]]
+    assert len(offered) == 1
+    for answer in answers:
+        if answer is offered[0]:
+            continue
+        assert [a.kind for a in answer.actions] == [pb.ACTION_KIND_DO_NOTHING]
+        withheld = [s for s in answer.suppressed if s.action_name == "cross_sell"]
+        assert withheld and all("SUPPRESSION_REASON_FREQUENCY_CAP" in reasons(s) for s in withheld)
+    listed = await service.stub.ListDecisions(
+        pb.ListDecisionsRequest(customer=customer.ref, page=common_pb2.PageRequest(page_size=10))
+    )
+    assert len(listed.decisions) == 6
