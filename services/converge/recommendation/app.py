@@ -163,7 +163,8 @@ async def register(
     alerts = AlertRpcs(
         Alerts(alert_store, alert_feed, clock), lambda: alerts_policy.active().policy.currency
     )
-    # Its own peers' channels, so re-scoring batches do not queue behind Recommend calls.
+    # Its own channels to the peers (connections apart from the decisions area's;
+    # whether sharing them would cost Recommend latency was not measured).
     alert_peers = AlertPeers(
         identity_address=settings.identity_address,
         scoring_address=settings.scoring_address,
