@@ -18,6 +18,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Literal
 from zoneinfo import ZoneInfo
 
+from converge.recommendation.decisions import arbitration
 from converge.recommendation.policy.model import ActionSpec, AlertRule, Policy, Route, Team
 from converge.runtime.errors import FailedPrecondition, NotFound
 
@@ -150,34 +151,22 @@ def _route(rule: AlertRule, facts: CustomerFacts, routes: Sequence[Route], teams
 def expected_value(
     action: ActionSpec | None, probability: float, policy: Policy, product_id: str = ""
 ) -> Decimal:
-    """Propensity x value x weight - cost in the policy's currency: how much
-    acting on the alert is worth, to spend a team's capacity on the best.
-    (The same formula as decisions/arbitration.py's expected_value, which was
-    not committed when this was written.)"""
+    """How much acting on the alert is worth, to spend a team's capacity on
+    the best: the decisions' formula (propensity x value x weight - cost) for
+    the rule's action; the probability alone when the rule names none."""
     if action is None:
         return Decimal(str(round(probability, 6)))
-    value, cost = action.value, action.cost
-    if action.offer:
-        offer = next((o for o in policy.catalogue.offers if o.id == action.offer), None)
-        if offer is not None:
-            value = value if value is not None else offer.value
-            cost = cost if cost is not None else offer.cost
-    if product_id:
-        product = next((p for p in policy.catalogue.products if p.id == product_id), None)
-        if product is not None:
-            value = value if value is not None else product.value
-            cost = cost if cost is not None else product.cost
-    worth = Decimal(str(round(probability, 6))) * (value or Decimal(0))
-    return (worth * Decimal(str(action.weight)) - (cost or Decimal(0))).quantize(Decimal("0.0001"))
+    return arbitration.expected_value(action, probability, policy, product_id)
+
+
+_PRIORITIES = {"low": LOW, "normal": NORMAL, "high": HIGH, "urgent": URGENT}
 
 
 def _priority(action: ActionSpec | None, value: Decimal) -> int:
-    if action is not None:
-        if action.urgent_above is not None and value >= action.urgent_above:
-            return URGENT
-        if action.high_above is not None and value >= action.high_above:
-            return HIGH
-    return NORMAL
+    # The same thresholds as a recommended action; no action: normal.
+    if action is None:
+        return NORMAL
+    return _PRIORITIES[arbitration.priority(action, value)]
 
 
 _KIND_OF_PREDICTION = {
