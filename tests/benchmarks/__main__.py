@@ -27,6 +27,7 @@ BENCHMARKS.append("tests.benchmarks.bench_cli")
 BENCHMARKS.append("tests.benchmarks.bench_import")
 BENCHMARKS.append("tests.benchmarks.bench_scoring")
 BENCHMARKS.append("tests.benchmarks.bench_prediction_log")
+BENCHMARKS.append("tests.benchmarks.bench_webhooks")
 BENCHMARKS.append("tests.benchmarks.bench_recommend")
 BENCHMARKS.append("tests.benchmarks.bench_alerts")
 
