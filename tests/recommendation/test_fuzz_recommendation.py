@@ -19,6 +19,7 @@ raised an escalation alert, a webhook of that team to a closed loopback port
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import socket
 import uuid
@@ -118,6 +119,39 @@ def policy_texts(draw: st.DrawFn) -> str:
     return "".join([*lines[:at], junk + lines[at], *lines[at + 1 :]])
 
 
+# Times a page token may carry: out of range once in UTC, naive, impossible.
+_TOKEN_TIMES = (
+    "9999-12-31T23:59:59.999999-14:00",
+    "0001-01-01T00:00:00+14:00",
+    "0001-01-01T00:00:00",
+    "2026-12-02T10:00:00",
+    "2026-12-02T10:00:00+00:00",
+    "2026-02-30T00:00:00+00:00",
+)
+_TOKEN_NUMBERS = ("0", "-1", "9" * 18, "9" * 19, "9" * 30, "1e5", " 1")
+
+
+@st.composite
+def issued_looking_tokens(draw: st.DrawFn) -> str:
+    """Tokens in the shapes this service issues (base64 of a time and an id,
+    of a number, with or without a version prefix) carrying hostile values."""
+    at = draw(st.sampled_from(_TOKEN_TIMES))
+    number = draw(st.sampled_from(_TOKEN_NUMBERS))
+    some_id = draw(st.sampled_from([str(uuid.uuid4()), "00000000-0000-0000-0000-000000000000"]))
+    text = draw(
+        st.sampled_from(
+            [
+                f"{at}|{some_id}",
+                f"d1:{at}|{some_id}",
+                f"{at}/{some_id}",
+                number,
+                f"r1:{number}",
+            ]
+        )
+    )
+    return base64.urlsafe_b64encode(text.encode()).decode()
+
+
 def _closed_port() -> int:
     """A loopback port nothing listens on (bound, then released)."""
     with socket.socket() as probe:
@@ -138,6 +172,7 @@ class World:
     alert_id: str
     webhook_id: str
     dead_letter_id: str
+    alerting_version: str
     # Versions this test stored from texts it knows are valid.
     valid_versions: set[str] = field(default_factory=set)
     # Versions any fuzzed CreatePolicyVersion was answered with.
@@ -192,6 +227,7 @@ async def _setup(platform: Platform, rec: Recommendation) -> World:
         alert_id=alert.alert_id,
         webhook_id=webhook.webhook.webhook_id,
         dead_letter_id=letter.dead_letter_id,
+        alerting_version=version,
         valid_versions={version, "default"},
     )
 
@@ -240,14 +276,21 @@ def _base_requests(world: World) -> dict[str, Message]:
     outcome = pb.RecordOutcomeRequest(
         decision_id=world.decision_id,
         action_id=world.action_id,
-        outcome=pb.ACTION_OUTCOME_PRESENTED,
+        outcome=pb.ACTION_OUTCOME_CONVERTED,
         channel=common_pb2.CHANNEL_WEB,
         value=common_pb2.Money(currency_code="EUR", units=10),
         attributes={"note": common_pb2.AttributeValue(string_value="shown")},
         idempotency_key=_key(),
         actor=ACTOR,
     )
-    outcome.occurred_at.GetCurrentTime()
+    # (the service reads the test's clock, not the wall clock)
+    outcome.occurred_at.FromDatetime(world.rec.clock())
+    alert_outcome = pb.RecordOutcomeRequest()
+    alert_outcome.CopyFrom(outcome)
+    alert_outcome.alert_id = world.alert_id
+    alert_outcome.action_id = ""
+    alert_outcome.outcome = pb.ACTION_OUTCOME_ACCEPTED
+    alert_outcome.ClearField("value")  # (a value is only for a CONVERTED outcome)
     decisions = pb.ListDecisionsRequest(
         customer=ref, triggers=[pb.DECISION_TRIGGER_RECOMMEND], page=_page()
     )
@@ -266,16 +309,17 @@ def _base_requests(world: World) -> dict[str, Message]:
         "Recommend": recommend,
         "RecommendDryRun": dry_run,
         "RecordOutcome": outcome,
+        "RecordOutcomeForAlert": alert_outcome,
         "GetDecision": pb.GetDecisionRequest(decision_id=world.decision_id),
         "ListDecisions": decisions,
-        "GetPolicy": pb.GetPolicyRequest(version=max(world.valid_versions, default="default")),
+        "GetPolicy": pb.GetPolicyRequest(version=world.alerting_version),
         "ListPolicyVersions": pb.ListPolicyVersionsRequest(page=_page(), omit_yaml=True),
         "ValidatePolicy": pb.ValidatePolicyRequest(yaml=ALERTING),
         "CreatePolicyVersion": pb.CreatePolicyVersionRequest(
             yaml=ALERTING, description="fuzz", idempotency_key=_key(), actor=ACTOR
         ),
         "ActivatePolicy": pb.ActivatePolicyRequest(
-            version=(world.created_versions or sorted(world.valid_versions) or ["default"])[-1],
+            version=(world.created_versions or [world.alerting_version])[-1],
             idempotency_key=_key(),
             actor=ACTOR,
         ),
@@ -327,16 +371,43 @@ def _base_requests(world: World) -> dict[str, Message]:
     }
 
 
-METHODS = sorted(
-    _base_requests(World(None, None, *(str(uuid.uuid4()) for _ in range(7))))  # type: ignore[arg-type]
+# Every RPC (and variants of one: see _SAME_RPC), as named in _base_requests.
+METHODS = (
+    "ActivatePolicy",
+    "AcknowledgeAlert",
+    "AssignAlert",
+    "CreatePolicyVersion",
+    "CreateWebhook",
+    "DeleteWebhook",
+    "DismissAlert",
+    "EraseCustomerData",
+    "ExportCustomerData",
+    "GetAlert",
+    "GetDecision",
+    "GetPolicy",
+    "ListAlerts",
+    "ListDeadLetters",
+    "ListDecisions",
+    "ListPolicyVersions",
+    "ListWebhooks",
+    "Recommend",
+    "RecommendDryRun",
+    "RecordOutcome",
+    "RecordOutcomeForAlert",
+    "RedeliverDeadLetter",
+    "ResolveAlert",
+    "SubscribeAlerts",
+    "ValidatePolicy",
 )
+# Variants of one RPC's valid request, by the RPC they call.
+_SAME_RPC = {"RecommendDryRun": "Recommend", "RecordOutcomeForAlert": "RecordOutcome"}
 SHARED_KEYS = ("fuzz-shared-1", "fuzz-shared-2")
 
 
 def _rpc(method: str) -> str:
     if method in ("EraseCustomerData", "ExportCustomerData"):
         return PRIVACY + method
-    return SERVICE + ("Recommend" if method == "RecommendDryRun" else method)
+    return SERVICE + _SAME_RPC.get(method, method)
 
 
 async def _read_some(call: Any, most: int = 3) -> list[Any]:
@@ -370,8 +441,7 @@ async def _call(world: World, method: str, request: Message) -> Any:
         return await getattr(world.rec.privacy, method)(request, timeout=30)
     if method == "SubscribeAlerts":
         return await _read_some(world.rec.stub.SubscribeAlerts(request, timeout=10))
-    name = "Recommend" if method == "RecommendDryRun" else method
-    stub: Callable[..., Any] = getattr(world.rec.stub, name)
+    stub: Callable[..., Any] = getattr(world.rec.stub, _SAME_RPC.get(method, method))
     return await stub(request, timeout=30)
 
 
@@ -379,11 +449,16 @@ def _hostile(data: st.DataObject, world: World, method: str) -> Message:
     """The method's valid request changed the way the drawn attack says."""
     request = _base_requests(world)[method]
     attack = data.draw(
-        st.sampled_from(["mutate", "mutate", "mutate", "token", "key_reuse", "policy_text"]),
+        st.sampled_from(
+            ["mutate", "mutate", "mutate", "token", "token", "key_reuse", "policy_text"]
+        ),
         label="attack",
     )
     if attack == "token":
-        token = data.draw(st.sampled_from(_STRINGS) | st.text(max_size=40), label="token")
+        token = data.draw(
+            st.one_of(issued_looking_tokens(), st.sampled_from(_STRINGS), st.text(max_size=40)),
+            label="token",
+        )
         if hasattr(request, "page"):
             request.page.page_token = token  # type: ignore[attr-defined]
         elif method == "SubscribeAlerts":
@@ -465,3 +540,65 @@ async def test_fuzzed_requests_are_answered_or_refused_and_the_service_keeps_ser
     else:
         event(f"{method}: OK")
     await _assert_still_serving(world)
+
+
+# The state changes last: a dismissed alert refuses the other changes, a deleted
+# webhook lists no dead letters.
+_LAST = ("ResolveAlert", "DismissAlert", "DeleteWebhook")
+
+
+async def test_every_request_the_fuzzer_starts_from_is_accepted(world: World) -> None:
+    """The fuzzer mutates valid requests of every RPC: each one, unchanged, is
+    answered OK."""
+    services = (
+        pb.DESCRIPTOR.services_by_name["RecommendationService"],
+        privacy_pb2.DESCRIPTOR.services_by_name["DataSubjectService"],
+    )
+    every_rpc = {method.name for service in services for method in service.methods}
+    assert {_SAME_RPC.get(m, m) for m in METHODS} == every_rpc
+    assert set(_base_requests(world)) == set(METHODS)
+    refused = {}
+    for method in sorted(METHODS, key=lambda m: (m in _LAST, _LAST.index(m) if m in _LAST else 0)):
+        if method == "DismissAlert":
+            continue  # (the alert was resolved just before: a final alert refuses it)
+        try:
+            await _call(world, method, _base_requests(world)[method])
+        except grpc.aio.AioRpcError as error:
+            refused[method] = f"{error.code().name}: {error.details()}"
+    assert refused == {}
+
+
+async def test_page_tokens_shaped_like_issued_ones_but_out_of_range_are_invalid_argument(
+    world: World,
+) -> None:
+    """Regression: a page token in the shape ListAlerts, ListDecisions and
+    ListWebhooks issue whose time is out of range once in UTC (year 1 at
+    +14:00, 9999-12-31 at -14:00) failed INTERNAL in the driver."""
+    stub = world.rec.stub
+    customer = common_pb2.CustomerRef(customer_id=world.customer_id)
+    some_id = str(uuid.uuid4())
+    for at in ("0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59.999999-14:00"):
+        shaped = {
+            "ListAlerts": f"{at}|{some_id}",
+            "ListDecisions": f"d1:{at}|{some_id}",
+            "ListWebhooks": f"{at}/{some_id}",
+        }
+        page = {
+            m: common_pb2.PageRequest(page_token=base64.urlsafe_b64encode(t.encode()).decode())
+            for m, t in shaped.items()
+        }
+        calls = {
+            "ListAlerts": stub.ListAlerts(pb.ListAlertsRequest(team=TEAM, page=page["ListAlerts"])),
+            "ListDecisions": stub.ListDecisions(
+                pb.ListDecisionsRequest(customer=customer, page=page["ListDecisions"])
+            ),
+            "ListWebhooks": stub.ListWebhooks(
+                pb.ListWebhooksRequest(team=TEAM, page=page["ListWebhooks"])
+            ),
+        }
+        for method, call in calls.items():
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, at)
+            assert_refused_properly(refused.value)
+            assert "page.page_token" in refused.value.details(), (method, at)

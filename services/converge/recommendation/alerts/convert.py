@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from google.protobuf import json_format
 
@@ -100,13 +100,22 @@ class ListQuery:
     limit: int
 
 
+def _utc(at: datetime) -> datetime:
+    """A token's time in UTC. Tokens carry aware times; a naive one, or one out
+    of range once in UTC (year 1 at +14:00), which would fail in the driver as
+    INTERNAL, is refused here (ValueError, OverflowError)."""
+    if at.tzinfo is None:
+        raise ValueError("a token's time names its offset")
+    return at.astimezone(UTC)
+
+
 def _page_token(token: str, violations: Violations) -> tuple[datetime, uuid.UUID] | None:
     if not token:
         return None
     try:
         created, alert_id = base64.urlsafe_b64decode(token.encode()).decode().split("|")
-        return datetime.fromisoformat(created), uuid.UUID(alert_id)
-    except (ValueError, UnicodeDecodeError):
+        return _utc(datetime.fromisoformat(created)), uuid.UUID(alert_id)
+    except (ValueError, UnicodeDecodeError, OverflowError):
         violations.add("page.page_token", "not a page token this service issued")
         return None
 

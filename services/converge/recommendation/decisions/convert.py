@@ -12,7 +12,7 @@ import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -201,6 +201,15 @@ def list_query(request: recommendation_pb2.ListDecisionsRequest) -> ListQuery:
     return ListQuery(customer, since, until, tuple(triggers), after, min(size, MAX_PAGE))
 
 
+def _utc(at: datetime) -> datetime:
+    """A token's time in UTC. Tokens carry aware times; a naive one, or one out
+    of range once in UTC (year 1 at +14:00), which would fail in the driver as
+    INTERNAL, is refused here (ValueError, OverflowError)."""
+    if at.tzinfo is None:
+        raise ValueError("a token's time names its offset")
+    return at.astimezone(UTC)
+
+
 def _page_after(token: str, v: Violations) -> tuple[datetime, str] | None:
     if not token:
         return None
@@ -209,8 +218,8 @@ def _page_after(token: str, v: Violations) -> tuple[datetime, str] | None:
         if not text.startswith(_TOKEN_PREFIX):
             raise ValueError(text)
         at, decision = text.removeprefix(_TOKEN_PREFIX).split("|")
-        return datetime.fromisoformat(at), str(uuid.UUID(decision))
-    except (ValueError, UnicodeError):
+        return _utc(datetime.fromisoformat(at)), str(uuid.UUID(decision))
+    except (ValueError, UnicodeError, OverflowError):
         v.add("page.page_token", "not a page token this service issued")
         return None
 
