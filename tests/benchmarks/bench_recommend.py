@@ -41,6 +41,15 @@ Figures (names as issue 15 asks):
 - `recommendation.recommend_dry_run.c1.p50_ms`, `...c1.p99_ms`: Recommend
   with `dry_run` (nothing logged, no contact counted: no decision
   transaction), one caller: the rest of p50 is the decision's writes.
+- `recommendation.decision_write.transaction_p50_ms`, `...p99_ms` and
+  `recommendation.decision_write.one_statement_p50_ms`, `...p99_ms`: the
+  decision's write alone, side by side in one loop against the same
+  PostgreSQL (alternating, same customers, a 3 kB body and one contact):
+  the former transaction (BEGIN, the customer's contact lock, the history,
+  the decision, the contact, COMMIT) against migration 0007's one statement
+  (lock, history check, decision, contact); `...one_statement_vs_transaction`
+  their p50 ratio; `...history_read_p50_ms` the read the one statement relies
+  on, made beside the peers in Recommend (off the critical path).
 
 Targets (issue 15): p99 under 10 ms at 1 caller and under 50 ms at 16; the
 bench prints them beside the figures and asserts nothing.
@@ -68,6 +77,8 @@ SEED = 15
 HISTORY = timedelta(days=180)
 WARMUP_S = 1.0
 WINDOW_S = 4.0
+# Decisions written each way in the side-by-side of the write alone.
+WRITE_ROUNDS = 400
 RECOMMEND_METHOD = "/converge.v1.RecommendationService/Recommend"
 SCORE_METHOD = "/converge.v1.ScoringService/Score"
 # The default policy's cross-sell catalogue (policy/default_policy.yaml).
@@ -147,6 +158,95 @@ async def _commits(database: str, *, settle: bool = False) -> float:
         return float(found)
     finally:
         await connection.close()
+
+
+async def _writes_side_by_side(
+    database: str, customer_ids: list[str], rounds: int
+) -> dict[str, float]:
+    """The decision's write, the former transaction against the one statement,
+    alternating (which goes first too) so that both see the same load."""
+    import uuid
+
+    import numpy as np
+
+    from converge.recommendation.contact.rules import history_horizon
+    from converge.recommendation.contact.store import ContactLedger, ContactRecord
+    from converge.recommendation.decisions.store import (
+        Committed,
+        DecisionRecord,
+        DecisionStore,
+        ProposedContact,
+    )
+    from converge.recommendation.policy.service import default_policy
+    from converge.runtime.database import create_pool
+
+    policy = default_policy().policy
+    horizon = history_horizon(policy.contact, policy.actions)
+    pool = await create_pool(database, "recommendation", application_name="bench-writes")
+    store, ledger = DecisionStore(pool), ContactLedger(pool)
+    body = bytes(3000)
+    timings: dict[str, list[float]] = {"transaction": [], "one_statement": [], "read": []}
+
+    def record(customer_id: str, now: datetime) -> DecisionRecord:
+        return DecisionRecord(str(uuid.uuid4()), customer_id, now, "recommend", "bench", body)
+
+    async def transaction(customer_id: str) -> None:
+        now = datetime.now(UTC)
+        decision = record(customer_id, now)
+        started = time.perf_counter()
+        async with pool.acquire() as conn, conn.transaction():
+            await ledger.lock_customer(conn, customer_id)
+            await ledger.history(conn, customer_id, now - horizon)
+            await store.insert(conn, decision)
+            await ledger.record(
+                conn,
+                [
+                    ContactRecord(
+                        customer_id, decision.decision_id, "a1", "bench", "retention_offer",
+                        "email", now,
+                    )
+                ],
+            )  # fmt: skip
+        timings["transaction"].append((time.perf_counter() - started) * 1000)
+
+    async def one_statement(customer_id: str) -> None:
+        now = datetime.now(UTC)
+        started = time.perf_counter()
+        history = await store.contact_history(customer_id, now - horizon)
+        read = time.perf_counter()
+        committed = await store.commit(
+            record(customer_id, now),
+            [ProposedContact("a1", "bench", "retention_offer", "email")],
+            history,
+        )
+        assert committed is Committed.WRITTEN, committed
+        timings["read"].append((read - started) * 1000)
+        timings["one_statement"].append((time.perf_counter() - read) * 1000)
+
+    try:
+        for i in range(rounds):
+            customer_id = customer_ids[i % len(customer_ids)]
+            ways = (transaction, one_statement) if i % 2 else (one_statement, transaction)
+            for way in ways:
+                await way(customer_id)
+    finally:
+        await pool.close()
+    figures = {}
+    for name, key in (("transaction", "transaction"), ("one_statement", "one_statement")):
+        figures[f"recommendation.decision_write.{name}_p50_ms"] = float(
+            np.percentile(timings[key], 50)
+        )
+        figures[f"recommendation.decision_write.{name}_p99_ms"] = float(
+            np.percentile(timings[key], 99)
+        )
+    figures["recommendation.decision_write.history_read_p50_ms"] = float(
+        np.percentile(timings["read"], 50)
+    )
+    figures["recommendation.decision_write.one_statement_vs_transaction"] = _ratio(
+        figures["recommendation.decision_write.one_statement_p50_ms"],
+        figures["recommendation.decision_write.transaction_p50_ms"],
+    )
+    return figures
 
 
 def _ratio(a: float, b: float) -> float:
@@ -247,6 +347,11 @@ async def run(env: BenchEnv) -> dict[str, float]:
                 callers: await drive(score, callers=callers, warmup_s=WARMUP_S, window_s=WINDOW_S)
                 for callers in (1, 16)
             }
+
+    with _stage(console, "the decision's write alone, transaction and one statement"):
+        figures.update(
+            await _writes_side_by_side(recommendation_database, customer_ids, WRITE_ROUNDS)
+        )
 
     for callers, result in by_callers.items():
         figures[f"recommendation.recommend.c{callers}.p50_ms"] = result.p(50)
