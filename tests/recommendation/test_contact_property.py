@@ -457,19 +457,21 @@ def check_answer(
 
 
 @settings(
-    max_examples=int(os.environ.get("CONVERGE_CONTACT_E2E_EXAMPLES", "6")),
+    max_examples=int(os.environ.get("CONVERGE_CONTACT_E2E_EXAMPLES", "15")),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(
     script=st.lists(st.tuples(e2e_steps, st.booleans()), min_size=1, max_size=12),
     time_zone=st.none() | st.sampled_from(ZONES[:3]),
+    granted=st.booleans(),
 )
 async def test_no_recommendation_ever_breaks_the_contact_policy_end_to_end(
     platform: Platform,
     start_recommendation: StartRecommendation,
     script: list[Any],
     time_zone: str | None,
+    granted: bool,
 ) -> None:
     """Real Recommend, identity, interactions and scoring; preferences changed
     through UpdateContactPreferences, outcomes through RecordOutcome, the
@@ -485,13 +487,17 @@ async def test_no_recommendation_ever_breaks_the_contact_policy_end_to_end(
         for name in CHANNELS
     }
     tag = uuid.uuid4().hex[:10]
-    customer = await make_customer(platform, tag, consents={}, time_zone=time_zone)
+    # Every channel granted from the start, or none (consent comes from the steps).
+    consents = None if granted else {}
+    customer = await make_customer(platform, tag, consents=consents, time_zone=time_zone)
     # Outcomes become interactions at the service's clock, which interactions
     # refuses in its future: each example's life starts 20 days back (at most
     # 12 moves of 36 hours follow). Moving the clock back between examples is
     # harmless: each example is a new customer.
     service.clock.now = datetime.now(UTC) - timedelta(days=20)
     world = World(now=service.clock.now, time_zone=time_zone)
+    if granted:
+        world.preferences = ContactPreferences(consents=dict.fromkeys(CHANNELS, Consent.GRANTED))
     dnc = wants_human = False
     tickets: list[str] = []
     opened = 0
