@@ -457,7 +457,7 @@ def check_answer(
 
 
 @settings(
-    max_examples=int(os.environ.get("CONVERGE_CONTACT_E2E_EXAMPLES", "15")),
+    max_examples=int(os.environ.get("CONVERGE_CONTACT_E2E_EXAMPLES", "50")),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
