@@ -89,6 +89,10 @@ def actions(cool_down_hours: list[int | None]) -> list[ActionSpec]:
                    automated=True, cool_down=c[2]),
         ActionSpec(name="reminder", kind="proactive_support_call", contact_channels=["sms", "push"],
                    automated=True, cool_down=c[3]),
+        # One channel each and no cool-down: contacts on several channels, so
+        # the "any" caps count across them.
+        ActionSpec(name="mail", kind="proactive_support_call", contact_channels=["email"]),
+        ActionSpec(name="text", kind="proactive_support_call", contact_channels=["sms"]),
         ActionSpec(name="senior", kind="escalate_to_senior_agent", cool_down=c[4]),
         ActionSpec(name="human", kind="escalate_to_human"),
         ActionSpec(name="bot_offer", kind="retention_offer", automated=True),
