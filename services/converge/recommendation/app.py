@@ -74,7 +74,7 @@ async def register(
     policy = policy if policy is not None else policy_book
 
     # -- Decisions and contact rules (decisions/, contact/).
-    from converge.recommendation.contact.service import ContactGate
+    from converge.recommendation.contact.service import ContactGate, ContactRetention
     from converge.recommendation.contact.store import ContactLedger
     from converge.recommendation.data_subjects import RecommendationDataSubjects
     from converge.recommendation.decisions.convert import decision_body, decision_json
@@ -112,6 +112,16 @@ async def register(
     )
     decision_retention.start()
     context.on_shutdown(decision_retention.close)
+    # The ledger keeps what the active policy can still count, at least the floor.
+    contact_retention = ContactRetention(
+        contact_ledger,
+        policy,
+        timedelta(days=settings.contact_retention_days),
+        settings.contact_purge_interval_s,
+        clock,
+    )
+    contact_retention.start()
+    context.on_shutdown(contact_retention.close)
     # Every area's customer data (each area adds its store here, one line).
     customer_data: list[CustomerData] = [decision_store, contact_ledger]
 

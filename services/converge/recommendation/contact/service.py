@@ -8,8 +8,6 @@ customer cannot both pass a cap)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
@@ -24,6 +22,7 @@ from converge.recommendation.contact.rules import (
 from converge.recommendation.contact.store import ContactLedger, ContactRecord
 from converge.recommendation.policy.model import Policy, PolicySource
 from converge.runtime.database import Connection
+from converge.runtime.periodic import Periodic
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +124,7 @@ class ContactRetention:
         self.floor = floor
         self.interval_s = interval_s
         self.clock = clock
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = Periodic("contact ledger retention purge", interval_s, self.purge_once)
 
     async def purge_once(self) -> int:
         return await purge_expired(
@@ -133,18 +132,7 @@ class ContactRetention:
         )
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="contact-retention")
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.purge_once()
-            except Exception:  # (the next round tries again; serving goes on)
-                logger.exception("contact ledger retention purge failed")
-            await asyncio.sleep(self.interval_s)
+        self._periodic.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._periodic.close()

@@ -77,6 +77,7 @@ from converge.recommendation.policy.model import (
 )
 from converge.runtime.database import Connection
 from converge.runtime.errors import FieldViolation, InvalidArgument, NotFound
+from converge.runtime.periodic import Periodic
 from converge.runtime.values import PlainValue
 
 logger = logging.getLogger(__name__)
@@ -839,7 +840,7 @@ class RetentionPurge:
         self.retention = retention
         self.interval_s = interval_s
         self.clock = clock
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = Periodic("decision retention purge", interval_s, self.purge_once)
 
     async def purge_once(self) -> int:
         purged = await self.store.purge(self.clock() - self.retention)
@@ -848,21 +849,10 @@ class RetentionPurge:
         return purged
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="decision-retention")
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.purge_once()
-            except Exception:  # (the next round tries again; serving goes on)
-                logger.exception("decision retention purge failed")
-            await asyncio.sleep(self.interval_s)
+        self._periodic.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._periodic.close()
 
 
 @dataclass(frozen=True)
