@@ -566,3 +566,64 @@ async def test_an_erased_customer_loses_their_alerts_and_never_gets_one_again(
     assert [a for a in listed.alerts if a.customer_id == gone.customer_id] == []
     after = await export_all(rec, gone.customer_id)
     assert not after.get("alerts") and not after.get("alert_events")
+
+
+def _lifecycle_request(method: str, alert_id: str, **changed: Any) -> Any:
+    actor = common_pb2.Actor(name="ana", reason=changed.pop("reason", "on shift"))
+    if method == "AcknowledgeAlert":
+        return pb.AcknowledgeAlertRequest(alert_id=alert_id, actor=actor, **changed)
+    if method == "AssignAlert":
+        return pb.AssignAlertRequest(
+            alert_id=alert_id, actor=actor, assignee=changed.pop("assignee", "ana"), **changed
+        )
+    if method == "ResolveAlert":
+        return pb.ResolveAlertRequest(
+            alert_id=alert_id, actor=actor, note=changed.pop("note", "called back"), **changed
+        )
+    return pb.DismissAlertRequest(
+        alert_id=alert_id,
+        actor=actor,
+        note=changed.pop("note", "not a risk"),
+        dismiss_reason=pb.ALERT_DISMISS_REASON_FALSE_POSITIVE,
+        **changed,
+    )
+
+
+# One field of each lifecycle request changed: another request.
+_ANOTHER_REQUEST: dict[str, dict[str, str]] = {
+    "AcknowledgeAlert": {"reason": "someone else's shift"},
+    "AssignAlert": {"assignee": "bob"},
+    "ResolveAlert": {"note": "never called"},
+    "DismissAlert": {"note": "a duplicate"},
+}
+
+
+@pytest.mark.parametrize("method", sorted(_ANOTHER_REQUEST))
+async def test_a_lifecycle_key_is_bound_to_its_request(
+    platform: Platform, scoring: Scoring, start_recommendation: StartRecommendation, method: str
+) -> None:
+    rec = await start_recommendation(policy=escalation_policy(0.0))
+    await make_customer(platform, "keyed", at_risk=True)
+    await caught_up(rec)
+    [alert] = (await rec.stub.ListAlerts(pb.ListAlertsRequest(team="support"))).alerts
+    call = getattr(rec.stub, method)
+
+    first = await call(_lifecycle_request(method, alert.alert_id, idempotency_key="k"))
+    repeat = await call(_lifecycle_request(method, alert.alert_id, idempotency_key="k"))
+    assert repeat.alert == first.alert, "the same request under its key: the first answer"
+
+    another = _lifecycle_request(
+        method, alert.alert_id, idempotency_key="k", **_ANOTHER_REQUEST[method]
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await call(another)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "idempotency_key" in (refused.value.details() or "")
+    # Another RPC under the same key is another request too.
+    with pytest.raises(grpc.aio.AioRpcError) as other_rpc:
+        await rec.stub.AcknowledgeAlert(
+            pb.AcknowledgeAlertRequest(alert_id=alert.alert_id, idempotency_key="k")
+        )
+    assert other_rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    after = (await rec.stub.GetAlert(pb.GetAlertRequest(alert_id=alert.alert_id))).alert
+    assert after == first.alert, "a refused request changes nothing"

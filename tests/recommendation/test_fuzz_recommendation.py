@@ -614,12 +614,6 @@ _DIFFERENT: dict[str, Callable[[Any], None]] = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by this fuzzer, not fixed (needs the area's store to keep each key's "
-    "request): these RPCs answer a reused key's first answer to a different request, "
-    "where CreatePolicyVersion, Recommend and RecordOutcome refuse it INVALID_ARGUMENT",
-)
 @pytest.mark.parametrize("method", sorted(_DIFFERENT))
 async def test_a_key_reused_for_a_different_request_is_refused(world: World, method: str) -> None:
     first = _base_requests(world)[method]

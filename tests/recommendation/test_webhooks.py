@@ -466,8 +466,14 @@ async def test_create_webhook_checks_its_request(
         idempotency_key="k1",
         actor=common_pb2.Actor(name="ops"),
     )
-    repeat = await service.create(receiver, url="https://hooks.example/other", idempotency_key="k1")
-    assert repeat == first, "the same key returns the first webhook"
+    repeat = await service.create(
+        receiver,
+        url="https://hooks.example/in",
+        kinds=[pb.ALERT_KIND_CHURN_RISK],
+        idempotency_key="k1",
+        actor=common_pb2.Actor(name="ops"),
+    )
+    assert repeat == first, "the same request under the same key returns the first webhook"
     assert list(first.kinds) == [pb.ALERT_KIND_CHURN_RISK] and first.created_by.name == "ops"
     with pytest.raises(grpc.aio.AioRpcError) as token:
         await service.stub.ListWebhooks(
@@ -573,3 +579,79 @@ async def test_two_replicas_share_the_deliveries_without_posting_one_twice(
     posted = [r.webhook_id for r in receiver.received]
     assert sorted(posted) == sorted(e.event_id for e in events), "each event once"
     assert first.area.dispatcher.attempted + second.area.dispatcher.attempted == 200
+
+
+async def _refused_for_its_key(call: Awaitable[Any]) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await call
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "idempotency_key" in (refused.value.details() or "")
+
+
+async def test_create_webhook_binds_its_key_to_its_request(
+    start_service: StartWebhooks, receiver: Receiver
+) -> None:
+    service = await start_service()
+    first = await service.create(receiver, idempotency_key="c1")
+    assert await service.create(receiver, idempotency_key="c1") == first, "the first webhook"
+    await _refused_for_its_key(
+        service.create(receiver, url=receiver.url() + "/elsewhere", idempotency_key="c1")
+    )
+    await _refused_for_its_key(service.create(receiver, team="sales", idempotency_key="c1"))
+    listed = (await service.stub.ListWebhooks(pb.ListWebhooksRequest())).webhooks
+    assert list(listed) == [first], "a refused request registers nothing"
+
+
+async def test_delete_webhook_binds_its_key_to_its_request(
+    start_service: StartWebhooks, receiver: Receiver
+) -> None:
+    service = await start_service()
+    receiver.default = Reply(hang=True)
+    doomed = await service.create(receiver)
+    kept = await service.create(receiver, url=receiver.url() + "/kept", team="sales")
+    await service.enqueue(alert_event())
+
+    def delete(webhook_id: str) -> Awaitable[pb.DeleteWebhookResponse]:
+        return service.stub.DeleteWebhook(
+            pb.DeleteWebhookRequest(webhook_id=webhook_id, idempotency_key="d1")
+        )
+
+    assert (await delete(doomed.webhook_id)).dropped_deliveries == 1
+    assert (await delete(doomed.webhook_id)).dropped_deliveries == 1, "the first answer"
+    await _refused_for_its_key(delete(kept.webhook_id))
+    listed = (await service.stub.ListWebhooks(pb.ListWebhooksRequest())).webhooks
+    assert [w.webhook_id for w in listed] == [kept.webhook_id], "the refused delete did nothing"
+
+
+async def test_redeliver_dead_letter_binds_its_key_to_its_request(
+    start_service: StartWebhooks, receiver: Receiver
+) -> None:
+    service = await start_service(webhook_retry_schedule_s=[])
+    await service.create(receiver)
+    receiver.default = Reply(500)
+    events = [alert_event(), alert_event()]
+    for event in events:
+        await service.enqueue(event)
+        await wait_until(
+            lambda event_id=event.event_id: service.delivery(event_id),
+            lambda d: d["state"] == "dead",
+            what="dead",
+        )
+    letters = (await service.stub.ListDeadLetters(pb.ListDeadLettersRequest())).dead_letters
+    assert len(letters) == 2
+
+    def redeliver(letter: pb.DeadLetter) -> Awaitable[pb.RedeliverDeadLetterResponse]:
+        return service.stub.RedeliverDeadLetter(
+            pb.RedeliverDeadLetterRequest(
+                dead_letter_id=letter.dead_letter_id, idempotency_key="r1"
+            ),
+            timeout=10,
+        )
+
+    first = await redeliver(letters[0])
+    assert not first.delivered and first.http_status == 500
+    posted = len(receiver.received)
+    repeat = await redeliver(letters[0])
+    assert (repeat.delivered, repeat.http_status) == (False, 500), "the first answer"
+    await _refused_for_its_key(redeliver(letters[1]))
+    assert len(receiver.received) == posted, "neither the repeat nor the refusal posted"

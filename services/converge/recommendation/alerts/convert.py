@@ -5,11 +5,13 @@ become `Alert` and `AlertEvent`."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from converge.recommendation.alerts.store import AlertEventRow, AlertRow, ListFilter
 from converge.runtime.cursors import parse_commit_cursor
@@ -181,39 +183,53 @@ class Change:
     idempotency_key: str
     actor_name: str
     actor_reason: str
+    # What the idempotency key is bound to (request_fingerprint).
+    request_sha256: bytes = b""
     assignee: str = ""
     note: str = ""
     dismiss_reason: int = 0
 
 
+def request_fingerprint(request: Message) -> bytes:
+    """What an idempotency key is bound to: the SHA-256 of the request
+    without its key (deterministic serialization), prefixed by the message's
+    full name so an acknowledgement and a resolution of one alert differ."""
+    unkeyed = type(request)()
+    unkeyed.CopyFrom(request)
+    unkeyed.ClearField("idempotency_key")
+    digest = hashlib.sha256(request.DESCRIPTOR.full_name.encode() + b"\0")
+    digest.update(unkeyed.SerializeToString(deterministic=True))
+    return digest.digest()
+
+
 def _change(
     operation: str,
-    alert: str,
-    key: str,
-    actor: common_pb2.Actor,
+    request: pb.AcknowledgeAlertRequest
+    | pb.AssignAlertRequest
+    | pb.ResolveAlertRequest
+    | pb.DismissAlertRequest,
     violations: Violations,
 ) -> Change:
     return Change(
-        alert_id=_alert_id(alert, violations),
+        alert_id=_alert_id(request.alert_id, violations),
         operation=operation,
-        idempotency_key=_text(key, "idempotency_key", violations),
-        actor_name=_text(actor.name, "actor.name", violations),
-        actor_reason=_text(actor.reason, "actor.reason", violations),
+        idempotency_key=_text(request.idempotency_key, "idempotency_key", violations),
+        actor_name=_text(request.actor.name, "actor.name", violations),
+        actor_reason=_text(request.actor.reason, "actor.reason", violations),
+        request_sha256=request_fingerprint(request),
     )
 
 
 def acknowledge(request: pb.AcknowledgeAlertRequest) -> Change:
     violations = Violations()
-    change = _change(
-        "acknowledge", request.alert_id, request.idempotency_key, request.actor, violations
-    )
+    change = _change("acknowledge", request, violations)
     violations.raise_if_any()
     return change
 
 
 def assign(request: pb.AssignAlertRequest) -> Change:
     violations = Violations()
-    change = _change("assign", request.alert_id, request.idempotency_key, request.actor, violations)
+    change = _change("assign", request, violations)
     if not request.assignee:
         violations.add("assignee", "required")
     _text(request.assignee, "assignee", violations)
@@ -223,9 +239,7 @@ def assign(request: pb.AssignAlertRequest) -> Change:
 
 def resolve(request: pb.ResolveAlertRequest) -> Change:
     violations = Violations()
-    change = _change(
-        "resolve", request.alert_id, request.idempotency_key, request.actor, violations
-    )
+    change = _change("resolve", request, violations)
     note = _text(request.note, "note", violations)
     violations.raise_if_any()
     return Change(**{**change.__dict__, "note": note})
@@ -233,9 +247,7 @@ def resolve(request: pb.ResolveAlertRequest) -> Change:
 
 def dismiss(request: pb.DismissAlertRequest) -> Change:
     violations = Violations()
-    change = _change(
-        "dismiss", request.alert_id, request.idempotency_key, request.actor, violations
-    )
+    change = _change("dismiss", request, violations)
     note = _text(request.note, "note", violations)
     reason = int(request.dismiss_reason)
     if reason == pb.ALERT_DISMISS_REASON_UNSPECIFIED:

@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 
 from converge.recommendation.decisions import arbitration
 from converge.recommendation.policy.model import ActionSpec, AlertRule, Policy, Route, Team
-from converge.runtime.errors import FailedPrecondition, NotFound
+from converge.runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 
 if TYPE_CHECKING:
     from converge.recommendation.alerts.feed import AlertFeed
@@ -315,6 +315,19 @@ def apply_operation(
     return replace(state, status="dismissed", status_note=note, dismiss_reason=dismiss_reason)
 
 
+def key_bound_elsewhere(bound_sha256: bytes | None, request_sha256: bytes) -> bool:
+    """Whether an idempotency key already used is bound to another request
+    (the fingerprint of `convert.request_fingerprint`). A key kept without a
+    fingerprint (before migration 0008) is accepted as before."""
+    return bound_sha256 is not None and bound_sha256 != request_sha256
+
+
+def key_reused() -> InvalidArgument:
+    return InvalidArgument(
+        [FieldViolation("idempotency_key", "already used for a different request")]
+    )
+
+
 def visible_to(team: str | None, alert_team: str, escalated_to_team: str) -> bool:
     """Whether a team sees an alert: its own, and those escalated to it. No
     team named (an operator's call): every alert."""
@@ -358,6 +371,7 @@ class Alerts:
         idempotency_key: str,
         actor_name: str,
         actor_reason: str,
+        request_sha256: bytes = b"",
         assignee: str = "",
         note: str = "",
         dismiss_reason: int = 0,
@@ -374,6 +388,7 @@ class Alerts:
             operation,
             decide,
             idempotency_key=idempotency_key,
+            request_sha256=request_sha256,
             actor_name=actor_name,
             actor_reason=actor_reason,
             visible=lambda row: visible_to(team, row.team, row.escalated_to_team),

@@ -73,6 +73,7 @@ class AlertRpcs:
             change.operation,  # type: ignore[arg-type]
             team=caller_team(context),
             idempotency_key=change.idempotency_key,
+            request_sha256=change.request_sha256,
             actor_name=change.actor_name,
             actor_reason=change.actor_reason,
             assignee=change.assignee,

@@ -30,6 +30,8 @@ from converge.recommendation.alerts.service import (
     Candidate,
     DecisionDraft,
     Reason,
+    key_bound_elsewhere,
+    key_reused,
 )
 from converge.recommendation.decisions.store import DecisionRecord
 from converge.recommendation.outbox import OutboxEvent
@@ -107,10 +109,13 @@ RETURNING w.xid::text AS xid, w.seq, w.event_id, w.type, w.actor_name, w.actor_r
 """
 GET_ALERT = "SELECT * FROM alerts WHERE alert_id = $1"
 GET_ALERT_FOR_UPDATE = "SELECT * FROM alerts WHERE alert_id = $1 FOR UPDATE"
-REQUEST_SEEN = "SELECT alert_id, operation FROM alert_requests WHERE idempotency_key = $1"
+REQUEST_SEEN = """
+SELECT alert_id, operation, request_sha256 FROM alert_requests WHERE idempotency_key = $1
+"""
 REMEMBER_REQUEST = """
-INSERT INTO alert_requests (idempotency_key, alert_id, operation, customer_id, applied_at)
-VALUES ($1, $2, $3, $4, $5)
+INSERT INTO alert_requests (idempotency_key, alert_id, operation, customer_id, applied_at,
+                            request_sha256)
+VALUES ($1, $2, $3, $4, $5, $6)
 """
 OVERDUE = """
 SELECT * FROM alerts WHERE status = 'open' AND due_by <= $1 ORDER BY due_by LIMIT 500
@@ -618,13 +623,20 @@ class AlertStore:
         actor_reason: str,
         visible: Callable[[AlertRow], bool],
         now: datetime,
+        request_sha256: bytes = b"",
     ) -> AlertRow:
         """Applies a person's change (`decide` says what it is, or refuses),
-        writes its event, and remembers the idempotency key; a repeat of a
-        key answers the alert as it is now."""
+        writes its event, and remembers the idempotency key with the request's
+        fingerprint; a repeat of the same request under a key answers the
+        alert as it is now, another request under it is INVALID_ARGUMENT (a
+        key kept without a fingerprint, before migration 0008, is matched by
+        alert as before)."""
         async with self.pool.acquire() as conn, conn.transaction():
             if idempotency_key:
                 seen = await conn.fetchrow(REQUEST_SEEN, idempotency_key)
+                bound = seen["request_sha256"] if seen is not None else None
+                if key_bound_elsewhere(bytes(bound) if bound is not None else None, request_sha256):
+                    raise key_reused()
                 if seen is not None and seen["alert_id"] == alert_id:
                     row = await conn.fetchrow(GET_ALERT, alert_id)
                     if row is None or not visible(_alert(row)):
@@ -655,7 +667,13 @@ class AlertStore:
             event = await self._event(conn, alert_id, STATUS_CHANGED, now, actor_name, actor_reason)
             if idempotency_key:
                 await conn.execute(
-                    REMEMBER_REQUEST, idempotency_key, alert_id, operation, row["customer_id"], now
+                    REMEMBER_REQUEST,
+                    idempotency_key,
+                    alert_id,
+                    operation,
+                    row["customer_id"],
+                    now,
+                    request_sha256,
                 )
             await self._enqueue(conn, [event])
             return event.alert

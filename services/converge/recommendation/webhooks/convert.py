@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from converge.recommendation.webhooks.store import DeliveryRow, WebhookRow
 from converge.runtime.errors import Violations
@@ -70,6 +72,18 @@ def _encode_token(value: str) -> str:
     return base64.urlsafe_b64encode(value.encode()).decode()
 
 
+def request_fingerprint(request: Message) -> bytes:
+    """What an idempotency key is bound to: the SHA-256 of the request
+    without its key (deterministic serialization), prefixed by the message's
+    full name so the same bytes of two RPCs never match."""
+    unkeyed = type(request)()
+    unkeyed.CopyFrom(request)
+    unkeyed.ClearField("idempotency_key")
+    digest = hashlib.sha256(request.DESCRIPTOR.full_name.encode() + b"\0")
+    digest.update(unkeyed.SerializeToString(deterministic=True))
+    return digest.digest()
+
+
 @dataclass(frozen=True)
 class CreateWebhook:
     team: str
@@ -79,6 +93,7 @@ class CreateWebhook:
     idempotency_key: str
     actor_name: str
     actor_reason: str
+    request_sha256: bytes
 
 
 def parse_create(request: pb.CreateWebhookRequest) -> CreateWebhook:
@@ -90,7 +105,14 @@ def parse_create(request: pb.CreateWebhookRequest) -> CreateWebhook:
     key = _text(request.idempotency_key, "idempotency_key", v, required=False)
     v.raise_if_any()
     return CreateWebhook(
-        team, request.url, secret_id, kinds, key, request.actor.name, request.actor.reason
+        team,
+        request.url,
+        secret_id,
+        kinds,
+        key,
+        request.actor.name,
+        request.actor.reason,
+        request_fingerprint(request),
     )
 
 
@@ -146,12 +168,23 @@ def list_webhooks_response(rows: list[WebhookRow], limit: int) -> pb.ListWebhook
     )
 
 
-def parse_delete(request: pb.DeleteWebhookRequest) -> str:
+@dataclass(frozen=True)
+class Keyed:
+    """A request naming one row (a webhook, a dead letter), with its
+    idempotency key ("" for none) and the fingerprint the key is bound to."""
+
+    target_id: str
+    idempotency_key: str
+    request_sha256: bytes
+
+
+def parse_delete(request: pb.DeleteWebhookRequest) -> Keyed:
     v = Violations()
     webhook_id = parse_uuid(request.webhook_id, "webhook_id", v)
+    key = _text(request.idempotency_key, "idempotency_key", v, required=False)
     v.raise_if_any()
     assert webhook_id is not None
-    return webhook_id
+    return Keyed(webhook_id, key, request_fingerprint(request))
 
 
 @dataclass(frozen=True)
@@ -215,10 +248,10 @@ def list_dead_letters_response(rows: list[DeliveryRow], limit: int) -> pb.ListDe
     )
 
 
-def parse_redeliver(request: pb.RedeliverDeadLetterRequest) -> tuple[str, str]:
+def parse_redeliver(request: pb.RedeliverDeadLetterRequest) -> Keyed:
     v = Violations()
     dead_letter_id = parse_uuid(request.dead_letter_id, "dead_letter_id", v)
     key = _text(request.idempotency_key, "idempotency_key", v, required=False)
     v.raise_if_any()
     assert dead_letter_id is not None
-    return dead_letter_id, key
+    return Keyed(dead_letter_id, key, request_fingerprint(request))

@@ -149,6 +149,19 @@ def url_problem(url: str, allow_http: bool) -> str | None:
     return None
 
 
+def key_bound_elsewhere(bound_sha256: bytes | None, request_sha256: bytes) -> bool:
+    """Whether an idempotency key already used is bound to another request.
+    A key kept without a fingerprint (before migration 0008) is accepted as
+    before."""
+    return bound_sha256 is not None and bound_sha256 != request_sha256
+
+
+def key_reused() -> InvalidArgument:
+    return InvalidArgument(
+        [FieldViolation("idempotency_key", "already used for a different request")]
+    )
+
+
 # Sends one delivery: (url, event id, body, secret id, timeout_s) -> Answer.
 Post = Callable[[str, str, bytes, str, float], Awaitable[Answer]]
 
@@ -190,6 +203,7 @@ class WebhookService:
         idempotency_key: str,
         actor_name: str,
         actor_reason: str,
+        request_sha256: bytes = b"",
     ) -> WebhookRow:
         problem = url_problem(url, self.allow_http)
         if problem is not None:
@@ -199,7 +213,7 @@ class WebhookService:
                 f"the secret store has no webhook secret named {secret_id!r}",
                 [("SECRET", f"secret_id/{secret_id}", "no such secret in the secret store")],
             )
-        return await self.store.create_webhook(
+        row = await self.store.create_webhook(
             NewWebhook(
                 team=team,
                 url=url,
@@ -209,29 +223,47 @@ class WebhookService:
                 created_by_name=actor_name,
                 created_by_reason=actor_reason,
                 idempotency_key=idempotency_key,
+                request_sha256=request_sha256,
             )
         )
+        if idempotency_key and key_bound_elsewhere(row.request_sha256, request_sha256):
+            raise key_reused()
+        return row
 
     async def list_webhooks(
         self, team: str, after: tuple[datetime, str] | None, limit: int
     ) -> list[WebhookRow]:
         return await self.store.list_webhooks(team, after, limit)
 
-    async def delete_webhook(self, webhook_id: str) -> int:
-        return await self.store.delete_webhook(webhook_id, self.clock())
+    async def delete_webhook(
+        self, webhook_id: str, idempotency_key: str = "", request_sha256: bytes = b""
+    ) -> int:
+        """Deletes the webhook; a repeat of the same request under its key
+        answers the first deletion's count of dropped deliveries."""
+        done = await self.store.delete_webhook(
+            webhook_id, self.clock(), idempotency_key, request_sha256
+        )
+        if idempotency_key and key_bound_elsewhere(done.request_sha256, request_sha256):
+            raise key_reused()
+        return done.dropped_deliveries
 
     async def list_dead_letters(
         self, team: str, webhook_id: str | None, before_seq: int | None, limit: int
     ) -> list[DeliveryRow]:
         return await self.store.list_dead_letters(team, webhook_id, before_seq, limit)
 
-    async def redeliver(self, dead_letter_id: str, idempotency_key: str) -> Redelivered:
+    async def redeliver(
+        self, dead_letter_id: str, idempotency_key: str, request_sha256: bytes = b""
+    ) -> Redelivered:
         """Tries the dead letter once more, now, within the caller's deadline
-        (and at most the delivery timeout). A repeat with the same key answers
-        the first attempt's result without posting again."""
+        (and at most the delivery timeout). A repeat of the same request with
+        the same key answers the first attempt's result without posting
+        again; another request with that key is refused."""
         if idempotency_key:
             earlier = await self.store.redelivery(idempotency_key)
             if earlier is not None:
+                if key_bound_elsewhere(earlier.request_sha256, request_sha256):
+                    raise key_reused()
                 row = await self.store.delivery(earlier.delivery_id)
                 still_dead = row if row is not None and row.state == "dead" else None
                 return Redelivered(earlier.delivered, earlier.http_status, still_dead)
@@ -242,7 +274,7 @@ class WebhookService:
             return answer.delivered, answer.http_status, answer.error
 
         dead, delivered, http_status, _ = await self.store.redeliver(
-            dead_letter_id, attempt, self.clock, idempotency_key
+            dead_letter_id, attempt, self.clock, idempotency_key, request_sha256
         )
         if dead is None:
             raise NotFound("dead letter", dead_letter_id)

@@ -26,6 +26,7 @@ class WebhookRpcs:
             asked.idempotency_key,
             asked.actor_name,
             asked.actor_reason,
+            asked.request_sha256,
         )
         return pb.CreateWebhookResponse(webhook=convert.webhook(row))
 
@@ -39,7 +40,10 @@ class WebhookRpcs:
     async def delete_webhook(
         self, request: pb.DeleteWebhookRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteWebhookResponse:
-        dropped = await self.service.delete_webhook(convert.parse_delete(request))
+        asked = convert.parse_delete(request)
+        dropped = await self.service.delete_webhook(
+            asked.target_id, asked.idempotency_key, asked.request_sha256
+        )
         return pb.DeleteWebhookResponse(dropped_deliveries=dropped)
 
     async def list_dead_letters(
@@ -54,8 +58,10 @@ class WebhookRpcs:
     async def redeliver_dead_letter(
         self, request: pb.RedeliverDeadLetterRequest, context: grpc.aio.ServicerContext
     ) -> pb.RedeliverDeadLetterResponse:
-        dead_letter_id, key = convert.parse_redeliver(request)
-        result = await self.service.redeliver(dead_letter_id, key)
+        asked = convert.parse_redeliver(request)
+        result = await self.service.redeliver(
+            asked.target_id, asked.idempotency_key, asked.request_sha256
+        )
         response = pb.RedeliverDeadLetterResponse(
             delivered=result.delivered, http_status=result.http_status
         )

@@ -1,4 +1,4 @@
-"""All SQL of webhooks (migration 0006): the registered webhooks, their
+"""All SQL of webhooks (migrations 0006 and 0008): the registered webhooks, their
 deliveries (the outbox the alerts area fills with `enqueue`, inside its own
 transaction) and dead letters. Rows leave as frozen dataclasses."""
 
@@ -31,6 +31,9 @@ class WebhookRow:
     created_at: datetime
     created_by_name: str
     created_by_reason: str
+    # The fingerprint CreateWebhook's idempotency key is bound to; None
+    # without a key, or for a webhook created before migration 0008.
+    request_sha256: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,19 @@ class NewWebhook:
     created_by_name: str
     created_by_reason: str
     idempotency_key: str
+    request_sha256: bytes = b""
+
+
+@dataclass(frozen=True)
+class Deletion:
+    """What DeleteWebhook did under its idempotency key: the webhook, the
+    pending deliveries dropped, and the fingerprint the key is bound to (the
+    caller's own on a first request; the first request's on a repeat, when
+    nothing was done again)."""
+
+    webhook_id: str
+    dropped_deliveries: int
+    request_sha256: bytes
 
 
 @dataclass(frozen=True)
@@ -90,16 +106,19 @@ class Redelivery:
     delivery_id: str
     delivered: bool
     http_status: int
+    # None for a result kept before migration 0008.
+    request_sha256: bytes | None = None
 
 
 _WEBHOOK_COLUMNS = (
-    "webhook_id, team, url, secret_id, kinds, created_at, created_by_name, created_by_reason"
+    "webhook_id, team, url, secret_id, kinds, created_at, created_by_name, created_by_reason,"
+    " request_sha256"
 )
 
 INSERT_WEBHOOK = f"""
 INSERT INTO webhooks (webhook_id, team, url, secret_id, kinds, created_at, created_by_name,
-                      created_by_reason, idempotency_key)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                      created_by_reason, idempotency_key, request_sha256)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
 ON CONFLICT (idempotency_key) DO NOTHING
 RETURNING {_WEBHOOK_COLUMNS}
 """
@@ -116,6 +135,20 @@ UPDATE webhooks SET deleted_at = $2, deleted_reason = $3
 WHERE webhook_id = $1 AND deleted_at IS NULL
 """
 DROP_PENDING = "DELETE FROM webhook_deliveries WHERE webhook_id = $1 AND state = 'pending'"
+# Binds DeleteWebhook's key first: a concurrent request with the same key
+# waits on the primary key until this transaction ends, then finds it.
+CLAIM_DELETION_KEY = """
+INSERT INTO webhook_deletions (idempotency_key, webhook_id, request_sha256, dropped_deliveries,
+                               deleted_at)
+VALUES ($1, $2, $3, 0, $4)
+ON CONFLICT (idempotency_key) DO NOTHING
+RETURNING 1
+"""
+DELETION_BY_KEY = """
+SELECT webhook_id, request_sha256, dropped_deliveries FROM webhook_deletions
+WHERE idempotency_key = $1
+"""
+KEEP_DELETION = "UPDATE webhook_deletions SET dropped_deliveries = $2 WHERE idempotency_key = $1"
 
 # One delivery per (event, webhook of the event's team that takes its kind);
 # an event enqueued again adds nothing (the unique key), so a delivery id
@@ -227,12 +260,13 @@ SET attempts = attempts + 1, last_attempt_at = $2, last_status = $3, last_error 
 WHERE delivery_id = $1
 """
 REDELIVERY_BY_KEY = """
-SELECT delivery_id, delivered, http_status FROM webhook_redeliveries WHERE idempotency_key = $1
+SELECT delivery_id, delivered, http_status, request_sha256 FROM webhook_redeliveries
+WHERE idempotency_key = $1
 """
 KEEP_REDELIVERY = """
 INSERT INTO webhook_redeliveries (idempotency_key, delivery_id, delivered, http_status,
-                                  attempted_at)
-VALUES ($1, $2, $3, $4, $5)
+                                  attempted_at, request_sha256)
+VALUES ($1, $2, $3, $4, $5, $6)
 ON CONFLICT (idempotency_key) DO NOTHING
 """
 
@@ -253,6 +287,7 @@ DELETE FROM webhook_deliveries WHERE state = 'delivered' AND delivered_at < $1
 """
 PURGE_DEAD = "DELETE FROM webhook_deliveries WHERE state = 'dead' AND dead_at < $1"
 PURGE_REDELIVERIES = "DELETE FROM webhook_redeliveries WHERE attempted_at < $1"
+PURGE_DELETIONS = "DELETE FROM webhook_deletions WHERE deleted_at < $1"
 
 # Sorts before any page start: (created_at, webhook_id) of a first page.
 _FIRST_PAGE = (datetime(1900, 1, 1, tzinfo=UTC), uuid.UUID(int=0))
@@ -268,7 +303,12 @@ def _webhook(row: asyncpg.Record) -> WebhookRow:
         created_at=row["created_at"],
         created_by_name=row["created_by_name"],
         created_by_reason=row["created_by_reason"],
+        request_sha256=_bytes_or_none(row["request_sha256"]),
     )
+
+
+def _bytes_or_none(value: bytes | None) -> bytes | None:
+    return bytes(value) if value is not None else None
 
 
 def _delivery(row: asyncpg.Record) -> DeliveryRow:
@@ -330,7 +370,8 @@ class WebhookStore:
 
     async def create_webhook(self, webhook: NewWebhook) -> WebhookRow:
         """Inserts the webhook; with an idempotency key already used, returns
-        the webhook that key created."""
+        the webhook that key created (its `request_sha256` tells the caller
+        whether it was this request)."""
         async with self.pool.acquire() as conn:
             row = await conn.fetchrow(
                 INSERT_WEBHOOK,
@@ -343,6 +384,7 @@ class WebhookStore:
                 webhook.created_by_name,
                 webhook.created_by_reason,
                 webhook.idempotency_key or None,
+                webhook.request_sha256 if webhook.idempotency_key else None,
             )
             if row is None:
                 row = await conn.fetchrow(WEBHOOK_BY_KEY, webhook.idempotency_key)
@@ -357,14 +399,36 @@ class WebhookStore:
         rows = await self.pool.fetch(LIST_WEBHOOKS, team, created, webhook_id, limit)
         return [_webhook(row) for row in rows]
 
-    async def delete_webhook(self, webhook_id: str, now: datetime) -> int:
+    async def delete_webhook(
+        self,
+        webhook_id: str,
+        now: datetime,
+        idempotency_key: str = "",
+        request_sha256: bytes = b"",
+    ) -> Deletion:
         """Marks the webhook deleted and drops its pending deliveries (dead
-        letters stay); returns how many were dropped. Deleting a deleted or
-        unknown webhook changes nothing."""
+        letters stay). Deleting a deleted or unknown webhook changes nothing.
+        With an idempotency key already used, does nothing and returns what
+        that key's request did (and the fingerprint it is bound to)."""
         async with self.pool.acquire() as conn, conn.transaction():
+            if idempotency_key:
+                claimed = await conn.fetchval(
+                    CLAIM_DELETION_KEY, idempotency_key, uuid.UUID(webhook_id), request_sha256, now
+                )
+                if claimed is None:
+                    earlier = await conn.fetchrow(DELETION_BY_KEY, idempotency_key)
+                    assert earlier is not None
+                    return Deletion(
+                        str(earlier["webhook_id"]),
+                        earlier["dropped_deliveries"],
+                        bytes(earlier["request_sha256"]),
+                    )
             await conn.execute(DELETE_WEBHOOK, uuid.UUID(webhook_id), now, "deleted")
             status: str = await conn.execute(DROP_PENDING, uuid.UUID(webhook_id))
-        return int(status.split()[-1])
+            dropped = int(status.split()[-1])
+            if idempotency_key:
+                await conn.execute(KEEP_DELETION, idempotency_key, dropped)
+        return Deletion(webhook_id, dropped, request_sha256)
 
     # -- The dispatcher.
 
@@ -478,7 +542,12 @@ class WebhookStore:
         row = await self.pool.fetchrow(REDELIVERY_BY_KEY, idempotency_key)
         if row is None:
             return None
-        return Redelivery(str(row["delivery_id"]), row["delivered"], row["http_status"])
+        return Redelivery(
+            str(row["delivery_id"]),
+            row["delivered"],
+            row["http_status"],
+            _bytes_or_none(row["request_sha256"]),
+        )
 
     async def redeliver(
         self,
@@ -486,6 +555,7 @@ class WebhookStore:
         attempt: Callable[[DeliveryRow], Awaitable[tuple[bool, int, str]]],
         now: Callable[[], datetime],
         idempotency_key: str,
+        request_sha256: bytes = b"",
     ) -> tuple[DeliveryRow | None, bool, int, str]:
         """Holds the dead letter (row lock, so two redeliveries of it do not
         both post), runs `await attempt(row)` -> (delivered, http_status,
@@ -513,6 +583,7 @@ class WebhookStore:
                     delivered,
                     http_status,
                     at,
+                    request_sha256,
                 )
         return dead, delivered, http_status, error
 
@@ -560,4 +631,5 @@ class WebhookStore:
             delivered: str = await conn.execute(PURGE_DELIVERED, delivered_before)
             dead: str = await conn.execute(PURGE_DEAD, dead_before)
             await conn.execute(PURGE_REDELIVERIES, dead_before)
+            await conn.execute(PURGE_DELETIONS, dead_before)
         return int(delivered.split()[-1]), int(dead.split()[-1])
