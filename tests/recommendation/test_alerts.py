@@ -627,3 +627,28 @@ async def test_a_lifecycle_key_is_bound_to_its_request(
     assert other_rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     after = (await rec.stub.GetAlert(pb.GetAlertRequest(alert_id=alert.alert_id))).alert
     assert after == first.alert, "a refused request changes nothing"
+
+
+async def test_concurrent_requests_under_one_key_apply_one_and_refuse_the_others(
+    platform: Platform, scoring: Scoring, start_recommendation: StartRecommendation
+) -> None:
+    rec = await start_recommendation(policy=escalation_policy(0.0))
+    await make_customer(platform, "raced", at_risk=True)
+    await caught_up(rec)
+    [alert] = (await rec.stub.ListAlerts(pb.ListAlertsRequest(team="support"))).alerts
+    assignees = ["ana", "bob", "cy", "dee"]
+    answers = await asyncio.gather(
+        *(
+            rec.stub.AssignAlert(
+                pb.AssignAlertRequest(alert_id=alert.alert_id, assignee=name, idempotency_key="k")
+            )
+            for name in assignees
+        ),
+        return_exceptions=True,
+    )
+    applied = [a for a in answers if isinstance(a, pb.AssignAlertResponse)]
+    refused = [a for a in answers if isinstance(a, grpc.aio.AioRpcError)]
+    assert len(applied) == 1 and len(refused) == len(assignees) - 1, answers
+    assert {e.code() for e in refused} == {grpc.StatusCode.INVALID_ARGUMENT}
+    after = (await rec.stub.GetAlert(pb.GetAlertRequest(alert_id=alert.alert_id))).alert
+    assert after.assignee == applied[0].alert.assignee

@@ -10,6 +10,7 @@ app.py calls) behind the real router, so these tests need no peers."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import uuid
@@ -655,3 +656,37 @@ async def test_redeliver_dead_letter_binds_its_key_to_its_request(
     assert (repeat.delivered, repeat.http_status) == (False, 500), "the first answer"
     await _refused_for_its_key(redeliver(letters[1]))
     assert len(receiver.received) == posted, "neither the repeat nor the refusal posted"
+
+
+async def test_concurrent_redeliveries_under_one_key_post_once(
+    start_service: StartWebhooks, receiver: Receiver
+) -> None:
+    service = await start_service(webhook_retry_schedule_s=[])
+    await service.create(receiver)
+    receiver.default = Reply(500)
+    events = [alert_event() for _ in range(4)]
+    for event in events:
+        await service.enqueue(event)
+        await wait_until(
+            lambda event_id=event.event_id: service.delivery(event_id),
+            lambda d: d["state"] == "dead",
+            what="dead",
+        )
+    letters = (await service.stub.ListDeadLetters(pb.ListDeadLettersRequest())).dead_letters
+    posted = len(receiver.received)
+    answers = await asyncio.gather(
+        *(
+            service.stub.RedeliverDeadLetter(
+                pb.RedeliverDeadLetterRequest(
+                    dead_letter_id=letter.dead_letter_id, idempotency_key="r1"
+                ),
+                timeout=10,
+            )
+            for letter in letters
+        ),
+        return_exceptions=True,
+    )
+    refused = [a for a in answers if isinstance(a, grpc.aio.AioRpcError)]
+    assert len(refused) == len(letters) - 1, answers
+    assert {e.code() for e in refused} == {grpc.StatusCode.INVALID_ARGUMENT}
+    assert len(receiver.received) == posted + 1, "one key, one POST"

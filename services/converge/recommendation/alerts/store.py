@@ -109,6 +109,10 @@ RETURNING w.xid::text AS xid, w.seq, w.event_id, w.type, w.actor_name, w.actor_r
 """
 GET_ALERT = "SELECT * FROM alerts WHERE alert_id = $1"
 GET_ALERT_FOR_UPDATE = "SELECT * FROM alerts WHERE alert_id = $1 FOR UPDATE"
+# Serialises the lifecycle requests of one idempotency key (two of them on
+# different alerts hold no common row lock): the second waits for the first
+# to commit and then finds its key, instead of failing on the primary key.
+LOCK_REQUEST_KEY = "SELECT pg_advisory_xact_lock(hashtextextended('alert_requests/' || $1, 0))"
 REQUEST_SEEN = """
 SELECT alert_id, operation, request_sha256 FROM alert_requests WHERE idempotency_key = $1
 """
@@ -633,6 +637,7 @@ class AlertStore:
         alert as before)."""
         async with self.pool.acquire() as conn, conn.transaction():
             if idempotency_key:
+                await conn.execute(LOCK_REQUEST_KEY, idempotency_key)
                 seen = await conn.fetchrow(REQUEST_SEEN, idempotency_key)
                 bound = seen["request_sha256"] if seen is not None else None
                 if key_bound_elsewhere(bytes(bound) if bound is not None else None, request_sha256):

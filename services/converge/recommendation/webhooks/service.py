@@ -259,27 +259,26 @@ class WebhookService:
         (and at most the delivery timeout). A repeat of the same request with
         the same key answers the first attempt's result without posting
         again; another request with that key is refused."""
-        if idempotency_key:
-            earlier = await self.store.redelivery(idempotency_key)
-            if earlier is not None:
-                if key_bound_elsewhere(earlier.request_sha256, request_sha256):
-                    raise key_reused()
-                row = await self.store.delivery(earlier.delivery_id)
-                still_dead = row if row is not None and row.state == "dead" else None
-                return Redelivered(earlier.delivered, earlier.http_status, still_dead)
         timeout_s = deadlines.downstream_timeout(self.timeout_s) or self.timeout_s
 
         async def attempt(row: DeliveryRow) -> tuple[bool, int, str]:
             answer = await self.post(row.url, row.event_id, row.body, row.secret_id, timeout_s)
             return answer.delivered, answer.http_status, answer.error
 
-        dead, delivered, http_status, _ = await self.store.redeliver(
+        tried = await self.store.redeliver(
             dead_letter_id, attempt, self.clock, idempotency_key, request_sha256
         )
-        if dead is None:
+        earlier = tried.earlier
+        if earlier is not None:
+            if key_bound_elsewhere(earlier.request_sha256, request_sha256):
+                raise key_reused()
+            row = await self.store.delivery(earlier.delivery_id)
+            still_dead = row if row is not None and row.state == "dead" else None
+            return Redelivered(earlier.delivered, earlier.http_status, still_dead)
+        if tried.dead is None:
             raise NotFound("dead letter", dead_letter_id)
-        after = None if delivered else await self.store.delivery(dead_letter_id)
-        return Redelivered(delivered, http_status, after)
+        after = None if tried.delivered else await self.store.delivery(dead_letter_id)
+        return Redelivered(tried.delivered, tried.http_status, after)
 
 
 def due_at(now: datetime, delay_s: float) -> datetime:

@@ -110,6 +110,19 @@ class Redelivery:
     request_sha256: bytes | None = None
 
 
+@dataclass(frozen=True)
+class RedeliveryAttempt:
+    """What `redeliver` did: `dead` is the row before the attempt (None when
+    there is no such dead letter); `earlier` is the result already kept under
+    the idempotency key, when there was one (then nothing was attempted)."""
+
+    dead: DeliveryRow | None
+    delivered: bool = False
+    http_status: int = 0
+    error: str = ""
+    earlier: Redelivery | None = None
+
+
 _WEBHOOK_COLUMNS = (
     "webhook_id, team, url, secret_id, kinds, created_at, created_by_name, created_by_reason,"
     " request_sha256"
@@ -263,6 +276,11 @@ REDELIVERY_BY_KEY = """
 SELECT delivery_id, delivered, http_status, request_sha256 FROM webhook_redeliveries
 WHERE idempotency_key = $1
 """
+# Serialises the requests of one RedeliverDeadLetter key (two of them on
+# different dead letters hold no common row lock) until the first commits.
+LOCK_REDELIVERY_KEY = (
+    "SELECT pg_advisory_xact_lock(hashtextextended('webhook_redeliveries/' || $1, 0))"
+)
 KEEP_REDELIVERY = """
 INSERT INTO webhook_redeliveries (idempotency_key, delivery_id, delivered, http_status,
                                   attempted_at, request_sha256)
@@ -309,6 +327,15 @@ def _webhook(row: asyncpg.Record) -> WebhookRow:
 
 def _bytes_or_none(value: bytes | None) -> bytes | None:
     return bytes(value) if value is not None else None
+
+
+def _redelivery(row: asyncpg.Record) -> Redelivery:
+    return Redelivery(
+        str(row["delivery_id"]),
+        row["delivered"],
+        row["http_status"],
+        _bytes_or_none(row["request_sha256"]),
+    )
 
 
 def _delivery(row: asyncpg.Record) -> DeliveryRow:
@@ -538,17 +565,6 @@ class WebhookStore:
         row = await self.pool.fetchrow(DELIVERY, uuid.UUID(delivery_id))
         return _delivery(row) if row is not None else None
 
-    async def redelivery(self, idempotency_key: str) -> Redelivery | None:
-        row = await self.pool.fetchrow(REDELIVERY_BY_KEY, idempotency_key)
-        if row is None:
-            return None
-        return Redelivery(
-            str(row["delivery_id"]),
-            row["delivered"],
-            row["http_status"],
-            _bytes_or_none(row["request_sha256"]),
-        )
-
     async def redeliver(
         self,
         delivery_id: str,
@@ -556,16 +572,23 @@ class WebhookStore:
         now: Callable[[], datetime],
         idempotency_key: str,
         request_sha256: bytes = b"",
-    ) -> tuple[DeliveryRow | None, bool, int, str]:
+    ) -> RedeliveryAttempt:
         """Holds the dead letter (row lock, so two redeliveries of it do not
         both post), runs `await attempt(row)` -> (delivered, http_status,
-        error), and records the result: delivered leaves the dead-letter list.
-        Returns (the row before the attempt or None when there is no such dead
-        letter, delivered, http_status, error)."""
+        error), and records the result, with the idempotency key and the
+        request's fingerprint: delivered leaves the dead-letter list. A key
+        already used (looked up under a lock on the key, so two concurrent
+        requests with it never both post) attempts nothing and returns the
+        kept result as `earlier`."""
         async with self.pool.acquire() as conn, conn.transaction():
+            if idempotency_key:
+                await conn.execute(LOCK_REDELIVERY_KEY, idempotency_key)
+                kept = await conn.fetchrow(REDELIVERY_BY_KEY, idempotency_key)
+                if kept is not None:
+                    return RedeliveryAttempt(None, earlier=_redelivery(kept))
             row = await conn.fetchrow(LOCK_DEAD, uuid.UUID(delivery_id))
             if row is None:
-                return None, False, 0, ""
+                return RedeliveryAttempt(None)
             dead = _delivery(row)
             delivered, http_status, error = await attempt(dead)
             at = now()
@@ -585,7 +608,7 @@ class WebhookStore:
                     at,
                     request_sha256,
                 )
-        return dead, delivered, http_status, error
+        return RedeliveryAttempt(dead, delivered, http_status, error)
 
     # -- Data subjects and retention.
 
