@@ -29,6 +29,10 @@ Figures (names as issue 15 asks):
   default policy's products), same customers, measured right after, and
   `recommendation.recommend.vs_score_alone`: Recommend's rate at 16 callers
   over Score's, what the decision adds to the score it rests on.
+- `recommendation.get_customer_alone.c1.p50_ms`, `...c1.p99_ms`: identity's
+  GetCustomer of the same customers at one caller, measured right after:
+  the other peer call Recommend makes beside Score (on 2 cores the two slow
+  each other down, so Recommend's Score takes longer than Score alone).
 - `recommendation.recommend.c1.db_xacts_per_call`: PostgreSQL transactions
   committed in the recommendation service's database per Recommend at one
   caller (pg_stat_database.xact_commit; a statement outside a transaction
@@ -81,6 +85,7 @@ WINDOW_S = 4.0
 WRITE_ROUNDS = 400
 RECOMMEND_METHOD = "/converge.v1.RecommendationService/Recommend"
 SCORE_METHOD = "/converge.v1.ScoringService/Score"
+GET_CUSTOMER_METHOD = "/converge.v1.IdentityService/GetCustomer"
 # The default policy's cross-sell catalogue (policy/default_policy.yaml).
 PRODUCTS = ("premium_support", "extra_storage", "family_plan")
 
@@ -255,7 +260,13 @@ def _ratio(a: float, b: float) -> float:
 
 async def run(env: BenchEnv) -> dict[str, float]:
     from converge.models.simulator import feed, simulate
-    from converge.v1 import common_pb2, predictions_pb2, recommendation_pb2, scoring_pb2
+    from converge.v1 import (
+        common_pb2,
+        identity_pb2,
+        predictions_pb2,
+        recommendation_pb2,
+        scoring_pb2,
+    )
 
     console = Console(stderr=True)
     work_dir = Path(tempfile.mkdtemp(prefix="recommend-", dir=env.work_dir))
@@ -347,6 +358,18 @@ async def run(env: BenchEnv) -> dict[str, float]:
                 callers: await drive(score, callers=callers, warmup_s=WARMUP_S, window_s=WINDOW_S)
                 for callers in (1, 16)
             }
+        with grpc_target(identity.address) as target:
+            get_customer = target.unary(
+                GET_CUSTOMER_METHOD,
+                [
+                    identity_pb2.GetCustomerRequest(customer=common_pb2.CustomerRef(customer_id=c))
+                    for c in customer_ids
+                ],
+                identity_pb2.GetCustomerResponse,
+            )
+            customer_alone = await drive(
+                get_customer, callers=1, warmup_s=WARMUP_S, window_s=WINDOW_S
+            )
 
     with _stage(console, "the decision's write alone, transaction and one statement"):
         figures.update(
@@ -370,6 +393,8 @@ async def run(env: BenchEnv) -> dict[str, float]:
     figures["recommendation.score_alone.c1.p50_ms"] = score_alone[1].p(50)
     figures["recommendation.score_alone.c1.p99_ms"] = score_alone[1].p(99)
     figures["recommendation.score_alone.c16.calls_per_s"] = score_alone[16].calls_per_s
+    figures["recommendation.get_customer_alone.c1.p50_ms"] = customer_alone.p(50)
+    figures["recommendation.get_customer_alone.c1.p99_ms"] = customer_alone.p(99)
     figures["recommendation.recommend.vs_score_alone"] = _ratio(
         by_callers[16].calls_per_s, score_alone[16].calls_per_s
     )
