@@ -128,6 +128,13 @@ class IdentityService:
         identifier: NormalizedIdentifier | None,
         as_of: datetime | None = None,
     ) -> Customer:
+        if customer_id is not None and as_of is None:
+            # (Recommend's read, on every decision: one statement, one snapshot)
+            async with self.store.connection() as tx:
+                found = await tx.load_root_customer(customer_id)
+            if found is None:
+                raise NotFound("customer", customer_id)
+            return found
         async with self.store.reading() as tx:
             root = await self._root(tx, customer_id, identifier)
             customer = await tx.load_customer(root, as_of)

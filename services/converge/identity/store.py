@@ -127,6 +127,18 @@ LOAD_CUSTOMERS = (
     + ") AS loaded"
 )
 
+# LOAD_CUSTOMER of the survivor of the customer $1 (GetCustomer by id): the
+# root and its cluster from one snapshot in one statement, where a read-only
+# transaction took four round trips (BEGIN, the root, the customer, COMMIT).
+# Built from the two statements above, so they cannot drift.
+LOAD_ROOT_CUSTOMER = (
+    "SELECT loaded.* FROM ("
+    + ROOTS_OF_CUSTOMERS.strip().replace("$1::uuid[]", "ARRAY[$1::uuid]")
+    + ") AS roots CROSS JOIN LATERAL ("
+    + LOAD_CUSTOMER.strip().replace("$1", "roots.root")
+    + ") AS loaded"
+)
+
 REFRESH_PROFILE = """
 UPDATE customers SET updated_at = now(), profile = (
     SELECT coalesce(jsonb_object_agg(field, value) FILTER (WHERE value IS NOT NULL), '{}'::jsonb)
@@ -560,6 +572,12 @@ class IdentityTransaction:
         if as_of is not None:
             profile = await self.connection.fetchval(PROFILE_AS_OF, uuid.UUID(customer_id), as_of)
         return _customer(row, profile, as_of)
+
+    async def load_root_customer(self, customer_id: str) -> Customer | None:
+        """The customer `customer_id` belongs to now (its survivor after
+        merges), in one statement; None when unknown."""
+        row = await self.connection.fetchrow(LOAD_ROOT_CUSTOMER, uuid.UUID(customer_id))
+        return None if row is None else _customer(row, row["profile"], None)
 
     async def load_customers(
         self, customer_ids: Sequence[str], as_of: datetime | None = None
