@@ -65,6 +65,9 @@ ShutdownHook = Callable[[], Awaitable[None]]
 # the endpoints (readiness, "") without the kubelet restarting them all.
 LIVENESS_SERVICE = "liveness"
 
+# The longest one step of a shutdown (a hook, closing the pool) may take.
+SHUTDOWN_STEP_S = 15.0
+
 
 @dataclass
 class ServiceContext:
@@ -244,13 +247,28 @@ class ServiceRuntime:
         if self._server is not None:
             await self._server.stop(grace)
         if self._context is not None:
+            # Every step is bounded: a hook or a connection that never finishes
+            # must not keep a stopping process alive (the kubelet would kill it
+            # mid-way); what overran is logged by name.
             for hook in reversed(self._context.shutdown_hooks):
                 try:
-                    await hook()
+                    await asyncio.wait_for(hook(), SHUTDOWN_STEP_S)
+                except TimeoutError:
+                    logger.error(
+                        "shutdown hook %s did not finish in %.0f s; going on",
+                        getattr(hook, "__qualname__", hook),
+                        SHUTDOWN_STEP_S,
+                    )
                 except Exception:
                     logger.exception("shutdown hook failed")
             await self._context.executor.close()
-            await self._context.pool.close()
+            try:
+                await asyncio.wait_for(self._context.pool.close(), SHUTDOWN_STEP_S)
+            except TimeoutError:
+                logger.error(
+                    "database connections still in use after %.0f s; closing them", SHUTDOWN_STEP_S
+                )
+                self._context.pool.terminate()
         if self._metrics is not None:
             self._metrics.close()
         if self._embedded is not None:
