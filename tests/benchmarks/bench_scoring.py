@@ -25,7 +25,12 @@ Figures:
   `pred_contrib` (what reasons need).
 - `scoring.grpc_echo.c16.calls_per_s`: the transport ceiling. A bare
   grpc.aio server in its own process answering Score with the bytes of a
-  real Score answer (taken from the service), at 16 callers.
+  real Score answer (taken from the service), at 16 callers;
+  `scoring.grpc_echo.stream.items_per_s` the same server answering each
+  message of one ScoreBatch stream (the very items the service was sent)
+  with the bytes of a real ScoreBatch answer: what a stream of one item per
+  message costs the transport, the ceiling of `score_batch.customers_per_s`
+  (`scoring.score_batch.vs_grpc_echo_stream`).
 - `scoring.mlflow_serve.c16.calls_per_s`: `mlflow models serve` of the same
   churn version (`--env-manager local`, its default single worker), its
   `/invocations` JSON (one row of the model's inputs per call,
@@ -104,14 +109,18 @@ CANDIDATE_PRODUCTS = 2
 RECENT_TICKET = timedelta(days=30)
 WARMUP_S = 1.0
 WINDOW_S = 4.0
-BATCH_ITEMS = 600
+BATCH_ITEMS = 3_000  # (at over 1,000 a second, a few seconds of stream)
 BATCH_WARMUP_ITEMS = 64
 RAW_BATCH = 64  # ScoringSettings.coalesce_max_batch's default
 RAW_THREADS = 1  # ScoringSettings.lightgbm_threads' default
 RAW_SECONDS = 1.5
 OIP_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 SWAP_AFTER_S = 1.0  # calls measured once the service reports the new version
-POLL_INTERVAL_S = "0.5"
+# The registry's poll as the swap needs it (the service sees a promotion at its
+# next poll); each poll reads the registered models through MLflow's SQL store
+# (tens of ms of CPU), so a poll every 0.5 s would cost Score about 8 % of the
+# scoring process's CPU: more than a deployment pays at the default of 30 s.
+POLL_INTERVAL_S = "5"
 SCORING_READY_TIMEOUT_S = 240.0
 MLFLOW_ROWS = 64
 REQUESTED_BY = "bench"
@@ -303,20 +312,38 @@ def _score_requests(ingested: Ingested) -> list[scoring_pb2.ScoreRequest]:
 # --- the references ---------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Answers:
+    """Real answers of the service, for the echo to send back."""
+
+    score: bytes  # one Score answer
+    batch_item: bytes  # one ScoreBatch answer
+    batch_items: list[scoring_pb2.ScoreBatchRequest]  # the stream the service was sent
+
+
 async def _echo(
-    work_dir: Path, answer: bytes, requests: Sequence[scoring_pb2.ScoreRequest]
-) -> LoadResult:
+    work_dir: Path, answers: Answers, requests: Sequence[scoring_pb2.ScoreRequest]
+) -> tuple[LoadResult, float]:
+    """The echo at 16 Score callers, then one ScoreBatch stream of the same
+    items the service was sent, answered with the service's own answer
+    bytes: the transport's ceiling for each (items per second)."""
     response_file = work_dir / "echo-response.bin"
-    response_file.write_bytes(answer)
-    echo = start_echo(response_file)
+    response_file.write_bytes(answers.score)
+    batch_file = work_dir / "echo-batch-response.bin"
+    batch_file.write_bytes(answers.batch_item)
+    echo = start_echo(response_file, batch_file)
     try:
         with grpc_target(echo.address) as target:
-            return await drive(
+            unary = await drive(
                 target.unary(SCORE_METHOD, requests, scoring_pb2.ScoreResponse),
                 callers=16,
                 warmup_s=WARMUP_S,
                 window_s=WINDOW_S,
             )
+        items = answers.batch_items
+        await asyncio.to_thread(_stream, echo.address, items[:BATCH_WARMUP_ITEMS])
+        stream_rate = (await asyncio.to_thread(_stream, echo.address, items))[0]
+        return unary, stream_rate
     finally:
         echo.stop()
 
@@ -469,9 +496,9 @@ async def _scoring_figures(
     ingested: Ingested,
     requests: list[scoring_pb2.ScoreRequest],
     raw: dict[str, float],
-) -> tuple[dict[str, float], bytes]:
+) -> tuple[dict[str, float], Answers]:
     """Score at 1, 16 and 64 callers, ScoreBatch, ModelInfer, the swap. Returns the
-    figures and the bytes of one real Score answer (for the echo)."""
+    figures and real answers (for the echo)."""
     import grpc
 
     from converge.v1 import predictions_pb2, scoring_pb2_grpc
@@ -550,21 +577,10 @@ async def _scoring_figures(
         )
         for i in range(BATCH_ITEMS)
     ]
-    with grpc.insecure_channel(service.address) as channel:
-        stub = scoring_pb2_grpc.ScoringServiceStub(channel)
-
-        def stream(sent: list[scoring_pb2.ScoreBatchRequest]) -> tuple[float, int]:
-            started = time.perf_counter()
-            answered = errors = 0
-            for reply in stub.ScoreBatch(iter(sent), timeout=120):
-                answered += 1
-                errors += reply.HasField("error")
-            if answered != len(sent):
-                raise RuntimeError(f"ScoreBatch answered {answered} of {len(sent)}")
-            return answered / (time.perf_counter() - started), errors
-
-        await asyncio.to_thread(stream, items[:BATCH_WARMUP_ITEMS])
-        batch_rate, batch_errors = await asyncio.to_thread(stream, items)
+    await asyncio.to_thread(_stream, service.address, items[:BATCH_WARMUP_ITEMS])
+    batch_rate, batch_errors, batch_answer = await asyncio.to_thread(
+        _stream, service.address, items
+    )
     figures["scoring.score_batch.customers_per_s"] = batch_rate
     figures["scoring.score_batch.failed_items"] = float(batch_errors)
     figures["scoring.score_batch.vs_raw_booster"] = _ratio(
@@ -576,7 +592,30 @@ async def _scoring_figures(
     )
     figures.update(await _oip_figures(service.address, requests))
     figures.update(await _swap(service.address, trained, requests))
-    return figures, answer.SerializeToString()
+    return figures, Answers(answer.SerializeToString(), batch_answer, items)
+
+
+def _stream(address: str, sent: list[scoring_pb2.ScoreBatchRequest]) -> tuple[float, int, bytes]:
+    """One ScoreBatch stream of `sent` (the sync API, as the other figures'
+    callers): items answered per second, failed items, and the first answer's
+    bytes."""
+    import grpc
+
+    from converge.v1 import scoring_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+        started = time.perf_counter()
+        answered = errors = 0
+        first = b""
+        for reply in stub.ScoreBatch(iter(sent), timeout=120):
+            if not answered:
+                first = reply.SerializeToString()
+            answered += 1
+            errors += reply.HasField("error")
+        if answered != len(sent):
+            raise RuntimeError(f"ScoreBatch answered {answered} of {len(sent)}")
+        return answered / (time.perf_counter() - started), errors, first
 
 
 async def _swap(
@@ -757,10 +796,15 @@ async def measure(
         figures = _raw_booster(champion, trained.churn_split.test.frame)
         bodies = _invocation_bodies(champion, trained.churn_split.test.frame)
     with _stage(console, "Score, ScoreBatch, ModelInfer and the swap"):
-        scoring, answer = await _scoring_figures(env, trained, ingested, requests, figures)
+        scoring, answers = await _scoring_figures(env, trained, ingested, requests, figures)
     figures.update(scoring)
     with _stage(console, "gRPC echo"):
-        echo = await _echo(work_dir, answer, requests)
+        echo, echo_stream_rate = await _echo(work_dir, answers, requests)
+    figures["scoring.grpc_echo.stream.items_per_s"] = echo_stream_rate
+    if "scoring.score_batch.customers_per_s" in figures:
+        figures["scoring.score_batch.vs_grpc_echo_stream"] = _ratio(
+            figures["scoring.score_batch.customers_per_s"], echo_stream_rate
+        )
     figures["scoring.grpc_echo.c16.calls_per_s"] = echo.calls_per_s
     figures["scoring.grpc_echo.c16.p99_ms"] = echo.p(99)
     figures["scoring.grpc_echo.c16.client_cpu_us_per_call"] = echo.client_cpu_us_per_call

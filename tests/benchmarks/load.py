@@ -45,7 +45,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -302,12 +302,14 @@ class EchoProcess:
             self.process.wait(10)
 
 
-def start_echo(response_file: Path) -> EchoProcess:
+def start_echo(response_file: Path, batch_response_file: Path | None = None) -> EchoProcess:
     """Starts the echo server as a process of its own (as the scoring
     service runs) and returns once it listens: it prints its port only after
-    binding it and starting to serve."""
+    binding it and starting to serve. With `batch_response_file`, it also
+    answers each message of a ScoreBatch stream with those bytes."""
+    batch = [str(batch_response_file)] if batch_response_file is not None else []
     process = subprocess.Popen(
-        [sys.executable, "-m", "tests.benchmarks.load", "echo", str(response_file)],
+        [sys.executable, "-m", "tests.benchmarks.load", "echo", str(response_file), *batch],
         stdout=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
@@ -319,16 +321,26 @@ def start_echo(response_file: Path) -> EchoProcess:
     return EchoProcess(process, int(line))
 
 
-async def _serve_echo(response: bytes) -> None:
+async def _serve_echo(response: bytes, batch_response: bytes) -> None:
     async def score(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         return response
+
+    async def score_batch(
+        requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> AsyncIterator[bytes]:
+        # One answer per message, in order: what a stream costs the transport.
+        async for _ in requests:
+            yield batch_response
 
     server = grpc.aio.server()
     server.add_generic_rpc_handlers(
         [
             grpc.method_handlers_generic_handler(
                 "converge.v1.ScoringService",
-                {"Score": grpc.unary_unary_rpc_method_handler(score)},
+                {
+                    "Score": grpc.unary_unary_rpc_method_handler(score),
+                    "ScoreBatch": grpc.stream_stream_rpc_method_handler(score_batch),
+                },
             )
         ]
     )
@@ -391,6 +403,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     echo = commands.add_parser("echo", help="serve Score with fixed answer bytes")
     echo.add_argument("response_file", type=Path)
+    echo.add_argument("batch_response_file", type=Path, nargs="?")
     compare = commands.add_parser("compare", help="grpc.aio callers vs sync threads")
     compare.add_argument("address")
     compare.add_argument("--callers", type=int, default=16)
@@ -398,7 +411,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     compare.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
     if args.command == "echo":
-        asyncio.run(_serve_echo(args.response_file.read_bytes()))
+        batch = args.batch_response_file.read_bytes() if args.batch_response_file else b""
+        asyncio.run(_serve_echo(args.response_file.read_bytes(), batch))
     else:
         asyncio.run(_compare(args.address, args.callers, args.seconds, args.rounds))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,12 +29,13 @@ from converge.models.trainingset import (
     point_in_time_columns,
     profiles_as_of,
 )
+from converge.runtime.errors import ConvergeError, FieldViolation, InvalidArgument, NotFound
 from converge.runtime.executor import CpuExecutor
 from converge.runtime.server import ServiceRuntime
 from converge.scoring.app import SPEC as SCORING
 from converge.scoring.features import CustomerKey, FeatureSource
 from converge.scoring.models import ModelSlots, RegistrySource
-from converge.scoring.service import ScoreQuery, ScoringService
+from converge.scoring.service import ScoreQuery, ScoreResult, ScoringService
 from converge.v1 import common_pb2, scoring_pb2, scoring_pb2_grpc
 from tests.conftest import Platform
 from tests.scoring.conftest import Scoring, Versions, make_customer, scoring_settings, set_champion
@@ -172,6 +174,97 @@ async def test_concurrent_calls_share_feature_reads(
     # One read in flight at a time (max_in_flight=1): the calls waiting behind
     # the first read all go together into the next one.
     assert batches <= 3, f"{batches} reads for 32 concurrent calls"
+
+
+async def test_a_stream_scores_what_waits_together_in_order_with_errors_in_place(
+    platform: Platform, service_layer: ScoringService, tracking_uri: str, versions: Versions
+) -> None:
+    """ScoreBatch's rules: items waiting in the window are scored as chunks
+    (one shared feature read and one predict job each), answered in the
+    order sent, an item's error in its place."""
+    customers = [await make_customer(platform, f"s{n}") for n in range(4)]
+    set_champion(tracking_uri, "churn", versions.churn)
+    await service_layer.slots.start()
+    reads, predicts = service_layer.features.feature_reads, service_layer.predicts
+    before = (reads.batches, reads.items, predicts.batches)
+    refused = InvalidArgument([FieldViolation("customer", "required")])
+    sent: list[tuple[int, ScoreQuery | ConvergeError]] = [
+        (n, ScoreQuery(customer=CustomerKey(customer_id=c.customer_id)))
+        for n, c in enumerate(customers * 8)
+    ]
+    sent.insert(5, (99, refused))
+    sent.insert(9, (98, ScoreQuery(customer=CustomerKey(customer_id=str(uuid.uuid4())))))
+
+    async def stream() -> AsyncIterator[tuple[int, ScoreQuery | ConvergeError]]:
+        for entry in sent:
+            yield entry
+
+    answers = [a async for a in service_layer.score_stream(stream())]
+
+    assert [key for key, _ in answers] == [key for key, _ in sent]
+    by_key = dict(answers)
+    assert by_key[99] is refused
+    assert isinstance(by_key[98], NotFound)
+    scored = [(k, o) for k, o in answers if k not in (98, 99)]
+    assert all(isinstance(o, ScoreResult) for _, o in scored)
+    assert [o.customer_id for _, o in scored] == [  # type: ignore[union-attr]
+        c.customer_id for c in customers * 8
+    ]
+    batches, items = reads.batches - before[0], reads.items - before[1]
+    assert items == 33  # (the refused item is never read)
+    # The first item starts at once, alone; the rest wait in the window meanwhile
+    # and go together (a chunk holds up to max_batch=64).
+    assert batches <= 3, f"{batches} feature reads for 33 items"
+    assert predicts.batches - before[2] <= 3
+
+
+async def test_a_stream_answers_each_item_before_the_next_is_sent(
+    platform: Platform, service_layer: ScoringService, tracking_uri: str, versions: Versions
+) -> None:
+    """A caller that sends one item and waits for its answer before the next
+    gets it: nothing waits for a chunk to fill."""
+    customer = await make_customer(platform)
+    set_champion(tracking_uri, "churn", versions.churn)
+    await service_layer.slots.start()
+    answered = asyncio.Queue[int]()
+
+    async def stream() -> AsyncIterator[tuple[int, ScoreQuery | ConvergeError]]:
+        for n in range(3):
+            yield n, ScoreQuery(customer=CustomerKey(customer_id=customer.customer_id))
+            assert await asyncio.wait_for(answered.get(), 30) == n
+
+    async def consume() -> list[int]:
+        keys = []
+        async for key, outcome in service_layer.score_stream(stream()):
+            assert isinstance(outcome, ScoreResult)
+            keys.append(key)
+            answered.put_nowait(key)
+        return keys
+
+    assert await asyncio.wait_for(consume(), 60) == [0, 1, 2]
+
+
+async def test_a_stream_whose_requests_fail_answers_what_came_before_then_fails(
+    platform: Platform, service_layer: ScoringService, tracking_uri: str, versions: Versions
+) -> None:
+    customer = await make_customer(platform)
+    set_champion(tracking_uri, "churn", versions.churn)
+    await service_layer.slots.start()
+    broken = InvalidArgument([FieldViolation("request", "the bytes received are not valid")])
+
+    async def stream() -> AsyncIterator[tuple[int, ScoreQuery | ConvergeError]]:
+        for n in range(5):
+            yield n, ScoreQuery(customer=CustomerKey(customer_id=customer.customer_id))
+        raise broken
+
+    keys = []
+    with pytest.raises(InvalidArgument) as raised:
+        async for key, outcome in service_layer.score_stream(stream()):
+            assert isinstance(outcome, ScoreResult)
+            keys.append(key)
+
+    assert raised.value is broken
+    assert keys == [0, 1, 2, 3, 4]
 
 
 @contextlib.asynccontextmanager

@@ -75,6 +75,20 @@ def profile_values(
     return out
 
 
+def entity_values(
+    customer_values: Mapping[str, Value],
+    ticket_values: Mapping[str, Value] | None,
+    profile: Mapping[str, Any] | None,
+    at: datetime,
+) -> dict[str, Value]:
+    """Everything an entity's input row can read at `at`, by input name: the
+    customer's and the ticket's feature values and the profile's inputs
+    (`InputSchema.rows` picks each model's)."""
+    merged: dict[str, Value] = {**customer_values, **(ticket_values or {})}
+    merged.update(profile_values(profile, at))
+    return merged
+
+
 def _is_text(value: Any) -> bool:
     return isinstance(value, str)
 
@@ -168,18 +182,24 @@ class InputSchema:
         candidate_product: str = "",
     ) -> FloatMatrix:
         """One row of input for one entity at `at` (the serving side)."""
-        merged: dict[str, Value] = {**customer_values, **(ticket_values or {})}
-        merged.update(profile_values(profile, at))
-        if candidate_product:
-            merged[CANDIDATE] = candidate_product
-        # `matrix` of one row, written for one row: scoring builds one per
-        # prediction of every call, and the columns' machinery cost more than
-        # the values (the same codes and NaNs: test_parity holds it to that).
-        row = np.full((1, len(self.names)), np.nan, dtype=np.float64)
-        out = row[0]
+        return self.rows(
+            entity_values(customer_values, ticket_values, profile, at), (candidate_product,)
+        )
+
+    def rows(
+        self, values: Mapping[str, Value], candidate_products: Sequence[str] = ("",)
+    ) -> FloatMatrix:
+        """One entity's input, one row per candidate product (`""`: none), from
+        its `entity_values`: what `vector` gives for each candidate, with the
+        shared values coded once (scoring scores several candidates, and
+        several models, of one customer in one call)."""
+        # Written for few rows: the columns' machinery of `matrix` costs more
+        # than the values here (the same codes and NaNs: test_parity holds it).
+        first = np.full((1, len(self.names)), np.nan, dtype=np.float64)
+        out = first[0]
         indexes = self._code_indexes
         for j, name in enumerate(self.names):
-            value = merged.get(name)
+            value = values.get(name)
             if value is None:
                 continue
             index = indexes.get(name)
@@ -187,7 +207,23 @@ class InputSchema:
                 out[j] = float(value)
             elif value == value:  # (NaN: missing)
                 out[j] = index.get(str(value), index[OTHER])
-        return row
+        if len(candidate_products) == 1 and not candidate_products[0]:
+            return first
+        matrix = np.repeat(first, len(candidate_products), axis=0)
+        column = self._candidate_column
+        if column is not None:
+            j, index = column
+            for n, product in enumerate(candidate_products):
+                if product:  # (else whatever `values` held, as `vector` leaves it)
+                    matrix[n, j] = index.get(product, index[OTHER]) if index else float(product)
+        return matrix
+
+    @functools.cached_property
+    def _candidate_column(self) -> tuple[int, dict[str, float] | None] | None:
+        """Where the candidate product goes, and its codes (None: not an input)."""
+        if CANDIDATE not in self.names:
+            return None
+        return self.names.index(CANDIDATE), self._code_indexes.get(CANDIDATE)
 
     @functools.cached_property
     def _code_indexes(self) -> dict[str, dict[str, float]]:

@@ -22,6 +22,7 @@ only for the rows whose reasons are returned.
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -32,7 +33,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from converge.features.transform import InputSchema
+from converge.features.transform import InputSchema, entity_values
 from converge.models import fallback
 from converge.models.fallback import Reason
 from converge.models.handle import DEFAULT_THRESHOLDS, ModelRef
@@ -46,8 +47,15 @@ from converge.runtime.errors import (
 )
 from converge.runtime.executor import CpuExecutor
 from converge.scoring.batching import Coalescer
-from converge.scoring.features import CustomerKey, FeatureSource, FeatureValue, LiveFeatures
+from converge.scoring.features import (
+    CustomerKey,
+    FeatureCatalogue,
+    FeatureSource,
+    FeatureValue,
+    LiveFeatures,
+)
 from converge.scoring.models import (
+    Lease,
     ModelSlots,
     ReloadOutcome,
     Serving,
@@ -124,6 +132,16 @@ class _Rows:
     contributions: bool
 
 
+@dataclass(eq=False)
+class _Want:
+    """One row of one call for one version (known by identity: results are
+    handed back by `id`)."""
+
+    serving: Serving
+    row: FloatMatrix  # (1, inputs)
+    contributions: bool
+
+
 # Per row: the calibrated probability, and its contributions when asked.
 _Predicted = tuple[float, "FloatMatrix | None"]
 
@@ -137,6 +155,7 @@ class _Item:
 
 Outcome = ScoreResult | ConvergeError
 KeyT = TypeVar("KeyT")
+ItemT = TypeVar("ItemT")
 
 
 class PredictionSink(Protocol):
@@ -179,61 +198,164 @@ class ScoringService:
             self._predict_batch, max_batch=max_batch, max_in_flight=max_in_flight
         )
 
+    @property
+    def predicts(self) -> Coalescer[tuple[_Rows, ...], list[list[_Predicted]]]:
+        """The shared predictor (its counts, for tests and metrics)."""
+        return self._predictor
+
     # --- Score ------------------------------------------------------------------------
 
     async def score(self, query: ScoreQuery) -> ScoreResult:
-        items = self._items(query)
-        predictions = tuple(dict.fromkeys(i.prediction for i in items))
-        catalogue = await self.features.catalogue(_bounded(query.timeout_s))
-        self._check_context(query.context_features, catalogue.features)
-        ticket_id = query.ticket_id if "escalation" in predictions else ""
-        live = await self.features.read(query.customer, ticket_id, query.timeout_s)
-        live = _with_context(live, query.context_features, catalogue.features)
-        limit = 0 if query.omit_reasons else reason_count(query.max_reasons)
-        with self.slots.lease(predictions) as lease:
-            champions = [lease.champions[i.prediction] for i in items]
-            rows = [
-                serving.model.schema.vector(
-                    live.customer, live.ticket, live.profile, live.as_of, item.product_id
-                )
-                if serving is not None
-                else None
-                for item, serving in zip(items, champions, strict=True)
-            ]
-            challengers: list[Serving | None] = (
-                [lease.challengers.get(i.prediction) for i in items]
-                if query.include_shadow
-                else [None] * len(items)
-            )
-            challenger_rows = [
-                serving.model.schema.vector(
-                    live.customer, live.ticket, live.profile, live.as_of, item.product_id
-                )
-                if serving is not None
-                else None
-                for item, serving in zip(items, challengers, strict=True)
-            ]
-            outputs, shadow_outputs = await self._predict_all(
-                champions, rows, challengers, challenger_rows, bool(limit), query.timeout_s
-            )
-            shadows = [
-                ShadowScore(s.model.ref, out[0], s.model.thresholds.band(out[0]))
-                if s is not None and out is not None
-                else None
-                for s, out in zip(challengers, shadow_outputs, strict=True)
-            ]
-            scored = []
-            for n, item in enumerate(items):
-                serving = champions[n]
-                if serving is None:
-                    scored.append(
-                        self._by_rules(item, live, lease.fallback_reasons[item.prediction], limit)
+        [outcome] = await self.score_many([query])
+        if isinstance(outcome, ConvergeError):
+            raise outcome
+        return outcome
+
+    async def score_many(self, queries: Sequence[ScoreQuery]) -> list[Outcome]:
+        """Each query's answer, or the error it alone answers with. The
+        queries' features are read together (one shared read per batch of
+        customers), their rows go to the predictor as one job, and each
+        customer's values are merged and coded once for all its rows: what
+        a stream of many queries costs is mostly what one costs times
+        their number, less the round trips."""
+        outcomes: list[Outcome | None] = [None] * len(queries)
+        items: dict[int, list[_Item]] = {}
+        for n, query in enumerate(queries):
+            try:
+                items[n] = self._items(query)
+            except ConvergeError as error:
+                outcomes[n] = error
+        if items:
+            longest = max(queries[n].timeout_s for n in items)
+            catalogue = await self.features.catalogue(_bounded(longest))
+            for n in list(items):
+                try:
+                    self._check_context(queries[n].context_features, catalogue.features)
+                except ConvergeError as error:
+                    outcomes[n] = error
+                    del items[n]
+            reads = await self._read_all([(queries[n], items[n]) for n in items], catalogue)
+            lives: dict[int, LiveFeatures] = {}
+            for n, read in zip(list(items), reads, strict=True):
+                if isinstance(read, ConvergeError):
+                    outcomes[n] = read
+                    del items[n]
+                elif isinstance(read, BaseException):
+                    raise read
+                else:
+                    lives[n] = read
+            wanted = tuple(dict.fromkeys(i.prediction for n in items for i in items[n]))
+            with self.slots.lease(wanted) as lease:
+                scored = await self._scored(queries, items, lives, lease, catalogue, longest)
+                for n, predictions in scored.items():
+                    result = ScoreResult(
+                        customer_id=lives[n].customer_id,
+                        predictions=predictions,
+                        features=lives[n],
+                        score_id=uuid.uuid4().hex,
+                        scored_at=self.clock(),
                     )
+                    outcomes[n] = result
+                    if self.prediction_log is not None:
+                        # Each answering version's inputs, by which the log names
+                        # the row it read; inside the lease: a version swapped out
+                        # meanwhile is unloaded (its schema gone) once its last
+                        # call leaves it.
+                        schemas = {
+                            s.model.ref: s.model.schema
+                            for p in dict.fromkeys(i.prediction for i in items[n])
+                            if (s := lease.champions[p]) is not None
+                        }
+                        self.prediction_log.offer(result, queries[n].channel, schemas)
+        return [o for o in outcomes if o is not None]
+
+    async def _read_all(
+        self, wanted: Sequence[tuple[ScoreQuery, Sequence[_Item]]], catalogue: FeatureCatalogue
+    ) -> list[LiveFeatures | BaseException]:
+        """Each query's features (or why not), the reads submitted at once so
+        that they share round trips."""
+        if len(wanted) == 1:  # (a Score: no task to gather)
+            try:
+                return [await self._read(*wanted[0], catalogue)]
+            except ConvergeError as error:
+                return [error]
+        return await asyncio.gather(
+            *(self._read(query, items, catalogue) for query, items in wanted),
+            return_exceptions=True,
+        )
+
+    async def _read(
+        self, query: ScoreQuery, items: Sequence[_Item], catalogue: FeatureCatalogue
+    ) -> LiveFeatures:
+        ticket_id = query.ticket_id if any(i.prediction == "escalation" for i in items) else ""
+        live = await self.features.read(query.customer, ticket_id, query.timeout_s)
+        return _with_context(live, query.context_features, catalogue.features)
+
+    async def _scored(
+        self,
+        queries: Sequence[ScoreQuery],
+        items: Mapping[int, Sequence[_Item]],
+        lives: Mapping[int, LiveFeatures],
+        lease: Lease,
+        catalogue: FeatureCatalogue,
+        timeout_s: float,
+    ) -> dict[int, tuple[Scored, ...]]:
+        """Every query's predictions, its rows through the predictor as one job."""
+        wants: list[_Want] = []
+        plans: dict[int, list[tuple[_Item, _Want | None, _Want | None]]] = {}
+        for n, query_items in items.items():
+            live = lives[n]
+            values = entity_values(live.customer, live.ticket, live.profile, live.as_of)
+            reasons = not queries[n].omit_reasons
+            plan = plans[n] = []
+            for serving, item_group in _by_prediction(query_items, lease.champions):
+                challenger_serving = (
+                    lease.challengers.get(item_group[0].prediction)
+                    if serving is not None and queries[n].include_shadow
+                    else None
+                )
+                products = tuple(i.product_id for i in item_group)
+                champion_rows = serving.model.schema.rows(values, products) if serving else None
+                shadow_rows = (
+                    challenger_serving.model.schema.rows(values, products)
+                    if challenger_serving is not None
+                    else None
+                )
+                for k, item in enumerate(item_group):
+                    champion = (
+                        _Want(serving, champion_rows[k : k + 1], reasons)
+                        if serving is not None and champion_rows is not None
+                        else None
+                    )
+                    challenger = (
+                        _Want(challenger_serving, shadow_rows[k : k + 1], False)
+                        if challenger_serving is not None and shadow_rows is not None
+                        else None
+                    )
+                    wants += [w for w in (champion, challenger) if w is not None]
+                    plan.append((item, champion, challenger))
+        predicted = await self._predict(wants, timeout_s)
+        answers: dict[int, tuple[Scored, ...]] = {}
+        for n, plan in plans.items():
+            limit = 0 if queries[n].omit_reasons else reason_count(queries[n].max_reasons)
+            scored = []
+            for item, champion, challenger in plan:
+                if champion is None:
+                    why = lease.fallback_reasons[item.prediction]
+                    scored.append(self._by_rules(item, lives[n], why, limit))
                     continue
-                probability, contributions = outputs[n]  # type: ignore[misc]
-                model = serving.model
-                row = rows[n]
-                assert row is not None
+                probability, contributions = predicted[id(champion)]
+                model = champion.serving.model
+                row = champion.row[0]
+                shadow = None
+                if challenger is not None:
+                    shadow_probability = predicted[id(challenger)][0]
+                    shadow_model = challenger.serving.model
+                    shadow = ShadowScore(
+                        shadow_model.ref,
+                        shadow_probability,
+                        shadow_model.thresholds.band(shadow_probability),
+                    )
                 scored.append(
                     Scored(
                         prediction=item.prediction,
@@ -245,32 +367,20 @@ class ScoringService:
                         reasons=explain(
                             item.prediction,
                             model.schema,
-                            row[0],
+                            row,
                             contributions,
                             catalogue.features,
                             limit,
                         )
-                        if contributions is not None
+                        if contributions is not None and limit
                         else (),
                         fallback_reason="",
-                        shadow=shadows[n],
-                        inputs=row[0],
+                        shadow=shadow,
+                        inputs=row,
                     )
                 )
-            result = ScoreResult(
-                customer_id=live.customer_id,
-                predictions=tuple(scored),
-                features=live,
-                score_id=uuid.uuid4().hex,
-                scored_at=self.clock(),
-            )
-            if self.prediction_log is not None:
-                # Each answering version's inputs, by which the log names the row
-                # it read; inside the lease: a version swapped out meanwhile is
-                # unloaded (its schema gone) once its last call leaves it.
-                schemas = {s.model.ref: s.model.schema for s in champions if s is not None}
-                self.prediction_log.offer(result, query.channel, schemas)
-        return result
+            answers[n] = tuple(scored)
+        return answers
 
     def _items(self, query: ScoreQuery) -> list[_Item]:
         v = Violations()
@@ -320,51 +430,29 @@ class ScoringService:
 
     # --- predicting -------------------------------------------------------------------
 
-    async def _predict_all(
-        self,
-        champions: Sequence[Serving | None],
-        rows: Sequence[FloatMatrix | None],
-        challengers: Sequence[Serving | None],
-        challenger_rows: Sequence[FloatMatrix | None],
-        contributions: bool,
-        timeout_s: float,
-    ) -> tuple[list[_Predicted | None], list[_Predicted | None]]:
-        """Each row through its model, as one job of the shared predictor:
-        the champions' rows with contributions when `contributions`, the
-        challengers' (shadow) rows without. Rows for the same version go
-        together (cross-sell candidates, and other calls' rows meanwhile)."""
-        wanted = [
-            (serving, row, want)
-            for servings, matrices, want in (
-                (champions, rows, contributions),
-                (challengers, challenger_rows, False),
-            )
-            for serving, row in zip(servings, matrices, strict=True)
-        ]
-        groups: dict[tuple[int, bool], list[int]] = {}
-        for n, (serving, _, want) in enumerate(wanted):
-            if serving is not None:
-                groups.setdefault((id(serving.model), want), []).append(n)
-        out: list[_Predicted | None] = [None] * len(wanted)
-        if groups:
-            job = tuple(
-                _Rows(
-                    wanted[positions[0]][0].model,  # type: ignore[union-attr]
-                    _stack([wanted[n][1] for n in positions]),  # type: ignore[misc]
-                    want,
-                )
-                for (_, want), positions in groups.items()
-            )
-            try:
-                predicted = await self._predictor.submit(job, _bounded(timeout_s))
-            except TimeoutError:
-                raise Unavailable(
-                    "scoring is overloaded: the model did not answer in time"
-                ) from None
-            for positions, results in zip(groups.values(), predicted, strict=True):
-                for n, result in zip(positions, results, strict=True):
-                    out[n] = result
-        return out[: len(champions)], out[len(champions) :]
+    async def _predict(self, wants: Sequence[_Want], timeout_s: float) -> dict[int, _Predicted]:
+        """Each wanted row through its model (by `id` of the want), as one job
+        of the shared predictor: rows for the same version and the same need
+        of contributions go in one matrix (a call's cross-sell candidates,
+        the queries of a batch, and other calls' rows meanwhile)."""
+        groups: dict[tuple[int, bool], list[_Want]] = {}
+        for want in wants:
+            groups.setdefault((id(want.serving.model), want.contributions), []).append(want)
+        if not groups:
+            return {}
+        job = tuple(
+            _Rows(group[0].serving.model, _stack([w.row for w in group]), contributions)
+            for (_, contributions), group in groups.items()
+        )
+        try:
+            predicted = await self._predictor.submit(job, _bounded(timeout_s))
+        except TimeoutError:
+            raise Unavailable("scoring is overloaded: the model did not answer in time") from None
+        out: dict[int, _Predicted] = {}
+        for group, results in zip(groups.values(), predicted, strict=True):
+            for want, result in zip(group, results, strict=True):
+                out[id(want)] = result
+        return out
 
     async def _predict_batch(
         self, jobs: Sequence[tuple[_Rows, ...]], time_left_s: float
@@ -392,29 +480,55 @@ class ScoringService:
     ) -> AsyncIterator[tuple[KeyT, Outcome]]:
         """Scores a stream of (key, query) in order; a query that failed its
         conversion, or whose scoring fails, answers with its error and the
-        stream goes on. At most `batch_window` items are read ahead of the
-        answers, so the stream is read no faster than it is scored."""
-        window: list[tuple[KeyT, asyncio.Task[Outcome]]] = []
+        stream goes on.
+
+        The stream is read by a task of its own into a window of at most
+        `batch_window` items; whenever a chunk may start (fewer than
+        `max_in_flight` running), everything waiting (up to `max_batch`)
+        becomes one `score_many`: one shared feature read and one predict
+        job per chunk, not per item. Nothing waits for a chunk to fill, so
+        a caller that sends a few items and waits for their answers gets
+        them at once."""
+        window: asyncio.Queue[tuple[KeyT, ScoreQuery | ConvergeError] | _StreamEnd] = asyncio.Queue(
+            self.batch_window
+        )
+        reader = asyncio.ensure_future(_read_into(queries, window))
+        running: collections.deque[
+            tuple[list[tuple[KeyT, ScoreQuery | ConvergeError]], asyncio.Task[list[Outcome]]]
+        ] = collections.deque()
+        end: _StreamEnd | None = None
         try:
-            async for key, query in queries:
-                window.append((key, asyncio.ensure_future(self._outcome(query))))
-                while len(window) >= self.batch_window or (window and window[0][1].done()):
-                    first_key, first = window.pop(0)
-                    yield first_key, await first
-            for key, task in window:
-                yield key, await task
-            window = []
+            while end is None or running:
+                while end is None and len(running) < self.max_in_flight:
+                    if window.empty() and running:
+                        break  # (answer what runs; the window fills meanwhile)
+                    chunk: list[tuple[KeyT, ScoreQuery | ConvergeError]] = []
+                    while len(chunk) < self.max_batch and (not chunk or not window.empty()):
+                        entry = await window.get()
+                        if isinstance(entry, _StreamEnd):
+                            end = entry
+                            break
+                        chunk.append(entry)
+                    if chunk:
+                        running.append((chunk, asyncio.ensure_future(self._chunk(chunk))))
+                if running:
+                    chunk, task = running.popleft()
+                    for (key, _), outcome in zip(chunk, await task, strict=True):
+                        yield key, outcome
+            if end is not None and end.error is not None:
+                raise end.error  # (the request stream itself failed, after every answer before it)
         finally:
-            for _, task in window:
+            reader.cancel()
+            for _, task in running:
                 task.cancel()
 
-    async def _outcome(self, query: ScoreQuery | ConvergeError) -> Outcome:
-        if isinstance(query, ConvergeError):
-            return query
-        try:
-            return await self.score(query)
-        except ConvergeError as error:
-            return error
+    async def _chunk(
+        self, chunk: Sequence[tuple[object, ScoreQuery | ConvergeError]]
+    ) -> list[Outcome]:
+        """A chunk's answers: its conversion errors as they are, the rest scored together."""
+        queries = [q for _, q in chunk if not isinstance(q, ConvergeError)]
+        scored = iter(await self.score_many(queries) if queries else [])
+        return [q if isinstance(q, ConvergeError) else next(scored) for _, q in chunk]
 
     # --- models -----------------------------------------------------------------------
 
@@ -423,6 +537,41 @@ class ScoringService:
 
     async def reload(self, predictions: Sequence[Prediction]) -> ReloadOutcome:
         return await self.slots.refresh(predictions or PREDICTIONS)
+
+
+@dataclass(frozen=True)
+class _StreamEnd:
+    """The request stream ended, by itself or with `error`."""
+
+    error: BaseException | None = None
+
+
+async def _read_into(
+    queries: AsyncIterator[ItemT], window: asyncio.Queue[ItemT | _StreamEnd]
+) -> None:
+    try:
+        async for entry in queries:
+            await window.put(entry)
+    except asyncio.CancelledError:
+        raise
+    except BaseException as error:  # (handed to the answering side, in order)
+        await window.put(_StreamEnd(error))
+    else:
+        await window.put(_StreamEnd())
+
+
+def _by_prediction(
+    items: Sequence[_Item], champions: Mapping[Prediction, Serving | None]
+) -> list[tuple[Serving | None, list[_Item]]]:
+    """The items of one query grouped by prediction (they come in order), with
+    the version that answers each group."""
+    groups: list[tuple[Serving | None, list[_Item]]] = []
+    for item in items:
+        if groups and groups[-1][1][0].prediction == item.prediction:
+            groups[-1][1].append(item)
+        else:
+            groups.append((champions[item.prediction], [item]))
+    return groups
 
 
 def _stack(matrices: Sequence[FloatMatrix]) -> FloatMatrix:
