@@ -59,6 +59,8 @@ from converge.models.serving_artifacts import (
     ServingArtifactError,
     ServingArtifacts,
 )
+from converge.models.single_row import MAX_ROWS as SINGLE_ROW_MAX
+from converge.models.single_row import SingleRowPredictor
 
 if TYPE_CHECKING:
     from converge.features.engine import FeatureSet
@@ -189,6 +191,8 @@ class _Loaded:
     ref: ModelRef
     served: ServingArtifacts
     tags: dict[str, str] = field(default_factory=dict)
+    # A few rows at a time go through LightGBM's single-row path (see single_row.py).
+    few_rows: SingleRowPredictor | None = None
 
 
 class ModelHandle:
@@ -295,7 +299,8 @@ class ModelHandle:
             if sample is not None and sample.names != schema.names:
                 raise self._refuse(f"its {what} sample has other inputs than its input schema")
         ref = ModelRef(self.name, self.version, run_id, self.alias, model.feature_set_version)
-        return _Loaded(model, schema, ref, served, tags)
+        few_rows = SingleRowPredictor(model.booster, self.num_threads)
+        return _Loaded(model, schema, ref, served, tags, few_rows if few_rows.available else None)
 
     def check(self, features: FeatureSet | KnownFeatures | None = None) -> CheckReport:
         """Verifies the loaded version (see the module's docstring) and makes
@@ -364,6 +369,8 @@ class ModelHandle:
     def unload(self) -> None:
         """Lets go of the booster (the caller swapped in another version and
         its last call ended)."""
+        if self._loaded is not None and self._loaded.few_rows is not None:
+            self._loaded.few_rows.close()
         self._loaded = None
         self.state = "unloaded"
 
@@ -417,11 +424,15 @@ class ModelHandle:
 
     def predict(self, matrix: npt.ArrayLike) -> FloatMatrix:
         """Calibrated probabilities of the positive class, one per row."""
-        model = self._need().model
+        loaded = self._need()
+        model = loaded.model
         array = self._matrix(matrix)
         if len(array) == 0:
             return np.zeros(0, dtype=np.float64)
-        raw = model.booster.predict(array, num_threads=self.num_threads)
+        if loaded.few_rows is not None and len(array) <= SINGLE_ROW_MAX:
+            raw = loaded.few_rows.predict(array)
+        else:
+            raw = model.booster.predict(array, num_threads=self.num_threads)
         return model.calibrator.apply(raw)
 
     def predict_with_contributions(self, matrix: npt.ArrayLike) -> tuple[FloatMatrix, FloatMatrix]:
@@ -433,10 +444,14 @@ class ModelHandle:
         width = len(self._need().schema.names) + 1
         if len(array) == 0:
             return np.zeros(0, dtype=np.float64), np.zeros((0, width), dtype=np.float64)
-        contributions = np.asarray(
-            model.booster.predict(array, pred_contrib=True, num_threads=self.num_threads),
-            dtype=np.float64,
-        )
+        few_rows = self._need().few_rows
+        if few_rows is not None and len(array) <= SINGLE_ROW_MAX:
+            contributions = few_rows.contributions(array)
+        else:
+            contributions = np.asarray(
+                model.booster.predict(array, pred_contrib=True, num_threads=self.num_threads),
+                dtype=np.float64,
+            )
         # The logistic function written with tanh: no overflow for any log-odds.
         raw = 0.5 * (1.0 + np.tanh(0.5 * contributions.sum(axis=1)))
         return model.calibrator.apply(raw), contributions
