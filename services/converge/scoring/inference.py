@@ -16,12 +16,11 @@ the version now serving.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from converge.models.predictions import PREDICTIONS, Prediction
-from converge.runtime.errors import NotFound, Unavailable
+from converge.runtime.errors import ConvergeError, NotFound, Unavailable
 from converge.scoring.service import Scored, ScoreQuery, ScoringService
 
 # The platform a ModelMetadata answer names ("<project>_<format>"): the
@@ -107,5 +106,9 @@ class OpenInference:
     async def _score_rows(self, rows: tuple[ScoreQuery, ...]) -> list[Scored]:
         if len(rows) == 1:  # (the common call: no task to gather)
             return [(await self.service.score(rows[0])).predictions[0]]
-        results = await asyncio.gather(*(self.service.score(row) for row in rows))
-        return [result.predictions[0] for result in results]
+        scored = []
+        for outcome in await self.service.score_many(rows):  # (scored together)
+            if isinstance(outcome, ConvergeError):
+                raise outcome
+            scored.append(outcome.predictions[0])
+        return scored
