@@ -6,9 +6,10 @@ from; merges and writes since are always seen."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import grpc
 import pytest
@@ -19,7 +20,7 @@ from converge.interactions.change_feed import ChangeFeed
 from converge.interactions.identity_link import IdentityLink
 from converge.interactions.service import FeatureCache, InteractionsService
 from converge.interactions.settings import InteractionsSettings
-from converge.interactions.store import InteractionsStore
+from converge.interactions.store import LIVE_READS, InteractionsStore
 from converge.runtime.server import ServiceRuntime
 from converge.v1 import common_pb2, interactions_pb2, interactions_pb2_grpc
 from tests.interactions.builders import interaction, record
@@ -154,3 +155,39 @@ async def test_an_erased_customers_features_are_dropped_and_never_served(served:
     assert served.service.feature_cache.readings([customer], as_of) == {}
     _, [gone] = await _features(served, customer)
     assert gone is None
+
+
+def _scans(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    if "Relation Name" in plan:
+        yield plan
+    for child in plan.get("Plans", []):
+        yield from _scans(child)
+
+
+async def test_live_reads_probe_every_table_by_key_in_the_generic_plan(served: Served) -> None:
+    """The plan PostgreSQL falls back to for the prepared statement reads
+    each table through an index, by key, per customer: no scan of all
+    states (or of all interactions for the tickets) whatever the table
+    sizes. (Seq scans are turned off: on these small tables a seq scan per
+    probe can be the cheaper plan, which would hide a missing index path.)"""
+    async with served.store.pool.acquire() as connection, connection.transaction():
+        await connection.execute("SET LOCAL enable_seqscan = off")
+        await connection.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        await connection.execute(f"PREPARE live_reads AS {LIVE_READS}")
+        try:
+            explained = await connection.fetchval(
+                "EXPLAIN (FORMAT JSON) EXECUTE live_reads("
+                f"'{{{uuid.uuid4()}}}', '{{{uuid.uuid4()}}}', '{{7}}', '{{t-1}}')"
+            )
+        finally:
+            await connection.execute("DEALLOCATE live_reads")
+    [plan] = explained
+    scans = list(_scans(plan["Plan"]))
+    assert {s["Relation Name"] for s in scans} == {
+        "interactions", "customer_links", "erased_customers", "customer_state"
+    }  # fmt: skip
+    for scan in scans:
+        condition = scan.get("Index Cond") or scan.get("Recheck Cond") or ""
+        key = "ticket_id" if scan["Relation Name"] == "interactions" else "_id"
+        assert "$" in condition or "." in condition, scan  # (a parameter or an outer row's column)
+        assert key in condition, scan
