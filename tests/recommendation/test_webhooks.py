@@ -404,6 +404,34 @@ async def test_delete_drops_pending_deliveries_and_keeps_dead_letters(
     assert await service.enqueue(alert_event()) == 0, "a deleted webhook gets nothing new"
 
 
+async def test_the_dispatcher_stops_at_once_when_woken_as_it_closes(
+    start_service: StartWebhooks, receiver: Receiver
+) -> None:
+    """The teardown hang of the delete tests: an attempt in flight for a
+    deleted webhook ends as the service stops, and its end wakes the
+    dispatcher just as `close` cancels its loop. On Python 3.11 the loop's
+    `asyncio.wait_for` swallowed that cancel, and `close` waited until the
+    runtime's 15 s bound. Here the wake and the cancel coincide every time."""
+    # (no poll: between rounds the loop waits on its wake event alone)
+    service = await start_service(webhook_poll_interval_s=60)
+    dispatcher = service.area.dispatcher
+    hook = await service.create(receiver)
+    receiver.default = Reply(hang=True)
+    await service.enqueue(alert_event())
+    await until(lambda: len(receiver.received) == 1, "the attempt in flight")
+    deleted = await service.stub.DeleteWebhook(pb.DeleteWebhookRequest(webhook_id=hook.webhook_id))
+    assert deleted.dropped_deliveries == 1
+    receiver.release()
+    await until(lambda: dispatcher.attempted == 1 and dispatcher.idle, "the attempt ended")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with asyncio.timeout(30):  # (only a broken close reaches it)
+        dispatcher.wake()  # what an attempt ending does
+        await dispatcher.close()
+    stopped_in = loop.time() - started
+    assert stopped_in < 5, f"the dispatcher took {stopped_in:.1f} s to stop"
+
+
 async def test_a_delivery_id_never_carries_two_bodies(
     start_service: StartWebhooks, receiver: Receiver
 ) -> None:

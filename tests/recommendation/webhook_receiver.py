@@ -67,6 +67,10 @@ class Receiver:
     def url(self, path: str = "/hooks") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
+    def release(self) -> None:
+        """Answers the hanging requests now, and later ones at once."""
+        self._release.set()
+
     async def close(self) -> None:
         self._release.set()
         if self._runner is not None:

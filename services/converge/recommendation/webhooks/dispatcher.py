@@ -185,7 +185,15 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._waiting = False
         self._stop_listening: Callable[[], Awaitable[None]] | None = None
+
+    @property
+    def idle(self) -> bool:
+        """No attempt in flight and the loop waiting for a wake or its poll
+        (tests: a wake now starts a round)."""
+        return self._waiting and not self._wake.is_set() and not self._tasks
 
     def wake(self) -> None:
         """Looks for due deliveries now (tests call it after moving their clock)."""
@@ -200,25 +208,32 @@ class Dispatcher:
 
     async def close(self, grace_s: float = 5.0) -> None:
         """Stops claiming; attempts in flight get `grace_s` to finish, then
-        are cancelled (their leases end and another replica retries them)."""
+        are cancelled (their leases end and another replica retries them).
+        Cancelling `close` itself (the runtime bounds each shutdown step)
+        ends it: it waits on its tasks without suppressing its own cancel."""
+        self._closing = True
         if self._loop_task is not None:
             self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+            await asyncio.wait({self._loop_task})
+            _log_failure(self._loop_task)
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
             for task in pending:
                 task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            if pending:
+                await asyncio.wait(pending)
         if self._stop_listening is not None:
+            stop_listening, self._stop_listening = self._stop_listening, None
             with contextlib.suppress(Exception):
-                await self._stop_listening()
+                await stop_listening()
         await self.sender.close()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         next_purge = loop.time()
-        while True:
+        # (`_closing` as well as the cancel: a cancel lost inside a library
+        # call still ends the loop at its next round)
+        while not self._closing:
             self._wake.clear()
             if loop.time() >= next_purge:
                 next_purge = loop.time() + self.purge_interval_s
@@ -238,8 +253,19 @@ class Dispatcher:
                 task.add_done_callback(self._finished)
             if claimed and len(claimed) == wanted:
                 continue  # more may be due
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval_s)
+            # asyncio.timeout, not wait_for: on Python 3.11, wait_for swallows
+            # a cancel that arrives as the event it waits for is set (the
+            # inner wait finished, so it returns its result; CPython
+            # gh-86296, fixed in 3.12). A wake() from an attempt ending as
+            # the service stopped then kept this loop, and `close`, running
+            # until the runtime's 15 s bound cut them.
+            self._waiting = True
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.poll_interval_s):
+                        await self._wake.wait()
+            finally:
+                self._waiting = False
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -291,6 +317,11 @@ class Dispatcher:
             return
         if delivered or dead:
             logger.info("purged %d delivered webhook deliveries, %d dead letters", delivered, dead)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (error := task.exception()) is not None:
+        logger.error("webhook dispatcher loop failed", exc_info=error)
 
 
 def _seconds(value: float) -> timedelta:
