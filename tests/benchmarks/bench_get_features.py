@@ -1,6 +1,7 @@
 """GetFeatures latency: the live features scoring reads on every Score call,
-for one customer and for 100 at once, over gRPC on loopback from a single
-caller, against the interactions service run as a real process.
+for one customer and for 100 at once, and for one customer with one of its
+tickets (`n1_ticket`: what an escalation score reads), over gRPC on loopback
+from a single caller, against the interactions service run as a real process.
 
 The customers have realistic histories: a few hundred interactions each over
 six months, of every family the built-in features read (logins and feature
@@ -175,8 +176,10 @@ class Measured:
 
     n1: list[float] = field(default_factory=list)
     n100: list[float] = field(default_factory=list)
+    n1_ticket: list[float] = field(default_factory=list)
     n1_cpu_s: float = 0.0
     n100_cpu_s: float = 0.0
+    n1_ticket_cpu_s: float = 0.0
 
 
 def _cpu_s(pid: int) -> float:
@@ -190,11 +193,13 @@ async def measure(
     into: Measured,
     pid: int,
     seed: int = 3,
+    tickets: dict[str, str] | None = None,
 ) -> None:
-    """GetFeatures for one customer and for 100, one caller, after a
-    warm-up: latencies, and the CPU time of the service's process (on a
-    machine shared with other work, latency is mostly waiting for a core;
-    the CPU a call costs is what this change can reduce)."""
+    """GetFeatures for one customer and for 100, and for one customer and
+    one of its tickets (as scoring asks for an escalation), one caller,
+    after a warm-up: latencies, and the CPU time of the service's process
+    (on a machine shared with other work, latency is mostly waiting for a
+    core; the CPU a call costs is what this change can reduce)."""
     rng = random.Random(seed)
     one = [
         interactions_pb2.GetFeaturesRequest(
@@ -226,6 +231,26 @@ async def measure(
     into.n100_cpu_s += _cpu_s(pid) - cpu
     into.n1.extend(n1)
     into.n100.extend(n100)
+    if tickets:
+        ticketed = sorted(tickets)
+        with_ticket = [
+            interactions_pb2.GetFeaturesRequest(
+                customers=[common_pb2.CustomerRef(customer_id=customer)],
+                ticket_ids=[tickets[customer]],
+            )
+            for customer in (rng.choice(ticketed) for _ in range(N1_CALLS + WARM_UP_CALLS))
+        ]
+        await closed_loop(
+            lambda i: stub.GetFeatures(with_ticket[i]), concurrency=1, total=WARM_UP_CALLS
+        )
+        cpu = _cpu_s(pid)
+        _, n1_ticket = await closed_loop(
+            lambda i: stub.GetFeatures(with_ticket[WARM_UP_CALLS + i]),
+            concurrency=1,
+            total=N1_CALLS,
+        )
+        into.n1_ticket_cpu_s += _cpu_s(pid) - cpu
+        into.n1_ticket.extend(n1_ticket)
 
 
 def _prefix(label: str) -> str:
@@ -243,6 +268,12 @@ async def run(env: BenchEnv) -> dict[str, float]:
     (`reference`)."""
     customers = [str(uuid.uuid4()) for _ in range(CUSTOMERS)]
     messages = history_messages(customers, seed=11, tag="features")
+    # Each customer's first ticket (most have several), for the calls with a ticket.
+    tickets: dict[str, str] = {}
+    for message in messages:
+        for row in message.rows:
+            if row.interaction.ticket_id:
+                tickets.setdefault(row.interaction.customer.customer_id, row.interaction.ticket_id)
     database = await env.new_database()
     ingest = await env.start("interactions", database, log_level="WARNING", identity_address="")
     async with grpc.aio.insecure_channel(ingest.address) as channel:
@@ -293,7 +324,7 @@ async def run(env: BenchEnv) -> dict[str, float]:
         for turn in range(ROUNDS):
             for label, stub in stubs.items():
                 pid = services[label].process.pid
-                await measure(stub, customers, samples[label], pid, seed=3 + turn)
+                await measure(stub, customers, samples[label], pid, 3 + turn, tickets)
     finally:
         for c in channels.values():
             await c.close()
@@ -310,10 +341,13 @@ async def run(env: BenchEnv) -> dict[str, float]:
         # The service process's CPU per call (its share of the latency).
         figures[prefix + "n1.service_cpu_ms"] = m.n1_cpu_s / calls[0] * 1000
         figures[prefix + "n100.service_cpu_ms"] = m.n100_cpu_s / calls[1] * 1000
+        figures[prefix + "n1_ticket.p50_ms"] = percentile(m.n1_ticket, 50)
+        figures[prefix + "n1_ticket.p99_ms"] = percentile(m.n1_ticket, 99)
+        figures[prefix + "n1_ticket.service_cpu_ms"] = m.n1_ticket_cpu_s / calls[0] * 1000
     if "reference" in samples:
         # How many times less than the reference (same run, by turns).
         for figure in ("p50_ms", "p99_ms", "service_cpu_ms"):
-            for size in ("n1", "n100"):
+            for size in ("n1", "n100", "n1_ticket"):
                 figures[f"{_prefix('')}{size}.{figure.removesuffix('_ms')}_vs_reference"] = (
                     figures[f"{_prefix('reference')}{size}.{figure}"]
                     / figures[f"{_prefix('')}{size}.{figure}"]

@@ -86,3 +86,31 @@ def test_a_day_reading_gives_the_features_at_any_moment_of_its_day(
     assert reading.covers(later) and not reading.covers(midnight + timedelta(days=1))
     assert reading.at(midnight + timedelta(days=1)) is None
     assert reading.at(midnight - timedelta(microseconds=1)) is None
+
+
+@PROPERTY
+@given(builtin.event_lists, builtin.times, as_of_offsets, as_of_offsets)
+def test_a_ticket_reading_gives_the_tickets_features_at_any_later_moment(
+    evs: list[Event], start: datetime, read: timedelta, later: timedelta
+) -> None:
+    """Stored or built, any day: a ticket's features have no window."""
+    state = BUILTIN.build_state(evs)
+    stored = BUILTIN.stored_state(orjson.loads(orjson.dumps(state.to_json())))
+    for ticket_id in ("t1", "t2", "absent"):
+        reading = BUILTIN.ticket_reading(stored, ticket_id, start + read)
+        assert reading.at(start + read) == BUILTIN.ticket_features(state, ticket_id, start + read)
+        assert reading.at(start + later) == BUILTIN.ticket_features(state, ticket_id, start + later)
+
+
+@PROPERTY
+@given(configured.event_lists, configured.times, as_of_offsets, as_of_offsets)
+def test_a_ticket_reading_gives_a_configured_sets_ticket_features(
+    evs: list[Event], start: datetime, read: timedelta, later: timedelta
+) -> None:
+    features = configured.SET
+    state = features.build_state(evs)
+    for ticket_id in ("t1", "t2"):
+        reading = features.ticket_reading(state, ticket_id, start + read)
+        assert reading.at(start + later) == features.ticket_features(
+            state, ticket_id, start + later
+        )

@@ -8,7 +8,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -22,8 +22,9 @@ from converge.interactions.service import FeatureCache, InteractionsService
 from converge.interactions.settings import InteractionsSettings
 from converge.interactions.store import LIVE_READS, InteractionsStore
 from converge.runtime.server import ServiceRuntime
+from converge.runtime.values import timestamp
 from converge.v1 import common_pb2, interactions_pb2, interactions_pb2_grpc
-from tests.interactions.builders import interaction, record
+from tests.interactions.builders import interaction, record, text
 
 
 @dataclass
@@ -155,6 +156,127 @@ async def test_an_erased_customers_features_are_dropped_and_never_served(served:
     assert served.service.feature_cache.readings([customer], as_of) == {}
     _, [gone] = await _features(served, customer)
     assert gone is None
+
+
+async def _ticket_history(served: Served, customer: uuid.UUID, tag: str) -> None:
+    """Two tickets of the customer: t-open (opened with an SLA, escalated)
+    and t-done (opened, then resolved)."""
+    ref = common_pb2.CustomerRef(customer_id=str(customer))
+    sla = common_pb2.AttributeValue(
+        timestamp_value=timestamp(datetime.now(UTC) + timedelta(hours=30))
+    )
+    rows = [
+        interaction(ref, "ticket.opened", days_ago=3, ticket_id=f"{tag}-open",
+                    attributes={"priority": text("high"), "sla_due_at": sla}),
+        interaction(ref, "ticket.escalated", days_ago=2, ticket_id=f"{tag}-open", sentiment=-0.4),
+        interaction(ref, "ticket.opened", days_ago=10, ticket_id=f"{tag}-done",
+                    attributes={"priority": text("low")}),
+        interaction(ref, "ticket.resolved", days_ago=9, ticket_id=f"{tag}-done", sentiment=0.5),
+        interaction(ref, "product.login", days_ago=1),
+    ]  # fmt: skip
+    for i, row in enumerate(rows):
+        await served.stub.RecordInteraction(record(row, f"{tag}-{i}"))
+
+
+def _uncached(served: Served) -> InteractionsService:
+    settings = served.service.settings.model_copy(update={"feature_cache_size": 0})
+    fresh = InteractionsService(
+        served.store, served.service.identity, settings, served.service.changes, BUILTIN
+    )
+    fresh.clock = served.service.clock
+    return fresh
+
+
+async def test_cached_ticket_and_open_ticket_reads_equal_fresh_ones_at_any_later_moment(
+    served: Served,
+) -> None:
+    """Customers, named tickets and open tickets, read again from memory at
+    moments later the same day, the next day and weeks later (a controlled
+    clock), equal what a service without a cache reads from the states."""
+    customers = [uuid.uuid4(), uuid.uuid4()]
+    for i, customer in enumerate(customers):
+        await _ticket_history(served, customer, f"k{i}")
+    service, fresh = served.service, _uncached(served)
+    tickets = ["k0-open", "k1-done", "nobody's"]
+    refs = [(c, None) for c in customers]
+    start = datetime.now(UTC) + timedelta(minutes=1)
+    for moment in (timedelta(0), timedelta(hours=1), timedelta(days=1), timedelta(days=40)):
+        service.clock = lambda at=start + moment: at  # type: ignore[misc]
+        fresh.clock = service.clock
+        for include_open in (False, True):
+            first = await service.features(refs, tickets, include_open)
+            again = await service.features(refs, tickets, include_open)
+            expected = await fresh.features(refs, tickets, include_open)
+            assert first == again == expected
+        # Everything asked is now held: no state needs sending.
+        assert service.feature_cache.known_versions(
+            customers, tickets, True, start + moment
+        ).keys() == set(customers)
+    _, _, read = expected
+    assert [(t, v is not None) for _, t, v in read] == [
+        ("k0-open", True), ("k1-done", True), ("nobody's", False), ("k1-open", True)
+    ]  # fmt: skip
+    assert read[0][2] is not None and read[0][2]["ticket_escalations"] == 1.0
+
+
+async def test_a_write_since_a_cached_ticket_read_is_seen(served: Served) -> None:
+    customer = uuid.uuid4()
+    await _ticket_history(served, customer, "w")
+    ref = common_pb2.CustomerRef(customer_id=str(customer))
+    _, _, [(_, _, before)] = await served.service.features([(customer, None)], ["w-open"], False)
+    assert before is not None and before["ticket_open"] == 1.0
+    await served.stub.RecordInteraction(
+        record(interaction(ref, "ticket.resolved", days_ago=0.5, ticket_id="w-open"), "w-r")
+    )
+    _, _, [(_, _, after)] = await served.service.features([(customer, None)], ["w-open"], False)
+    assert after is not None and after["ticket_open"] == 0.0
+    [(_, _, expected)] = (await _uncached(served).features([(customer, None)], ["w-open"], False))[
+        2
+    ]
+    assert after["ticket_escalations"] == expected["ticket_escalations"]  # type: ignore[index]
+
+
+async def test_a_ticket_asked_first_of_a_cached_customer_is_read_from_its_state(
+    served: Served,
+) -> None:
+    """The customer's features are held, the ticket's are not: the state
+    held back is read after all."""
+    customer = uuid.uuid4()
+    await _ticket_history(served, customer, "f")
+    await _features(served, customer)
+    assert served.service.feature_cache.known_versions(
+        [customer], ["f-open"], False, datetime.now(UTC)
+    )
+    now, _, [(owner, _, values)] = await served.service.features(
+        [(customer, None)], ["f-open"], False
+    )
+    state = BUILTIN.stored_state((await served.store.states([customer]))[customer])
+    assert owner == customer and values == BUILTIN.ticket_features(state, "f-open", now)
+
+
+async def test_an_erased_customers_ticket_readings_are_dropped(served: Served) -> None:
+    customer = uuid.uuid4()
+    await _ticket_history(served, customer, "x")
+    await served.service.features([(customer, None)], ["x-open", "x-done"], True)
+    cache = served.service.feature_cache
+    assert cache.known_versions([], ["x-open"], False, datetime.now(UTC))
+    await served.service.erase([customer])
+    assert len(cache) == 0 and cache._ticket_holders == {}
+    _, _, tickets = await served.service.features([(customer, None)], ["x-open"], False)
+    assert tickets == [(uuid.UUID(int=0), "x-open", None)]
+
+
+def test_an_evicted_customers_ticket_readings_go_with_it() -> None:
+    reading = BUILTIN.ticket_reading(BUILTIN.new_state(), "t", datetime.now(UTC))
+    cache = FeatureCache(capacity=1)
+    first, second = uuid.UUID(int=1), uuid.UUID(int=2)
+    cache.put_ticket(first, 7, "t1", reading)
+    assert cache.known_versions([], ["t1"], False, datetime.now(UTC)) == {first: 7}
+    cache.put_ticket(second, 1, "t2", reading)
+    assert cache.known_versions([], ["t1", "t2"], False, datetime.now(UTC)) == {second: 1}
+    assert cache._ticket_holders == {"t2": second}
+    cache.put_ticket(second, 2, "t3", reading)  # (a newer version: the older one's go)
+    assert cache._ticket_holders == {"t3": second}
 
 
 def _scans(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:

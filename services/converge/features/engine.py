@@ -131,6 +131,7 @@ __all__ = [
     "Prediction",
     "StateVersionError",
     "StoredState",
+    "TicketReading",
     "build_state",
     "customer_features",
     "features_at_cutoffs",
@@ -650,7 +651,36 @@ class FeatureSet:
         ticket = state.ticket(ticket_id)
         if ticket is None or not ticket.known:
             return None
-        builtin = _ticket_values(ticket, state.open_ticket_count(), _micros(as_of))
+        return self._read_ticket(ticket, state.open_ticket_count(), _micros(as_of))
+
+    def ticket_reading(
+        self, state: CustomerState | StoredState, ticket_id: str, as_of: datetime
+    ) -> TicketReading:
+        """The features of one ticket read from `state` at `as_of`, in a form
+        that gives them at any other moment (`TicketReading.at`) without
+        reading the state again: a ticket's features have no window, and the
+        ones that count time count it from an instant of the ticket."""
+        ticket = state.ticket(ticket_id)
+        if ticket is None or not ticket.known:
+            return TicketReading(None, ())
+        values = self._read_ticket(ticket, state.open_ticket_count(), _micros(as_of))
+        opened = ticket.opened
+        counting = (
+            ("ticket_age_hours", opened[0] if opened else ticket.first, 1),
+            ("ticket_hours_since_last_activity", ticket.last, 1),
+            ("ticket_sla_hours_left", opened[4] if opened and opened[3] else 0, -1),
+        )
+        return TicketReading(
+            values,
+            tuple(
+                (name, instant, sign)
+                for name, instant, sign in counting
+                if name in values and self._special(name)
+            ),
+        )
+
+    def _read_ticket(self, ticket: _Ticket, open_tickets: int, now: int) -> FeatureValues:
+        builtin = _ticket_values(ticket, open_tickets, now)
         values: FeatureValues = {}
         for name, op, key in self._ticket_plan:
             value: float | str | None
@@ -884,6 +914,32 @@ class DayReading:
         values = dict(self.values)  # (keys already in place: their order is kept)
         for name, instant, per in self.counting:
             values[name] = (now - instant) / per
+        return values
+
+
+@dataclass(slots=True, frozen=True)
+class TicketReading:
+    """A ticket's features read from a state at one moment, and what makes
+    them its features at any other moment while the state is unchanged: the
+    built-in features that count hours from an instant of the ticket (its
+    age, since its last activity, and to its SLA's due time) are read again
+    from it, the others are a function of the state alone."""
+
+    values: FeatureValues | None  # as read; None: the ticket is not in the state
+    counting: tuple[tuple[str, int, int], ...]  # (name, instant µs, 1: since it, -1: until it)
+
+    def at(self, as_of: datetime) -> FeatureValues | None:
+        """The features at `as_of`, as `FeatureSet.ticket_features` reads them
+        from the same state."""
+        if self.values is None:
+            return None
+        now = _micros(as_of)
+        values = dict(self.values)  # (keys already in place: their order is kept)
+        for name, instant, sign in self.counting:
+            # (the expressions of _ticket_values, so the floats are the same)
+            values[name] = (
+                (now - instant) / _US_PER_HOUR if sign > 0 else (instant - now) / _US_PER_HOUR
+            )
         return values
 
 

@@ -30,6 +30,7 @@ from converge.features.engine import (
     FeatureValues,
     StateVersionError,
     StoredState,
+    TicketReading,
 )
 from converge.interactions.change_feed import ChangeFeed, Position, type_filter
 from converge.interactions.identity_link import IdentifierRef, IdentityLink
@@ -339,18 +340,47 @@ class TimelineQuery:
     limit: int
 
 
+@dataclass(slots=True)
+class _Held:
+    """What `FeatureCache` holds of one customer's stored state, all read
+    from that state at one version: its customer features of one day, the
+    features of the tickets asked of it, and its open tickets (once asked)."""
+
+    version: int
+    reading: DayReading | None = None
+    tickets: dict[str, TicketReading] = field(default_factory=dict)
+    open_tickets: tuple[str, ...] | None = None
+
+    def serves(self, now: datetime, open_tickets: bool) -> bool:
+        """Whether it answers the customer's features at `now` (and its open
+        tickets', when asked) without the state."""
+        if self.reading is None or not self.reading.covers(now):
+            return False
+        if not open_tickets:
+            return True
+        return self.open_tickets is not None and all(t in self.tickets for t in self.open_tickets)
+
+
 class FeatureCache:
-    """Customer features read today, by customer, with the version (row
-    xmin) of the stored state they were read from; the least recently used
-    dropped beyond `capacity`. Scoring reads the same customers' features
-    again and again, mostly while their state is unchanged: a stored state
-    still at the version of a reading held here gives the same features at
-    any moment of the same UTC day (`DayReading.at`), so it is neither sent
-    nor parsed nor read again. Any write of the state changes its version."""
+    """Features read from customers' stored states, by customer, with the
+    version (row xmin) of the state they were read from; the least recently
+    used customer dropped beyond `capacity`. Scoring reads the same
+    customers' and tickets' features again and again, mostly while their
+    state is unchanged: a stored state still at the version of what is held
+    here gives the same customer features at any moment of the same UTC day
+    (`DayReading.at`) and the same ticket features at any moment
+    (`TicketReading.at`), so it is neither sent nor parsed nor read again.
+    Any write of the state changes its version, and what was held of the
+    older version is dropped when the newer is read."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._entries: OrderedDict[uuid.UUID, tuple[int, DayReading]] = OrderedDict()
+        self._entries: OrderedDict[uuid.UUID, _Held] = OrderedDict()
+        # The customer whose entry holds a ticket's reading: which state a
+        # call naming the ticket may not need sent. (Only a hint: the store
+        # says whose ticket it is, and a state not sent that is needed after
+        # all is read again.)
+        self._ticket_holders: dict[str, uuid.UUID] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -362,22 +392,96 @@ class FeatureCache:
         found = {}
         for customer_id in customer_ids:
             entry = self._entries.get(customer_id)
-            if entry is not None and entry[1].covers(now):
+            if entry is not None and entry.reading is not None and entry.reading.covers(now):
                 self._entries.move_to_end(customer_id)
-                found[customer_id] = entry
+                found[customer_id] = (entry.version, entry.reading)
         return found
+
+    def known_versions(
+        self,
+        customer_ids: Iterable[uuid.UUID],
+        ticket_ids: Iterable[str],
+        open_tickets: bool,
+        now: datetime,
+    ) -> dict[uuid.UUID, int]:
+        """The states a call can do without, with their versions: those of
+        which everything the call reads is held (the customer's features at
+        `now` and, with `open_tickets`, its open tickets'; the features of
+        the tickets named whose reading it holds)."""
+        known: dict[uuid.UUID, int] = {}
+        lacking: set[uuid.UUID] = set()
+        entries = self._entries
+        for customer_id in customer_ids:
+            entry = entries.get(customer_id)
+            if entry is not None and entry.serves(now, open_tickets):
+                known[customer_id] = entry.version
+            else:
+                lacking.add(customer_id)
+        for ticket_id in ticket_ids:
+            holder = self._ticket_holders.get(ticket_id)
+            if holder is None:
+                continue
+            entry = entries.get(holder)
+            if entry is not None and ticket_id in entry.tickets:
+                known[holder] = entry.version
+            else:
+                lacking.add(holder)
+        for customer_id in known:
+            entries.move_to_end(customer_id)
+        return {c: version for c, version in known.items() if c not in lacking}
+
+    def held(self, customer_id: uuid.UUID, version: int) -> _Held | None:
+        """What is held of the customer's state at `version`."""
+        entry = self._entries.get(customer_id)
+        return entry if entry is not None and entry.version == version else None
 
     def forget(self, customer_ids: Iterable[uuid.UUID]) -> None:
         for customer_id in customer_ids:
-            self._entries.pop(customer_id, None)
+            entry = self._entries.pop(customer_id, None)
+            if entry is not None:
+                self._drop_holders(customer_id, entry)
 
     def put(self, customer_id: uuid.UUID, version: int, reading: DayReading) -> None:
+        entry = self._entry(customer_id, version)
+        if entry is not None:
+            entry.reading = reading
+
+    def put_ticket(
+        self, customer_id: uuid.UUID, version: int, ticket_id: str, reading: TicketReading
+    ) -> None:
+        entry = self._entry(customer_id, version)
+        if entry is not None:
+            entry.tickets[ticket_id] = reading
+            self._ticket_holders[ticket_id] = customer_id
+
+    def put_open_tickets(
+        self, customer_id: uuid.UUID, version: int, ticket_ids: Sequence[str]
+    ) -> None:
+        entry = self._entry(customer_id, version)
+        if entry is not None:
+            entry.open_tickets = tuple(ticket_ids)
+
+    def _entry(self, customer_id: uuid.UUID, version: int) -> _Held | None:
+        """The entry of the customer at `version` (a new one in place of one
+        of another version), the most recently used; None when disabled."""
         if self.capacity <= 0:
-            return
-        self._entries[customer_id] = (version, reading)
-        self._entries.move_to_end(customer_id)
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
+            return None
+        entries = self._entries
+        entry = entries.get(customer_id)
+        if entry is None or entry.version != version:
+            if entry is not None:
+                self._drop_holders(customer_id, entry)
+            entry = entries[customer_id] = _Held(version)
+        entries.move_to_end(customer_id)
+        while len(entries) > self.capacity:
+            dropped, old = entries.popitem(last=False)
+            self._drop_holders(dropped, old)
+        return entry
+
+    def _drop_holders(self, customer_id: uuid.UUID, entry: _Held) -> None:
+        for ticket_id in entry.tickets:
+            if self._ticket_holders.get(ticket_id) == customer_id:
+                del self._ticket_holders[ticket_id]
 
 
 class InteractionsService:
@@ -396,6 +500,8 @@ class InteractionsService:
         # The features served and kept live (the setting `feature_set`).
         self.feature_set = feature_set
         self.feature_cache = FeatureCache(settings.feature_cache_size)
+        # The time live features are read at (tests set it to read at chosen moments).
+        self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)
         # (An erased customer's features are never served, and not kept either.)
         store.erasure_hooks.append(self.feature_cache.forget)
         self.custom_types: dict[str, tuple[InteractionTypeSpec, StoredType]] = {}
@@ -713,54 +819,91 @@ class InteractionsService:
     ]:
         """Live features of each referenced customer ((None, None) for one not
         found) and of the tickets, as of one time. Everything is read in one
-        statement (two with tickets); a customer's stored state is read as
-        parsed, a merged customer's states are merged first. Without tickets,
-        a customer whose stored state is still at the version whose features
-        were read earlier today is answered from those (`FeatureCache`): the
-        state is neither sent nor read again."""
-        now = datetime.now(UTC)
+        statement; a customer's stored state is read as parsed, a merged
+        customer's states are merged first. What was read earlier from a
+        stored state still at the same version (`FeatureCache`: a customer's
+        features today, a ticket's, the open tickets) is answered from
+        memory: that state is neither sent nor read again."""
+        now = self.clock()
         ids = await self._customer_ids(refs)
         asked = [i for i in ids if i is not None]
-        tickets_wanted = bool(ticket_ids) or include_open_tickets
-        readings = {} if tickets_wanted else self.feature_cache.readings(asked, now)
-        reads = await self.store.live_reads(
-            asked, ticket_ids, {c: version for c, (version, _) in readings.items()}
-        )
+        cache = self.feature_cache
+        known = cache.known_versions(asked, ticket_ids, include_open_tickets, now)
+        reads = await self.store.live_reads(asked, ticket_ids, known)
         features = self.feature_set
+        complete: dict[uuid.UUID, LiveRead] = {}  # by root: with every member's state
         states: dict[uuid.UUID, CustomerState | StoredState | None] = {}
 
-        async def state_of(root: uuid.UUID, read: LiveRead) -> CustomerState | StoredState | None:
-            if root not in states:
+        async def state_of(read: LiveRead) -> tuple[LiveRead, CustomerState | StoredState | None]:
+            """The read with every state sent (read again when one was held
+            back, or merged since), and its live state."""
+            root = read.root
+            if root not in complete:
+                if read.states.keys() != read.versions.keys():
+                    read = (await self.store.live_reads([root])).customers[root]
+                complete[root] = read
                 states[root] = await self._live_state(root, read.states)
-            return states[root]
+            return complete[root], states[root]
 
-        async def values_of(root: uuid.UUID, read: LiveRead) -> FeatureValues:
-            if len(read.versions) == 1:
-                [(member, version)] = read.versions.items()
-                if member not in read.states:  # (at the version of the reading we hold)
-                    values = readings[member][1].at(now)
-                    assert values is not None  # (readings holds today's only)
+        def held(read: LiveRead) -> tuple[tuple[uuid.UUID, int] | None, _Held | None]:
+            """The one member of a customer never merged with another, and
+            what the cache holds of its state when the state was not sent."""
+            read = complete.get(read.root, read)
+            if len(read.versions) != 1:
+                return None, None
+            [(member, version)] = read.versions.items()
+            if member in read.states:
+                return (member, version), None
+            return (member, version), cache.held(member, version)
+
+        async def customer_values(read: LiveRead) -> FeatureValues:
+            _, entry = held(read)
+            if entry is not None and entry.reading is not None:
+                values = entry.reading.at(now)
+                if values is not None:
                     return values
-                state = await state_of(root, read)
-                assert state is not None
+            read, state = await state_of(read)
+            single, _ = held(read)
+            if single is not None and isinstance(state, StoredState):
                 reading = features.day_reading(state, now)
-                if isinstance(state, StoredState):  # (not one rebuilt from the interactions)
-                    self.feature_cache.put(member, version, reading)
+                cache.put(*single, reading)  # (not a state rebuilt from the interactions)
                 return dict(reading.values)  # (the cached one stays as read)
-            if read.states.keys() != read.versions.keys():  # (merged since: read all again)
-                read = (await self.store.live_reads([root])).customers[root]
-            state = await state_of(root, read)
             return features.customer_features(state or features.new_state(), now)
 
+        async def ticket_values(read: LiveRead, ticket_id: str) -> FeatureValues | None:
+            _, entry = held(read)
+            if entry is not None and ticket_id in entry.tickets:
+                return entry.tickets[ticket_id].at(now)
+            read, state = await state_of(read)
+            if state is None:
+                return None
+            single, _ = held(read)
+            if single is not None and isinstance(state, StoredState):
+                reading = features.ticket_reading(state, ticket_id, now)
+                cache.put_ticket(*single, ticket_id, reading)
+                return None if reading.values is None else dict(reading.values)
+            return features.ticket_features(state, ticket_id, now)
+
+        async def open_tickets(read: LiveRead) -> Sequence[str]:
+            _, entry = held(read)
+            if entry is not None and entry.open_tickets is not None:
+                return entry.open_tickets
+            read, state = await state_of(read)
+            found = state.open_ticket_ids() if state else []
+            single, _ = held(read)
+            if single is not None and isinstance(state, StoredState):
+                cache.put_open_tickets(*single, found)
+            return found
+
         customers: list[tuple[uuid.UUID | None, FeatureValues | None]] = []
-        roots: list[uuid.UUID] = []
+        found_reads: list[LiveRead] = []
         for customer_id in ids:
             read = reads.customers.get(customer_id) if customer_id is not None else None
             if read is None or read.erased:
                 customers.append((None, None))
                 continue
-            roots.append(read.root)
-            customers.append((read.root, await values_of(read.root, read)))
+            found_reads.append(read)
+            customers.append((read.root, await customer_values(read)))
         tickets: list[tuple[uuid.UUID, str, FeatureValues | None]] = []
         for ticket_id in ticket_ids:
             owner = reads.ticket_owners.get(ticket_id)
@@ -768,20 +911,14 @@ class InteractionsService:
             if read is None:
                 tickets.append((uuid.UUID(int=0), ticket_id, None))
                 continue
-            state = await state_of(read.root, read)
-            values = features.ticket_features(state, ticket_id, now) if state else None
-            tickets.append((read.root, ticket_id, values))
+            tickets.append((read.root, ticket_id, await ticket_values(read, ticket_id)))
         if include_open_tickets:
             seen = set(ticket_ids)
-            for root in roots:
-                state = states[root]
-                for ticket_id in state.open_ticket_ids() if state else []:
+            for read in found_reads:
+                for ticket_id in await open_tickets(read):
                     if ticket_id not in seen:
                         seen.add(ticket_id)
-                        assert state is not None
-                        tickets.append(
-                            (root, ticket_id, features.ticket_features(state, ticket_id, now))
-                        )
+                        tickets.append((read.root, ticket_id, await ticket_values(read, ticket_id)))
         return now, customers, tickets
 
     async def _customer_ids(

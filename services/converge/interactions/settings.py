@@ -49,9 +49,10 @@ class InteractionsSettings(ServiceSettings):
     feature_cache_size: int = Field(
         default=20_000,
         ge=0,
-        description="Customers whose live features read today are kept in memory, to answer "
-        "GetFeatures without reading their state again while it is unchanged (about 8 KB "
-        "each); 0 reads every state for every call.",
+        description="Customers whose live features read today (and their tickets' features "
+        "read since their state last changed) are kept in memory, to answer GetFeatures "
+        "without reading their state again while it is unchanged (about 8 KB each, and 1 KB "
+        "a ticket); 0 reads every state for every call.",
     )
     # gRPC clients refuse a message over 4 MB by default: a timeline page of
     # 100 large rows, or one customer's whole export, could pass it. Pages
