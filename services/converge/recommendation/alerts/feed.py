@@ -91,11 +91,18 @@ class AlertFeed:
                 continue
             async with self._changed:
                 if self._generation == generation:
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for
+                    # swallows a cancel (the subscriber gone, the server
+                    # stopping) that arrives as a notification ends the wait
+                    # (gh-86296), and the stream would read on for nobody.
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._changed.wait(), FALLBACK_S)
+                        async with asyncio.timeout(FALLBACK_S):
+                            await self._changed.wait()
 
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # (asyncio.wait, not awaiting it under suppress(CancelledError),
+            # which would swallow a cancel of close() itself: the runtime's
+            # bound on a shutdown hook)
+            await asyncio.wait({self._task})

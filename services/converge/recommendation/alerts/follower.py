@@ -171,9 +171,10 @@ class AlertFollower:
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # (asyncio.wait: a cancel of close() itself, the runtime's bound on a
+        # shutdown hook, is not swallowed as the tasks' own cancels would be)
+        if self._tasks:
+            await asyncio.wait(self._tasks)
         await self._channel.close(None)
 
     # --- leadership and the retry loop -------------------------------------------------
