@@ -209,9 +209,8 @@ async def test_cached_ticket_and_open_ticket_reads_equal_fresh_ones_at_any_later
             expected = await fresh.features(refs, tickets, include_open)
             assert first == again == expected
         # Everything asked is now held: no state needs sending.
-        assert service.feature_cache.known_versions(
-            customers, tickets, True, start + moment
-        ).keys() == set(customers)
+        known, held = service.feature_cache.known_versions(customers, tickets, True, start + moment)
+        assert known.keys() == set(customers) and held == ["k0-open", "k1-done"]
     _, _, read = expected
     assert [(t, v is not None) for _, t, v in read] == [
         ("k0-open", True), ("k1-done", True), ("nobody's", False), ("k1-open", True)
@@ -236,17 +235,23 @@ async def test_a_write_since_a_cached_ticket_read_is_seen(served: Served) -> Non
     assert after["ticket_escalations"] == expected["ticket_escalations"]  # type: ignore[index]
 
 
-async def test_a_ticket_asked_first_of_a_cached_customer_is_read_from_its_state(
+async def test_a_known_state_is_sent_when_it_owns_a_ticket_asked_and_not_held(
     served: Served,
 ) -> None:
-    """The customer's features are held, the ticket's are not: the state
-    held back is read after all."""
+    """The customer's features are held, the ticket's are not: the store
+    sends the state all the same (one round trip), and the ticket is read
+    from it."""
     customer = uuid.uuid4()
     await _ticket_history(served, customer, "f")
     await _features(served, customer)
-    assert served.service.feature_cache.known_versions(
+    known, held = served.service.feature_cache.known_versions(
         [customer], ["f-open"], False, datetime.now(UTC)
     )
+    assert customer in known and held == []
+    reads = await served.store.live_reads([customer], ["f-open"], known, held)
+    assert customer in reads.customers[customer].states
+    held_back = await served.store.live_reads([customer], ["f-open"], known, ["f-open"])
+    assert held_back.customers[customer].states == {}
     now, _, [(owner, _, values)] = await served.service.features(
         [(customer, None)], ["f-open"], False
     )
@@ -259,7 +264,7 @@ async def test_an_erased_customers_ticket_readings_are_dropped(served: Served) -
     await _ticket_history(served, customer, "x")
     await served.service.features([(customer, None)], ["x-open", "x-done"], True)
     cache = served.service.feature_cache
-    assert cache.known_versions([], ["x-open"], False, datetime.now(UTC))
+    assert cache.known_versions([], ["x-open"], False, datetime.now(UTC))[1] == ["x-open"]
     await served.service.erase([customer])
     assert len(cache) == 0 and cache._ticket_holders == {}
     _, _, tickets = await served.service.features([(customer, None)], ["x-open"], False)
@@ -271,9 +276,12 @@ def test_an_evicted_customers_ticket_readings_go_with_it() -> None:
     cache = FeatureCache(capacity=1)
     first, second = uuid.UUID(int=1), uuid.UUID(int=2)
     cache.put_ticket(first, 7, "t1", reading)
-    assert cache.known_versions([], ["t1"], False, datetime.now(UTC)) == {first: 7}
+    assert cache.known_versions([], ["t1"], False, datetime.now(UTC)) == ({first: 7}, ["t1"])
     cache.put_ticket(second, 1, "t2", reading)
-    assert cache.known_versions([], ["t1", "t2"], False, datetime.now(UTC)) == {second: 1}
+    assert cache.known_versions([], ["t1", "t2"], False, datetime.now(UTC)) == (
+        {second: 1},
+        ["t2"],
+    )
     assert cache._ticket_holders == {"t2": second}
     cache.put_ticket(second, 2, "t3", reading)  # (a newer version: the older one's go)
     assert cache._ticket_holders == {"t3": second}
@@ -299,7 +307,7 @@ async def test_live_reads_probe_every_table_by_key_in_the_generic_plan(served: S
         try:
             explained = await connection.fetchval(
                 "EXPLAIN (FORMAT JSON) EXECUTE live_reads("
-                f"'{{{uuid.uuid4()}}}', '{{{uuid.uuid4()}}}', '{{7}}', '{{t-1}}')"
+                f"'{{{uuid.uuid4()}}}', '{{{uuid.uuid4()}}}', '{{7}}', '{{t-1}}', '{{t-1}}')"
             )
         finally:
             await connection.execute("DEALLOCATE live_reads")

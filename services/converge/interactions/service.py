@@ -403,11 +403,13 @@ class FeatureCache:
         ticket_ids: Iterable[str],
         open_tickets: bool,
         now: datetime,
-    ) -> dict[uuid.UUID, int]:
-        """The states a call can do without, with their versions: those of
-        which everything the call reads is held (the customer's features at
-        `now` and, with `open_tickets`, its open tickets'; the features of
-        the tickets named whose reading it holds)."""
+    ) -> tuple[dict[uuid.UUID, int], list[str]]:
+        """The states a call can do without, with their versions, and the
+        tickets named whose features are held: a customer asked is known
+        when its features at `now` (and, with `open_tickets`, its open
+        tickets') are held; the holder of a ticket's reading when it is not
+        a customer asked that way. (The store still sends a known state that
+        owns a ticket named but not held.)"""
         known: dict[uuid.UUID, int] = {}
         lacking: set[uuid.UUID] = set()
         entries = self._entries
@@ -417,18 +419,17 @@ class FeatureCache:
                 known[customer_id] = entry.version
             else:
                 lacking.add(customer_id)
+        held: list[str] = []
         for ticket_id in ticket_ids:
             holder = self._ticket_holders.get(ticket_id)
-            if holder is None:
-                continue
-            entry = entries.get(holder)
-            if entry is not None and ticket_id in entry.tickets:
-                known[holder] = entry.version
-            else:
-                lacking.add(holder)
+            entry = entries.get(holder) if holder is not None else None
+            if holder is not None and entry is not None and ticket_id in entry.tickets:
+                held.append(ticket_id)
+                if holder not in lacking:
+                    known[holder] = entry.version
         for customer_id in known:
             entries.move_to_end(customer_id)
-        return {c: version for c, version in known.items() if c not in lacking}
+        return known, held
 
     def held(self, customer_id: uuid.UUID, version: int) -> _Held | None:
         """What is held of the customer's state at `version`."""
@@ -828,8 +829,8 @@ class InteractionsService:
         ids = await self._customer_ids(refs)
         asked = [i for i in ids if i is not None]
         cache = self.feature_cache
-        known = cache.known_versions(asked, ticket_ids, include_open_tickets, now)
-        reads = await self.store.live_reads(asked, ticket_ids, known)
+        known, held_tickets = cache.known_versions(asked, ticket_ids, include_open_tickets, now)
+        reads = await self.store.live_reads(asked, ticket_ids, known, held_tickets)
         features = self.feature_set
         complete: dict[uuid.UUID, LiveRead] = {}  # by root: with every member's state
         states: dict[uuid.UUID, CustomerState | StoredState | None] = {}

@@ -139,7 +139,8 @@ SELECT_STATES = (
 # merged into it (MEMBERS), one row per (customer, member), with the state's
 # version (row xmin); a member without a state gives nulls. A state at the
 # version the caller says it knows ($2, $3: its features are in memory) is
-# not sent again. Each ticket's owner comes as a row of its own, with the
+# not sent again, unless it owns a ticket asked whose features the caller
+# does not hold ($5: those it holds). Each ticket's owner comes as a row of its own, with the
 # ticket id set (null on the others).
 #
 # Every table is reached by its key, one probe per customer: the lookups are
@@ -177,7 +178,10 @@ members AS (
     ) AS l
 )
 SELECT NULL::text AS ticket_id, r.start, r.root, e.erased IS NOT NULL AS erased,
-       m.member, s.xmin, CASE WHEN k.version = s.xmin THEN NULL ELSE s.state END AS state
+       m.member, s.xmin,
+       CASE WHEN k.version = s.xmin AND NOT EXISTS (
+           SELECT 1 FROM owners o WHERE o.customer_id = m.member AND o.ticket_id <> ALL($5::text[])
+       ) THEN NULL ELSE s.state END AS state
 FROM rooted r
 JOIN members m ON m.root = r.root
 LEFT JOIN LATERAL (
@@ -857,10 +861,12 @@ class InteractionsStore:
         customer_ids: Sequence[uuid.UUID],
         ticket_ids: Sequence[str] = (),
         known: Mapping[uuid.UUID, int] | None = None,
+        held_tickets: Sequence[str] = (),
     ) -> LiveReads:
         """What live features read of `customer_ids` and of the tickets'
         owners, in one statement. The states at the version `known` gives for
-        their customer are not sent."""
+        their customer are not sent, but for the owner of a ticket asked that
+        is not among `held_tickets`."""
         known = known or {}
         async with self.pool.acquire() as connection:
             rows = await connection.fetch(
@@ -869,6 +875,7 @@ class InteractionsStore:
                 list(known),
                 list(known.values()),
                 list(ticket_ids),
+                list(held_tickets),
             )
         parsed: dict[uuid.UUID, dict[str, Any]] = {}  # (a member's state parsed once)
         reads: dict[uuid.UUID, LiveRead] = {}
