@@ -36,6 +36,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules holding a test marked `slow` run first, each in its collected
+    order. `make test` runs two xdist workers that take a module at a time
+    (`--dist loadfile`): a module of minutes taken last would keep one worker
+    busy while the other has nothing left (test_product_path.py alone is
+    about two minutes)."""
+    slow_modules = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_modules)  # stable: order kept within
+
+
 def shared_dataset(relative: str) -> Path:
     """A file or folder of ../shared/data, or a skip naming it: tests of the
     real datasets cannot run where they are absent (CI has them)."""

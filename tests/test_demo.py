@@ -10,9 +10,12 @@ import sys
 from pathlib import Path
 
 import psutil
+import pytest
 from rich.console import Console
 
 from converge.demo import Demo
+
+pytestmark = pytest.mark.slow
 
 
 def _processes_under(path: Path) -> list[str]:

@@ -7,10 +7,13 @@ import csv
 from collections import Counter
 
 import asyncpg
+import pytest
 
 from converge.connectors.importer import import_file
 from converge.connectors.mapping import load_mapping
 from tests.conftest import shared_dataset
+
+pytestmark = pytest.mark.slow
 
 
 async def _import(platform, relative: str, mapping: str):

@@ -15,6 +15,7 @@ import uuid
 from typing import Any
 
 import grpc
+import pytest
 from google.protobuf import field_mask_pb2
 from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
@@ -23,6 +24,8 @@ from hypothesis import strategies as st
 from converge.v1 import common_pb2, identity_pb2
 from tests.fuzzing import assert_refused_properly, mutate
 from tests.identity.helpers import CRM, DEVICE, EMAIL, ident
+
+pytestmark = pytest.mark.slow
 
 ACTOR = common_pb2.Actor(name="fuzzer", reason="property test")
 POOL = [f"pool-{i}@example.com" for i in range(3)]

@@ -22,6 +22,8 @@ from converge.models.training import train
 from converge.models.trainingset import assemble_columns, build_defined_events
 from tests.models.conftest import FAST
 
+pytestmark = pytest.mark.slow
+
 # A fixed time, a year and more before any clock this suite runs on.
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 

@@ -38,6 +38,8 @@ from converge.models.trainingset import build_from_events, build_from_services, 
 from tests.models.conftest import FAST
 from tests.models.simtruth import true_probabilities
 
+pytestmark = pytest.mark.slow
+
 FRACTION_OF_ORACLE = 0.4
 ABSOLUTE_FLOOR = 0.65
 

@@ -29,6 +29,8 @@ from converge.models.registry import (
 from converge.models.training import TrainedModel, train
 from tests.models.conftest import FAST
 
+pytestmark = pytest.mark.slow
+
 
 def register(
     registry: ModelRegistry,

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from converge.features.engine import Event
 from converge.models.dataset import time_split
@@ -26,6 +27,8 @@ from converge.models.trainingset import (
 from converge.runtime.values import from_plain, money_from_float, timestamp
 from converge.v1 import common_pb2, interactions_pb2
 from tests.conftest import database_url
+
+pytestmark = pytest.mark.slow
 
 C = datetime(2025, 3, 3, tzinfo=UTC)
 

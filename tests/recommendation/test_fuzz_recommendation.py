@@ -47,6 +47,8 @@ from tests.recommendation.test_alerts import caught_up
 from tests.recommendation.test_webhooks import new_secret
 from tests.waiting import wait_until
 
+pytestmark = pytest.mark.slow
+
 SERVICE = "/converge.v1.RecommendationService/"
 PRIVACY = "/converge.v1.DataSubjectService/"
 ACTOR = common_pb2.Actor(name="fuzzer", reason="fuzzing")
