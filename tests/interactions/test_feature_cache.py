@@ -243,10 +243,11 @@ async def test_a_known_state_is_sent_when_it_owns_a_ticket_asked_and_not_held(
     from it."""
     customer = uuid.uuid4()
     await _ticket_history(served, customer, "f")
+    # One moment for the read and the look (a day turning between them would empty it).
+    moment = datetime.now(UTC)
+    served.service.clock = lambda: moment
     await _features(served, customer)
-    known, held = served.service.feature_cache.known_versions(
-        [customer], ["f-open"], False, datetime.now(UTC)
-    )
+    known, held = served.service.feature_cache.known_versions([customer], ["f-open"], False, moment)
     assert customer in known and held == []
     reads = await served.store.live_reads([customer], ["f-open"], known, held)
     assert customer in reads.customers[customer].states
@@ -262,9 +263,11 @@ async def test_a_known_state_is_sent_when_it_owns_a_ticket_asked_and_not_held(
 async def test_an_erased_customers_ticket_readings_are_dropped(served: Served) -> None:
     customer = uuid.uuid4()
     await _ticket_history(served, customer, "x")
+    moment = datetime.now(UTC)
+    served.service.clock = lambda: moment
     await served.service.features([(customer, None)], ["x-open", "x-done"], True)
     cache = served.service.feature_cache
-    assert cache.known_versions([], ["x-open"], False, datetime.now(UTC))[1] == ["x-open"]
+    assert cache.known_versions([], ["x-open"], False, moment)[1] == ["x-open"]
     await served.service.erase([customer])
     assert len(cache) == 0 and cache._ticket_holders == {}
     _, _, tickets = await served.service.features([(customer, None)], ["x-open"], False)

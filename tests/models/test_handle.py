@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from converge.features.engine import BUILTIN
@@ -80,6 +81,16 @@ def served_model(served_split: Split) -> TrainedModel:
     return train(served_split.train, served_split.valid, FAST)
 
 
+def schema_matrix(handle: ModelHandle, frame: pd.DataFrame) -> np.ndarray:
+    """The frame's rows as the handle's input matrix (categories by their codes)."""
+    columns = {
+        name: list(frame[name].astype(object)) if name in handle.schema.categories
+        else frame[name].to_numpy()
+        for name in handle.schema.names
+    }  # fmt: skip
+    return handle.schema.matrix(columns, len(frame))
+
+
 def register(registry: ModelRegistry, model: TrainedModel, split: Split) -> RegisteredVersion:
     frames = {"train": split.train, "valid": split.valid, "test": split.test}
     return registry.log_training(model, evaluate(model, split.test), frames, requested_by="tester")
@@ -135,12 +146,7 @@ def test_predictions_equal_the_pyfunc_models_and_contributions_add_up_to_the_log
     handle.check()
 
     test = served_split.test.frame
-    columns = {
-        name: list(test[name].astype(object)) if name in handle.schema.categories
-        else test[name].to_numpy()
-        for name in handle.schema.names
-    }  # fmt: skip
-    matrix = handle.schema.matrix(columns, len(test))
+    matrix = schema_matrix(handle, test)
     probabilities = handle.predict(matrix)
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)

@@ -20,7 +20,7 @@ from converge.models.registry import ModelRegistry
 from converge.models.single_row import MAX_ROWS, SingleRowPredictor
 from converge.models.training import TrainedModel, train
 from tests.models.conftest import FAST
-from tests.models.test_handle import register, served_frame
+from tests.models.test_handle import register, schema_matrix, served_frame
 
 # Inputs as serving builds them: any float, missing as NaN, categories as
 # small codes (and codes never seen, which LightGBM sends down its "other" side).
@@ -88,13 +88,7 @@ def test_a_handle_predicts_few_rows_one_by_one_and_many_at_once_with_equal_answe
     handle = ModelHandle(registry, "churn", registered.version)
     handle.load()
     handle.check()  # (its stored predictions, reproduced through both paths)
-    frame = split.test.frame
-    columns = {
-        name: list(frame[name].astype(object)) if name in handle.schema.categories
-        else frame[name].to_numpy()
-        for name in handle.schema.names
-    }  # fmt: skip
-    matrix = handle.schema.matrix(columns, len(frame))[:40]
+    matrix = schema_matrix(handle, split.test.frame)[:40]
 
     many = handle.predict(matrix)  # (more than MAX_ROWS: Booster.predict)
     few = np.concatenate([handle.predict(matrix[n : n + MAX_ROWS]) for n in range(0, 40, MAX_ROWS)])
