@@ -45,17 +45,22 @@ import enum
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
-from typing import Protocol
+from typing import Protocol, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from converge.recommendation.policy.model import ActionSpec, ContactRules, QuietHours
+from converge.recommendation.policy.model import (
+    ActionSpec,
+    ContactChannelName,
+    ContactRules,
+    QuietHours,
+)
 
 # The policy's kinds that make an offer (no offer while a ticket is open).
 OFFER_KINDS = frozenset({"retention_offer", "cross_sell_offer"})
 # Hand-overs to a person, in the order they win when the customer wants a human.
 HAND_OVER_KINDS = ("escalate_to_human", "escalate_to_senior_agent")
 # The channels a contact may use (common.proto's ContactChannel, lower case).
-CONTACT_CHANNELS = ("email", "sms", "phone", "push", "in_app")
+CONTACT_CHANNELS: tuple[str, ...] = get_args(ContactChannelName)
 
 
 class Suppression(enum.StrEnum):

@@ -11,6 +11,8 @@ import argparse
 import json
 from typing import TYPE_CHECKING, Any
 
+from converge.features.definitions import CHANNEL_NAMES
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -19,19 +21,12 @@ EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_NOT_FOUND = 4
-REQUEST_CHANNELS = (
-    "web",
-    "mobile",
-    "email",
-    "chat",
-    "phone",
-    "social",
-    "in_store",
-    "service_desk",
-    "product",
-    "agent_desktop",
-    "sms",
-)
+# The names people type, lower case: common.proto's Channel (the feature
+# package's list, light to import), ContactChannel and recommendation.proto's
+# ActionKind. Copies, so that registering the command imports neither
+# protobuf nor the policy's pydantic model; tests/test_enum_names.py holds
+# them to the protos.
+REQUEST_CHANNELS = CHANNEL_NAMES[1:]
 CONTACT_CHANNELS = ("email", "sms", "phone", "push", "in_app")
 ACTION_KINDS = (
     "retention_offer",
