@@ -32,8 +32,9 @@ from converge.models.trainingset import (
 from converge.runtime.errors import ConvergeError, FieldViolation, InvalidArgument, NotFound
 from converge.runtime.executor import CpuExecutor
 from converge.runtime.server import ServiceRuntime
+from converge.runtime.values import CustomerKey
 from converge.scoring.app import SPEC as SCORING
-from converge.scoring.features import CustomerKey, FeatureSource
+from converge.scoring.features import FeatureSource
 from converge.scoring.models import ModelSlots, RegistrySource
 from converge.scoring.service import ScoreQuery, ScoreResult, ScoringService
 from converge.v1 import common_pb2, scoring_pb2, scoring_pb2_grpc

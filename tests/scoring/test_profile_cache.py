@@ -8,7 +8,8 @@ from __future__ import annotations
 from google.protobuf import field_mask_pb2
 
 from converge.runtime.errors import NotFound
-from converge.scoring.features import CustomerKey, FeatureSource
+from converge.runtime.values import CustomerKey
+from converge.scoring.features import FeatureSource
 from converge.scoring.profiles import QUIET_S, ProfileCache
 from converge.v1 import common_pb2, identity_pb2
 from tests.conftest import Platform

@@ -32,9 +32,8 @@ from converge.recommendation.contact.rules import ContactPreferences
 from converge.runtime.channels import aio_channel
 from converge.runtime.deadlines import downstream_timeout
 from converge.runtime.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
-from converge.runtime.values import PlainValue, to_plain
+from converge.runtime.values import CustomerKey, PlainValue, to_plain
 from converge.v1 import (
-    common_pb2,
     identity_pb2,
     identity_pb2_grpc,
     interactions_pb2,
@@ -61,31 +60,6 @@ _PREDICTION_NAMES = {
 _PREDICTION_NUMBERS = {name: number for number, name in _PREDICTION_NAMES.items()}
 
 FeatureValue = float | str
-
-
-@dataclass(frozen=True)
-class CustomerKey:
-    """A customer as the caller named it: by id, or by identifier (type
-    number, value, source). Never created by the service."""
-
-    customer_id: str = ""
-    identifier_type: int = 0
-    identifier_value: str = ""
-    identifier_source: str = ""
-
-    def describe(self) -> str:
-        return self.customer_id or f"identifier {self.identifier_value}"
-
-    def to_pb(self) -> common_pb2.CustomerRef:
-        if self.customer_id:
-            return common_pb2.CustomerRef(customer_id=self.customer_id)
-        return common_pb2.CustomerRef(
-            identifier=common_pb2.Identifier(
-                type=self.identifier_type,  # type: ignore[arg-type]
-                value=self.identifier_value,
-                source=self.identifier_source,
-            )
-        )
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ Stored form ("tagged JSON"): {"s": text} | {"n": number} | {"b": flag} |
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
@@ -17,6 +18,32 @@ from google.protobuf import timestamp_pb2
 from converge.v1 import common_pb2
 
 PlainValue = str | float | bool | datetime
+
+
+@dataclass(frozen=True)
+class CustomerKey:
+    """A customer as a caller named it: by id, or by identifier (type
+    number, value, source), as sent on to the service that knows customers
+    (a client never creates one by naming it)."""
+
+    customer_id: str = ""
+    identifier_type: int = 0
+    identifier_value: str = ""
+    identifier_source: str = ""
+
+    def describe(self) -> str:
+        return self.customer_id or f"identifier {self.identifier_value}"
+
+    def to_pb(self) -> common_pb2.CustomerRef:
+        if self.customer_id:
+            return common_pb2.CustomerRef(customer_id=self.customer_id)
+        return common_pb2.CustomerRef(
+            identifier=common_pb2.Identifier(
+                type=self.identifier_type,  # type: ignore[arg-type]
+                value=self.identifier_value,
+                source=self.identifier_source,
+            )
+        )
 
 
 def timestamp(value: datetime) -> timestamp_pb2.Timestamp:

@@ -17,9 +17,9 @@ from converge.models.handle import ModelRef
 from converge.models.predictions import PREDICTIONS, Prediction
 from converge.runtime.errors import ConvergeError, InvalidArgument, Violations
 from converge.runtime.fields import check_identifier, parse_time, parse_uuid
-from converge.runtime.values import timestamp
+from converge.runtime.values import CustomerKey, timestamp
 from converge.scoring import drift
-from converge.scoring.features import CustomerKey, LiveFeatures
+from converge.scoring.features import LiveFeatures
 from converge.scoring.models import (
     CHALLENGER,
     CHAMPION,

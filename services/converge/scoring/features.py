@@ -23,11 +23,10 @@ import grpc
 from converge.models.handle import KnownFeatures
 from converge.runtime.channels import aio_channel
 from converge.runtime.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
-from converge.runtime.values import to_datetime
+from converge.runtime.values import CustomerKey, to_datetime
 from converge.scoring.batching import Coalescer
 from converge.scoring.profiles import Profile, ProfileCache, ProfileFollower
 from converge.v1 import (
-    common_pb2,
     identity_pb2,
     identity_pb2_grpc,
     interactions_pb2,
@@ -45,30 +44,6 @@ _UNREACHABLE = (
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.CANCELLED,
 )
-
-
-@dataclass(frozen=True)
-class CustomerKey:
-    """A customer as the caller named it: by id, or by (identifier type number, value)."""
-
-    customer_id: str = ""
-    identifier_type: int = 0
-    identifier_value: str = ""
-    identifier_source: str = ""
-
-    def describe(self) -> str:
-        return self.customer_id or f"identifier {self.identifier_value}"
-
-    def to_pb(self) -> common_pb2.CustomerRef:
-        if self.customer_id:
-            return common_pb2.CustomerRef(customer_id=self.customer_id)
-        return common_pb2.CustomerRef(
-            identifier=common_pb2.Identifier(
-                type=self.identifier_type,  # type: ignore[arg-type]
-                value=self.identifier_value,
-                source=self.identifier_source,
-            )
-        )
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from inference import open_inference_grpc_pb2 as oip
 
 from converge.models.predictions import PREDICTIONS, Prediction
 from converge.runtime.errors import NotFound, Violations
-from converge.scoring.features import CustomerKey
+from converge.runtime.values import CustomerKey
 from converge.scoring.inference import PLATFORM, InferQuery, Inferred, ModelInfo
 from converge.scoring.service import ScoreQuery
 from converge.v1 import common_pb2

@@ -46,9 +46,9 @@ from converge.runtime.errors import (
     Violations,
 )
 from converge.runtime.executor import CpuExecutor
+from converge.runtime.values import CustomerKey
 from converge.scoring.batching import Coalescer
 from converge.scoring.features import (
-    CustomerKey,
     FeatureCatalogue,
     FeatureSource,
     FeatureValue,

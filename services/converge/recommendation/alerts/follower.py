@@ -50,10 +50,11 @@ from converge.recommendation.alerts.service import (
     predictions_wanted,
 )
 from converge.recommendation.alerts.store import FOLLOWER_LOCK, AlertStore, TeamLimits
-from converge.recommendation.peers import CustomerKey, Peers, Scores
+from converge.recommendation.peers import Peers, Scores
 from converge.recommendation.policy.model import Policy, PolicySource
 from converge.runtime.channels import aio_channel
 from converge.runtime.errors import NotFound
+from converge.runtime.values import CustomerKey
 from converge.v1 import interactions_pb2, interactions_pb2_grpc, predictions_pb2, scoring_pb2
 
 logger = logging.getLogger(__name__)

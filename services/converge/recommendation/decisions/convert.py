@@ -20,10 +20,17 @@ from google.protobuf import json_format
 
 from converge.recommendation.decisions.service import DecisionDraft, RecommendQuery
 from converge.recommendation.decisions.store import StoredDecision
-from converge.recommendation.peers import CustomerKey, Reason
+from converge.recommendation.peers import Reason
 from converge.runtime.errors import Violations
 from converge.runtime.fields import check_identifier, parse_time
-from converge.runtime.values import PlainValue, from_plain, money_from_decimal, timestamp, to_plain
+from converge.runtime.values import (
+    CustomerKey,
+    PlainValue,
+    from_plain,
+    money_from_decimal,
+    timestamp,
+    to_plain,
+)
 from converge.v1 import common_pb2, predictions_pb2, recommendation_pb2, scoring_pb2
 
 MAX_KEY = 256

@@ -61,7 +61,6 @@ from converge.recommendation.decisions.store import (
 )
 from converge.recommendation.outcomes.control import in_control_group
 from converge.recommendation.peers import (
-    CustomerKey,
     CustomerView,
     Peers,
     Prediction,
@@ -78,7 +77,7 @@ from converge.recommendation.policy.model import (
 from converge.runtime.database import Connection
 from converge.runtime.errors import FieldViolation, InvalidArgument, NotFound
 from converge.runtime.periodic import Periodic
-from converge.runtime.values import PlainValue
+from converge.runtime.values import CustomerKey, PlainValue
 
 logger = logging.getLogger(__name__)
 
