@@ -31,15 +31,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from converge.cli_errors import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, report_rpc_error
+
 if TYPE_CHECKING:
     from rich.console import Console
 
     from converge.connectors.importer import ImportSummary
 
-EXIT_OK = 0
-EXIT_REJECTED = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
+EXIT_REJECTED = 1  # `converge import`: rows were rejected
 
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 # Adds one or more subcommands; each parser gets `run` (namespace -> exit code)
@@ -370,7 +369,6 @@ def _print_summary(
 
 # --- converge score ---------------------------------------------------------------
 DEFAULT_SCORING = "127.0.0.1:50053"
-EXIT_NOT_FOUND = 4
 
 
 def register_score_command(subparsers: Subparsers) -> None:
@@ -430,20 +428,8 @@ def _run_score(args: argparse.Namespace) -> int:
         with channel(args.scoring) as connection:
             stub = scoring_pb2_grpc.ScoringServiceStub(connection)
             answer = stub.Score(request, timeout=args.timeout)
-    except grpc.RpcError as e:
-        code = e.code()  # type: ignore[attr-defined]
-        details = e.details()  # type: ignore[attr-defined]
-        if code == grpc.StatusCode.NOT_FOUND:
-            err.print(f"[red]Not found:[/] {details}", highlight=False)
-            return EXIT_NOT_FOUND
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            err.print(
-                f"[red]The scoring service at {args.scoring} cannot answer:[/] {details}",
-                highlight=False,
-            )
-            return EXIT_UNREACHABLE
-        err.print(f"[red]{code.name}:[/] {details}", highlight=False)
-        return EXIT_USAGE
+    except grpc.RpcError as error:
+        return report_rpc_error(error, f"the scoring service at {args.scoring}", err)
     if args.json:
         print(json.dumps(json_format.MessageToDict(answer), indent=2, sort_keys=True))
     else:

@@ -21,10 +21,11 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from converge.cli_errors import EXIT_OK, report_rpc_error
+
 if TYPE_CHECKING:
     from converge.v1 import common_pb2, identity_pb2, interactions_pb2, predictions_pb2
 
-EXIT_OK, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_FOUND = 0, 2, 3, 4
 TIMEOUT_S = 10.0
 
 
@@ -178,16 +179,9 @@ def _run(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     try:
         view = asyncio.run(fetch(args.ref, args.identity, args.interactions, args.recent))
-    except grpc.aio.AioRpcError as e:
-        code = e.code()
-        if code == grpc.StatusCode.NOT_FOUND:
-            err.print(f"[red]No such customer:[/] {e.details()}", highlight=False)
-            return EXIT_NOT_FOUND
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            err.print(f"[red]A service is unreachable:[/] {e.details()}", highlight=False)
-            return EXIT_UNREACHABLE
-        err.print(f"[red]{code.name}:[/] {e.details()}", highlight=False)
-        return EXIT_USAGE
+    except grpc.aio.AioRpcError as error:
+        called = f"identity at {args.identity} or interactions at {args.interactions}"
+        return report_rpc_error(error, called, err, not_found="No such customer")
     if args.json:
         print(json.dumps(as_dict(view), indent=2, sort_keys=True))
     else:

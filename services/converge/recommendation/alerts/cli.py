@@ -13,15 +13,12 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
+from converge.cli_errors import EXIT_OK, EXIT_USAGE, report_rpc_error
+
 if TYPE_CHECKING:
     from rich.console import Console
 
 DEFAULT_RECOMMENDATION = "127.0.0.1:50054"
-EXIT_OK = 0
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
-EXIT_NOT_FOUND = 4
-EXIT_REFUSED = 5
 KINDS = ("churn_risk", "escalation_risk", "cross_sell_moment")
 
 
@@ -75,20 +72,7 @@ def _service(parser: argparse.ArgumentParser) -> None:
 
 
 def _failure(error: Any, address: str, console: Console) -> int:
-    import grpc
-
-    code, details = error.code(), error.details()
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        console.print(f"[red]The recommendation service at {address} cannot answer:[/] {details}")
-        return EXIT_UNREACHABLE
-    if code == grpc.StatusCode.NOT_FOUND:
-        console.print(f"[red]Not found:[/] {details}", highlight=False)
-        return EXIT_NOT_FOUND
-    if code == grpc.StatusCode.FAILED_PRECONDITION:
-        console.print(f"[red]Refused:[/] {details}", highlight=False)
-        return EXIT_REFUSED
-    console.print(f"[red]{code.name}:[/] {details}", highlight=False)
-    return EXIT_USAGE
+    return report_rpc_error(error, f"the recommendation service at {address}", console)
 
 
 def _run_tail(args: argparse.Namespace) -> int:

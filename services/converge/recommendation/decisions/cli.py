@@ -11,16 +11,13 @@ import argparse
 import json
 from typing import TYPE_CHECKING, Any
 
+from converge.cli_errors import EXIT_OK, report_rpc_error
 from converge.features.definitions import CHANNEL_NAMES
 
 if TYPE_CHECKING:
     from rich.console import Console
 
 DEFAULT_RECOMMENDATION = "127.0.0.1:50054"
-EXIT_OK = 0
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
-EXIT_NOT_FOUND = 4
 # The names people type, lower case: common.proto's Channel (the feature
 # package's list, light to import), ContactChannel and recommendation.proto's
 # ActionKind. Copies, so that registering the command imports neither
@@ -149,21 +146,8 @@ def run(args: argparse.Namespace) -> int:
         with channel(args.recommendation) as connection:
             stub = recommendation_pb2_grpc.RecommendationServiceStub(connection)
             answer = stub.Recommend(request, timeout=args.timeout)
-    except grpc.RpcError as e:
-        code = e.code()  # type: ignore[attr-defined]
-        details = e.details()  # type: ignore[attr-defined]
-        if code == grpc.StatusCode.NOT_FOUND:
-            err.print(f"[red]Not found:[/] {details}", highlight=False)
-            return EXIT_NOT_FOUND
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            err.print(
-                f"[red]The recommendation service at {args.recommendation} cannot answer:[/] "
-                f"{details}",
-                highlight=False,
-            )
-            return EXIT_UNREACHABLE
-        err.print(f"[red]{code.name}:[/] {details}", highlight=False)
-        return EXIT_USAGE
+    except grpc.RpcError as error:
+        return report_rpc_error(error, f"the recommendation service at {args.recommendation}", err)
     if args.json:
         print(json.dumps(json_format.MessageToDict(answer), indent=2, sort_keys=True))
     else:
