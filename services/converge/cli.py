@@ -383,7 +383,7 @@ def register_score_command(subparsers: Subparsers) -> None:
             "churn always, escalation with --ticket, cross-sell with --products. CUSTOMER is "
             "a customer id or TYPE:VALUE (email:ada@example.com); it is never created. "
             "Exit codes: 0 scored, 2 bad request, 3 the service unreachable, 4 no such "
-            "customer or ticket."
+            "customer or ticket, 5 refused in the service's present state."
         ),
     )
     parser.add_argument("customer", type=parse_ref, metavar="CUSTOMER")

@@ -70,7 +70,7 @@ def register(subparsers: Any) -> None:
             "is a customer id or TYPE:VALUE (email:ada@example.com); it is never created. "
             "Unless --dry-run, the decision is logged and its contacts count against the "
             "customer's caps. Exit codes: 0 answered, 2 bad request, 3 the service "
-            "unreachable, 4 no such customer."
+            "unreachable, 4 no such customer, 5 refused in the service's present state."
         ),
     )
     parser.add_argument("customer", type=parse_ref, metavar="CUSTOMER")
