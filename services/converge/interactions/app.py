@@ -6,7 +6,6 @@ shared runtime runs (`python -m converge.interactions`, the tests)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from importlib.resources import files
 
@@ -20,6 +19,7 @@ from converge.interactions.servicer import InteractionsDataSubjects, Interaction
 from converge.interactions.settings import InteractionsSettings
 from converge.interactions.store import InteractionsStore
 from converge.runtime.server import ServiceContext, ServiceSpec
+from converge.runtime.tasks import stop_task
 from converge.v1 import interactions_pb2, interactions_pb2_grpc, privacy_pb2, privacy_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -54,9 +54,7 @@ async def register(server: grpc.aio.Server, context: ServiceContext) -> list[str
     rebuild = asyncio.create_task(_rebuild_states(service), name="feature-state-rebuild")
 
     async def stop_rebuild() -> None:
-        rebuild.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await rebuild
+        await stop_task(rebuild)
 
     context.on_shutdown(stop_rebuild)
     return [

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from converge.interactions.store import InteractionsStore, Listener, StoredInteraction
+from converge.runtime.tasks import stop_task, wait_event
 
 logger = logging.getLogger(__name__)
 
@@ -150,8 +151,7 @@ class ChangeFeed:
             while True:
                 if listener is None or listener.is_closed():
                     listener = await self._listen(listener)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._poked.wait(), self.fallback_poll_s)
+                await wait_event(self._poked, self.fallback_poll_s)
                 self._poked.clear()
                 if not self._following:
                     self._covered_from = None  # (read afresh when someone follows again)
@@ -223,7 +223,4 @@ class ChangeFeed:
                 follower.cursor = max(follower.cursor, self._head)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)

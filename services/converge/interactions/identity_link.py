@@ -5,7 +5,6 @@ identity's event stream (from a cursor kept in this service's schema)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from collections import OrderedDict
@@ -25,6 +24,7 @@ from converge.runtime.errors import (
     Unavailable,
     read_status,
 )
+from converge.runtime.tasks import stop_task
 from converge.runtime.values import to_datetime
 from converge.v1 import common_pb2, identity_pb2, identity_pb2_grpc
 
@@ -287,9 +287,6 @@ class IdentityLink:
             del self._owners[key]
 
     async def close(self) -> None:
-        if self._follower is not None:
-            self._follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follower
+        await stop_task(self._follower)
         if self._channel is not None:
             await self._channel.close(None)

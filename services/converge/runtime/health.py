@@ -9,7 +9,6 @@ and each of its services. Once graceful shutdown begins it never flips back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -17,6 +16,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 import asyncpg
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+
+from converge.runtime.tasks import stop_task
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +67,7 @@ class HealthWatcher:
     async def stop(self) -> None:
         """Stops checking for good (graceful shutdown has begun)."""
         self._stopped = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
         if self._connection is not None:
             self._connection.terminate()
             self._connection = None

@@ -6,9 +6,10 @@ on), cancelled on shutdown."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+
+from converge.runtime.tasks import stop_task
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +37,5 @@ class Periodic:
             await asyncio.sleep(self.interval_s)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await stop_task(task)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import logging
 import signal
@@ -250,20 +249,15 @@ class ServiceRuntime:
             # Every step is bounded: a hook or a connection that never finishes
             # must not keep a stopping process alive (the kubelet would kill it
             # mid-way); what overran is logged by name.
+            # (asyncio.timeout, not wait_for: the step runs in this task, so
+            # a cancel of `stop` itself is never lost as the step finishes,
+            # CPython gh-86296; see runtime/tasks.py)
             for hook in reversed(self._context.shutdown_hooks):
-                try:
-                    await asyncio.wait_for(hook(), SHUTDOWN_STEP_S)
-                except TimeoutError:
-                    logger.error(
-                        "shutdown hook %s did not finish in %.0f s; going on",
-                        getattr(hook, "__qualname__", hook),
-                        SHUTDOWN_STEP_S,
-                    )
-                except Exception:
-                    logger.exception("shutdown hook failed")
+                await _run_shutdown_hook(hook)
             await self._context.executor.close()
             try:
-                await asyncio.wait_for(self._context.pool.close(), SHUTDOWN_STEP_S)
+                async with asyncio.timeout(SHUTDOWN_STEP_S):
+                    await self._context.pool.close()
             except TimeoutError:
                 logger.error(
                     "database connections still in use after %.0f s; closing them", SHUTDOWN_STEP_S
@@ -274,6 +268,30 @@ class ServiceRuntime:
         if self._embedded is not None:
             await asyncio.to_thread(self._embedded.stop)
         logger.info("%s stopped", self.spec.name)
+
+
+async def _run_shutdown_hook(hook: Callable[[], Awaitable[object]]) -> None:
+    """Runs one shutdown hook for at most `SHUTDOWN_STEP_S`. An overrun, a
+    failure, or a cancel the hook raised of its own accord is logged by the
+    hook's name and shutdown goes on; a cancel of the caller is raised."""
+    name = getattr(hook, "__qualname__", hook)
+    try:
+        async with asyncio.timeout(SHUTDOWN_STEP_S) as bound:
+            await hook()
+    except TimeoutError:
+        if not bound.expired():  # (the hook's own TimeoutError)
+            logger.exception("shutdown hook %s failed", name)
+            return
+        logger.error("shutdown hook %s did not finish in %.0f s; going on", name, SHUTDOWN_STEP_S)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # (the caller is being cancelled)
+        # (the rest of the shutdown, the pool and embedded PostgreSQL among
+        # it, still has to run)
+        logger.error("shutdown hook %s ended cancelled; going on", name)
+    except Exception:
+        logger.exception("shutdown hook %s failed", name)
 
 
 def _tune_garbage_collector() -> None:
@@ -307,8 +325,9 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> int:
     _tune_garbage_collector()
     await stop_requested.wait()
     logger.info("%s shutting down, grace %.1fs", spec.name, settings.grace_period_s)
-    with contextlib.suppress(asyncio.CancelledError):
-        await runtime.stop()
+    # (not under suppress(CancelledError): nothing cancels this task but a
+    # fault, and swallowing it would end a stop half done with exit code 0)
+    await runtime.stop()
     return 0
 
 

@@ -11,11 +11,12 @@ without their delay window).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+from converge.runtime.tasks import stop_tasks
 
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
@@ -55,7 +56,10 @@ class Coalescer(Generic[ItemT, ResultT]):
         self._start_if_free()
         try:
             # The shared call goes on for the others when this caller gives up.
-            return await asyncio.wait_for(asyncio.shield(waiting.future), timeout_s)
+            # (asyncio.timeout, not wait_for, which on Python 3.11 drops a
+            # cancel of the caller arriving as the result does; runtime/tasks.py)
+            async with asyncio.timeout(timeout_s):
+                return await asyncio.shield(waiting.future)
         except (TimeoutError, asyncio.CancelledError):
             waiting.future.cancel()  # (its result, when it comes, is dropped)
             raise
@@ -96,8 +100,4 @@ class Coalescer(Generic[ItemT, ResultT]):
             self._start_if_free()
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(list(self._tasks))

@@ -37,6 +37,7 @@ from converge.features.transform import InputSchema
 from converge.models.handle import KnownFeatures, ModelRef
 from converge.models.predictions import PREDICTIONS, Prediction
 from converge.models.serving_artifacts import RiskThresholds
+from converge.runtime.tasks import stop_task
 
 if TYPE_CHECKING:
     from converge.models.registry import ModelRegistry
@@ -284,10 +285,7 @@ class ModelSlots:
         self._poller = asyncio.create_task(self._poll(), name="model-poller")
 
     async def close(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+        await stop_task(self._poller)
 
     async def _poll(self) -> None:
         while True:

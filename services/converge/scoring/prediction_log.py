@@ -12,7 +12,6 @@ rather than held or waited for. `close` writes what is queued at shutdown.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import operator
@@ -32,6 +31,7 @@ from converge.models.predictions import Prediction
 from converge.models.serving_artifacts import InputSample
 from converge.runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from converge.runtime.executor import CpuExecutor
+from converge.runtime.tasks import stop_tasks, wait_event
 from converge.scoring import drift
 from converge.scoring.models import ModelSlots, Serving
 from converge.scoring.service import ScoreResult
@@ -231,16 +231,13 @@ class PredictionLog:
 
     async def close(self) -> None:
         """Stops the background work and writes what is still queued."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
+        tasks, self._tasks = self._tasks, []
+        await stop_tasks(tasks)
         await self.flush()
 
     async def _write_forever(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
+            await wait_event(self._wake, self.flush_interval_s)
             self._wake.clear()
             await self.flush()
 

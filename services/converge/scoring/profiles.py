@@ -22,7 +22,6 @@ to nobody, and it waits until it has caught up.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -32,6 +31,7 @@ from typing import Any
 
 import grpc
 
+from converge.runtime.tasks import stop_task
 from converge.runtime.values import to_datetime
 from converge.v1 import identity_pb2, identity_pb2_grpc, interactions_pb2, interactions_pb2_grpc
 
@@ -164,11 +164,8 @@ class ProfileFollower:
             self._task = asyncio.create_task(self._follow(), name="profile follower")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await stop_task(task)
         self.cache.lost()
 
     async def _follow(self) -> None:

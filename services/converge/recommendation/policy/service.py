@@ -6,7 +6,6 @@ store.py)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hashlib
 import logging
@@ -39,6 +38,7 @@ from converge.runtime.errors import (
     InvalidArgument,
     NotFound,
 )
+from converge.runtime.tasks import stop_task, wait_event
 
 logger = logging.getLogger(__name__)
 
@@ -114,11 +114,8 @@ class PolicyBook:
         self._task = asyncio.create_task(self._follow(), name="policy-book")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await stop_task(task)
         if self._listener is not None:
             await self.store.stop_listening(self._listener)
             self._listener = None
@@ -159,8 +156,7 @@ class PolicyBook:
 
     async def _follow(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval_s)
+            await wait_event(self._wake, self.poll_interval_s)
             self._wake.clear()
             if self._listener is None or self._listener.is_closed():
                 if self._listener is not None:
