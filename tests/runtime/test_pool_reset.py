@@ -62,3 +62,25 @@ async def test_a_transaction_left_open_is_rolled_back_when_released(database: st
             assert await connection.fetchval("SELECT count(*) FROM kept") == 0
     finally:
         await pool.close()
+
+
+async def test_connections_plan_by_the_given_plan_cache_mode_even_after_a_full_reset(
+    database: str,
+) -> None:
+    pool = await create_pool(
+        database,
+        "public",
+        application_name="test",
+        max_size=1,
+        plan_cache_mode="force_generic_plan",
+    )
+    try:
+        async with pool.acquire() as connection:
+            assert await connection.fetchval("SHOW plan_cache_mode") == "force_generic_plan"
+            # Given back listening: the release resets it fully (RESET ALL).
+            await connection.add_listener("converge_test", lambda *_: None)
+        async with pool.acquire() as connection:
+            assert await connection.fetchval("SELECT count(*) FROM pg_listening_channels()") == 0
+            assert await connection.fetchval("SHOW plan_cache_mode") == "force_generic_plan"
+    finally:
+        await pool.close()

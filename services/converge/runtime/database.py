@@ -192,8 +192,10 @@ async def create_pool(
     min_size: int = 1,
     max_size: int = 10,
     command_timeout: float = 30.0,
+    plan_cache_mode: str = "auto",
 ) -> asyncpg.Pool:
-    """One pool per process, its connections confined to the service's schema."""
+    """One pool per process, its connections confined to the service's schema
+    and planning prepared statements by `plan_cache_mode`."""
     pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
@@ -202,7 +204,11 @@ async def create_pool(
         init=_init_connection,
         connection_class=_Connection,
         reset=_reset,
-        server_settings={"search_path": schema, "application_name": application_name},
+        server_settings={
+            "search_path": schema,
+            "application_name": application_name,
+            "plan_cache_mode": plan_cache_mode,
+        },
     )
     assert pool is not None
     return pool

@@ -165,6 +165,7 @@ class ServiceRuntime:
             min_size=settings.db_pool_min_size,
             max_size=settings.db_pool_max_size,
             command_timeout=settings.db_command_timeout_s,
+            plan_cache_mode=settings.db_plan_cache_mode,
         )
         workers = settings.cpu_workers or usable_cpu_count()
         executor = CpuExecutor(workers, settings.cpu_queue_limit, name=self.spec.name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -44,6 +44,13 @@ class ServiceSettings(BaseSettings):
     db_pool_min_size: int = Field(default=1, ge=0)
     db_pool_max_size: int = Field(default=10, ge=1)
     db_command_timeout_s: float = Field(default=30.0, gt=0)
+    db_plan_cache_mode: Literal["auto", "force_generic_plan", "force_custom_plan"] = Field(
+        default="auto",
+        description=(
+            "PostgreSQL's plan_cache_mode for the service's connections: how its prepared "
+            "statements are planned (auto: PostgreSQL chooses per statement)."
+        ),
+    )
     health_check_interval_s: float = Field(
         default=5.0,
         gt=0,
