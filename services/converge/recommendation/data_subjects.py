@@ -7,7 +7,8 @@ one transaction of the erasure, leaving tombstones where a late writer could
 bring the customer back) and `export(customer_ids) -> {kind: [JSON-able
 records]}`. Exports are paged here: the records of every area in the areas'
 order, each area's in its own stable order, cut into pages under
-`max_page_bytes`; the token is the offset of the next record."""
+`max_page_bytes`; the token is the offset of the next record. Whatever an
+area erases it also exports (tests/recommendation/test_erasure_sweep.py)."""
 
 from __future__ import annotations
 
@@ -116,7 +117,12 @@ class RecommendationDataSubjects(privacy_pb2_grpc.DataSubjectServiceServicer):
         ids = _ids(request.customer_ids)
         counts: dict[str, int] = {}
         async with self.pool.acquire() as conn, conn.transaction():
-            for part in self.parts:
+            # Last area first: a later area's rows may hang off an earlier
+            # one's (outcomes cascade from decisions, 0009), so each area
+            # counts its own rows before a cascade takes them; and the contact
+            # lock is taken before the decisions are deleted, so a Recommend
+            # committing meanwhile (which holds it) is wholly before the delete.
+            for part in reversed(self.parts):
                 for kind, rows in (await part.erase(conn, ids)).items():
                     counts[kind] = counts.get(kind, 0) + rows
         return privacy_pb2.EraseCustomerDataResponse(service=SERVICE, erased_counts=counts)

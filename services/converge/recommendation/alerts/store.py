@@ -180,6 +180,10 @@ EXPORT_EVENTS = """
 SELECT event_id, alert_id, type, actor_name, occurred_at FROM alert_events
 WHERE customer_id = ANY($1::uuid[]) ORDER BY occurred_at
 """
+EXPORT_REQUESTS = """
+SELECT idempotency_key, alert_id, operation, applied_at FROM alert_requests
+WHERE customer_id = ANY($1::uuid[]) ORDER BY applied_at, idempotency_key
+"""
 PURGE_EVENTS = "DELETE FROM alert_events WHERE occurred_at < $1"
 PURGE_ALERTS = """
 DELETE FROM alerts WHERE updated_at < $1 AND status <> ALL($2::text[])
@@ -789,7 +793,17 @@ class AlertStore:
                 }
                 for r in await conn.fetch(EXPORT_EVENTS, ids)
             ]
-        return {"alerts": alerts, "alert_events": events}
+            # The lifecycle calls' keys are erased with the customer, so shown too.
+            requests = [
+                {
+                    "idempotency_key": r["idempotency_key"],
+                    "alert_id": str(r["alert_id"]),
+                    "operation": r["operation"],
+                    "applied_at": r["applied_at"].isoformat(),
+                }
+                for r in await conn.fetch(EXPORT_REQUESTS, ids)
+            ]
+        return {"alerts": alerts, "alert_events": events, "alert_requests": requests}
 
     async def purge_before(self, horizon: datetime) -> dict[str, int]:
         """Retention: events older than the horizon, and alerts finished

@@ -51,7 +51,7 @@ _GET = f"SELECT {_COLUMNS} FROM decisions WHERE decision_id = $1"
 _BY_KEY = f"SELECT {_COLUMNS} FROM decisions WHERE idempotency_key = $1"
 _OUTCOMES = """
 SELECT decision_id::text AS decision_id, action_id, outcome, occurred_at, interaction_id
-FROM decision_outcomes WHERE decision_id = ANY($1::text[])
+FROM decision_outcomes WHERE decision_id = ANY($1::uuid[])
 ORDER BY decision_id, occurred_at, outcome_id
 """
 # Newest first; the page key is (decided_at, decision_id), both descending.
@@ -65,12 +65,18 @@ WHERE customer_id = ANY($1::uuid[])
 ORDER BY decided_at DESC, decision_id DESC
 LIMIT $7
 """
+# A decision's outcomes go with it (their foreign key cascades, 0009).
 _PURGE = """
 WITH old AS (
     SELECT decision_id FROM decisions WHERE decided_at < $1 ORDER BY decided_at LIMIT $2
 )
 DELETE FROM decisions d USING old WHERE d.decision_id = old.decision_id
 """
+# RecordOutcome's keys (the outcomes area's table) hold the customer id and
+# cannot reference their outcome (a key is claimed before its outcome is
+# written). A key claimed before the horizon belongs to a decision made
+# before it, which this purge removes: the key goes too.
+_PURGE_OUTCOME_KEYS = "DELETE FROM outcome_requests WHERE created_at < $1"
 _TOMBSTONE = """
 INSERT INTO decision_erased_customers (customer_id)
 SELECT unnest($1::uuid[]) ON CONFLICT DO NOTHING
@@ -315,9 +321,12 @@ class DecisionStore:
 
     async def purge(self, before: datetime, batch: int = 5_000) -> int:
         """Deletes decisions decided before `before`, a batch per statement
-        (short transactions); returns how many."""
+        (short transactions), with their outcomes and outcome keys; returns
+        how many decisions. The keys go first: once a decision is seen gone,
+        so is every key of its outcomes."""
         total = 0
         async with self.pool.acquire() as conn:
+            await conn.execute(_PURGE_OUTCOME_KEYS, before)
             while True:
                 status = await conn.execute(_PURGE, before, batch)
                 deleted = int(status.split()[-1])

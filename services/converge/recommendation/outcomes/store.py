@@ -79,6 +79,11 @@ class StoredRequest:
 
 
 COLUMNS = tuple(NewOutcome.__dataclass_fields__)
+# Read back as written: decision_id is a uuid column (migration 0009, for its
+# foreign key to decisions) and a str here, as everywhere else in the service.
+SELECTED = ", ".join(
+    "decision_id::text AS decision_id" if c == "decision_id" else c for c in COLUMNS
+)
 
 # Written once per outcome id: a request that adopted a pending claim (see
 # CLAIM_KEY) and its first attempt cannot both write it.
@@ -112,12 +117,12 @@ SELECT idempotency_key, request_sha256, outcome_id, interaction_id
 FROM outcome_requests WHERE idempotency_key = $1
 """
 FOR_DECISIONS = f"""
-SELECT {", ".join(COLUMNS)} FROM decision_outcomes
-WHERE decision_id = ANY($1::text[])
+SELECT {SELECTED} FROM decision_outcomes
+WHERE decision_id = ANY($1::uuid[])
 ORDER BY decision_id, occurred_at, outcome_id
 """
 FOR_REPORT = f"""
-SELECT {", ".join(COLUMNS)} FROM decision_outcomes
+SELECT {SELECTED} FROM decision_outcomes
 WHERE decided_at >= $1 AND ($2::text IS NULL OR policy_version = $2)
 ORDER BY decided_at, outcome_id
 """
@@ -130,8 +135,13 @@ ORDER BY decided_at, decision_id
 """
 ERASE_OUTCOMES = "DELETE FROM decision_outcomes WHERE customer_id = ANY($1::uuid[])"
 ERASE_REQUESTS = "DELETE FROM outcome_requests WHERE customer_id = ANY($1::uuid[])"
+EXPORT_REQUESTS = """
+SELECT idempotency_key, outcome_id, interaction_id, created_at FROM outcome_requests
+WHERE customer_id = ANY($1::uuid[])
+ORDER BY created_at, idempotency_key
+"""
 EXPORT = f"""
-SELECT {", ".join(COLUMNS)} FROM decision_outcomes
+SELECT {SELECTED} FROM decision_outcomes
 WHERE customer_id = ANY($1::uuid[])
 ORDER BY occurred_at, outcome_id
 """
@@ -237,11 +247,17 @@ class OutcomeStore:
         return {"outcomes": _count(outcomes), "outcome_requests": _count(requests)}
 
     async def export(self, customer_ids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
-        """The customers' outcomes as JSON-able records (kind -> records)."""
+        """The customers' outcomes and RecordOutcome keys as JSON-able records
+        (kind -> records)."""
         ids = [uuid.UUID(c) for c in customer_ids]
         async with self.pool.acquire() as connection:
             rows = await connection.fetch(EXPORT, ids)
-        return {"outcomes": [_jsonable(asdict(_stored(r))) for r in rows]}
+            # The idempotency keys are erased with the customer, so shown too.
+            requests = await connection.fetch(EXPORT_REQUESTS, ids)
+        return {
+            "outcomes": [_jsonable(asdict(_stored(r))) for r in rows],
+            "outcome_requests": [_jsonable(dict(r)) for r in requests],
+        }
 
 
 def _stored(row: asyncpg.Record) -> StoredOutcome:
