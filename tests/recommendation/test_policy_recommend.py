@@ -4,11 +4,15 @@ fixtures of conftest.py), two replicas on one database."""
 
 from __future__ import annotations
 
-from converge.recommendation.policy.service import default_policy_text
+from converge.recommendation.policy.service import (
+    default_policy,
+    default_policy_text,
+    load_policy_text,
+)
 from converge.v1 import common_pb2
 from converge.v1 import recommendation_pb2 as pb
 from tests.conftest import Platform
-from tests.recommendation.conftest import StartRecommendation, make_customer
+from tests.recommendation.conftest import StartRecommendation, make_treated_customer
 from tests.waiting import wait_until
 
 
@@ -18,7 +22,21 @@ async def test_recommend_on_another_replica_applies_the_activated_version(
     # Polls far apart: only the activation's notification switches the second replica.
     first = await start_recommendation(policy_poll_interval_s=3600)
     second = await start_recommendation(policy_poll_interval_s=3600)
-    customers = [await make_customer(platform, name, at_risk=True) for name in ("risky", "risky2")]
+    # Version 1: the same support call under another name.
+    text = default_policy_text()
+    for old in ("  - name: proactive_support_call\n", "    action: proactive_support_call\n"):
+        assert text.count(old) == 1
+        text = text.replace(old, old.replace("proactive_support_call", "support_call_v1"))
+    # Each customer outside the support call's control group of the version
+    # it is asked under (a new name draws new groups).
+    customers = [
+        await make_treated_customer(
+            platform, "risky", default_policy().policy, ["proactive_support_call"], at_risk=True
+        ),
+        await make_treated_customer(
+            platform, "risky2", load_policy_text(text), ["support_call_v1"], at_risk=True
+        ),
+    ]
 
     async def recommend(customer_index: int) -> pb.RecommendResponse:
         customer = customers[customer_index]
@@ -35,11 +53,6 @@ async def test_recommend_on_another_replica_applies_the_activated_version(
     assert before.policy_version == "default"
     assert before.actions[0].action_name == "proactive_support_call"
 
-    # Version 1: the same support call under another name.
-    text = default_policy_text()
-    for old in ("  - name: proactive_support_call\n", "    action: proactive_support_call\n"):
-        assert text.count(old) == 1
-        text = text.replace(old, old.replace("proactive_support_call", "support_call_v1"))
     created = await first.stub.CreatePolicyVersion(
         pb.CreatePolicyVersionRequest(yaml=text, actor=common_pb2.Actor(name="alice"))
     )

@@ -13,6 +13,7 @@ from grpc_status import rpc_status
 
 from converge.recommendation.decisions.service import FixedPolicy
 from converge.recommendation.policy.model import ActivePolicy, Policy
+from converge.recommendation.policy.service import default_policy
 from converge.runtime.values import money_to_decimal
 from converge.v1 import common_pb2, predictions_pb2, recommendation_pb2, scoring_pb2
 from tests.conftest import Platform, free_port
@@ -22,6 +23,7 @@ from tests.recommendation.conftest import (
     Scoring,
     StartRecommendation,
     make_customer,
+    make_treated_customer,
     set_preferences,
 )
 
@@ -107,7 +109,9 @@ async def recommend(
 async def test_the_default_policy_ranks_a_support_call_with_its_reasons_and_withholds_the_offer(
     platform: Platform, recommendation: Recommendation
 ) -> None:
-    customer = await make_customer(platform, "risky", at_risk=True)
+    customer = await make_treated_customer(
+        platform, "risky", default_policy().policy, ["proactive_support_call"], at_risk=True
+    )
 
     answer = await recommend(recommendation, customer.by_email, ticket_id=customer.ticket_id)
 
