@@ -226,6 +226,16 @@ WORKED_CASES = [
         "channel: fax",
         "fax",
     ),
+    (
+        # A NUL written as a YAML escape: the request's field itself holds none.
+        _edited(
+            "display_text: Nothing to do for this customer now.",
+            'display_text: "Nothing to do\\0"',
+        ),
+        "actions[6].display_text",
+        'display_text: "Nothing to do',
+        "U+0000",
+    ),
 ]
 
 

@@ -147,3 +147,50 @@ def test_durations_and_times_of_day_written_as_numbers_are_refused() -> None:
 def test_a_character_yaml_refuses_is_a_problem_at_its_place() -> None:
     (problem,) = _errors("actions: []\ndescription: a\x1fb\n")
     assert (problem.line, problem.column) == (2, 15)
+
+
+@pytest.mark.parametrize(
+    ("escape", "character"),
+    [("\\0", "U+0000"), ("\\e[2J", "U+001B"), ("\\r", "U+000D"), ("\\x85", "U+0085"),
+     ("\\ud800", "U+D800")],
+)  # fmt: skip
+def test_a_control_character_written_as_an_escape_is_refused_at_its_path(
+    escape: str, character: str
+) -> None:
+    # The YAML reader refuses these characters written as such, not as escapes.
+    text = _edited(
+        "display_text: Nothing to do for this customer now.",
+        f'display_text: "Nothing to do{escape}"',
+    )
+    (problem,) = _errors(text)
+    assert problem.path == "actions[6].display_text"
+    assert (problem.line, problem.column) == (
+        _line_of(text, 'display_text: "Nothing to do'),
+        len("    display_text: ") + 1,
+    )
+    assert character in problem.message
+
+
+def test_control_characters_in_keys_and_nested_values_are_refused_once_each() -> None:
+    text = (
+        "actions: []\n"
+        '"de\\0scription": x\n'
+        'routing: &r [{team: x, segments: [smb, "\\x01"]}]\n'
+        "alerts: *r\n"
+    )
+    assert [(p.path, p.line, p.message.split(",")[0]) for p in _errors(text)] == [
+        # (a key's problem names the mapping holding it: its own path would hold the NUL)
+        ("", 2, "a key holds U+0000"),
+        # (the alias's value is reported where it is written, not at each use)
+        ("routing[0].segments[1]", 3, "holds U+0001"),
+    ]
+
+
+def test_tabs_and_line_breaks_stay_allowed_in_text() -> None:
+    text = _edited(
+        "display_text: Nothing to do for this customer now.",
+        'display_text: "Nothing\\tto do\\nfor now \\u2028 or later"',
+    )
+    checked = check_policy_text(text)
+    assert checked.policy is not None
+    assert checked.policy.actions[6].display_text == "Nothing\tto do\nfor now \u2028 or later"

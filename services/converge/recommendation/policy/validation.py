@@ -9,7 +9,9 @@ in text order. Three layers:
    booleans, duplicate keys refused; numbers also as YAML 1.2 says, so
    `21:00` stays a time of day and is not read as the base-60 number 1260),
    anchors and aliases bounded (an alias "bomb" expands to more values than
-   any policy needs, and a recursive alias never ends);
+   any policy needs, and a recursive alias never ends), no key or value
+   holding a control character (tab and line feed aside) or half of a
+   surrogate pair;
 2. the shape (`model.Policy`, pydantic): each error's `loc` becomes a path
    and is found in the YAML node tree for its line;
 3. what pydantic cannot see: names that refer to nothing (an offer, a
@@ -134,6 +136,9 @@ def check_policy_text(text: str, known_features: frozenset[str] | None = None) -
         return _refused(
             "", line, column, "must be a YAML mapping of keys (actions, catalogue, ...)"
         )
+    characters = _characters_for_text(root)
+    if characters:  # (before the shape: an unknown key's path would hold the character)
+        return PolicyCheck(None, _sorted(characters))
     numbers = _numbers_for_text(data, root)
     try:
         policy = Policy.model_validate(data)
@@ -213,6 +218,69 @@ def _parse(text: str) -> tuple[Any, Any, PolicyProblem | None]:
         return root, data, None
     finally:
         loader.dispose()
+
+
+# C0 and C1 control characters but tab and line feed (Unicode's Cc), and the
+# halves of surrogate pairs (Cs).
+_UNWANTED_CHARACTER = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _characters_for_text(root: Any) -> list[PolicyProblem]:
+    """Keys and values holding a character no policy text means: a control
+    character other than tab and line feed, or half of a surrogate pair.
+
+    The YAML reader refuses them written as such, but a double-quoted
+    escape ("\\0", "\\e", "\\ud800") writes any of them. Values reach
+    answers and exports (display_text is what an agent reads: an escape
+    sequence would drive their terminal); a request's own text holding NUL
+    is refused likewise (runtime/fields.py); and a lone surrogate cannot be
+    encoded into an answer at all (Recommend proposing an action whose
+    display_text held one failed INTERNAL). Each node is reported once, at
+    the path of its first use in the text and its own line."""
+    problems: list[PolicyProblem] = []
+    seen: set[int] = set()
+    pending: list[tuple[Any, str]] = [(root, "")]
+    while pending:  # (a stack, not recursion: nesting is only bounded by the value count)
+        node, path = pending.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.ScalarNode):
+            problem = _unwanted(node, path, "")
+            if problem is not None:
+                problems.append(problem)
+        elif isinstance(node, yaml.SequenceNode):
+            children = [(item, f"{path}[{index}]") for index, item in enumerate(node.value)]
+            pending.extend(reversed(children))  # (popped in text order)
+        elif isinstance(node, yaml.MappingNode):
+            children = []
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    problem = _unwanted(key, path, "a key ")
+                    if problem is not None:
+                        problems.append(problem)
+                        continue  # (its path would hold the character)
+                    children.append((value, f"{path}.{key.value}" if path else str(key.value)))
+                else:  # (a list or mapping as a key: the loader refused it already)
+                    children += [(key, path), (value, path)]
+            pending.extend(reversed(children))
+    return problems
+
+
+def _unwanted(node: Any, path: str, what: str) -> PolicyProblem | None:
+    found = _UNWANTED_CHARACTER.search(str(node.value))
+    if found is None:
+        return None
+    character = ord(found.group())
+    kind = (
+        "half of a surrogate pair, not a character"
+        if 0xD800 <= character <= 0xDFFF
+        else "a control character (text may hold tabs and line breaks, no other)"
+    )
+    line, column = _mark(node)
+    return PolicyProblem(
+        Severity.ERROR, path, line, column, f"{what}holds U+{character:04X}, {kind}"
+    )
 
 
 def _position(text: str, offset: int) -> tuple[int, int]:
