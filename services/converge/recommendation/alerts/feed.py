@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 import asyncpg
 
 from converge.recommendation.alerts.store import AlertEventRow, AlertStore, Listener
+from converge.runtime.tasks import stop_task
 
 logger = logging.getLogger(__name__)
 
@@ -100,9 +101,4 @@ class AlertFeed:
                             await self._changed.wait()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            # (asyncio.wait, not awaiting it under suppress(CancelledError),
-            # which would swallow a cancel of close() itself: the runtime's
-            # bound on a shutdown hook)
-            await asyncio.wait({self._task})
+        await stop_task(self._task)

@@ -54,6 +54,7 @@ from converge.recommendation.peers import Peers, Scores
 from converge.recommendation.policy.model import Policy, PolicySource
 from converge.runtime.channels import aio_channel
 from converge.runtime.errors import NotFound
+from converge.runtime.tasks import stop_tasks
 from converge.runtime.values import CustomerKey
 from converge.v1 import interactions_pb2, interactions_pb2_grpc, predictions_pb2, scoring_pb2
 
@@ -170,12 +171,7 @@ class AlertFollower:
         ]
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        # (asyncio.wait: a cancel of close() itself, the runtime's bound on a
-        # shutdown hook, is not swallowed as the tasks' own cancels would be)
-        if self._tasks:
-            await asyncio.wait(self._tasks)
+        await stop_tasks(self._tasks)
         await self._channel.close(None)
 
     # --- leadership and the retry loop -------------------------------------------------

@@ -37,6 +37,7 @@ from converge.recommendation.webhooks.service import (
 )
 from converge.recommendation.webhooks.signing import delivery_headers
 from converge.recommendation.webhooks.store import ClaimedDelivery, WebhookStore
+from converge.runtime.tasks import stop_task, stop_tasks, wait_event
 
 logger = logging.getLogger(__name__)
 
@@ -212,16 +213,10 @@ class Dispatcher:
         Cancelling `close` itself (the runtime bounds each shutdown step)
         ends it: it waits on its tasks without suppressing its own cancel."""
         self._closing = True
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            await asyncio.wait({self._loop_task})
-            _log_failure(self._loop_task)
+        await stop_task(self._loop_task)
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending)
+            await stop_tasks(pending)
         if self._stop_listening is not None:
             stop_listening, self._stop_listening = self._stop_listening, None
             with contextlib.suppress(Exception):
@@ -253,17 +248,12 @@ class Dispatcher:
                 task.add_done_callback(self._finished)
             if claimed and len(claimed) == wanted:
                 continue  # more may be due
-            # asyncio.timeout, not wait_for: on Python 3.11, wait_for swallows
-            # a cancel that arrives as the event it waits for is set (the
-            # inner wait finished, so it returns its result; CPython
-            # gh-86296, fixed in 3.12). A wake() from an attempt ending as
-            # the service stopped then kept this loop, and `close`, running
-            # until the runtime's 15 s bound cut them.
+            # (wait_event, not wait_for: a wake() from an attempt ending as
+            # the service stopped once swallowed the stopping cancel, and kept
+            # this loop and `close` running until the runtime's 15 s bound)
             self._waiting = True
             try:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.poll_interval_s):
-                        await self._wake.wait()
+                await wait_event(self._wake, self.poll_interval_s)
             finally:
                 self._waiting = False
 
@@ -317,11 +307,6 @@ class Dispatcher:
             return
         if delivered or dead:
             logger.info("purged %d delivered webhook deliveries, %d dead letters", delivered, dead)
-
-
-def _log_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and (error := task.exception()) is not None:
-        logger.error("webhook dispatcher loop failed", exc_info=error)
 
 
 def _seconds(value: float) -> timedelta:
