@@ -39,6 +39,7 @@ from converge.runtime.fields import (
     check_identifier,
     check_message,
     parse_uuid,
+    plain_attribute,
 )
 from converge.runtime.values import (
     from_plain,
@@ -47,7 +48,6 @@ from converge.runtime.values import (
     money_to_decimal,
     timestamp,
     to_datetime,
-    to_plain,
 )
 from converge.v1 import common_pb2, interactions_pb2, privacy_pb2
 
@@ -135,14 +135,10 @@ def to_draft(
         if not _ATTRIBUTE_NAME.match(name):
             v.add(field_path, "name must match [a-z][a-z0-9_]{0,62}")
             continue
-        plain = to_plain(value)
-        if plain is None:
-            v.add(field_path, "set one of string_value, number_value, bool_value, timestamp_value")
-        elif isinstance(plain, str) and len(plain.encode()) > MAX_STRING_BYTES:
+        plain = plain_attribute(value, field_path, v)
+        if isinstance(plain, str) and len(plain.encode()) > MAX_STRING_BYTES:
             v.add(field_path, f"longer than {MAX_STRING_BYTES} bytes")
-        elif isinstance(plain, float) and not math.isfinite(plain):
-            v.add(field_path, "must be a finite number")
-        else:
+        elif plain is not None:
             attributes[name] = plain
     amount = currency = None
     if message.HasField("amount"):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -32,6 +33,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from converge.runtime.errors import Violations
+from converge.runtime.values import PlainValue, to_plain
 from converge.v1 import common_pb2
 
 EARLIEST_TIME = datetime(1900, 1, 1, tzinfo=UTC)
@@ -95,6 +97,25 @@ def parse_time(ts: timestamp_pb2.Timestamp, field: str, violations: Violations) 
         violations.add(field, problem)
         return None
     return _EPOCH + timedelta(0, ts.seconds, ts.nanos // 1000)
+
+
+def plain_attribute(
+    value: common_pb2.AttributeValue, path: str, violations: Violations
+) -> PlainValue | None:
+    """An AttributeValue of a request as plain Python, or None with the
+    violation noted: none of its values set, a Timestamp out of range (which
+    protobuf's own conversion would raise on), a number not finite. Lengths
+    are the caller's to check: each field has its own limit."""
+    which = value.WhichOneof("value")
+    if which is None:
+        violations.add(path, "set one of string_value, number_value, bool_value, timestamp_value")
+        return None
+    if which == "timestamp_value":
+        return parse_time(value.timestamp_value, path, violations)
+    if which == "number_value" and not math.isfinite(value.number_value):
+        violations.add(path, "must be a finite number")
+        return None
+    return to_plain(value)
 
 
 def money_problem(units: int, nanos: int) -> str | None:

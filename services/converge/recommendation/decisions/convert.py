@@ -22,14 +22,13 @@ from converge.recommendation.decisions.service import DecisionDraft, RecommendQu
 from converge.recommendation.decisions.store import StoredDecision
 from converge.recommendation.peers import Reason
 from converge.runtime.errors import Violations
-from converge.runtime.fields import check_identifier, parse_time
+from converge.runtime.fields import check_identifier, parse_time, plain_attribute
 from converge.runtime.values import (
     CustomerKey,
     PlainValue,
     from_plain,
     money_from_decimal,
     timestamp,
-    to_plain,
 )
 from converge.v1 import common_pb2, predictions_pb2, recommendation_pb2, scoring_pb2
 
@@ -103,12 +102,10 @@ def recommend_query(request: recommendation_pb2.RecommendRequest) -> RecommendQu
         if not _CONTEXT_KEY.fullmatch(key):
             v.add(f"context[{key[:64]}]", "keys match [a-z][a-z0-9_]{0,62}")
             continue
-        plain = to_plain(value)
-        if plain is None:
-            v.add(f"context[{key}]", "set a value")
-        elif isinstance(plain, str) and len(plain) > 4096:
+        plain = plain_attribute(value, f"context[{key}]", v)
+        if isinstance(plain, str) and len(plain) > 4096:
             v.add(f"context[{key}]", "at most 4096 characters")
-        else:
+        elif plain is not None:
             context[key] = plain
     v.check(
         len(request.context_features) <= MAX_CONTEXT_FEATURES,

@@ -5,7 +5,6 @@ and the "action.outcome" interaction written to the interactions service."""
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 from datetime import UTC
 from typing import Protocol
@@ -20,14 +19,13 @@ from converge.recommendation.outcomes.service import (
     RecordedOutcome,
 )
 from converge.runtime.errors import Violations
-from converge.runtime.fields import money_problem, parse_time
+from converge.runtime.fields import money_problem, parse_time, plain_attribute
 from converge.runtime.values import (
     PlainValue,
     from_plain,
     money_from_decimal,
     money_to_decimal,
     money_to_float,
-    to_plain,
 )
 from converge.v1 import common_pb2, interactions_pb2
 from converge.v1 import recommendation_pb2 as pb
@@ -72,13 +70,9 @@ def _attribute(
     if name in RESERVED_ATTRIBUTES:
         violations.add(path, "set by the service; name it otherwise")
         return None
-    plain = to_plain(value)
-    if plain is None:
-        violations.add(path, "set one of its values")
-    elif isinstance(plain, str) and len(plain.encode()) > MAX_STRING_BYTES:
+    plain = plain_attribute(value, path, violations)
+    if isinstance(plain, str) and len(plain.encode()) > MAX_STRING_BYTES:
         violations.add(path, f"longer than {MAX_STRING_BYTES} bytes")
-    elif isinstance(plain, float) and not math.isfinite(plain):
-        violations.add(path, "must be a finite number")
     return plain
 
 
