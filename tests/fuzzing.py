@@ -19,7 +19,15 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from hypothesis import Phase
 from hypothesis import strategies as st
+
+# The phases of the fuzzers that call real services: no shrinking. One
+# example costs up to half a second of real calls, and Hypothesis shrinks a
+# failure for up to five minutes, which is the suite's per-test timeout: a
+# failure found in CI (interactions, 2026-12-03) showed as a timeout with no
+# example. Unshrunk, it fails at once and prints the example and its seed.
+SERVICE_FUZZ_PHASES = (Phase.explicit, Phase.reuse, Phase.generate)
 
 _INT32 = (0, 1, -1, 2**31 - 1, -(2**31))
 _INT64 = (*_INT32, 2**63 - 1, -(2**63), 10**12, 999_999_999, 1_000_000_000, -999_999_999)

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from converge.v1 import common_pb2, identity_pb2
-from tests.fuzzing import assert_refused_properly, mutate
+from tests.fuzzing import SERVICE_FUZZ_PHASES, assert_refused_properly, mutate
 from tests.identity.helpers import CRM, DEVICE, EMAIL, ident
 
 pytestmark = pytest.mark.slow
@@ -225,6 +225,7 @@ async def _assert_consistent(identity, seen: _Seen) -> None:
 
 @settings(
     max_examples=250,
+    phases=SERVICE_FUZZ_PHASES,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

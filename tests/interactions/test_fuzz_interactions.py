@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from converge.v1 import common_pb2, interactions_pb2, privacy_pb2
-from tests.fuzzing import assert_refused_properly, mutate
+from tests.fuzzing import SERVICE_FUZZ_PHASES, assert_refused_properly, mutate
 from tests.interactions.builders import email_ref, interaction, number, record, text
 
 EMAILS = [f"fuzz-{i}@example.com" for i in range(3)]
@@ -198,6 +198,7 @@ METHODS = sorted(_base_requests("x@example.com", str(uuid.uuid4()), str(uuid.uui
 
 @settings(
     max_examples=250,
+    phases=SERVICE_FUZZ_PHASES,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

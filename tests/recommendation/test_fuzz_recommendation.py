@@ -30,14 +30,14 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf.message import Message
-from hypothesis import HealthCheck, Phase, event, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from converge.recommendation.policy.service import default_policy_text, load_policy_text
 from converge.v1 import common_pb2, privacy_pb2
 from converge.v1 import recommendation_pb2 as pb
 from tests.conftest import Platform
-from tests.fuzzing import _STRINGS, assert_refused_properly, mutate
+from tests.fuzzing import _STRINGS, SERVICE_FUZZ_PHASES, assert_refused_properly, mutate
 from tests.recommendation.conftest import (
     Recommendation,
     StartRecommendation,
@@ -509,9 +509,7 @@ async def _assert_still_serving(world: World) -> None:
 
 @settings(
     max_examples=200,
-    # No shrinking: one example costs up to half a second of real calls, and
-    # shrinking a failure took over five minutes; a failure prints its seed.
-    phases=[Phase.explicit, Phase.generate],
+    phases=SERVICE_FUZZ_PHASES,
     deadline=None,
     suppress_health_check=[
         HealthCheck.function_scoped_fixture,
