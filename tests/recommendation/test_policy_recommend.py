@@ -1,5 +1,5 @@
-"""An activated policy reaches Recommend on every replica without a
-restart: identity, interactions and scoring running for real (the shared
+"""An activated policy, and the shipped default activated again, reach
+Recommend on every replica without a restart: identity, interactions and scoring running for real (the shared
 fixtures of conftest.py), two replicas on one database."""
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ async def test_recommend_on_another_replica_applies_the_activated_version(
         await make_treated_customer(
             platform, "risky2", load_policy_text(text), ["support_call_v1"], at_risk=True
         ),
+        await make_treated_customer(
+            platform, "risky3", default_policy().policy, ["proactive_support_call"], at_risk=True
+        ),
     ]
 
     async def recommend(customer_index: int) -> pb.RecommendResponse:
@@ -69,3 +72,12 @@ async def test_recommend_on_another_replica_applies_the_activated_version(
     assert after.actions[0].action_name == "support_call_v1"
     logged = await second.stub.GetDecision(pb.GetDecisionRequest(decision_id=after.decision_id))
     assert logged.decision.policy_version == version
+
+    # Back to the shipped default, activated on the first replica: the second follows.
+    await first.stub.ActivatePolicy(
+        pb.ActivatePolicyRequest(version="default", expected_active_version=version)
+    )
+    await wait_until(applied, lambda v: v == "default", what="the second replica on the default")
+    back = await recommend(2)
+    assert back.policy_version == "default"
+    assert back.actions[0].action_name == "proactive_support_call"

@@ -1,6 +1,6 @@
 """The policy RPCs over real gRPC and PostgreSQL: the shipped default on day
 one, validation naming path and line, storing, activating and rolling back
-versions, idempotency, the expected active version, and two replicas that
+versions (back to the default too), idempotency, the expected active version, and two replicas that
 both follow an activation without a restart. The policy RPCs need no peers:
 the service runs without identity, interactions or scoring (and without its
 alerts follower, which would follow interactions)."""
@@ -355,6 +355,63 @@ async def test_activating_the_active_version_changes_nothing(replica: Replica) -
     assert len(await PolicyStore(replica.runtime.pool).activations()) == 1
 
 
+async def test_activating_the_default_goes_back_to_it(replica: Replica, clock: ManualClock) -> None:
+    await _create(replica, TIGHTER)
+    await _activate(replica, "1", expected=DEFAULT_VERSION)
+    assert await _active_text(replica) == TIGHTER
+
+    clock.advance(hours=1)
+    back = await _activate(replica, DEFAULT_VERSION, expected="1", actor=BOB)
+    assert (back.policy.version, back.policy.active, back.previous_version) == (
+        DEFAULT_VERSION,
+        True,
+        "1",
+    )
+    assert back.policy.yaml == DEFAULT
+    assert back.policy.activated_at.ToDatetime().replace(tzinfo=clock().tzinfo) == clock()
+    # This replica applies the default before it answers.
+    active = (await replica.stub.GetPolicy(pb.GetPolicyRequest())).policy
+    assert active == back.policy
+    listed = await replica.stub.ListPolicyVersions(pb.ListPolicyVersionsRequest())
+    assert [(p.version, p.active) for p in listed.policies] == [("1", False)]
+
+    # Again: nothing changes, nothing is logged.
+    clock.advance(hours=1)
+    again = await _activate(replica, DEFAULT_VERSION, expected=DEFAULT_VERSION)
+    assert (again.policy.version, again.previous_version) == (DEFAULT_VERSION, "")
+    assert again.policy.activated_at == back.policy.activated_at
+
+    # And forward again from the default.
+    forward = await _activate(replica, "1", expected=DEFAULT_VERSION)
+    assert (forward.policy.version, forward.previous_version) == ("1", "")
+    assert await _active_text(replica) == TIGHTER
+    left = await replica.stub.GetPolicy(pb.GetPolicyRequest(version=DEFAULT_VERSION))
+    assert not left.policy.active
+    assert left.policy.activated_at == back.policy.activated_at
+
+    log = await PolicyStore(replica.runtime.pool).activations()
+    assert [(e.version, e.previous_version, e.activated_by, e.reason) for e in log] == [
+        (1, None, "alice", "tighter email cap"),
+        (None, 1, "bob", "roll back"),
+        (1, None, "alice", "tighter email cap"),
+    ]
+
+
+async def test_expected_active_version_guards_going_back_to_the_default(
+    replica: Replica,
+) -> None:
+    await _create(replica, TIGHTER)
+    await _create(replica, LOOSER)
+    await _activate(replica, "1")
+    for stale_expectation in ("2", DEFAULT_VERSION, "abc"):
+        with pytest.raises(grpc.aio.AioRpcError) as stale:
+            await _activate(replica, DEFAULT_VERSION, expected=stale_expectation)
+        assert stale.value.code() == grpc.StatusCode.FAILED_PRECONDITION, stale_expectation
+        assert "the active policy version is 1" in (stale.value.details() or "")
+    assert await replica.active_version() == "1"
+    assert len(await PolicyStore(replica.runtime.pool).activations()) == 1
+
+
 async def test_expected_active_version_guards_against_a_concurrent_change(
     replica: Replica,
 ) -> None:
@@ -484,6 +541,30 @@ async def test_a_repeated_activation_has_no_second_effect(replica: Replica) -> N
     assert len(await PolicyStore(replica.runtime.pool).activations()) == 2
 
 
+async def test_a_key_that_went_back_to_the_default_is_bound_to_the_default(
+    replica: Replica,
+) -> None:
+    await _create(replica, TIGHTER)
+    await _create(replica, LOOSER)
+    await _activate(replica, "1", key="to-1")
+    back = await _activate(replica, DEFAULT_VERSION, key="to-default")
+    assert back.previous_version == "1"
+    await _activate(replica, "2")
+    # The retry answers the first result and does not undo the later change.
+    again = await _activate(replica, DEFAULT_VERSION, key="to-default")
+    assert (again.policy.version, again.previous_version) == (DEFAULT_VERSION, "1")
+    assert not again.policy.active
+    assert await replica.active_version() == "2"
+    # The key of the default refuses a version, the key of a version the default.
+    for version, key in (("1", "to-default"), ("2", "to-default"), (DEFAULT_VERSION, "to-1")):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await _activate(replica, version, key=key)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (version, key)
+        assert list(_violations(refused.value)) == ["idempotency_key"]
+    assert await replica.active_version() == "2"
+    assert len(await PolicyStore(replica.runtime.pool).activations()) == 3
+
+
 # --- replicas ---------------------------------------------------------------------------
 
 
@@ -508,6 +589,14 @@ async def test_two_replicas_follow_activations_without_restart(
     third = await start_replica()
     assert await third.active_version() == "2"
 
+    # Back to the default: announced like any activation.
+    await _activate(third, DEFAULT_VERSION, expected="2")
+    for replica in (first, second):
+        await wait_until(
+            replica.active_version, lambda v: v == DEFAULT_VERSION, what="replicas on the default"
+        )
+    assert await _active_text(first) == DEFAULT
+
 
 async def test_the_poll_catches_an_activation_whose_notification_was_lost(
     replica: Replica,
@@ -524,5 +613,12 @@ async def test_the_poll_catches_an_activation_whose_notification_was_lost(
             )
         await until(lambda: book.active().version == "1", what="the poll reading version 1")
         assert book.active().policy.contact.frequency_caps[0].max_contacts == 1
+        # Back to the default behind its back: the poll switches to it as well.
+        async with replica.runtime.pool.acquire() as connection:
+            await connection.execute("DELETE FROM policy_active")
+        await until(
+            lambda: book.active().version == DEFAULT_VERSION, what="the poll reading the default"
+        )
+        assert book.active().policy.contact.frequency_caps[0].max_contacts == 2
     finally:
         await book.stop()

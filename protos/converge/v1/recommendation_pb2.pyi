@@ -1451,10 +1451,13 @@ class ActivatePolicyRequest(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
     version: _builtins.str
-    """The version to activate. Required."""
+    """The version to activate: a stored one ("1", "2", ...) or "default", the
+    shipped default policy. Required.
+    """
     expected_active_version: _builtins.str
     """When set, the call fails with FAILED_PRECONDITION unless this is the
-    active version (guards against concurrent changes).
+    active version ("default" while the default is in effect; guards against
+    concurrent changes).
     """
     idempotency_key: _builtins.str
     """Repeating a request with the same key has no second effect."""
@@ -1487,7 +1490,7 @@ class ActivatePolicyResponse(_message.Message):
     POLICY_FIELD_NUMBER: _builtins.int
     PREVIOUS_VERSION_FIELD_NUMBER: _builtins.int
     previous_version: _builtins.str
-    """The version it replaced; empty when none was active."""
+    """The version it replaced; empty when the default was in effect."""
     @_builtins.property
     def policy(self) -> Global___PolicyVersion:
         """The version now active."""

@@ -238,9 +238,10 @@ class RecommendationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ActivatePolicy(self, request, context):
-        """Makes a stored version the active one (or rolls back to an older one);
-        every replica switches without a restart within seconds, and each
-        decision names the version it used.
+        """Makes a stored version the active one (or rolls back to an older one,
+        or to the shipped default, version "default"); every replica switches
+        without a restart within seconds, and each decision names the version it
+        used.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -75,9 +75,10 @@ class RecommendationServiceStub:
     problems as field violations, when it does not validate.
     """
     ActivatePolicy: _grpc.UnaryUnaryMultiCallable[_recommendation_pb2.ActivatePolicyRequest, _recommendation_pb2.ActivatePolicyResponse]
-    """Makes a stored version the active one (or rolls back to an older one);
-    every replica switches without a restart within seconds, and each
-    decision names the version it used.
+    """Makes a stored version the active one (or rolls back to an older one,
+    or to the shipped default, version "default"); every replica switches
+    without a restart within seconds, and each decision names the version it
+    used.
     """
     SubscribeAlerts: _grpc.UnaryStreamMultiCallable[_recommendation_pb2.SubscribeAlertsRequest, _recommendation_pb2.SubscribeAlertsResponse]
     """Streams a team's alert events from a cursor: alerts created, updated and
@@ -162,9 +163,10 @@ class RecommendationServiceAsyncStub(RecommendationServiceStub):
     problems as field violations, when it does not validate.
     """
     ActivatePolicy: _aio.UnaryUnaryMultiCallable[_recommendation_pb2.ActivatePolicyRequest, _recommendation_pb2.ActivatePolicyResponse]  # type: ignore[assignment]
-    """Makes a stored version the active one (or rolls back to an older one);
-    every replica switches without a restart within seconds, and each
-    decision names the version it used.
+    """Makes a stored version the active one (or rolls back to an older one,
+    or to the shipped default, version "default"); every replica switches
+    without a restart within seconds, and each decision names the version it
+    used.
     """
     SubscribeAlerts: _aio.UnaryStreamMultiCallable[_recommendation_pb2.SubscribeAlertsRequest, _recommendation_pb2.SubscribeAlertsResponse]  # type: ignore[assignment]
     """Streams a team's alert events from a cursor: alerts created, updated and
@@ -300,9 +302,10 @@ class RecommendationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _recommendation_pb2.ActivatePolicyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_recommendation_pb2.ActivatePolicyResponse, _abc.Awaitable[_recommendation_pb2.ActivatePolicyResponse]]:
-        """Makes a stored version the active one (or rolls back to an older one);
-        every replica switches without a restart within seconds, and each
-        decision names the version it used.
+        """Makes a stored version the active one (or rolls back to an older one,
+        or to the shipped default, version "default"); every replica switches
+        without a restart within seconds, and each decision names the version it
+        used.
         """
 
     @_abc_1.abstractmethod

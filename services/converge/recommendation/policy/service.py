@@ -79,7 +79,7 @@ def default_policy_text() -> str:
 @functools.cache
 def default_policy() -> ActivePolicy:
     """The shipped default, version "default": what every replica applies
-    while no version was ever activated."""
+    while no version was ever activated, and after it was activated again."""
     return ActivePolicy(DEFAULT_VERSION, load_policy_text(default_policy_text()))
 
 
@@ -124,7 +124,14 @@ class PolicyBook:
         """Reads the active version and switches to it when it changed."""
         async with self._lock:
             version = await self.store.active_version()
-            if version is None or str(version) == self._active.version:
+            if version is None:
+                if self._active.version != DEFAULT_VERSION:
+                    logger.info(
+                        "policy version %s active (was %s)", DEFAULT_VERSION, self._active.version
+                    )
+                    self._active = default_policy()
+                return self._active
+            if str(version) == self._active.version:
                 return self._active
             stored = await self.store.get(version)
             if stored is None or stored.yaml is None:  # (a version is never deleted)
@@ -239,7 +246,7 @@ class PolicyService:
         if not version:
             version = self.book.active().version
         if version == DEFAULT_VERSION:
-            return self._default_view()
+            return self._default_view(await self.store.default_activated_at())
         number = _version_number(version)
         stored = None if number is None else await self.store.get(number)
         if stored is None:
@@ -286,14 +293,18 @@ class PolicyService:
     async def activate(
         self, version: str, expected_active: str | None, idempotency_key: str, actor: Actor
     ) -> ActivationResult:
-        """Makes a stored version the active one on every replica (this one
-        before it answers); rolling back is activating an older version.
+        """Makes a stored version, or the shipped default ("default"), the
+        active one on every replica (this one before it answers); rolling
+        back is activating an older version, the default being the oldest.
         Activating the active version changes nothing. `expected_active`
-        ("default" while no version was activated) guards against a
+        ("default" while the default is in effect) guards against a
         concurrent change: FailedPrecondition when another is active."""
-        number = _version_number(version)
-        if number is None:
-            raise NotFound("policy version", version)
+        number: int | None = None
+        if version != DEFAULT_VERSION:
+            number = _version_number(version)
+            if number is None:
+                raise NotFound("policy version", version)
+            await self._check_stored(number, version)
         expected: Any = ANY_ACTIVE
         if expected_active:
             expected = (
@@ -301,19 +312,6 @@ class PolicyService:
             )
             if expected is None and expected_active != DEFAULT_VERSION:
                 expected = -1  # (names no version: never the active one)
-        # A stored text this build cannot read (a newer build's schema, say)
-        # is refused and the version in effect keeps serving. Versions never
-        # change once stored, so checking before the activation's
-        # transaction (off the event loop) checks what it activates.
-        stored = await self.store.get(number)
-        if stored is None or stored.yaml is None:
-            raise NotFound("policy version", version)
-        checked = await self.check(stored.yaml)
-        if checked.policy is None:
-            raise FailedPrecondition(
-                "the stored version is not valid for this build: "
-                + problems_summary(checked.errors),
-            )
         try:
             activation = await self.store.activate(
                 number,
@@ -336,7 +334,7 @@ class PolicyService:
         if activation.changed:
             logger.info(
                 "policy version %s activated by %s (was %s)",
-                number,
+                version,
                 actor.name or "?",
                 activation.previous or DEFAULT_VERSION,
             )
@@ -344,9 +342,28 @@ class PolicyService:
         # follow the notification.
         await self.book.refresh()
         previous = "" if activation.previous is None else str(activation.previous)
-        return ActivationResult(_view(activation.version), previous)
+        if activation.version is None:
+            view = self._default_view(await self.store.default_activated_at())
+        else:
+            view = _view(activation.version)
+        return ActivationResult(view, previous)
 
-    def _default_view(self) -> PolicyVersionView:
+    async def _check_stored(self, number: int, version: str) -> None:
+        """A stored text this build cannot read (a newer build's schema, say)
+        is refused and the version in effect keeps serving. Versions never
+        change once stored, so checking before the activation's transaction
+        (off the event loop) checks what it activates."""
+        stored = await self.store.get(number)
+        if stored is None or stored.yaml is None:
+            raise NotFound("policy version", version)
+        checked = await self.check(stored.yaml)
+        if checked.policy is None:
+            raise FailedPrecondition(
+                "the stored version is not valid for this build: "
+                + problems_summary(checked.errors),
+            )
+
+    def _default_view(self, activated_at: datetime | None) -> PolicyVersionView:
         text = default_policy_text()
         return PolicyVersionView(
             version=DEFAULT_VERSION,
@@ -357,7 +374,7 @@ class PolicyService:
             created_by="",
             created_reason="",
             created_at=None,
-            activated_at=None,
+            activated_at=activated_at,
         )
 
 

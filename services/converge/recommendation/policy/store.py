@@ -1,6 +1,8 @@
-"""All SQL of the policy area (migration 0001): stored versions, the active
-one, the activation log, and the notification every replica listens to.
-Rows leave as frozen dataclasses.
+"""All SQL of the policy area (migrations 0001, 0010): stored versions, the
+active one, the activation log, and the notification every replica listens
+to. Rows leave as frozen dataclasses. The shipped default is no stored
+version: while it is in effect policy_active has no row, and the log names
+it null (as "from" and as "to").
 
 Creating and activating take one advisory lock (transaction-scoped), so
 version numbers follow each other without gaps and two activations never
@@ -22,8 +24,10 @@ import asyncpg
 
 logger = logging.getLogger(__name__)
 
-# The channel activations are announced on (payload: the version).
+# The channel activations are announced on (payload: the version, or
+# DEFAULT_PAYLOAD when going back to the default).
 ACTIVATED_CHANNEL = "recommendation_policy_activated"
+DEFAULT_PAYLOAD = "default"
 _LOCK = "recommendation:policy"
 
 LOCK = "SELECT pg_advisory_xact_lock(hashtext($1))"
@@ -68,6 +72,7 @@ UPSERT_ACTIVE = """
     ON CONFLICT (singleton) DO UPDATE SET version = EXCLUDED.version,
                                           activated_at = EXCLUDED.activated_at
 """
+DELETE_ACTIVE = "DELETE FROM policy_active"
 MARK_ACTIVATED = "UPDATE policy_versions SET activated_at = $2 WHERE version = $1"
 LOG_ACTIVATION = """
     INSERT INTO policy_activations
@@ -75,6 +80,7 @@ LOG_ACTIVATION = """
     VALUES ($1, $2, $3, $4, $5, $6)
 """
 NOTIFY = "SELECT pg_notify($1, $2)"
+DEFAULT_ACTIVATED_AT = "SELECT max(activated_at) FROM policy_activations WHERE version IS NULL"
 LIST_ACTIVATIONS = """
     SELECT version, previous_version, activated_at, activated_by, reason
     FROM policy_activations ORDER BY seq
@@ -128,7 +134,8 @@ class ActivationConflict(Exception):
 
 @dataclass(frozen=True)
 class Activation:
-    version: StoredVersion
+    # None: the default.
+    version: StoredVersion | None
     previous: int | None
     # False when nothing changed (already active, or a repeated request).
     changed: bool
@@ -136,7 +143,8 @@ class Activation:
 
 @dataclass(frozen=True)
 class ActivationEntry:
-    version: int
+    # None: the default (as the version switched to, or from).
+    version: int | None
     previous_version: int | None
     activated_at: datetime
     activated_by: str
@@ -160,6 +168,14 @@ def _version(row: asyncpg.Record | None) -> StoredVersion:
         activated_at=row["activated_at"],
         active=row["active"],
     )
+
+
+async def _stored(
+    connection: asyncpg.pool.PoolConnectionProxy[asyncpg.Record], version: int | None
+) -> StoredVersion | None:
+    if version is None:
+        return None
+    return _version(await connection.fetchrow(SELECT_VERSION, version))
 
 
 class PolicyStore:
@@ -217,18 +233,19 @@ class PolicyStore:
 
     async def activate(
         self,
-        version: int,
+        version: int | None,
         expected_active: int | Any | None,
         at: datetime,
         actor: str,
         reason: str,
         idempotency_key: str,
     ) -> Activation | None:
-        """Makes `version` the active one and announces it; None when the
-        version does not exist. `expected_active` (None: the default; the
-        `ANY_ACTIVE` marker: no expectation) must match the active version,
-        else ActivationConflict. A repeated idempotency key answers the first
-        result (IdempotencyConflict for another version)."""
+        """Makes `version` (None: the shipped default) the active one and
+        announces it; None when the version does not exist. `expected_active`
+        (None: the default; the `ANY_ACTIVE` marker: no expectation) must
+        match the active version, else ActivationConflict. A repeated
+        idempotency key answers the first result (IdempotencyConflict for
+        another version, the default included)."""
         async with self.pool.acquire() as connection, connection.transaction():
             await connection.execute(LOCK, _LOCK)
             if idempotency_key:
@@ -236,24 +253,41 @@ class PolicyStore:
                 if earlier is not None:
                     if earlier["version"] != version:
                         raise IdempotencyConflict(idempotency_key)
-                    row = await connection.fetchrow(SELECT_VERSION, version)
-                    return Activation(_version(row), earlier["previous_version"], changed=False)
-            row = await connection.fetchrow(SELECT_VERSION, version)
-            if row is None:
-                return None
+                    return Activation(
+                        await _stored(connection, version),
+                        earlier["previous_version"],
+                        changed=False,
+                    )
+            row = None
+            if version is not None:
+                row = await connection.fetchrow(SELECT_VERSION, version)
+                if row is None:
+                    return None
             active: int | None = await connection.fetchval(SELECT_ACTIVE_VERSION)
             if expected_active is not ANY_ACTIVE and expected_active != active:
                 raise ActivationConflict(active)
             if active == version:
-                return Activation(_version(row), active, changed=False)
-            await connection.execute(UPSERT_ACTIVE, version, at)
-            await connection.execute(MARK_ACTIVATED, version, at)
+                return Activation(None if row is None else _version(row), active, changed=False)
+            if version is None:
+                await connection.execute(DELETE_ACTIVE)
+            else:
+                await connection.execute(UPSERT_ACTIVE, version, at)
+                await connection.execute(MARK_ACTIVATED, version, at)
             await connection.execute(
                 LOG_ACTIVATION, version, active, at, actor, reason, idempotency_key
             )
-            await connection.execute(NOTIFY, ACTIVATED_CHANNEL, str(version))
-            row = await connection.fetchrow(SELECT_VERSION, version)
-        return Activation(_version(row), active, changed=True)
+            await connection.execute(
+                NOTIFY, ACTIVATED_CHANNEL, DEFAULT_PAYLOAD if version is None else str(version)
+            )
+            stored = await _stored(connection, version)
+        return Activation(stored, active, changed=True)
+
+    async def default_activated_at(self) -> datetime | None:
+        """When the default was last activated; None if never (it was in
+        effect from the start)."""
+        async with self.pool.acquire() as connection:
+            at: datetime | None = await connection.fetchval(DEFAULT_ACTIVATED_AT)
+        return at
 
     async def activations(self) -> list[ActivationEntry]:
         """The activation log, oldest first (the audit)."""
